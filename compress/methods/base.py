@@ -1,0 +1,62 @@
+"""What every method shares: typed parameters with target selection, and the per-target contract.
+
+A method's core is a pure function over tensors (`compress_target`: weight + statistics + previous
+mask -> new weight + mask). The layer-wise engine connects it to the model: it gathers the statistics
+the method names in `statistics` and hands each target over in turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from compress.targets import Target
+
+
+class TargetSelection(BaseModel):
+    """Which targets a stage compresses: glob patterns (or `re:` regexes) over target names.
+
+    Targets are the Linear layers and fused MoE experts inside the model's repeated blocks; lm_head,
+    embeddings, norms and MoE routers are never targets. A pattern that matches nothing is an error.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+
+
+class StageParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    targets: TargetSelection = Field(default_factory=TargetSelection)
+
+
+@dataclass
+class TargetResult:
+    weight: torch.Tensor
+    mask: torch.Tensor | None = None  # True where a weight is kept
+
+
+class Method:
+    """Base of registered methods. Subclasses set `name`, `Params`, `statistics`."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[StageParams]] = StageParams
+    # Per-target calibration statistics the method needs (see compress.statistics); empty means the
+    # method needs no calibration data and the engine skips the forward passes.
+    statistics: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: StageParams) -> None:
+        self.params = params
+
+    def check_target(self, target: Target) -> None:
+        """Raise CompressError if the method cannot handle this target (checked before calibration)."""
+
+    def compress_target(
+        self, weight: torch.Tensor, statistics: dict[str, torch.Tensor], mask: torch.Tensor | None
+    ) -> TargetResult:
+        raise NotImplementedError

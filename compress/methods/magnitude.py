@@ -1,0 +1,27 @@
+"""Magnitude pruning: the baseline. Score |W|, compared across the whole layer (unstructured) as in
+the Wanda reference's `prune_magnitude`, or within each N:M group. Needs no calibration data."""
+
+from __future__ import annotations
+
+import torch
+
+from compress.methods.base import Method, TargetResult
+from compress.methods.sparsity import PruningParams, check_nm_divisible, prune_mask
+from compress.registry import register
+from compress.targets import Target
+
+
+@register
+class Magnitude(Method):
+    name = "magnitude"
+    Params = PruningParams
+    statistics = ()
+
+    def check_target(self, target: Target) -> None:
+        check_nm_divisible(target, self.params.pattern)
+
+    def compress_target(
+        self, weight: torch.Tensor, statistics: dict[str, torch.Tensor], mask: torch.Tensor | None
+    ) -> TargetResult:
+        keep = prune_mask(weight.abs(), self.params.sparsity, self.params.pattern, mask, scope="layer")
+        return TargetResult(weight=weight * keep, mask=keep)

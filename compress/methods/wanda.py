@@ -1,0 +1,33 @@
+"""Wanda (Sun et al. 2023, reference locuslab/wanda): prune by |W_ij| * ||X_j||_2, compared within
+each output row (unstructured) or within each group of M consecutive input weights (N:M)."""
+
+from __future__ import annotations
+
+import torch
+
+from compress.methods.base import Method, TargetResult
+from compress.methods.sparsity import PruningParams, check_nm_divisible, prune_mask
+from compress.registry import register
+from compress.targets import Target
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
+    """|W| scaled by each input feature's L2 norm over the calibration tokens ([out, in])."""
+    return weight.abs().float() * input_sq_norm.float().sqrt().unsqueeze(0)
+
+
+@register
+class Wanda(Method):
+    name = "wanda"
+    Params = PruningParams
+    statistics = ("input_sq_norm",)
+
+    def check_target(self, target: Target) -> None:
+        check_nm_divisible(target, self.params.pattern)
+
+    def compress_target(
+        self, weight: torch.Tensor, statistics: dict[str, torch.Tensor], mask: torch.Tensor | None
+    ) -> TargetResult:
+        scores = wanda_scores(weight, statistics["input_sq_norm"])
+        keep = prune_mask(scores, self.params.sparsity, self.params.pattern, mask, scope="row")
+        return TargetResult(weight=weight * keep, mask=keep)

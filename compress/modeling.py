@@ -1,0 +1,117 @@
+"""Loading the model to compress: a local folder or a hub id, a causal LM or an encoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+from compress.recipe import ModelSpec
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def embedded_model_path() -> Path:
+    return Path(str(resources.files("compress") / "assets" / "model"))
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str
+    kind: str  # "causal" or "encoder"
+    device: torch.device
+    compute_dtype: torch.dtype
+    storage_dtype: torch.dtype  # the checkpoint's own dtype: weights are rounded to it and saved in it
+
+
+def _looks_like_local_path(source: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else (./x, /x, ~/x, a/b/c, x.d) is a path on disk.
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).exists()
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise CompressError(f"model.device: unknown device {requested!r} (use auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CompressError("model.device: cuda requested but no CUDA device is available")
+    return device
+
+
+def resolve_source(spec: ModelSpec) -> str:
+    """The path or hub id to load; checks a local path exists before anything heavy happens."""
+    if spec.source is None:
+        return str(embedded_model_path())
+    source = spec.source
+    if _looks_like_local_path(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise CompressError(f"model path not found: {source}")
+        if not (path / "config.json").is_file():
+            raise CompressError(f"model path {source} has no config.json: not a Hugging Face model folder")
+        return str(path)
+    return source
+
+
+def _detect_kind(source: str) -> str:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
+        return "causal"
+    return "encoder"
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load model and tokenizer; compute dtype float32 on CPU, the checkpoint's dtype on CUDA."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(spec)
+    device = pick_device(spec.device)
+    try:
+        kind = _detect_kind(source) if spec.kind == "auto" else spec.kind
+        loader = AutoModelForCausalLM if kind == "causal" else AutoModel
+        model = loader.from_pretrained(source, dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CompressError(f"could not load model {source!r}: {first_line}") from None
+    storage_dtype = next(model.parameters()).dtype
+    if spec.dtype != "auto":
+        compute_dtype = _DTYPES[spec.dtype]
+    else:
+        compute_dtype = storage_dtype if device.type == "cuda" else torch.float32
+    model.to(compute_dtype)
+    model.eval()
+    return LoadedModel(model, tokenizer, source, kind, device, compute_dtype, storage_dtype)
+
+
+def round_to_storage(loaded: LoadedModel) -> None:
+    """Round every weight through the storage dtype, so what is evaluated is exactly what is saved."""
+    if loaded.storage_dtype == loaded.compute_dtype:
+        return
+    with torch.no_grad():
+        for param in loaded.model.parameters():
+            param.copy_(param.to(loaded.storage_dtype).to(param.dtype))
+
+
+def model_info(loaded: LoadedModel) -> dict:
+    return {
+        "source": loaded.source,
+        "kind": loaded.kind,
+        "architecture": type(loaded.model).__name__,
+        "params": sum(p.numel() for p in loaded.model.parameters()),
+        "storage_dtype": str(loaded.storage_dtype).removeprefix("torch."),
+        "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+    }

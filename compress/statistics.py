@@ -1,0 +1,124 @@
+"""Per-target calibration statistics, gathered by hooks while a block runs on calibration data.
+
+Each statistic folds the target's input activations X ([tokens, in_features]) into a running value.
+Methods name what they need (`Method.statistics`); the engine gathers only that. Fused MoE experts
+get only the tokens routed to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+from compress.targets import Target
+
+
+class Statistic:
+    def update(self, inputs: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def value(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class InputSqNorm(Statistic):
+    """Sum over tokens of x_j^2 per input feature: ||X_j||_2^2, Wanda's activation norm (fp32)."""
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.total = torch.zeros(in_features, dtype=torch.float32, device=device)
+
+    def update(self, inputs: torch.Tensor) -> None:
+        self.total += inputs.float().pow(2).sum(dim=0)
+
+    def value(self) -> torch.Tensor:
+        return self.total
+
+
+STATISTICS: dict[str, type[Statistic]] = {"input_sq_norm": InputSqNorm}
+
+
+class TargetStatistics:
+    """The statistics of one target and how many calibration tokens reached it."""
+
+    def __init__(self, target: Target, names: tuple[str, ...]) -> None:
+        device = target.weight.device
+        self.tokens = 0
+        self.parts = {name: STATISTICS[name](target.in_features, device) for name in names}
+
+    def update(self, inputs: torch.Tensor) -> None:
+        if inputs.shape[0] == 0:
+            return
+        self.tokens += inputs.shape[0]
+        for statistic in self.parts.values():
+            statistic.update(inputs)
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """Empty when no token reached the target (an expert the router never chose)."""
+        return {name: s.value() for name, s in self.parts.items()} if self.tokens else {}
+
+
+@contextmanager
+def gather(targets: list[Target], names: tuple[str, ...]) -> Iterator[dict[str, TargetStatistics]]:
+    """Hooks that fold every forward's inputs into each target's statistics while the block runs."""
+    collected = {t.name: TargetStatistics(t, names) for t in targets}
+    handles = []
+    experts: dict[int, list[Target]] = {}
+    for target in targets:
+        if target.is_expert:
+            experts.setdefault(id(target.module), []).append(target)
+        else:
+            handles.append(target.module.register_forward_hook(_linear_hook(collected[target.name], target.in_features)))
+    for group in experts.values():
+        handles.append(group[0].module.register_forward_pre_hook(_experts_hook(group, collected), with_kwargs=True))
+    try:
+        yield collected
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _linear_hook(stats: TargetStatistics, in_features: int):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        stats.update(args[0].detach().reshape(-1, in_features))
+
+    return hook
+
+
+def _experts_hook(targets: list[Target], collected: dict[str, TargetStatistics]):
+    """Route each expert's tokens to its targets, as the transformers 5 fused-experts forward does:
+    gate_up_proj sees the routed hidden states, down_proj sees act(gate) * up of them."""
+    module = targets[0].module
+    if getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True):
+        raise CompressError(f"{type(module).__name__}: only [gate; up] concatenated, untransposed expert layouts are supported")
+    by_expert: dict[int, dict[str, Target]] = {}
+    for target in targets:
+        if target.param_name not in ("gate_up_proj", "up_proj", "down_proj"):
+            raise CompressError(f"{target.name}: fused expert parameter {target.param_name!r} is not supported yet")
+        by_expert.setdefault(target.expert, {})[target.param_name] = target
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        values = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
+        hidden, top_k_index = values[0].detach(), values[1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        for expert, parts in by_expert.items():
+            tokens = (top_k_index == expert).any(dim=-1).nonzero().squeeze(-1)
+            routed = hidden[tokens]
+            first = parts.get("gate_up_proj") or parts.get("up_proj")
+            if first is not None:
+                collected[first.name].update(routed)
+            if "down_proj" in parts:
+                collected[parts["down_proj"].name].update(_expert_hidden(module, expert, routed))
+
+    return hook
+
+
+def _expert_hidden(module: nn.Module, expert: int, routed: torch.Tensor) -> torch.Tensor:
+    if hasattr(module, "gate_up_proj"):
+        gate, up = nn.functional.linear(routed, module.gate_up_proj[expert]).chunk(2, dim=-1)
+        return module.act_fn(gate) * up
+    return module.act_fn(nn.functional.linear(routed, module.up_proj[expert]))
