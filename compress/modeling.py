@@ -75,7 +75,9 @@ def _detect_kind(source: str) -> str:
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load model and tokenizer; compute dtype float32 on CPU, the checkpoint's dtype on CUDA."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # loading is quick; our own bars show the long work
     source = resolve_source(spec)
     device = pick_device(spec.device)
     try:

@@ -189,20 +189,20 @@ def _list_index(key: str, items: list[Any], where: str) -> int:
 # --- validation -------------------------------------------------------------------------------
 
 
-def _format_validation_error(error: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+def _format_validation_error(error: ValidationError, model: type[BaseModel], prefix: str = "", tag: str = "") -> str:
     """One line naming the first problem, with the allowed keys for a misspelled one."""
     first = error.errors()[0]
-    parts = [*(prefix.split(".") if prefix else []), *(str(part) for part in first["loc"])]
-    location = ".".join(part for part in parts if part)
+    location = ".".join([prefix, *(str(part) for part in first["loc"])] if prefix else [str(p) for p in first["loc"]])
+    tag = f" ({tag})" if tag else ""
     if first["type"] == "extra_forbidden":
         key = str(first["loc"][-1])
         allowed = _allowed_keys(model, first["loc"][:-1])
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         where = location.rsplit(".", 1)[0] if "." in location else "recipe"
-        return f"{where}: unknown key {key!r} (allowed: {', '.join(allowed)}){hint}"
+        return f"{where}{tag}: unknown key {key!r} (allowed: {', '.join(allowed)}){hint}"
     message = first["msg"].removeprefix("Value error, ")
-    return f"{location or 'recipe'}: {message}"
+    return f"{location or 'recipe'}{tag}: {message}"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -235,9 +235,7 @@ def validate_recipe(data: Any, name: str = "recipe") -> Recipe:
         try:
             params = method.Params.model_validate(params_data)
         except ValidationError as error:
-            raise CompressError(
-                _format_validation_error(error, method.Params, where).replace(where + ":", f"{where} ({method.name}):", 1)
-            ) from None
+            raise CompressError(_format_validation_error(error, method.Params, where, method.name)) from None
         stages.append(Stage(method=method.name, params=params))
     fields = top.model_dump(exclude={"stages", "name"})
     return Recipe(name=top.name or name, stages=stages, **fields)

@@ -28,7 +28,7 @@ def _check_pattern(value: object) -> str:
         raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as '2:4', got {value!r}")
     n, m = int(match[1]), int(match[2])
     if not 0 < n < m:
-        raise ValueError(f"pattern {text!r}: N:M needs 0 < N < M (keep N of every M weights)")
+        raise ValueError(f"{text!r}: N:M needs 0 < N < M (keep N of every M weights)")
     return text
 
 

@@ -1,0 +1,67 @@
+"""Fixtures: small recipes over the embedded model (it ships inside the package, so tests never reach
+outside the repository), and tiny random MoE / encoder models written to a temporary folder."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from compress.recipe import validate_recipe
+
+FAST = {
+    "calibration": {"nsamples": 16, "seqlen": 128, "seed": 0, "batch_size": 8},
+    "evaluate": {"seqlen": 128, "max_windows": 16, "batch_size": 8},
+}
+
+
+def fast_recipe(*stages: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    data = copy.deepcopy(FAST)
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    data["stages"] = list(stages)
+    return data
+
+
+@pytest.fixture
+def recipe_from():
+    def build(*stages: dict[str, Any], **sections: Any):
+        return validate_recipe(fast_recipe(*stages, **sections), name="test")
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from compress.modeling import embedded_model_path
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=8192, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    MixtralForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from compress.modeling import embedded_model_path
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(path)
+    return path

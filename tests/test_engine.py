@@ -1,0 +1,88 @@
+"""The layer-wise engine against independent computations on real models."""
+
+import torch
+
+from compress.data import batches, calibration_tokens
+from compress.engine import run_layerwise
+from compress.methods.sparsity import prune_mask
+from compress.methods.wanda import Wanda, wanda_scores
+from compress.modeling import load_model
+from compress.recipe import CalibrationSpec, ModelSpec
+from compress.state import CompressionState
+from compress.targets import discover, select
+
+CALIBRATION = CalibrationSpec(nsamples=16, seqlen=128, batch_size=8)
+
+
+def _run_wanda(model_source, pattern="unstructured", sparsity=0.5, include=("*",)):
+    loaded = load_model(ModelSpec(source=model_source))
+    layout = discover(loaded.model)
+    targets = select(layout.targets, list(include), [])
+    method = Wanda(Wanda.Params(sparsity=sparsity, pattern=pattern))
+    tokens, _ = calibration_tokens(CALIBRATION, loaded.tokenizer)
+    state = CompressionState()
+    outcome = run_layerwise(loaded.model, layout, targets, method, state, batches(tokens, 8), loaded.device)
+    return loaded, layout, state, outcome, tokens
+
+
+def test_wanda_mask_matches_independent_score():
+    """Recompute Wanda's score for q_proj of blocks 0 and 1 by hand: the input of block 1 must be the
+    output of the already pruned block 0 (as the reference does), and the mask must be identical."""
+    loaded, layout, state, _, tokens = _run_wanda(None)
+    dense = load_model(ModelSpec())
+    model = loaded.model  # pruned: its block 0 is what block 1 saw during the run
+    for block in (0, 1):
+        name = f"model.layers.{block}.self_attn.q_proj"
+        sq_norm = torch.zeros(model.config.hidden_size)
+        with torch.no_grad():
+            for batch in tokens.split(8):
+                hidden = model(input_ids=batch, output_hidden_states=True, use_cache=False).hidden_states[block]
+                x = model.model.layers[block].input_layernorm(hidden).reshape(-1, sq_norm.numel())
+                sq_norm += x.pow(2).sum(0)
+        dense_weight = dense.model.get_submodule(name).weight.float()
+        independent = wanda_scores(dense_weight, sq_norm)
+        rows, cols = independent.shape
+        expected = torch.ones(rows, cols, dtype=torch.bool)
+        expected.scatter_(1, independent.argsort(dim=1, stable=True)[:, : cols // 2], False)
+        assert torch.equal(state.mask(name), expected), f"{name}: engine mask differs from the independent Wanda mask"
+        assert torch.equal(model.get_submodule(name).weight == 0, ~expected)
+
+
+def test_moe_experts_are_per_expert_targets_with_routed_tokens(tiny_mixtral):
+    loaded, layout, state, outcome, tokens = _run_wanda(str(tiny_mixtral), pattern="2:4")
+    names = [t.name for t in layout.targets]
+    assert "model.layers.0.mlp.experts.3.gate_up_proj" in names
+    assert "model.layers.1.mlp.experts.0.down_proj" in names
+    assert "model.layers.0.mlp.gate" in layout.left_out  # the router is never a target
+    assert not any(".mlp.gate" in n and "experts" not in n for n in names)
+    # every token goes to top-2 of 4 experts: the routed counts of a block's experts add up to 2 x tokens
+    total = tokens.numel()
+    routed = sum(outcome.tokens[f"model.layers.0.mlp.experts.{e}.gate_up_proj"] for e in range(4))
+    assert routed == 2 * total
+    for e in range(4):
+        assert outcome.tokens[f"model.layers.0.mlp.experts.{e}.down_proj"] == outcome.tokens[f"model.layers.0.mlp.experts.{e}.gate_up_proj"]
+    for target in layout.targets:
+        weight = target.weight
+        kept = (weight != 0).view(weight.shape[0], -1, 4).sum(-1)
+        assert (kept <= 2).all(), target.name
+        assert torch.equal(state.mask(target.name), weight != 0)
+
+
+def test_encoder_blocks_and_targets(tiny_bert):
+    loaded, layout, state, outcome, _ = _run_wanda(str(tiny_bert))
+    assert loaded.kind == "encoder"
+    assert layout.blocks_path == "encoder.layer"
+    assert "pooler.dense" in layout.left_out
+    assert len(layout.targets) == 2 * 6  # query, key, value, attention.output, intermediate, output
+    for target in layout.targets:
+        assert abs((target.weight == 0).float().mean().item() - 0.5) < 1e-6
+
+
+def test_prune_mask_is_reused_by_the_engine():
+    """The engine's mask for a layer equals the shared core called on the recorded statistic."""
+    generator = torch.Generator().manual_seed(0)
+    weight, sq_norm = torch.randn(8, 16, generator=generator), torch.rand(16, generator=generator)
+    method = Wanda(Wanda.Params(sparsity=0.25))
+    result = method.compress_target(weight, {"input_sq_norm": sq_norm}, None)
+    assert torch.equal(result.mask, prune_mask(wanda_scores(weight, sq_norm), 0.25, "unstructured"))
+    assert torch.equal(result.weight, weight * result.mask)

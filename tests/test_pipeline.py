@@ -1,0 +1,143 @@
+"""End to end through `compress.pipeline.run` and the CLI, on the embedded model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compress.cli import main
+from compress.evaluate import eval_windows, perplexity
+from compress.data import embedded_text, read_text_file, tokenize
+from compress.modeling import embedded_model_path
+from compress.pipeline import run
+from compress.recipe import validate_recipe
+from compress.state import CompressionState
+
+from conftest import fast_recipe
+
+
+@pytest.fixture(scope="module")
+def wanda_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "wanda"
+    report = run(validate_recipe(fast_recipe({"method": "wanda", "sparsity": 0.5})), out)
+    return out, report
+
+
+def test_report_has_stable_metric_names(wanda_run):
+    out, report = wanda_run
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    metrics = report["metrics"]
+    for key in ("perplexity", "dense_perplexity", "sparsity", "size_bytes", "bits_per_param", "params", "seconds"):
+        assert key in metrics
+    assert metrics["sparsity"] == pytest.approx(0.5)
+    assert metrics["bits_per_param"] == 16.0  # dense bf16 checkpoint
+    assert metrics["perplexity"] > metrics["dense_perplexity"]
+    stage = report["stages"][0]
+    assert stage["method"] == "wanda" and stage["params"]["sparsity"] == 0.5 and stage["seconds"] > 0
+    assert all(abs(t["sparsity"] - 0.5) < 1e-9 for t in report["targets"].values())
+    assert "lm_head" in report["left_out"]
+
+
+def test_checkpoint_reloads_with_the_evaluated_weights(wanda_run):
+    """from_pretrained gives the perplexity the report claims, and the same logits as the dense model
+    with the saved masks applied (so the state describes the checkpoint exactly)."""
+    from transformers import AutoModelForCausalLM
+
+    out, report = wanda_run
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    dense = AutoModelForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.float32).eval()
+    state = CompressionState.load(out)
+    with torch.no_grad():
+        for name, entry in state.targets.items():
+            dense.get_submodule(name).weight.mul_(entry.mask)
+    ids = tokenize(dense_tokenizer(), read_text_file(embedded_text("eval.txt"), "eval"))
+    windows = eval_windows(ids, 128, 16)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=windows[:4]).logits, dense(input_ids=windows[:4]).logits)
+    assert perplexity(reloaded, windows, torch.device("cpu")) == pytest.approx(report["metrics"]["perplexity"], rel=1e-6)
+    assert load_file(str(out / "model" / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+
+
+def dense_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model_path())
+
+
+def test_wanda_beats_magnitude_on_the_fixture_model(wanda_run, tmp_path):
+    _, wanda = wanda_run
+    magnitude = run(validate_recipe(fast_recipe({"method": "magnitude", "sparsity": 0.5}, evaluate={"dense": False})), tmp_path / "m")
+    assert wanda["metrics"]["perplexity"] < magnitude["metrics"]["perplexity"]
+
+
+def test_two_stages_keep_earlier_zeros(tmp_path):
+    report = run(
+        validate_recipe(fast_recipe({"method": "magnitude", "sparsity": 0.3}, {"method": "wanda", "pattern": "2:4"},
+                                    evaluate={"dense": False})),
+        tmp_path / "two",
+    )
+    state = CompressionState.load(tmp_path / "two")
+    assert report["metrics"]["sparsity"] >= 0.5
+    for name, entry in state.targets.items():
+        assert entry.stages == ["magnitude", "wanda"]
+        assert (entry.mask.view(entry.mask.shape[0], -1, 4).sum(-1) <= 2).all()
+
+
+def _cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["stages.0.method=wandaa"], "unknown method 'wandaa'"),
+        (["stages.0.sparsty=0.5"], "unknown key 'sparsty'"),
+        (["stages.0.sparsity=1.5"], "sparsity must be a fraction in (0, 1)"),
+        (["stages.0.sparsity=0"], "sparsity must be a fraction in (0, 1)"),
+        (["stages.0.pattern=4:4"], "N:M needs 0 < N < M"),
+        (["stages.0.pattern=3:5", "stages.0.sparsity=0.4"], "is not divisible by M=5"),
+        (["model.source=./no/such/model"], "model path not found: ./no/such/model"),
+        (["stages.0.targets.include=[model.layers.*.mlp.nope]"], "matches no target"),
+    ],
+)
+def test_bad_input_one_line_exit_2_nothing_written(sets, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["run", "recipes/wanda-50.yaml", "--out", str(out)]
+    for assignment in sets:
+        args += ["--set", assignment]
+    code, err = _cli(args, capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_empty_calibration_file(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    out = tmp_path / "out"
+    code, err = _cli(["run", "recipes/wanda-50.yaml", "--out", str(out), "--set", f"calibration.text={empty}"], capsys)
+    assert code == 2 and err == [f"error: calibration file is empty: {empty}"]
+    assert not out.exists()
+
+
+def test_refuses_to_replace_a_foreign_folder(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep me")
+    code, err = _cli(["run", "recipes/magnitude-50.yaml", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "not empty" in err[0]
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_cli_process_exit_code(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "compress", "validate", "recipes/wanda-50.yaml", "--set", "stages.0.pattern=8:4"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: stages.0.pattern (wanda): '8:4': N:M needs 0 < N < M (keep N of every M weights)"
+    ]
