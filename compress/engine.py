@@ -112,7 +112,7 @@ def _block_outputs(block: nn.Module, inputs: list[BlockInputs]) -> None:
         item.hidden = out[0] if isinstance(out, (tuple, list)) else out
 
 
-def compress_target(method: Method, target: Target, statistics: dict[str, torch.Tensor], state: CompressionState) -> None:
+def apply_to_target(method: Method, target: Target, statistics: dict[str, torch.Tensor], state: CompressionState) -> None:
     """Apply the method's pure core to one target and record its mask in the state."""
     previous = state.mask(target.name)
     weight = target.weight
@@ -142,7 +142,7 @@ def run_layerwise(
     if not method.statistics:  # data-free method (magnitude): no forward pass needed
         with torch.no_grad():
             for target in tqdm(targets, desc=label or method.name, unit="target", leave=False):
-                compress_target(method, target, {}, state)
+                apply_to_target(method, target, {}, state)
         outcome.seconds = time.perf_counter() - start
         return outcome
 
@@ -162,7 +162,7 @@ def run_layerwise(
                     outcome.tokens[target.name] = stats.tokens
                     if stats.tokens == 0:
                         outcome.no_tokens.append(target.name)
-                    compress_target(method, target, stats.values(), state)
+                    apply_to_target(method, target, stats.values(), state)
                 del collected
             if index < last_block:
                 _block_outputs(block, inputs)

@@ -86,3 +86,10 @@ def test_prune_mask_is_reused_by_the_engine():
     result = method.compress_target(weight, {"input_sq_norm": sq_norm}, None)
     assert torch.equal(result.mask, prune_mask(wanda_scores(weight, sq_norm), 0.25, "unstructured"))
     assert torch.equal(result.weight, weight * result.mask)
+
+
+def test_wanda_without_statistics_falls_back_to_row_magnitude():
+    """An expert no calibration token reached gets no statistics; Wanda then ranks |W| per row."""
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    result = Wanda(Wanda.Params(sparsity=0.5)).compress_target(weight, {}, None)
+    assert torch.equal(result.mask, prune_mask(weight.abs(), 0.5, "unstructured", scope="row"))

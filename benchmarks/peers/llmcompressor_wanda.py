@@ -182,7 +182,7 @@ def main(argv=None):
     import transformers
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import WandaPruningModifier
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     tokens = torch.load(args.calib_tokens)
@@ -195,8 +195,11 @@ def main(argv=None):
     load_kwargs = {}
     if args.dtype != "auto":
         load_kwargs["dtype"] = DTYPES[args.dtype]
+    hf_config = AutoConfig.from_pretrained(args.model)
+    orig_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(orig_dtype, str):
+        orig_dtype = DTYPES.get(orig_dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, **load_kwargs)
-    orig_dtype = model.config.dtype if hasattr(model.config, "dtype") else None
     model.to(args.device)
     model.eval()
 
@@ -260,8 +263,9 @@ def main(argv=None):
         if isinstance(orig_dtype, torch.dtype) and args.dtype != "auto":
             model.to(orig_dtype)
         model.to("cpu")
-        # plain dense HF checkpoint (no compressed-tensors sparse format)
-        model.save_pretrained(args.out)
+        # plain dense HF checkpoint: oneshot wraps save_pretrained; without
+        # save_compressed=False it would infer a compressed-tensors sparse format
+        model.save_pretrained(args.out, save_compressed=False)
         tokenizer.save_pretrained(args.out)
 
     result = {

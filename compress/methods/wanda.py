@@ -28,6 +28,9 @@ class Wanda(Method):
     def compress_target(
         self, weight: torch.Tensor, statistics: dict[str, torch.Tensor], mask: torch.Tensor | None
     ) -> TargetResult:
-        scores = wanda_scores(weight, statistics["input_sq_norm"])
+        # An expert that no calibration token reached has no activation norms: rank by |W| within
+        # each row instead (the engine lists such targets in the report).
+        input_sq_norm = statistics.get("input_sq_norm", torch.ones(weight.shape[1], device=weight.device))
+        scores = wanda_scores(weight, input_sq_norm)
         keep = prune_mask(scores, self.params.sparsity, self.params.pattern, mask, scope="row")
         return TargetResult(weight=weight * keep, mask=keep)
