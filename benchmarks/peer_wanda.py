@@ -6,7 +6,7 @@ llm-compressor lives in its own virtualenv (it pins its own stack); see benchmar
     python benchmarks/peer_wanda.py --model ../shared/models/shakespeare-llama-7m \
         --calibration ../shared/corpus/shakespeare-milton/train.txt \
         --eval ../shared/corpus/shakespeare-milton/eval.txt \
-        --peer-python /work/peers/llmc-venv/bin/python --json docs/results/peer-wanda-llama-7m.json
+        --peer-python .peers/llmc-venv/bin/python --json docs/results/peer-wanda-llama-7m.json
 """
 
 from __future__ import annotations

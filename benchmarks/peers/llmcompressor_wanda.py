@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Peer baseline: llm-compressor's WandaPruningModifier, run standalone.
 
-Run with the *peer* virtualenv's python (see /work/peers/README-llmc.md), not
+Run with the *peer* virtualenv's python (see benchmarks/peers/README.md), not
 with the project's own environment:
 
-    /work/peers/llmc-venv/bin/python benchmarks/peers/llmcompressor_wanda.py \
+    .peers/llmc-venv/bin/python benchmarks/peers/llmcompressor_wanda.py \
         --model PATH --calib-tokens TOKENS.pt --sparsity 0.5 \
         --pattern unstructured|N:M --out DIR [--device cpu] [--eval-text FILE]
 
