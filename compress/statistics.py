@@ -38,7 +38,63 @@ class InputSqNorm(Statistic):
         return self.total
 
 
-STATISTICS: dict[str, type[Statistic]] = {"input_sq_norm": InputSqNorm}
+class InputMean(Statistic):
+    """Mean of each input feature over the calibration tokens (DSnoT's E[X_j]); float64 sums."""
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def update(self, inputs: torch.Tensor) -> None:
+        self.sum += inputs.double().sum(dim=0)
+        self.count += inputs.shape[0]
+
+    def value(self) -> torch.Tensor:
+        return (self.sum / max(self.count, 1)).float()
+
+
+class InputVariance(Statistic):
+    """Variance of each input feature over the calibration tokens (DSnoT's Var(X_j)); float64 sums,
+    population variance (divides by the token count)."""
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def update(self, inputs: torch.Tensor) -> None:
+        x = inputs.double()
+        self.sum += x.sum(dim=0)
+        self.sum_sq += x.pow(2).sum(dim=0)
+        self.count += inputs.shape[0]
+
+    def value(self) -> torch.Tensor:
+        count = max(self.count, 1)
+        mean = self.sum / count
+        return (self.sum_sq / count - mean.pow(2)).clamp_min(0).float()
+
+
+class Hessian(Statistic):
+    """X^T X over the calibration tokens ([in, in], fp32): the layer-wise reconstruction Hessian
+    of SparseGPT, GPTQ, SpQR (up to the factor 2/n, which their relative damping cancels)."""
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.total = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+
+    def update(self, inputs: torch.Tensor) -> None:
+        x = inputs.float()
+        self.total.addmm_(x.T, x)
+
+    def value(self) -> torch.Tensor:
+        return self.total
+
+
+STATISTICS: dict[str, type[Statistic]] = {
+    "input_sq_norm": InputSqNorm,
+    "input_mean": InputMean,
+    "input_variance": InputVariance,
+    "hessian": Hessian,
+}
 
 
 class TargetStatistics:

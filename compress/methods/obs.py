@@ -1,0 +1,92 @@
+"""The Optimal Brain Surgeon column sweep shared by SparseGPT and GPTQ (and SpQR, QMoE after them).
+
+Both references (IST-DASLab/sparsegpt `fasterprune`, IST-DASLab/gptq `fasterquant`) run the same
+loop: factor the damped inverse Hessian once (upper Cholesky factor U, H^-1 = U^T U), then walk the
+input columns left to right in blocks; each column is fixed to a new value (zero where pruned, a grid
+point where quantized) and its error, scaled by U's diagonal, is spread over the columns not yet
+fixed. Updates inside a block are immediate; the rest of the matrix gets them once per block ("lazy
+batch" updates). What differs between methods is only how a column's new value is chosen: that is a
+`ColumnRule`. This module holds the sweep once; methods bring their rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from compress.errors import CompressError
+
+
+class ColumnRule(Protocol):
+    """How a method fixes each column. `block` is the live [rows, count] slice of the weights being
+    swept (columns before `j` are already fixed, columns from `j` on carry the updates so far)."""
+
+    def begin_block(self, start: int, block: torch.Tensor, hinv_block: torch.Tensor) -> None: ...
+
+    def column(self, start: int, j: int, block: torch.Tensor, hinv_block: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class InverseHessian:
+    factor: torch.Tensor  # upper Cholesky factor of the damped inverse Hessian
+    dead: torch.Tensor  # bool [in]: inputs that were always zero on the calibration data
+    damp: float  # the relative damping that made H positive definite
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 4) -> InverseHessian:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, as both references compute it.
+
+    Inputs that never fired (zero diagonal) get a unit diagonal so the matrix stays invertible; their
+    weights do not affect the output on the calibration data. If H is not positive definite even after
+    damping (rank-deficient calibration), the damping is raised tenfold, up to `retries` times.
+    """
+    hessian = hessian.float().clone()
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+    mean_diagonal = torch.mean(torch.diag(hessian))
+    diagonal = torch.arange(hessian.shape[0], device=hessian.device)
+    for attempt in range(retries + 1):
+        damped = hessian.clone()
+        damped[diagonal, diagonal] += damp * mean_diagonal
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return InverseHessian(upper, dead, damp)
+        damp *= 10
+    raise CompressError(
+        f"Hessian is not positive definite even with damping {damp / 10:g}: use more calibration samples"
+    )
+
+
+def obs_sweep(weight: torch.Tensor, inverse: InverseHessian, rule: ColumnRule, block_size: int = 128) -> torch.Tensor:
+    """Fix every column of `weight` ([out, in], float32, modified in place) by `rule`, compensating
+    each column's error on the columns after it. Returns the per-row OBS loss sum (w - q)^2 / d^2 / 2."""
+    if weight.dtype != torch.float32:
+        raise TypeError("obs_sweep works on float32 weights")
+    rows, columns = weight.shape
+    hinv = inverse.factor
+    weight[:, inverse.dead] = 0
+    losses = torch.zeros(rows, device=weight.device)
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        block = weight[:, start:end].clone()
+        fixed = torch.zeros_like(block)
+        errors = torch.zeros_like(block)
+        hinv_block = hinv[start:end, start:end]
+        rule.begin_block(start, block, hinv_block)
+        for j in range(end - start):
+            original = block[:, j]
+            diagonal = hinv_block[j, j]
+            value = rule.column(start, j, block, hinv_block)
+            fixed[:, j] = value
+            losses += (original - value).pow(2) / diagonal**2 / 2
+            error = (original - value) / diagonal
+            block[:, j:] -= error.unsqueeze(1) * hinv_block[j, j:].unsqueeze(0)
+            errors[:, j] = error
+        weight[:, start:end] = fixed
+        weight[:, end:] -= errors @ hinv[start:end, end:]
+    return losses
