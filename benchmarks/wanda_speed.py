@@ -17,7 +17,7 @@ import time
 import torch
 
 from compress.data import batches
-from compress.engine import run_layerwise
+from compress.engine import Stage, run_layerwise
 from compress.methods.wanda import Wanda
 from compress.modeling import load_model
 from compress.recipe import ModelSpec
@@ -64,7 +64,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
-    outcome = run_layerwise(model, layout, layout.targets, method, CompressionState(), batches(tokens, args.batch_size), device)
+    outcome = run_layerwise(model, layout, [Stage(method, layout.targets)], CompressionState(), batches(tokens, args.batch_size), device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     params = sum(p.numel() for p in model.parameters())
@@ -74,7 +74,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "calibration_tokens": f"{args.nsamples} x {args.seqlen}",
         "pattern": args.pattern,
-        "wanda_seconds": round(outcome.seconds, 2),
+        "wanda_seconds": round(outcome.stages[0].seconds + outcome.forward_seconds, 2),
         "load_seconds": round(load_seconds, 2),
         "targets": len(layout.targets),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,

@@ -1,10 +1,13 @@
-"""The layer-wise engine: runs a method over the model's blocks one at a time.
+"""The layer-wise engine: runs a recipe's stages over the model's blocks one block at a time.
 
 As the Wanda/SparseGPT references do: the calibration batches are captured at the input of block 0;
-for block i, hooks gather each target's statistics on a forward pass, the method compresses every
-target of the block, and a second forward pass through the compressed block gives the inputs of
-block i+1. Only the current block needs to sit on the accelerator; the rest of the model stays where
-it was loaded (the embeddings and other small modules outside the blocks move with the inputs).
+for block i, each stage in turn gathers its targets' statistics on a forward pass through the block
+as it stands (hooks), then compresses those targets; a last forward pass through the compressed block
+gives the inputs of block i+1. So every stage sees, at every block, the inputs the fully compressed
+model will give it, and a stage that refines an earlier one (DSnoT after Wanda) sees that stage's
+result on the same block. Only the current block needs to sit on the accelerator; the rest of the
+model stays where it was loaded (the embeddings and other small modules outside the blocks move with
+the inputs).
 """
 
 from __future__ import annotations
@@ -36,10 +39,32 @@ class BlockInputs:
 
 
 @dataclass
+class Stage:
+    """One recipe stage as the engine runs it: a method and the targets it compresses."""
+
+    method: Method
+    targets: list[Target]
+    label: str = ""
+
+
+@dataclass
 class StageOutcome:
-    seconds: float
+    seconds: float = 0.0  # the stage's own statistics passes and compression
     tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens that reached each target
     no_tokens: list[str] = field(default_factory=list)  # targets (experts) no token reached: method fell back
+    changed: int = 0  # targets whose weights the stage changed
+    zeros: int = 0  # zero weights of its targets right after the stage
+    numel: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / max(self.numel, 1)
+
+
+@dataclass
+class RunOutcome:
+    stages: list[StageOutcome]
+    forward_seconds: float = 0.0  # capturing block 0's inputs and carrying them from block to block
 
 
 class _StopForward(Exception):
@@ -112,62 +137,113 @@ def _block_outputs(block: nn.Module, inputs: list[BlockInputs]) -> None:
         item.hidden = out[0] if isinstance(out, (tuple, list)) else out
 
 
-def apply_to_target(method: Method, target: Target, statistics: dict[str, torch.Tensor], state: CompressionState) -> None:
-    """Apply the method's pure core to one target and record its mask in the state."""
+def _fingerprint(weight: torch.Tensor) -> tuple[int, float]:
+    return int((weight == 0).sum()), float(weight.float().pow(2).sum())
+
+
+def apply_to_target(
+    method: Method,
+    target: Target,
+    statistics: dict[str, torch.Tensor],
+    state: CompressionState,
+    dense: torch.Tensor | None = None,
+) -> bool:
+    """Apply the method's pure core to one target and record its mask in the state; True if the
+    target's weights changed."""
     previous = state.mask(target.name)
     weight = target.weight
+    before = _fingerprint(weight)
     previous = None if previous is None else previous.to(weight.device)
-    result = method.compress_target(weight.float(), statistics, previous)
+    dense = None if dense is None else dense.to(weight.device, torch.float32)
+    result = method.compress_target(weight.float(), statistics, previous, dense)
     weight.copy_(result.weight.to(weight.dtype))
     entry = state.get(target.name)
     if result.mask is not None:
         entry.mask = result.mask.cpu()
     entry.stages.append(method.name)
+    return _fingerprint(weight) != before
+
+
+def _compress_targets(
+    stage: Stage,
+    targets: list[Target],
+    statistics: dict[str, dict[str, torch.Tensor]],
+    state: CompressionState,
+    originals: dict[str, torch.Tensor],
+    outcome: StageOutcome,
+) -> None:
+    for target in targets:
+        dense = originals.get(target.name) if stage.method.refines_mask else None
+        outcome.changed += apply_to_target(stage.method, target, statistics.get(target.name, {}), state, dense)
+        outcome.zeros += int((target.weight == 0).sum())
+        outcome.numel += target.numel
 
 
 def run_layerwise(
     model: nn.Module,
     layout: ModelLayout,
-    targets: list[Target],
-    method: Method,
+    stages: list[Stage],
     state: CompressionState,
     batches: list[torch.Tensor],
     device: torch.device,
-    label: str = "",
-) -> StageOutcome:
-    """Compress `targets` with `method`, block by block, on calibration token batches."""
-    start = time.perf_counter()
-    outcome = StageOutcome(seconds=0.0)
-    per_block = layout.by_block(targets)
-    if not method.statistics:  # data-free method (magnitude): no forward pass needed
-        with torch.no_grad():
-            for target in tqdm(targets, desc=label or method.name, unit="target", leave=False):
-                apply_to_target(method, target, {}, state)
-        outcome.seconds = time.perf_counter() - start
-        return outcome
+) -> RunOutcome:
+    """Run the stages block by block on calibration token batches (see the module docstring)."""
+    outcomes = [StageOutcome() for _ in stages]
+    run = RunOutcome(outcomes)
+    per_stage_block = [layout.by_block(stage.targets) for stage in stages]
+    used_blocks = [i for i in range(len(layout.blocks)) if any(blocks[i] for blocks in per_stage_block)]
+    if not used_blocks:
+        return run
+    last_block = used_blocks[-1]
+    needs_data = any(stage.method.statistics for stage in stages)
+    keep_originals = any(stage.method.refines_mask for stage in stages)
+    sequences = sum(batch.shape[0] for batch in batches)
 
-    inputs = capture_block_inputs(model, layout, batches, device)
-    last_block = max(i for i, block_targets in enumerate(per_block) if block_targets)
+    inputs: list[BlockInputs] = []
+    if needs_data:
+        start = time.perf_counter()
+        inputs = capture_block_inputs(model, layout, batches, device)
+        run.forward_seconds += time.perf_counter() - start
     home = next(layout.blocks.parameters()).device
-    progress = tqdm(total=last_block + 1, desc=label or method.name, unit="block", leave=False)
+    progress = tqdm(total=last_block + 1, desc=" + ".join(s.label or s.method.name for s in stages), unit="block", leave=False)
     with torch.no_grad():
         for index in range(last_block + 1):
-            block = layout.blocks[index].to(device)
-            block_targets = per_block[index]
-            if block_targets:
-                with gather(block_targets, method.statistics) as collected:
-                    _run_block(block, inputs)
-                for target in block_targets:
-                    stats = collected[target.name]
-                    outcome.tokens[target.name] = stats.tokens
-                    if stats.tokens == 0:
-                        outcome.no_tokens.append(target.name)
-                    apply_to_target(method, target, stats.values(), state)
-                del collected
-            if index < last_block:
+            block = layout.blocks[index].to(device) if needs_data else layout.blocks[index]
+            # a refining stage (DSnoT) needs the weights from before the first stage: one block's worth
+            originals = {}
+            if keep_originals:
+                originals = {
+                    t.name: t.weight.clone()
+                    for stage, blocks in zip(stages, per_stage_block)
+                    if stage.method.refines_mask
+                    for t in blocks[index]
+                }
+            for stage, outcome, blocks in zip(stages, outcomes, per_stage_block):
+                targets = blocks[index]
+                if not targets:
+                    continue
+                start = time.perf_counter()
+                statistics: dict[str, dict[str, torch.Tensor]] = {}
+                if stage.method.statistics:
+                    with gather(targets, stage.method.statistics) as collected:
+                        _run_block(block, inputs)
+                    for target in targets:
+                        gathered = collected[target.name]
+                        outcome.tokens[target.name] = gathered.tokens
+                        if gathered.tokens == 0:
+                            outcome.no_tokens.append(target.name)
+                            continue
+                        statistics[target.name] = {**gathered.values(), "tokens_per_sequence": torch.tensor(gathered.tokens / sequences)}
+                    del collected
+                _compress_targets(stage, targets, statistics, state, originals, outcome)
+                outcome.seconds += time.perf_counter() - start
+            del originals
+            if needs_data and index < last_block:
+                start = time.perf_counter()
                 _block_outputs(block, inputs)
-            layout.blocks[index].to(home)
+                run.forward_seconds += time.perf_counter() - start
+            if needs_data:
+                layout.blocks[index].to(home)
             progress.update(1)
     progress.close()
-    outcome.seconds = time.perf_counter() - start
-    return outcome
+    return run

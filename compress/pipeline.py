@@ -20,7 +20,7 @@ import torch
 
 from compress import __version__
 from compress.data import batches, calibration_tokens, embedded_text, read_text_file, tokenize
-from compress.engine import run_layerwise
+from compress.engine import Stage, run_layerwise
 from compress.errors import CompressError
 from compress.evaluate import (
     directory_bytes,
@@ -31,12 +31,12 @@ from compress.evaluate import (
     stored_bits_per_param,
     target_sparsity,
 )
-from compress.methods.base import Method
+from compress.methods.sparsity import PruningParams
 from compress.modeling import LoadedModel, load_model, model_info, round_to_storage
 from compress.recipe import Recipe
 from compress.registry import get_method
 from compress.state import CompressionState
-from compress.targets import ModelLayout, Target, discover, select
+from compress.targets import ModelLayout, discover, select
 
 log = logging.getLogger("compress")
 
@@ -44,27 +44,40 @@ REPORT_FILE = "report.json"
 MODEL_DIR = "model"
 
 
-@dataclass
-class PlannedStage:
-    index: int
-    method: Method
-    targets: list[Target]
-
-    @property
-    def label(self) -> str:
-        return f"stage {self.index} ({self.method.name})"
-
-
-def plan_stages(recipe: Recipe, layout: ModelLayout) -> list[PlannedStage]:
-    """Resolve each stage's targets and check the method can handle every one of them."""
+def plan_stages(recipe: Recipe, layout: ModelLayout) -> list[Stage]:
+    """Resolve each stage's targets and check the method can handle every one of them; a stage that
+    refines a mask (DSnoT) must follow a pruning stage covering its targets, and takes its pattern."""
     planned = []
+    mask_pattern: dict[str, str] = {}  # target -> pattern of the last pruning stage that masked it
     for index, stage in enumerate(recipe.stages):
         method = get_method(stage.method)(stage.params)
+        where = f"stages.{index} ({stage.method})"
         selection = stage.params.targets
         targets = select(layout.targets, selection.include, selection.exclude, where=f"stages.{index}.targets")
+        targets = method.restrict_targets(targets)
+        if not targets:
+            raise CompressError(f"{where}: no target left to work on; check its targets and parameters")
         for target in targets:
             method.check_target(target)
-        planned.append(PlannedStage(index, method, targets))
+        if method.refines_mask:
+            unmasked = [t.name for t in targets if t.name not in mask_pattern]
+            if unmasked:
+                raise CompressError(
+                    f"{where} refines the mask of an earlier pruning stage, but no earlier stage pruned "
+                    f"{unmasked[0]} ({len(unmasked)} targets): put a pruning stage (wanda, magnitude, sparsegpt) "
+                    f"before it covering the same targets"
+                )
+            patterns = sorted({mask_pattern[t.name] for t in targets})
+            if len(patterns) > 1:
+                raise CompressError(f"{where}: its targets were pruned with different patterns {patterns}; split it into one stage per pattern")
+            try:
+                method.bind_mask_pattern(patterns[0])
+            except ValueError as error:
+                raise CompressError(f"{where}: {error}") from None
+        pattern = getattr(stage.params, "pattern", None)
+        if isinstance(stage.params, PruningParams) and pattern is not None:
+            mask_pattern.update({t.name: pattern for t in targets})
+        planned.append(Stage(method, targets, label=f"stage {index} ({method.name})"))
     return planned
 
 
@@ -78,11 +91,6 @@ def resolve_output_dir(recipe: Recipe, out: str | Path | None) -> Path:
         if any(path.iterdir()) and not (path / REPORT_FILE).is_file():
             raise CompressError(f"output folder {path} is not empty and holds no earlier {REPORT_FILE}; choose another --out")
     return path
-
-
-def _fingerprint(target: Target) -> tuple[int, float]:
-    weight = target.weight
-    return int((weight == 0).sum()), float(weight.float().pow(2).sum())
 
 
 def _eval_tokens(recipe: Recipe, loaded: LoadedModel) -> tuple[torch.Tensor, str]:
@@ -130,32 +138,28 @@ def run(recipe: Recipe, out: str | Path | None = None) -> dict[str, Any]:
             log.info("dense perplexity %.3f", dense["perplexity"])
 
     state = CompressionState()
+    outcome = run_layerwise(loaded.model, layout, planned, state, calibration, loaded.device)
     stage_reports = []
     tokens_per_target: dict[str, int] = {}
-    for stage in planned:
-        before = {t.name: _fingerprint(t) for t in stage.targets}
-        outcome = run_layerwise(
-            loaded.model, layout, stage.targets, stage.method, state, calibration, loaded.device, label=stage.label
-        )
-        changed = sum(_fingerprint(t) != before[t.name] for t in stage.targets)
-        if changed == 0:
+    for index, (stage, result) in enumerate(zip(planned, outcome.stages)):
+        if result.changed == 0:
             raise CompressError(f"{stage.label} changed no weight of its {len(stage.targets)} targets: check its parameters")
-        tokens_per_target.update(outcome.tokens)
-        _, stage_sparsity = target_sparsity(stage.targets)
+        tokens_per_target.update(result.tokens)
         stage_reports.append(
             {
-                **recipe.stages[stage.index].describe(),
-                "seconds": outcome.seconds,
+                **recipe.stages[index].describe(),
+                "seconds": result.seconds,
                 "targets": len(stage.targets),
-                "targets_changed": changed,
-                "sparsity": stage_sparsity,
-                "no_calibration_tokens": outcome.no_tokens,
+                "targets_changed": result.changed,
+                "sparsity": result.sparsity,
+                "no_calibration_tokens": result.no_tokens,
             }
         )
-        if outcome.no_tokens:
+        if result.no_tokens:
             log.warning("%s: no calibration token reached %d targets (%s...): they were compressed without "
-                        "activation statistics", stage.label, len(outcome.no_tokens), outcome.no_tokens[0])
-        log.info("%s: %d targets, sparsity %.4f, %.2f s", stage.label, len(stage.targets), stage_sparsity, outcome.seconds)
+                        "activation statistics", stage.label, len(result.no_tokens), result.no_tokens[0])
+        log.info("%s: %d targets, sparsity %.4f, %.2f s", stage.label, len(stage.targets), result.sparsity, result.seconds)
+    calibration_info["forward_seconds"] = outcome.forward_seconds
 
     round_to_storage(loaded)
     compressed_targets = [t for t in layout.targets if t.name in state.targets]

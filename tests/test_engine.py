@@ -3,7 +3,7 @@
 import torch
 
 from compress.data import batches, calibration_tokens
-from compress.engine import run_layerwise
+from compress.engine import Stage, run_layerwise
 from compress.methods.sparsity import prune_mask
 from compress.methods.wanda import Wanda, wanda_scores
 from compress.modeling import load_model
@@ -21,8 +21,8 @@ def _run_wanda(model_source, pattern="unstructured", sparsity=0.5, include=("*",
     method = Wanda(Wanda.Params(sparsity=sparsity, pattern=pattern))
     tokens, _ = calibration_tokens(CALIBRATION, loaded.tokenizer)
     state = CompressionState()
-    outcome = run_layerwise(loaded.model, layout, targets, method, state, batches(tokens, 8), loaded.device)
-    return loaded, layout, state, outcome, tokens
+    outcome = run_layerwise(loaded.model, layout, [Stage(method, targets)], state, batches(tokens, 8), loaded.device)
+    return loaded, layout, state, outcome.stages[0], tokens
 
 
 def test_wanda_mask_matches_independent_score():

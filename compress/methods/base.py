@@ -49,14 +49,32 @@ class Method:
     # Per-target calibration statistics the method needs (see compress.statistics); empty means the
     # method needs no calibration data and the engine skips the forward passes.
     statistics: ClassVar[tuple[str, ...]] = ()
+    # A method that refines the mask of an earlier pruning stage (DSnoT): planning checks that an
+    # earlier stage pruned each of its targets, and the engine hands it each target's weights as they
+    # were before the first stage touched them (`dense`).
+    refines_mask: ClassVar[bool] = False
 
     def __init__(self, params: StageParams) -> None:
         self.params = params
 
+    def restrict_targets(self, targets: list[Target]) -> list[Target]:
+        """The targets the method actually works on, out of those the stage selected."""
+        return targets
+
     def check_target(self, target: Target) -> None:
         """Raise CompressError if the method cannot handle this target (checked before calibration)."""
 
+    def bind_mask_pattern(self, pattern: str) -> None:
+        """For `refines_mask` methods: the sparsity pattern of the earlier stage's masks."""
+
     def compress_target(
-        self, weight: torch.Tensor, statistics: dict[str, torch.Tensor], mask: torch.Tensor | None
+        self,
+        weight: torch.Tensor,
+        statistics: dict[str, torch.Tensor],
+        mask: torch.Tensor | None,
+        dense: torch.Tensor | None = None,
     ) -> TargetResult:
+        """weight: the target as it stands (fp32); statistics: what `statistics` names, empty when no
+        calibration token reached the target; mask: the earlier stages' (True = kept) or None; dense:
+        the weight before any stage, given to `refines_mask` methods only."""
         raise NotImplementedError

@@ -21,7 +21,11 @@ class Magnitude(Method):
         check_nm_divisible(target, self.params.pattern)
 
     def compress_target(
-        self, weight: torch.Tensor, statistics: dict[str, torch.Tensor], mask: torch.Tensor | None
+        self,
+        weight: torch.Tensor,
+        statistics: dict[str, torch.Tensor],
+        mask: torch.Tensor | None,
+        dense: torch.Tensor | None = None,
     ) -> TargetResult:
         keep = prune_mask(weight.abs(), self.params.sparsity, self.params.pattern, mask, scope="layer")
         return TargetResult(weight=weight * keep, mask=keep)

@@ -89,7 +89,11 @@ class SparseGPT(Method):
         check_nm_divisible(target, self.params.pattern)
 
     def compress_target(
-        self, weight: torch.Tensor, statistics: dict[str, torch.Tensor], mask: torch.Tensor | None
+        self,
+        weight: torch.Tensor,
+        statistics: dict[str, torch.Tensor],
+        mask: torch.Tensor | None,
+        dense: torch.Tensor | None = None,
     ) -> TargetResult:
         # An expert no calibration token reached has no Hessian: with H = I the sweep makes no
         # compensation and the mask is plain magnitude within each block (the report lists such targets).

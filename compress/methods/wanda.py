@@ -26,7 +26,11 @@ class Wanda(Method):
         check_nm_divisible(target, self.params.pattern)
 
     def compress_target(
-        self, weight: torch.Tensor, statistics: dict[str, torch.Tensor], mask: torch.Tensor | None
+        self,
+        weight: torch.Tensor,
+        statistics: dict[str, torch.Tensor],
+        mask: torch.Tensor | None,
+        dense: torch.Tensor | None = None,
     ) -> TargetResult:
         # An expert that no calibration token reached has no activation norms: rank by |W| within
         # each row instead (the engine lists such targets in the report).
