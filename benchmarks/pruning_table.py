@@ -1,11 +1,15 @@
-"""Side-by-side pruning table: dense vs magnitude vs Wanda at several sparsities and N:M patterns.
+"""Side-by-side pruning table: dense vs pruning methods at several sparsities and N:M patterns.
 
 Every cell is a full `compress` run (the same pipeline as `compress run`), so the numbers are what a
-user gets. Causal LMs report perplexity; encoders report embedding cosine to the dense model.
+user gets. Causal LMs report perplexity; encoders report embedding cosine to the dense model. A method
+`a+b` chains stages: `a` prunes to the column's sparsity or pattern, `b` (e.g. dsnot) refines it with
+its default parameters.
 
     python benchmarks/pruning_table.py --model ../shared/models/shakespeare-llama-7m \
         --calibration ../shared/corpus/shakespeare-milton/train.txt \
         --eval ../shared/corpus/shakespeare-milton/eval.txt --json docs/results/pruning-llama-7m.json
+    python benchmarks/pruning_table.py ... --methods magnitude,wanda,wanda+dsnot,sparsegpt,sparsegpt+dsnot \
+        --patterns 0.5,0.6,0.7,2:4
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ def main() -> None:
         for method in args.methods.split(","):
             results[method] = {}
             for column in columns:
-                stage = {"method": method, "pattern": column} if ":" in column else {"method": method, "sparsity": float(column)}
-                recipe = {**base, "stages": [stage]}
+                first, *refiners = method.split("+")
+                stage = {"method": first, "pattern": column} if ":" in column else {"method": first, "sparsity": float(column)}
+                recipe = {**base, "stages": [stage] + [{"method": name} for name in refiners]}
                 recipe["evaluate"] = {**base["evaluate"], "dense": dense_value is None}
                 start = time.perf_counter()
                 report = run(validate_recipe(recipe, name=f"{method}-{column}"), Path(scratch) / f"{method}-{column}")
@@ -60,8 +65,9 @@ def main() -> None:
                 if dense_value is None:
                     dense_value = metrics.get("dense_perplexity", 1.0)
                 results[method][column] = metrics[metric]
-                print(f"{method:<10} {column:<6} {metric} {metrics[metric]:.4f}  sparsity {metrics['sparsity']:.4f}  "
-                      f"stage {report['stages'][0]['seconds']:.1f} s  run {time.perf_counter() - start:.1f} s", flush=True)
+                stage_seconds = " + ".join(f"{stage['seconds']:.1f}" for stage in report["stages"])
+                print(f"{method:<16} {column:<6} {metric} {metrics[metric]:.4f}  sparsity {metrics['sparsity']:.4f}  "
+                      f"stages {stage_seconds} s  run {time.perf_counter() - start:.1f} s", flush=True)
 
     header = "| method | " + " | ".join(f"{c} " + ("unstructured" if ":" not in c else "") for c in columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 1), f"| dense | " + " | ".join(f"{dense_value:.4f}" for _ in columns) + " |"]

@@ -8,6 +8,7 @@ get only the tokens routed to them.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -104,6 +105,9 @@ class TargetStatistics:
         device = target.weight.device
         self.tokens = 0
         self.parts = {name: STATISTICS[name](target.in_features, device) for name in names}
+        # Set when every input this target saw was the very tensor another target had already folded
+        # in (q/k/v, gate/up share their input): the statistics are that target's, computed once.
+        self.same_as: TargetStatistics | None = None
 
     def update(self, inputs: torch.Tensor) -> None:
         if inputs.shape[0] == 0:
@@ -114,20 +118,39 @@ class TargetStatistics:
 
     def values(self) -> dict[str, torch.Tensor]:
         """Empty when no token reached the target (an expert the router never chose)."""
+        if self.same_as is not None:
+            return self.same_as.values()
         return {name: s.value() for name, s in self.parts.items()} if self.tokens else {}
+
+
+class _SharedInputs:
+    """Which target first folded in each live input tensor, so siblings reading the same tensor
+    (q/k/v of one attention, gate/up of one MLP) reuse its statistics instead of recomputing them
+    (an [in, in] Hessian costs tokens x in^2 multiply-adds)."""
+
+    def __init__(self) -> None:
+        self._first: dict[int, tuple[weakref.ref, TargetStatistics]] = {}
+
+    def owner(self, inputs: torch.Tensor, stats: TargetStatistics) -> TargetStatistics:
+        entry = self._first.get(id(inputs))
+        if entry is not None and entry[0]() is inputs:
+            return entry[1]
+        self._first[id(inputs)] = (weakref.ref(inputs), stats)
+        return stats
 
 
 @contextmanager
 def gather(targets: list[Target], names: tuple[str, ...]) -> Iterator[dict[str, TargetStatistics]]:
     """Hooks that fold every forward's inputs into each target's statistics while the block runs."""
     collected = {t.name: TargetStatistics(t, names) for t in targets}
+    shared = _SharedInputs()
     handles = []
     experts: dict[int, list[Target]] = {}
     for target in targets:
         if target.is_expert:
             experts.setdefault(id(target.module), []).append(target)
         else:
-            handles.append(target.module.register_forward_hook(_linear_hook(collected[target.name], target.in_features)))
+            handles.append(target.module.register_forward_hook(_linear_hook(collected[target.name], target.in_features, shared)))
     for group in experts.values():
         handles.append(group[0].module.register_forward_pre_hook(_experts_hook(group, collected), with_kwargs=True))
     try:
@@ -137,9 +160,21 @@ def gather(targets: list[Target], names: tuple[str, ...]) -> Iterator[dict[str, 
             handle.remove()
 
 
-def _linear_hook(stats: TargetStatistics, in_features: int):
+def _linear_hook(stats: TargetStatistics, in_features: int, shared: _SharedInputs):
+    calls = 0
+
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        stats.update(args[0].detach().reshape(-1, in_features))
+        nonlocal calls
+        owner = shared.owner(args[0], stats)
+        if calls == 0 and owner is not stats:
+            stats.same_as = owner
+        calls += 1
+        if stats.same_as is None:
+            stats.update(args[0].detach().reshape(-1, in_features))
+        elif owner is not stats.same_as:  # shared the first input but not this one: cannot happen in one block
+            raise RuntimeError("a target's inputs were shared with another target only in part")
+        else:
+            stats.tokens += args[0].numel() // in_features
 
     return hook
 

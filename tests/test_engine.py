@@ -93,3 +93,28 @@ def test_wanda_without_statistics_falls_back_to_row_magnitude():
     weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
     result = Wanda(Wanda.Params(sparsity=0.5)).compress_target(weight, {}, None)
     assert torch.equal(result.mask, prune_mask(weight.abs(), 0.5, "unstructured", scope="row"))
+
+
+def test_siblings_reading_one_input_share_its_statistics():
+    """q/k/v read the same normed hidden states, gate/up too: their Hessian is computed once and
+    equals X^T X of that input; o_proj and down_proj get their own."""
+    from compress.engine import capture_block_inputs
+    from compress.statistics import gather
+
+    loaded = load_model(ModelSpec())
+    layout = discover(loaded.model)
+    tokens, _ = calibration_tokens(CALIBRATION, loaded.tokenizer)
+    inputs = capture_block_inputs(loaded.model, layout, batches(tokens, 8), loaded.device)
+    block = layout.blocks[0]
+    targets = layout.by_block(layout.targets)[0]
+    with torch.no_grad(), gather(targets, ("hessian",)) as collected:
+        for item in inputs:
+            block(item.hidden, *item.args, **item.kwargs)
+    prefix = "model.layers.0."
+    q = collected[prefix + "self_attn.q_proj"]
+    assert collected[prefix + "self_attn.k_proj"].same_as is q and collected[prefix + "self_attn.v_proj"].same_as is q
+    assert collected[prefix + "mlp.up_proj"].same_as is collected[prefix + "mlp.gate_proj"]
+    assert collected[prefix + "self_attn.o_proj"].same_as is None and collected[prefix + "mlp.down_proj"].same_as is None
+    x = torch.cat([block.input_layernorm(item.hidden).reshape(-1, block.input_layernorm.weight.numel()) for item in inputs]).float()
+    assert torch.allclose(collected[prefix + "self_attn.v_proj"].values()["hessian"], x.T @ x, rtol=1e-4, atol=1e-3)
+    assert collected[prefix + "self_attn.v_proj"].tokens == tokens.numel()

@@ -79,14 +79,12 @@ def obs_sweep(weight: torch.Tensor, inverse: InverseHessian, rule: ColumnRule, b
         hinv_block = hinv[start:end, start:end]
         rule.begin_block(start, block, hinv_block)
         for j in range(end - start):
-            original = block[:, j]
-            diagonal = hinv_block[j, j]
             value = rule.column(start, j, block, hinv_block)
             fixed[:, j] = value
-            losses += (original - value).pow(2) / diagonal**2 / 2
-            error = (original - value) / diagonal
-            block[:, j:] -= error.unsqueeze(1) * hinv_block[j, j:].unsqueeze(0)
+            error = (block[:, j] - value) / hinv_block[j, j]
+            block[:, j:].sub_(error.unsqueeze(1) * hinv_block[j, j:].unsqueeze(0))
             errors[:, j] = error
+        losses += errors.pow(2).sum(dim=1) / 2  # (w - q)^2 / d^2 / 2, summed per row
         weight[:, start:end] = fixed
         weight[:, end:] -= errors @ hinv[start:end, end:]
     return losses

@@ -1,11 +1,15 @@
-"""Wanda wall time through the layer-wise engine: a real model, or a LLaMA-7B-shaped model with
-random weights (the time does not depend on the values).
+"""Wall time of pruning recipes through the layer-wise engine, side by side in one process: a real
+model, or a LLaMA-7B-shaped model with random weights (the time does not depend on the values).
+Each method chain starts from the same dense weights; `a+b` runs stage b after stage a in the same
+block-wise pass (e.g. `wanda+dsnot`), so `wanda+dsnot` minus `wanda` is DSnoT's overhead.
 
     # CPU, the 7M model, 128 x 256 calibration tokens
-    python benchmarks/wanda_speed.py --model ../shared/models/shakespeare-llama-7m --nsamples 128 --seqlen 256
+    python benchmarks/pruning_speed.py --model ../shared/models/shakespeare-llama-7m --nsamples 128 --seqlen 256 \
+        --methods wanda,wanda+dsnot,sparsegpt
     # GPU, LLaMA-7B shape (32 x 4096, bf16), 128 x 2048 calibration tokens; blocks live in CPU memory
     # and move to the GPU one at a time
-    python benchmarks/wanda_speed.py --random-llama-7b --nsamples 128 --seqlen 2048 --device cuda
+    python benchmarks/pruning_speed.py --random-llama-7b --nsamples 128 --seqlen 2048 --device cuda \
+        --methods wanda,wanda+dsnot,sparsegpt
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import torch
 
 from compress.data import batches
 from compress.engine import Stage, run_layerwise
-from compress.methods.wanda import Wanda
 from compress.modeling import load_model
 from compress.recipe import ModelSpec
+from compress.registry import get_method
 from compress.state import CompressionState
 from compress.targets import discover
 
@@ -36,11 +40,27 @@ def random_llama_7b(device: torch.device) -> torch.nn.Module:
     return model.eval().to("cpu")  # home is host memory: the engine moves one block at a time
 
 
+def plan(chain: str, pattern: str, layout) -> list[Stage]:
+    stages = []
+    for position, name in enumerate(chain.split("+")):
+        method_class = get_method(name)
+        if position == 0:
+            params = method_class.Params(sparsity=None if ":" in pattern else 0.5, pattern=pattern)
+        else:
+            params = method_class.Params()
+        method = method_class(params)
+        if method.refines_mask:
+            method.bind_mask_pattern(pattern)
+        stages.append(Stage(method, method.restrict_targets(layout.targets), label=name))
+    return stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model")
     source.add_argument("--random-llama-7b", action="store_true")
+    parser.add_argument("--methods", default="wanda", help="comma-separated method chains, e.g. wanda,wanda+dsnot,sparsegpt")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -58,26 +78,39 @@ def main() -> None:
         loaded = load_model(ModelSpec(source=args.model, device=str(device)))
         model, vocab = loaded.model, loaded.model.config.vocab_size
     load_seconds = time.perf_counter() - start
+    dense = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     layout = discover(model)
     tokens = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
-    method = Wanda(Wanda.Params(sparsity=None if ":" in args.pattern else 0.5, pattern=args.pattern))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-    outcome = run_layerwise(model, layout, [Stage(method, layout.targets)], CompressionState(), batches(tokens, args.batch_size), device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    params = sum(p.numel() for p in model.parameters())
+    runs = {}
+    for chain in args.methods.split(","):
+        model.load_state_dict(dense)
+        stages = plan(chain, args.pattern, layout)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        outcome = run_layerwise(model, layout, stages, CompressionState(), batches(tokens, args.batch_size), device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        runs[chain] = {
+            "seconds": round(time.perf_counter() - begin, 2),
+            "stage_seconds": {stage.label: round(result.seconds, 2) for stage, result in zip(stages, outcome.stages)},
+            "forward_seconds": round(outcome.forward_seconds, 2),
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        }
+        print(chain, json.dumps(runs[chain]), flush=True)
+    if "wanda" in runs and "wanda+dsnot" in runs:
+        runs["dsnot_overhead_over_wanda"] = round(runs["wanda+dsnot"]["seconds"] / runs["wanda"]["seconds"], 3)
     result = {
         "model": args.model or "random LLaMA-7B shape (32 x 4096, bf16)",
-        "params": params,
+        "params": sum(p.numel() for p in model.parameters()),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "calibration_tokens": f"{args.nsamples} x {args.seqlen}",
         "pattern": args.pattern,
-        "wanda_seconds": round(outcome.stages[0].seconds + outcome.forward_seconds, 2),
+        "runs": runs,
         "load_seconds": round(load_seconds, 2),
         "targets": len(layout.targets),
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
