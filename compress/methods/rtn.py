@@ -1,0 +1,43 @@
+"""Round-to-nearest: the quantization baseline. Each group of each row gets its min/max grid and every
+weight its nearest grid point. Needs no calibration data."""
+
+from __future__ import annotations
+
+import torch
+
+from compress.methods.base import Method, TargetResult
+from compress.methods.quantization import QuantizationParams, check_group_divides, fit_grid, group_bounds, round_to_grid
+from compress.registry import register
+from compress.targets import Target
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool = False) -> torch.Tensor:
+    """The [out, in] weight with every group of every row rounded to its own grid."""
+    quantized = torch.empty_like(weight, dtype=torch.float32)
+    for start, end in group_bounds(weight.shape[1], group_size):
+        group = weight[:, start:end].float()
+        quantized[:, start:end] = round_to_grid(group, fit_grid(group, bits, symmetric))
+    return quantized
+
+
+@register
+class RTN(Method):
+    name = "rtn"
+    Params = QuantizationParams
+    statistics = ()
+
+    def check_target(self, target: Target) -> None:
+        check_group_divides(target, self.params.group_size)
+
+    def compress_target(
+        self,
+        weight: torch.Tensor,
+        statistics: dict[str, torch.Tensor],
+        mask: torch.Tensor | None,
+        dense: torch.Tensor | None = None,
+    ) -> TargetResult:
+        params = self.params
+        quantized = rtn_quantize(weight, params.bits, params.group_size, params.symmetric)
+        if mask is not None:  # zero is on every grid, so this only guards the invariant
+            quantized = quantized * mask
+        return TargetResult(weight=quantized, mask=mask)

@@ -1,0 +1,74 @@
+"""RTN and GPTQ against properties that hold by construction and the layer's real output error."""
+
+import pytest
+import torch
+
+from compress.methods.gptq import GPTQ, gptq_quantize
+from compress.methods.quantization import fit_grid, quantize_codes, round_to_grid
+from compress.methods.rtn import rtn_quantize
+from compress.methods.sparsegpt import sparsegpt_prune
+
+
+def _layer(rows=32, columns=128, tokens=1024, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, columns, generator=generator)
+    mixing = torch.randn(columns, columns, generator=generator) / columns**0.5 + torch.eye(columns)
+    inputs = torch.randn(tokens, columns, generator=generator) @ mixing
+    return weight, inputs, inputs.T @ inputs
+
+
+def _output_error(weight, new_weight, inputs):
+    return ((inputs @ weight.T - inputs @ new_weight.T).pow(2).sum() / (inputs @ weight.T).pow(2).sum()).item()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_grid_has_zero_and_codes_in_range(symmetric):
+    weight, _, _ = _layer()
+    grid = fit_grid(weight, 3, symmetric)
+    codes = quantize_codes(weight, grid)
+    assert codes.min() >= 0 and codes.max() <= 7 and torch.equal(codes, codes.round())
+    assert (round_to_grid(torch.zeros_like(weight), grid) == 0).all()
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_rtn_has_at_most_2_to_the_bits_values_per_group(group_size):
+    weight, _, _ = _layer()
+    quantized = rtn_quantize(weight, 3, group_size)
+    for row in range(4):
+        for start in range(0, 128, group_size or 128):
+            assert quantized[row, start : start + (group_size or 128)].unique().numel() <= 8
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_16_bits_is_lossless_within_fp_tolerance(method):
+    weight, _, hessian = _layer()
+    quantized = rtn_quantize(weight, 16, 32) if method == "rtn" else gptq_quantize(weight, hessian, 16, 32)[0]
+    assert torch.allclose(quantized, weight, atol=1e-3 * weight.abs().max().item())
+
+
+@pytest.mark.parametrize("bits, group_size", [(3, None), (3, 32), (4, 32), (2, 16)])
+def test_gptq_beats_rtn_on_the_layer_output(bits, group_size):
+    weight, inputs, hessian = _layer()
+    gptq, grids = gptq_quantize(weight, hessian, bits, group_size, block_size=64)
+    assert len(grids) == (128 // group_size if group_size else 1)
+    rtn = rtn_quantize(weight, bits, group_size)
+    assert _output_error(weight, gptq, inputs) < 0.8 * _output_error(weight, rtn, inputs)
+
+
+def test_gptq_groups_spanning_blocks():
+    """A group wider than the sweep's block is fitted on the columns beyond the block too."""
+    weight, inputs, hessian = _layer()
+    quantized, grids = gptq_quantize(weight, hessian, 4, 64, block_size=16)
+    assert len(grids) == 2
+    for row in range(4):
+        assert quantized[row, :64].unique().numel() <= 16
+
+
+def test_pruned_zeros_stay_zero_and_nm_survives():
+    weight, inputs, hessian = _layer(seed=2)
+    pruned, keep = sparsegpt_prune(weight, hessian, 0.5, "2:4", block_size=32)
+    for quantized in (gptq_quantize(pruned, hessian, 3, 32, keep=keep)[0], GPTQ(GPTQ.Params(bits=3, group_size=32))
+                      .compress_target(pruned, {"hessian": hessian}, keep).weight):
+        assert (quantized[~keep] == 0).all()
+        assert ((quantized != 0).view(32, -1, 4).sum(-1) <= 2).all()
+    assert (rtn_quantize(pruned, 3, 32)[~keep] == 0).all()
