@@ -160,6 +160,7 @@ def apply_to_target(
     entry = state.get(target.name)
     if result.mask is not None:
         entry.mask = result.mask.cpu()
+    entry.quantized = None if result.quantized is None else result.quantized.to("cpu")  # a later stage's change voids it
     entry.stages.append(method.name)
     return _fingerprint(weight) != before
 

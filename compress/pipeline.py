@@ -36,7 +36,8 @@ from compress.modeling import LoadedModel, load_model, model_info, round_to_stor
 from compress.recipe import Recipe
 from compress.registry import get_method
 from compress.state import CompressionState
-from compress.targets import ModelLayout, discover, select
+from compress.packing import PACKED_FILE, QuantizedWeight
+from compress.targets import ModelLayout, Target, discover, select
 
 log = logging.getLogger("compress")
 
@@ -195,16 +196,26 @@ def run(recipe: Recipe, out: str | Path | None = None) -> dict[str, Any]:
                 "stages": state.targets[t.name].stages,
                 "calibration_tokens": tokens_per_target.get(t.name),
                 "fused_expert": t.is_expert,
+                "quantized": _quantization_info(state.targets[t.name].quantized),
             }
             for t in compressed_targets
         },
         "left_out": layout.left_out,
     }
-    _write_output(out_dir, loaded, state, report, started)
+    _write_output(out_dir, loaded, state, report, started, compressed_targets)
     return report
 
 
-def _write_output(out_dir: Path, loaded: LoadedModel, state: CompressionState, report: dict[str, Any], started: float) -> None:
+def _quantization_info(quantized: QuantizedWeight | None) -> dict[str, Any] | None:
+    if quantized is None:
+        return None
+    outliers = quantized.outliers.count if quantized.outliers is not None else 0
+    return {"bits": quantized.bits, "group_size": quantized.group_size, "outliers": outliers}
+
+
+def _write_output(
+    out_dir: Path, loaded: LoadedModel, state: CompressionState, report: dict[str, Any], started: float, compressed_targets: list[Target]
+) -> None:
     """Write into a temporary sibling folder, then move it into place (replacing an earlier output)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -216,6 +227,12 @@ def _write_output(out_dir: Path, loaded: LoadedModel, state: CompressionState, r
         loaded.model.to(loaded.compute_dtype)
         loaded.tokenizer.save_pretrained(model_dir)
         state.save(partial)
+        packed = partial / PACKED_FILE
+        if packed.exists():  # measured from the bytes written, metadata included
+            quantized_params = sum(e.quantized.numel for e in state.targets.values() if e.quantized is not None)
+            report["metrics"]["bits_per_param"] = stored_bits_per_param(
+                compressed_targets, loaded.storage_dtype, packed.stat().st_size, quantized_params)
+            report["metrics"]["packed_bytes"] = packed.stat().st_size
         report["metrics"]["size_bytes"] = directory_bytes(model_dir)
         report["metrics"]["seconds"] = time.perf_counter() - started
         (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))

@@ -33,7 +33,7 @@ def test_grid_has_zero_and_codes_in_range(symmetric):
 @pytest.mark.parametrize("group_size", [None, 32])
 def test_rtn_has_at_most_2_to_the_bits_values_per_group(group_size):
     weight, _, _ = _layer()
-    quantized = rtn_quantize(weight, 3, group_size)
+    quantized, _ = rtn_quantize(weight, 3, group_size)
     for row in range(4):
         for start in range(0, 128, group_size or 128):
             assert quantized[row, start : start + (group_size or 128)].unique().numel() <= 8
@@ -42,7 +42,7 @@ def test_rtn_has_at_most_2_to_the_bits_values_per_group(group_size):
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_16_bits_is_lossless_within_fp_tolerance(method):
     weight, _, hessian = _layer()
-    quantized = rtn_quantize(weight, 16, 32) if method == "rtn" else gptq_quantize(weight, hessian, 16, 32)[0]
+    quantized = (rtn_quantize(weight, 16, 32) if method == "rtn" else gptq_quantize(weight, hessian, 16, 32))[0]
     assert torch.allclose(quantized, weight, atol=1e-3 * weight.abs().max().item())
 
 
@@ -51,7 +51,7 @@ def test_gptq_beats_rtn_on_the_layer_output(bits, group_size):
     weight, inputs, hessian = _layer()
     gptq, grids = gptq_quantize(weight, hessian, bits, group_size, block_size=64)
     assert len(grids) == (128 // group_size if group_size else 1)
-    rtn = rtn_quantize(weight, bits, group_size)
+    rtn, _ = rtn_quantize(weight, bits, group_size)
     assert _output_error(weight, gptq, inputs) < 0.8 * _output_error(weight, rtn, inputs)
 
 
@@ -71,4 +71,42 @@ def test_pruned_zeros_stay_zero_and_nm_survives():
                       .compress_target(pruned, {"hessian": hessian}, keep).weight):
         assert (quantized[~keep] == 0).all()
         assert ((quantized != 0).view(32, -1, 4).sum(-1) <= 2).all()
-    assert (rtn_quantize(pruned, 3, 32)[~keep] == 0).all()
+    assert (rtn_quantize(pruned, 3, 32)[0][~keep] == 0).all()
+
+
+@pytest.mark.parametrize("stages", [
+    [{"method": "gptq", "bits": 3, "group_size": 32}],
+    [{"method": "wanda", "pattern": "2:4"}, {"method": "rtn", "bits": 4, "group_size": 64}],
+])
+def test_packed_file_rebuilds_the_evaluated_weights_and_gives_the_bits(stages, tmp_path):
+    from safetensors.torch import load_file
+
+    from compress.packing import PACKED_FILE, read_packed
+    from compress.pipeline import run
+    from compress.recipe import validate_recipe
+    from conftest import fast_recipe
+
+    report = run(validate_recipe(fast_recipe(*stages, evaluate={"dense": False})), tmp_path / "q")
+    checkpoint = load_file(str(tmp_path / "q" / "model" / "model.safetensors"))
+    packed = read_packed(tmp_path / "q" / PACKED_FILE)
+    assert len(packed) == 4 * 7
+    for name, quantized in packed.items():
+        evaluated = checkpoint[f"{name}.weight"]
+        assert torch.equal(quantized.dequantize().to(evaluated.dtype), evaluated), name
+        if stages[0]["method"] == "wanda":  # pruned zeros are codes at the zero point: still zero, 2:4 holds
+            assert ((evaluated != 0).view(evaluated.shape[0], -1, 4).sum(-1) <= 2).all()
+    params = report["metrics"]["target_params"]
+    assert report["metrics"]["bits_per_param"] == (tmp_path / "q" / PACKED_FILE).stat().st_size * 8 / params
+    bits = stages[-1]["bits"]
+    assert bits < report["metrics"]["bits_per_param"] < bits + 1.2  # codes plus fp16 scales and zero points
+
+
+def test_bit_packing_round_trips():
+    from compress.packing import pack_bits, unpack_bits
+
+    generator = torch.Generator().manual_seed(0)
+    for bits in (1, 2, 3, 4, 5, 8, 16):
+        values = torch.randint(0, 2**bits, (1001,), generator=generator)
+        packed = pack_bits(values, bits)
+        assert packed.numel() == (1001 * bits + 7) // 8
+        assert torch.equal(unpack_bits(packed, bits, 1001), values)

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from compress.packing import QuantizedWeight
 from compress.targets import Target
 
 
@@ -39,6 +40,7 @@ class StageParams(BaseModel):
 class TargetResult:
     weight: torch.Tensor
     mask: torch.Tensor | None = None  # True where a weight is kept
+    quantized: QuantizedWeight | None = None  # the packed form, for methods that quantize
 
 
 class Method:

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from compress.methods.base import Method, TargetResult
 from compress.methods.obs import inverse_hessian_factor, obs_sweep
-from compress.methods.quantization import Grid, QuantizationParams, check_group_divides, fit_grid, round_to_grid
+from compress.methods.quantization import Grid, QuantizationParams, check_group_divides, fit_grid, packed_weight, round_to_grid
 from compress.registry import register
 from compress.targets import Target
 
@@ -92,5 +92,6 @@ class GPTQ(Method):
         if hessian is None:
             hessian = torch.eye(weight.shape[1], device=weight.device)
         p = self.params
-        quantized, _ = gptq_quantize(weight, hessian, p.bits, p.group_size, p.symmetric, mask, p.block_size, p.damp)
-        return TargetResult(weight=quantized, mask=mask)
+        quantized, grids = gptq_quantize(weight, hessian, p.bits, p.group_size, p.symmetric, mask, p.block_size, p.damp)
+        packed = packed_weight(quantized, grids, p.bits, p.group_size)
+        return TargetResult(weight=packed.dequantize(), mask=mask, quantized=packed)

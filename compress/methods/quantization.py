@@ -15,6 +15,7 @@ from pydantic import Field
 
 from compress.errors import CompressError
 from compress.methods.base import StageParams
+from compress.packing import SMALLEST_SCALE, QuantizedWeight
 from compress.targets import Target
 
 
@@ -55,8 +56,9 @@ def fit_grid(weights: torch.Tensor, bits: int, symmetric: bool = False) -> Grid:
         low = -high
     flat = (low == 0) & (high == 0)  # an all-zero row: any grid reproduces it
     low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)
-    scale = (high - low) / maxq
-    zero = torch.full_like(scale, (maxq + 1) / 2) if symmetric else torch.round(-low / scale)
+    # the scale is stored in float16 (packed format): the grid the method uses is the stored one
+    scale = ((high - low) / maxq).half().float().clamp_min(SMALLEST_SCALE)
+    zero = torch.full_like(scale, (maxq + 1) / 2) if symmetric else torch.round(-low / scale).clamp(0, maxq)
     return Grid(scale, zero, maxq)
 
 
@@ -76,3 +78,15 @@ def round_to_grid(weights: torch.Tensor, grid: Grid) -> torch.Tensor:
 def group_bounds(columns: int, group_size: int | None) -> list[tuple[int, int]]:
     size = group_size or columns
     return [(start, min(start + size, columns)) for start in range(0, columns, size)]
+
+
+def packed_weight(weight: torch.Tensor, grids: list[Grid], bits: int, group_size: int | None) -> QuantizedWeight:
+    """The packed form of a weight whose every group lies on its grid (`grids` in column order)."""
+    columns = weight.shape[1]
+    bounds = group_bounds(columns, group_size)
+    if len(bounds) != len(grids):
+        raise ValueError(f"{len(grids)} grids for {len(bounds)} groups")
+    codes = torch.cat([quantize_codes(weight[:, a:b].float(), grid) for (a, b), grid in zip(bounds, grids)], dim=1)
+    scale = torch.cat([grid.scale for grid in grids], dim=1).half()
+    zero = torch.cat([grid.zero for grid in grids], dim=1)
+    return QuantizedWeight(tuple(weight.shape), bits, group_size or columns, codes.to(torch.uint8 if bits <= 8 else torch.int32), scale, zero)

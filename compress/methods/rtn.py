@@ -6,18 +6,28 @@ from __future__ import annotations
 import torch
 
 from compress.methods.base import Method, TargetResult
-from compress.methods.quantization import QuantizationParams, check_group_divides, fit_grid, group_bounds, round_to_grid
+from compress.methods.quantization import (
+    Grid,
+    QuantizationParams,
+    check_group_divides,
+    fit_grid,
+    group_bounds,
+    packed_weight,
+    round_to_grid,
+)
 from compress.registry import register
 from compress.targets import Target
 
 
-def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool = False) -> torch.Tensor:
-    """The [out, in] weight with every group of every row rounded to its own grid."""
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool = False) -> tuple[torch.Tensor, list[Grid]]:
+    """(the [out, in] weight with every group of every row rounded to its own grid, the grids)."""
     quantized = torch.empty_like(weight, dtype=torch.float32)
+    grids = []
     for start, end in group_bounds(weight.shape[1], group_size):
         group = weight[:, start:end].float()
-        quantized[:, start:end] = round_to_grid(group, fit_grid(group, bits, symmetric))
-    return quantized
+        grids.append(fit_grid(group, bits, symmetric))
+        quantized[:, start:end] = round_to_grid(group, grids[-1])
+    return quantized, grids
 
 
 @register
@@ -37,7 +47,8 @@ class RTN(Method):
         dense: torch.Tensor | None = None,
     ) -> TargetResult:
         params = self.params
-        quantized = rtn_quantize(weight, params.bits, params.group_size, params.symmetric)
-        if mask is not None:  # zero is on every grid, so this only guards the invariant
-            quantized = quantized * mask
-        return TargetResult(weight=quantized, mask=mask)
+        quantized, grids = rtn_quantize(weight, params.bits, params.group_size, params.symmetric)
+        packed = packed_weight(quantized, grids, params.bits, params.group_size)
+        # zero is on every grid, so pruned weights stay exactly zero; the evaluated weights are the
+        # packed form's, bit for bit
+        return TargetResult(weight=packed.dequantize(), mask=mask, quantized=packed)

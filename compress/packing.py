@@ -1,0 +1,182 @@
+"""The packed format of quantized targets: bit-packed codes, per-group statistics, sparse outliers.
+
+One safetensors file (`packed.safetensors`) holds, per target NAME:
+  NAME.codes        uint8, the [out, in] codes packed `bits` to a value, little-endian bit order
+  NAME.scale        float16 [out, groups]                   (plain statistics), or, quantized (SpQR):
+  NAME.scale.codes  uint8, packed codes of the scales; NAME.scale.scale / NAME.scale.zero float16
+  NAME.zero         likewise: packed integer zero points, or quantized zero points
+  NAME.outliers.row_ptr int32 [out + 1], .col_idx int16 [nnz], .values float16 [nnz] (CSR, SpQR)
+and in the header metadata, per target: shape, bits, group size and how each statistic is stored.
+Dequantized: w = scale * (code - zero) per group, then outliers overwrite their positions. The
+methods compute the evaluated weights with the same expression, so `read_packed` + `dequantize`
+rebuild them bit for bit, and bits/param is this file's size * 8 / the target weights' count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+PACKED_FILE = "packed.safetensors"
+FORMAT_VERSION = 1
+SMALLEST_SCALE = 2.0**-24  # the smallest positive float16: a scale never rounds to zero
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Non-negative integers < 2^bits, flattened, packed `bits` each into uint8 (little-endian)."""
+    flat = values.reshape(-1).to(torch.int64)
+    if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
+        raise ValueError(f"values out of range for {bits} bits")
+    shifts = torch.arange(bits, device=flat.device)
+    stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
+    stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8))
+    return (stream.view(-1, 8) << torch.arange(8, device=flat.device)).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `count` values, int64."""
+    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1).reshape(-1)
+    stream = stream[: count * bits].view(count, bits)
+    return (stream << torch.arange(bits, device=packed.device)).sum(1)
+
+
+@dataclass
+class QuantizedStatistic:
+    """A statistic (scales or zero points, [out, groups]) quantized in groups of `group_size` along
+    the output dimension: value = scale * (code - zero), as SpQR stores its second-level statistics."""
+
+    codes: torch.Tensor  # int [out, groups]
+    bits: int
+    group_size: int
+    scale: torch.Tensor  # float16 [out // group_size, groups]
+    zero: torch.Tensor  # float16 [out // group_size, groups]
+
+    def values(self) -> torch.Tensor:
+        scale = self.scale.float().repeat_interleave(self.group_size, dim=0)
+        zero = self.zero.float().repeat_interleave(self.group_size, dim=0)
+        return scale * (self.codes.float() - zero)
+
+
+@dataclass
+class Outliers:
+    """Weights kept in 16 bits, CSR by output row (16-bit column indices, as the SpQR format)."""
+
+    row_ptr: torch.Tensor  # int32 [out + 1]
+    col_idx: torch.Tensor  # int16 [nnz]
+    values: torch.Tensor  # float16 [nnz]
+
+    @classmethod
+    def from_mask(cls, weight: torch.Tensor, mask: torch.Tensor) -> "Outliers":
+        rows, cols = mask.nonzero(as_tuple=True)
+        counts = torch.bincount(rows, minlength=mask.shape[0])
+        row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64, device=mask.device), counts.cumsum(0)])
+        return cls(row_ptr.to(torch.int32), cols.to(torch.int16), weight[rows, cols].to(torch.float16))
+
+    @property
+    def count(self) -> int:
+        return int(self.values.numel())
+
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+        return rows, self.col_idx.to(torch.int64) & 0xFFFF  # int16 holds column indices up to 65535
+
+
+@dataclass
+class QuantizedWeight:
+    """One target in the packed format (see the module docstring)."""
+
+    shape: tuple[int, int]
+    bits: int
+    group_size: int  # input columns per group; equals the input size for one group per row
+    codes: torch.Tensor  # int [out, in]
+    scale: torch.Tensor | QuantizedStatistic  # float16 [out, groups] or quantized
+    zero: torch.Tensor | QuantizedStatistic  # integer-valued [out, groups] (stored in `bits` bits) or quantized
+    outliers: Outliers | None = None
+
+    def group_values(self, statistic: torch.Tensor | QuantizedStatistic) -> torch.Tensor:
+        values = statistic.values() if isinstance(statistic, QuantizedStatistic) else statistic.float()
+        return values.repeat_interleave(self.group_size, dim=1)
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            if isinstance(value, (QuantizedStatistic, Outliers)):
+                return type(value)(**{k: move(v) for k, v in vars(value).items()})
+            return value
+
+        return QuantizedWeight(**{k: move(v) for k, v in vars(self).items()})
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 [out, in] weights the model computes with."""
+        weight = self.group_values(self.scale) * (self.codes.float() - self.group_values(self.zero))
+        if self.outliers is not None and self.outliers.count:
+            rows, cols = self.outliers.positions()
+            weight[rows, cols] = self.outliers.values.float()
+        return weight
+
+
+def _statistic_tensors(prefix: str, statistic: torch.Tensor | QuantizedStatistic, plain_bits: int | None) -> tuple[dict, dict]:
+    if isinstance(statistic, QuantizedStatistic):
+        tensors = {f"{prefix}.codes": pack_bits(statistic.codes, statistic.bits),
+                   f"{prefix}.scale": statistic.scale.to(torch.float16), f"{prefix}.zero": statistic.zero.to(torch.float16)}
+        return tensors, {"kind": "quantized", "bits": statistic.bits, "group_size": statistic.group_size,
+                         "shape": list(statistic.codes.shape)}
+    if plain_bits is not None:  # integer zero points
+        return {prefix: pack_bits(statistic.round(), plain_bits)}, {"kind": "integer", "bits": plain_bits, "shape": list(statistic.shape)}
+    return {prefix: statistic.to(torch.float16)}, {"kind": "float16", "shape": list(statistic.shape)}
+
+
+def write_packed(path: Path, weights: dict[str, QuantizedWeight]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, dict] = {}
+    for name, q in weights.items():
+        scale_tensors, scale_info = _statistic_tensors(f"{name}.scale", q.scale, None)
+        zero_tensors, zero_info = _statistic_tensors(f"{name}.zero", q.zero, q.bits)
+        tensors.update({f"{name}.codes": pack_bits(q.codes, q.bits), **scale_tensors, **zero_tensors})
+        if q.outliers is not None:
+            tensors.update({f"{name}.outliers.row_ptr": q.outliers.row_ptr, f"{name}.outliers.col_idx": q.outliers.col_idx,
+                            f"{name}.outliers.values": q.outliers.values})
+        layout[name] = {"shape": list(q.shape), "bits": q.bits, "group_size": q.group_size, "scale": scale_info,
+                        "zero": zero_info, "outliers": q.outliers is not None}
+    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    save_file(tensors, str(path), metadata={"format": f"compress-packed/{FORMAT_VERSION}", "layout": json.dumps(layout)})
+
+
+def _read_statistic(handle, prefix: str, info: dict) -> torch.Tensor | QuantizedStatistic:
+    count = info["shape"][0] * info["shape"][1]
+    if info["kind"] == "quantized":
+        codes = unpack_bits(handle.get_tensor(f"{prefix}.codes"), info["bits"], count).view(*info["shape"])
+        return QuantizedStatistic(codes, info["bits"], info["group_size"], handle.get_tensor(f"{prefix}.scale"),
+                                  handle.get_tensor(f"{prefix}.zero"))
+    if info["kind"] == "integer":
+        return unpack_bits(handle.get_tensor(prefix), info["bits"], count).view(*info["shape"]).float()
+    return handle.get_tensor(prefix)
+
+
+def read_packed(path: Path) -> dict[str, QuantizedWeight]:
+    weights = {}
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        if metadata.get("format") != f"compress-packed/{FORMAT_VERSION}":
+            raise ValueError(f"{path}: not a compress packed file (format {metadata.get('format')!r})")
+        for name, info in json.loads(metadata["layout"]).items():
+            rows, cols = info["shape"]
+            codes = unpack_bits(handle.get_tensor(f"{name}.codes"), info["bits"], rows * cols).view(rows, cols)
+            outliers = None
+            if info["outliers"]:
+                outliers = Outliers(*(handle.get_tensor(f"{name}.outliers.{part}") for part in ("row_ptr", "col_idx", "values")))
+            weights[name] = QuantizedWeight((rows, cols), info["bits"], info["group_size"], codes,
+                                            _read_statistic(handle, f"{name}.scale", info["scale"]),
+                                            _read_statistic(handle, f"{name}.zero", info["zero"]), outliers)
+    return weights
