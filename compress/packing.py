@@ -6,8 +6,13 @@ One safetensors file (`packed.safetensors`) holds, per target NAME:
   NAME.scale.codes  uint8, packed codes of the scales; NAME.scale.scale / NAME.scale.zero float16
   NAME.zero         likewise: packed integer zero points, or quantized zero points
   NAME.outliers.row_ptr int32 [out + 1], .col_idx int16 [nnz], .values float16 [nnz] (CSR, SpQR)
+  NAME.keep         uint8, the sparsity mask packed 1 bit a weight, for pruned targets: then
+                    NAME.codes holds the codes of the kept weights only
+  NAME.perm         int32 [in], when the columns were quantized in another order (SpQR act-order):
+                    everything above is in that order, and column k of it is column perm[k] of W
 and in the header metadata, per target: shape, bits, group size and how each statistic is stored.
-Dequantized: w = scale * (code - zero) per group, then outliers overwrite their positions. The
+Dequantized: w = scale * (code - zero) per group, outliers overwrite their positions, pruned
+weights are zero, and the columns go back to their places. The
 methods compute the evaluated weights with the same expression, so `read_packed` + `dequantize`
 rebuild them bit for bit, and bits/param is this file's size * 8 / the target weights' count.
 """
@@ -98,6 +103,8 @@ class QuantizedWeight:
     scale: torch.Tensor | QuantizedStatistic  # float16 [out, groups] or quantized
     zero: torch.Tensor | QuantizedStatistic  # integer-valued [out, groups] (stored in `bits` bits) or quantized
     outliers: Outliers | None = None
+    keep: torch.Tensor | None = None  # bool [out, in]: False where pruned (stored 1 bit a weight)
+    perm: torch.Tensor | None = None  # int [in]: stored column k is column perm[k] of the weight
 
     def group_values(self, statistic: torch.Tensor | QuantizedStatistic) -> torch.Tensor:
         values = statistic.values() if isinstance(statistic, QuantizedStatistic) else statistic.float()
@@ -123,6 +130,12 @@ class QuantizedWeight:
         if self.outliers is not None and self.outliers.count:
             rows, cols = self.outliers.positions()
             weight[rows, cols] = self.outliers.values.float()
+        if self.keep is not None:
+            weight = torch.where(self.keep, weight, torch.zeros_like(weight))
+        if self.perm is not None:
+            restored = torch.empty_like(weight)
+            restored[:, self.perm.long()] = weight
+            weight = restored
         return weight
 
 
@@ -143,12 +156,18 @@ def write_packed(path: Path, weights: dict[str, QuantizedWeight]) -> None:
     for name, q in weights.items():
         scale_tensors, scale_info = _statistic_tensors(f"{name}.scale", q.scale, None)
         zero_tensors, zero_info = _statistic_tensors(f"{name}.zero", q.zero, q.bits)
-        tensors.update({f"{name}.codes": pack_bits(q.codes, q.bits), **scale_tensors, **zero_tensors})
+        codes = q.codes if q.keep is None else q.codes[q.keep]
+        tensors.update({f"{name}.codes": pack_bits(codes, q.bits), **scale_tensors, **zero_tensors})
+        if q.keep is not None:
+            tensors[f"{name}.keep"] = pack_bits(q.keep.to(torch.int64), 1)
+        if q.perm is not None:
+            tensors[f"{name}.perm"] = q.perm.to(torch.int32)
         if q.outliers is not None:
             tensors.update({f"{name}.outliers.row_ptr": q.outliers.row_ptr, f"{name}.outliers.col_idx": q.outliers.col_idx,
                             f"{name}.outliers.values": q.outliers.values})
         layout[name] = {"shape": list(q.shape), "bits": q.bits, "group_size": q.group_size, "scale": scale_info,
-                        "zero": zero_info, "outliers": q.outliers is not None}
+                        "zero": zero_info, "outliers": q.outliers is not None, "keep": q.keep is not None,
+                        "perm": q.perm is not None}
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     save_file(tensors, str(path), metadata={"format": f"compress-packed/{FORMAT_VERSION}", "layout": json.dumps(layout)})
 
@@ -172,11 +191,18 @@ def read_packed(path: Path) -> dict[str, QuantizedWeight]:
             raise ValueError(f"{path}: not a compress packed file (format {metadata.get('format')!r})")
         for name, info in json.loads(metadata["layout"]).items():
             rows, cols = info["shape"]
-            codes = unpack_bits(handle.get_tensor(f"{name}.codes"), info["bits"], rows * cols).view(rows, cols)
+            keep = None
+            if info["keep"]:
+                keep = unpack_bits(handle.get_tensor(f"{name}.keep"), 1, rows * cols).view(rows, cols).bool()
+                codes = torch.zeros(rows, cols, dtype=torch.int64)
+                codes[keep] = unpack_bits(handle.get_tensor(f"{name}.codes"), info["bits"], int(keep.sum()))
+            else:
+                codes = unpack_bits(handle.get_tensor(f"{name}.codes"), info["bits"], rows * cols).view(rows, cols)
+            perm = handle.get_tensor(f"{name}.perm") if info["perm"] else None
             outliers = None
             if info["outliers"]:
                 outliers = Outliers(*(handle.get_tensor(f"{name}.outliers.{part}") for part in ("row_ptr", "col_idx", "values")))
             weights[name] = QuantizedWeight((rows, cols), info["bits"], info["group_size"], codes,
                                             _read_statistic(handle, f"{name}.scale", info["scale"]),
-                                            _read_statistic(handle, f"{name}.zero", info["zero"]), outliers)
+                                            _read_statistic(handle, f"{name}.zero", info["zero"]), outliers, keep, perm)
     return weights

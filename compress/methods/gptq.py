@@ -93,5 +93,5 @@ class GPTQ(Method):
             hessian = torch.eye(weight.shape[1], device=weight.device)
         p = self.params
         quantized, grids = gptq_quantize(weight, hessian, p.bits, p.group_size, p.symmetric, mask, p.block_size, p.damp)
-        packed = packed_weight(quantized, grids, p.bits, p.group_size)
+        packed = packed_weight(quantized, grids, p.bits, p.group_size, mask)
         return TargetResult(weight=packed.dequantize(), mask=mask, quantized=packed)

@@ -80,8 +80,11 @@ def group_bounds(columns: int, group_size: int | None) -> list[tuple[int, int]]:
     return [(start, min(start + size, columns)) for start in range(0, columns, size)]
 
 
-def packed_weight(weight: torch.Tensor, grids: list[Grid], bits: int, group_size: int | None) -> QuantizedWeight:
-    """The packed form of a weight whose every group lies on its grid (`grids` in column order)."""
+def packed_weight(
+    weight: torch.Tensor, grids: list[Grid], bits: int, group_size: int | None, keep: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """The packed form of a weight whose every group lies on its grid (`grids` in column order);
+    with `keep`, pruned weights are stored as the mask alone."""
     columns = weight.shape[1]
     bounds = group_bounds(columns, group_size)
     if len(bounds) != len(grids):
@@ -89,4 +92,5 @@ def packed_weight(weight: torch.Tensor, grids: list[Grid], bits: int, group_size
     codes = torch.cat([quantize_codes(weight[:, a:b].float(), grid) for (a, b), grid in zip(bounds, grids)], dim=1)
     scale = torch.cat([grid.scale for grid in grids], dim=1).half()
     zero = torch.cat([grid.zero for grid in grids], dim=1)
-    return QuantizedWeight(tuple(weight.shape), bits, group_size or columns, codes.to(torch.uint8 if bits <= 8 else torch.int32), scale, zero)
+    codes = codes.to(torch.uint8 if bits <= 8 else torch.int32)
+    return QuantizedWeight(tuple(weight.shape), bits, group_size or columns, codes, scale, zero, keep=keep)

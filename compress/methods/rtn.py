@@ -48,7 +48,7 @@ class RTN(Method):
     ) -> TargetResult:
         params = self.params
         quantized, grids = rtn_quantize(weight, params.bits, params.group_size, params.symmetric)
-        packed = packed_weight(quantized, grids, params.bits, params.group_size)
+        packed = packed_weight(quantized, grids, params.bits, params.group_size, mask)
         # zero is on every grid, so pruned weights stay exactly zero; the evaluated weights are the
         # packed form's, bit for bit
         return TargetResult(weight=packed.dequantize(), mask=mask, quantized=packed)
