@@ -3,7 +3,7 @@
 One safetensors file (`packed.safetensors`) holds, per target NAME:
   NAME.codes        uint8, the [out, in] codes packed `bits` to a value, little-endian bit order
   NAME.scale        float16 [out, groups]                   (plain statistics), or, quantized (SpQR):
-  NAME.scale.codes  uint8, packed codes of the scales; NAME.scale.scale / NAME.scale.zero float16
+  NAME.scale.codes  uint8, packed codes of the scales; NAME.scale.step / NAME.scale.low float16
   NAME.zero         likewise: packed integer zero points, or quantized zero points
   NAME.outliers.row_ptr int32 [out + 1], .col_idx int16 [nnz], .values float16 [nnz] (CSR, SpQR)
   NAME.keep         uint8, the sparsity mask packed 1 bit a weight, for pruned targets: then
@@ -53,18 +53,20 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 @dataclass
 class QuantizedStatistic:
     """A statistic (scales or zero points, [out, groups]) quantized in groups of `group_size` along
-    the output dimension: value = scale * (code - zero), as SpQR stores its second-level statistics."""
+    the output dimension, as SpQR stores its second-level statistics: value = low + step * code with
+    float16 `step` and `low` per group. (SpQR writes the same grid as step * (code - zero); storing the
+    grid's low end instead of its zero point keeps float16 exact enough at any bit width.)"""
 
     codes: torch.Tensor  # int [out, groups]
     bits: int
     group_size: int
-    scale: torch.Tensor  # float16 [out // group_size, groups]
-    zero: torch.Tensor  # float16 [out // group_size, groups]
+    step: torch.Tensor  # float16 [out // group_size, groups]
+    low: torch.Tensor  # float16 [out // group_size, groups]
 
     def values(self) -> torch.Tensor:
-        scale = self.scale.float().repeat_interleave(self.group_size, dim=0)
-        zero = self.zero.float().repeat_interleave(self.group_size, dim=0)
-        return scale * (self.codes.float() - zero)
+        step = self.step.float().repeat_interleave(self.group_size, dim=0)
+        low = self.low.float().repeat_interleave(self.group_size, dim=0)
+        return low + step * self.codes.float()
 
 
 @dataclass
@@ -101,7 +103,7 @@ class QuantizedWeight:
     group_size: int  # input columns per group; equals the input size for one group per row
     codes: torch.Tensor  # int [out, in]
     scale: torch.Tensor | QuantizedStatistic  # float16 [out, groups] or quantized
-    zero: torch.Tensor | QuantizedStatistic  # integer-valued [out, groups] (stored in `bits` bits) or quantized
+    zero: torch.Tensor | QuantizedStatistic  # float16, or integer-valued float32 (stored in `bits` bits), or quantized
     outliers: Outliers | None = None
     keep: torch.Tensor | None = None  # bool [out, in]: False where pruned (stored 1 bit a weight)
     perm: torch.Tensor | None = None  # int [in]: stored column k is column perm[k] of the weight
@@ -142,10 +144,10 @@ class QuantizedWeight:
 def _statistic_tensors(prefix: str, statistic: torch.Tensor | QuantizedStatistic, plain_bits: int | None) -> tuple[dict, dict]:
     if isinstance(statistic, QuantizedStatistic):
         tensors = {f"{prefix}.codes": pack_bits(statistic.codes, statistic.bits),
-                   f"{prefix}.scale": statistic.scale.to(torch.float16), f"{prefix}.zero": statistic.zero.to(torch.float16)}
+                   f"{prefix}.step": statistic.step.to(torch.float16), f"{prefix}.low": statistic.low.to(torch.float16)}
         return tensors, {"kind": "quantized", "bits": statistic.bits, "group_size": statistic.group_size,
                          "shape": list(statistic.codes.shape)}
-    if plain_bits is not None:  # integer zero points
+    if plain_bits is not None and statistic.dtype != torch.float16:  # integer zero points (GPTQ, RTN)
         return {prefix: pack_bits(statistic.round(), plain_bits)}, {"kind": "integer", "bits": plain_bits, "shape": list(statistic.shape)}
     return {prefix: statistic.to(torch.float16)}, {"kind": "float16", "shape": list(statistic.shape)}
 
@@ -176,8 +178,8 @@ def _read_statistic(handle, prefix: str, info: dict) -> torch.Tensor | Quantized
     count = info["shape"][0] * info["shape"][1]
     if info["kind"] == "quantized":
         codes = unpack_bits(handle.get_tensor(f"{prefix}.codes"), info["bits"], count).view(*info["shape"])
-        return QuantizedStatistic(codes, info["bits"], info["group_size"], handle.get_tensor(f"{prefix}.scale"),
-                                  handle.get_tensor(f"{prefix}.zero"))
+        return QuantizedStatistic(codes, info["bits"], info["group_size"], handle.get_tensor(f"{prefix}.step"),
+                                  handle.get_tensor(f"{prefix}.low"))
     if info["kind"] == "integer":
         return unpack_bits(handle.get_tensor(prefix), info["bits"], count).view(*info["shape"]).float()
     return handle.get_tensor(prefix)

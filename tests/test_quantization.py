@@ -77,6 +77,8 @@ def test_pruned_zeros_stay_zero_and_nm_survives():
 @pytest.mark.parametrize("stages", [
     [{"method": "gptq", "bits": 3, "group_size": 32}],
     [{"method": "wanda", "pattern": "2:4"}, {"method": "rtn", "bits": 4, "group_size": 64}],
+    [{"method": "spqr", "bits": 3}],
+    [{"method": "wanda", "pattern": "2:4"}, {"method": "spqr", "bits": 3}],
 ])
 def test_packed_file_rebuilds_the_evaluated_weights_and_gives_the_bits(stages, tmp_path):
     from safetensors.torch import load_file
@@ -100,7 +102,16 @@ def test_packed_file_rebuilds_the_evaluated_weights_and_gives_the_bits(stages, t
     bits = stages[-1]["bits"]
     kept = 0.5 if stages[0]["method"] == "wanda" else 1.0  # pruned weights cost their mask bit only
     expected = kept * bits + (1 if kept < 1 else 0)
-    assert expected < report["metrics"]["bits_per_param"] < expected + 1.2  # plus fp16 scales and zero points
+    if stages[-1]["method"] == "spqr":
+        # statistics: 3+3 bits per 16 weights plus their fp16 second level (2 x 32 bits per 16 x 16);
+        # outliers 32 bits each (value + column); CSR row pointers and the permutation, 32 bits per
+        # row and per column of these 128-wide layers; the safetensors header
+        outliers = sum(t["quantized"]["outliers"] for t in report["targets"].values())
+        header = 8 + int.from_bytes((tmp_path / "q" / PACKED_FILE).read_bytes()[:8], "little")
+        expected += 6 / 16 + 64 / 256 + 32 * outliers / params + 8 * header / params
+        assert expected < report["metrics"]["bits_per_param"] < expected + 64 / 128
+    else:  # plus fp16 scales and integer zero points per group, and the header
+        assert expected < report["metrics"]["bits_per_param"] < expected + 1.2
 
 
 def test_bit_packing_round_trips():
