@@ -5,11 +5,11 @@ block-wise pass (e.g. `wanda+dsnot`), so `wanda+dsnot` minus `wanda` is DSnoT's 
 
     # CPU, the 7M model, 128 x 256 calibration tokens
     python benchmarks/pruning_speed.py --model ../shared/models/shakespeare-llama-7m --nsamples 128 --seqlen 256 \
-        --methods wanda,wanda+dsnot,sparsegpt
+        --methods 'wanda;wanda+dsnot;sparsegpt'
     # GPU, LLaMA-7B shape (32 x 4096, bf16), 128 x 2048 calibration tokens; blocks live in CPU memory
     # and move to the GPU one at a time
     python benchmarks/pruning_speed.py --random-llama-7b --nsamples 128 --seqlen 2048 --device cuda \
-        --methods wanda,wanda+dsnot,sparsegpt
+        --methods 'wanda;wanda+dsnot;sparsegpt'
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from compress.recipe import ModelSpec
 from compress.registry import get_method
 from compress.state import CompressionState
 from compress.targets import discover
+from quant_table import parse_config
 
 
 def random_llama_7b(device: torch.device) -> torch.nn.Module:
@@ -41,14 +42,15 @@ def random_llama_7b(device: torch.device) -> torch.nn.Module:
 
 
 def plan(chain: str, pattern: str, layout) -> list[Stage]:
+    """Stages of a chain like `wanda+dsnot` or `gptq:bits=3,group_size=128` (quant_table's syntax); a
+    pruning method without parameters prunes to `pattern` (50% when unstructured)."""
     stages = []
-    for position, name in enumerate(chain.split("+")):
+    for config in parse_config(chain):
+        name = config.pop("method")
         method_class = get_method(name)
-        if position == 0:
-            params = method_class.Params(sparsity=None if ":" in pattern else 0.5, pattern=pattern)
-        else:
-            params = method_class.Params()
-        method = method_class(params)
+        if not config and "sparsity" in method_class.Params.model_fields:
+            config = {"sparsity": None if ":" in pattern else 0.5, "pattern": pattern}
+        method = method_class(method_class.Params(**config))
         if method.refines_mask:
             method.bind_mask_pattern(pattern)
         stages.append(Stage(method, method.restrict_targets(layout.targets), label=name))
@@ -60,7 +62,7 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model")
     source.add_argument("--random-llama-7b", action="store_true")
-    parser.add_argument("--methods", default="wanda", help="comma-separated method chains, e.g. wanda,wanda+dsnot,sparsegpt")
+    parser.add_argument("--methods", default="wanda", help="method chains separated by ';', e.g. 'wanda;wanda+dsnot;gptq:bits=3'")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -82,7 +84,7 @@ def main() -> None:
     layout = discover(model)
     tokens = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     runs = {}
-    for chain in args.methods.split(","):
+    for chain in args.methods.split(";"):
         model.load_state_dict(dense)
         stages = plan(chain, args.pattern, layout)
         if device.type == "cuda":
@@ -95,7 +97,7 @@ def main() -> None:
             torch.cuda.synchronize()
         runs[chain] = {
             "seconds": round(time.perf_counter() - begin, 2),
-            "stage_seconds": {stage.label: round(result.seconds, 2) for stage, result in zip(stages, outcome.stages)},
+            "stage_seconds": [round(result.seconds, 2) for result in outcome.stages],
             "forward_seconds": round(outcome.forward_seconds, 2),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         }

@@ -8,7 +8,7 @@ One safetensors file (`packed.safetensors`) holds, per target NAME:
   NAME.outliers.row_ptr int32 [out + 1], .col_idx int16 [nnz], .values float16 [nnz] (CSR, SpQR)
   NAME.keep         uint8, the sparsity mask packed 1 bit a weight, for pruned targets: then
                     NAME.codes holds the codes of the kept weights only
-  NAME.perm         int32 [in], when the columns were quantized in another order (SpQR act-order):
+  NAME.perm         int16 [in] (read as unsigned), when the columns were quantized in another order (SpQR act-order):
                     everything above is in that order, and column k of it is column perm[k] of W
 and in the header metadata, per target: shape, bits, group size and how each statistic is stored.
 Dequantized: w = scale * (code - zero) per group, outliers overwrite their positions, pruned
@@ -163,7 +163,7 @@ def write_packed(path: Path, weights: dict[str, QuantizedWeight]) -> None:
         if q.keep is not None:
             tensors[f"{name}.keep"] = pack_bits(q.keep.to(torch.int64), 1)
         if q.perm is not None:
-            tensors[f"{name}.perm"] = q.perm.to(torch.int32)
+            tensors[f"{name}.perm"] = q.perm.to(torch.int32).to(torch.int16)  # wraps above 32767: read as unsigned
         if q.outliers is not None:
             tensors.update({f"{name}.outliers.row_ptr": q.outliers.row_ptr, f"{name}.outliers.col_idx": q.outliers.col_idx,
                             f"{name}.outliers.values": q.outliers.values})
@@ -200,7 +200,7 @@ def read_packed(path: Path) -> dict[str, QuantizedWeight]:
                 codes[keep] = unpack_bits(handle.get_tensor(f"{name}.codes"), info["bits"], int(keep.sum()))
             else:
                 codes = unpack_bits(handle.get_tensor(f"{name}.codes"), info["bits"], rows * cols).view(rows, cols)
-            perm = handle.get_tensor(f"{name}.perm") if info["perm"] else None
+            perm = handle.get_tensor(f"{name}.perm").to(torch.int64) & 0xFFFF if info["perm"] else None
             outliers = None
             if info["outliers"]:
                 outliers = Outliers(*(handle.get_tensor(f"{name}.outliers.{part}") for part in ("row_ptr", "col_idx", "values")))
