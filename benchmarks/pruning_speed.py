@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--pattern", default="unstructured")
+    parser.add_argument("--blocks", type=int, help="compress only the first N blocks (time per block x all blocks estimates the whole)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -87,6 +88,9 @@ def main() -> None:
     for chain in args.methods.split(";"):
         model.load_state_dict(dense)
         stages = plan(chain, args.pattern, layout)
+        if args.blocks:
+            for stage in stages:
+                stage.targets = [t for t in stage.targets if t.block < args.blocks]
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -109,6 +113,8 @@ def main() -> None:
         "params": sum(p.numel() for p in model.parameters()),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "calibration_tokens": f"{args.nsamples} x {args.seqlen}",
+        "blocks_compressed": args.blocks or len(layout.blocks),
+        "blocks": len(layout.blocks),
         "pattern": args.pattern,
         "runs": runs,
         "load_seconds": round(load_seconds, 2),
