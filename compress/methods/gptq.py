@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from compress.methods.base import Method, TargetResult
-from compress.methods.obs import inverse_hessian_factor, obs_sweep
+from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_sweep
 from compress.methods.quantization import Grid, QuantizationParams, check_group_divides, fit_grid, packed_weight, round_to_grid
 from compress.registry import register
 from compress.targets import Target
@@ -87,10 +87,7 @@ class GPTQ(Method):
         mask: torch.Tensor | None,
         dense: torch.Tensor | None = None,
     ) -> TargetResult:
-        # An expert no calibration token reached: H = I makes the sweep plain round-to-nearest.
-        hessian = statistics.get("hessian")
-        if hessian is None:
-            hessian = torch.eye(weight.shape[1], device=weight.device)
+        hessian = hessian_or_identity(statistics, weight)
         p = self.params
         quantized, grids = gptq_quantize(weight, hessian, p.bits, p.group_size, p.symmetric, mask, p.block_size, p.damp)
         packed = packed_weight(quantized, grids, p.bits, p.group_size, mask)

@@ -35,6 +35,14 @@ class InverseHessian:
     damp: float  # the relative damping that made H positive definite
 
 
+def hessian_or_identity(statistics: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """The target's X^T X, or the identity for an expert no calibration token reached: with H = I the
+    sweep compensates nothing, and the method reduces to its data-free form (the report lists such
+    targets)."""
+    hessian = statistics.get("hessian")
+    return torch.eye(weight.shape[1], device=weight.device) if hessian is None else hessian
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 4) -> InverseHessian:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, as both references compute it.
 

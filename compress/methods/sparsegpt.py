@@ -14,7 +14,7 @@ import torch
 from pydantic import Field, model_validator
 
 from compress.methods.base import Method, TargetResult
-from compress.methods.obs import inverse_hessian_factor, obs_sweep
+from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_sweep
 from compress.methods.sparsity import NM, PruningParams, check_nm_divisible, parse_pattern, prune_mask
 from compress.registry import register
 from compress.targets import Target
@@ -95,11 +95,7 @@ class SparseGPT(Method):
         mask: torch.Tensor | None,
         dense: torch.Tensor | None = None,
     ) -> TargetResult:
-        # An expert no calibration token reached has no Hessian: with H = I the sweep makes no
-        # compensation and the mask is plain magnitude within each block (the report lists such targets).
-        hessian = statistics.get("hessian")
-        if hessian is None:
-            hessian = torch.eye(weight.shape[1], device=weight.device)
+        hessian = hessian_or_identity(statistics, weight)
         params = self.params
         pruned, keep = sparsegpt_prune(weight, hessian, params.sparsity, params.pattern, mask, params.block_size, params.damp)
         return TargetResult(weight=pruned, mask=keep)

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from compress.errors import CompressError
 from compress.methods.base import Method, TargetResult
-from compress.methods.obs import inverse_hessian_factor, obs_sweep
+from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_sweep
 from compress.methods.quantization import QuantizationParams
 from compress.packing import Outliers, QuantizedStatistic, QuantizedWeight
 from compress.registry import register
@@ -202,8 +202,6 @@ class SpQR(Method):
         mask: torch.Tensor | None,
         dense: torch.Tensor | None = None,
     ) -> TargetResult:
-        hessian = statistics.get("hessian")
-        if hessian is None:  # an expert no calibration token reached
-            hessian = torch.eye(weight.shape[1], device=weight.device)
+        hessian = hessian_or_identity(statistics, weight)
         quantized, packed = spqr_quantize(weight, hessian, self.params, mask)
         return TargetResult(weight=quantized, mask=mask, quantized=packed)
