@@ -49,8 +49,8 @@ def test_16_bits_is_lossless_within_fp_tolerance(method):
 @pytest.mark.parametrize("bits, group_size", [(3, None), (3, 32), (4, 32), (2, 16)])
 def test_gptq_beats_rtn_on_the_layer_output(bits, group_size):
     weight, inputs, hessian = _layer()
-    gptq, grids = gptq_quantize(weight, hessian, bits, group_size, block_size=64)
-    assert len(grids) == (128 // group_size if group_size else 1)
+    gptq, packed = gptq_quantize(weight, hessian, bits, group_size, block_size=64)
+    assert packed.scale.shape == (32, 128 // group_size if group_size else 1)
     rtn, _ = rtn_quantize(weight, bits, group_size)
     assert _output_error(weight, gptq, inputs) < 0.8 * _output_error(weight, rtn, inputs)
 
@@ -58,8 +58,8 @@ def test_gptq_beats_rtn_on_the_layer_output(bits, group_size):
 def test_gptq_groups_spanning_blocks():
     """A group wider than the sweep's block is fitted on the columns beyond the block too."""
     weight, inputs, hessian = _layer()
-    quantized, grids = gptq_quantize(weight, hessian, 4, 64, block_size=16)
-    assert len(grids) == 2
+    quantized, packed = gptq_quantize(weight, hessian, 4, 64, block_size=16)
+    assert packed.scale.shape == (32, 2)
     for row in range(4):
         assert quantized[row, :64].unique().numel() <= 16
 
@@ -123,3 +123,16 @@ def test_bit_packing_round_trips():
         packed = pack_bits(values, bits)
         assert packed.numel() == (1001 * bits + 7) // 8
         assert torch.equal(unpack_bits(packed, bits, 1001), values)
+
+
+def test_gptq_act_order_sweeps_by_hessian_diagonal_and_packs_the_permutation(tmp_path):
+    from compress.packing import read_packed, write_packed
+
+    weight, inputs, hessian = _layer(seed=3)
+    quantized, packed = gptq_quantize(weight, hessian, 3, 32, act_order=True)
+    assert torch.equal(packed.perm, torch.argsort(torch.diag(hessian), descending=True))
+    write_packed(tmp_path / "p.safetensors", {"w": packed})
+    assert torch.equal(read_packed(tmp_path / "p.safetensors")["w"].dequantize(), quantized)
+    rtn, _ = rtn_quantize(weight, 3, 32)
+    assert _output_error(weight, quantized, inputs) < 0.8 * _output_error(weight, rtn, inputs)
+    assert torch.allclose(gptq_quantize(weight, hessian, 16, 32, act_order=True)[0], weight, atol=1e-3 * weight.abs().max().item())

@@ -16,6 +16,7 @@ from pydantic import Field
 from compress.methods.base import Method, TargetResult
 from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_sweep
 from compress.methods.quantization import Grid, QuantizationParams, check_group_divides, fit_grid, packed_weight, round_to_grid
+from compress.packing import QuantizedWeight
 from compress.registry import register
 from compress.targets import Target
 
@@ -25,6 +26,7 @@ class GPTQParams(QuantizationParams):
 
     block_size: int = Field(default=128, gt=0)
     damp: float = Field(default=0.01, gt=0, lt=1)
+    act_order: bool = False
 
 
 class GPTQRule:
@@ -62,13 +64,24 @@ def gptq_quantize(
     keep: torch.Tensor | None = None,
     block_size: int = 128,
     damp: float = 0.01,
-) -> tuple[torch.Tensor, list[Grid]]:
-    """(quantized [out, in] weight, the grid of every group in column order) for a weight and its X^T X."""
+    act_order: bool = False,
+) -> tuple[torch.Tensor, QuantizedWeight]:
+    """(quantized [out, in] weight, its packed form) for a weight and its X^T X.
+
+    act_order: sweep the columns by descending Hessian diagonal (the reference's `--act-order`);
+    groups are then consecutive in that order, and the packed form keeps the permutation.
+    """
+    perm = torch.argsort(torch.diag(hessian), descending=True) if act_order else None
+    if perm is not None:
+        weight, hessian = weight[:, perm], hessian[perm][:, perm]
+        keep = None if keep is None else keep[:, perm]
     quantized = weight.float().clone()
     inverse = inverse_hessian_factor(hessian, damp)
     rule = GPTQRule(quantized, bits, group_size, symmetric, keep)
     obs_sweep(quantized, inverse, rule, block_size)
-    return quantized, rule.grids
+    packed = packed_weight(quantized, rule.grids, bits, group_size, keep)
+    packed.perm = perm
+    return packed.dequantize(), packed
 
 
 @register
@@ -89,6 +102,5 @@ class GPTQ(Method):
     ) -> TargetResult:
         hessian = hessian_or_identity(statistics, weight)
         p = self.params
-        quantized, grids = gptq_quantize(weight, hessian, p.bits, p.group_size, p.symmetric, mask, p.block_size, p.damp)
-        packed = packed_weight(quantized, grids, p.bits, p.group_size, mask)
-        return TargetResult(weight=packed.dequantize(), mask=mask, quantized=packed)
+        quantized, packed = gptq_quantize(weight, hessian, p.bits, p.group_size, p.symmetric, mask, p.block_size, p.damp, p.act_order)
+        return TargetResult(weight=quantized, mask=mask, quantized=packed)
