@@ -17,71 +17,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import subprocess
-import tempfile
-import time
-from pathlib import Path
 
 import torch
 
-from compress.data import calibration_tokens, read_text_file, tokenize
-from compress.evaluate import eval_windows, perplexity
-from compress.modeling import load_model
-from compress.pipeline import MODEL_DIR, run
-from compress.recipe import CalibrationSpec, ModelSpec, validate_recipe
-
-PEER_SCRIPT = Path(__file__).parent / "peers" / "llmcompressor_gptq.py"
+from compress.evaluate import perplexity
+from compress.pipeline import MODEL_DIR
+from peer_common_driver import (
+    checkpoint_perplexity, ours_seconds, parse_args, prepare, run_ours, run_peer, scratch_with_tokens, write_json,
+)
 
 
-def checkpoint_perplexity(path: Path, windows: torch.Tensor) -> float:
-    model = load_model(ModelSpec(source=str(path), device="cpu")).model
-    return perplexity(model, windows, torch.device("cpu"))
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bits", default="4,3")
+    parser.add_argument("--group-size", type=int, default=128)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--calibration", required=True)
-    parser.add_argument("--eval", required=True)
-    parser.add_argument("--peer-python", required=True, help="python of the llm-compressor virtualenv")
-    parser.add_argument("--bits", default="4,3")
-    parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--nsamples", type=int, default=64)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-
-    calibration = CalibrationSpec(text=[args.calibration], nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-    loaded = load_model(ModelSpec(source=args.model, device="cpu"))
-    tokens, _ = calibration_tokens(calibration, loaded.tokenizer)
-    windows = eval_windows(tokenize(loaded.tokenizer, read_text_file(args.eval, "evaluation")), args.seqlen)
+    args = parse_args(__doc__, add_args)
+    calibration, loaded, tokens, windows = prepare(args)
     dense_ppl = perplexity(loaded.model, windows, torch.device("cpu"))
     print(f"dense perplexity {dense_ppl:.4f} ({windows.shape[0]} windows of {args.seqlen})", flush=True)
     del loaded
     rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        token_file = Path(scratch) / "calibration.pt"
-        torch.save(tokens, token_file)
+    with scratch_with_tokens(tokens) as (scratch, token_file):
         for bits in (int(b) for b in args.bits.split(",")):
             stage = {"method": "gptq", "bits": bits, "group_size": args.group_size}
-            recipe = validate_recipe({
-                "model": {"source": args.model, "device": "cpu"},
-                "calibration": calibration.model_dump(),
-                "stages": [stage],
-                "evaluate": {"text": args.eval, "seqlen": args.seqlen, "dense": False},
-            }, name=f"ours-w{bits}")
-            ours_dir = Path(scratch) / f"ours-w{bits}"
-            ours = run(recipe, ours_dir)
+            ours_dir = scratch / f"ours-w{bits}"
+            ours = run_ours(args, calibration, stage, f"ours-w{bits}", ours_dir)
             ours_ppl = checkpoint_perplexity(ours_dir / MODEL_DIR, windows)
 
-            peer_dir = Path(scratch) / f"peer-w{bits}"
-            start = time.perf_counter()
-            subprocess.run([args.peer_python, str(PEER_SCRIPT), "--model", args.model, "--calib-tokens", str(token_file),
-                            "--bits", str(bits), "--group-size", str(args.group_size), "--out", str(peer_dir)], check=True)
-            peer_process_seconds = time.perf_counter() - start
-            peer = json.loads((peer_dir / "peer.json").read_text())
+            peer_dir = scratch / f"peer-w{bits}"
+            peer, peer_process_seconds = run_peer(args, "llmcompressor_gptq.py", token_file, peer_dir,
+                                                  ["--bits", str(bits), "--group-size", str(args.group_size)])
             peer_ppl = checkpoint_perplexity(peer_dir, windows)
 
             rows.append({
@@ -91,8 +58,7 @@ def main() -> None:
                 "peer_perplexity": peer_ppl,
                 "ours_pipeline_perplexity": ours["metrics"]["perplexity"],  # the pipeline's own score (same code)
                 "ours_bits_per_param": ours["metrics"]["bits_per_param"],  # measured from the packed file
-                # the stage plus the engine's calibration forward passes (the peer's oneshot time has both)
-                "ours_seconds": ours["stages"][0]["seconds"] + ours["calibration"]["forward_seconds"],
+                "ours_seconds": ours_seconds(ours),
                 "ours_stage_seconds": ours["stages"][0]["seconds"],
                 "ours_forward_seconds": ours["calibration"]["forward_seconds"],
                 "peer_seconds": peer["seconds"],
@@ -115,10 +81,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(f"dense perplexity {dense_ppl:.2f}")
     print(table)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(
-            {"dense_perplexity": dense_ppl, "rows": rows, "table": table, "args": vars(args)}, indent=2))
+    write_json(args.json, {"dense_perplexity": dense_ppl, "rows": rows, "table": table, "args": vars(args)})
 
 
 if __name__ == "__main__":

@@ -11,72 +11,33 @@ llm-compressor lives in its own virtualenv (it pins its own stack); see benchmar
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import subprocess
-import tempfile
-import time
-from pathlib import Path
 
-import torch
-
-from compress.data import calibration_tokens, read_text_file, tokenize
-from compress.evaluate import eval_windows, perplexity
-from compress.modeling import load_model
-from compress.pipeline import run
-from compress.recipe import CalibrationSpec, ModelSpec, validate_recipe
-
-PEER_SCRIPT = Path(__file__).parent / "peers" / "llmcompressor_wanda.py"
+from peer_common_driver import (
+    checkpoint_perplexity, ours_seconds, parse_args, prepare, run_ours, run_peer, scratch_with_tokens, write_json,
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--calibration", required=True)
-    parser.add_argument("--eval", required=True)
-    parser.add_argument("--peer-python", required=True, help="python of the llm-compressor virtualenv")
-    parser.add_argument("--patterns", default="0.5,2:4")
-    parser.add_argument("--nsamples", type=int, default=64)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-
-    calibration = CalibrationSpec(text=[args.calibration], nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-    loaded = load_model(ModelSpec(source=args.model, device="cpu"))
-    tokens, _ = calibration_tokens(calibration, loaded.tokenizer)
-    windows = eval_windows(tokenize(loaded.tokenizer, read_text_file(args.eval, "evaluation")), args.seqlen)
+    args = parse_args(__doc__, lambda parser: parser.add_argument("--patterns", default="0.5,2:4"))
+    calibration, loaded, tokens, windows = prepare(args)
     rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        token_file = Path(scratch) / "calibration.pt"
-        torch.save(tokens, token_file)
+    with scratch_with_tokens(tokens) as (scratch, token_file):
         for column in args.patterns.split(","):
             pattern, sparsity = (column, None) if ":" in column else ("unstructured", float(column))
             stage = {"method": "wanda", "pattern": pattern, **({"sparsity": sparsity} if sparsity else {})}
-            recipe = validate_recipe({
-                "model": {"source": args.model, "device": "cpu"},
-                "calibration": calibration.model_dump(),
-                "stages": [stage],
-                "evaluate": {"text": args.eval, "seqlen": args.seqlen, "dense": False},
-            }, name=f"ours-{column}")
-            ours = run(recipe, Path(scratch) / f"ours-{column}")
-            peer_dir = Path(scratch) / f"peer-{column}"
-            start = time.perf_counter()
-            subprocess.run([args.peer_python, str(PEER_SCRIPT), "--model", args.model, "--calib-tokens", str(token_file),
-                            "--sparsity", str(sparsity or 0.5), "--pattern", pattern, "--out", str(peer_dir)], check=True)
-            peer_process_seconds = time.perf_counter() - start
-            peer = json.loads((peer_dir / "peer.json").read_text())
-            peer_model = load_model(ModelSpec(source=str(peer_dir), device="cpu")).model
-            peer_ppl = perplexity(peer_model, windows, torch.device("cpu"))
+            ours = run_ours(args, calibration, stage, f"ours-{column}", scratch / f"ours-{column}")
+            peer_dir = scratch / f"peer-{column}"
+            peer, peer_process_seconds = run_peer(args, "llmcompressor_wanda.py", token_file, peer_dir,
+                                                  ["--sparsity", str(sparsity or 0.5), "--pattern", pattern])
+            peer_ppl = checkpoint_perplexity(peer_dir, windows)
             rows.append({
                 "pattern": column,
                 "ours_perplexity": ours["metrics"]["perplexity"],
                 "peer_perplexity": peer_ppl,
                 "ours_sparsity": ours["metrics"]["sparsity"],
                 "peer_sparsity": peer.get("overall_sparsity"),
-                # the stage plus the engine's calibration forward passes (the peer's oneshot time has both)
-                "ours_seconds": ours["stages"][0]["seconds"] + ours["calibration"]["forward_seconds"],
+                "ours_seconds": ours_seconds(ours),
                 "peer_seconds": peer["seconds"],
                 "peer_process_seconds": peer_process_seconds,
                 "peer_version": peer.get("version"),
@@ -88,8 +49,7 @@ def main() -> None:
                      f"{row['ours_seconds']:.1f} | {row['peer_seconds']:.1f} | {row['peer_seconds'] / row['ours_seconds']:.2f} |")
     table = "\n".join(lines)
     print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "table": table, "args": vars(args)}, indent=2))
+    write_json(args.json, {"rows": rows, "table": table, "args": vars(args)})
 
 
 if __name__ == "__main__":

@@ -79,72 +79,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
-import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from peer_common import (  # first: it sets the offline switches before torch is imported
+    add_input_args, add_output_args, calibration_dataset, decoder_layer_classes, eval_perplexity,
+    fail_on_problems, layer_linear_names, load_calib_tokens, load_model, oneshot_record, peer_result,
+    run_oneshot, save_checkpoint, weight_snapshot, write_result,
+)
 
-import torch  # noqa: E402
+import torch
 
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 QUANT_TENSOR_SUFFIXES = (".weight_scale", ".weight_zero_point", ".weight_g_idx", ".weight_global_scale")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="local HF model directory")
-    p.add_argument("--calib-tokens", required=True,
-                   help="torch LongTensor [nsamples, seqlen] of input ids (.pt)")
+    add_input_args(p)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--dampening-frac", type=float, default=0.01)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--eval-text", default=None,
-                   help="plain-text file for perplexity (256-token windows)")
-    p.add_argument("--eval-seqlen", type=int, default=256)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES) + ["auto"],
-                   help="dtype the model is loaded in for calibration and "
-                        "evaluation (default float32, as compress on CPU). The "
-                        "checkpoint is saved in the model's original dtype.")
-    p.add_argument("--no-save", action="store_true",
-                   help="skip writing the checkpoint (peer.json is still written)")
+    add_output_args(p, "dtype the model is loaded in for calibration and "
+                       "evaluation (default float32, as compress on CPU). The "
+                       "checkpoint is saved in the model's original dtype.")
     return p.parse_args(argv)
-
-
-def decoder_layer_classes(model) -> list[str]:
-    names = list(getattr(model, "_no_split_modules", None) or [])
-    present = {type(m).__name__ for m in model.modules()}
-    names = [n for n in names if n in present]
-    if not names:
-        raise SystemExit("cannot infer the decoder-layer class (model._no_split_modules)")
-    return names
-
-
-def layer_linear_names(model, layer_classes) -> list[str]:
-    out = []
-    for lname, layer in model.named_modules():
-        if type(layer).__name__ in layer_classes:
-            for cname, child in layer.named_modules():
-                if isinstance(child, torch.nn.Linear):
-                    out.append(f"{lname}.{cname}")
-    return out
-
-
-def weight_snapshot(model) -> dict[str, torch.Tensor]:
-    """Clone of every nn.Linear / nn.Embedding weight (by module name)."""
-    return {name: mod.weight.detach().to("cpu", copy=True)
-            for name, mod in model.named_modules()
-            if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))}
 
 
 def max_distinct_per_group(w: torch.Tensor, group_size: int) -> int:
@@ -194,29 +152,6 @@ def quantization_report(model, before, expected, bits, group_size):
     return per_module, problems
 
 
-@torch.no_grad()
-def perplexity(model, tokenizer, path, seqlen, device):
-    text = open(path, encoding="utf-8").read()
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    nwin = ids.numel() // seqlen
-    if nwin == 0:
-        raise SystemExit(f"eval text has fewer than {seqlen} tokens")
-    windows = ids[: nwin * seqlen].view(nwin, seqlen)
-    was_training = model.training
-    model.eval()
-    nll_sum, count = 0.0, 0
-    for i in range(0, nwin, 8):
-        batch = windows[i:i + 8].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            batch[:, 1:].reshape(-1), reduction="sum")
-        nll_sum += float(loss)
-        count += batch[:, 1:].numel()
-    model.train(was_training)
-    return math.exp(nll_sum / count), nwin
-
-
 def strip_to_plain_checkpoint(out_dir: str) -> dict:
     """Drop compressed-tensors' quantization_config and qparam tensors: a plain HF checkpoint."""
     from safetensors.torch import load_file, save_file
@@ -251,32 +186,12 @@ def strip_to_plain_checkpoint(out_dir: str) -> dict:
 def main(argv=None):
     args = parse_args(argv)
 
-    import datasets
     import compressed_tensors
-    import llmcompressor
-    import transformers
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    tokens = torch.load(args.calib_tokens)
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-        raise SystemExit("--calib-tokens must hold a 2-D LongTensor [nsamples, seqlen]")
-    tokens = tokens.long().cpu()
-    nsamples, seqlen = tokens.shape
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    load_kwargs = {}
-    if args.dtype != "auto":
-        load_kwargs["dtype"] = DTYPES[args.dtype]
-    hf_config = AutoConfig.from_pretrained(args.model)
-    orig_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(orig_dtype, str):
-        orig_dtype = DTYPES.get(orig_dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, **load_kwargs)
-    model.to(args.device)
-    model.eval()
+    tokens = load_calib_tokens(args.calib_tokens)
+    tokenizer, model, orig_dtype = load_model(args)
 
     layer_classes = decoder_layer_classes(model)
     expected = layer_linear_names(model, layer_classes)
@@ -301,34 +216,10 @@ def main(argv=None):
     }
     modifier = GPTQModifier(**config)
     before = weight_snapshot(model)
+    ds = calibration_dataset(tokens)
 
-    ds = datasets.Dataset.from_dict({
-        "input_ids": tokens.tolist(),
-        "attention_mask": torch.ones_like(tokens).tolist(),
-    })
-
-    dense_ppl = None
-    if args.eval_text:
-        dense_ppl, _ = perplexity(model, tokenizer, args.eval_text, args.eval_seqlen, args.device)
-        print(f"dense perplexity: {dense_ppl:.4f}", flush=True)
-
-    t0 = time.perf_counter()
-    model = oneshot(
-        model=model,
-        tokenizer=tokenizer,
-        dataset=ds,
-        recipe=modifier,
-        num_calibration_samples=nsamples,
-        max_seq_length=seqlen,
-        shuffle_calibration_samples=False,
-        pad_to_max_length=False,
-        batch_size=1,
-        sequential_targets=layer_classes,
-        output_dir=None,  # we save ourselves (dense format)
-        log_dir=None,
-    )
-    seconds = time.perf_counter() - t0
-    print(f"oneshot seconds: {seconds:.3f}", flush=True)
+    dense_ppl = eval_perplexity(model, tokenizer, args, dense=True)
+    model, seconds = run_oneshot(model, tokenizer, ds, modifier, tokens, layer_classes)
 
     # what actually got resolved (actorder, observer, ...), for the record
     resolved = {name: scheme.weights.model_dump(mode="json")
@@ -343,57 +234,27 @@ def main(argv=None):
               f"rel. change {info['relative_change']:.4f}")
     print(f"modules quantized: {sum(i['changed'] for i in per_module.values())}/{len(expected)}; "
           f"untouched outside the decoder layers: {sorted(set(before) - set(expected))}")
-    if problems:
-        for p in problems:
-            print("PROBLEM:", p, file=sys.stderr)
-        raise SystemExit("quantized module set / grid is not as configured")
+    fail_on_problems(problems, "quantized module set / grid is not as configured")
 
-    ppl = None
-    if args.eval_text:
-        ppl, nwin = perplexity(model, tokenizer, args.eval_text, args.eval_seqlen, args.device)
-        print(f"perplexity: {ppl:.4f} ({nwin} windows of {args.eval_seqlen})", flush=True)
+    ppl = eval_perplexity(model, tokenizer, args, dense=False)
 
     os.makedirs(args.out, exist_ok=True)
     stripped = None
     if not args.no_save:
-        if isinstance(orig_dtype, torch.dtype) and args.dtype != "auto":
-            model.to(orig_dtype)
-        model.to("cpu")
-        # dense format (fake-quantized weights); without save_compressed=False the
-        # weights would be packed into int32 (pack-quantized format)
-        model.save_pretrained(args.out, save_compressed=False)
-        tokenizer.save_pretrained(args.out)
+        # dense format: fake-quantized weights, which save_checkpoint casts to the model's
+        # original dtype; then drop what compressed-tensors writes besides them
+        save_checkpoint(model, tokenizer, args, orig_dtype)
         stripped = strip_to_plain_checkpoint(args.out)
 
-    result = {
-        "tool": "llmcompressor",
-        "version": llmcompressor.__version__,
-        "versions": {
-            "llmcompressor": llmcompressor.__version__,
-            "compressed_tensors": compressed_tensors.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "seconds": seconds,
+    result = peer_result(args, seconds, {
         "modules": per_module,
         "config": {"modifier": "GPTQModifier", **config,
                    "resolved_weights": resolved,
-                   "num_calibration_samples": nsamples, "max_seq_length": seqlen,
-                   "sequential_targets": layer_classes,
-                   "shuffle_calibration_samples": False, "batch_size": 1,
-                   "dtype": args.dtype, "device": args.device,
+                   **oneshot_record(tokens, layer_classes, args),
                    "saved_dtype": str(orig_dtype).removeprefix("torch.") if not args.no_save else None},
         "checkpoint": stripped,
-        "perplexity": ppl,
-        "dense_perplexity": dense_ppl,
-        "eval_text": args.eval_text,
-        "eval_seqlen": args.eval_seqlen,
-        "model": os.path.abspath(args.model),
-        "calib_tokens": os.path.abspath(args.calib_tokens),
-    }
-    with open(os.path.join(args.out, "peer.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    print(json.dumps({k: result[k] for k in ("tool", "version", "seconds", "perplexity")}))
+    }, ppl, dense_ppl, compressed_tensors=compressed_tensors.__version__)
+    write_result(args, result, ("tool", "version", "seconds", "perplexity"))
 
 
 if __name__ == "__main__":

@@ -44,46 +44,28 @@ independent hand-written sequential Wanda to 1e-6 (50%: 100.35, 2:4: 135.37).
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import re
-import sys
-import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from peer_common import (  # first: it sets the offline switches before torch is imported
+    add_input_args, add_output_args, calibration_dataset, decoder_layer_classes, eval_perplexity,
+    fail_on_problems, layer_linear_names, load_calib_tokens, load_model, oneshot_record, peer_result,
+    run_oneshot, save_checkpoint, weight_snapshot, write_result,
+)
 
-import torch  # noqa: E402
-
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+import torch
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="local HF model directory")
-    p.add_argument("--calib-tokens", required=True,
-                   help="torch LongTensor [nsamples, seqlen] of input ids (.pt)")
+    add_input_args(p)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--pattern", default="unstructured",
                    help="'unstructured' or 'N:M' (e.g. 2:4)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--eval-text", default=None,
-                   help="plain-text file for perplexity (256-token windows)")
-    p.add_argument("--eval-seqlen", type=int, default=256)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES) + ["auto"],
-                   help="dtype the model is loaded in for calibration and "
-                        "evaluation (default float32). The checkpoint is "
-                        "saved in the model's original dtype: Wanda only "
-                        "zeroes weights, so the cast back is lossless.")
-    p.add_argument("--no-save", action="store_true",
-                   help="skip writing the checkpoint (peer.json is still written)")
+    add_output_args(p, "dtype the model is loaded in for calibration and "
+                       "evaluation (default float32). The checkpoint is "
+                       "saved in the model's original dtype: Wanda only "
+                       "zeroes weights, so the cast back is lossless.")
     return p.parse_args(argv)
 
 
@@ -94,34 +76,6 @@ def mask_structure(pattern: str) -> str:
     if not m or int(m.group(1)) <= 0 or int(m.group(1)) >= int(m.group(2)):
         raise SystemExit(f"--pattern must be 'unstructured' or N:M with 0<N<M, got {pattern!r}")
     return f"{int(m.group(1))}:{int(m.group(2))}"
-
-
-def decoder_layer_classes(model) -> list[str]:
-    names = list(getattr(model, "_no_split_modules", None) or [])
-    present = {type(m).__name__ for m in model.modules()}
-    names = [n for n in names if n in present]
-    if not names:
-        raise SystemExit("cannot infer the decoder-layer class (model._no_split_modules)")
-    return names
-
-
-def linear_snapshot(model) -> dict[str, torch.Tensor]:
-    """Clone of every nn.Linear / nn.Embedding weight (by module name)."""
-    snap = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
-            snap[name] = mod.weight.detach().to("cpu", copy=True)
-    return snap
-
-
-def layer_linear_names(model, layer_classes) -> list[str]:
-    out = []
-    for lname, layer in model.named_modules():
-        if type(layer).__name__ in layer_classes:
-            for cname, child in layer.named_modules():
-                if isinstance(child, torch.nn.Linear):
-                    out.append(f"{lname}.{cname}")
-    return out
 
 
 def sparsity_report(model, before, expected, target, structure):
@@ -154,59 +108,15 @@ def sparsity_report(model, before, expected, target, structure):
     return per_module, (zeros / total if total else 0.0), problems
 
 
-@torch.no_grad()
-def perplexity(model, tokenizer, path, seqlen, device):
-    text = open(path, encoding="utf-8").read()
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    nwin = ids.numel() // seqlen
-    if nwin == 0:
-        raise SystemExit(f"eval text has fewer than {seqlen} tokens")
-    windows = ids[: nwin * seqlen].view(nwin, seqlen)
-    was_training = model.training
-    model.eval()
-    nll_sum, count = 0.0, 0
-    bs = 8
-    for i in range(0, nwin, bs):
-        batch = windows[i:i + bs].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            batch[:, 1:].reshape(-1), reduction="sum")
-        nll_sum += float(loss)
-        count += batch[:, 1:].numel()
-    model.train(was_training)
-    return math.exp(nll_sum / count), nwin
-
-
 def main(argv=None):
     args = parse_args(argv)
     structure = mask_structure(args.pattern)
 
-    import datasets
-    import llmcompressor
-    import transformers
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import WandaPruningModifier
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    tokens = torch.load(args.calib_tokens)
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-        raise SystemExit("--calib-tokens must hold a 2-D LongTensor [nsamples, seqlen]")
-    tokens = tokens.long().cpu()
-    nsamples, seqlen = tokens.shape
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    load_kwargs = {}
-    if args.dtype != "auto":
-        load_kwargs["dtype"] = DTYPES[args.dtype]
-    hf_config = AutoConfig.from_pretrained(args.model)
-    orig_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(orig_dtype, str):
-        orig_dtype = DTYPES.get(orig_dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, **load_kwargs)
-    model.to(args.device)
-    model.eval()
+    tokens = load_calib_tokens(args.calib_tokens)
+    tokenizer, model, orig_dtype = load_model(args)
 
     layer_classes = decoder_layer_classes(model)
     config = {
@@ -217,35 +127,11 @@ def main(argv=None):
     }
     modifier = WandaPruningModifier(**config)
     expected = layer_linear_names(model, layer_classes)
-    before = linear_snapshot(model)
+    before = weight_snapshot(model)
+    ds = calibration_dataset(tokens)
 
-    ds = datasets.Dataset.from_dict({
-        "input_ids": tokens.tolist(),
-        "attention_mask": torch.ones_like(tokens).tolist(),
-    })
-
-    dense_ppl = None
-    if args.eval_text:
-        dense_ppl, _ = perplexity(model, tokenizer, args.eval_text, args.eval_seqlen, args.device)
-        print(f"dense perplexity: {dense_ppl:.4f}", flush=True)
-
-    t0 = time.perf_counter()
-    model = oneshot(
-        model=model,
-        tokenizer=tokenizer,
-        dataset=ds,
-        recipe=modifier,
-        num_calibration_samples=nsamples,
-        max_seq_length=seqlen,
-        shuffle_calibration_samples=False,
-        pad_to_max_length=False,
-        batch_size=1,
-        sequential_targets=layer_classes,
-        output_dir=None,  # we save ourselves (dense format)
-        log_dir=None,
-    )
-    seconds = time.perf_counter() - t0
-    print(f"oneshot seconds: {seconds:.3f}", flush=True)
+    dense_ppl = eval_perplexity(model, tokenizer, args, dense=True)
+    model, seconds = run_oneshot(model, tokenizer, ds, modifier, tokens, layer_classes)
 
     per_module, overall, problems = sparsity_report(
         model, before, expected, args.sparsity, structure)
@@ -253,53 +139,21 @@ def main(argv=None):
         print(f"  {name:45s} {s:.4f}")
     print(f"overall sparsity (decoder Linears): {overall:.4f}  "
           f"modules pruned: {sum(1 for s in per_module.values() if s > 0)}/{len(expected)}")
-    if problems:
-        for p in problems:
-            print("PROBLEM:", p, file=sys.stderr)
-        raise SystemExit("pruned module set is not exactly the decoder-layer Linears")
+    fail_on_problems(problems, "pruned module set is not exactly the decoder-layer Linears")
 
-    ppl = None
-    if args.eval_text:
-        ppl, nwin = perplexity(model, tokenizer, args.eval_text, args.eval_seqlen, args.device)
-        print(f"perplexity: {ppl:.4f} ({nwin} windows of {args.eval_seqlen})", flush=True)
+    ppl = eval_perplexity(model, tokenizer, args, dense=False)
 
     os.makedirs(args.out, exist_ok=True)
     if not args.no_save:
-        if isinstance(orig_dtype, torch.dtype) and args.dtype != "auto":
-            model.to(orig_dtype)
-        model.to("cpu")
-        # plain dense HF checkpoint: oneshot wraps save_pretrained; without
-        # save_compressed=False it would infer a compressed-tensors sparse format
-        model.save_pretrained(args.out, save_compressed=False)
-        tokenizer.save_pretrained(args.out)
+        save_checkpoint(model, tokenizer, args, orig_dtype)
 
-    result = {
-        "tool": "llmcompressor",
-        "version": llmcompressor.__version__,
-        "versions": {
-            "llmcompressor": llmcompressor.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "seconds": seconds,
+    result = peer_result(args, seconds, {
         "sparsity_per_module": per_module,
         "overall_sparsity": overall,
         "config": {"modifier": "WandaPruningModifier", **config,
-                   "num_calibration_samples": nsamples, "max_seq_length": seqlen,
-                   "sequential_targets": layer_classes,
-                   "shuffle_calibration_samples": False, "batch_size": 1,
-                   "dtype": args.dtype, "device": args.device},
-        "perplexity": ppl,
-        "dense_perplexity": dense_ppl,
-        "eval_text": args.eval_text,
-        "eval_seqlen": args.eval_seqlen,
-        "model": os.path.abspath(args.model),
-        "calib_tokens": os.path.abspath(args.calib_tokens),
-    }
-    with open(os.path.join(args.out, "peer.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps({k: result[k] for k in ("tool", "version", "seconds",
-                                             "overall_sparsity", "perplexity")}))
+                   **oneshot_record(tokens, layer_classes, args)},
+    }, ppl, dense_ppl)
+    write_result(args, result, ("tool", "version", "seconds", "overall_sparsity", "perplexity"))
 
 
 if __name__ == "__main__":
