@@ -116,6 +116,28 @@ def test_bad_input_one_line_exit_2_nothing_written(sets, message, tmp_path, caps
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "recipe, sets, message",
+    [
+        ("gptq-3bit", ["stages.0.bits=1"], "stages.0.bits (gptq): Input should be greater than or equal to 2"),
+        ("gptq-3bit", ["stages.0.group_size=100"], "is not divisible by group_size=100"),
+        ("rtn-4bit", ["stages.0.bitz=3"], "unknown key 'bitz'"),
+        ("spqr-3bit", ["stages.0.qq_groupsize=100"], "is not divisible by qq_groupsize=100"),
+        ("spqr-3bit", ["stages.0.block_size=100"], "block_size 100 must be a multiple of group_size 16"),
+        ("wanda-dsnot-70", ["stages.1.pattern=2:4"], "differs from the unstructured"),
+    ],
+)
+def test_bad_method_parameters_one_line_exit_2(recipe, sets, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["run", f"recipes/{recipe}.yaml", "--out", str(out)]
+    for assignment in sets:
+        args += ["--set", assignment]
+    code, err = _cli(args, capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+
+
 def test_empty_calibration_file(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")

@@ -189,9 +189,11 @@ class SpQR(Method):
     def check_target(self, target: Target) -> None:
         p = self.params
         if target.in_features % p.group_size:
-            raise CompressError(f"target {target.name}: input size {target.in_features} is not divisible by group_size={p.group_size}")
+            raise CompressError(f"target {target.name}: input size {target.in_features} is not divisible by "
+                                f"group_size={p.group_size}; choose a group_size that divides it, or exclude the target")
         if target.out_features % p.qq_groupsize:
-            raise CompressError(f"target {target.name}: output size {target.out_features} is not divisible by qq_groupsize={p.qq_groupsize}")
+            raise CompressError(f"target {target.name}: output size {target.out_features} is not divisible by "
+                                f"qq_groupsize={p.qq_groupsize}; choose a qq_groupsize that divides it, or exclude the target")
         if target.in_features > 65536:
             raise CompressError(f"target {target.name}: input size {target.in_features} exceeds the 16-bit column indices of outliers")
 
