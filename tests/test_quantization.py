@@ -136,3 +136,20 @@ def test_gptq_act_order_sweeps_by_hessian_diagonal_and_packs_the_permutation(tmp
     rtn, _ = rtn_quantize(weight, 3, 32)
     assert _output_error(weight, quantized, inputs) < 0.8 * _output_error(weight, rtn, inputs)
     assert torch.allclose(gptq_quantize(weight, hessian, 16, 32, act_order=True)[0], weight, atol=1e-3 * weight.abs().max().item())
+
+
+def test_moe_experts_prune_refine_and_quantize(tiny_mixtral, tmp_path):
+    """Fused experts go through every stage kind: Wanda, DSnoT on all targets, SpQR packing per expert."""
+    from compress.packing import PACKED_FILE, read_packed
+    from compress.pipeline import run
+    from compress.recipe import validate_recipe
+    from conftest import fast_recipe
+
+    recipe = fast_recipe({"method": "wanda", "sparsity": 0.5}, {"method": "dsnot", "skip_layer": "no_skip"},
+                         {"method": "gptq", "bits": 4, "group_size": 16}, model={"source": str(tiny_mixtral)},
+                         evaluate={"dense": False})
+    report = run(validate_recipe(recipe), tmp_path / "moe")
+    packed = read_packed(tmp_path / "moe" / PACKED_FILE)
+    expert = "model.layers.0.mlp.experts.1.down_proj"
+    assert expert in packed and report["targets"][expert]["stages"] == ["wanda", "dsnot", "gptq"]
+    assert abs(report["targets"][expert]["sparsity"] - 0.5) < 1e-6
