@@ -153,3 +153,17 @@ def test_moe_experts_prune_refine_and_quantize(tiny_mixtral, tmp_path):
     expert = "model.layers.0.mlp.experts.1.down_proj"
     assert expert in packed and report["targets"][expert]["stages"] == ["wanda", "dsnot", "gptq"]
     assert abs(report["targets"][expert]["sparsity"] - 0.5) < 1e-6
+
+
+def test_gptq_static_groups_fit_every_grid_on_the_original_weights():
+    from compress.methods.quantization import fit_grid
+
+    weight, inputs, hessian = _layer(seed=4)
+    quantized, packed = gptq_quantize(weight, hessian, 3, 32, static_groups=True)
+    for group in range(4):
+        expected = fit_grid(weight[:, 32 * group : 32 * (group + 1)], 3)
+        assert torch.equal(packed.scale[:, group : group + 1].float(), expected.scale)
+    rtn, _ = rtn_quantize(weight, 3, 32)  # same grids as RTN; GPTQ's compensation still lowers the error
+    assert _output_error(weight, quantized, inputs) < 0.8 * _output_error(weight, rtn, inputs)
+    with pytest.raises(ValueError, match="static_groups with act_order"):
+        GPTQ.Params(bits=3, static_groups=True, act_order=True)

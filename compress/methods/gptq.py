@@ -11,11 +11,19 @@ other column's, so masks survive and the rest of the row absorbs the change.
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.methods.base import Method, TargetResult
 from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_sweep
-from compress.methods.quantization import Grid, QuantizationParams, check_group_divides, fit_grid, packed_weight, round_to_grid
+from compress.methods.quantization import (
+    Grid,
+    QuantizationParams,
+    check_group_divides,
+    fit_grid,
+    group_bounds,
+    packed_weight,
+    round_to_grid,
+)
 from compress.packing import QuantizedWeight
 from compress.registry import register
 from compress.targets import Target
@@ -27,24 +35,42 @@ class GPTQParams(QuantizationParams):
     block_size: int = Field(default=128, gt=0)
     damp: float = Field(default=0.01, gt=0, lt=1)
     act_order: bool = False
+    # Fit every group's grid on the weights before the sweep (the reference's --static-groups, and
+    # what llm-compressor always does) instead of when the sweep reaches the group.
+    static_groups: bool = False
+
+    @model_validator(mode="after")
+    def _static_groups_need_column_order(self) -> "GPTQParams":
+        if self.static_groups and self.act_order:
+            raise ValueError("static_groups with act_order is not supported: groups would not be consecutive in sweep order")
+        return self
 
 
 class GPTQRule:
     """Rounds each column to its group's grid (zero where the mask prunes it)."""
 
-    def __init__(self, weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, keep: torch.Tensor | None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, keep: torch.Tensor | None,
+        static_groups: bool = False,
+    ) -> None:
         self.weight = weight  # the matrix the sweep is fixing (columns after the block: lazy updates so far)
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.keep = keep
         self.grid: Grid | None = None if group_size else fit_grid(weight, bits, symmetric)
         self.grids: list[Grid] = [] if group_size else [self.grid]
+        self.static: list[Grid] | None = None
+        if static_groups and group_size:
+            self.static = [fit_grid(weight[:, a:b], bits, symmetric) for a, b in group_bounds(weight.shape[1], group_size)]
 
     def begin_block(self, start: int, block: torch.Tensor, hinv_block: torch.Tensor) -> None:
         pass
 
     def column(self, start: int, j: int, block: torch.Tensor, hinv_block: torch.Tensor) -> torch.Tensor:
         at = start + j
-        if self.group_size and at % self.group_size == 0:
+        if self.group_size and at % self.group_size == 0 and self.static is not None:
+            self.grid = self.static[at // self.group_size]
+            self.grids.append(self.grid)
+        elif self.group_size and at % self.group_size == 0:
             inside = block[:, j : j + self.group_size]
             beyond = self.group_size - inside.shape[1]
             after_block = start + block.shape[1]
@@ -65,6 +91,7 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    static_groups: bool = False,
 ) -> tuple[torch.Tensor, QuantizedWeight]:
     """(quantized [out, in] weight, its packed form) for a weight and its X^T X.
 
@@ -77,7 +104,7 @@ def gptq_quantize(
         keep = None if keep is None else keep[:, perm]
     quantized = weight.float().clone()
     inverse = inverse_hessian_factor(hessian, damp)
-    rule = GPTQRule(quantized, bits, group_size, symmetric, keep)
+    rule = GPTQRule(quantized, bits, group_size, symmetric, keep, static_groups)
     obs_sweep(quantized, inverse, rule, block_size)
     packed = packed_weight(quantized, rule.grids, bits, group_size, keep)
     packed.perm = perm
@@ -102,5 +129,7 @@ class GPTQ(Method):
     ) -> TargetResult:
         hessian = hessian_or_identity(statistics, weight)
         p = self.params
-        quantized, packed = gptq_quantize(weight, hessian, p.bits, p.group_size, p.symmetric, mask, p.block_size, p.damp, p.act_order)
+        quantized, packed = gptq_quantize(
+            weight, hessian, p.bits, p.group_size, p.symmetric, mask, p.block_size, p.damp, p.act_order, p.static_groups
+        )
         return TargetResult(weight=quantized, mask=mask, quantized=packed)
