@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,8 @@ from compress.methods.sparsity import PruningParams
 from compress.modeling import LoadedModel, load_model, model_info, round_to_storage
 from compress.recipe import Recipe
 from compress.registry import get_method
-from compress.state import CompressionState
 from compress.packing import PACKED_FILE, QuantizedWeight
+from compress.state import CompressionState
 from compress.targets import ModelLayout, Target, discover, select
 
 log = logging.getLogger("compress")
@@ -75,9 +74,8 @@ def plan_stages(recipe: Recipe, layout: ModelLayout) -> list[Stage]:
                 method.bind_mask_pattern(patterns[0])
             except ValueError as error:
                 raise CompressError(f"{where}: {error}") from None
-        pattern = getattr(stage.params, "pattern", None)
-        if isinstance(stage.params, PruningParams) and pattern is not None:
-            mask_pattern.update({t.name: pattern for t in targets})
+        if isinstance(stage.params, PruningParams):
+            mask_pattern.update({t.name: stage.params.pattern for t in targets})
         planned.append(Stage(method, targets, label=f"stage {index} ({method.name})"))
     return planned
 
@@ -170,7 +168,6 @@ def run(recipe: Recipe, out: str | Path | None = None) -> dict[str, Any]:
     metrics.update(quality)
     metrics.update(
         sparsity=overall,
-        bits_per_param=stored_bits_per_param(compressed_targets, loaded.storage_dtype),
         params=sum(p.numel() for p in loaded.model.parameters()),
         target_params=sum(t.numel for t in compressed_targets),
     )
@@ -227,12 +224,13 @@ def _write_output(
         loaded.model.to(loaded.compute_dtype)
         loaded.tokenizer.save_pretrained(model_dir)
         state.save(partial)
+        # bits/param is measured from what was written: the packed file for quantized targets
         packed = partial / PACKED_FILE
-        if packed.exists():  # measured from the bytes written, metadata included
-            quantized_params = sum(e.quantized.numel for e in state.targets.values() if e.quantized is not None)
-            report["metrics"]["bits_per_param"] = stored_bits_per_param(
-                compressed_targets, loaded.storage_dtype, packed.stat().st_size, quantized_params)
-            report["metrics"]["packed_bytes"] = packed.stat().st_size
+        packed_bytes = packed.stat().st_size if packed.exists() else 0
+        quantized_params = sum(e.quantized.numel for e in state.targets.values() if e.quantized is not None)
+        report["metrics"]["bits_per_param"] = stored_bits_per_param(compressed_targets, loaded.storage_dtype, packed_bytes, quantized_params)
+        if packed_bytes:
+            report["metrics"]["packed_bytes"] = packed_bytes
         report["metrics"]["size_bytes"] = directory_bytes(model_dir)
         report["metrics"]["seconds"] = time.perf_counter() - started
         (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))

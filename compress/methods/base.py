@@ -35,6 +35,10 @@ class StageParams(BaseModel):
 
     targets: TargetSelection = Field(default_factory=TargetSelection)
 
+    def check_target(self, target: Target) -> None:
+        """Raise CompressError if these parameters do not fit the target's shape (an N:M group or a
+        quantization group that does not divide its input size, ...)."""
+
 
 @dataclass
 class TargetResult:
@@ -65,6 +69,7 @@ class Method:
 
     def check_target(self, target: Target) -> None:
         """Raise CompressError if the method cannot handle this target (checked before calibration)."""
+        self.params.check_target(target)
 
     def bind_mask_pattern(self, pattern: str) -> None:
         """For `refines_mask` methods: the sparsity pattern of the earlier stage's masks."""

@@ -53,6 +53,10 @@ class DSnoTParams(StageParams):
     # sparsity (README).
     require_lower_error: bool = True
 
+    def check_target(self, target: Target) -> None:
+        if self.pattern is not None:
+            check_nm_divisible(target, self.pattern)
+
 
 def is_attention(target: Target) -> bool:
     """Inside the attention module (q/k/v/o), by its path: `self_attn`, `attention`, `attn`..."""
@@ -163,10 +167,6 @@ class DSnoT(Method):
             return targets
         return [t for t in targets if is_attention(t) == (skip == "mlp")]
 
-    def check_target(self, target: Target) -> None:
-        if self.params.pattern is not None:
-            check_nm_divisible(target, self.params.pattern)
-
     def bind_mask_pattern(self, pattern: str) -> None:
         if self.params.pattern is None:
             self.params.pattern = pattern
@@ -185,6 +185,7 @@ class DSnoT(Method):
         if not statistics:  # an expert no calibration token reached: nothing to estimate e from
             return TargetResult(weight=weight, mask=mask)
         params = self.params
+        group = parse_pattern(params.pattern or "unstructured")
         keep = dsnot_refine(
             dense,
             weight,
@@ -192,11 +193,11 @@ class DSnoT(Method):
             statistics["input_mean"] * statistics["tokens_per_sequence"],
             statistics["input_variance"],
             statistics["input_sq_norm"],
-            parse_pattern(params.pattern or "unstructured"),
+            group,
             params.max_cycle_time,
             params.update_threshold,
             params.pow_of_var_regrowing,
-            same_sign=parse_pattern(params.pattern or "unstructured") is not None or not params.without_same_sign,
+            same_sign=group is not None or not params.without_same_sign,
             require_lower_error=params.require_lower_error,
         )
         refined = torch.where(mask, weight, dense) * keep  # grown weights take their dense value

@@ -18,7 +18,6 @@ from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, ob
 from compress.methods.quantization import (
     Grid,
     QuantizationParams,
-    check_group_divides,
     fit_grid,
     group_bounds,
     packed_weight,
@@ -26,7 +25,6 @@ from compress.methods.quantization import (
 )
 from compress.packing import QuantizedWeight
 from compress.registry import register
-from compress.targets import Target
 
 
 class GPTQParams(QuantizationParams):
@@ -116,9 +114,6 @@ class GPTQ(Method):
     name = "gptq"
     Params = GPTQParams
     statistics = ("hessian",)
-
-    def check_target(self, target: Target) -> None:
-        check_group_divides(target, self.params.group_size)
 
     def compress_target(
         self,

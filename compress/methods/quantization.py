@@ -28,6 +28,9 @@ class QuantizationParams(StageParams):
     group_size: int | None = Field(default=128, gt=0)
     symmetric: bool = False
 
+    def check_target(self, target: Target) -> None:
+        check_group_divides(target, self.group_size)
+
 
 def check_group_divides(target: Target, group_size: int | None) -> None:
     if group_size is not None and target.in_features % group_size:

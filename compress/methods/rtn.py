@@ -9,14 +9,12 @@ from compress.methods.base import Method, TargetResult
 from compress.methods.quantization import (
     Grid,
     QuantizationParams,
-    check_group_divides,
     fit_grid,
     group_bounds,
     packed_weight,
     round_to_grid,
 )
 from compress.registry import register
-from compress.targets import Target
 
 
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool = False) -> tuple[torch.Tensor, list[Grid]]:
@@ -35,9 +33,6 @@ class RTN(Method):
     name = "rtn"
     Params = QuantizationParams
     statistics = ()
-
-    def check_target(self, target: Target) -> None:
-        check_group_divides(target, self.params.group_size)
 
     def compress_target(
         self,

@@ -15,9 +15,8 @@ from pydantic import Field, model_validator
 
 from compress.methods.base import Method, TargetResult
 from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_sweep
-from compress.methods.sparsity import NM, PruningParams, check_nm_divisible, parse_pattern, prune_mask
+from compress.methods.sparsity import NM, PruningParams, parse_pattern, prune_mask
 from compress.registry import register
-from compress.targets import Target
 
 
 class SparseGPTParams(PruningParams):
@@ -84,9 +83,6 @@ class SparseGPT(Method):
     name = "sparsegpt"
     Params = SparseGPTParams
     statistics = ("hessian",)
-
-    def check_target(self, target: Target) -> None:
-        check_nm_divisible(target, self.params.pattern)
 
     def compress_target(
         self,

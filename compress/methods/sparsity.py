@@ -81,6 +81,9 @@ class PruningParams(StageParams):
                 )
         return self
 
+    def check_target(self, target: Target) -> None:
+        check_nm_divisible(target, self.pattern)
+
 
 def check_nm_divisible(target: Target, pattern: str) -> None:
     group = parse_pattern(pattern)

@@ -51,6 +51,14 @@ class SpQRParams(QuantizationParams):
             raise ValueError(f"block_size {self.block_size} must be a multiple of group_size {self.group_size}")
         return self
 
+    def check_target(self, target: Target) -> None:
+        super().check_target(target)
+        if target.out_features % self.qq_groupsize:
+            raise CompressError(f"target {target.name}: output size {target.out_features} is not divisible by "
+                                f"qq_groupsize={self.qq_groupsize}; choose a qq_groupsize that divides it, or exclude the target")
+        if target.in_features > 65536:
+            raise CompressError(f"target {target.name}: input size {target.in_features} exceeds the 16-bit column indices of outliers")
+
 
 def _minmax_grid(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row min/max grid over the last dimension, zero point not rounded (SpQR's quantizer)."""
@@ -185,17 +193,6 @@ class SpQR(Method):
     name = "spqr"
     Params = SpQRParams
     statistics = ("hessian",)
-
-    def check_target(self, target: Target) -> None:
-        p = self.params
-        if target.in_features % p.group_size:
-            raise CompressError(f"target {target.name}: input size {target.in_features} is not divisible by "
-                                f"group_size={p.group_size}; choose a group_size that divides it, or exclude the target")
-        if target.out_features % p.qq_groupsize:
-            raise CompressError(f"target {target.name}: output size {target.out_features} is not divisible by "
-                                f"qq_groupsize={p.qq_groupsize}; choose a qq_groupsize that divides it, or exclude the target")
-        if target.in_features > 65536:
-            raise CompressError(f"target {target.name}: input size {target.in_features} exceeds the 16-bit column indices of outliers")
 
     def compress_target(
         self,

@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 
 from compress.methods.base import Method, TargetResult
-from compress.methods.sparsity import PruningParams, check_nm_divisible, prune_mask
+from compress.methods.sparsity import PruningParams, prune_mask
 from compress.registry import register
-from compress.targets import Target
 
 
 def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
@@ -21,9 +20,6 @@ class Wanda(Method):
     name = "wanda"
     Params = PruningParams
     statistics = ("input_sq_norm",)
-
-    def check_target(self, target: Target) -> None:
-        check_nm_divisible(target, self.params.pattern)
 
     def compress_target(
         self,
