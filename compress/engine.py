@@ -45,6 +45,10 @@ class Stage:
     method: Method
     targets: list[Target]
     label: str = ""
+    # For a stage that refines a mask (DSnoT): the weights before the pruning stage it refines, by
+    # target name. Without it, the weights as they stand before the first stage of this pass.
+    reference: dict[str, torch.Tensor] | None = None
+    refines: int | None = None  # index (in the recipe) of the pruning stage whose mask this one refines
 
 
 @dataclass
@@ -214,7 +218,7 @@ def run_layerwise(
             originals = {}
             if keep_originals:
                 originals = {
-                    t.name: t.weight.clone()
+                    t.name: t.weight.clone() if stage.reference is None else stage.reference[t.name]
                     for stage, blocks in zip(stages, per_stage_block)
                     if stage.method.refines_mask
                     for t in blocks[index]

@@ -77,14 +77,14 @@ def target_sparsity(targets: list[Target]) -> tuple[dict[str, float], float]:
     return per_target, zeros / total if total else 0.0
 
 
-def stored_bits_per_param(targets: list[Target], storage_dtype: torch.dtype, packed_bytes: int = 0, packed_params: int = 0) -> float:
+def stored_bits_per_param(target_numels: list[int], storage_bits: int, packed_bytes: int = 0, packed_params: int = 0) -> float:
     """Bits stored per target weight. A dense HF checkpoint stores every weight, zero or not, at its
     dtype's width; quantized targets count the bytes of the packed file (all its metadata included),
     `packed_bytes` for `packed_params` of the targets' weights."""
-    total = sum(t.numel for t in targets)
+    total = sum(target_numels)
     if not total:
         return 0.0
-    dense_bits = torch.finfo(storage_dtype).bits * (total - packed_params)
+    dense_bits = storage_bits * (total - packed_params)
     return (dense_bits + 8 * packed_bytes) / total
 
 

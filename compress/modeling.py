@@ -62,6 +62,21 @@ def resolve_source(spec: ModelSpec) -> str:
     return source
 
 
+def materialize_source(spec: ModelSpec) -> tuple[Path, str]:
+    """(local folder holding the model, source as the user named it). A hub id is fetched into the
+    Hugging Face cache first, so every later step reads the same files and can hash them."""
+    source = resolve_source(spec)
+    if _looks_like_local_path(source) or spec.source is None:
+        return Path(source), spec.source or "<embedded model>"
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=source)), source
+    except Exception as error:  # the hub client raises many types (offline, gated, not found)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CompressError(f"could not fetch model {source!r} from the hub: {first_line}") from None
+
+
 def _detect_kind(source: str) -> str:
     from transformers import AutoConfig
 

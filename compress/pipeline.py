@@ -1,7 +1,13 @@
-"""The run: load, check every stage against the model, calibrate, compress, evaluate, write.
+"""The run as a chain of steps: load, calibrate, each stage, evaluate, export.
 
-Everything the user can get wrong is checked before the first calibration pass; the output folder is
-written under a temporary name and moved into place only when complete, so a failed run leaves
+Every step but load and export is stored by the content of its inputs (compress/steps.py), so a
+re-run of a failed or edited recipe redoes only what changed. Steps hand each other folders: a stage
+reads the checkpoint (model + masks + packed weights) the step before it wrote and writes its own.
+`run` chains them with a `runner` that calls each step: plainly here, as a Prefect task with an
+MLflow child run in the flow (flows/compress_flow.py), so both give bit-identical outputs.
+
+Everything the user can get wrong is checked in the load step, before calibration; the output folder
+is written under a temporary name and moved into place only when complete, so a failed run leaves
 nothing behind in `--out`.
 """
 
@@ -12,10 +18,12 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from compress import __version__
 from compress.data import batches, calibration_tokens, embedded_text, read_text_file, tokenize
@@ -31,17 +39,20 @@ from compress.evaluate import (
     target_sparsity,
 )
 from compress.methods.sparsity import PruningParams
-from compress.modeling import LoadedModel, load_model, model_info, round_to_storage
-from compress.recipe import Recipe
-from compress.registry import get_method
+from compress.modeling import LoadedModel, load_model, materialize_source, model_info, pick_device, round_to_storage
 from compress.packing import PACKED_FILE, QuantizedWeight
-from compress.state import CompressionState
-from compress.targets import ModelLayout, Target, discover, select
+from compress.recipe import ModelSpec, Recipe
+from compress.registry import get_method
+from compress.state import STATE_FILE, STATE_INDEX, CompressionState
+from compress.steps import MODEL_DIR, StepResult, StepStore, digest, file_digests, load_tokens, save_tokens, tree_digest
+from compress.targets import ModelLayout, discover, select
 
 log = logging.getLogger("compress")
 
 REPORT_FILE = "report.json"
-MODEL_DIR = "model"
+RECIPE_FILE = "recipe.json"
+TOKENS_FILE = "tokens.safetensors"
+EMBEDDINGS_FILE = "embeddings.safetensors"
 
 
 def plan_stages(recipe: Recipe, layout: ModelLayout) -> list[Stage]:
@@ -49,6 +60,7 @@ def plan_stages(recipe: Recipe, layout: ModelLayout) -> list[Stage]:
     refines a mask (DSnoT) must follow a pruning stage covering its targets, and takes its pattern."""
     planned = []
     mask_pattern: dict[str, str] = {}  # target -> pattern of the last pruning stage that masked it
+    mask_stage: dict[str, int] = {}  # target -> index of that stage
     for index, stage in enumerate(recipe.stages):
         method = get_method(stage.method)(stage.params)
         where = f"stages.{index} ({stage.method})"
@@ -74,9 +86,16 @@ def plan_stages(recipe: Recipe, layout: ModelLayout) -> list[Stage]:
                 method.bind_mask_pattern(patterns[0])
             except ValueError as error:
                 raise CompressError(f"{where}: {error}") from None
+        refines = None
+        if method.refines_mask:
+            sources = sorted({mask_stage[t.name] for t in targets})
+            if len(sources) > 1:
+                raise CompressError(f"{where}: its targets were pruned by different stages {sources}; split it into one stage per pruning stage")
+            refines = sources[0]
         if isinstance(stage.params, PruningParams):
             mask_pattern.update({t.name: stage.params.pattern for t in targets})
-        planned.append(Stage(method, targets, label=f"stage {index} ({method.name})"))
+            mask_stage.update({t.name: index for t in targets})
+        planned.append(Stage(method, targets, label=f"stage {index} ({method.name})", refines=refines))
     return planned
 
 
@@ -108,98 +127,235 @@ def _quality(loaded: LoadedModel, windows: torch.Tensor, batch_size: int, refere
     return {"embeddings": embeddings, "embedding_cosine": embedding_cosine(reference, embeddings) if reference is not None else 1.0}
 
 
-def run(recipe: Recipe, out: str | Path | None = None) -> dict[str, Any]:
-    """Run a validated recipe end to end; returns the report (also written to OUT/report.json)."""
-    started = time.perf_counter()
-    out_dir = resolve_output_dir(recipe, out)
+# --- checkpoints --------------------------------------------------------------------------------
 
-    # Everything that can be wrong with the input is found here, before calibration.
-    loaded = load_model(recipe.model)
+
+def _compute_settings(spec: ModelSpec) -> dict[str, str]:
+    """What, besides the inputs, decides a step's numbers: the resolved device type and dtype."""
+    return {"device": pick_device(spec.device).type, "dtype": spec.dtype}
+
+
+def open_checkpoint(step: StepResult, spec: ModelSpec) -> tuple[LoadedModel, CompressionState]:
+    """The model and compression state a step left (the source model and an empty state for load)."""
+    loaded = load_model(spec.model_copy(update={"source": str(step.model_path), "kind": step.info.get("kind", spec.kind)}))
+    state = CompressionState.load(step.path) if (step.path / STATE_FILE).is_file() else CompressionState()
+    return loaded, state
+
+
+def save_checkpoint(folder: Path, loaded: LoadedModel, state: CompressionState) -> None:
+    loaded.model.to(loaded.storage_dtype).save_pretrained(folder / MODEL_DIR)
+    loaded.model.to(loaded.compute_dtype)
+    loaded.tokenizer.save_pretrained(folder / MODEL_DIR)
+    state.save(folder)
+
+
+# --- steps --------------------------------------------------------------------------------------
+
+
+def load_step(recipe: Recipe) -> StepResult:
+    """Find the model (downloading a hub id into the local cache), hash its files, load it and
+    resolve every stage against it: all input errors surface here, before any calibration."""
+    started = time.perf_counter()
+    path, source = materialize_source(recipe.model)
+    loaded = load_model(recipe.model.model_copy(update={"source": str(path)}))
     layout = discover(loaded.model)
     planned = plan_stages(recipe, layout)
-    windows, eval_source = _eval_tokens(recipe, loaded)
-    calibration: list[torch.Tensor] = []
-    calibration_info: dict[str, Any] = {**recipe.calibration.model_dump(mode="json"), "used": False}
-    if any(stage.method.statistics for stage in planned):
-        tokens, source = calibration_tokens(recipe.calibration, loaded.tokenizer)
-        calibration = batches(tokens, recipe.calibration.batch_size)
-        calibration_info.update(used=True, source=source, tokens=int(tokens.numel()))
-    log.info("model %s (%s, %s): %d targets in %d blocks", loaded.source, loaded.kind, loaded.device, len(layout.targets), len(layout.blocks))
+    _eval_tokens(recipe, loaded)  # a too-short evaluation text is an input error: find it now
+    key = digest("model", tree_digest(path), recipe.model.kind, _compute_settings(recipe.model))
+    info = {
+        "model_path": str(path),
+        "source": source,
+        "kind": loaded.kind,
+        "model": {**model_info(loaded), "source": source},
+        "targets": len(layout.targets),
+        "stage_targets": [len(stage.targets) for stage in planned],
+        "refines": [stage.refines for stage in planned],
+        "left_out": layout.left_out,
+    }
+    log.info("model %s (%s, %s): %d targets in %d blocks", source, loaded.kind, loaded.device, len(layout.targets), len(layout.blocks))
+    return StepResult("load", key, path, info, seconds=time.perf_counter() - started)
 
-    metrics: dict[str, Any] = {}
-    round_to_storage(loaded)
-    dense_embeddings = None
-    if recipe.evaluate.dense or loaded.kind == "encoder":  # an encoder's fidelity needs the dense embeddings
-        dense = _quality(loaded, windows, recipe.evaluate.batch_size, None)
-        dense_embeddings = dense.pop("embeddings", None)
-        if "perplexity" in dense:
-            metrics["dense_perplexity"] = dense["perplexity"]
-            log.info("dense perplexity %.3f", dense["perplexity"])
 
-    state = CompressionState()
-    outcome = run_layerwise(loaded.model, layout, planned, state, calibration, loaded.device)
-    stage_reports = []
-    tokens_per_target: dict[str, int] = {}
-    for index, (stage, result) in enumerate(zip(planned, outcome.stages)):
+def _needs_calibration(recipe: Recipe) -> bool:
+    return any(get_method(stage.method).statistics for stage in recipe.stages)
+
+
+def calibrate_step(store: StepStore, recipe: Recipe, load: StepResult) -> StepResult:
+    """Seeded calibration token windows, stored; skipped when no stage gathers statistics."""
+    spec = recipe.calibration
+    if not _needs_calibration(recipe):
+        return StepResult("calibrate", "none", load.path, {**spec.model_dump(mode="json"), "used": False}, cached=True)
+    described = spec.model_dump(mode="json")
+    if spec.text:
+        described["text"] = file_digests(spec.text)  # the content decides, not where it lies
+    key = digest("calibrate", __version__, described, load.key)
+
+    def compute(folder: Path) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(load.model_path))
+        tokens, source = calibration_tokens(spec, tokenizer)
+        save_tokens(folder / TOKENS_FILE, tokens)
+        return {**spec.model_dump(mode="json"), "used": True, "source": source, "tokens": int(tokens.numel())}
+
+    return store.run("calibrate", key, compute)
+
+
+def stage_step(
+    store: StepStore, recipe: Recipe, index: int, previous: StepResult, calibration: StepResult, reference: StepResult | None = None
+) -> StepResult:
+    """Run recipe stage `index` over the checkpoint `previous` left; `reference` is the checkpoint
+    from before the pruning stage that a refining stage (DSnoT) refines."""
+    stage = recipe.stages[index]
+    method = get_method(stage.method)
+    uses_data = bool(method.statistics)
+    key = digest(
+        "stage", __version__, stage.describe(), previous.key, calibration.key if uses_data else None,
+        reference.key if reference else None, _compute_settings(recipe.model),
+    )
+
+    def compute(folder: Path) -> dict[str, Any]:
+        loaded, state = open_checkpoint(previous, recipe.model)
+        layout = discover(loaded.model)
+        planned = plan_stages(recipe, layout)[index]
+        if reference is not None:
+            planned.reference = _reference_weights(reference, recipe.model, [t.name for t in planned.targets])
+        calib = batches(load_tokens(calibration.path / TOKENS_FILE), recipe.calibration.batch_size) if uses_data else []
+        outcome = run_layerwise(loaded.model, layout, [planned], state, calib, loaded.device)
+        result = outcome.stages[0]
         if result.changed == 0:
-            raise CompressError(f"{stage.label} changed no weight of its {len(stage.targets)} targets: check its parameters")
-        tokens_per_target.update(result.tokens)
-        stage_reports.append(
-            {
-                **recipe.stages[index].describe(),
-                "seconds": result.seconds,
-                "targets": len(stage.targets),
-                "targets_changed": result.changed,
-                "sparsity": result.sparsity,
-                "no_calibration_tokens": result.no_tokens,
-            }
-        )
+            raise CompressError(f"{planned.label} changed no weight of its {len(planned.targets)} targets: check its parameters")
         if result.no_tokens:
             log.warning("%s: no calibration token reached %d targets (%s...): they were compressed without "
-                        "activation statistics", stage.label, len(result.no_tokens), result.no_tokens[0])
-        log.info("%s: %d targets, sparsity %.4f, %.2f s", stage.label, len(stage.targets), result.sparsity, result.seconds)
-    calibration_info["forward_seconds"] = outcome.forward_seconds
+                        "activation statistics", planned.label, len(result.no_tokens), result.no_tokens[0])
+        round_to_storage(loaded)
+        save_checkpoint(folder, loaded, state)
+        log.info("%s: %d targets, sparsity %.4f, %.2f s", planned.label, len(planned.targets), result.sparsity, result.seconds)
+        return {
+            "label": planned.label,
+            "stage_seconds": result.seconds,
+            "forward_seconds": outcome.forward_seconds,
+            "targets": len(planned.targets),
+            "targets_changed": result.changed,
+            "sparsity": result.sparsity,
+            "tokens": result.tokens,
+            "no_calibration_tokens": result.no_tokens,
+        }
 
-    round_to_storage(loaded)
-    compressed_targets = [t for t in layout.targets if t.name in state.targets]
-    per_target, overall = target_sparsity(compressed_targets)
-    quality = _quality(loaded, windows, recipe.evaluate.batch_size, dense_embeddings)
-    quality.pop("embeddings", None)
-    metrics.update(quality)
-    metrics.update(
-        sparsity=overall,
-        params=sum(p.numel() for p in loaded.model.parameters()),
-        target_params=sum(t.numel for t in compressed_targets),
-    )
-    report: dict[str, Any] = {
-        "compress_version": __version__,
-        "recipe": recipe.describe(),
-        "model": model_info(loaded),
-        "calibration": calibration_info,
+    return store.run("stage", key, compute)
+
+
+def _reference_weights(reference: StepResult, spec: ModelSpec, names: list[str]) -> dict[str, torch.Tensor]:
+    loaded, _ = open_checkpoint(reference, spec)
+    wanted = set(names)
+    return {t.name: t.weight.clone() for t in discover(loaded.model).targets if t.name in wanted}
+
+
+def evaluate_step(store: StepStore, recipe: Recipe, load: StepResult, final: StepResult) -> StepResult:
+    """Quality of the compressed model (and, stored apart, of the dense one), sparsity per target."""
+    spec = recipe.evaluate
+    text_key = file_digests([spec.text])[0] if spec.text else "embedded"
+    settings = _compute_settings(recipe.model)
+    causal = load.info["kind"] == "causal"
+    dense = None
+    if spec.dense or not causal:  # an encoder's fidelity needs the dense embeddings
+        dense_key = digest("dense", __version__, spec.model_dump(mode="json"), text_key, load.key, settings)
+        dense = store.run("dense", dense_key, lambda folder: _measure(recipe, load, folder, None))
+    key = digest("evaluate", __version__, spec.model_dump(mode="json"), text_key, final.key, dense.key if dense else None, settings)
+    result = store.run("evaluate", key, lambda folder: _measure(recipe, final, folder, dense))
+    result.info["dense"] = dense.info if dense is not None else None  # not stored: the key already covers it
+    return result
+
+
+def _measure(recipe: Recipe, checkpoint: StepResult, folder: Path, dense: StepResult | None) -> dict[str, Any]:
+    loaded, state = open_checkpoint(checkpoint, recipe.model)
+    windows, source = _eval_tokens(recipe, loaded)
+    info: dict[str, Any] = {
         "evaluation": {
-            "text": eval_source,
+            "text": source,
             "seqlen": recipe.evaluate.seqlen,
             "windows": int(windows.shape[0]),
             "tokens": int(windows.numel()),
             "windowing": "non-overlapping",
             "metric": "perplexity" if loaded.kind == "causal" else "embedding_cosine (mean-pooled, vs dense)",
-        },
-        "metrics": metrics,
-        "stages": stage_reports,
-        "targets": {
-            t.name: {
-                "shape": list(t.weight.shape),
-                "sparsity": per_target[t.name],
-                "stages": state.targets[t.name].stages,
-                "calibration_tokens": tokens_per_target.get(t.name),
-                "fused_expert": t.is_expert,
-                "quantized": _quantization_info(state.targets[t.name].quantized),
-            }
-            for t in compressed_targets
-        },
-        "left_out": layout.left_out,
+        }
     }
-    _write_output(out_dir, loaded, state, report, started, compressed_targets)
+    if loaded.kind == "causal":
+        info["perplexity"] = perplexity(loaded.model, windows, loaded.device, recipe.evaluate.batch_size)
+    else:
+        embeddings = mean_pooled_embeddings(loaded.model, windows, loaded.device, recipe.evaluate.batch_size)
+        save_file({"embeddings": embeddings.contiguous()}, str(folder / EMBEDDINGS_FILE))
+        reference = embeddings if dense is None else load_file(str(dense.path / EMBEDDINGS_FILE))["embeddings"]
+        info["embedding_cosine"] = embedding_cosine(reference, embeddings)
+    layout = discover(loaded.model)
+    compressed = [t for t in layout.targets if t.name in state.targets]
+    per_target, overall = target_sparsity(compressed)
+    info.update(
+        sparsity=overall,
+        params=sum(p.numel() for p in loaded.model.parameters()),
+        target_params=sum(t.numel for t in compressed),
+        storage_bits=torch.finfo(loaded.storage_dtype).bits,
+        targets={
+            t.name: {"shape": list(t.weight.shape), "sparsity": per_target[t.name], "fused_expert": t.is_expert}
+            for t in compressed
+        },
+    )
+    return info
+
+
+def export_step(
+    out_dir: Path, recipe: Recipe, load: StepResult, calibration: StepResult, stages: list[StepResult],
+    evaluation: StepResult, steps: list[StepResult], started: float,
+) -> dict[str, Any]:
+    """Write the output folder (checkpoint, state, packed weights, report) and return the report."""
+    final = stages[-1]
+    state = CompressionState.load(final.path)
+    measured = evaluation.info
+    metrics: dict[str, Any] = {}
+    dense = measured.get("dense")
+    if dense is not None and "perplexity" in dense:
+        metrics["dense_perplexity"] = dense["perplexity"]
+    for name in ("perplexity", "embedding_cosine", "sparsity", "params", "target_params"):
+        if name in measured:
+            metrics[name] = measured[name]
+    tokens: dict[str, int] = {}
+    for step in stages:
+        tokens.update(step.info["tokens"])
+    report: dict[str, Any] = {
+        "compress_version": __version__,
+        "recipe": recipe.describe(),
+        "model": load.info["model"],
+        "calibration": {
+            **{k: v for k, v in calibration.info.items() if k not in ("seconds", "compress_version")},
+            "forward_seconds": sum(step.info["forward_seconds"] for step in stages),
+        },
+        "evaluation": measured["evaluation"],
+        "metrics": metrics,
+        "stages": [
+            {
+                **recipe.stages[index].describe(),
+                "seconds": step.info["stage_seconds"],
+                "targets": step.info["targets"],
+                "targets_changed": step.info["targets_changed"],
+                "sparsity": step.info["sparsity"],
+                "no_calibration_tokens": step.info["no_calibration_tokens"],
+                "cached": step.cached,
+            }
+            for index, step in enumerate(stages)
+        ],
+        "targets": {
+            name: {
+                **target,
+                "stages": state.targets[name].stages,
+                "calibration_tokens": tokens.get(name),
+                "quantized": _quantization_info(state.targets[name].quantized),
+            }
+            for name, target in measured["targets"].items()
+        },
+        "left_out": load.info["left_out"],
+        "steps": [{"step": s.kind, "key": s.key, "cached": s.cached, "seconds": s.seconds} for s in steps],
+    }
+    _write_output(out_dir, final, report, started, measured)
     return report
 
 
@@ -210,31 +366,32 @@ def _quantization_info(quantized: QuantizedWeight | None) -> dict[str, Any] | No
     return {"bits": quantized.bits, "group_size": quantized.group_size, "outliers": outliers}
 
 
-def _write_output(
-    out_dir: Path, loaded: LoadedModel, state: CompressionState, report: dict[str, Any], started: float, compressed_targets: list[Target]
-) -> None:
+def _write_output(out_dir: Path, final: StepResult, report: dict[str, Any], started: float, measured: dict[str, Any]) -> None:
     """Write into a temporary sibling folder, then move it into place (replacing an earlier output)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         partial.mkdir()
-        model_dir = partial / MODEL_DIR
-        loaded.model.to(loaded.storage_dtype).save_pretrained(model_dir)
-        loaded.model.to(loaded.compute_dtype)
-        loaded.tokenizer.save_pretrained(model_dir)
-        state.save(partial)
+        shutil.copytree(final.model_path, partial / MODEL_DIR)
+        for name in (STATE_FILE, STATE_INDEX, PACKED_FILE):
+            if (final.path / name).is_file():
+                shutil.copy2(final.path / name, partial / name)
         # bits/param is measured from what was written: the packed file for quantized targets
         packed = partial / PACKED_FILE
         packed_bytes = packed.stat().st_size if packed.exists() else 0
-        quantized_params = sum(e.quantized.numel for e in state.targets.values() if e.quantized is not None)
-        report["metrics"]["bits_per_param"] = stored_bits_per_param(compressed_targets, loaded.storage_dtype, packed_bytes, quantized_params)
+        quantized_params = sum(
+            target["shape"][0] * target["shape"][1] for target in report["targets"].values() if target["quantized"] is not None
+        )
+        report["metrics"]["bits_per_param"] = stored_bits_per_param(
+            [t["shape"][0] * t["shape"][1] for t in report["targets"].values()], measured["storage_bits"], packed_bytes, quantized_params
+        )
         if packed_bytes:
             report["metrics"]["packed_bytes"] = packed_bytes
-        report["metrics"]["size_bytes"] = directory_bytes(model_dir)
+        report["metrics"]["size_bytes"] = directory_bytes(partial / MODEL_DIR)
         report["metrics"]["seconds"] = time.perf_counter() - started
         (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        (partial / "recipe.json").write_text(json.dumps(report["recipe"], indent=2))
+        (partial / RECIPE_FILE).write_text(json.dumps(report["recipe"], indent=2))
         if out_dir.exists():
             retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             out_dir.rename(retired)
@@ -245,3 +402,37 @@ def _write_output(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+# --- the chain ----------------------------------------------------------------------------------
+
+Runner = Callable[..., Any]
+
+
+def run_directly(name: str, function: Callable[..., Any], *args: Any) -> Any:
+    """The plain runner: call the step here and now."""
+    return function(*args)
+
+
+def run(recipe: Recipe, out: str | Path | None = None, *, store: StepStore | None = None, runner: Runner = run_directly) -> dict[str, Any]:
+    """Run a validated recipe end to end; returns the report (also written to OUT/report.json).
+
+    `runner(name, step_function, *args)` calls each step; the Prefect flow passes one that runs it
+    as a task and tracks it in MLflow."""
+    started = time.perf_counter()
+    out_dir = resolve_output_dir(recipe, out)
+    store = store or StepStore.default()
+    load = runner("load", load_step, recipe)
+    calibration = runner("calibrate", calibrate_step, store, recipe, load)
+    inputs: list[StepResult] = []
+    stages: list[StepResult] = []
+    previous = load
+    for index, stage in enumerate(recipe.stages):
+        inputs.append(previous)
+        refines = load.info["refines"][index]
+        reference = inputs[refines] if refines is not None else None
+        previous = runner(f"stage {index} ({stage.method})", stage_step, store, recipe, index, previous, calibration, reference)
+        stages.append(previous)
+    evaluation = runner("evaluate", evaluate_step, store, recipe, load, previous)
+    steps = [load, calibration, *stages, evaluation]
+    return runner("export", export_step, out_dir, recipe, load, calibration, stages, evaluation, steps, started)

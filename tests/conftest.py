@@ -26,6 +26,21 @@ def fast_recipe(*stages: dict[str, Any], **sections: Any) -> dict[str, Any]:
     return data
 
 
+@pytest.fixture(autouse=True, scope="session")
+def compress_home(tmp_path_factory):
+    """Step cache and tracking store of the test session, never the user's ~/.compress."""
+    import os
+
+    home = tmp_path_factory.mktemp("compress-home")
+    previous = os.environ.get("COMPRESS_HOME")
+    os.environ["COMPRESS_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("COMPRESS_HOME", None)
+    else:
+        os.environ["COMPRESS_HOME"] = previous
+
+
 @pytest.fixture
 def recipe_from():
     def build(*stages: dict[str, Any], **sections: Any):
@@ -65,3 +80,30 @@ def tiny_bert(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(path)
     return path
+
+
+FAULT_FLAG = "COMPRESS_TEST_FAULT_FLAG"
+
+
+@pytest.fixture(scope="session")
+def fault_method() -> str:
+    """A real method (RTN) that fails while the file named by $COMPRESS_TEST_FAULT_FLAG exists: the
+    injected fault of the resume tests. Registered once per session; returns its recipe name."""
+    import os
+
+    from compress.methods.rtn import RTN
+    from compress.registry import _METHODS, register
+
+    name = "rtn-with-fault"
+    if name not in _METHODS:
+
+        class RTNWithFault(RTN):
+            def compress_target(self, weight, statistics, mask, dense=None):
+                flag = os.environ.get(FAULT_FLAG)
+                if flag and Path(flag).exists():
+                    raise RuntimeError(f"injected fault ({flag} exists)")
+                return super().compress_target(weight, statistics, mask, dense)
+
+        RTNWithFault.name = name
+        register(RTNWithFault)
+    return name

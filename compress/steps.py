@@ -1,0 +1,168 @@
+"""The steps of a run, each a folder on disk keyed by the content of its inputs.
+
+load -> calibrate -> stage 0 .. n-1 -> evaluate -> export. A step reads the folders of the steps
+before it and writes its own; nothing but paths and small JSON passes between steps, so any step can
+run in another process (a Prefect task, a worker) and a re-run finds every step whose inputs did not
+change already done. A step's key hashes what decides its result: the recipe section it runs, the
+keys of the steps it reads (which hash their own inputs in turn), the content of the files it reads
+and the package version. A folder appears under its final name only when complete (written under a
+temporary name, then renamed), so a killed run leaves no half-step that a later run would trust.
+
+Where steps live: $COMPRESS_HOME/steps (default ~/.compress/steps). Every stage keeps a full
+checkpoint, so `compress cache clear` (or deleting the folder) is how the space comes back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compress import __version__
+from compress.errors import CompressError
+
+log = logging.getLogger("compress")
+
+STEP_FILE = "step.json"
+MODEL_DIR = "model"
+
+
+def compress_home() -> Path:
+    """Where compress keeps its step cache and, by default, its MLflow store."""
+    return Path(os.environ.get("COMPRESS_HOME") or Path.home() / ".compress").expanduser()
+
+
+def digest(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def file_digest(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def tree_digest(root: Path) -> str:
+    """Hash of every file's relative name and content under a folder (hidden entries skipped)."""
+    hasher = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        hasher.update(str(relative).encode() + b"\0" + file_digest(path).encode() + b"\0")
+    return hasher.hexdigest()
+
+
+@dataclass
+class StepResult:
+    """What one step hands to the next: where its folder is and what it recorded (step.json)."""
+
+    kind: str
+    key: str
+    path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False  # found done in the store: nothing was computed this time
+    seconds: float = 0.0  # wall time of this call (near zero when cached)
+
+    @property
+    def model_path(self) -> Path:
+        """The Hugging Face checkpoint this step leaves (the source model for `load`)."""
+        return Path(self.info["model_path"]) if "model_path" in self.info else self.path / MODEL_DIR
+
+
+class StepStore:
+    """Folders of finished steps, one per (kind, key)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def default(cls) -> "StepStore":
+        return cls(compress_home() / "steps")
+
+    def folder(self, kind: str, key: str) -> Path:
+        return self.root / f"{kind}-{key}"
+
+    def lookup(self, kind: str, key: str) -> StepResult | None:
+        folder = self.folder(kind, key)
+        marker = folder / STEP_FILE
+        if not marker.is_file():
+            return None
+        return StepResult(kind, key, folder, json.loads(marker.read_text()), cached=True)
+
+    def run(self, kind: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> StepResult:
+        """The stored result for (kind, key), or compute it into a fresh folder and store it.
+
+        `compute(folder)` writes its files into `folder` and returns the JSON-able info kept in
+        step.json. Two runs computing the same step at once both finish; the first rename wins.
+        """
+        started = time.perf_counter()
+        found = self.lookup(kind, key)
+        if found is not None:
+            found.seconds = time.perf_counter() - started
+            return found
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.folder(kind, key)
+        partial = self.root / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            partial.mkdir()
+            info = compute(partial)
+            info["seconds"] = time.perf_counter() - started
+            info["compress_version"] = __version__
+            (partial / STEP_FILE).write_text(json.dumps(info, indent=1))
+            try:
+                partial.rename(final)
+            except OSError:  # another run finished the same step first: theirs is as good as ours
+                if not (final / STEP_FILE).is_file():
+                    raise
+                shutil.rmtree(partial, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        result = self.lookup(kind, key)
+        assert result is not None
+        result.cached = False
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def clear(self) -> int:
+        """Remove every stored step; returns how many there were."""
+        if not self.root.is_dir():
+            return 0
+        count = sum(1 for p in self.root.iterdir() if (p / STEP_FILE).is_file())
+        shutil.rmtree(self.root)
+        return count
+
+
+def save_tokens(path: Path, tokens: torch.Tensor) -> None:
+    save_file({"tokens": tokens.contiguous()}, str(path))
+
+
+def load_tokens(path: Path) -> torch.Tensor:
+    return load_file(str(path))["tokens"]
+
+
+def file_digests(paths: list[str]) -> list[str]:
+    """Content hashes of input files (so a recipe naming the same text elsewhere hits the cache)."""
+    out = []
+    for path in paths:
+        resolved = Path(path).expanduser()
+        if not resolved.is_file():
+            raise CompressError(f"file not found: {path}")
+        out.append(file_digest(resolved))
+    return out
