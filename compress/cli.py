@@ -1,6 +1,14 @@
-"""`compress validate RECIPE` and `compress run RECIPE [--model M] [--out DIR] [--set key=value ...]`.
+"""The command line.
 
-Input errors print one line (`error: ...`) and exit with code 2."""
+    compress validate RECIPE [--model M] [--set key=value ...]   check a recipe, print it resolved
+    compress run RECIPE [--out DIR] [--no-track]                 run it here (the Prefect flow, tracked)
+    compress serve [--limit N]                                   serve the flow for submissions
+    compress submit RECIPE [--out DIR] [--wait]                  send a recipe to the served flow
+    compress runs | compress compare ID ID                       read runs back from MLflow
+    compress ui [--port P]                                       the MLflow UI on 127.0.0.1
+    compress cache clear                                         drop stored steps
+
+Input errors print one line (`error: ...`) and exit with code 2; a failed run exits with 1."""
 
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from typing import Any
 
 from compress.errors import CompressError
 
+EXIT_RUN_FAILED = 1
 EXIT_INPUT_ERROR = 2
 
 
@@ -29,9 +38,23 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     recipe_command("validate", "check a recipe and print it resolved, with defaults")
-    run = recipe_command("run", "run a recipe: compress, evaluate, write checkpoint and report.json")
+    run = recipe_command("run", "run a recipe here: the Prefect flow in-process, tracked in MLflow")
     run.add_argument("--out", help="output folder (default: the recipe's output.dir, else runs/<recipe name>)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--no-track", action="store_true", help="plain run: no Prefect, no MLflow (same steps, same output)")
+    submit = recipe_command("submit", "send a recipe to the served flow (`compress serve`); prints the run ids")
+    submit.add_argument("--out", help="output folder on the worker (default: one per run under $COMPRESS_HOME/outputs)")
+    submit.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 if it failed")
+    serve = commands.add_parser("serve", help="serve the flow as a Prefect deployment that accepts submissions")
+    serve.add_argument("--limit", type=int, default=4, help="flow runs at once (default 4)")
+    runs = commands.add_parser("runs", help="the latest runs, from MLflow")
+    runs.add_argument("--limit", type=int, default=20)
+    compare = commands.add_parser("compare", help="two or more runs side by side (ids or id prefixes)")
+    compare.add_argument("run_ids", nargs="+", metavar="ID")
+    ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    cache = commands.add_parser("cache", help="the stored steps under $COMPRESS_HOME/steps")
+    cache.add_argument("action", choices=["clear", "path"])
     return parser
 
 
@@ -56,23 +79,146 @@ def _summary(report: dict[str, Any], out: str) -> str:
     return "\n".join(lines)
 
 
+def _run(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    if args.command == "validate":
+        print(json.dumps(recipe.describe(), indent=2))
+        return 0
+    from compress.pipeline import resolve_output_dir, run
+
+    out = resolve_output_dir(recipe, args.out)
+    from compress.pipeline import load_step
+
+    load_step(recipe)  # every input error, before Prefect, MLflow or calibration start
+    if args.no_track:
+        report = run(recipe, out)
+        print(_summary(report, str(out)))
+        return 0
+    from flows.compress_flow import compress_recipe
+
+    result = compress_recipe(recipe=recipe.to_data(), out=str(out))
+    print(_summary(result["report"], result["out"]))
+    version = f", model version {result['model_version']}" if result["model_version"] else ""
+    print(f"  mlflow run {result['mlflow_run_id']}{version}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from compress.service import api_is_up, prefect_api_url, start_prefect_server
+    from compress.steps import compress_home
+
+    url = prefect_api_url()
+    server = None
+    if not api_is_up(url):
+        print(f"starting a Prefect server at {url} (log: {compress_home() / 'prefect-server.log'})", file=sys.stderr)
+        server = start_prefect_server(url, compress_home() / "prefect-server.log")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        from flows.compress_flow import DEPLOYMENT_NAME, compress_recipe
+
+        print(f"serving {compress_recipe.name}/{DEPLOYMENT_NAME} at {url}; submit with `compress submit RECIPE`", file=sys.stderr)
+        compress_recipe.serve(name=DEPLOYMENT_NAME, limit=args.limit, print_starting_message=False)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from compress.service import submit
+
+    recipe = _load(args)
+    result = submit(recipe.to_data(), args.out, args.wait)
+    print(f"flow run   {result['flow_run_id']}")
+    print(f"mlflow run {result['mlflow_run_id']}")
+    if args.wait:
+        print(f"state      {result['state']}")
+        return 0 if result["state"] == "COMPLETED" else EXIT_RUN_FAILED
+    return 0
+
+
+_TABLE_METRICS = ("perplexity", "dense_perplexity", "embedding_cosine", "sparsity", "bits_per_param", "size_bytes", "seconds")
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from compress.service import list_runs
+
+    runs = list_runs(args.limit)
+    if not runs:
+        print("no runs yet")
+        return 0
+    header = ["run", "recipe", "status", *_TABLE_METRICS, "model"]
+    rows = [[r["run_id"][:12], r["recipe"], r["status"], *(_format(r["metrics"].get(m)) for m in _TABLE_METRICS), r["model_version"]]
+            for r in runs]
+    print(_table([header, *rows]))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from compress.service import get_run
+    from compress.tracking import RUN_METRICS
+
+    runs = [get_run(run_id) for run_id in args.run_ids]
+    rows = [["", *(r["run_id"][:12] for r in runs)], ["recipe", *(r["recipe"] for r in runs)]]
+    rows += [[m, *(_format(r["metrics"].get(m)) for r in runs)] for m in RUN_METRICS if any(m in r["metrics"] for r in runs)]
+    params = sorted({key for r in runs for key in r["params"]})
+    differing = [key for key in params if len({r["params"].get(key) for r in runs}) > 1]
+    rows += [[key, *(r["params"].get(key, "") for r in runs)] for key in differing]
+    print(_table(rows))
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from compress.tracking import tracking_uri
+
+    uri = tracking_uri()
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}", file=sys.stderr)
+    import subprocess
+
+    return subprocess.call(command)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from compress.steps import StepStore
+
+    store = StepStore.default()
+    if args.action == "path":
+        print(store.root)
+    else:
+        print(f"removed {store.clear()} stored steps from {store.root}")
+    return 0
+
+
+_COMMANDS = {"validate": _run, "run": _run, "serve": _serve, "submit": _submit, "runs": _runs, "compare": _compare,
+             "ui": _ui, "cache": _cache}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "quiet", False):
         os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when a bar is created
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
-    try:
-        recipe = _load(args)
-        if args.command == "validate":
-            print(json.dumps(recipe.describe(), indent=2))
-            return 0
-        from compress.pipeline import resolve_output_dir, run
+    # Our own progress lines at INFO; the libraries' (HTTP requests, MLflow's store) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("compress").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    from compress.service import configure_prefect_home
 
-        out = resolve_output_dir(recipe, args.out)
-        report = run(recipe, out)
-        print(_summary(report, str(out)))
-        return 0
+    configure_prefect_home()
+    try:
+        return _COMMANDS[args.command](args)
     except CompressError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR

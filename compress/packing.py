@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 PACKED_FILE = "packed.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one metadata entry (format + layout), so the bytes are reproducible
 SMALLEST_SCALE = 2.0**-24  # the smallest positive float16: a scale never rounds to zero
 
 
@@ -171,7 +171,10 @@ def write_packed(path: Path, weights: dict[str, QuantizedWeight]) -> None:
                         "zero": zero_info, "outliers": q.outliers is not None, "keep": q.keep is not None,
                         "perm": q.perm is not None}
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-    save_file(tensors, str(path), metadata={"format": f"compress-packed/{FORMAT_VERSION}", "layout": json.dumps(layout)})
+    # One metadata entry: safetensors writes its metadata map in no fixed order, and a run resumed
+    # from stored steps must write the same bytes as an uninterrupted one.
+    header = {"format": f"compress-packed/{FORMAT_VERSION}", "layout": layout}
+    save_file(tensors, str(path), metadata={"compress_packed": json.dumps(header)})
 
 
 def _read_statistic(handle, prefix: str, info: dict) -> torch.Tensor | QuantizedStatistic:
@@ -188,10 +191,10 @@ def _read_statistic(handle, prefix: str, info: dict) -> torch.Tensor | Quantized
 def read_packed(path: Path) -> dict[str, QuantizedWeight]:
     weights = {}
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-        if metadata.get("format") != f"compress-packed/{FORMAT_VERSION}":
-            raise ValueError(f"{path}: not a compress packed file (format {metadata.get('format')!r})")
-        for name, info in json.loads(metadata["layout"]).items():
+        header = json.loads((handle.metadata() or {}).get("compress_packed", "{}"))
+        if header.get("format") != f"compress-packed/{FORMAT_VERSION}":
+            raise ValueError(f"{path}: not a compress packed file (format {header.get('format')!r})")
+        for name, info in header["layout"].items():
             rows, cols = info["shape"]
             keep = None
             if info["keep"]:

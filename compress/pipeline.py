@@ -40,6 +40,7 @@ from compress.evaluate import (
 )
 from compress.methods.sparsity import PruningParams
 from compress.modeling import LoadedModel, load_model, materialize_source, model_info, pick_device, round_to_storage
+from compress.onnx_export import ONNX_FILE, export_onnx
 from compress.packing import PACKED_FILE, QuantizedWeight
 from compress.recipe import ModelSpec, Recipe
 from compress.registry import get_method
@@ -161,6 +162,9 @@ def load_step(recipe: Recipe) -> StepResult:
     layout = discover(loaded.model)
     planned = plan_stages(recipe, layout)
     _eval_tokens(recipe, loaded)  # a too-short evaluation text is an input error: find it now
+    if _needs_calibration(recipe):
+        for text in recipe.calibration.text or []:
+            read_text_file(text, "calibration")  # missing or empty: say so before anything runs
     key = digest("model", tree_digest(path), recipe.model.kind, _compute_settings(recipe.model))
     info = {
         "model_path": str(path),
@@ -355,7 +359,7 @@ def export_step(
         "left_out": load.info["left_out"],
         "steps": [{"step": s.kind, "key": s.key, "cached": s.cached, "seconds": s.seconds} for s in steps],
     }
-    _write_output(out_dir, final, report, started, measured)
+    _write_output(out_dir, final, report, started, measured, onnx=recipe.output.onnx, causal=load.info["kind"] == "causal")
     return report
 
 
@@ -366,7 +370,9 @@ def _quantization_info(quantized: QuantizedWeight | None) -> dict[str, Any] | No
     return {"bits": quantized.bits, "group_size": quantized.group_size, "outliers": outliers}
 
 
-def _write_output(out_dir: Path, final: StepResult, report: dict[str, Any], started: float, measured: dict[str, Any]) -> None:
+def _write_output(
+    out_dir: Path, final: StepResult, report: dict[str, Any], started: float, measured: dict[str, Any], onnx: bool, causal: bool
+) -> None:
     """Write into a temporary sibling folder, then move it into place (replacing an earlier output)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -389,6 +395,14 @@ def _write_output(out_dir: Path, final: StepResult, report: dict[str, Any], star
         if packed_bytes:
             report["metrics"]["packed_bytes"] = packed_bytes
         report["metrics"]["size_bytes"] = directory_bytes(partial / MODEL_DIR)
+        if onnx:
+            check = export_onnx(partial / MODEL_DIR, partial / ONNX_FILE, causal)
+            report["onnx"] = check
+            report["metrics"]["onnx_max_abs_diff"] = check["onnx_max_abs_diff"]
+            report["metrics"]["onnx_ok"] = int(check["onnx_ok"])
+            if not check["onnx_ok"]:
+                log.warning("ONNX output differs from PyTorch by %.3g (tolerance %.3g): model.onnx is written but suspect",
+                            check["onnx_max_abs_diff"], check["onnx_tolerance"])
         report["metrics"]["seconds"] = time.perf_counter() - started
         (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
         (partial / RECIPE_FILE).write_text(json.dumps(report["recipe"], indent=2))

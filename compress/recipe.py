@@ -78,7 +78,10 @@ class EvaluateSpec(_StrictModel):
 
 
 class OutputSpec(_StrictModel):
-    dir: str | None = None  # default: runs/<recipe name>
+    dir: str | None = None  # default: runs/<recipe name> (`compress run`), a folder per run (submissions)
+    onnx: bool = True  # also export model.onnx, checked against PyTorch in onnxruntime
+    register_as: str | None = None  # MLflow registered model name (default: the recipe name)
+    register_model: bool = True  # add the exported model to the MLflow model registry (tracked runs)
 
 
 class Stage(BaseModel):
@@ -113,6 +116,12 @@ class Recipe(BaseModel):
             "evaluate": self.evaluate.model_dump(mode="json"),
             "output": self.output.model_dump(mode="json"),
         }
+
+    def to_data(self) -> dict[str, Any]:
+        """The recipe in the form a recipe file takes (stages flat), resolved: what a submission sends."""
+        data = self.describe()
+        data["stages"] = [{"method": stage.method, **stage.params.model_dump(mode="json")} for stage in self.stages]
+        return data
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,8 @@
+"""Models-from-code entry point for MLflow: the registered model is built from this file, not
+unpickled (see compress/mlflow_model.py)."""
+
+import mlflow.models
+
+from compress.mlflow_model import CompressedModel
+
+mlflow.models.set_model(CompressedModel())

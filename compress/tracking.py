@@ -1,0 +1,232 @@
+"""MLflow tracking: one parent run per submission, one child run per step, the model registered.
+
+Embedded default: a sqlite store and an artifact folder under $COMPRESS_HOME (nothing to start);
+`MLFLOW_TRACKING_URI` points it at a server instead. Every run logs the same metric names whatever
+its methods (perplexity, dense_perplexity, sparsity, bits_per_param, size_bytes, seconds, ...), so
+runs line up column by column in the MLflow compare view.
+
+The client API (MlflowClient) is used rather than mlflow's fluent "active run": steps may run in
+Prefect's worker threads, and several flows may share one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from compress import __version__
+from compress.steps import compress_home
+
+log = logging.getLogger("compress")
+
+DEFAULT_EXPERIMENT = "compress"
+# The metrics every run reports under these names (missing ones are simply absent, e.g. perplexity
+# for an encoder, which reports embedding_cosine).
+RUN_METRICS = (
+    "perplexity", "dense_perplexity", "embedding_cosine", "sparsity", "bits_per_param", "size_bytes",
+    "packed_bytes", "seconds", "params", "target_params", "onnx_max_abs_diff", "onnx_ok",
+)
+
+
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else a sqlite file under $COMPRESS_HOME."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = compress_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def default_artifact_root() -> str:
+    return (compress_home() / "mlartifacts").as_uri()
+
+
+def experiment_name() -> str:
+    return os.environ.get("COMPRESS_EXPERIMENT", DEFAULT_EXPERIMENT)
+
+
+def client(uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def ensure_experiment(mlflow_client, name: str | None = None) -> str:
+    """The experiment's id, creating it (with its artifacts under $COMPRESS_HOME for a local store)."""
+    from mlflow.exceptions import MlflowException
+
+    name = name or experiment_name()
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    local_store = mlflow_client.tracking_uri.startswith(("sqlite:", "file:", "/"))
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=default_artifact_root() if local_store else None)
+    except MlflowException:  # created by a concurrent submission in between
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """`{"stages": [{"method": "wanda"}]}` -> `{"stages.0.method": "wanda"}` (MLflow params are flat)."""
+    if isinstance(data, dict):
+        out: dict[str, str] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(data, list) and any(isinstance(item, (dict, list)) for item in data):
+        out = {}
+        for index, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}{index}."))
+        return out
+    return {prefix.rstrip("."): json.dumps(data) if isinstance(data, list) else str(data)}
+
+
+def numeric_metrics(values: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class RunTracker:
+    """The MLflow side of one submission."""
+
+    def __init__(self, recipe_data: dict[str, Any], recipe_hash: str, model_source: str, run_id: str | None = None,
+                 uri: str | None = None, flow_run_id: str | None = None) -> None:
+        self.client = client(uri)
+        self.experiment_id = ensure_experiment(self.client)
+        tags = {
+            "compress.recipe": recipe_data.get("name", ""),
+            "compress.recipe_hash": recipe_hash,
+            "compress.model_source": model_source,
+            "compress.version": __version__,
+            "mlflow.runName": recipe_data.get("name", "compress"),
+        }
+        if flow_run_id:
+            tags["prefect.flow_run_id"] = flow_run_id
+        if run_id is None:
+            run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=tags["mlflow.runName"]).info.run_id
+        else:
+            for key, value in tags.items():
+                self.client.set_tag(run_id, key, value)
+        self.run_id = run_id
+        self._log(run_id, params=flatten(recipe_data))
+
+    def _log(self, run_id: str, metrics: dict[str, float] | None = None, params: dict[str, str] | None = None,
+             tags: dict[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in (metrics or {}).items()],
+            params=[Param(k, v[:6000]) for k, v in (params or {}).items()],
+            tags=[RunTag(k, v) for k, v in (tags or {}).items()],
+        )
+
+    @contextmanager
+    def step(self, name: str) -> Iterator["StepRun"]:
+        """A child run for one step; FAILED with the error message if the step raises."""
+        child = self.client.create_run(
+            self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, "compress.step": name}
+        )
+        handle = StepRun(self, child.info.run_id)
+        try:
+            yield handle
+        except BaseException as error:
+            self._log(handle.run_id, tags={"compress.error": f"{type(error).__name__}: {error}"[:5000]})
+            self.client.set_terminated(handle.run_id, "FAILED")
+            raise
+        self.client.set_terminated(handle.run_id, "FINISHED")
+
+    def finish(self, report: dict[str, Any], out_dir: Path, register_as: str | None) -> str | None:
+        """Log the report's metrics and artifacts on the parent run, register the model; returns the
+        registered version."""
+        self._log(self.run_id, metrics=numeric_metrics(report["metrics"]), tags={"compress.output": str(out_dir)})
+        for name in ("report.json", "recipe.json"):
+            self.client.log_artifact(self.run_id, str(out_dir / name))
+        with tempfile.TemporaryDirectory() as scratch:
+            plot = Path(scratch) / "targets.png"
+            if plot_targets(report, plot):
+                self.client.log_artifact(self.run_id, str(plot), "plots")
+        version = None
+        if register_as:
+            version = self._register(out_dir, register_as)
+        self.client.set_terminated(self.run_id, "FINISHED")
+        return version
+
+    def fail(self, error: BaseException) -> None:
+        self._log(self.run_id, tags={"compress.error": f"{type(error).__name__}: {error}"[:5000]})
+        self.client.set_terminated(self.run_id, "FAILED")
+
+    def _register(self, out_dir: Path, name: str) -> str:
+        """Log the exported model as an MLflow pyfunc model and add it as a new registry version."""
+        from mlflow.exceptions import MlflowException
+
+        from compress.mlflow_model import save_pyfunc_model
+
+        with tempfile.TemporaryDirectory() as scratch:
+            local = Path(scratch) / "model"
+            save_pyfunc_model(out_dir, local)
+            self.client.log_artifacts(self.run_id, str(local), "model")
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:  # exists already (or created by a concurrent run)
+            pass
+        version = self.client.create_model_version(name, source, run_id=self.run_id, tags={"compress.recipe_hash": self.recipe_hash})
+        self._log(self.run_id, tags={"compress.registered_model": f"{name}/{version.version}"})
+        return str(version.version)
+
+    @property
+    def recipe_hash(self) -> str:
+        return self.client.get_run(self.run_id).data.tags.get("compress.recipe_hash", "")
+
+
+class StepRun:
+    def __init__(self, tracker: RunTracker, run_id: str) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, Any], tags: dict[str, str] | None = None) -> None:
+        self.tracker._log(self.run_id, metrics=numeric_metrics(metrics), tags=tags)
+
+
+def plot_targets(report: dict[str, Any], path: Path) -> bool:
+    """Per-target sparsity (and bits where quantized), by block and target type; False if nothing to plot."""
+    targets = report.get("targets") or {}
+    if not targets:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(targets)
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in names})
+    colours = {kind: plt.cm.tab10(i % 10) for i, kind in enumerate(kinds)}
+    figure, axes = plt.subplots(2 if any(t.get("quantized") for t in targets.values()) else 1, 1,
+                                figsize=(max(6, len(names) * 0.12), 5), squeeze=False)
+    sparsity_axis = axes[0][0]
+    sparsity_axis.bar(range(len(names)), [targets[n]["sparsity"] for n in names],
+                      color=[colours[n.rsplit(".", 1)[-1]] for n in names])
+    sparsity_axis.set_ylabel("sparsity")
+    sparsity_axis.set_title(f"{report['recipe']['name']}: per target, in block order")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[k]) for k in kinds]
+    sparsity_axis.legend(handles, kinds, fontsize=6, ncol=min(len(kinds), 7), loc="upper right")
+    if len(axes) > 1:
+        bits_axis = axes[1][0]
+        bits_axis.bar(range(len(names)), [(targets[n].get("quantized") or {}).get("bits", 0) for n in names],
+                      color=[colours[n.rsplit(".", 1)[-1]] for n in names])
+        bits_axis.set_ylabel("code bits")
+    for row in axes:
+        row[0].set_xticks([])
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True

@@ -1,0 +1,113 @@
+"""The Prefect flow: a recipe's steps as tasks, tracked in MLflow.
+
+    load -> calibrate -> stage 0 .. n-1 -> evaluate -> export
+
+Each task is one step of compress.pipeline (the same functions `compress run --no-track` calls), so
+tasks hand each other step folders on disk, never models, and a step already stored under the same
+inputs is found, not recomputed. MLflow gets a parent run for the submission and a child run per
+step. `compress run` calls this flow in-process; `compress serve` serves it as a deployment that
+`compress submit` sends recipes to.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from compress import pipeline
+from compress.errors import CompressError
+from compress.recipe import validate_recipe
+from compress.steps import StepResult, StepStore, compress_home, digest
+from compress.tracking import RunTracker
+
+FLOW_NAME = "compress-recipe"
+DEPLOYMENT_NAME = "compress"
+# Only failures that another try may fix are retried (a file system or network hiccup); a bad
+# input or a bug fails at once, with its message on the task and on the step's MLflow run.
+TRANSIENT = (OSError, TimeoutError, ConnectionError)
+
+
+def _retry_transient(task_, task_run, state) -> bool:
+    try:
+        state.result()
+    except CompressError:
+        return False
+    except TRANSIENT:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+def _step_metrics(result: Any) -> dict[str, Any]:
+    """What a step's child run records: its own numbers, under the run-wide names."""
+    if isinstance(result, StepResult):
+        info = result.info
+        metrics = {"seconds": result.seconds, "cached": int(result.cached)}
+        if result.kind == "stage":
+            metrics.update(sparsity=info["sparsity"], targets=info["targets"], targets_changed=info["targets_changed"],
+                           stage_seconds=info["stage_seconds"])
+        elif result.kind == "evaluate":
+            for name in ("perplexity", "embedding_cosine", "sparsity"):
+                if name in info:
+                    metrics[name] = info[name]
+            if info.get("dense") and "perplexity" in info["dense"]:
+                metrics["dense_perplexity"] = info["dense"]["perplexity"]
+        elif result.kind == "calibrate" and info.get("used"):
+            metrics["tokens"] = info["tokens"]
+        elif result.kind == "load":
+            metrics["targets"] = info["targets"]
+        return metrics
+    if isinstance(result, dict) and "metrics" in result:  # export returns the report
+        keys = ("bits_per_param", "size_bytes", "packed_bytes", "onnx_max_abs_diff", "onnx_ok")
+        return {k: result["metrics"][k] for k in keys if k in result["metrics"]}
+    return {}
+
+
+def default_output_dir(recipe_name: str, run_id: str) -> Path:
+    return compress_home() / "outputs" / f"{recipe_name}-{run_id[:8]}"
+
+
+@flow(name=FLOW_NAME, log_prints=True, persist_result=False)
+def compress_recipe(
+    recipe: dict[str, Any],
+    out: str | None = None,
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    register_as: str | None = None,
+) -> dict[str, Any]:
+    """Run one recipe (its data, as `compress validate` resolves it); returns where the output is
+    and the MLflow run and registered model version."""
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    parsed = validate_recipe(recipe, name=recipe.get("name") or "recipe")
+    tracker = RunTracker(
+        recipe, digest(parsed.describe()), str(parsed.model.source or "<embedded model>"),
+        run_id=mlflow_run_id, uri=tracking_uri, flow_run_id=str(flow_run.id or ""),
+    )
+    out_dir = Path(out) if out else (Path(parsed.output.dir) if parsed.output.dir else default_output_dir(parsed.name, tracker.run_id))
+    retries = int(os.environ.get("COMPRESS_STEP_RETRIES", "2"))
+
+    def runner(name: str, function: Any, *args: Any) -> Any:
+        step_task = task(function, name=name, retries=retries, retry_delay_seconds=2,
+                         retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
+        with tracker.step(name) as child:
+            result = step_task(*args)
+            child.log(_step_metrics(result))
+        if isinstance(result, StepResult):
+            logger.info("%s: %s in %.2f s", name, "found stored" if result.cached else "done", result.seconds)
+        return result
+
+    try:
+        report = pipeline.run(parsed, out_dir, store=StepStore.default(), runner=runner)
+        register = (register_as or parsed.output.register_as or parsed.name) if parsed.output.register_model else None
+        version = tracker.finish(report, out_dir, register)
+    except BaseException as error:
+        tracker.fail(error)
+        raise
+    return {"out": str(out_dir), "mlflow_run_id": tracker.run_id, "model_version": version, "report": report}
