@@ -1,0 +1,267 @@
+"""The service-style workflow against real services started once for this module: an MLflow server
+(sqlite, and PostgreSQL where Debian's server is installed), a Prefect server, and `compress serve`
+as the worker. Submissions go through the `compress` command line; results are read back through
+MLflow's and Prefect's own clients."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import FAULT_FLAG
+
+REPO = Path(__file__).resolve().parents[1]
+# small enough to run in seconds, real enough to compress and evaluate the embedded model
+FAST_SETS = ["--set", "calibration.nsamples=16", "--set", "calibration.seqlen=128", "--set", "evaluate.seqlen=128",
+             "--set", "evaluate.max_windows=8"]
+CORE_METRICS = {"perplexity", "dense_perplexity", "sparsity", "bits_per_param", "size_bytes", "seconds", "onnx_max_abs_diff", "onnx_ok"}
+STEPS = ["load", "calibrate", "stage 0 (wanda)", "evaluate", "export"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:4]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log, "wb") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _mlflow_server(backend: str, root: Path, env: dict[str, str]) -> tuple[str, subprocess.Popen, Path]:
+    port = _free_port()
+    log = root / f"mlflow-{port}.log"
+    process = _start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                      "--artifacts-destination", str(root / f"artifacts-{port}"), "--host", "127.0.0.1",
+                      "--port", str(port), "--workers", "1"], log, env)
+    return f"http://127.0.0.1:{port}", process, log
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """MLflow (sqlite) + Prefect servers, started side by side, and `compress serve` as the worker."""
+    root = tmp_path_factory.mktemp("services")
+    home = root / "home"
+    env = {**os.environ, "COMPRESS_HOME": str(home), "PREFECT_HOME": str(root / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    (root / "prefect").mkdir()
+    mlflow_uri, mlflow_process, mlflow_log = _mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root, env)
+    prefect_port = _free_port()
+    prefect_url = f"http://127.0.0.1:{prefect_port}/api"
+    prefect_log = root / "prefect.log"
+    prefect_process = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                              "--port", str(prefect_port)], prefect_log, env)
+    processes = [mlflow_process, prefect_process]
+    try:
+        _wait_http(f"{mlflow_uri}/health", mlflow_process, mlflow_log)
+        _wait_http(f"{prefect_url}/health", prefect_process, prefect_log)
+        env.update(MLFLOW_TRACKING_URI=mlflow_uri, PREFECT_API_URL=prefect_url)
+        worker_log = root / "worker.log"
+        worker = _start([sys.executable, "-m", "compress", "serve", "--limit", "4"], worker_log, env)
+        processes.append(worker)
+        _wait_for_deployment(env, worker, worker_log)
+        yield {"env": env, "mlflow": mlflow_uri, "prefect": prefect_url, "root": root, "worker_log": worker_log,
+               "mlflow_log": mlflow_log}
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+
+
+def _wait_for_deployment(env: dict[str, str], worker: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    probe = ("from prefect.client.orchestration import get_client\n"
+             "with get_client(sync_client=True) as c: c.read_deployment_by_name('compress-recipe/compress')")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode == 0:
+            return
+        if worker.poll() is not None:
+            raise RuntimeError(f"compress serve exited:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+    raise RuntimeError(f"the deployment did not appear:\n{log.read_text()[-3000:]}")
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compress", *args], env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def _submitted(result: subprocess.CompletedProcess) -> tuple[str, str]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    flow_run = next(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("flow run"))
+    mlflow_run = next(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("mlflow run"))
+    return flow_run, mlflow_run
+
+
+def _children(client, run):
+    return client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+
+
+def test_two_submissions_are_two_tracked_runs_with_registered_models(services):
+    from mlflow.tracking import MlflowClient
+
+    env = services["env"]
+    submitted = {}
+    for recipe in ("recipes/wanda-50.yaml", "recipes/wanda-2of4.yaml"):
+        result = _cli(["submit", recipe, "--wait", *FAST_SETS], env)
+        assert "state      COMPLETED" in result.stdout, result.stdout + result.stderr[-3000:]
+        submitted[recipe] = _submitted(result)
+
+    client = MlflowClient(services["mlflow"])
+    metric_names = []
+    for recipe, (flow_run_id, run_id) in submitted.items():
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["prefect.flow_run_id"] == flow_run_id
+        assert run.data.tags["compress.recipe_hash"] and run.data.tags["compress.version"]
+        assert run.data.params["stages.0.method"] == "wanda"
+        children = _children(client, run)
+        assert sorted(c.data.tags["compress.step"] for c in children) == sorted(STEPS)
+        assert all(c.info.status == "FINISHED" for c in children)
+        metric_names.append(set(run.data.metrics))
+        assert CORE_METRICS <= set(run.data.metrics)
+        assert run.data.metrics["onnx_ok"] == 1.0
+        artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
+        assert {"report.json", "recipe.json", "plots/targets.png", "model"} <= artifacts
+        name = Path(recipe).stem
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert [v.run_id for v in versions] == [run_id]
+    assert metric_names[0] == metric_names[1]  # the same names whatever the method
+
+    listing = _cli(["runs"], env)
+    assert listing.returncode == 0 and all(run_id[:12] in listing.stdout for _, run_id in submitted.values())
+    compare = _cli(["compare", *(run_id[:10] for _, run_id in submitted.values())], env)
+    assert compare.returncode == 0, compare.stderr
+    assert "perplexity" in compare.stdout and "stages.0.pattern" in compare.stdout
+
+
+def test_four_submissions_at_once_all_finish(services):
+    from mlflow.tracking import MlflowClient
+
+    env = services["env"]
+    sets = [["--set", f"stages.0.sparsity={s}"] for s in (0.3, 0.4, 0.6, 0.7)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda extra: _cli(["submit", "recipes/wanda-50.yaml", "--wait", *FAST_SETS, *extra], env), sets))
+    ids = [_submitted(result) for result in results]
+    assert all("state      COMPLETED" in r.stdout for r in results), [r.stdout + r.stderr[-2000:] for r in results]
+    client = MlflowClient(services["mlflow"])
+    sparsities = []
+    for _, run_id in ids:
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert len(_children(client, run)) == len(STEPS)
+        sparsities.append(run.data.metrics["sparsity"])
+    assert sparsities == pytest.approx([0.3, 0.4, 0.6, 0.7], abs=0.01)  # each run its own recipe
+    logs = services["worker_log"].read_text() + services["mlflow_log"].read_text()
+    assert "database is locked" not in logs
+
+
+def test_failed_stage_resumes_through_the_flow(services, tmp_path, monkeypatch, fault_method):
+    """A recipe whose second stage fails is re-run after the fix: the first stage is found stored
+    (not recomputed) and the output is bit-identical to an uninterrupted run."""
+    from mlflow.tracking import MlflowClient
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from compress.recipe import validate_recipe
+    from flows.compress_flow import compress_recipe
+
+    from conftest import fast_recipe
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services["mlflow"])
+    monkeypatch.setenv("COMPRESS_HOME", str(tmp_path / "home"))
+    flag = tmp_path / "fault"
+    flag.touch()
+    monkeypatch.setenv(FAULT_FLAG, str(flag))
+    monkeypatch.setenv("COMPRESS_STEP_RETRIES", "0")
+    data = validate_recipe(fast_recipe({"method": "wanda", "sparsity": 0.5}, {"method": fault_method, "bits": 3}, output={"onnx": True}),
+                           name="resume").to_data()
+    client = MlflowClient(services["mlflow"])
+    with temporary_settings(updates={PREFECT_API_URL: services["prefect"]}):
+        with pytest.raises(RuntimeError, match="injected fault"):
+            compress_recipe(recipe=data, out=str(tmp_path / "out"))
+        failed = client.search_runs([client.get_experiment_by_name("compress").experiment_id],
+                                    filter_string="tags.`compress.recipe` = 'resume'")
+        assert [r.info.status for r in failed] == ["FAILED"]
+        assert "injected fault" in failed[0].data.tags["compress.error"]
+        stage0 = next((tmp_path / "home" / "steps").glob("stage-*"))
+        written = (stage0 / "step.json").stat().st_mtime_ns
+
+        flag.unlink()  # the fix
+        resumed = compress_recipe(recipe=data, out=str(tmp_path / "out"))
+        assert [s["cached"] for s in resumed["report"]["stages"]] == [True, False]
+        assert (stage0 / "step.json").stat().st_mtime_ns == written
+        stage_runs = [c for c in _children(client, client.get_run(resumed["mlflow_run_id"]))
+                      if c.data.tags["compress.step"].startswith("stage 0")]
+        assert stage_runs[0].data.metrics["cached"] == 1.0
+
+        monkeypatch.setenv("COMPRESS_HOME", str(tmp_path / "home-fresh"))
+        fresh = compress_recipe(recipe=data, out=str(tmp_path / "fresh"))
+    assert [s["cached"] for s in fresh["report"]["stages"]] == [False, False]
+    for name in ("model/model.safetensors", "packed.safetensors", "compress_state.safetensors", "model.onnx"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+
+
+@pytest.mark.skipif(shutil.which("initdb") is None and not Path("/usr/lib/postgresql").is_dir(),
+                    reason="PostgreSQL server binaries not installed")
+def test_postgres_backend_same_code_other_environment(services, tmp_path, monkeypatch):
+    """Scale-out by configuration: an MLflow server on a PostgreSQL store, only the environment changes."""
+    from mlflow.tracking import MlflowClient
+
+    data_dir = Path(tempfile.mkdtemp(prefix="compress-pg-"))  # under /tmp: the postgres user must reach it
+    port = _free_port()
+    script = REPO / "mlflow" / "postgres-dev.sh"
+    started = subprocess.run(["bash", str(script), "start", str(data_dir), str(port)], capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr
+    uri = started.stdout.strip().splitlines()[-1]
+    env = {**services["env"]}
+    server = None
+    try:
+        tracking, server, log = _mlflow_server(uri, tmp_path, env)
+        _wait_http(f"{tracking}/health", server, log)
+        env["MLFLOW_TRACKING_URI"] = tracking
+        result = _cli(["submit", "recipes/magnitude-50.yaml", "--wait", *FAST_SETS], env)
+        assert "state      COMPLETED" in result.stdout, result.stdout + result.stderr[-3000:]
+        _, run_id = _submitted(result)
+        run = MlflowClient(tracking).get_run(run_id)
+        assert run.info.status == "FINISHED" and CORE_METRICS <= set(run.data.metrics)
+        assert MlflowClient(tracking).search_model_versions("name = 'magnitude-50'")[0].run_id == run_id
+    finally:
+        if server is not None:
+            _stop(server)
+        subprocess.run(["bash", str(script), "stop", str(data_dir)], capture_output=True)
+        shutil.rmtree(data_dir, ignore_errors=True)
