@@ -24,10 +24,10 @@ class CompressedModel(mlflow.pyfunc.PythonModel):
         self.model = loader.from_pretrained(folder).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
 
-    def predict(self, context, model_input, params=None):  # untyped: MLflow reads hints as a schema
+    def predict(self, context, model_input: list[str], params=None):  # MLflow reads the hint as the input schema
         import torch
 
-        texts = list(model_input["text"]) if hasattr(model_input, "columns") else list(model_input)
+        texts = list(model_input)
         out = []
         with torch.no_grad():
             for text in texts:

@@ -16,6 +16,8 @@ home="${COMPRESS_HOME:-$HOME/.compress}"
 mkdir -p "$home"
 backend="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$home/mlflow-server.db}"
 artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-$home/mlflow-artifacts}"
+# The server's job runner (huey consumers, ~1.7 GB) serves GenAI evaluation jobs, which compress does not use.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 exec "${PYTHON:-python}" -m mlflow server \
   --backend-store-uri "$backend" \
   --artifacts-destination "$artifacts" \

@@ -80,7 +80,7 @@ def services(tmp_path_factory):
     home = root / "home"
     env = {**os.environ, "COMPRESS_HOME": str(home), "PREFECT_HOME": str(root / "prefect"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-           "PREFECT_LOGGING_LEVEL": "WARNING"}
+           "PREFECT_LOGGING_LEVEL": "WARNING", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     (root / "prefect").mkdir()
     mlflow_uri, mlflow_process, mlflow_log = _mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root, env)
     prefect_port = _free_port()
