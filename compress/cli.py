@@ -113,6 +113,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"starting a Prefect server at {url} (log: {compress_home() / 'prefect-server.log'})", file=sys.stderr)
         server = start_prefect_server(url, compress_home() / "prefect-server.log")
     os.environ["PREFECT_API_URL"] = url
+    from compress.tracking import client, ensure_experiment
+
+    # Create the tracking store now: flow runs starting at once on a new sqlite store race to
+    # create its tables ("table ... already exists"); once it exists they share it fine.
+    ensure_experiment(client())
     try:
         from flows.compress_flow import DEPLOYMENT_NAME, compress_recipe
 
@@ -143,7 +148,7 @@ _TABLE_METRICS = ("perplexity", "dense_perplexity", "embedding_cosine", "sparsit
 
 def _format(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+        return f"{value:.5g}" if abs(value) < 1e5 else f"{value:.0f}"
     return "" if value is None else str(value)
 
 
@@ -159,8 +164,9 @@ def _runs(args: argparse.Namespace) -> int:
     if not runs:
         print("no runs yet")
         return 0
-    header = ["run", "recipe", "status", *_TABLE_METRICS, "model"]
-    rows = [[r["run_id"][:12], r["recipe"], r["status"], *(_format(r["metrics"].get(m)) for m in _TABLE_METRICS), r["model_version"]]
+    metrics = [m for m in _TABLE_METRICS if any(m in r["metrics"] for r in runs)]
+    header = ["run", "recipe", "status", *metrics, "model"]
+    rows = [[r["run_id"][:12], r["recipe"], r["status"], *(_format(r["metrics"].get(m)) for m in metrics), r["model_version"]]
             for r in runs]
     print(_table([header, *rows]))
     return 0
@@ -213,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     # Our own progress lines at INFO; the libraries' (HTTP requests, MLflow's store) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("compress").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
     from compress.service import configure_prefect_home
 
     configure_prefect_home()

@@ -35,6 +35,7 @@ def configure_prefect_home() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no internet to send it to
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its store-creation notes are not the user's business
     # Our CLI prints the lines users need; Prefect's own banner and hints would bury them.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
