@@ -24,6 +24,7 @@ from compress.data import calibration_tokens, read_text_file, tokenize
 from compress.evaluate import eval_windows, perplexity
 from compress.modeling import LoadedModel, load_model
 from compress.pipeline import run
+from compress.steps import StepStore
 from compress.recipe import CalibrationSpec, ModelSpec, validate_recipe
 
 PEERS_DIR = Path(__file__).parent / "peers"
@@ -70,8 +71,9 @@ def run_ours(args: argparse.Namespace, calibration: CalibrationSpec, stage: dict
         "calibration": calibration.model_dump(),
         "stages": [stage],
         "evaluate": {"text": args.eval, "seqlen": args.seqlen, "dense": False},
+        "output": {"onnx": False},
     }, name=name)
-    return run(recipe, out)
+    return run(recipe, out, store=StepStore(out.parent / "steps"))  # a fresh store: nothing cached from other runs
 
 
 def ours_seconds(ours: dict) -> float:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from compress.pipeline import run
+from compress.steps import StepStore
 from compress.recipe import validate_recipe
 
 
@@ -44,6 +45,7 @@ def main() -> None:
     base = {
         "model": {"source": args.model, "device": args.device, "dtype": args.dtype},
         "calibration": {"text": [args.calibration], "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
+        "output": {"onnx": False},  # the tables measure compression, not export
         "evaluate": {"text": args.eval, "seqlen": args.seqlen, "max_windows": args.max_windows, "dense": False},
     }
     columns = args.patterns.split(",")
@@ -59,7 +61,7 @@ def main() -> None:
                 recipe = {**base, "stages": [stage] + [{"method": name} for name in refiners]}
                 recipe["evaluate"] = {**base["evaluate"], "dense": dense_value is None}
                 start = time.perf_counter()
-                report = run(validate_recipe(recipe, name=f"{method}-{column}"), Path(scratch) / f"{method}-{column}")
+                report = run(validate_recipe(recipe, name=f"{method}-{column}"), Path(scratch) / f"{method}-{column}", store=StepStore(Path(scratch) / "steps"))
                 metrics = report["metrics"]
                 metric = "perplexity" if "perplexity" in metrics else "embedding_cosine"
                 if dense_value is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from compress.pipeline import run
+from compress.steps import StepStore
 from compress.recipe import validate_recipe
 
 
@@ -53,6 +54,7 @@ def main() -> None:
     base = {
         "model": {"source": args.model, "device": args.device},
         "calibration": {"text": [args.calibration], "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
+        "output": {"onnx": False},  # the tables measure compression, not export
         "evaluate": {"text": args.eval, "seqlen": args.seqlen},
     }
     rows = []
@@ -61,7 +63,7 @@ def main() -> None:
         for index, config in enumerate(args.configs):
             recipe = {**base, "stages": parse_config(config), "evaluate": {**base["evaluate"], "dense": dense is None}}
             start = time.perf_counter()
-            report = run(validate_recipe(recipe, name=f"config-{index}"), Path(scratch) / f"config-{index}")
+            report = run(validate_recipe(recipe, name=f"config-{index}"), Path(scratch) / f"config-{index}", store=StepStore(Path(scratch) / "steps"))
             metrics = report["metrics"]
             metric = "perplexity" if "perplexity" in metrics else "embedding_cosine"
             if dense is None:

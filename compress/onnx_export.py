@@ -20,6 +20,7 @@ from torch import nn
 log = logging.getLogger("compress")
 
 ONNX_FILE = "model.onnx"
+EXPORTERS = ("torchscript", "dynamo")
 ONNX_RTOL = 1e-4
 CHECK_SHAPE = (2, 32)  # the fixed batch: 2 sequences of 32 token ids from a seeded generator
 
@@ -38,23 +39,19 @@ class _Outputs(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def _export(module: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], path: Path) -> str:
-    names = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-             "output": {0: "batch", 1: "sequence"}}
+def _export(module: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], path: Path, exporter: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notes, not ours to act on
-        try:
-            # The TorchScript exporter: ~2 s for our small models where the dynamo one takes ~15 s.
+        if exporter == "torchscript":
+            axes = {"batch": 0, "sequence": 1}
+            dynamic = {name: {i: n for n, i in axes.items()} for name in ("input_ids", "attention_mask", "output")}
             torch.onnx.export(module, inputs, str(path), input_names=["input_ids", "attention_mask"],
-                              output_names=["output"], dynamic_axes=names, opset_version=18, dynamo=False)
-            return "torchscript"
-        except Exception as error:  # an architecture it cannot trace: the dynamo exporter may
-            log.info("TorchScript ONNX export failed (%s); trying the dynamo exporter", type(error).__name__)
+                              output_names=["output"], dynamic_axes=dynamic, opset_version=18, dynamo=False)
+        else:
             batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
             torch.onnx.export(module, inputs, str(path), input_names=["input_ids", "attention_mask"],
-                              output_names=["output"], opset_version=18, dynamo=True,
+                              output_names=["output"], opset_version=18, dynamo=True, external_data=False,
                               dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}))
-            return "dynamo"
 
 
 def export_onnx(model_dir: Path, path: Path, causal: bool) -> dict[str, Any]:
@@ -69,14 +66,26 @@ def export_onnx(model_dir: Path, path: Path, causal: bool) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)  # our own: the caller's RNG is untouched
     input_ids = torch.randint(0, model.config.vocab_size, CHECK_SHAPE, generator=generator)
     attention_mask = torch.ones_like(input_ids)
-    exporter = _export(module, (input_ids, attention_mask), path)
     with torch.no_grad():
         expected = module(input_ids, attention_mask).float()
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (actual,) = session.run(["output"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
-    difference = float((torch.from_numpy(actual).float() - expected).abs().max())
-    scale = float(expected.abs().max())
-    tolerance = ONNX_RTOL * max(scale, 1.0)
+    tolerance = ONNX_RTOL * max(float(expected.abs().max()), 1.0)
+    # The TorchScript exporter takes ~2 s on our small models where the dynamo one takes ~15 s, but
+    # it traced a BERT wrongly (max difference 2.25): each export is checked, the next tried on failure.
+    for exporter in EXPORTERS:
+        try:
+            _export(module, (input_ids, attention_mask), path, exporter)
+        except Exception as error:  # an architecture this exporter cannot handle
+            log.info("ONNX export with %s failed: %s", exporter, str(error).splitlines()[0] if str(error) else type(error).__name__)
+            difference = float("inf")
+            continue
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (actual,) = session.run(["output"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
+        difference = float((torch.from_numpy(actual).float() - expected).abs().max())
+        if difference <= tolerance:
+            break
+        log.info("ONNX export with %s differs from PyTorch by %.3g (tolerance %.3g)", exporter, difference, tolerance)
+    if not path.exists():
+        raise RuntimeError("ONNX export failed with every exporter; set output.onnx: false to skip it")
     return {
         "onnx_max_abs_diff": difference,
         "onnx_tolerance": tolerance,
