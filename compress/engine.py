@@ -57,6 +57,10 @@ class StageOutcome:
     tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens that reached each target
     no_tokens: list[str] = field(default_factory=list)  # targets (experts) no token reached: method fell back
     changed: int = 0  # targets whose weights the stage changed
+    # relative output error on the calibration inputs, ||(W - W')X||^2 / ||WX||^2 (W: before the
+    # stage), and the seconds each target took; when the run measures errors
+    errors: dict[str, float] = field(default_factory=dict)
+    target_seconds: dict[str, float] = field(default_factory=dict)
     zeros: int = 0  # zero weights of its targets right after the stage
     numel: int = 0
 
@@ -169,6 +173,13 @@ def apply_to_target(
     return _fingerprint(weight) != before
 
 
+def relative_output_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||(W - W')X||^2 / ||WX||^2 from H = X^T X: tr(D H D^T) / tr(W H W^T), D = W - W'."""
+    delta = after.float() - before.float()
+    reference = float(((before.float() @ hessian) * before.float()).sum())
+    return float(((delta @ hessian) * delta).sum()) / reference if reference > 0 else 0.0
+
+
 def _compress_targets(
     stage: Stage,
     targets: list[Target],
@@ -176,10 +187,20 @@ def _compress_targets(
     state: CompressionState,
     originals: dict[str, torch.Tensor],
     outcome: StageOutcome,
+    measure_error: bool,
 ) -> None:
     for target in targets:
         dense = originals.get(target.name) if stage.method.refines_mask else None
-        outcome.changed += apply_to_target(stage.method, target, statistics.get(target.name, {}), state, dense)
+        stats = statistics.get(target.name, {})
+        hessian = stats.get("hessian") if measure_error else None
+        if hessian is not None and "hessian" in stage.method.statistics:
+            hessian = hessian.clone()  # the method may damp it in place
+        before = target.weight.float().clone() if hessian is not None else None
+        start = time.perf_counter()
+        outcome.changed += apply_to_target(stage.method, target, stats, state, dense)
+        outcome.target_seconds[target.name] = time.perf_counter() - start
+        if hessian is not None:
+            outcome.errors[target.name] = relative_output_error(before, target.weight, hessian)
         outcome.zeros += int((target.weight == 0).sum())
         outcome.numel += target.numel
 
@@ -191,8 +212,10 @@ def run_layerwise(
     state: CompressionState,
     batches: list[torch.Tensor],
     device: torch.device,
+    measure_error: bool = False,
 ) -> RunOutcome:
-    """Run the stages block by block on calibration token batches (see the module docstring)."""
+    """Run the stages block by block on calibration token batches (see the module docstring).
+    `measure_error`: also gather X^T X for every target and record each one's relative output error."""
     outcomes = [StageOutcome() for _ in stages]
     run = RunOutcome(outcomes)
     per_stage_block = [layout.by_block(stage.targets) for stage in stages]
@@ -200,7 +223,8 @@ def run_layerwise(
     if not used_blocks:
         return run
     last_block = used_blocks[-1]
-    needs_data = any(stage.method.statistics for stage in stages)
+    needs_data = measure_error or any(stage.method.statistics for stage in stages)
+    wanted = [tuple(dict.fromkeys((*stage.method.statistics, *(("hessian",) if measure_error else ())))) for stage in stages]
     keep_originals = any(stage.method.refines_mask for stage in stages)
     sequences = sum(batch.shape[0] for batch in batches)
 
@@ -223,14 +247,14 @@ def run_layerwise(
                     if stage.method.refines_mask
                     for t in blocks[index]
                 }
-            for stage, outcome, blocks in zip(stages, outcomes, per_stage_block):
+            for stage, outcome, blocks, names in zip(stages, outcomes, per_stage_block, wanted):
                 targets = blocks[index]
                 if not targets:
                     continue
                 start = time.perf_counter()
                 statistics: dict[str, dict[str, torch.Tensor]] = {}
-                if stage.method.statistics:
-                    with gather(targets, stage.method.statistics) as collected:
+                if names:
+                    with gather(targets, names) as collected:
                         _run_block(block, inputs)
                     for target in targets:
                         gathered = collected[target.name]
@@ -240,7 +264,7 @@ def run_layerwise(
                             continue
                         statistics[target.name] = {**gathered.values(), "tokens_per_sequence": torch.tensor(gathered.tokens / sequences)}
                     del collected
-                _compress_targets(stage, targets, statistics, state, originals, outcome)
+                _compress_targets(stage, targets, statistics, state, originals, outcome, measure_error)
                 outcome.seconds += time.perf_counter() - start
             del originals
             if needs_data and index < last_block:

@@ -181,7 +181,7 @@ def load_step(recipe: Recipe) -> StepResult:
 
 
 def _needs_calibration(recipe: Recipe) -> bool:
-    return any(get_method(stage.method).statistics for stage in recipe.stages)
+    return recipe.evaluate.layer_error or any(get_method(stage.method).statistics for stage in recipe.stages)
 
 
 def calibrate_step(store: StepStore, recipe: Recipe, load: StepResult) -> StepResult:
@@ -212,10 +212,11 @@ def stage_step(
     from before the pruning stage that a refining stage (DSnoT) refines."""
     stage = recipe.stages[index]
     method = get_method(stage.method)
-    uses_data = bool(method.statistics)
+    measure_error = recipe.evaluate.layer_error
+    uses_data = bool(method.statistics) or measure_error
     key = digest(
         "stage", __version__, stage.describe(), previous.key, calibration.key if uses_data else None,
-        reference.key if reference else None, _compute_settings(recipe.model),
+        reference.key if reference else None, _compute_settings(recipe.model), measure_error,
     )
 
     def compute(folder: Path) -> dict[str, Any]:
@@ -225,7 +226,7 @@ def stage_step(
         if reference is not None:
             planned.reference = _reference_weights(reference, recipe.model, [t.name for t in planned.targets])
         calib = batches(load_tokens(calibration.path / TOKENS_FILE), recipe.calibration.batch_size) if uses_data else []
-        outcome = run_layerwise(loaded.model, layout, [planned], state, calib, loaded.device)
+        outcome = run_layerwise(loaded.model, layout, [planned], state, calib, loaded.device, measure_error)
         result = outcome.stages[0]
         if result.changed == 0:
             raise CompressError(f"{planned.label} changed no weight of its {len(planned.targets)} targets: check its parameters")
@@ -244,6 +245,8 @@ def stage_step(
             "sparsity": result.sparsity,
             "tokens": result.tokens,
             "no_calibration_tokens": result.no_tokens,
+            "layer_error": result.errors,
+            "target_seconds": result.target_seconds,
         }
 
     return store.run("stage", key, compute)
@@ -325,6 +328,10 @@ def export_step(
     tokens: dict[str, int] = {}
     for step in stages:
         tokens.update(step.info["tokens"])
+    errors = [e for step in stages for e in step.info["layer_error"].values()]
+    if errors:
+        metrics["layer_error_max"] = max(errors)
+        metrics["layer_error_mean"] = sum(errors) / len(errors)
     report: dict[str, Any] = {
         "compress_version": __version__,
         "recipe": recipe.describe(),
@@ -343,6 +350,7 @@ def export_step(
                 "targets_changed": step.info["targets_changed"],
                 "sparsity": step.info["sparsity"],
                 "no_calibration_tokens": step.info["no_calibration_tokens"],
+                "layer_error_max": max(step.info["layer_error"].values(), default=None),
                 "cached": step.cached,
             }
             for index, step in enumerate(stages)
@@ -353,6 +361,9 @@ def export_step(
                 "stages": state.targets[name].stages,
                 "calibration_tokens": tokens.get(name),
                 "quantized": _quantization_info(state.targets[name].quantized),
+                # per stage (by index), the relative output error this stage caused and its seconds
+                "layer_error": {str(i): s.info["layer_error"][name] for i, s in enumerate(stages) if name in s.info["layer_error"]},
+                "seconds": {str(i): s.info["target_seconds"][name] for i, s in enumerate(stages) if name in s.info["target_seconds"]},
             }
             for name, target in measured["targets"].items()
         },

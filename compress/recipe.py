@@ -75,6 +75,10 @@ class EvaluateSpec(_StrictModel):
     batch_size: PositiveInt = 8
     max_windows: PositiveInt | None = None
     dense: bool = True  # also evaluate the uncompressed model, for the ratios in the report
+    # each stage records every target's relative output error on the calibration inputs
+    # (||WX - W'X||^2 / ||WX||^2, from X^T X): costs one X^T X per target, and calibration data
+    # even for data-free methods
+    layer_error: bool = True
 
 
 class OutputSpec(_StrictModel):

@@ -31,7 +31,8 @@ DEFAULT_EXPERIMENT = "compress"
 # for an encoder, which reports embedding_cosine).
 RUN_METRICS = (
     "perplexity", "dense_perplexity", "embedding_cosine", "sparsity", "bits_per_param", "size_bytes",
-    "packed_bytes", "seconds", "params", "target_params", "onnx_max_abs_diff", "onnx_ok",
+    "packed_bytes", "seconds", "params", "target_params", "onnx_max_abs_diff", "onnx_ok", "layer_error_max",
+    "layer_error_mean",
 )
 
 
@@ -198,7 +199,9 @@ class StepRun:
 
 
 def plot_targets(report: dict[str, Any], path: Path) -> bool:
-    """Per-target sparsity (and bits where quantized), by block and target type; False if nothing to plot."""
+    """Per target, in block order and coloured by target type: sparsity, code bits where quantized,
+    and each stage's relative output error (log scale), so the one bad layer stands out.
+    False if there is nothing to plot."""
     targets = report.get("targets") or {}
     if not targets:
         return False
@@ -210,22 +213,32 @@ def plot_targets(report: dict[str, Any], path: Path) -> bool:
     names = list(targets)
     kinds = sorted({name.rsplit(".", 1)[-1] for name in names})
     colours = {kind: plt.cm.tab10(i % 10) for i, kind in enumerate(kinds)}
-    figure, axes = plt.subplots(2 if any(t.get("quantized") for t in targets.values()) else 1, 1,
-                                figsize=(max(6, len(names) * 0.12), 5), squeeze=False)
-    sparsity_axis = axes[0][0]
-    sparsity_axis.bar(range(len(names)), [targets[n]["sparsity"] for n in names],
-                      color=[colours[n.rsplit(".", 1)[-1]] for n in names])
-    sparsity_axis.set_ylabel("sparsity")
-    sparsity_axis.set_title(f"{report['recipe']['name']}: per target, in block order")
+    colour = [colours[n.rsplit(".", 1)[-1]] for n in names]
+    stages = sorted({s for t in targets.values() for s in (t.get("layer_error") or {})}, key=int)
+    quantized = any(t.get("quantized") for t in targets.values())
+    panels = 1 + quantized + len(stages)
+    figure, axes = plt.subplots(panels, 1, figsize=(max(7, len(names) * 0.12), 2.2 * panels + 0.6), squeeze=False)
+    axes = [row[0] for row in axes]
+    axes[0].bar(range(len(names)), [targets[n]["sparsity"] for n in names], color=colour)
+    axes[0].set_ylabel("sparsity")
+    axes[0].set_title(f"{report['recipe']['name']}: per target, in block order")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[k]) for k in kinds]
-    sparsity_axis.legend(handles, kinds, fontsize=6, ncol=min(len(kinds), 7), loc="upper right")
-    if len(axes) > 1:
-        bits_axis = axes[1][0]
-        bits_axis.bar(range(len(names)), [(targets[n].get("quantized") or {}).get("bits", 0) for n in names],
-                      color=[colours[n.rsplit(".", 1)[-1]] for n in names])
-        bits_axis.set_ylabel("code bits")
-    for row in axes:
-        row[0].set_xticks([])
+    axes[0].legend(handles, kinds, fontsize=6, ncol=min(len(kinds), 7), loc="upper right")
+    panel = 1
+    if quantized:
+        axes[panel].bar(range(len(names)), [(targets[n].get("quantized") or {}).get("bits", 0) for n in names], color=colour)
+        axes[panel].set_ylabel("code bits")
+        panel += 1
+    for stage in stages:
+        errors = [(targets[n].get("layer_error") or {}).get(stage, float("nan")) for n in names]
+        axes[panel].bar(range(len(names)), errors, color=colour)
+        axes[panel].set_yscale("log")
+        method = report["stages"][int(stage)]["method"]
+        axes[panel].set_ylabel(f"stage {stage} ({method})\nrel. output error", fontsize=7)
+        panel += 1
+    for axis in axes:
+        axis.set_xticks([])
+    axes[-1].set_xlabel("targets (blocks left to right)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
