@@ -1,6 +1,7 @@
 """The command line.
 
     compress validate RECIPE [--model M] [--set key=value ...]   check a recipe, print it resolved
+    compress plan RECIPE [--json]                                every target of every stage, left-outs, estimates
     compress run RECIPE [--out DIR] [--no-track]                 run it here (the Prefect flow, tracked)
     compress serve [--limit N]                                   serve the flow for submissions
     compress submit RECIPE [--out DIR] [--wait]                  send a recipe to the served flow
@@ -38,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     recipe_command("validate", "check a recipe and print it resolved, with defaults")
+    plan = recipe_command("plan", "resolve every stage against the model (no weights loaded, no calibration)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     run = recipe_command("run", "run a recipe here: the Prefect flow in-process, tracked in MLflow")
     run.add_argument("--out", help="output folder (default: the recipe's output.dir, else runs/<recipe name>)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
@@ -87,9 +90,9 @@ def _run(args: argparse.Namespace) -> int:
     from compress.pipeline import resolve_output_dir, run
 
     out = resolve_output_dir(recipe, args.out)
-    from compress.pipeline import load_step
+    from compress.plan import build_plan
 
-    load_step(recipe)  # every input error, before Prefect, MLflow or calibration start
+    build_plan(recipe)  # every input error, before Prefect, MLflow or calibration start
     if args.no_track:
         report = run(recipe, out)
         print(_summary(report, str(out)))
@@ -100,6 +103,14 @@ def _run(args: argparse.Namespace) -> int:
     print(_summary(result["report"], result["out"]))
     version = f", model version {result['model_version']}" if result["model_version"] else ""
     print(f"  mlflow run {result['mlflow_run_id']}{version}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from compress.plan import build_plan, format_plan
+
+    plan = build_plan(_load(args))
+    print(json.dumps(plan.describe(), indent=1) if args.json else format_plan(plan))
     return 0
 
 
@@ -208,7 +219,7 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"validate": _run, "run": _run, "serve": _serve, "submit": _submit, "runs": _runs, "compare": _compare,
+_COMMANDS = {"validate": _run, "plan": _plan, "run": _run, "serve": _serve, "submit": _submit, "runs": _runs, "compare": _compare,
              "ui": _ui, "cache": _cache}
 
 

@@ -113,8 +113,12 @@ def resolve_output_dir(recipe: Recipe, out: str | Path | None) -> Path:
 
 
 def _eval_tokens(recipe: Recipe, loaded: LoadedModel) -> tuple[torch.Tensor, str]:
+    return _eval_tokens_from(recipe, loaded.tokenizer)
+
+
+def _eval_tokens_from(recipe: Recipe, tokenizer: object) -> tuple[torch.Tensor, str]:
     path = recipe.evaluate.text or str(embedded_text("eval.txt"))
-    ids = tokenize(loaded.tokenizer, read_text_file(path, "evaluation"))
+    ids = tokenize(tokenizer, read_text_file(path, "evaluation"))
     windows = eval_windows(ids, recipe.evaluate.seqlen, recipe.evaluate.max_windows)
     if windows.shape[0] == 0:
         raise CompressError(f"evaluation text {path} has {ids.numel()} tokens, fewer than evaluate.seqlen={recipe.evaluate.seqlen}")

@@ -1,0 +1,175 @@
+"""`compress plan`: every stage resolved against the model without loading its weights or calibrating.
+
+The model is built on the meta device from its config (shapes, no memory), so a 70B plan takes
+seconds. The plan lists each target a stage will compress (name, shape, method, key parameters,
+fused expert or not), what is deliberately left out and why, and a rough estimate of each stage's
+peak memory and time. Every input error `compress run` would hit (a pattern that matches nothing, a
+stage with no targets, a shape a method cannot handle, missing or too short texts) is raised here,
+and `compress run` calls this before anything starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compress.errors import CompressError
+from compress.recipe import Recipe
+from compress.registry import get_method
+
+# Rough sustained rates for the estimate (dense fp32 matmul on a 2-core CPU; bf16 on one H100).
+FLOPS_PER_SECOND = {"cpu": 5e10, "cuda": 2e14}
+
+
+@dataclass
+class StagePlan:
+    index: int
+    method: str
+    params: dict[str, Any]
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    peak_host_bytes: int = 0
+    peak_device_bytes: int = 0
+    seconds_estimate: float = 0.0
+
+
+@dataclass
+class Plan:
+    source: str
+    kind: str
+    architecture: str
+    params: int
+    device: str
+    stages: list[StagePlan]
+    left_out: dict[str, str]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "kind": self.kind, "architecture": self.architecture, "params": self.params,
+            "device": self.device, "left_out": self.left_out,
+            "stages": [vars(stage) for stage in self.stages],
+        }
+
+
+def _skeleton(path: str, kind: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    loader = AutoModelForCausalLM if kind == "causal" else AutoModel
+    with torch.device("meta"):
+        return loader.from_config(config)
+
+
+def build_plan(recipe: Recipe) -> Plan:
+    """Resolve every stage of the recipe against the model's skeleton; raise CompressError on any
+    input error."""
+    from transformers import AutoTokenizer
+
+    from compress.data import read_text_file
+    from compress.modeling import _detect_kind, materialize_source, pick_device
+    from compress.pipeline import _eval_tokens_from, plan_stages
+    from compress.targets import discover
+
+    path, source = materialize_source(recipe.model)
+    try:
+        kind = _detect_kind(str(path)) if recipe.model.kind == "auto" else recipe.model.kind
+        model = _skeleton(str(path), kind)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CompressError(f"could not load model {source!r}: {first_line}") from None
+    layout = discover(model)
+    planned = plan_stages(recipe, layout)
+    norms = [name for name, module in model.named_modules() if "norm" in type(module).__name__.lower()]
+    left_out = dict(layout.left_out)
+    if norms:
+        left_out[f"{len(norms)} normalisation layers ({norms[0]}, ...)"] = "scale vectors, not weight matrices: kept as they are"
+    _eval_tokens_from(recipe, tokenizer)
+    needs_data = recipe.evaluate.layer_error or any(get_method(s.method).statistics for s in recipe.stages)
+    if needs_data:
+        for text in recipe.calibration.text or []:
+            read_text_file(text, "calibration")
+
+    device = pick_device(recipe.model.device)
+    compute_bytes = 4 if device.type == "cpu" or recipe.model.dtype == "float32" else 2
+    params = sum(p.numel() for p in model.parameters())
+    hidden = int(getattr(model.config, "hidden_size", 0) or layout.targets[0].in_features)
+    tokens = recipe.calibration.nsamples * recipe.calibration.seqlen
+    block_params = [sum(p.numel() for p in block.parameters()) for block in layout.blocks]
+    stages = []
+    for index, (stage, spec) in enumerate(zip(planned, recipe.stages)):
+        names = set(stage.method.statistics) | ({"hessian"} if recipe.evaluate.layer_error else set())
+        data = bool(names)
+        plan = StagePlan(index, stage.method.name, _key_params(spec.params.model_dump(mode="json")))
+        plan.targets = [
+            {"name": t.name, "shape": list(t.weight.shape), "fused_expert": t.is_expert, "block": t.block}
+            for t in stage.targets
+        ]
+        by_block = layout.by_block(stage.targets)
+        activations = tokens * hidden * compute_bytes if data else 0
+        statistics = max((_statistics_bytes(targets, names) for targets in by_block), default=0)
+        refine = max((sum(t.numel for t in targets) * 4 for targets in by_block), default=0) if stage.method.refines_mask else 0
+        largest_block = max(block_params) * compute_bytes
+        plan.peak_host_bytes = params * compute_bytes + activations + statistics + refine
+        plan.peak_device_bytes = largest_block + activations + statistics + refine if device.type == "cuda" else 0
+        flops = sum(_stage_flops(stage.method.name, t, names, tokens) for t in stage.targets)
+        flops += sum(2 * n * tokens * 2 for n, targets in zip(block_params, by_block) if targets) if data else 0
+        plan.seconds_estimate = flops / FLOPS_PER_SECOND[device.type]
+        stages.append(plan)
+    return Plan(source, kind, type(model).__name__, params, str(device), stages, left_out)
+
+
+def _key_params(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != "targets"}
+
+
+def _statistics_bytes(targets: list, names: set[str]) -> int:
+    total = 0
+    for target in targets:
+        if "hessian" in names:
+            total += 2 * target.in_features**2 * 4  # X^T X and the method's inverse factor
+        total += sum(target.in_features * 8 for name in names if name != "hessian")
+    return total
+
+
+def _stage_flops(method: str, target, names: set[str], tokens: int) -> float:
+    rows, cols = target.out_features, target.in_features
+    flops = 2.0 * tokens * cols * cols if "hessian" in names else 0.0
+    if method in ("gptq", "sparsegpt", "spqr"):
+        flops += 2.0 * rows * cols * cols + cols**3  # the OBS sweep's updates and the inverse
+        if method == "spqr":
+            flops *= 2  # leave-one-out outlier tests and second-level statistics
+    else:
+        flops += 10.0 * rows * cols
+    return flops
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1024 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return str(count)
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"model {plan.source}: {plan.architecture} ({plan.kind}), {plan.params:,} parameters, on {plan.device}"]
+    for stage in plan.stages:
+        params = ", ".join(f"{k}={v}" for k, v in stage.params.items())
+        experts = sum(t["fused_expert"] for t in stage.targets)
+        lines.append("")
+        lines.append(f"stage {stage.index} ({stage.method}: {params})")
+        lines.append(f"  {len(stage.targets)} targets{f' ({experts} fused experts)' if experts else ''}; "
+                     f"peak host memory ~{_size(stage.peak_host_bytes)}"
+                     + (f", GPU ~{_size(stage.peak_device_bytes)}" if stage.peak_device_bytes else "")
+                     + f"; time ~{stage.seconds_estimate:.0f} s (rough)")
+        width = max(len(t["name"]) for t in stage.targets)
+        for target in stage.targets:
+            shape = "x".join(map(str, target["shape"]))
+            lines.append(f"  {target['name']:<{width}}  {shape:>11}{'  fused expert' if target['fused_expert'] else ''}")
+    lines.append("")
+    lines.append("left out (never compressed):")
+    for name, why in plan.left_out.items():
+        lines.append(f"  {name}: {why}")
+    return "\n".join(lines)
