@@ -7,6 +7,7 @@
     compress submit RECIPE [--out DIR] [--wait]                  send a recipe to the served flow
     compress runs | compress compare ID ID                       read runs back from MLflow
     compress ui [--port P]                                       the MLflow UI on 127.0.0.1
+    compress audit OUT                                           check an output against its report
     compress cache clear                                         drop stored steps
 
 Input errors print one line (`error: ...`) and exit with code 2; a failed run exits with 1."""
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("run_ids", nargs="+", metavar="ID")
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    audit = commands.add_parser("audit", help="check a finished output against its report; exit 1 listing what differs")
+    audit.add_argument("out", help="the output folder (holds report.json)")
     cache = commands.add_parser("cache", help="the stored steps under $COMPRESS_HOME/steps")
     cache.add_argument("action", choices=["clear", "path"])
     return parser
@@ -112,6 +115,20 @@ def _plan(args: argparse.Namespace) -> int:
     plan = build_plan(_load(args))
     print(json.dumps(plan.describe(), indent=1) if args.json else format_plan(plan))
     return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from compress.audit import audit_output
+
+    result = audit_output(args.out)
+    if result["ok"]:
+        print(f"ok: {result['checked']} targets are what the report says; bits/param {result['bits_per_param']:.4f}")
+        return 0
+    print(f"{len(result['problems'])} of {result['checked']} targets are not what the report says:")
+    for name, found in result["problems"].items():
+        for problem in found:
+            print(f"  {name}: {problem}")
+    return EXIT_RUN_FAILED
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -220,7 +237,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"validate": _run, "plan": _plan, "run": _run, "serve": _serve, "submit": _submit, "runs": _runs, "compare": _compare,
-             "ui": _ui, "cache": _cache}
+             "ui": _ui, "cache": _cache, "audit": _audit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -464,4 +464,11 @@ def run(recipe: Recipe, out: str | Path | None = None, *, store: StepStore | Non
         stages.append(previous)
     evaluation = runner("evaluate", evaluate_step, store, recipe, load, previous)
     steps = [load, calibration, *stages, evaluation]
-    return runner("export", export_step, out_dir, recipe, load, calibration, stages, evaluation, steps, started)
+    runner("export", export_step, out_dir, recipe, load, calibration, stages, evaluation, steps, started)
+    from compress.audit import audit_step  # audit reads outputs with this module's helpers
+
+    report = runner("audit", audit_step, out_dir)
+    if not report["audit"]["ok"]:
+        log.warning("audit: %d targets are not what the report says: %s", len(report["audit"]["problems"]),
+                    "; ".join(f"{k}: {v[0]}" for k, v in list(report["audit"]["problems"].items())[:3]))
+    return report

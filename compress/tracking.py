@@ -32,7 +32,7 @@ DEFAULT_EXPERIMENT = "compress"
 RUN_METRICS = (
     "perplexity", "dense_perplexity", "embedding_cosine", "sparsity", "bits_per_param", "size_bytes",
     "packed_bytes", "seconds", "params", "target_params", "onnx_max_abs_diff", "onnx_ok", "layer_error_max",
-    "layer_error_mean",
+    "layer_error_mean", "audit_ok",
 )
 
 

@@ -70,7 +70,7 @@ def _step_metrics(result: Any) -> dict[str, Any]:
             metrics["targets"] = info["targets"]
         return metrics
     if isinstance(result, dict) and "metrics" in result:  # export returns the report
-        keys = ("bits_per_param", "size_bytes", "packed_bytes", "onnx_max_abs_diff", "onnx_ok")
+        keys = ("bits_per_param", "size_bytes", "packed_bytes", "onnx_max_abs_diff", "onnx_ok", "audit_ok")
         return {k: result["metrics"][k] for k in keys if k in result["metrics"]}
     return {}
 

@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 # small enough to run in seconds, real enough to compress and evaluate the embedded model
 FAST_SETS = ["--set", "calibration.nsamples=16", "--set", "calibration.seqlen=128", "--set", "evaluate.seqlen=128",
              "--set", "evaluate.max_windows=8"]
-CORE_METRICS = {"perplexity", "dense_perplexity", "sparsity", "bits_per_param", "size_bytes", "seconds", "onnx_max_abs_diff", "onnx_ok"}
-STEPS = ["load", "calibrate", "stage 0 (wanda)", "evaluate", "export"]
+CORE_METRICS = {"perplexity", "dense_perplexity", "sparsity", "bits_per_param", "size_bytes", "seconds", "onnx_max_abs_diff", "onnx_ok",
+                "audit_ok", "layer_error_max"}
+STEPS = ["load", "calibrate", "stage 0 (wanda)", "evaluate", "export", "audit"]
 
 
 def _free_port() -> int:
@@ -155,7 +156,7 @@ def test_two_submissions_are_two_tracked_runs_with_registered_models(services):
         assert all(c.info.status == "FINISHED" for c in children)
         metric_names.append(set(run.data.metrics))
         assert CORE_METRICS <= set(run.data.metrics)
-        assert run.data.metrics["onnx_ok"] == 1.0
+        assert run.data.metrics["onnx_ok"] == 1.0 and run.data.metrics["audit_ok"] == 1.0
         artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
         assert {"report.json", "recipe.json", "plots/targets.png", "model"} <= artifacts
         name = Path(recipe).stem
