@@ -87,6 +87,30 @@ def _detect_kind(source: str) -> str:
     return "encoder"
 
 
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def checkpoint_dtype(path: Path) -> torch.dtype:
+    """The dtype a checkpoint stores its weights in, read from a safetensors header (no weights)."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():
+                dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
+                if dtype is not None:
+                    return dtype
+    return torch.float32
+
+
+def compute_dtype_for(spec: ModelSpec, storage_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The recipe's dtype, else float32 on CPU (bf16 matmuls there are slow and less exact) and the
+    checkpoint's own dtype on CUDA."""
+    if spec.dtype != "auto":
+        return _DTYPES[spec.dtype]
+    return storage_dtype if device.type == "cuda" else torch.float32
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load model and tokenizer; compute dtype float32 on CPU, the checkpoint's dtype on CUDA."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -104,10 +128,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CompressError(f"could not load model {source!r}: {first_line}") from None
     storage_dtype = next(model.parameters()).dtype
-    if spec.dtype != "auto":
-        compute_dtype = _DTYPES[spec.dtype]
-    else:
-        compute_dtype = storage_dtype if device.type == "cuda" else torch.float32
+    compute_dtype = compute_dtype_for(spec, storage_dtype, device)
     model.to(compute_dtype)
     model.eval()
     return LoadedModel(model, tokenizer, source, kind, device, compute_dtype, storage_dtype)
@@ -120,15 +141,3 @@ def round_to_storage(loaded: LoadedModel) -> None:
     with torch.no_grad():
         for param in loaded.model.parameters():
             param.copy_(param.to(loaded.storage_dtype).to(param.dtype))
-
-
-def model_info(loaded: LoadedModel) -> dict:
-    return {
-        "source": loaded.source,
-        "kind": loaded.kind,
-        "architecture": type(loaded.model).__name__,
-        "params": sum(p.numel() for p in loaded.model.parameters()),
-        "storage_dtype": str(loaded.storage_dtype).removeprefix("torch."),
-        "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
-        "device": str(loaded.device),
-    }

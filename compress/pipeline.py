@@ -39,7 +39,7 @@ from compress.evaluate import (
     target_sparsity,
 )
 from compress.methods.sparsity import PruningParams
-from compress.modeling import LoadedModel, load_model, materialize_source, model_info, pick_device, round_to_storage
+from compress.modeling import LoadedModel, load_model, pick_device, round_to_storage
 from compress.onnx_export import ONNX_FILE, export_onnx
 from compress.packing import PACKED_FILE, QuantizedWeight
 from compress.recipe import ModelSpec, Recipe
@@ -112,10 +112,6 @@ def resolve_output_dir(recipe: Recipe, out: str | Path | None) -> Path:
     return path
 
 
-def _eval_tokens(recipe: Recipe, loaded: LoadedModel) -> tuple[torch.Tensor, str]:
-    return _eval_tokens_from(recipe, loaded.tokenizer)
-
-
 def _eval_tokens_from(recipe: Recipe, tokenizer: object) -> tuple[torch.Tensor, str]:
     path = recipe.evaluate.text or str(embedded_text("eval.txt"))
     ids = tokenize(tokenizer, read_text_file(path, "evaluation"))
@@ -123,13 +119,6 @@ def _eval_tokens_from(recipe: Recipe, tokenizer: object) -> tuple[torch.Tensor, 
     if windows.shape[0] == 0:
         raise CompressError(f"evaluation text {path} has {ids.numel()} tokens, fewer than evaluate.seqlen={recipe.evaluate.seqlen}")
     return windows, path if recipe.evaluate.text else "<embedded eval.txt>"
-
-
-def _quality(loaded: LoadedModel, windows: torch.Tensor, batch_size: int, reference: torch.Tensor | None) -> dict[str, Any]:
-    if loaded.kind == "causal":
-        return {"perplexity": perplexity(loaded.model, windows, loaded.device, batch_size)}
-    embeddings = mean_pooled_embeddings(loaded.model, windows, loaded.device, batch_size)
-    return {"embeddings": embeddings, "embedding_cosine": embedding_cosine(reference, embeddings) if reference is not None else 1.0}
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -158,40 +147,37 @@ def save_checkpoint(folder: Path, loaded: LoadedModel, state: CompressionState) 
 
 
 def load_step(recipe: Recipe) -> StepResult:
-    """Find the model (downloading a hub id into the local cache), hash its files, load it and
-    resolve every stage against it: all input errors surface here, before any calibration."""
+    """Find the model (a hub id is fetched into the local cache), resolve every stage against its
+    skeleton (compress/plan.py: all input errors surface here, before any calibration) and hash
+    its files."""
+    from compress.plan import build_plan  # the plan resolves stages with this module's plan_stages
+
     started = time.perf_counter()
-    path, source = materialize_source(recipe.model)
-    loaded = load_model(recipe.model.model_copy(update={"source": str(path)}))
-    layout = discover(loaded.model)
-    planned = plan_stages(recipe, layout)
-    _eval_tokens(recipe, loaded)  # a too-short evaluation text is an input error: find it now
-    if _needs_calibration(recipe):
-        for text in recipe.calibration.text or []:
-            read_text_file(text, "calibration")  # missing or empty: say so before anything runs
+    plan = build_plan(recipe)
+    path = Path(plan.model_path)
     key = digest("model", tree_digest(path), recipe.model.kind, _compute_settings(recipe.model))
     info = {
-        "model_path": str(path),
-        "source": source,
-        "kind": loaded.kind,
-        "model": {**model_info(loaded), "source": source},
-        "targets": len(layout.targets),
-        "stage_targets": [len(stage.targets) for stage in planned],
-        "refines": [stage.refines for stage in planned],
-        "left_out": layout.left_out,
+        "model_path": plan.model_path,
+        "source": plan.source,
+        "kind": plan.kind,
+        "model": plan.model_info(),
+        "targets": plan.targets,
+        "stage_targets": [len(stage.targets) for stage in plan.stages],
+        "refines": [stage.refines for stage in plan.stages],
+        "left_out": plan.left_out,
     }
-    log.info("model %s (%s, %s): %d targets in %d blocks", source, loaded.kind, loaded.device, len(layout.targets), len(layout.blocks))
+    log.info("model %s (%s, %s): %d targets in %d blocks", plan.source, plan.kind, plan.device, plan.targets, plan.blocks)
     return StepResult("load", key, path, info, seconds=time.perf_counter() - started)
 
 
-def _needs_calibration(recipe: Recipe) -> bool:
+def needs_calibration(recipe: Recipe) -> bool:
     return recipe.evaluate.layer_error or any(get_method(stage.method).statistics for stage in recipe.stages)
 
 
 def calibrate_step(store: StepStore, recipe: Recipe, load: StepResult) -> StepResult:
     """Seeded calibration token windows, stored; skipped when no stage gathers statistics."""
     spec = recipe.calibration
-    if not _needs_calibration(recipe):
+    if not needs_calibration(recipe):
         return StepResult("calibrate", "none", load.path, {**spec.model_dump(mode="json"), "used": False}, cached=True)
     described = spec.model_dump(mode="json")
     if spec.text:
@@ -256,6 +242,11 @@ def stage_step(
     return store.run("stage", key, compute)
 
 
+def layer_error_summary(errors: list[float]) -> dict[str, float]:
+    """`layer_error_max` / `layer_error_mean` over targets (nothing when no error was measured)."""
+    return {"layer_error_max": max(errors), "layer_error_mean": sum(errors) / len(errors)} if errors else {}
+
+
 def _reference_weights(reference: StepResult, spec: ModelSpec, names: list[str]) -> dict[str, torch.Tensor]:
     loaded, _ = open_checkpoint(reference, spec)
     wanted = set(names)
@@ -280,7 +271,7 @@ def evaluate_step(store: StepStore, recipe: Recipe, load: StepResult, final: Ste
 
 def _measure(recipe: Recipe, checkpoint: StepResult, folder: Path, dense: StepResult | None) -> dict[str, Any]:
     loaded, state = open_checkpoint(checkpoint, recipe.model)
-    windows, source = _eval_tokens(recipe, loaded)
+    windows, source = _eval_tokens_from(recipe, loaded.tokenizer)
     info: dict[str, Any] = {
         "evaluation": {
             "text": source,
@@ -332,10 +323,7 @@ def export_step(
     tokens: dict[str, int] = {}
     for step in stages:
         tokens.update(step.info["tokens"])
-    errors = [e for step in stages for e in step.info["layer_error"].values()]
-    if errors:
-        metrics["layer_error_max"] = max(errors)
-        metrics["layer_error_mean"] = sum(errors) / len(errors)
+    metrics.update(layer_error_summary([e for step in stages for e in step.info["layer_error"].values()]))
     report: dict[str, Any] = {
         "compress_version": __version__,
         "recipe": recipe.describe(),

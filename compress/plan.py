@@ -17,7 +17,6 @@ import torch
 
 from compress.errors import CompressError
 from compress.recipe import Recipe
-from compress.registry import get_method
 
 # Rough sustained rates for the estimate (dense fp32 matmul on a 2-core CPU; bf16 on one H100).
 FLOPS_PER_SECOND = {"cpu": 5e10, "cuda": 2e14}
@@ -28,6 +27,7 @@ class StagePlan:
     index: int
     method: str
     params: dict[str, Any]
+    refines: int | None = None  # the pruning stage whose mask this one refines (DSnoT)
     targets: list[dict[str, Any]] = field(default_factory=list)
     peak_host_bytes: int = 0
     peak_device_bytes: int = 0
@@ -36,20 +36,26 @@ class StagePlan:
 
 @dataclass
 class Plan:
-    source: str
+    source: str  # as the user named it
+    model_path: str  # the local folder it resolved to
     kind: str
     architecture: str
     params: int
+    storage_dtype: str
+    compute_dtype: str
     device: str
+    blocks: int
+    targets: int
     stages: list[StagePlan]
     left_out: dict[str, str]
 
+    def model_info(self) -> dict[str, Any]:
+        """The report's `model` section."""
+        return {"source": self.source, "kind": self.kind, "architecture": self.architecture, "params": self.params,
+                "storage_dtype": self.storage_dtype, "compute_dtype": self.compute_dtype, "device": self.device}
+
     def describe(self) -> dict[str, Any]:
-        return {
-            "source": self.source, "kind": self.kind, "architecture": self.architecture, "params": self.params,
-            "device": self.device, "left_out": self.left_out,
-            "stages": [vars(stage) for stage in self.stages],
-        }
+        return {**self.model_info(), "left_out": self.left_out, "stages": [vars(stage) for stage in self.stages]}
 
 
 def _skeleton(path: str, kind: str) -> torch.nn.Module:
@@ -67,8 +73,8 @@ def build_plan(recipe: Recipe) -> Plan:
     from transformers import AutoTokenizer
 
     from compress.data import read_text_file
-    from compress.modeling import _detect_kind, materialize_source, pick_device
-    from compress.pipeline import _eval_tokens_from, plan_stages
+    from compress.modeling import _detect_kind, checkpoint_dtype, compute_dtype_for, materialize_source, pick_device
+    from compress.pipeline import _eval_tokens_from, needs_calibration, plan_stages
     from compress.targets import discover
 
     path, source = materialize_source(recipe.model)
@@ -86,13 +92,14 @@ def build_plan(recipe: Recipe) -> Plan:
     if norms:
         left_out[f"{len(norms)} normalisation layers ({norms[0]}, ...)"] = "scale vectors, not weight matrices: kept as they are"
     _eval_tokens_from(recipe, tokenizer)
-    needs_data = recipe.evaluate.layer_error or any(get_method(s.method).statistics for s in recipe.stages)
-    if needs_data:
+    if needs_calibration(recipe):
         for text in recipe.calibration.text or []:
             read_text_file(text, "calibration")
 
     device = pick_device(recipe.model.device)
-    compute_bytes = 4 if device.type == "cpu" or recipe.model.dtype == "float32" else 2
+    storage_dtype = checkpoint_dtype(path)
+    compute_dtype = compute_dtype_for(recipe.model, storage_dtype, device)
+    compute_bytes = torch.finfo(compute_dtype).bits // 8
     params = sum(p.numel() for p in model.parameters())
     hidden = int(getattr(model.config, "hidden_size", 0) or layout.targets[0].in_features)
     tokens = recipe.calibration.nsamples * recipe.calibration.seqlen
@@ -101,7 +108,7 @@ def build_plan(recipe: Recipe) -> Plan:
     for index, (stage, spec) in enumerate(zip(planned, recipe.stages)):
         names = set(stage.method.statistics) | ({"hessian"} if recipe.evaluate.layer_error else set())
         data = bool(names)
-        plan = StagePlan(index, stage.method.name, _key_params(spec.params.model_dump(mode="json")))
+        plan = StagePlan(index, stage.method.name, _key_params(spec.params.model_dump(mode="json")), stage.refines)
         plan.targets = [
             {"name": t.name, "shape": list(t.weight.shape), "fused_expert": t.is_expert, "block": t.block}
             for t in stage.targets
@@ -117,7 +124,11 @@ def build_plan(recipe: Recipe) -> Plan:
         flops += sum(2 * n * tokens * 2 for n, targets in zip(block_params, by_block) if targets) if data else 0
         plan.seconds_estimate = flops / FLOPS_PER_SECOND[device.type]
         stages.append(plan)
-    return Plan(source, kind, type(model).__name__, params, str(device), stages, left_out)
+    def name(dtype: torch.dtype) -> str:
+        return str(dtype).removeprefix("torch.")
+
+    return Plan(source, str(path), kind, type(model).__name__, params, name(storage_dtype), name(compute_dtype), str(device),
+                len(layout.blocks), len(layout.targets), stages, left_out)
 
 
 def _key_params(params: dict[str, Any]) -> dict[str, Any]:

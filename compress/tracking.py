@@ -100,6 +100,7 @@ class RunTracker:
     def __init__(self, recipe_data: dict[str, Any], recipe_hash: str, model_source: str, run_id: str | None = None,
                  uri: str | None = None, flow_run_id: str | None = None) -> None:
         self.client = client(uri)
+        self.recipe_hash = recipe_hash
         self.experiment_id = ensure_experiment(self.client)
         tags = {
             "compress.recipe": recipe_data.get("name", ""),
@@ -183,10 +184,6 @@ class RunTracker:
         version = self.client.create_model_version(name, source, run_id=self.run_id, tags={"compress.recipe_hash": self.recipe_hash})
         self._log(self.run_id, tags={"compress.registered_model": f"{name}/{version.version}"})
         return str(version.version)
-
-    @property
-    def recipe_hash(self) -> str:
-        return self.client.get_run(self.run_id).data.tags.get("compress.recipe_hash", "")
 
 
 class StepRun:

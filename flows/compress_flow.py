@@ -51,13 +51,11 @@ def _step_metrics(result: Any) -> dict[str, Any]:
         if result.kind == "stage":
             metrics.update(sparsity=info["sparsity"], targets=info["targets"], targets_changed=info["targets_changed"],
                            stage_seconds=info["stage_seconds"])
-            errors = info.get("layer_error") or {}
-            if errors:
-                metrics["layer_error_max"] = max(errors.values())
-                metrics["layer_error_mean"] = sum(errors.values()) / len(errors)
-                # one metric per target, so the MLflow UI can chart the one bad layer
-                metrics.update({f"layer_error.{name}": value for name, value in errors.items()})
-                metrics.update({f"target_seconds.{name}": value for name, value in info["target_seconds"].items()})
+            errors = info["layer_error"]
+            metrics.update(pipeline.layer_error_summary(list(errors.values())))
+            # one metric per target, so the MLflow UI can chart the one bad layer
+            metrics.update({f"layer_error.{name}": value for name, value in errors.items()})
+            metrics.update({f"target_seconds.{name}": value for name, value in info["target_seconds"].items()})
         elif result.kind == "evaluate":
             for name in ("perplexity", "embedding_cosine", "sparsity"):
                 if name in info:

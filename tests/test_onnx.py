@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-import torch
 from onnx import numpy_helper
 
 from compress.onnx_export import ONNX_RTOL
