@@ -205,6 +205,23 @@ def _compress_targets(
         outcome.numel += target.numel
 
 
+class BlockHandler:
+    """What the engine calls around each block. This default keeps the whole model in memory;
+    a stage step passes one that streams blocks from disk and checkpoints each finished block
+    (compress/resume.py)."""
+
+    def resume(self, outcomes: list[StageOutcome], state: CompressionState) -> tuple[int, list[torch.Tensor] | None]:
+        """(first block to run, hidden states at its input or None); restores `outcomes` and
+        `state` of the blocks before it."""
+        return 0, None
+
+    def fetch(self, index: int) -> None:
+        """Make block `index`'s weights present before the engine touches it."""
+
+    def finish(self, index: int, inputs: list[BlockInputs], outcomes: list[StageOutcome], state: CompressionState) -> None:
+        """Block `index` is done; `inputs` now feed block index + 1."""
+
+
 def run_layerwise(
     model: nn.Module,
     layout: ModelLayout,
@@ -213,17 +230,19 @@ def run_layerwise(
     batches: list[torch.Tensor],
     device: torch.device,
     measure_error: bool = False,
+    handler: BlockHandler | None = None,
 ) -> RunOutcome:
     """Run the stages block by block on calibration token batches (see the module docstring).
-    `measure_error`: also gather X^T X for every target and record each one's relative output error."""
+    `measure_error`: also gather X^T X for every target and record each one's relative output error.
+    `handler`: where blocks come from and go (default: all in memory); every block passes through
+    it, those after the last target's too, so a streamed checkpoint is written whole."""
+    handler = handler or BlockHandler()
     outcomes = [StageOutcome() for _ in stages]
     run = RunOutcome(outcomes)
     per_stage_block = [layout.by_block(stage.targets) for stage in stages]
     used_blocks = [i for i in range(len(layout.blocks)) if any(blocks[i] for blocks in per_stage_block)]
-    if not used_blocks:
-        return run
-    last_block = used_blocks[-1]
-    needs_data = measure_error or any(stage.method.statistics for stage in stages)
+    last_block = used_blocks[-1] if used_blocks else -1
+    needs_data = bool(used_blocks) and (measure_error or any(stage.method.statistics for stage in stages))
     wanted = [tuple(dict.fromkeys((*stage.method.statistics, *(("hessian",) if measure_error else ())))) for stage in stages]
     keep_originals = any(stage.method.refines_mask for stage in stages)
     sequences = sum(batch.shape[0] for batch in batches)
@@ -231,48 +250,66 @@ def run_layerwise(
     inputs: list[BlockInputs] = []
     if needs_data:
         start = time.perf_counter()
-        inputs = capture_block_inputs(model, layout, batches, device)
+        inputs = capture_block_inputs(model, layout, batches, device)  # also on resume: the other arguments
         run.forward_seconds += time.perf_counter() - start
-    home = next(layout.blocks.parameters()).device
-    progress = tqdm(total=last_block + 1, desc=" + ".join(s.label or s.method.name for s in stages), unit="block", leave=False)
+    first, hidden = handler.resume(outcomes, state)
+    if hidden is not None:
+        for item, saved in zip(inputs, hidden, strict=True):
+            item.hidden = saved.to(item.hidden.device, item.hidden.dtype)
+    progress = tqdm(total=len(layout.blocks), initial=first, desc=" + ".join(s.label or s.method.name for s in stages), unit="block", leave=False)
     with torch.no_grad():
-        for index in range(last_block + 1):
-            block = layout.blocks[index].to(device) if needs_data else layout.blocks[index]
-            # a refining stage (DSnoT) needs the weights from before the first stage: one block's worth
-            originals = {}
-            if keep_originals:
-                originals = {
-                    t.name: t.weight.clone() if stage.reference is None else stage.reference[t.name]
-                    for stage, blocks in zip(stages, per_stage_block)
-                    if stage.method.refines_mask
-                    for t in blocks[index]
-                }
-            for stage, outcome, blocks, names in zip(stages, outcomes, per_stage_block, wanted):
-                targets = blocks[index]
-                if not targets:
-                    continue
-                start = time.perf_counter()
-                statistics: dict[str, dict[str, torch.Tensor]] = {}
-                if names:
-                    with gather(targets, names) as collected:
-                        _run_block(block, inputs)
-                    for target in targets:
-                        gathered = collected[target.name]
-                        outcome.tokens[target.name] = gathered.tokens
-                        if gathered.tokens == 0:
-                            outcome.no_tokens.append(target.name)
-                            continue
-                        statistics[target.name] = {**gathered.values(), "tokens_per_sequence": torch.tensor(gathered.tokens / sequences)}
-                    del collected
-                _compress_targets(stage, targets, statistics, state, originals, outcome, measure_error)
-                outcome.seconds += time.perf_counter() - start
-            del originals
-            if needs_data and index < last_block:
-                start = time.perf_counter()
-                _block_outputs(block, inputs)
-                run.forward_seconds += time.perf_counter() - start
-            if needs_data:
-                layout.blocks[index].to(home)
+        for index in range(first, len(layout.blocks)):
+            handler.fetch(index)
+            if index <= last_block:
+                run.forward_seconds += _compress_block(index, layout, stages, per_stage_block, wanted, outcomes, state, inputs,
+                                                       device, needs_data, keep_originals, sequences, measure_error, last_block)
+            handler.finish(index, inputs, outcomes, state)
             progress.update(1)
     progress.close()
     return run
+
+
+def _compress_block(
+    index: int, layout: ModelLayout, stages: list[Stage], per_stage_block: list[list[list[Target]]],
+    wanted: list[tuple[str, ...]], outcomes: list[StageOutcome], state: CompressionState, inputs: list[BlockInputs],
+    device: torch.device, needs_data: bool, keep_originals: bool, sequences: int, measure_error: bool, last_block: int,
+) -> float:
+    """Every stage's targets in block `index`, then (if a later block needs them) its outputs; returns
+    the seconds that last forward pass took."""
+    home = next(layout.blocks[index].parameters()).device
+    block = layout.blocks[index].to(device) if needs_data else layout.blocks[index]
+    # a refining stage (DSnoT) needs the weights from before the first stage: one block's worth
+    originals = {}
+    if keep_originals:
+        originals = {
+            t.name: t.weight.clone() if stage.reference is None else stage.reference[t.name]
+            for stage, blocks in zip(stages, per_stage_block)
+            if stage.method.refines_mask
+            for t in blocks[index]
+        }
+    for stage, outcome, blocks, names in zip(stages, outcomes, per_stage_block, wanted):
+        targets = blocks[index]
+        if not targets:
+            continue
+        start = time.perf_counter()
+        statistics: dict[str, dict[str, torch.Tensor]] = {}
+        if names:
+            with gather(targets, names) as collected:
+                _run_block(block, inputs)
+            for target in targets:
+                gathered = collected[target.name]
+                outcome.tokens[target.name] = gathered.tokens
+                if gathered.tokens == 0:
+                    outcome.no_tokens.append(target.name)
+                    continue
+                statistics[target.name] = {**gathered.values(), "tokens_per_sequence": torch.tensor(gathered.tokens / sequences)}
+            del collected
+        _compress_targets(stage, targets, statistics, state, originals, outcome, measure_error)
+        outcome.seconds += time.perf_counter() - start
+    del originals
+    start = time.perf_counter()
+    if needs_data and index < last_block:
+        _block_outputs(block, inputs)
+    if needs_data:
+        layout.blocks[index].to(home)
+    return time.perf_counter() - start

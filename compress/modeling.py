@@ -77,6 +77,11 @@ def materialize_source(spec: ModelSpec) -> tuple[Path, str]:
         raise CompressError(f"could not fetch model {source!r} from the hub: {first_line}") from None
 
 
+def resolve_kind(source: str, kind: str) -> str:
+    """The recipe's kind, or for "auto" what the config's architectures say."""
+    return _detect_kind(source) if kind == "auto" else kind
+
+
 def _detect_kind(source: str) -> str:
     from transformers import AutoConfig
 
@@ -120,7 +125,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     source = resolve_source(spec)
     device = pick_device(spec.device)
     try:
-        kind = _detect_kind(source) if spec.kind == "auto" else spec.kind
+        kind = resolve_kind(source, spec.kind)
         loader = AutoModelForCausalLM if kind == "causal" else AutoModel
         model = loader.from_pretrained(source, dtype="auto")
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -132,12 +137,3 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     model.to(compute_dtype)
     model.eval()
     return LoadedModel(model, tokenizer, source, kind, device, compute_dtype, storage_dtype)
-
-
-def round_to_storage(loaded: LoadedModel) -> None:
-    """Round every weight through the storage dtype, so what is evaluated is exactly what is saved."""
-    if loaded.storage_dtype == loaded.compute_dtype:
-        return
-    with torch.no_grad():
-        for param in loaded.model.parameters():
-            param.copy_(param.to(loaded.storage_dtype).to(param.dtype))

@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from compress import __version__
 from compress.data import batches, calibration_tokens, embedded_text, read_text_file, tokenize
 from compress.engine import Stage, run_layerwise
+from compress.resume import StageBlocks
+from compress.streaming import open_blockwise, reference_weights
 from compress.errors import CompressError
 from compress.evaluate import (
     directory_bytes,
@@ -39,7 +41,7 @@ from compress.evaluate import (
     target_sparsity,
 )
 from compress.methods.sparsity import PruningParams
-from compress.modeling import LoadedModel, load_model, pick_device, round_to_storage
+from compress.modeling import LoadedModel, load_model, pick_device
 from compress.onnx_export import ONNX_FILE, export_onnx
 from compress.packing import PACKED_FILE, QuantizedWeight
 from compress.recipe import ModelSpec, Recipe
@@ -136,13 +138,6 @@ def open_checkpoint(step: StepResult, spec: ModelSpec) -> tuple[LoadedModel, Com
     return loaded, state
 
 
-def save_checkpoint(folder: Path, loaded: LoadedModel, state: CompressionState) -> None:
-    loaded.model.to(loaded.storage_dtype).save_pretrained(folder / MODEL_DIR)
-    loaded.model.to(loaded.compute_dtype)
-    loaded.tokenizer.save_pretrained(folder / MODEL_DIR)
-    state.save(folder)
-
-
 # --- steps --------------------------------------------------------------------------------------
 
 
@@ -210,21 +205,25 @@ def stage_step(
     )
 
     def compute(folder: Path) -> dict[str, Any]:
-        loaded, state = open_checkpoint(previous, recipe.model)
-        layout = discover(loaded.model)
+        model = open_blockwise(previous.model_path, recipe.model, previous.info.get("kind", recipe.model.kind))
+        state = CompressionState.load(previous.path) if (previous.path / STATE_FILE).is_file() else CompressionState()
+        layout = model.layout
         planned = plan_stages(recipe, layout)[index]
         if reference is not None:
-            planned.reference = _reference_weights(reference, recipe.model, [t.name for t in planned.targets])
+            planned.reference = reference_weights(reference.model_path, recipe.model, planned.targets)
         calib = batches(load_tokens(calibration.path / TOKENS_FILE), recipe.calibration.batch_size) if uses_data else []
-        outcome = run_layerwise(loaded.model, layout, [planned], state, calib, loaded.device, measure_error)
+        blocks = StageBlocks(model, folder, folder / MODEL_DIR, key)
+        outcome = run_layerwise(model.loaded.model, layout, [planned], state, calib, model.loaded.device, measure_error, blocks)
         result = outcome.stages[0]
         if result.changed == 0:
             raise CompressError(f"{planned.label} changed no weight of its {len(planned.targets)} targets: check its parameters")
         if result.no_tokens:
             log.warning("%s: no calibration token reached %d targets (%s...): they were compressed without "
                         "activation statistics", planned.label, len(result.no_tokens), result.no_tokens[0])
-        round_to_storage(loaded)
-        save_checkpoint(folder, loaded, state)
+        blocks.close()
+        state.save(folder)
+        if blocks.resumed_at:
+            log.info("%s: resumed at block %d of %d", planned.label, blocks.resumed_at, len(layout.blocks))
         log.info("%s: %d targets, sparsity %.4f, %.2f s", planned.label, len(planned.targets), result.sparsity, result.seconds)
         return {
             "label": planned.label,
@@ -237,20 +236,16 @@ def stage_step(
             "no_calibration_tokens": result.no_tokens,
             "layer_error": result.errors,
             "target_seconds": result.target_seconds,
+            "resumed_at_block": blocks.resumed_at,
+            "streamed": model.streamed,
         }
 
-    return store.run("stage", key, compute)
+    return store.run("stage", key, compute, resumable=True)
 
 
 def layer_error_summary(errors: list[float]) -> dict[str, float]:
     """`layer_error_max` / `layer_error_mean` over targets (nothing when no error was measured)."""
     return {"layer_error_max": max(errors), "layer_error_mean": sum(errors) / len(errors)} if errors else {}
-
-
-def _reference_weights(reference: StepResult, spec: ModelSpec, names: list[str]) -> dict[str, torch.Tensor]:
-    loaded, _ = open_checkpoint(reference, spec)
-    wanted = set(names)
-    return {t.name: t.weight.clone() for t in discover(loaded.model).targets if t.name in wanted}
 
 
 def evaluate_step(store: StepStore, recipe: Recipe, load: StepResult, final: StepResult) -> StepResult:

@@ -1,6 +1,10 @@
 """What stages hand to each other: per target, the sparsity mask and, once quantized, the packed
 form (codes, statistics, outliers). Later stages keep the zeros of earlier ones. Saved beside the
-checkpoint: masks in compress_state.safetensors, packed weights in packed.safetensors."""
+checkpoint: masks in compress_state.safetensors, packed weights in packed.safetensors.
+
+Masks are held and stored 1 bit a weight (a 7B model's masks are 0.8 GB so, 6.5 GB as bools), and
+unpacked when a stage or a check reads one.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.packing import PACKED_FILE, QuantizedWeight, read_packed, write_packed
+from compress.packing import PACKED_FILE, QuantizedWeight, pack_bits, read_packed, unpack_bits, write_packed
 
 STATE_FILE = "compress_state.safetensors"
 STATE_INDEX = "compress_state.json"
@@ -19,9 +23,23 @@ STATE_INDEX = "compress_state.json"
 
 @dataclass
 class TargetState:
-    mask: torch.Tensor | None = None  # bool [out, in], True where a weight is kept
+    packed_mask: torch.Tensor | None = None  # uint8, the mask 1 bit a weight (see `mask`)
+    shape: tuple[int, int] | None = None  # the mask's [out, in]
     stages: list[str] = field(default_factory=list)  # methods that changed this target
     quantized: QuantizedWeight | None = None  # the packed form, when the last stage quantized it
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """bool [out, in], True where a weight is kept; None when no stage pruned the target."""
+        if self.packed_mask is None:
+            return None
+        rows, cols = self.shape
+        return unpack_bits(self.packed_mask, 1, rows * cols).view(rows, cols).bool()
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        self.packed_mask = None if value is None else pack_bits(value.cpu(), 1)
+        self.shape = None if value is None else tuple(value.shape)
 
 
 @dataclass
@@ -35,10 +53,16 @@ class CompressionState:
         entry = self.targets.get(name)
         return None if entry is None else entry.mask
 
+    def subset(self, names: list[str]) -> "CompressionState":
+        return CompressionState({name: self.targets[name] for name in names if name in self.targets})
+
+    def update(self, other: "CompressionState") -> None:
+        self.targets.update(other.targets)
+
     def save(self, directory: Path) -> None:
-        tensors = {f"{name}.mask": entry.mask.cpu().contiguous() for name, entry in self.targets.items() if entry.mask is not None}
+        tensors = {f"{name}.mask": entry.packed_mask.contiguous() for name, entry in self.targets.items() if entry.packed_mask is not None}
         save_file(tensors, str(directory / STATE_FILE))
-        index = {name: {"stages": entry.stages, "has_mask": entry.mask is not None, "quantized": entry.quantized is not None}
+        index = {name: {"stages": entry.stages, "mask_shape": entry.shape, "quantized": entry.quantized is not None}
                  for name, entry in self.targets.items()}
         (directory / STATE_INDEX).write_text(json.dumps(index, indent=1))
         quantized = {name: entry.quantized for name, entry in self.targets.items() if entry.quantized is not None}
@@ -50,4 +74,8 @@ class CompressionState:
         tensors = load_file(str(directory / STATE_FILE))
         index = json.loads((directory / STATE_INDEX).read_text())
         packed = read_packed(directory / PACKED_FILE) if (directory / PACKED_FILE).exists() else {}
-        return cls({name: TargetState(tensors.get(f"{name}.mask"), info["stages"], packed.get(name)) for name, info in index.items()})
+        return cls({
+            name: TargetState(tensors.get(f"{name}.mask"), tuple(info["mask_shape"]) if info["mask_shape"] else None,
+                              info["stages"], packed.get(name))
+            for name, info in index.items()
+        })

@@ -14,6 +14,7 @@ checkpoint, so `compress cache clear` (or deleting the folder) is how the space 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,7 +22,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,11 +107,14 @@ class StepStore:
             return None
         return StepResult(kind, key, folder, json.loads(marker.read_text()), cached=True)
 
-    def run(self, kind: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> StepResult:
+    def run(self, kind: str, key: str, compute: Callable[[Path], dict[str, Any]], resumable: bool = False) -> StepResult:
         """The stored result for (kind, key), or compute it into a fresh folder and store it.
 
         `compute(folder)` writes its files into `folder` and returns the JSON-able info kept in
         step.json. Two runs computing the same step at once both finish; the first rename wins.
+        `resumable`: the work folder is named by the key alone and kept when the step fails or is
+        killed, so the next run of the same step finds what `compute` checkpointed there (one run at
+        a time holds it, by a lock; another computes in a folder of its own).
         """
         started = time.perf_counter()
         found = self.lookup(kind, key)
@@ -118,22 +123,22 @@ class StepStore:
             return found
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.folder(kind, key)
-        partial = self.root / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            partial.mkdir()
-            info = compute(partial)
-            info["seconds"] = time.perf_counter() - started
-            info["compress_version"] = __version__
-            (partial / STEP_FILE).write_text(json.dumps(info, indent=1))
+        with _work_folder(self.root, final.name, resumable) as (partial, keep_on_failure):
             try:
-                partial.rename(final)
-            except OSError:  # another run finished the same step first: theirs is as good as ours
-                if not (final / STEP_FILE).is_file():
-                    raise
-                shutil.rmtree(partial, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+                info = compute(partial)
+                info["seconds"] = time.perf_counter() - started
+                info["compress_version"] = __version__
+                (partial / STEP_FILE).write_text(json.dumps(info, indent=1))
+                try:
+                    partial.rename(final)
+                except OSError:  # another run finished the same step first: theirs is as good as ours
+                    if not (final / STEP_FILE).is_file():
+                        raise
+                    shutil.rmtree(partial, ignore_errors=True)
+            except BaseException:
+                if not keep_on_failure:
+                    shutil.rmtree(partial, ignore_errors=True)
+                raise
         result = self.lookup(kind, key)
         assert result is not None
         result.cached = False
@@ -147,6 +152,32 @@ class StepStore:
         count = sum(1 for p in self.root.iterdir() if (p / STEP_FILE).is_file())
         shutil.rmtree(self.root)
         return count
+
+
+@contextmanager
+def _work_folder(root: Path, name: str, resumable: bool) -> Iterator[tuple[Path, bool]]:
+    """(folder to compute in, whether to keep it on failure). A resumable step gets the folder
+    named by its key if no other process holds its lock, else a fresh one like any step."""
+    if resumable:
+        lock_path = root / f".{name}.lock"
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass  # another run is computing this step now: work apart from it
+            else:
+                folder = root / f".{name}.resume"
+                folder.mkdir(exist_ok=True)
+                try:
+                    yield folder, True
+                finally:
+                    if not folder.exists():  # finished: nothing left to resume
+                        lock_path.unlink(missing_ok=True)
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                return
+    folder = root / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    yield folder, False
 
 
 def save_tokens(path: Path, tokens: torch.Tensor) -> None:

@@ -27,6 +27,21 @@ def fast_recipe(*stages: dict[str, Any], **sections: Any) -> dict[str, Any]:
     return data
 
 
+def output_bytes(out: Path) -> dict[str, bytes]:
+    """Every byte the compressed model consists of: its checkpoint shards and index, masks, packed form."""
+    files = sorted((out / "model").glob("*.safetensors")) + [out / "model" / "model.safetensors.index.json"]
+    files += [out / name for name in ("compress_state.safetensors", "compress_state.json", "packed.safetensors")]
+    return {str(f.relative_to(out)): f.read_bytes() for f in files if f.exists()}
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, "torch.Tensor"]:
+    """All tensors of a (possibly sharded) checkpoint folder, by name."""
+    from compress.streaming import CheckpointFiles
+
+    files = CheckpointFiles(folder)
+    return files.read(list(files.where))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def compress_home(tmp_path_factory):
     """Step cache and tracking store of the test session, never the user's ~/.compress."""
@@ -107,4 +122,33 @@ def fault_method() -> str:
 
         RTNWithFault.name = name
         register(RTNWithFault)
+    return name
+
+
+KILL_AT = "COMPRESS_TEST_KILL_AT"
+
+
+def register_kill_method() -> str:
+    """A real method (GPTQ) that SIGKILLs its own process on its Nth target, N from
+    $COMPRESS_TEST_KILL_AT: a run dying mid-stage, for the resume-inside-a-stage tests."""
+    import os
+    import signal
+
+    from compress.methods.gptq import GPTQ
+    from compress.registry import _METHODS, register
+
+    name = "gptq-with-kill"
+    if name not in _METHODS:
+
+        class GPTQWithKill(GPTQ):
+            calls = 0
+
+            def compress_target(self, weight, statistics, mask, dense=None):
+                GPTQWithKill.calls += 1
+                if os.environ.get(KILL_AT) == str(GPTQWithKill.calls):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return super().compress_target(weight, statistics, mask, dense)
+
+        GPTQWithKill.name = name
+        register(GPTQWithKill)
     return name

@@ -16,7 +16,7 @@ from compress.pipeline import run
 from compress.recipe import validate_recipe
 from compress.state import CompressionState
 
-from conftest import fast_recipe
+from conftest import checkpoint_tensors, fast_recipe
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_checkpoint_reloads_with_the_evaluated_weights(wanda_run):
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=windows[:4]).logits, dense(input_ids=windows[:4]).logits)
     assert perplexity(reloaded, windows, torch.device("cpu")) == pytest.approx(report["metrics"]["perplexity"], rel=1e-6)
-    assert load_file(str(out / "model" / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+    assert checkpoint_tensors(out / "model")["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
 
 
 def dense_tokenizer():

@@ -86,10 +86,10 @@ def test_packed_file_rebuilds_the_evaluated_weights_and_gives_the_bits(stages, t
     from compress.packing import PACKED_FILE, read_packed
     from compress.pipeline import run
     from compress.recipe import validate_recipe
-    from conftest import fast_recipe
+    from conftest import checkpoint_tensors, fast_recipe
 
     report = run(validate_recipe(fast_recipe(*stages, evaluate={"dense": False})), tmp_path / "q")
-    checkpoint = load_file(str(tmp_path / "q" / "model" / "model.safetensors"))
+    checkpoint = checkpoint_tensors(tmp_path / "q" / "model")
     packed = read_packed(tmp_path / "q" / PACKED_FILE)
     assert len(packed) == 4 * 7
     for name, quantized in packed.items():
@@ -143,7 +143,7 @@ def test_moe_experts_prune_refine_and_quantize(tiny_mixtral, tmp_path):
     from compress.packing import PACKED_FILE, read_packed
     from compress.pipeline import run
     from compress.recipe import validate_recipe
-    from conftest import fast_recipe
+    from conftest import checkpoint_tensors, fast_recipe
 
     recipe = fast_recipe({"method": "wanda", "sparsity": 0.5}, {"method": "dsnot", "skip_layer": "no_skip"},
                          {"method": "gptq", "bits": 4, "group_size": 16}, model={"source": str(tiny_mixtral)},

@@ -11,13 +11,10 @@ from compress.pipeline import run
 from compress.recipe import validate_recipe
 from compress.steps import STEP_FILE, StepStore
 
-from conftest import FAULT_FLAG, fast_recipe
+from conftest import FAULT_FLAG, fast_recipe, output_bytes
 
 
-def _files(out: Path) -> dict[str, bytes]:
-    """Every output byte that the model and its packed form consist of."""
-    names = ["model/model.safetensors", "compress_state.safetensors", "packed.safetensors"]
-    return {name: (out / name).read_bytes() for name in names if (out / name).exists()}
+_files = output_bytes
 
 
 def _steps(report: dict) -> dict[str, bool]:
@@ -54,7 +51,8 @@ def test_failed_stage_resumes_bit_identical(tmp_path, monkeypatch, fault_method)
     with pytest.raises(RuntimeError, match="injected fault"):
         run(recipe, tmp_path / "out", store=store)
     assert not (tmp_path / "out").exists()
-    assert not any(p.name.startswith(".") for p in store.root.iterdir())  # no half-written step
+    hidden = sorted(p.name for p in store.root.iterdir() if p.name.startswith("."))
+    assert len(hidden) == 2 and hidden[0].endswith(".lock") and hidden[1].endswith(".resume")  # kept to resume, nothing else
     stage0 = [p for p in store.root.iterdir() if p.name.startswith("stage-")]
     assert len(stage0) == 1
     written = (stage0[0] / STEP_FILE).stat().st_mtime_ns
@@ -63,6 +61,7 @@ def test_failed_stage_resumes_bit_identical(tmp_path, monkeypatch, fault_method)
     resumed = run(recipe, tmp_path / "out", store=store)
     assert [s["cached"] for s in resumed["stages"]] == [True, False]
     assert (stage0[0] / STEP_FILE).stat().st_mtime_ns == written  # not recomputed
+    assert not any(p.name.startswith(".") for p in store.root.iterdir())  # checkpoints gone with the finished stage
 
     fresh = run(recipe, tmp_path / "fresh", store=StepStore(tmp_path / "fresh-steps"))
     assert [s["cached"] for s in fresh["stages"]] == [False, False]

@@ -1,0 +1,106 @@
+"""Resume inside a stage: each finished block is checkpointed, so a killed stage continues where it was.
+
+The stage step works in a folder named by its key, the fingerprint of everything that decides its
+result (model, recipe section, calibration data, package version; compress/steps.py), so a run with a
+changed fingerprint never sees another's checkpoints. After block i the handler writes, each file
+under a temporary name and renamed into place:
+  model/model-…-of-….safetensors  block i, as its shard of the stage's output checkpoint
+  resume/state-i/                  the masks and packed weights of block i's targets
+  resume/hidden.safetensors        the calibration hidden states feeding block i + 1
+  resume/progress.json             written last: the next block to run and the outcomes so far
+A restarted stage captures the other block arguments afresh (positions, masks: cheap and the same),
+takes the hidden states and outcomes from the checkpoint and continues at the next block, so its
+output is bit-identical to an uninterrupted run's. The `resume` folder goes when the stage finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compress.engine import BlockHandler, BlockInputs, StageOutcome
+from compress.state import CompressionState
+from compress.streaming import BlockwiseModel, CheckpointWriter
+
+RESUME_DIR = "resume"
+PROGRESS_FILE = "progress.json"
+HIDDEN_FILE = "hidden.safetensors"
+
+
+def _replace_file(path: Path, write) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+class StageBlocks(BlockHandler):
+    """Streams blocks through a stage (compress/streaming.py) and checkpoints each finished one."""
+
+    def __init__(self, model: BlockwiseModel, folder: Path, model_dir: Path, fingerprint: str) -> None:
+        self.model = model
+        self.resume_dir = folder / RESUME_DIR
+        self.resume_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = CheckpointWriter(model_dir, len(model.layout.blocks))
+        self.fingerprint = fingerprint
+        self.resumed_at = 0
+
+    def _targets_of(self, index: int) -> list[str]:
+        return [t.name for t in self.model.layout.targets if t.block == index]
+
+    def resume(self, outcomes: list[StageOutcome], state: CompressionState) -> tuple[int, list[torch.Tensor] | None]:
+        path = self.resume_dir / PROGRESS_FILE
+        if not path.is_file():
+            return 0, None
+        progress = json.loads(path.read_text())
+        if progress["fingerprint"] != self.fingerprint:  # cannot happen through the step store; be safe
+            shutil.rmtree(self.resume_dir)
+            self.resume_dir.mkdir()
+            return 0, None
+        first = progress["next_block"]
+        for outcome, saved in zip(outcomes, progress["outcomes"], strict=True):
+            for name, value in saved.items():
+                setattr(outcome, name, value)
+        for index in range(first):
+            folder = self.resume_dir / f"state-{index}"
+            if folder.is_dir():
+                state.update(CompressionState.load(folder))
+        hidden = None
+        if progress["hidden"]:
+            stored = load_file(str(self.resume_dir / HIDDEN_FILE))
+            hidden = [stored[str(i)] for i in range(len(stored))]
+        self.resumed_at = first
+        return first, hidden
+
+    def fetch(self, index: int) -> None:
+        self.model.fetch(index)
+
+    def finish(self, index: int, inputs: list[BlockInputs], outcomes: list[StageOutcome], state: CompressionState) -> None:
+        self.writer.write(index + 1, self.model.block_tensors(index))
+        self.model.release(index)
+        names = [name for name in self._targets_of(index) if name in state.targets]
+        if names:
+            folder = self.resume_dir / f"state-{index}"
+            partial = folder.with_name(f".{folder.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            state.subset(names).save(partial)
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
+        if inputs:
+            tensors = {str(i): item.hidden.detach().cpu().contiguous() for i, item in enumerate(inputs)}
+            _replace_file(self.resume_dir / HIDDEN_FILE, lambda p: save_file(tensors, str(p)))
+        progress = {"fingerprint": self.fingerprint, "next_block": index + 1, "hidden": bool(inputs),
+                    "outcomes": [asdict(outcome) for outcome in outcomes]}
+        _replace_file(self.resume_dir / PROGRESS_FILE, lambda p: p.write_text(json.dumps(progress)))
+
+    def close(self) -> None:
+        """The stage is done: write what lies outside the blocks and the index, drop the checkpoints."""
+        self.writer.write(0, self.model.outside_tensors())
+        self.writer.finish(self.model.source)
+        shutil.rmtree(self.resume_dir)

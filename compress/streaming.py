@@ -1,0 +1,269 @@
+"""Block streaming: a model whose decoder blocks are read from its safetensors files when the engine
+reaches them and written out as soon as they are compressed.
+
+A stage opens its input checkpoint as a skeleton (parameters on the meta device, buffers such as
+rotary tables real), loads the small modules outside the blocks (embeddings, final norm, head) and
+nothing else. `fetch(i)` reads block i's tensors from the shards; `finish(i)` writes it, in the
+checkpoint's storage dtype, as its own shard of the output checkpoint and returns its memory. So a
+model larger than host memory needs one block plus the calibration activations at a time.
+
+A checkpoint whose file keys are not the model's own parameter names (transformers 5 fuses some
+layouts on load, e.g. Mixtral's per-expert w1/w2/w3 into `experts.gate_up_proj`) is loaded whole
+instead; its blocks are still written one shard each, under the model's names, so every later
+stage streams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from compress.errors import CompressError
+from compress.modeling import LoadedModel, checkpoint_dtype, compute_dtype_for, load_model, pick_device, resolve_kind
+from compress.recipe import ModelSpec
+from compress.targets import ModelLayout, Target, discover
+
+INDEX_FILE = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".index.json")
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device and their buffers for real (the
+    rotary tables a model computes in __init__ are not in its checkpoint)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class CheckpointFiles:
+    """The tensors of a Hugging Face safetensors checkpoint (one file or shards with an index), read by name."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        index = folder / INDEX_FILE
+        if index.is_file():
+            self.where = dict(json.loads(index.read_text())["weight_map"])
+        else:
+            self.where = {}
+            for file in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(file), "pt") as handle:
+                    self.where.update({key: file.name for key in handle.keys()})
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.where[name], []).append(name)
+        for file, keys in by_file.items():
+            with safe_open(str(self.folder / file), "pt") as handle:
+                tensors.update({key: handle.get_tensor(key) for key in keys})
+        return tensors
+
+
+def _unique_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by state-dict name, a tied parameter under its first name only."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors[name] = tensor
+    return tensors
+
+
+@dataclass
+class BlockwiseModel:
+    """The model a stage works on; `files` is None when it was loaded whole (see the module docstring)."""
+
+    loaded: LoadedModel
+    layout: ModelLayout
+    files: CheckpointFiles | None
+    source: Path
+
+    @property
+    def streamed(self) -> bool:
+        return self.files is not None
+
+    def _block_prefix(self, index: int) -> str:
+        return f"{self.layout.blocks_path}.{index}."
+
+    def fetch(self, index: int) -> None:
+        """Read block `index` from the checkpoint, in the compute dtype (a no-op for a whole model)."""
+        if not self.streamed:
+            return
+        block = self.layout.blocks[index]
+        prefix = self._block_prefix(index)
+        inner_names = list(_unique_tensors(block))
+        read = self.files.read([prefix + name for name in inner_names])
+        dtype = self.loaded.compute_dtype
+        block.load_state_dict(
+            {name: _cast(read[prefix + name], dtype) for name in inner_names}, assign=True, strict=True
+        )
+
+    def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """Block `index` as it will be stored: checkpoint names, storage dtype, on the host."""
+        prefix = self._block_prefix(index)
+        return {prefix + name: self._stored(t) for name, t in _unique_tensors(self.layout.blocks[index]).items()}
+
+    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if tensor.is_floating_point():
+            tensor = tensor.to(self.loaded.storage_dtype)
+        return tensor.cpu().contiguous()
+
+    def release(self, index: int) -> None:
+        """Give block `index`'s memory back (a no-op for a whole model)."""
+        if self.streamed:
+            self.layout.blocks[index].to("meta")
+
+    def outside_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything outside the blocks, as stored."""
+        prefix = f"{self.layout.blocks_path}."
+        return {name: self._stored(t) for name, t in _unique_tensors(self.loaded.model).items() if not name.startswith(prefix)}
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _keys_match(model: nn.Module, files: CheckpointFiles) -> bool:
+    return set(_unique_tensors(model)) <= set(files.where)
+
+
+def open_blockwise(folder: Path, spec: ModelSpec, kind: str) -> BlockwiseModel:
+    """The checkpoint in `folder` with only what lies outside its blocks in memory, or whole when its
+    files do not hold the model's own parameter names."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    spec = spec.model_copy(update={"source": str(folder), "kind": kind})
+    has_safetensors = (folder / INDEX_FILE).is_file() or any(folder.glob("*.safetensors"))
+    if has_safetensors:
+        config = AutoConfig.from_pretrained(str(folder))
+        kind = resolve_kind(str(folder), spec.kind)
+        loader = AutoModelForCausalLM if kind == "causal" else AutoModel
+        storage = checkpoint_dtype(folder)
+        with parameters_on_meta():
+            model = loader.from_config(config, dtype=storage)
+        files = CheckpointFiles(folder)
+        if _keys_match(model, files):
+            device = pick_device(spec.device)
+            compute = compute_dtype_for(spec, storage, device)
+            layout = discover(model)
+            for block in layout.blocks:  # only what lies outside the blocks is read now
+                block.to("meta")
+            outside = {name: t for name, t in _unique_tensors(model).items() if not name.startswith(f"{layout.blocks_path}.")}
+            read = files.read(list(outside))
+            model.load_state_dict({k: _cast(v, compute) for k, v in read.items()}, assign=True, strict=False)
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()
+            model.to(compute).eval()
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            loaded = LoadedModel(model, tokenizer, str(folder), kind, device, compute, storage)
+            return BlockwiseModel(loaded, layout, files, folder)
+    loaded = load_model(spec)
+    return BlockwiseModel(loaded, discover(loaded.model), None, folder)
+
+
+class _TargetWeights(Mapping):
+    """A checkpoint's weights of some targets, read from its files when asked for (one block's worth
+    at a time in the engine)."""
+
+    def __init__(self, files: CheckpointFiles, targets: list[Target], dtype: torch.dtype) -> None:
+        self.files, self.dtype = files, dtype
+        self.targets = {t.name: t for t in targets}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        target = self.targets[name]
+        module_path = name.rsplit(".", 2)[0] if target.is_expert else name
+        tensor = self.files.read([f"{module_path}.{target.param_name}"]).popitem()[1]
+        return (tensor if target.expert is None else tensor[target.expert]).to(self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def reference_weights(folder: Path, spec: ModelSpec, targets: list[Target]) -> Mapping[str, torch.Tensor]:
+    """The weights `targets` had in the checkpoint in `folder` (what a refining stage such as DSnoT
+    compares against), by target name."""
+    reference = open_blockwise(folder, spec, spec.kind)
+    if reference.streamed:
+        return _TargetWeights(reference.files, targets, reference.loaded.compute_dtype)
+    wanted = {t.name for t in targets}
+    return {t.name: t.weight.clone() for t in reference.layout.targets if t.name in wanted}
+
+
+class CheckpointWriter:
+    """Writes a checkpoint one shard at a time: shard 0 holds what lies outside the blocks, shard i+1
+    block i. Each shard appears complete or not at all (temporary name + rename), so after a kill
+    the shards present are whole and a resumed stage writes only the rest."""
+
+    def __init__(self, folder: Path, blocks: int) -> None:
+        self.folder = folder
+        self.total = blocks + 1
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def shard_name(self, part: int) -> str:
+        return f"model-{part + 1:05d}-of-{self.total:05d}.safetensors"
+
+    def has(self, part: int) -> bool:
+        return (self.folder / self.shard_name(part)).is_file()
+
+    def write(self, part: int, tensors: dict[str, torch.Tensor]) -> None:
+        final = self.folder / self.shard_name(part)
+        partial = final.with_name(f".{final.name}.partial")
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+        os.replace(partial, final)
+
+    def finish(self, source: Path) -> None:
+        """The index over all shards, and the source's config and tokenizer files."""
+        weight_map: dict[str, str] = {}
+        total_size = 0
+        for part in range(self.total):
+            name = self.shard_name(part)
+            if not self.has(part):
+                raise CompressError(f"checkpoint shard {name} is missing")  # a bug, not a user error
+            with safe_open(str(self.folder / name), "pt") as handle:
+                for key in handle.keys():
+                    weight_map[key] = name
+                    piece = handle.get_slice(key)
+                    total_size += _numel(piece.get_shape()) * _itemsize(piece.get_dtype())
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        for file in sorted(source.iterdir()):
+            if file.is_file() and not file.name.endswith(WEIGHT_SUFFIXES) and not file.name.startswith("."):
+                shutil.copy2(file, self.folder / file.name)
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _itemsize(dtype: str) -> int:
+    return {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+            "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}[dtype]

@@ -1,0 +1,73 @@
+"""Resume inside a stage (issue 8.5): a run SIGKILLed during block k continues at block k and gives
+the bytes an uninterrupted run gives; a changed fingerprint starts clean."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compress.pipeline import run
+from compress.recipe import validate_recipe
+from compress.steps import StepStore
+
+from conftest import KILL_AT, fast_recipe, output_bytes, register_kill_method
+
+TESTS = Path(__file__).parent
+TARGETS_PER_BLOCK = 7  # the embedded LLaMA: q, k, v, o, gate, up, down
+
+
+def _recipe(seed: int = 0) -> dict:
+    return fast_recipe({"method": register_kill_method(), "bits": 4, "group_size": 32}, calibration={"seed": seed})
+
+
+def _run_killed(recipe: dict, out: Path, store: Path, kill_at: int) -> subprocess.CompletedProcess:
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import conftest; conftest.register_kill_method(); "
+        "from compress.pipeline import run; from compress.recipe import validate_recipe; from compress.steps import StepStore; "
+        "run(validate_recipe(json.loads(sys.argv[2])), sys.argv[3], store=StepStore(sys.argv[4]))"
+    )
+    env = {**os.environ, KILL_AT: str(kill_at)}
+    return subprocess.run([sys.executable, "-c", script, str(TESTS), json.dumps(recipe), str(out), str(store)],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _resume_folder(store: Path) -> Path:
+    (folder,) = [p for p in store.iterdir() if p.name.startswith(".stage-") and p.name.endswith(".resume")]
+    return folder
+
+
+def test_sigkill_mid_stage_then_resume_is_bit_identical(tmp_path):
+    recipe = _recipe()
+    store = tmp_path / "steps"
+    killed = _run_killed(recipe, tmp_path / "out", store, kill_at=2 * TARGETS_PER_BLOCK + 3)  # during block 2
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+    progress = json.loads((_resume_folder(store) / "resume" / "progress.json").read_text())
+    assert progress["next_block"] == 2  # blocks 0 and 1 were checkpointed, block 2 was not
+
+    resumed = run(validate_recipe(recipe), tmp_path / "out", store=StepStore(store))
+    stage_info = json.loads(next(store.glob("stage-*/step.json")).read_text())
+    assert stage_info["resumed_at_block"] == 2
+    assert not any(p.name.startswith(".") for p in store.iterdir())  # checkpoints removed with the finished stage
+
+    fresh = run(validate_recipe(recipe), tmp_path / "fresh", store=StepStore(tmp_path / "fresh-steps"))
+    assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "fresh")
+    assert resumed["metrics"]["perplexity"] == fresh["metrics"]["perplexity"]
+    assert resumed["targets"] == fresh["targets"] | {
+        name: {**t, "seconds": resumed["targets"][name]["seconds"]} for name, t in fresh["targets"].items()
+    }
+
+
+def test_changed_fingerprint_starts_clean(tmp_path):
+    store = tmp_path / "steps"
+    killed = _run_killed(_recipe(seed=0), tmp_path / "out", store, kill_at=TARGETS_PER_BLOCK + 1)  # during block 1
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run(validate_recipe(_recipe(seed=1)), tmp_path / "other", store=StepStore(store))  # other calibration data
+    infos = [json.loads(p.read_text()) for p in store.glob("stage-*/step.json")]
+    assert [info["resumed_at_block"] for info in infos] == [0]
+    assert _resume_folder(store)  # the other fingerprint's checkpoints are untouched, still resumable
