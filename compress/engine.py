@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from compress.methods.base import Method
 from compress.state import CompressionState
-from compress.statistics import gather
+from compress.statistics import MODEL_STATISTICS, gather
 from compress.targets import ModelLayout, Target
 
 
@@ -49,6 +49,9 @@ class Stage:
     # target name. Without it, the weights as they stand before the first stage of this pass.
     reference: dict[str, torch.Tensor] | None = None
     refines: int | None = None  # index (in the recipe) of the pruning stage whose mask this one refines
+    # statistics of the whole model the method names (compress.statistics.MODEL_STATISTICS), by
+    # target name, computed before the pass
+    model_statistics: Mapping[str, dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -243,7 +246,8 @@ def run_layerwise(
     used_blocks = [i for i in range(len(layout.blocks)) if any(blocks[i] for blocks in per_stage_block)]
     last_block = used_blocks[-1] if used_blocks else -1
     needs_data = bool(used_blocks) and (measure_error or any(stage.method.statistics for stage in stages))
-    wanted = [tuple(dict.fromkeys((*stage.method.statistics, *(("hessian",) if measure_error else ())))) for stage in stages]
+    wanted = [tuple(name for name in dict.fromkeys((*stage.method.statistics, *(("hessian",) if measure_error else ())))
+                    if name not in MODEL_STATISTICS) for stage in stages]
     keep_originals = any(stage.method.refines_mask for stage in stages)
     sequences = sum(batch.shape[0] for batch in batches)
 
@@ -304,6 +308,9 @@ def _compress_block(
                     continue
                 statistics[target.name] = {**gathered.values(), "tokens_per_sequence": torch.tensor(gathered.tokens / sequences)}
             del collected
+        if stage.model_statistics is not None:
+            for target in targets:
+                statistics.setdefault(target.name, {}).update(stage.model_statistics.get(target.name, {}))
         _compress_targets(stage, targets, statistics, state, originals, outcome, measure_error)
         outcome.seconds += time.perf_counter() - start
     del originals

@@ -212,6 +212,8 @@ def stage_step(
         if reference is not None:
             planned.reference = reference_weights(reference.model_path, recipe.model, planned.targets)
         calib = batches(load_tokens(calibration.path / TOKENS_FILE), recipe.calibration.batch_size) if uses_data else []
+        if "fisher" in method.statistics and model.loaded.kind == "causal":  # an encoder has no LM loss: the method falls back
+            planned.model_statistics = _fisher_of(previous, recipe, planned, calib)
         blocks = StageBlocks(model, folder, folder / MODEL_DIR, key)
         outcome = run_layerwise(model.loaded.model, layout, [planned], state, calib, model.loaded.device, measure_error, blocks)
         result = outcome.stages[0]
@@ -241,6 +243,18 @@ def stage_step(
         }
 
     return store.run("stage", key, compute, resumable=True)
+
+
+def _fisher_of(checkpoint: StepResult, recipe: Recipe, stage: Stage, calib: list[torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The Fisher diagonal of the stage's targets on the calibration batches, from the checkpoint
+    loaded whole (gradients need every block at once: this stage does not stream), by target name."""
+    from compress.fisher import fisher_diagonal
+
+    loaded = load_model(recipe.model.model_copy(update={"source": str(checkpoint.model_path), "kind": checkpoint.info.get("kind", recipe.model.kind)}))
+    wanted = {t.name for t in stage.targets}
+    targets = [t for t in discover(loaded.model).targets if t.name in wanted]
+    fisher = fisher_diagonal(loaded.model, targets, calib, loaded.device)
+    return {name: {"fisher": values} for name, values in fisher.items()}
 
 
 def layer_error_summary(errors: list[float]) -> dict[str, float]:

@@ -48,6 +48,7 @@ class Plan:
     targets: int
     stages: list[StagePlan]
     left_out: dict[str, str]
+    streams: bool = False  # stages read the checkpoint one block at a time
 
     def model_info(self) -> dict[str, Any]:
         """The report's `model` section."""
@@ -55,7 +56,7 @@ class Plan:
                 "storage_dtype": self.storage_dtype, "compute_dtype": self.compute_dtype, "device": self.device}
 
     def describe(self) -> dict[str, Any]:
-        return {**self.model_info(), "left_out": self.left_out, "stages": [vars(stage) for stage in self.stages]}
+        return {**self.model_info(), "streams": self.streams, "left_out": self.left_out, "stages": [vars(stage) for stage in self.stages]}
 
 
 def _skeleton(path: str, kind: str) -> torch.nn.Module:
@@ -104,6 +105,12 @@ def build_plan(recipe: Recipe) -> Plan:
     hidden = int(getattr(model.config, "hidden_size", 0) or layout.targets[0].in_features)
     tokens = recipe.calibration.nsamples * recipe.calibration.seqlen
     block_params = [sum(p.numel() for p in block.parameters()) for block in layout.blocks]
+    streams = _streams(path, model)
+    storage_bytes = torch.finfo(storage_dtype).bits // 8
+    # a streamed stage holds what lies outside the blocks and one block (plus its stored copy while
+    # it is read); a checkpoint that cannot stream is held whole
+    resident = ((params - sum(block_params)) * compute_bytes + max(block_params) * (compute_bytes + storage_bytes)
+                if streams else params * compute_bytes)
     stages = []
     for index, (stage, spec) in enumerate(zip(planned, recipe.stages)):
         names = set(stage.method.statistics) | ({"hessian"} if recipe.evaluate.layer_error else set())
@@ -118,7 +125,9 @@ def build_plan(recipe: Recipe) -> Plan:
         statistics = max((_statistics_bytes(targets, names) for targets in by_block), default=0)
         refine = max((sum(t.numel for t in targets) * 4 for targets in by_block), default=0) if stage.method.refines_mask else 0
         largest_block = max(block_params) * compute_bytes
-        plan.peak_host_bytes = params * compute_bytes + activations + statistics + refine
+        masks = sum(t.numel for t in layout.targets) // 8  # every target's mask, 1 bit a weight
+        whole = params * compute_bytes * 3 if "fisher" in names else 0  # weights, gradients, Fisher sums: not streamed
+        plan.peak_host_bytes = max(resident + activations + statistics + refine + masks, whole)
         plan.peak_device_bytes = largest_block + activations + statistics + refine if device.type == "cuda" else 0
         flops = sum(_stage_flops(stage.method.name, t, names, tokens) for t in stage.targets)
         flops += sum(2 * n * tokens * 2 for n, targets in zip(block_params, by_block) if targets) if data else 0
@@ -128,7 +137,17 @@ def build_plan(recipe: Recipe) -> Plan:
         return str(dtype).removeprefix("torch.")
 
     return Plan(source, str(path), kind, type(model).__name__, params, name(storage_dtype), name(compute_dtype), str(device),
-                len(layout.blocks), len(layout.targets), stages, left_out)
+                len(layout.blocks), len(layout.targets), stages, left_out, streams)
+
+
+def _streams(path, model: torch.nn.Module) -> bool:
+    """Whether stages can read this checkpoint one block at a time (compress/streaming.py)."""
+    from compress.streaming import CheckpointFiles, keys_match
+
+    try:
+        return keys_match(model, CheckpointFiles(path))
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _key_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +184,8 @@ def _size(count: float) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    lines = [f"model {plan.source}: {plan.architecture} ({plan.kind}), {plan.params:,} parameters, on {plan.device}"]
+    lines = [f"model {plan.source}: {plan.architecture} ({plan.kind}), {plan.params:,} parameters, on {plan.device}; "
+             + ("stages stream it one block at a time" if plan.streams else "its files are not in the model's own layout: the first stage loads it whole")]
     for stage in plan.stages:
         params = ", ".join(f"{k}={v}" for k, v in stage.params.items())
         experts = sum(t["fused_expert"] for t in stage.targets)

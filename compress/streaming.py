@@ -2,8 +2,10 @@
 reaches them and written out as soon as they are compressed.
 
 A stage opens its input checkpoint as a skeleton (parameters on the meta device, buffers such as
-rotary tables real), loads the small modules outside the blocks (embeddings, final norm, head) and
-nothing else. `fetch(i)` reads block i's tensors from the shards; `finish(i)` writes it, in the
+rotary tables real), loads what the engine runs outside the blocks (the input embeddings, whatever
+else lies before block 0) and nothing else: an untied output head stays on meta, and every tensor
+outside the blocks is copied to the output from the input's files, bit for bit, since stages do not
+change them. `fetch(i)` reads block i's tensors from the shards; `finish(i)` writes it, in the
 checkpoint's storage dtype, as its own shard of the output checkpoint and returns its memory. So a
 model larger than host memory needs one block plus the calibration activations at a time.
 
@@ -137,16 +139,24 @@ class BlockwiseModel:
             self.layout.blocks[index].to("meta")
 
     def outside_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything outside the blocks, as stored."""
-        prefix = f"{self.layout.blocks_path}."
-        return {name: self._stored(t) for name, t in _unique_tensors(self.loaded.model).items() if not name.startswith(prefix)}
+        """Everything outside the blocks, as stored (read again from the input's files when streamed)."""
+        names = _outside_names(self.loaded.model, self.layout)
+        if self.streamed:
+            return {name: tensor.contiguous() for name, tensor in self.files.read(names).items()}
+        tensors = _unique_tensors(self.loaded.model)
+        return {name: self._stored(tensors[name]) for name in names}
+
+
+def _outside_names(model: nn.Module, layout: ModelLayout) -> list[str]:
+    prefix = f"{layout.blocks_path}."
+    return [name for name in _unique_tensors(model) if not name.startswith(prefix)]
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def _keys_match(model: nn.Module, files: CheckpointFiles) -> bool:
+def keys_match(model: nn.Module, files: CheckpointFiles) -> bool:
     return set(_unique_tensors(model)) <= set(files.where)
 
 
@@ -165,14 +175,20 @@ def open_blockwise(folder: Path, spec: ModelSpec, kind: str) -> BlockwiseModel:
         with parameters_on_meta():
             model = loader.from_config(config, dtype=storage)
         files = CheckpointFiles(folder)
-        if _keys_match(model, files):
+        if keys_match(model, files):
             device = pick_device(spec.device)
             compute = compute_dtype_for(spec, storage, device)
             layout = discover(model)
             for block in layout.blocks:  # only what lies outside the blocks is read now
                 block.to("meta")
-            outside = {name: t for name, t in _unique_tensors(model).items() if not name.startswith(f"{layout.blocks_path}.")}
-            read = files.read(list(outside))
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            head_weight = head.weight if head is not None else None
+            embeddings = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+            tensors = _unique_tensors(model)
+            # the engine never runs an untied head: it stays on meta (a 7B model's is 0.5 GB in fp32)
+            outside = [name for name in _outside_names(model, layout)
+                       if head_weight is None or tensors[name] is not head_weight or head_weight is embeddings]
+            read = files.read(outside)
             model.load_state_dict({k: _cast(v, compute) for k, v in read.items()}, assign=True, strict=False)
             if hasattr(model, "tie_weights"):
                 model.tie_weights()
@@ -252,6 +268,8 @@ class CheckpointWriter:
                     total_size += _numel(piece.get_shape()) * _itemsize(piece.get_dtype())
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        if source.resolve() == self.folder.resolve():
+            return
         for file in sorted(source.iterdir()):
             if file.is_file() and not file.name.endswith(WEIGHT_SUFFIXES) and not file.name.startswith("."):
                 shutil.copy2(file, self.folder / file.name)

@@ -49,3 +49,19 @@ def test_a_checkpoint_in_another_layout_is_loaded_whole(tiny_mixtral):
     # Mixtral's files hold per-expert w1/w2/w3 that transformers fuses on load: no name matches a parameter
     model = open_blockwise(tiny_mixtral, ModelSpec(device="cpu"), "causal")
     assert not model.streamed and not any(_on_meta(block) for block in model.layout.blocks)
+
+
+def test_an_untied_head_stays_on_meta_and_is_copied_bit_for_bit(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         vocab_size=300, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "untied")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(tmp_path / "untied")
+    model = open_blockwise(tmp_path / "untied", ModelSpec(device="cpu"), "causal")
+    assert model.streamed and model.loaded.model.lm_head.weight.device.type == "meta"
+    stored = CheckpointFiles(tmp_path / "untied").read(["lm_head.weight"])["lm_head.weight"]
+    assert torch.equal(model.outside_tensors()["lm_head.weight"], stored)
