@@ -119,11 +119,11 @@ def capture_block_inputs(
     rotary tables) move to `device`, and back afterwards.
     """
     captured: list[BlockInputs] = []
-    home = next(model.parameters()).device
+    home = next(p for p in model.parameters() if not p.is_meta).device
     stand_in = nn.ModuleList([_Catcher(layout.blocks[0], captured)])
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     with _blocks_replaced(model, layout, stand_in), torch.no_grad():
-        model.to(device)
+        _move_loaded(model, device)
         try:
             for batch in batches:
                 batch = batch.to(device)
@@ -132,8 +132,14 @@ def capture_block_inputs(
                 except _StopForward:
                     pass
         finally:
-            model.to(home)
+            _move_loaded(model, home)
     return captured
+
+
+def _move_loaded(model: nn.Module, device: torch.device) -> None:
+    """model.to(device) for the tensors that are loaded; a streamed model's unread ones (an untied
+    head, compress/streaming.py) stay on meta."""
+    model._apply(lambda tensor: tensor if tensor.is_meta else tensor.to(device))
 
 
 def _run_block(block: nn.Module, inputs: list[BlockInputs]) -> None:

@@ -65,3 +65,7 @@ def test_an_untied_head_stays_on_meta_and_is_copied_bit_for_bit(tmp_path):
     assert model.streamed and model.loaded.model.lm_head.weight.device.type == "meta"
     stored = CheckpointFiles(tmp_path / "untied").read(["lm_head.weight"])["lm_head.weight"]
     assert torch.equal(model.outside_tensors()["lm_head.weight"], stored)
+    from compress.engine import capture_block_inputs
+
+    captured = capture_block_inputs(model.loaded.model, model.layout, [torch.tensor([[1, 2, 3]])], torch.device("cpu"))
+    assert captured[0].hidden.shape == (1, 3, 32)  # the embeddings ran with the head still on meta
