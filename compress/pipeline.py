@@ -222,7 +222,7 @@ def stage_step(
         if result.no_tokens:
             log.warning("%s: no calibration token reached %d targets (%s...): they were compressed without "
                         "activation statistics", planned.label, len(result.no_tokens), result.no_tokens[0])
-        blocks.close()
+        blocks.close(state)
         state.save(folder)
         if blocks.resumed_at:
             log.info("%s: resumed at block %d of %d", planned.label, blocks.resumed_at, len(layout.blocks))

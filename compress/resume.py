@@ -5,7 +5,8 @@ result (model, recipe section, calibration data, package version; compress/steps
 changed fingerprint never sees another's checkpoints. After block i the handler writes, each file
 under a temporary name and renamed into place:
   model/model-…-of-….safetensors  block i, as its shard of the stage's output checkpoint
-  resume/state-i/                  the masks and packed weights of block i's targets
+  resume/state-i/                  the masks and packed weights of block i's targets (which leave
+                                   memory then; they come back when the stage ends)
   resume/hidden.safetensors        the calibration hidden states feeding block i + 1
   resume/progress.json             written last: the next block to run and the outcomes so far
 A restarted stage captures the other block arguments afresh (positions, masks: cheap and the same),
@@ -66,10 +67,6 @@ class StageBlocks(BlockHandler):
         for outcome, saved in zip(outcomes, progress["outcomes"], strict=True):
             for name, value in saved.items():
                 setattr(outcome, name, value)
-        for index in range(first):
-            folder = self.resume_dir / f"state-{index}"
-            if folder.is_dir():
-                state.update(CompressionState.load(folder))
         hidden = None
         if progress["hidden"]:
             stored = load_file(str(self.resume_dir / HIDDEN_FILE))
@@ -92,6 +89,8 @@ class StageBlocks(BlockHandler):
             state.subset(names).save(partial)
             shutil.rmtree(folder, ignore_errors=True)
             partial.rename(folder)
+            for name in names:  # on disk now; `close` brings them back (a 7B model's masks are 0.8 GB)
+                del state.targets[name]
         if inputs:
             tensors = {str(i): item.hidden.detach().cpu().contiguous() for i, item in enumerate(inputs)}
             _replace_file(self.resume_dir / HIDDEN_FILE, lambda p: save_file(tensors, str(p)))
@@ -99,8 +98,13 @@ class StageBlocks(BlockHandler):
                     "outcomes": [asdict(outcome) for outcome in outcomes]}
         _replace_file(self.resume_dir / PROGRESS_FILE, lambda p: p.write_text(json.dumps(progress)))
 
-    def close(self) -> None:
-        """The stage is done: write what lies outside the blocks and the index, drop the checkpoints."""
+    def close(self, state: CompressionState) -> None:
+        """The stage is done: bring the blocks' target states back into `state`, write what lies
+        outside the blocks and the index, drop the checkpoints."""
+        for index in range(len(self.model.layout.blocks)):
+            folder = self.resume_dir / f"state-{index}"
+            if folder.is_dir():
+                state.update(CompressionState.load(folder))
         self.writer.write(0, self.model.outside_tensors())
         self.writer.finish(self.model.source)
         shutil.rmtree(self.resume_dir)

@@ -118,9 +118,8 @@ class BlockwiseModel:
         inner_names = list(_unique_tensors(block))
         read = self.files.read([prefix + name for name in inner_names])
         dtype = self.loaded.compute_dtype
-        block.load_state_dict(
-            {name: _cast(read[prefix + name], dtype) for name in inner_names}, assign=True, strict=True
-        )
+        # cast one tensor at a time, dropping its stored copy: a block is never held twice
+        block.load_state_dict({name: _cast(read.pop(prefix + name), dtype) for name in inner_names}, assign=True, strict=True)
 
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """Block `index` as it will be stored: checkpoint names, storage dtype, on the host."""
