@@ -5,13 +5,15 @@ One safetensors file (`packed.safetensors`) holds, per target NAME:
   NAME.scale        float16 [out, groups]                   (plain statistics), or, quantized (SpQR):
   NAME.scale.codes  uint8, packed codes of the scales; NAME.scale.step / NAME.scale.low float16
   NAME.zero         likewise: packed integer zero points, or quantized zero points
+  NAME.lut          float16 [out, 2^bits], instead of scale and zero, for a per-row lookup table
+                    (non-uniform quantization, SqueezeLLM): the code is the index into its row's table
   NAME.outliers.row_ptr int32 [out + 1], .col_idx int16 [nnz], .values float16 [nnz] (CSR, SpQR)
   NAME.keep         uint8, the sparsity mask packed 1 bit a weight, for pruned targets: then
                     NAME.codes holds the codes of the kept weights only
   NAME.perm         int16 [in] (read as unsigned), when the columns were quantized in another order (SpQR act-order):
                     everything above is in that order, and column k of it is column perm[k] of W
 and in the header metadata, per target: shape, bits, group size and how each statistic is stored.
-Dequantized: w = scale * (code - zero) per group, outliers overwrite their positions, pruned
+Dequantized: w = scale * (code - zero) per group (or lut[row, code]), outliers overwrite their positions, pruned
 weights are zero, and the columns go back to their places. The
 methods compute the evaluated weights with the same expression, so `read_packed` + `dequantize`
 rebuild them bit for bit, and bits/param is this file's size * 8 / the target weights' count.
@@ -32,22 +34,37 @@ FORMAT_VERSION = 2  # 2: one metadata entry (format + layout), so the bytes are 
 SMALLEST_SCALE = 2.0**-24  # the smallest positive float16: a scale never rounds to zero
 
 
+_CHUNK = 1 << 20  # values packed at a time: bounds the int64 bit streams (a 7B mask is 6.5e9 values)
+
+
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Non-negative integers < 2^bits, flattened, packed `bits` each into uint8 (little-endian)."""
-    flat = values.reshape(-1).to(torch.int64)
-    if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
-        raise ValueError(f"values out of range for {bits} bits")
+    flat = values.reshape(-1)
     shifts = torch.arange(bits, device=flat.device)
-    stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
-    stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8))
-    return (stream.view(-1, 8) << torch.arange(8, device=flat.device)).sum(1).to(torch.uint8)
+    weights = torch.arange(8, device=flat.device)
+    pieces = []
+    for start in range(0, flat.numel(), _CHUNK):  # a multiple of 8 values: every piece ends on a byte
+        chunk = flat[start : start + _CHUNK].to(torch.int64)
+        if chunk.min() < 0 or chunk.max() >= 2**bits:
+            raise ValueError(f"values out of range for {bits} bits")
+        stream = ((chunk.unsqueeze(1) >> shifts) & 1).reshape(-1)
+        stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8))
+        pieces.append((stream.view(-1, 8) << weights).sum(1).to(torch.uint8))
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8, device=flat.device)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of `pack_bits`: the first `count` values, int64."""
-    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1).reshape(-1)
-    stream = stream[: count * bits].view(count, bits)
-    return (stream << torch.arange(bits, device=packed.device)).sum(1)
+    shifts = torch.arange(8, device=packed.device)
+    weights = torch.arange(bits, device=packed.device)
+    out = torch.empty(count, dtype=torch.int64, device=packed.device)
+    step = _CHUNK * bits // 8  # bytes holding _CHUNK values
+    for index, start in enumerate(range(0, count, _CHUNK)):
+        n = min(_CHUNK, count - start)
+        chunk = packed[index * step : index * step + (n * bits + 7) // 8]
+        stream = ((chunk.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[: n * bits].view(n, bits)
+        out[start : start + n] = (stream << weights).sum(1)
+    return out
 
 
 @dataclass
@@ -100,13 +117,14 @@ class QuantizedWeight:
 
     shape: tuple[int, int]
     bits: int
-    group_size: int  # input columns per group; equals the input size for one group per row
+    group_size: int  # input columns per group; equals the input size for one group per row (and with a lut)
     codes: torch.Tensor  # int [out, in]
-    scale: torch.Tensor | QuantizedStatistic  # float16 [out, groups] or quantized
-    zero: torch.Tensor | QuantizedStatistic  # float16, or integer-valued float32 (stored in `bits` bits), or quantized
+    scale: torch.Tensor | QuantizedStatistic | None  # float16 [out, groups] or quantized; None with a lut
+    zero: torch.Tensor | QuantizedStatistic | None  # float16, or integer-valued float32 (stored in `bits` bits), or quantized
     outliers: Outliers | None = None
     keep: torch.Tensor | None = None  # bool [out, in]: False where pruned (stored 1 bit a weight)
     perm: torch.Tensor | None = None  # int [in]: stored column k is column perm[k] of the weight
+    lut: torch.Tensor | None = None  # float16 [out, 2^bits]: per-row table of values, used instead of scale and zero
 
     def group_values(self, statistic: torch.Tensor | QuantizedStatistic) -> torch.Tensor:
         values = statistic.values() if isinstance(statistic, QuantizedStatistic) else statistic.float()
@@ -128,7 +146,10 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [out, in] weights the model computes with."""
-        weight = self.group_values(self.scale) * (self.codes.float() - self.group_values(self.zero))
+        if self.lut is not None:
+            weight = self.lut.float().gather(1, self.codes.long())
+        else:
+            weight = self.group_values(self.scale) * (self.codes.float() - self.group_values(self.zero))
         if self.outliers is not None and self.outliers.count:
             rows, cols = self.outliers.positions()
             weight[rows, cols] = self.outliers.values.float()
@@ -156,10 +177,16 @@ def write_packed(path: Path, weights: dict[str, QuantizedWeight]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
     for name, q in weights.items():
-        scale_tensors, scale_info = _statistic_tensors(f"{name}.scale", q.scale, None)
-        zero_tensors, zero_info = _statistic_tensors(f"{name}.zero", q.zero, q.bits)
         codes = q.codes if q.keep is None else q.codes[q.keep]
-        tensors.update({f"{name}.codes": pack_bits(codes, q.bits), **scale_tensors, **zero_tensors})
+        tensors[f"{name}.codes"] = pack_bits(codes, q.bits)
+        if q.lut is not None:
+            tensors[f"{name}.lut"] = q.lut.to(torch.float16)
+            statistics = {"lut": True}  # a key only LUT targets have: the others' metadata is as before
+        else:
+            scale_tensors, scale_info = _statistic_tensors(f"{name}.scale", q.scale, None)
+            zero_tensors, zero_info = _statistic_tensors(f"{name}.zero", q.zero, q.bits)
+            tensors.update({**scale_tensors, **zero_tensors})
+            statistics = {"scale": scale_info, "zero": zero_info}
         if q.keep is not None:
             tensors[f"{name}.keep"] = pack_bits(q.keep.to(torch.int64), 1)
         if q.perm is not None:
@@ -167,9 +194,8 @@ def write_packed(path: Path, weights: dict[str, QuantizedWeight]) -> None:
         if q.outliers is not None:
             tensors.update({f"{name}.outliers.row_ptr": q.outliers.row_ptr, f"{name}.outliers.col_idx": q.outliers.col_idx,
                             f"{name}.outliers.values": q.outliers.values})
-        layout[name] = {"shape": list(q.shape), "bits": q.bits, "group_size": q.group_size, "scale": scale_info,
-                        "zero": zero_info, "outliers": q.outliers is not None, "keep": q.keep is not None,
-                        "perm": q.perm is not None}
+        layout[name] = {"shape": list(q.shape), "bits": q.bits, "group_size": q.group_size, **statistics,
+                        "outliers": q.outliers is not None, "keep": q.keep is not None, "perm": q.perm is not None}
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     # One metadata entry: safetensors writes its metadata map in no fixed order, and a run resumed
     # from stored steps must write the same bytes as an uninterrupted one.
@@ -207,7 +233,9 @@ def read_packed(path: Path) -> dict[str, QuantizedWeight]:
             outliers = None
             if info["outliers"]:
                 outliers = Outliers(*(handle.get_tensor(f"{name}.outliers.{part}") for part in ("row_ptr", "col_idx", "values")))
-            weights[name] = QuantizedWeight((rows, cols), info["bits"], info["group_size"], codes,
-                                            _read_statistic(handle, f"{name}.scale", info["scale"]),
-                                            _read_statistic(handle, f"{name}.zero", info["zero"]), outliers, keep, perm)
+            lut = handle.get_tensor(f"{name}.lut") if info.get("lut") else None
+            scale, zero = (None, None) if lut is not None else (
+                _read_statistic(handle, f"{name}.scale", info["scale"]), _read_statistic(handle, f"{name}.zero", info["zero"]))
+            weights[name] = QuantizedWeight((rows, cols), info["bits"], info["group_size"], codes, scale, zero,
+                                            outliers, keep, perm, lut)
     return weights

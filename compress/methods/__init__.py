@@ -1,3 +1,3 @@
 """Built-in methods; importing this package registers them by name."""
 
-from compress.methods import dsnot, gptq, magnitude, rtn, sparsegpt, spqr, wanda  # noqa: F401
+from compress.methods import dsnot, gptq, magnitude, rtn, sparsegpt, spqr, squeezellm, wanda  # noqa: F401
