@@ -131,11 +131,19 @@ def _compute_settings(spec: ModelSpec) -> dict[str, str]:
     return {"device": pick_device(spec.device).type, "dtype": spec.dtype}
 
 
+def checkpoint_spec(step: StepResult, spec: ModelSpec) -> ModelSpec:
+    """The recipe's model section pointed at the checkpoint a step left (the source model for load)."""
+    return spec.model_copy(update={"source": str(step.model_path), "kind": step.info.get("kind", spec.kind)})
+
+
+def checkpoint_state(step: StepResult) -> CompressionState:
+    """The compression state a step left (empty for load)."""
+    return CompressionState.load(step.path) if (step.path / STATE_FILE).is_file() else CompressionState()
+
+
 def open_checkpoint(step: StepResult, spec: ModelSpec) -> tuple[LoadedModel, CompressionState]:
-    """The model and compression state a step left (the source model and an empty state for load)."""
-    loaded = load_model(spec.model_copy(update={"source": str(step.model_path), "kind": step.info.get("kind", spec.kind)}))
-    state = CompressionState.load(step.path) if (step.path / STATE_FILE).is_file() else CompressionState()
-    return loaded, state
+    """The model, loaded whole, and compression state a step left."""
+    return load_model(checkpoint_spec(step, spec)), checkpoint_state(step)
 
 
 # --- steps --------------------------------------------------------------------------------------
@@ -205,12 +213,12 @@ def stage_step(
     )
 
     def compute(folder: Path) -> dict[str, Any]:
-        model = open_blockwise(previous.model_path, recipe.model, previous.info.get("kind", recipe.model.kind))
-        state = CompressionState.load(previous.path) if (previous.path / STATE_FILE).is_file() else CompressionState()
+        model = open_blockwise(checkpoint_spec(previous, recipe.model))
+        state = checkpoint_state(previous)
         layout = model.layout
         planned = plan_stages(recipe, layout)[index]
         if reference is not None:
-            planned.reference = reference_weights(reference.model_path, recipe.model, planned.targets)
+            planned.reference = reference_weights(checkpoint_spec(reference, recipe.model), planned.targets)
         calib = batches(load_tokens(calibration.path / TOKENS_FILE), recipe.calibration.batch_size) if uses_data else []
         if "fisher" in method.statistics and model.loaded.kind == "causal":  # an encoder has no LM loss: the method falls back
             planned.model_statistics = _fisher_of(previous, recipe, planned, calib)
@@ -250,7 +258,7 @@ def _fisher_of(checkpoint: StepResult, recipe: Recipe, stage: Stage, calib: list
     loaded whole (gradients need every block at once: this stage does not stream), by target name."""
     from compress.fisher import fisher_diagonal
 
-    loaded = load_model(recipe.model.model_copy(update={"source": str(checkpoint.model_path), "kind": checkpoint.info.get("kind", recipe.model.kind)}))
+    loaded = load_model(checkpoint_spec(checkpoint, recipe.model))
     wanted = {t.name for t in stage.targets}
     targets = [t for t in discover(loaded.model).targets if t.name in wanted]
     fisher = fisher_diagonal(loaded.model, targets, calib, loaded.device)

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress.errors import CompressError
-from compress.modeling import LoadedModel, checkpoint_dtype, compute_dtype_for, load_model, pick_device, resolve_kind
+from compress.modeling import LoadedModel, checkpoint_dtype, compute_dtype_for, load_model, pick_device, resolve_kind, resolve_source
 from compress.recipe import ModelSpec
 from compress.targets import ModelLayout, Target, discover
 
@@ -100,11 +100,15 @@ class BlockwiseModel:
     loaded: LoadedModel
     layout: ModelLayout
     files: CheckpointFiles | None
-    source: Path
 
     @property
     def streamed(self) -> bool:
         return self.files is not None
+
+    @property
+    def source(self) -> Path:
+        """The checkpoint folder it was opened from."""
+        return Path(self.loaded.source)
 
     def _block_prefix(self, index: int) -> str:
         return f"{self.layout.blocks_path}.{index}."
@@ -135,7 +139,7 @@ class BlockwiseModel:
     def release(self, index: int) -> None:
         """Give block `index`'s memory back (a no-op for a whole model)."""
         if self.streamed:
-            self.layout.blocks[index].to("meta")
+            _to_meta(self.layout.blocks[index])
 
     def outside_tensors(self) -> dict[str, torch.Tensor]:
         """Everything outside the blocks, as stored (read again from the input's files when streamed)."""
@@ -144,6 +148,13 @@ class BlockwiseModel:
             return {name: tensor.contiguous() for name, tensor in self.files.read(names).items()}
         tensors = _unique_tensors(self.loaded.model)
         return {name: self._stored(tensors[name]) for name in names}
+
+
+def _to_meta(module: nn.Module) -> None:
+    """Put the tensors the checkpoint holds back on meta; buffers it does not hold (computed in
+    __init__, like rotary tables) stay, since `fetch` could not bring them back."""
+    module.load_state_dict({name: torch.empty_like(t, device="meta") for name, t in _unique_tensors(module).items()},
+                           assign=True, strict=True)
 
 
 def _outside_names(model: nn.Module, layout: ModelLayout) -> list[str]:
@@ -159,12 +170,12 @@ def keys_match(model: nn.Module, files: CheckpointFiles) -> bool:
     return set(_unique_tensors(model)) <= set(files.where)
 
 
-def open_blockwise(folder: Path, spec: ModelSpec, kind: str) -> BlockwiseModel:
-    """The checkpoint in `folder` with only what lies outside its blocks in memory, or whole when its
-    files do not hold the model's own parameter names."""
+def open_blockwise(spec: ModelSpec) -> BlockwiseModel:
+    """The checkpoint `spec.source` names with only what lies outside its blocks in memory, or whole
+    when its files do not hold the model's own parameter names."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    spec = spec.model_copy(update={"source": str(folder), "kind": kind})
+    folder = Path(resolve_source(spec))
     has_safetensors = (folder / INDEX_FILE).is_file() or any(folder.glob("*.safetensors"))
     if has_safetensors:
         config = AutoConfig.from_pretrained(str(folder))
@@ -177,9 +188,7 @@ def open_blockwise(folder: Path, spec: ModelSpec, kind: str) -> BlockwiseModel:
         if keys_match(model, files):
             device = pick_device(spec.device)
             compute = compute_dtype_for(spec, storage, device)
-            layout = discover(model)
-            for block in layout.blocks:  # only what lies outside the blocks is read now
-                block.to("meta")
+            layout = discover(model)  # the blocks' parameters stay on meta until `fetch`
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             head_weight = head.weight if head is not None else None
             embeddings = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
@@ -194,9 +203,9 @@ def open_blockwise(folder: Path, spec: ModelSpec, kind: str) -> BlockwiseModel:
             model.to(compute).eval()
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
             loaded = LoadedModel(model, tokenizer, str(folder), kind, device, compute, storage)
-            return BlockwiseModel(loaded, layout, files, folder)
+            return BlockwiseModel(loaded, layout, files)
     loaded = load_model(spec)
-    return BlockwiseModel(loaded, discover(loaded.model), None, folder)
+    return BlockwiseModel(loaded, discover(loaded.model), None)
 
 
 class _TargetWeights(Mapping):
@@ -220,10 +229,10 @@ class _TargetWeights(Mapping):
         return len(self.targets)
 
 
-def reference_weights(folder: Path, spec: ModelSpec, targets: list[Target]) -> Mapping[str, torch.Tensor]:
-    """The weights `targets` had in the checkpoint in `folder` (what a refining stage such as DSnoT
-    compares against), by target name."""
-    reference = open_blockwise(folder, spec, spec.kind)
+def reference_weights(spec: ModelSpec, targets: list[Target]) -> Mapping[str, torch.Tensor]:
+    """The weights `targets` had in the checkpoint `spec.source` names (what a refining stage such as
+    DSnoT compares against), by target name."""
+    reference = open_blockwise(spec)
     if reference.streamed:
         return _TargetWeights(reference.files, targets, reference.loaded.compute_dtype)
     wanted = {t.name for t in targets}

@@ -14,8 +14,8 @@ def _on_meta(module: torch.nn.Module) -> bool:
 
 
 def test_blocks_are_read_on_demand_and_released(tmp_path):
-    spec = ModelSpec(device="cpu")
-    model = open_blockwise(embedded_model_path(), spec, "causal")
+    spec = ModelSpec(device="cpu", kind="causal")
+    model = open_blockwise(spec)
     assert model.streamed
     blocks = model.layout.blocks
     assert all(_on_meta(block) for block in blocks)
@@ -47,7 +47,7 @@ def test_blocks_are_read_on_demand_and_released(tmp_path):
 
 def test_a_checkpoint_in_another_layout_is_loaded_whole(tiny_mixtral):
     # Mixtral's files hold per-expert w1/w2/w3 that transformers fuses on load: no name matches a parameter
-    model = open_blockwise(tiny_mixtral, ModelSpec(device="cpu"), "causal")
+    model = open_blockwise(ModelSpec(source=str(tiny_mixtral), device="cpu", kind="causal"))
     assert not model.streamed and not any(_on_meta(block) for block in model.layout.blocks)
 
 
@@ -61,7 +61,7 @@ def test_an_untied_head_stays_on_meta_and_is_copied_bit_for_bit(tmp_path):
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(tmp_path / "untied")
-    model = open_blockwise(tmp_path / "untied", ModelSpec(device="cpu"), "causal")
+    model = open_blockwise(ModelSpec(source=str(tmp_path / "untied"), device="cpu", kind="causal"))
     assert model.streamed and model.loaded.model.lm_head.weight.device.type == "meta"
     stored = CheckpointFiles(tmp_path / "untied").read(["lm_head.weight"])["lm_head.weight"]
     assert torch.equal(model.outside_tensors()["lm_head.weight"], stored)
