@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="calibration seeds: each configuration runs once per seed; the table gives the mean and the spread")
     parser.add_argument("--json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -61,27 +63,44 @@ def main() -> None:
     dense = None
     with tempfile.TemporaryDirectory() as scratch:
         for index, config in enumerate(args.configs):
-            recipe = {**base, "stages": parse_config(config), "evaluate": {**base["evaluate"], "dense": dense is None}}
-            start = time.perf_counter()
-            report = run(validate_recipe(recipe, name=f"config-{index}"), Path(scratch) / f"config-{index}", store=StepStore(Path(scratch) / "steps"))
-            metrics = report["metrics"]
-            metric = "perplexity" if "perplexity" in metrics else "embedding_cosine"
-            if dense is None:
-                dense = metrics.get("dense_perplexity", 1.0)
-            outliers = sum((t["quantized"] or {}).get("outliers", 0) for t in report["targets"].values())
-            row = {
-                "config": config,
-                metric: metrics[metric],
-                "bits_per_param": metrics["bits_per_param"],
-                "outlier_share": outliers / metrics["target_params"],
-                "sparsity": metrics["sparsity"],
-                "stage_seconds": [s["seconds"] for s in report["stages"]],
-            }
+            runs = []
+            for seed in args.seeds:
+                calibration = {**base["calibration"], "seed": seed}
+                recipe = {**base, "calibration": calibration, "stages": parse_config(config),
+                          "evaluate": {**base["evaluate"], "dense": dense is None}}
+                start = time.perf_counter()
+                report = run(validate_recipe(recipe, name=f"config-{index}-seed-{seed}"), Path(scratch) / f"config-{index}-seed-{seed}",
+                             store=StepStore(Path(scratch) / "steps"))
+                metrics = report["metrics"]
+                metric = "perplexity" if "perplexity" in metrics else "embedding_cosine"
+                if dense is None:
+                    dense = metrics.get("dense_perplexity", 1.0)
+                outliers = sum((t["quantized"] or {}).get("outliers", 0) for t in report["targets"].values())
+                runs.append({
+                    "seed": seed,
+                    metric: metrics[metric],
+                    "bits_per_param": metrics["bits_per_param"],
+                    "outlier_share": outliers / metrics["target_params"],
+                    "sparsity": metrics["sparsity"],
+                    "stage_seconds": [s["seconds"] for s in report["stages"]],
+                    "seconds": time.perf_counter() - start,
+                })
+                print(f"{config:<50} seed {seed}  {metric} {metrics[metric]:.4f}  bits/param {metrics['bits_per_param']:.3f}  "
+                      f"outliers {100 * runs[-1]['outlier_share']:.2f}%  run {runs[-1]['seconds']:.1f} s", flush=True)
+            values = [r[metric] for r in runs]
+            # one seed keeps the old row layout; several add the per-seed runs, mean and spread
+            row = {"config": config, **{k: v for k, v in runs[0].items() if k not in ("seed", "seconds")}}
+            if len(runs) > 1:
+                row.update({metric: sum(values) / len(values), "min": min(values), "max": max(values),
+                            "bits_per_param": sum(r["bits_per_param"] for r in runs) / len(runs),
+                            "outlier_share": sum(r["outlier_share"] for r in runs) / len(runs), "runs": runs})
             rows.append(row)
-            print(f"{config:<50} {metric} {row[metric]:.4f}  bits/param {row['bits_per_param']:.3f}  "
-                  f"outliers {100 * row['outlier_share']:.2f}%  run {time.perf_counter() - start:.1f} s", flush=True)
-    lines = [f"| configuration | {metric} | bits/param | outliers |", "|---|---|---|---|", f"| dense | {dense:.4f} | 16 | |"]
-    lines += [f"| `{r['config']}` | {r[metric]:.4f} | {r['bits_per_param']:.3f} | {100 * r['outlier_share']:.2f}% |" for r in rows]
+    spread = len(args.seeds) > 1
+    head = f"| configuration | {metric}{' (mean of %d seeds)' % len(args.seeds) if spread else ''} |" + (" min - max |" if spread else "")
+    lines = [head + " bits/param | outliers |", "|---|---|" + ("---|" if spread else "") + "---|---|",
+             f"| dense | {dense:.4f} |" + (" |" if spread else "") + " 16 | |"]
+    lines += [f"| `{r['config']}` | {r[metric]:.4f} |" + (f" {r['min']:.4f} - {r['max']:.4f} |" if spread else "")
+              + f" {r['bits_per_param']:.3f} | {100 * r['outlier_share']:.2f}% |" for r in rows]
     table = "\n".join(lines)
     print("\n" + table)
     if args.json:

@@ -125,6 +125,55 @@ def test_bit_packing_round_trips():
         assert torch.equal(unpack_bits(packed, bits, 1001), values)
 
 
+@pytest.mark.parametrize("per_row, stored", [(3, torch.uint8), (300, torch.int16), (40000, torch.int16)])
+def test_outlier_rows_round_trip_in_the_narrowest_count_type(per_row, stored, tmp_path):
+    from compress.packing import Outliers, QuantizedWeight, read_packed, write_packed
+
+    rows, columns = 4, 65536  # column indices up to 65535 exercise the unsigned reading of int16
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(rows, columns, generator=generator)
+    chosen = torch.zeros(rows, columns, dtype=torch.bool)
+    for row in range(rows - 1):  # the last row has none
+        chosen[row, torch.randperm(columns, generator=generator)[: per_row + row]] = True
+    chosen[0, -1] = True
+    outliers = Outliers.from_mask(weight, chosen)
+    assert outliers.row_counts().dtype == stored
+    codes = torch.zeros(rows, columns, dtype=torch.int64)
+    packed = QuantizedWeight((rows, columns), 2, columns, codes, None, None, outliers,
+                             lut=torch.tensor([[0.0, 1.0, 2.0, 3.0]] * rows, dtype=torch.float16))
+    write_packed(tmp_path / "p.safetensors", {"w": packed})
+    back = read_packed(tmp_path / "p.safetensors")["w"]
+    assert torch.equal(back.outliers.row_ptr, outliers.row_ptr)
+    assert torch.equal(back.dequantize(), packed.dequantize())
+    assert torch.equal(back.dequantize()[chosen], weight[chosen].half().float())
+
+
+def test_format_2_files_with_row_pointers_still_read(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from compress.packing import Outliers, QuantizedWeight, read_packed, write_packed
+
+    weight = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    chosen = weight.abs() > 1
+    packed = QuantizedWeight((3, 8), 2, 8, torch.zeros(3, 8, dtype=torch.int64), None, None,
+                             Outliers.from_mask(weight, chosen), lut=torch.zeros(3, 4, dtype=torch.float16))
+    write_packed(tmp_path / "v3.safetensors", {"w": packed})
+    with safe_open(str(tmp_path / "v3.safetensors"), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys() if not key.endswith("row_counts")}
+        header = json.loads(handle.metadata()["compress_packed"])
+    tensors["w.outliers.row_ptr"] = packed.outliers.row_ptr
+    header["format"] = "compress-packed/2"
+    save_file(tensors, str(tmp_path / "v2.safetensors"), metadata={"compress_packed": json.dumps(header)})
+    assert torch.equal(read_packed(tmp_path / "v2.safetensors")["w"].dequantize(), packed.dequantize())
+    header["format"] = "compress-packed/9"
+    save_file(tensors, str(tmp_path / "v9.safetensors"), metadata={"compress_packed": json.dumps(header)})
+    with pytest.raises(ValueError, match="version this reader knows"):
+        read_packed(tmp_path / "v9.safetensors")
+
+
 def test_gptq_act_order_sweeps_by_hessian_diagonal_and_packs_the_permutation(tmp_path):
     from compress.packing import read_packed, write_packed
 
