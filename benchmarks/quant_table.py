@@ -95,6 +95,9 @@ def main() -> None:
                             "bits_per_param": sum(r["bits_per_param"] for r in runs) / len(runs),
                             "outlier_share": sum(r["outlier_share"] for r in runs) / len(runs), "runs": runs})
             rows.append(row)
+            if args.json:  # after every configuration: a run stopped part way keeps what it measured
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps({"metric": metric, "dense": dense, "rows": rows, "args": vars(args)}, indent=2))
     spread = len(args.seeds) > 1
     head = f"| configuration | {metric}{' (mean of %d seeds)' % len(args.seeds) if spread else ''} |" + (" min - max |" if spread else "")
     lines = [head + " bits/param | outliers |", "|---|---|" + ("---|" if spread else "") + "---|---|",

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from compress import __version__
 from compress.data import batches, calibration_tokens, embedded_text, read_text_file, tokenize
 from compress.engine import Stage, run_layerwise
 from compress.resume import StageBlocks
-from compress.streaming import open_blockwise, reference_weights
+from compress.streaming import TensorShelf, open_blockwise, reference_weights
 from compress.errors import CompressError
 from compress.evaluate import (
     directory_bytes,
@@ -220,8 +220,9 @@ def stage_step(
         if reference is not None:
             planned.reference = reference_weights(checkpoint_spec(reference, recipe.model), planned.targets)
         calib = batches(load_tokens(calibration.path / TOKENS_FILE), recipe.calibration.batch_size) if uses_data else []
+        fisher = TensorShelf(folder / "fisher")  # in the work folder: a resumed stage finds it there
         if "fisher" in method.statistics and model.loaded.kind == "causal":  # an encoder has no LM loss: the method falls back
-            planned.model_statistics = _fisher_of(previous, recipe, planned, calib)
+            planned.model_statistics = _fisher_of(previous, recipe, planned, calib, fisher)
         blocks = StageBlocks(model, folder, folder / MODEL_DIR, key)
         outcome = run_layerwise(model.loaded.model, layout, [planned], state, calib, model.loaded.device, measure_error, blocks)
         result = outcome.stages[0]
@@ -231,6 +232,7 @@ def stage_step(
             log.warning("%s: no calibration token reached %d targets (%s...): they were compressed without "
                         "activation statistics", planned.label, len(result.no_tokens), result.no_tokens[0])
         blocks.close(state)
+        fisher.remove()  # an input of the stage, not part of its output
         state.save(folder)
         if blocks.resumed_at:
             log.info("%s: resumed at block %d of %d", planned.label, blocks.resumed_at, len(layout.blocks))
@@ -253,16 +255,40 @@ def stage_step(
     return store.run("stage", key, compute, resumable=True)
 
 
-def _fisher_of(checkpoint: StepResult, recipe: Recipe, stage: Stage, calib: list[torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The Fisher diagonal of the stage's targets on the calibration batches, from the checkpoint
-    loaded whole (gradients need every block at once: this stage does not stream), by target name."""
+def _fisher_of(
+    checkpoint: StepResult, recipe: Recipe, stage: Stage, calib: list[torch.Tensor], shelf: TensorShelf
+) -> Mapping[str, dict[str, torch.Tensor]]:
+    """The Fisher diagonal of the stage's targets on the calibration batches, by target name. The
+    gradients need every block at once, so the checkpoint is loaded whole for this pass (the stage
+    itself streams); the sums go to `shelf` on disk as soon as they are complete and the engine reads
+    one block's at a time. A shelf a killed run completed is taken as it is."""
     from compress.fisher import fisher_diagonal
 
-    loaded = load_model(checkpoint_spec(checkpoint, recipe.model))
-    wanted = {t.name for t in stage.targets}
-    targets = [t for t in discover(loaded.model).targets if t.name in wanted]
-    fisher = fisher_diagonal(loaded.model, targets, calib, loaded.device)
-    return {name: {"fisher": values} for name, values in fisher.items()}
+    if not shelf.complete:
+        shelf.remove()  # a write cut off part way
+        loaded = load_model(checkpoint_spec(checkpoint, recipe.model))
+        wanted = {t.name for t in stage.targets}
+        targets = [t for t in discover(loaded.model).targets if t.name in wanted]
+        sums = fisher_diagonal(loaded.model, targets, calib, loaded.device)
+        del loaded, targets
+        shelf.put(sums)
+    return _Named(shelf, "fisher")
+
+
+class _Named(Mapping):
+    """{name: {statistic: tensor}} over a mapping of one statistic by name, read when asked for."""
+
+    def __init__(self, values: Mapping[str, torch.Tensor], statistic: str) -> None:
+        self.values, self.statistic = values, statistic
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        return {self.statistic: self.values[name]}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
 
 
 def layer_error_summary(errors: list[float]) -> dict[str, float]:

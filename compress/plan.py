@@ -77,6 +77,7 @@ def build_plan(recipe: Recipe) -> Plan:
     from compress.modeling import _detect_kind, checkpoint_dtype, compute_dtype_for, materialize_source, pick_device
     from compress.pipeline import _eval_tokens_from, needs_calibration, plan_stages
     from compress.targets import discover
+    from compress.streaming import TensorShelf
 
     path, source = materialize_source(recipe.model)
     try:
@@ -126,9 +127,14 @@ def build_plan(recipe: Recipe) -> Plan:
         refine = max((sum(t.numel for t in targets) * 4 for targets in by_block), default=0) if stage.method.refines_mask else 0
         largest_block = max(block_params) * compute_bytes
         masks = sum(t.numel for t in layout.targets) // 8  # every target's mask, 1 bit a weight
-        whole = params * compute_bytes * 3 if "fisher" in names else 0  # weights, gradients, Fisher sums: not streamed
-        plan.peak_host_bytes = max(resident + activations + statistics + refine + masks, whole)
-        plan.peak_device_bytes = largest_block + activations + statistics + refine if device.type == "cuda" else 0
+        # the Fisher pass holds the whole model; its fp32 sums stay where they are summed (the device)
+        # and go to disk a bounded part at a time (compress/streaming.TensorShelf)
+        fisher_sums = sum(t.numel for t in stage.targets) * 4 if "fisher" in names else 0
+        on_gpu = device.type == "cuda"
+        fisher_host = params * compute_bytes + (TensorShelf.CHUNK_BYTES if on_gpu else fisher_sums) if fisher_sums else 0
+        fisher_device = params * compute_bytes + fisher_sums + activations if fisher_sums and on_gpu else 0
+        plan.peak_host_bytes = max(resident + activations + statistics + refine + masks, fisher_host)
+        plan.peak_device_bytes = max(largest_block + activations + statistics + refine, fisher_device) if on_gpu else 0
         flops = sum(_stage_flops(stage.method.name, t, names, tokens) for t in stage.targets)
         flops += sum(2 * n * tokens * 2 for n, targets in zip(block_params, by_block) if targets) if data else 0
         plan.seconds_estimate = flops / FLOPS_PER_SECOND[device.type]

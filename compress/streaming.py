@@ -293,3 +293,58 @@ def _numel(shape: list[int]) -> int:
 def _itemsize(dtype: str) -> int:
     return {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}[dtype]
+
+
+class TensorShelf(Mapping):
+    """Tensors by name kept in safetensors files in `folder` instead of memory: `put` writes them a
+    bounded chunk at a time (each file complete or absent: temporary name + rename), reading returns
+    one tensor from its file. `complete` marks a shelf whose writer finished, so a resumed step can
+    take it as it is."""
+
+    CHUNK_BYTES = 1 << 30  # at most this much host memory in transit while writing
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._files: CheckpointFiles | None = None
+
+    @property
+    def complete(self) -> bool:
+        return (self.folder / "complete").is_file()
+
+    def put(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Writes and then drops (pops) every entry of `tensors`, wherever it lives, then marks the shelf complete."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        pending: dict[str, torch.Tensor] = {}
+        size = part = 0
+        for name in list(tensors):
+            tensor = tensors.pop(name).detach().cpu().contiguous()
+            pending[name] = tensor
+            size += tensor.numel() * tensor.element_size()
+            if size >= self.CHUNK_BYTES or not tensors:
+                final = self.folder / f"part-{part:05d}.safetensors"
+                partial = final.with_name(f".{final.name}.partial")
+                save_file(pending, str(partial))
+                os.replace(partial, final)
+                pending, size, part = {}, 0, part + 1
+        (self.folder / "complete").touch()
+        self._files = None
+
+    def _index(self) -> CheckpointFiles:
+        if self._files is None:
+            self._files = CheckpointFiles(self.folder)
+        return self._files
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._index().where:
+            raise KeyError(name)
+        return self._index().read([name])[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index().where)
+
+    def __len__(self) -> int:
+        return len(self._index().where)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self._files = None

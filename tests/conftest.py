@@ -128,27 +128,24 @@ def fault_method() -> str:
 KILL_AT = "COMPRESS_TEST_KILL_AT"
 
 
-def register_kill_method() -> str:
-    """A real method (GPTQ) that SIGKILLs its own process on its Nth target, N from
+def register_kill_method(base: str = "gptq") -> str:
+    """A real method (`base`) that SIGKILLs its own process on its Nth target, N from
     $COMPRESS_TEST_KILL_AT: a run dying mid-stage, for the resume-inside-a-stage tests."""
     import os
     import signal
 
-    from compress.methods.gptq import GPTQ
-    from compress.registry import _METHODS, register
+    from compress.registry import _METHODS, get_method, register
 
-    name = "gptq-with-kill"
+    name = f"{base}-with-kill"
     if name not in _METHODS:
+        parent = get_method(base)
+        calls = [0]
 
-        class GPTQWithKill(GPTQ):
-            calls = 0
+        def compress_target(self, weight, statistics, mask, dense=None):
+            calls[0] += 1
+            if os.environ.get(KILL_AT) == str(calls[0]):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return parent.compress_target(self, weight, statistics, mask, dense)
 
-            def compress_target(self, weight, statistics, mask, dense=None):
-                GPTQWithKill.calls += 1
-                if os.environ.get(KILL_AT) == str(GPTQWithKill.calls):
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return super().compress_target(weight, statistics, mask, dense)
-
-        GPTQWithKill.name = name
-        register(GPTQWithKill)
+        register(type(f"{parent.__name__}WithKill", (parent,), {"name": name, "compress_target": compress_target}))
     return name

@@ -25,9 +25,9 @@ def _recipe(seed: int = 0) -> dict:
     return fast_recipe({"method": register_kill_method(), "bits": 4, "group_size": 32}, calibration={"seed": seed})
 
 
-def _run_killed(recipe: dict, out: Path, store: Path, kill_at: int) -> subprocess.CompletedProcess:
+def _run_killed(recipe: dict, out: Path, store: Path, kill_at: int, base: str = "gptq") -> subprocess.CompletedProcess:
     script = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import conftest; conftest.register_kill_method(); "
+        f"import json, sys; sys.path.insert(0, sys.argv[1]); import conftest; conftest.register_kill_method({base!r}); "
         "from compress.pipeline import run; from compress.recipe import validate_recipe; from compress.steps import StepStore; "
         "run(validate_recipe(json.loads(sys.argv[2])), sys.argv[3], store=StepStore(sys.argv[4]))"
     )
@@ -71,3 +71,25 @@ def test_changed_fingerprint_starts_clean(tmp_path):
     infos = [json.loads(p.read_text()) for p in store.glob("stage-*/step.json")]
     assert [info["resumed_at_block"] for info in infos] == [0]
     assert _resume_folder(store)  # the other fingerprint's checkpoints are untouched, still resumable
+
+
+def test_a_resumed_squeezellm_stage_reuses_its_fisher_sums(tmp_path, monkeypatch):
+    recipe = fast_recipe({"method": register_kill_method("squeezellm"), "bits": 3})
+    store = tmp_path / "steps"
+    killed = _run_killed(recipe, tmp_path / "out", store, kill_at=2 * TARGETS_PER_BLOCK + 3, base="squeezellm")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (_resume_folder(store) / "fisher" / "complete").is_file()
+
+    import compress.fisher
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the Fisher diagonal was computed again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compress.fisher, "fisher_diagonal", no_second_pass)
+        run(validate_recipe(recipe), tmp_path / "out", store=StepStore(store))
+    (stage,) = store.glob("stage-*")
+    assert json.loads((stage / "step.json").read_text())["resumed_at_block"] == 2
+    assert not (stage / "fisher").exists()  # the sums are an input of the stage, not part of its output
+    fresh = run(validate_recipe(recipe), tmp_path / "fresh", store=StepStore(tmp_path / "fresh-steps"))
+    assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "fresh")

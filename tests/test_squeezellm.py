@@ -120,6 +120,18 @@ def test_dense_and_sparse_beats_dense_only_and_fisher_weighting_helps():
     assert errors["fisher"] < 0.85 * errors["dense"]  # the error where the loss is sensitive
 
 
+def test_uniform_weighting_is_plain_kmeans_whatever_the_fisher_values():
+    weight, fisher = _heavy_tailed(seed=4)
+    uniform = SqueezeLLMParams(bits=3, outlier_fraction=0.0, sensitive_fraction=0.0, weighting="uniform")
+    with_fisher, _ = squeezellm_quantize(weight, fisher, uniform)
+    without, _ = squeezellm_quantize(weight, None, SqueezeLLMParams(bits=3, outlier_fraction=0.0, sensitive_fraction=0.0))
+    assert torch.equal(with_fisher, without)
+    # the sensitive values are still chosen by the Fisher diagonal
+    picked = squeezellm_quantize(weight, fisher, uniform.model_copy(update={"sensitive_fraction": 0.01}))[1].outliers
+    rows, columns = picked.positions()
+    assert fisher[rows, columns].min() >= fisher.flatten().topk(picked.count).values.min()
+
+
 def test_group_size_is_refused():
     with pytest.raises(ValueError, match="group_size does not apply"):
         SqueezeLLMParams(group_size=128)

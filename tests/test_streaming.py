@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from compress.modeling import embedded_model_path, load_model
@@ -69,3 +70,21 @@ def test_an_untied_head_stays_on_meta_and_is_copied_bit_for_bit(tmp_path):
 
     captured = capture_block_inputs(model.loaded.model, model.layout, [torch.tensor([[1, 2, 3]])], torch.device("cpu"))
     assert captured[0].hidden.shape == (1, 3, 32)  # the embeddings ran with the head still on meta
+
+
+def test_tensor_shelf_writes_in_bounded_parts_and_reads_back(tmp_path, monkeypatch):
+    from compress.streaming import TensorShelf
+
+    monkeypatch.setattr(TensorShelf, "CHUNK_BYTES", 64 * 4)  # a part closes once 64 fp32 values are pending
+    tensors = {f"t{i}": torch.full((8, 5), float(i)) for i in range(6)}
+    expected = {name: tensor.clone() for name, tensor in tensors.items()}
+    shelf = TensorShelf(tmp_path / "shelf")
+    assert not shelf.complete
+    shelf.put(tensors)
+    assert tensors == {}  # handed over: the caller's memory is free
+    assert shelf.complete and len(list((tmp_path / "shelf").glob("part-*.safetensors"))) == 3
+    assert set(shelf) == set(expected) and all(torch.equal(shelf[n], t) for n, t in expected.items())
+    with pytest.raises(KeyError):
+        shelf["missing"]
+    shelf.remove()
+    assert not (tmp_path / "shelf").exists()

@@ -16,7 +16,7 @@ nearest stored value, so the packed form reproduces the evaluated weights bit fo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -38,6 +38,9 @@ class SqueezeLLMParams(StageParams):
     outlier_fraction: float = Field(default=0.0045, ge=0, lt=1)
     sensitive_fraction: float = Field(default=0.0005, ge=0, lt=1)
     kmeans_iterations: int = Field(default=50, gt=0)
+    # "uniform": plain k-means, every weight counting the same (the paper's ablation of its
+    # sensitivity weighting); the sensitive values are still ranked by the Fisher diagonal
+    weighting: Literal["sensitivity", "uniform"] = "sensitivity"
 
     @model_validator(mode="before")
     @classmethod
@@ -77,7 +80,8 @@ def squeezellm_quantize(
     # Fisher diagonal there is nothing to rank sensitivity by
     outlier = _largest(sensitivity, kept, round(params.sensitive_fraction * total) if informative else 0)
     outlier |= _largest(weight.abs(), kept & ~outlier, round(params.outlier_fraction * total))
-    centroids, _ = weighted_kmeans_rows(weight, sensitivity, 2**params.bits, params.kmeans_iterations, kept & ~outlier)
+    cluster_weights = sensitivity if params.weighting == "sensitivity" else torch.ones_like(weight)
+    centroids, _ = weighted_kmeans_rows(weight, cluster_weights, 2**params.bits, params.kmeans_iterations, kept & ~outlier)
     lut = centroids.half()  # what is stored: the codes are chosen against it
     codes = nearest(weight, lut.float()).to(torch.uint8)
     outliers = Outliers.from_mask(weight, outlier) if bool(outlier.any()) else None
