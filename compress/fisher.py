@@ -31,14 +31,17 @@ def fisher_diagonal(
     device: torch.device | str,
     chunk_size: int = 1,
     accumulate_on: torch.device | str | None = None,
+    return_model: bool = True,
 ) -> dict[str, torch.Tensor]:
     """{target name: sum over the sequences of `batches` ([batch, seqlen] token ids) of the squared
     gradient of the sequence's LM loss w.r.t. the target's [out, in] weight}, fp32, on `accumulate_on`
     (default: `device`), where they are summed: the caller moves or stores them (a 7B model's sums
     are 26 GB, more than its bf16 weights).
 
-    `chunk_size` sequences go through each forward and backward. The model runs on `device` in eval mode and is left where
-    and as it was: no .grad on any parameter, requires_grad flags unchanged, the RNG untouched."""
+    `chunk_size` sequences go through each forward and backward. The model runs on `device` in eval
+    mode and is left as it was: no .grad on any parameter, requires_grad flags unchanged, the RNG
+    untouched; and where it was, unless `return_model` is False (a caller done with the model saves
+    moving it back)."""
     if not targets:
         return {}
     device = torch.device(device)
@@ -101,7 +104,8 @@ def fisher_diagonal(
         for param, flag in flags:
             param.requires_grad_(flag)
         model.train(was_training)
-        model.to(home)
+        if return_model:
+            model.to(home)
     return sums
 
 

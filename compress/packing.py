@@ -57,11 +57,11 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8, device=flat.device)
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first `count` values, int64."""
+def unpack_bits(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `count` values, as `dtype` (wide enough for `bits`)."""
     shifts = torch.arange(8, device=packed.device)
     weights = torch.arange(bits, device=packed.device)
-    out = torch.empty(count, dtype=torch.int64, device=packed.device)
+    out = torch.empty(count, dtype=dtype, device=packed.device)
     step = _CHUNK * bits // 8  # bytes holding _CHUNK values
     for index, start in enumerate(range(0, count, _CHUNK)):
         n = min(_CHUNK, count - start)
@@ -244,13 +244,15 @@ def read_packed(path: Path) -> dict[str, QuantizedWeight]:
                              f"(format {header.get('format')!r}; readable: {READABLE_VERSIONS})")
         for name, info in header["layout"].items():
             rows, cols = info["shape"]
+            # codes in the narrowest type that holds them: int64 would be 8 bytes a weight (52 GB for a 7B model)
+            code_dtype = torch.uint8 if info["bits"] <= 8 else torch.int32
             keep = None
             if info["keep"]:
-                keep = unpack_bits(handle.get_tensor(f"{name}.keep"), 1, rows * cols).view(rows, cols).bool()
-                codes = torch.zeros(rows, cols, dtype=torch.int64)
-                codes[keep] = unpack_bits(handle.get_tensor(f"{name}.codes"), info["bits"], int(keep.sum()))
+                keep = unpack_bits(handle.get_tensor(f"{name}.keep"), 1, rows * cols, torch.bool).view(rows, cols)
+                codes = torch.zeros(rows, cols, dtype=code_dtype)
+                codes[keep] = unpack_bits(handle.get_tensor(f"{name}.codes"), info["bits"], int(keep.sum()), code_dtype)
             else:
-                codes = unpack_bits(handle.get_tensor(f"{name}.codes"), info["bits"], rows * cols).view(rows, cols)
+                codes = unpack_bits(handle.get_tensor(f"{name}.codes"), info["bits"], rows * cols, code_dtype).view(rows, cols)
             perm = handle.get_tensor(f"{name}.perm").to(torch.int64) & 0xFFFF if info["perm"] else None
             outliers = None
             if info["outliers"]:

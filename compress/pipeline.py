@@ -269,7 +269,7 @@ def _fisher_of(
         loaded = load_model(checkpoint_spec(checkpoint, recipe.model))
         wanted = {t.name for t in stage.targets}
         targets = [t for t in discover(loaded.model).targets if t.name in wanted]
-        sums = fisher_diagonal(loaded.model, targets, calib, loaded.device)
+        sums = fisher_diagonal(loaded.model, targets, calib, loaded.device, return_model=False)
         del loaded, targets
         shelf.put(sums)
     return _Named(shelf, "fisher")

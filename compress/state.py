@@ -34,7 +34,7 @@ class TargetState:
         if self.packed_mask is None:
             return None
         rows, cols = self.shape
-        return unpack_bits(self.packed_mask, 1, rows * cols).view(rows, cols).bool()
+        return unpack_bits(self.packed_mask, 1, rows * cols, torch.bool).view(rows, cols)
 
     @mask.setter
     def mask(self, value: torch.Tensor | None) -> None:
