@@ -125,6 +125,19 @@ def test_bit_packing_round_trips():
         assert torch.equal(unpack_bits(packed, bits, 1001), values)
 
 
+def test_word_packing_gives_the_bit_stream_bytes():
+    from compress.packing import _pack_stream, _unpack_stream, pack_bits, unpack_bits
+
+    generator = torch.Generator().manual_seed(1)
+    for bits in range(1, 9):  # 8 reaches the sign bit of the 64-bit words
+        for count in (1, 7, 8, 9, 1001):
+            values = torch.randint(0, 2**bits, (count,), generator=generator)
+            packed = pack_bits(values, bits)
+            assert torch.equal(packed, _pack_stream(values, bits))
+            assert torch.equal(_unpack_stream(packed.to(torch.int64), bits, count), values)
+            assert torch.equal(unpack_bits(packed, bits, count, torch.uint8), values.to(torch.uint8))
+
+
 @pytest.mark.parametrize("per_row, stored", [(3, torch.uint8), (300, torch.int16), (40000, torch.int16)])
 def test_outlier_rows_round_trip_in_the_narrowest_count_type(per_row, stored, tmp_path):
     from compress.packing import Outliers, QuantizedWeight, read_packed, write_packed
