@@ -76,8 +76,8 @@ def build_plan(recipe: Recipe) -> Plan:
     from compress.data import read_text_file
     from compress.modeling import _detect_kind, checkpoint_dtype, compute_dtype_for, materialize_source, pick_device
     from compress.pipeline import _eval_tokens_from, needs_calibration, plan_stages
-    from compress.targets import discover
     from compress.streaming import TensorShelf
+    from compress.targets import discover
 
     path, source = materialize_source(recipe.model)
     try:

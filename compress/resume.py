@@ -17,7 +17,6 @@ output is bit-identical to an uninterrupted run's. The `resume` folder goes when
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -27,17 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from compress.engine import BlockHandler, BlockInputs, StageOutcome
 from compress.state import CompressionState
-from compress.streaming import BlockwiseModel, CheckpointWriter
+from compress.streaming import BlockwiseModel, CheckpointWriter, replace_file
 
 RESUME_DIR = "resume"
 PROGRESS_FILE = "progress.json"
 HIDDEN_FILE = "hidden.safetensors"
-
-
-def _replace_file(path: Path, write) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    os.replace(partial, path)
 
 
 class StageBlocks(BlockHandler):
@@ -93,10 +86,10 @@ class StageBlocks(BlockHandler):
                 del state.targets[name]
         if inputs:
             tensors = {str(i): item.hidden.detach().cpu().contiguous() for i, item in enumerate(inputs)}
-            _replace_file(self.resume_dir / HIDDEN_FILE, lambda p: save_file(tensors, str(p)))
+            replace_file(self.resume_dir / HIDDEN_FILE, lambda p: save_file(tensors, str(p)))
         progress = {"fingerprint": self.fingerprint, "next_block": index + 1, "hidden": bool(inputs),
                     "outcomes": [asdict(outcome) for outcome in outcomes]}
-        _replace_file(self.resume_dir / PROGRESS_FILE, lambda p: p.write_text(json.dumps(progress)))
+        replace_file(self.resume_dir / PROGRESS_FILE, lambda p: p.write_text(json.dumps(progress)))
 
     def close(self, state: CompressionState) -> None:
         """The stage is done: bring the blocks' target states back into `state`, write what lies

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,13 @@ from compress.targets import ModelLayout, Target, discover
 
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".index.json")
+
+
+def replace_file(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(temporary path)`, then rename it to `path`: the file appears complete or not at all."""
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)
 
 
 @contextmanager
@@ -256,10 +263,7 @@ class CheckpointWriter:
         return (self.folder / self.shard_name(part)).is_file()
 
     def write(self, part: int, tensors: dict[str, torch.Tensor]) -> None:
-        final = self.folder / self.shard_name(part)
-        partial = final.with_name(f".{final.name}.partial")
-        save_file(tensors, str(partial), metadata={"format": "pt"})
-        os.replace(partial, final)
+        replace_file(self.folder / self.shard_name(part), lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
 
     def finish(self, source: Path) -> None:
         """The index over all shards, and the source's config and tokenizer files."""
@@ -321,10 +325,7 @@ class TensorShelf(Mapping):
             pending[name] = tensor
             size += tensor.numel() * tensor.element_size()
             if size >= self.CHUNK_BYTES or not tensors:
-                final = self.folder / f"part-{part:05d}.safetensors"
-                partial = final.with_name(f".{final.name}.partial")
-                save_file(pending, str(partial))
-                os.replace(partial, final)
+                replace_file(self.folder / f"part-{part:05d}.safetensors", lambda path: save_file(pending, str(path)))
                 pending, size, part = {}, 0, part + 1
         (self.folder / "complete").touch()
         self._files = None
