@@ -66,8 +66,8 @@ def main() -> None:
             runs = []
             for seed in args.seeds:
                 calibration = {**base["calibration"], "seed": seed}
-                recipe = {**base, "calibration": calibration, "stages": parse_config(config),
-                          "evaluate": {**base["evaluate"], "dense": dense is None}}
+                # the dense pass runs once (a cached step after that); every run needs its top tokens for the KL
+                recipe = {**base, "calibration": calibration, "stages": parse_config(config)}
                 start = time.perf_counter()
                 report = run(validate_recipe(recipe, name=f"config-{index}-seed-{seed}"), Path(scratch) / f"config-{index}-seed-{seed}",
                              store=StepStore(Path(scratch) / "steps"))
@@ -82,10 +82,12 @@ def main() -> None:
                     "bits_per_param": metrics["bits_per_param"],
                     "outlier_share": outliers / metrics["target_params"],
                     "sparsity": metrics["sparsity"],
+                    **{k: metrics[k] for k in ("kl_to_dense", "top1_agreement") if k in metrics},
                     "stage_seconds": [s["seconds"] for s in report["stages"]],
                     "seconds": time.perf_counter() - start,
                 })
-                print(f"{config:<50} seed {seed}  {metric} {metrics[metric]:.4f}  bits/param {metrics['bits_per_param']:.3f}  "
+                kl = f"  KL {metrics['kl_to_dense']:.5f}" if "kl_to_dense" in metrics else ""
+                print(f"{config:<50} seed {seed}  {metric} {metrics[metric]:.4f}{kl}  bits/param {metrics['bits_per_param']:.3f}  "
                       f"outliers {100 * runs[-1]['outlier_share']:.2f}%  run {runs[-1]['seconds']:.1f} s", flush=True)
             values = [r[metric] for r in runs]
             # one seed keeps the old row layout; several add the per-seed runs, mean and spread
@@ -94,16 +96,24 @@ def main() -> None:
                 row.update({metric: sum(values) / len(values), "min": min(values), "max": max(values),
                             "bits_per_param": sum(r["bits_per_param"] for r in runs) / len(runs),
                             "outlier_share": sum(r["outlier_share"] for r in runs) / len(runs), "runs": runs})
+                for name in ("kl_to_dense", "top1_agreement"):
+                    if name in runs[0]:
+                        spread_of = [r[name] for r in runs]
+                        row.update({name: sum(spread_of) / len(runs), f"{name}_min": min(spread_of), f"{name}_max": max(spread_of)})
             rows.append(row)
             if args.json:  # after every configuration: a run stopped part way keeps what it measured
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps({"metric": metric, "dense": dense, "rows": rows, "args": vars(args)}, indent=2))
     spread = len(args.seeds) > 1
     head = f"| configuration | {metric}{' (mean of %d seeds)' % len(args.seeds) if spread else ''} |" + (" min - max |" if spread else "")
-    lines = [head + " bits/param | outliers |", "|---|---|" + ("---|" if spread else "") + "---|---|",
-             f"| dense | {dense:.4f} |" + (" |" if spread else "") + " 16 | |"]
+    has_kl = all("kl_to_dense" in r for r in rows)
+    lines = [head + " bits/param | outliers |" + (" KL to dense (x1000) | top-1 agreement |" if has_kl else ""),
+             "|---|---|" + ("---|" if spread else "") + "---|---|" + ("---|---|" if has_kl else ""),
+             f"| dense | {dense:.4f} |" + (" |" if spread else "") + " 16 | |" + (" 0 | 1 |" if has_kl else "")]
     lines += [f"| `{r['config']}` | {r[metric]:.4f} |" + (f" {r['min']:.4f} - {r['max']:.4f} |" if spread else "")
-              + f" {r['bits_per_param']:.3f} | {100 * r['outlier_share']:.2f}% |" for r in rows]
+              + f" {r['bits_per_param']:.3f} | {100 * r['outlier_share']:.2f}% |"
+              + (f" {1000 * r['kl_to_dense']:.2f}" + (f" [{1000 * r['kl_to_dense_min']:.2f}-{1000 * r['kl_to_dense_max']:.2f}]" if spread else "")
+                 + f" | {r['top1_agreement']:.4f} |" if has_kl else "") for r in rows]
     table = "\n".join(lines)
     print("\n" + table)
     if args.json:

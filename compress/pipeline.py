@@ -32,11 +32,12 @@ from compress.resume import StageBlocks
 from compress.streaming import TensorShelf, open_blockwise, reference_weights
 from compress.errors import CompressError
 from compress.evaluate import (
+    TopTokens,
+    causal_scores,
     directory_bytes,
     embedding_cosine,
     eval_windows,
     mean_pooled_embeddings,
-    perplexity,
     stored_bits_per_param,
     target_sparsity,
 )
@@ -56,6 +57,7 @@ REPORT_FILE = "report.json"
 RECIPE_FILE = "recipe.json"
 TOKENS_FILE = "tokens.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"
+TOP_TOKENS_FILE = "top_tokens.safetensors"  # the dense model's top-k next tokens: the KL's reference
 
 
 def plan_stages(recipe: Recipe, layout: ModelLayout) -> list[Stage]:
@@ -326,7 +328,21 @@ def _measure(recipe: Recipe, checkpoint: StepResult, folder: Path, dense: StepRe
         }
     }
     if loaded.kind == "causal":
-        info["perplexity"] = perplexity(loaded.model, windows, loaded.device, recipe.evaluate.batch_size)
+        spec = recipe.evaluate
+        reference = None
+        if dense is not None and (dense.path / TOP_TOKENS_FILE).exists():
+            saved = load_file(str(dense.path / TOP_TOKENS_FILE))
+            reference = TopTokens(saved["ids"], saved["logprobs"])
+        keep_top = spec.kl_top_k if dense is None and spec.dense else 0  # this is the dense pass
+        scores = causal_scores(loaded.model, windows, loaded.device, spec.batch_size, reference, keep_top)
+        info["perplexity"] = scores.perplexity
+        if scores.top_tokens is not None:
+            save_file({"ids": scores.top_tokens.ids, "logprobs": scores.top_tokens.logprobs}, str(folder / TOP_TOKENS_FILE))
+        if reference is not None:
+            info["kl_to_dense"] = scores.kl_to_reference
+            info["top1_agreement"] = scores.top1_agreement
+            info["evaluation"]["kl_to_dense"] = (f"mean per-token KL(dense || compressed), nats, over the dense model's top "
+                                                 f"{reference.ids.shape[-1]} next tokens + the rest as one bin (a lower bound)")
     else:
         embeddings = mean_pooled_embeddings(loaded.model, windows, loaded.device, recipe.evaluate.batch_size)
         save_file({"embeddings": embeddings.contiguous()}, str(folder / EMBEDDINGS_FILE))
@@ -360,7 +376,7 @@ def export_step(
     dense = measured.get("dense")
     if dense is not None and "perplexity" in dense:
         metrics["dense_perplexity"] = dense["perplexity"]
-    for name in ("perplexity", "embedding_cosine", "sparsity", "params", "target_params"):
+    for name in ("perplexity", "kl_to_dense", "top1_agreement", "embedding_cosine", "sparsity", "params", "target_params"):
         if name in measured:
             metrics[name] = measured[name]
     tokens: dict[str, int] = {}

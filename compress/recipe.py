@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
 
 from compress.errors import CompressError
 from compress.registry import get_method
@@ -75,6 +75,9 @@ class EvaluateSpec(_StrictModel):
     batch_size: PositiveInt = 8
     max_windows: PositiveInt | None = None
     dense: bool = True  # also evaluate the uncompressed model, for the ratios in the report
+    # causal LMs, with `dense`: KL(dense || compressed) per token over the dense model's top-k next
+    # tokens (+ the rest as one bin) and the top-1 agreement; 0: perplexity only
+    kl_top_k: NonNegativeInt = 64
     # each stage records every target's relative output error on the calibration inputs
     # (||WX - W'X||^2 / ||WX||^2, from X^T X): costs one X^T X per target, and calibration data
     # even for data-free methods

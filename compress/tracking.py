@@ -30,7 +30,7 @@ DEFAULT_EXPERIMENT = "compress"
 # The metrics every run reports under these names (missing ones are simply absent, e.g. perplexity
 # for an encoder, which reports embedding_cosine).
 RUN_METRICS = (
-    "perplexity", "dense_perplexity", "embedding_cosine", "sparsity", "bits_per_param", "size_bytes",
+    "perplexity", "dense_perplexity", "kl_to_dense", "top1_agreement", "embedding_cosine", "sparsity", "bits_per_param", "size_bytes",
     "packed_bytes", "seconds", "params", "target_params", "onnx_max_abs_diff", "onnx_ok", "layer_error_max",
     "layer_error_mean", "audit_ok",
 )
