@@ -257,7 +257,8 @@ def _read_statistic(handle, prefix: str, info: dict) -> torch.Tensor | Quantized
     return handle.get_tensor(prefix)
 
 
-def read_packed(path: Path) -> dict[str, QuantizedWeight]:
+def read_packed(path: Path, names: list[str] | None = None) -> dict[str, QuantizedWeight]:
+    """{target: its packed form} of a packed file, of every target or of `names`."""
     weights = {}
     with safe_open(str(path), framework="pt") as handle:
         header = json.loads((handle.metadata() or {}).get("compress_packed", "{}"))
@@ -266,6 +267,8 @@ def read_packed(path: Path) -> dict[str, QuantizedWeight]:
             raise ValueError(f"{path}: not a compress packed file of a version this reader knows "
                              f"(format {header.get('format')!r}; readable: {READABLE_VERSIONS})")
         for name, info in header["layout"].items():
+            if names is not None and name not in names:
+                continue
             rows, cols = info["shape"]
             # codes in the narrowest type that holds them: int64 would be 8 bytes a weight (52 GB for a 7B model)
             code_dtype = torch.uint8 if info["bits"] <= 8 else torch.int32
@@ -290,3 +293,77 @@ def read_packed(path: Path) -> dict[str, QuantizedWeight]:
             weights[name] = QuantizedWeight((rows, cols), info["bits"], info["group_size"], codes, scale, zero,
                                             outliers, keep, perm, lut)
     return weights
+
+
+# safetensors dtype names -> bytes a value: the merged file puts the widest first, as save_file does,
+# so every tensor stays aligned to its own width
+_DTYPE_WIDTH = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "U8": 1, "I8": 1, "BOOL": 1}
+_COPY_CHUNK = 64 << 20  # bytes copied at a time
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header JSON, offset of the data section) of a safetensors file, read without its tensors."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(length)), 8 + length
+
+
+def packed_format(path: Path) -> int | None:
+    """The format version of a packed file (None: not one)."""
+    header, _ = _safetensors_header(path)
+    kind, _, version = str(json.loads(header.get("__metadata__", {}).get("compress_packed", "{}")).get("format")).partition("/")
+    return int(version) if kind == "compress-packed" and version.isdigit() else None
+
+
+def merge_packed(parts: list[tuple[Path, list[str]]], path: Path) -> None:
+    """Write one packed file holding the targets `names` of each (packed file, names) part, copying
+    their bytes a bounded chunk at a time: a 7B model's codes are never all in memory (its stage
+    writes one packed file per block and merges them here). Targets are laid out in the parts' order;
+    a target named twice is an error."""
+    layout: dict[str, dict] = {}
+    entries = []  # (width, tensor key, source path, source start, source end)
+    for source, names in parts:
+        if packed_format(source) != FORMAT_VERSION:
+            raise ValueError(f"{source}: only packed files of format {FORMAT_VERSION} merge (read older ones with read_packed)")
+        header, data_start = _safetensors_header(source)
+        info = json.loads(header["__metadata__"]["compress_packed"])
+        for name in names:
+            if name in layout:
+                raise ValueError(f"target {name} is in more than one part")
+            layout[name] = info["layout"][name]
+        wanted = set(names)
+        for key, tensor in header.items():
+            if key != "__metadata__" and _target_of(key, wanted) is not None:
+                start, end = tensor["data_offsets"]
+                entries.append((_DTYPE_WIDTH[tensor["dtype"]], key, tensor, source, data_start + start, data_start + end))
+    entries.sort(key=lambda entry: (-entry[0], entry[1]))
+    header: dict = {"__metadata__": {"compress_packed": json.dumps({"format": f"compress-packed/{FORMAT_VERSION}", "layout": layout})}}
+    offset = 0
+    for _, key, tensor, _, start, end in entries:
+        header[key] = {"dtype": tensor["dtype"], "shape": tensor["shape"], "data_offsets": [offset, offset + end - start]}
+        offset += end - start
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as out:
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        for _, _, _, source, start, end in entries:
+            with open(source, "rb") as handle:
+                handle.seek(start)
+                remaining = end - start
+                while remaining:
+                    chunk = handle.read(min(remaining, _COPY_CHUNK))
+                    out.write(chunk)
+                    remaining -= len(chunk)
+
+
+def _target_of(key: str, names: set[str]) -> str | None:
+    """The target a tensor key (NAME.codes, NAME.scale.step, NAME.outliers.values, ...) belongs to,
+    if it is one of `names`: the longest of them that prefixes the key."""
+    head = key
+    while "." in head:
+        head = head.rpartition(".")[0]
+        if head in names:
+            return head
+    return None

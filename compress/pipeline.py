@@ -138,9 +138,9 @@ def checkpoint_spec(step: StepResult, spec: ModelSpec) -> ModelSpec:
     return spec.model_copy(update={"source": str(step.model_path), "kind": step.info.get("kind", spec.kind)})
 
 
-def checkpoint_state(step: StepResult) -> CompressionState:
-    """The compression state a step left (empty for load)."""
-    return CompressionState.load(step.path) if (step.path / STATE_FILE).is_file() else CompressionState()
+def checkpoint_state(step: StepResult, read_packed_forms: bool = True) -> CompressionState:
+    """The compression state a step left (empty for load); see CompressionState.load."""
+    return CompressionState.load(step.path, read_packed_forms) if (step.path / STATE_FILE).is_file() else CompressionState()
 
 
 def open_checkpoint(step: StepResult, spec: ModelSpec) -> tuple[LoadedModel, CompressionState]:
@@ -216,7 +216,7 @@ def stage_step(
 
     def compute(folder: Path) -> dict[str, Any]:
         model = open_blockwise(checkpoint_spec(previous, recipe.model))
-        state = checkpoint_state(previous)
+        state = checkpoint_state(previous, read_packed_forms=False)  # what this stage leaves alone is copied, not read
         layout = model.layout
         planned = plan_stages(recipe, layout)[index]
         if reference is not None:
@@ -233,9 +233,8 @@ def stage_step(
         if result.no_tokens:
             log.warning("%s: no calibration token reached %d targets (%s...): they were compressed without "
                         "activation statistics", planned.label, len(result.no_tokens), result.no_tokens[0])
-        blocks.close(state)
         fisher.remove()  # an input of the stage, not part of its output
-        state.save(folder)
+        blocks.close(state, folder)
         if blocks.resumed_at:
             log.info("%s: resumed at block %d of %d", planned.label, blocks.resumed_at, len(layout.blocks))
         log.info("%s: %d targets, sparsity %.4f, %.2f s", planned.label, len(planned.targets), result.sparsity, result.seconds)

@@ -6,7 +6,8 @@ changed fingerprint never sees another's checkpoints. After block i the handler 
 under a temporary name and renamed into place:
   model/model-…-of-….safetensors  block i, as its shard of the stage's output checkpoint
   resume/state-i/                  the masks and packed weights of block i's targets (which leave
-                                   memory then; they come back when the stage ends)
+                                   memory then; when the stage ends the masks come back and the
+                                   packed weights are copied, bytes only, into its packed file)
   resume/hidden.safetensors        the calibration hidden states feeding block i + 1
   resume/progress.json             written last: the next block to run and the outcomes so far
 A restarted stage captures the other block arguments afresh (positions, masks: cheap and the same),
@@ -91,13 +92,15 @@ class StageBlocks(BlockHandler):
                     "outcomes": [asdict(outcome) for outcome in outcomes]}
         replace_file(self.resume_dir / PROGRESS_FILE, lambda p: p.write_text(json.dumps(progress)))
 
-    def close(self, state: CompressionState) -> None:
-        """The stage is done: bring the blocks' target states back into `state`, write what lies
-        outside the blocks and the index, drop the checkpoints."""
+    def close(self, state: CompressionState, folder: Path) -> None:
+        """The stage is done: bring the blocks' target states back into `state` (their packed forms
+        stay on disk until they are copied), save it in `folder`, write what lies outside the blocks
+        and the index, drop the checkpoints."""
         for index in range(len(self.model.layout.blocks)):
-            folder = self.resume_dir / f"state-{index}"
-            if folder.is_dir():
-                state.update(CompressionState.load(folder))
+            saved = self.resume_dir / f"state-{index}"
+            if saved.is_dir():
+                state.update(CompressionState.load(saved, read_packed_forms=False))
+        state.save(folder)
         self.writer.write(0, self.model.outside_tensors())
         self.writer.finish(self.model.source)
         shutil.rmtree(self.resume_dir)

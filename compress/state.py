@@ -3,7 +3,9 @@ form (codes, statistics, outliers). Later stages keep the zeros of earlier ones.
 checkpoint: masks in compress_state.safetensors, packed weights in packed.safetensors.
 
 Masks are held and stored 1 bit a weight (a 7B model's masks are 0.8 GB so, 6.5 GB as bools), and
-unpacked when a stage or a check reads one.
+unpacked when a stage or a check reads one. A stage leaves the packed forms it did not compute in
+their files (`PackedOnDisk`) and its save copies their bytes: a streamed 7B stage never holds the
+model's codes (6.5 GB at one byte a weight) in memory.
 """
 
 from __future__ import annotations
@@ -15,10 +17,32 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.packing import PACKED_FILE, QuantizedWeight, pack_bits, read_packed, unpack_bits, write_packed
+from compress.packing import (
+    FORMAT_VERSION,
+    PACKED_FILE,
+    QuantizedWeight,
+    merge_packed,
+    pack_bits,
+    packed_format,
+    read_packed,
+    unpack_bits,
+    write_packed,
+)
 
 STATE_FILE = "compress_state.safetensors"
 STATE_INDEX = "compress_state.json"
+
+
+@dataclass(frozen=True)
+class PackedOnDisk:
+    """A target's packed form left in a packed file, not read: saving a state copies its bytes over
+    (a streamed stage's blocks each leave one; read whole, a 7B model's codes are 6.5 GB)."""
+
+    path: Path
+    name: str
+
+    def load(self) -> QuantizedWeight:
+        return read_packed(self.path, [self.name])[self.name]
 
 
 @dataclass
@@ -26,7 +50,7 @@ class TargetState:
     packed_mask: torch.Tensor | None = None  # uint8, the mask 1 bit a weight (see `mask`)
     shape: tuple[int, int] | None = None  # the mask's [out, in]
     stages: list[str] = field(default_factory=list)  # methods that changed this target
-    quantized: QuantizedWeight | None = None  # the packed form, when the last stage quantized it
+    quantized: QuantizedWeight | PackedOnDisk | None = None  # the packed form, when the last stage quantized it
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -65,15 +89,42 @@ class CompressionState:
         index = {name: {"stages": entry.stages, "mask_shape": entry.shape, "quantized": entry.quantized is not None}
                  for name, entry in self.targets.items()}
         (directory / STATE_INDEX).write_text(json.dumps(index, indent=1))
-        quantized = {name: entry.quantized for name, entry in self.targets.items() if entry.quantized is not None}
-        if quantized:
-            write_packed(directory / PACKED_FILE, quantized)
+        in_memory = {name: entry.quantized for name, entry in self.targets.items() if isinstance(entry.quantized, QuantizedWeight)}
+        on_disk: dict[Path, list[str]] = {}
+        current: dict[Path, bool] = {}  # per packed file: of the format that merges
+        for name, entry in self.targets.items():
+            if isinstance(entry.quantized, PackedOnDisk):
+                source = entry.quantized.path
+                if current.setdefault(source, packed_format(source) == FORMAT_VERSION):
+                    on_disk.setdefault(entry.quantized.path, []).append(entry.quantized.name)
+                else:  # an older format is read and written anew
+                    in_memory[name] = entry.quantized.load()
+        if not on_disk:
+            if in_memory:
+                write_packed(directory / PACKED_FILE, in_memory)
+            return
+        parts = list(on_disk.items())
+        held = directory / f".{PACKED_FILE}.in-memory"
+        if in_memory:
+            write_packed(held, in_memory)
+            parts.insert(0, (held, list(in_memory)))
+        try:
+            merge_packed(parts, directory / PACKED_FILE)
+        finally:
+            held.unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, directory: Path) -> "CompressionState":
+    def load(cls, directory: Path, read_packed_forms: bool = True) -> "CompressionState":
+        """The state saved in `directory`; with `read_packed_forms` False the packed forms stay in
+        its packed file (`PackedOnDisk`) until a save copies them."""
         tensors = load_file(str(directory / STATE_FILE))
         index = json.loads((directory / STATE_INDEX).read_text())
-        packed = read_packed(directory / PACKED_FILE) if (directory / PACKED_FILE).exists() else {}
+        packed: dict[str, QuantizedWeight | PackedOnDisk] = {}
+        if (directory / PACKED_FILE).exists():
+            if read_packed_forms:
+                packed.update(read_packed(directory / PACKED_FILE))
+            else:
+                packed.update({name: PackedOnDisk(directory / PACKED_FILE, name) for name, info in index.items() if info["quantized"]})
         return cls({
             name: TargetState(tensors.get(f"{name}.mask"), tuple(info["mask_shape"]) if info["mask_shape"] else None,
                               info["stages"], packed.get(name))
