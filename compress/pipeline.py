@@ -306,14 +306,16 @@ def evaluate_step(store: StepStore, recipe: Recipe, load: StepResult, final: Ste
     dense = None
     if spec.dense or not causal:  # an encoder's fidelity needs the dense embeddings
         dense_key = digest("dense", __version__, spec.model_dump(mode="json"), text_key, load.key, settings)
-        dense = store.run("dense", dense_key, lambda folder: _measure(recipe, load, folder, None))
+        dense = store.run("dense", dense_key, lambda folder: _measure(recipe, load, folder, None, keep_top=spec.kl_top_k))
     key = digest("evaluate", __version__, spec.model_dump(mode="json"), text_key, final.key, dense.key if dense else None, settings)
     result = store.run("evaluate", key, lambda folder: _measure(recipe, final, folder, dense))
     result.info["dense"] = dense.info if dense is not None else None  # not stored: the key already covers it
     return result
 
 
-def _measure(recipe: Recipe, checkpoint: StepResult, folder: Path, dense: StepResult | None) -> dict[str, Any]:
+def _measure(recipe: Recipe, checkpoint: StepResult, folder: Path, dense: StepResult | None, keep_top: int = 0) -> dict[str, Any]:
+    """Quality of `checkpoint` (against the `dense` step's outputs, if given); `keep_top` > 0: keep
+    this model's top next tokens, for later KLs against it (the dense pass)."""
     loaded, state = open_checkpoint(checkpoint, recipe.model)
     windows, source = _eval_tokens_from(recipe, loaded.tokenizer)
     info: dict[str, Any] = {
@@ -327,13 +329,11 @@ def _measure(recipe: Recipe, checkpoint: StepResult, folder: Path, dense: StepRe
         }
     }
     if loaded.kind == "causal":
-        spec = recipe.evaluate
         reference = None
         if dense is not None and (dense.path / TOP_TOKENS_FILE).exists():
             saved = load_file(str(dense.path / TOP_TOKENS_FILE))
             reference = TopTokens(saved["ids"], saved["logprobs"])
-        keep_top = spec.kl_top_k if dense is None and spec.dense else 0  # this is the dense pass
-        scores = causal_scores(loaded.model, windows, loaded.device, spec.batch_size, reference, keep_top)
+        scores = causal_scores(loaded.model, windows, loaded.device, recipe.evaluate.batch_size, reference, keep_top)
         info["perplexity"] = scores.perplexity
         if scores.top_tokens is not None:
             save_file({"ids": scores.top_tokens.ids, "logprobs": scores.top_tokens.logprobs}, str(folder / TOP_TOKENS_FILE))
