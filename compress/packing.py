@@ -321,8 +321,10 @@ def merge_packed(parts: list[tuple[Path, list[str]]], path: Path) -> None:
     their bytes a bounded chunk at a time: a 7B model's codes are never all in memory (its stage
     writes one packed file per block and merges them here). Targets are laid out in the parts' order;
     a target named twice is an error."""
+    if any(Path(source).resolve() == Path(path).resolve() for source, _ in parts):
+        raise ValueError(f"{path}: a packed file cannot be merged into itself (write to another path)")
     layout: dict[str, dict] = {}
-    entries = []  # (width, tensor key, source path, source start, source end)
+    entries = []  # (width, tensor key, header entry, source path, source start, source end)
     for source, names in parts:
         if packed_format(source) != FORMAT_VERSION:
             raise ValueError(f"{source}: only packed files of format {FORMAT_VERSION} merge (read older ones with read_packed)")

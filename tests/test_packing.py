@@ -49,6 +49,9 @@ def test_merged_file_reads_back_every_chosen_form_bit_for_bit(tmp_path):
 def test_merge_refuses_a_target_twice_and_an_older_format(tmp_path):
     forms = _forms()
     write_packed(tmp_path / "a.safetensors", {"x": forms["a.gptq"]})
+    with pytest.raises(ValueError, match="cannot be merged into itself"):
+        merge_packed([(tmp_path / "a.safetensors", ["x"])], tmp_path / "a.safetensors")
+    assert read_packed(tmp_path / "a.safetensors")["x"].bits == 4  # untouched
     with pytest.raises(ValueError, match="more than one part"):
         merge_packed([(tmp_path / "a.safetensors", ["x"]), (tmp_path / "a.safetensors", ["x"])], tmp_path / "m.safetensors")
     raw = (tmp_path / "a.safetensors").read_bytes()
