@@ -261,11 +261,12 @@ def read_packed(path: Path, names: list[str] | None = None) -> dict[str, Quantiz
     """{target: its packed form} of a packed file, of every target or of `names`."""
     weights = {}
     with safe_open(str(path), framework="pt") as handle:
-        header = json.loads((handle.metadata() or {}).get("compress_packed", "{}"))
-        kind, _, version = str(header.get("format")).partition("/")
-        if kind != "compress-packed" or not version.isdigit() or int(version) not in READABLE_VERSIONS:
+        metadata = handle.metadata() or {}
+        version = _format_version(metadata)
+        if version not in READABLE_VERSIONS:
             raise ValueError(f"{path}: not a compress packed file of a version this reader knows "
-                             f"(format {header.get('format')!r}; readable: {READABLE_VERSIONS})")
+                             f"(format {json.loads(metadata.get('compress_packed', '{}')).get('format')!r}; readable: {READABLE_VERSIONS})")
+        header = json.loads(metadata["compress_packed"])
         for name, info in header["layout"].items():
             if names is not None and name not in names:
                 continue
@@ -283,7 +284,7 @@ def read_packed(path: Path, names: list[str] | None = None) -> dict[str, Quantiz
             outliers = None
             if info["outliers"]:
                 col_idx, values = (handle.get_tensor(f"{name}.outliers.{part}") for part in ("col_idx", "values"))
-                if int(version) == 2:
+                if version == 2:
                     outliers = Outliers(handle.get_tensor(f"{name}.outliers.row_ptr"), col_idx, values)
                 else:
                     outliers = Outliers.from_row_counts(handle.get_tensor(f"{name}.outliers.row_counts"), col_idx, values)
@@ -309,11 +310,15 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
         return json.loads(handle.read(length)), 8 + length
 
 
-def packed_format(path: Path) -> int | None:
-    """The format version of a packed file (None: not one)."""
-    header, _ = _safetensors_header(path)
-    kind, _, version = str(json.loads(header.get("__metadata__", {}).get("compress_packed", "{}")).get("format")).partition("/")
+def _format_version(metadata: dict[str, str]) -> int | None:
+    """The packed-format version a safetensors metadata map declares (None: not a packed file)."""
+    kind, _, version = str(json.loads(metadata.get("compress_packed", "{}")).get("format")).partition("/")
     return int(version) if kind == "compress-packed" and version.isdigit() else None
+
+
+def packed_format(path: Path) -> int | None:
+    """The format version of a packed file (None: not one), from its header alone."""
+    return _format_version(_safetensors_header(path)[0].get("__metadata__", {}))
 
 
 def merge_packed(parts: list[tuple[Path, list[str]]], path: Path) -> None:
@@ -326,9 +331,9 @@ def merge_packed(parts: list[tuple[Path, list[str]]], path: Path) -> None:
     layout: dict[str, dict] = {}
     entries = []  # (width, tensor key, header entry, source path, source start, source end)
     for source, names in parts:
-        if packed_format(source) != FORMAT_VERSION:
-            raise ValueError(f"{source}: only packed files of format {FORMAT_VERSION} merge (read older ones with read_packed)")
         header, data_start = _safetensors_header(source)
+        if _format_version(header.get("__metadata__", {})) != FORMAT_VERSION:
+            raise ValueError(f"{source}: only packed files of format {FORMAT_VERSION} merge (read older ones with read_packed)")
         info = json.loads(header["__metadata__"]["compress_packed"])
         for name in names:
             if name in layout:
