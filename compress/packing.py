@@ -296,10 +296,10 @@ def read_packed(path: Path, names: list[str] | None = None) -> dict[str, Quantiz
     return weights
 
 
-# safetensors dtype names -> bytes a value: the merged file puts the widest first, as save_file does,
-# so every tensor stays aligned to its own width
-_DTYPE_WIDTH = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-                "U8": 1, "I8": 1, "BOOL": 1}
+# safetensors dtype names -> bytes a value (also sizes checkpoint shards, compress/streaming.py); the
+# merged file puts the widest first, as save_file does, so every tensor stays aligned to its own width
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                           "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _COPY_CHUNK = 64 << 20  # bytes copied at a time
 
 
@@ -343,7 +343,7 @@ def merge_packed(parts: list[tuple[Path, list[str]]], path: Path) -> None:
         for key, tensor in header.items():
             if key != "__metadata__" and _target_of(key, wanted) is not None:
                 start, end = tensor["data_offsets"]
-                entries.append((_DTYPE_WIDTH[tensor["dtype"]], key, tensor, source, data_start + start, data_start + end))
+                entries.append((SAFETENSORS_DTYPE_BYTES[tensor["dtype"]], key, tensor, source, data_start + start, data_start + end))
     entries.sort(key=lambda entry: (-entry[0], entry[1]))
     header: dict = {"__metadata__": {"compress_packed": json.dumps({"format": f"compress-packed/{FORMAT_VERSION}", "layout": layout})}}
     offset = 0

@@ -32,6 +32,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.modeling import LoadedModel, checkpoint_dtype, compute_dtype_for, load_model, pick_device, resolve_kind, resolve_source
+from compress.packing import SAFETENSORS_DTYPE_BYTES
 from compress.recipe import ModelSpec
 from compress.targets import ModelLayout, Target, discover
 
@@ -277,7 +278,7 @@ class CheckpointWriter:
                 for key in handle.keys():
                     weight_map[key] = name
                     piece = handle.get_slice(key)
-                    total_size += _numel(piece.get_shape()) * _itemsize(piece.get_dtype())
+                    total_size += _numel(piece.get_shape()) * SAFETENSORS_DTYPE_BYTES[piece.get_dtype()]
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
         if source.resolve() == self.folder.resolve():
@@ -294,9 +295,6 @@ def _numel(shape: list[int]) -> int:
     return count
 
 
-def _itemsize(dtype: str) -> int:
-    return {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-            "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}[dtype]
 
 
 class TensorShelf(Mapping):
