@@ -14,8 +14,8 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compress.data import read_text_file, tokenize
-from compress.evaluate import causal_scores, eval_windows
+from compress.calibration.data import read_text_file, tokenize
+from compress.pipeline.metrics import causal_scores, eval_windows
 
 
 def main() -> None:

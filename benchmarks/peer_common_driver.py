@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from compress.data import calibration_tokens, read_text_file, tokenize
-from compress.evaluate import eval_windows, perplexity
-from compress.modeling import LoadedModel, load_model
-from compress.pipeline import run
-from compress.steps import StepStore
+from compress.calibration.data import calibration_tokens, read_text_file, tokenize
+from compress.pipeline.metrics import eval_windows, perplexity
+from compress.model.load import LoadedModel, load_model
+from compress.pipeline.engine import run
+from compress.pipeline.store import StepStore
 from compress.recipe import CalibrationSpec, ModelSpec, validate_recipe
 
 PEERS_DIR = Path(__file__).parent / "peers"

@@ -20,13 +20,13 @@ import time
 
 import torch
 
-from compress.data import batches
-from compress.engine import Stage, run_layerwise
-from compress.modeling import load_model
+from compress.calibration.data import batches
+from compress.calibration.layerwise import Stage, run_layerwise
+from compress.model.load import load_model
 from compress.recipe import ModelSpec
-from compress.registry import get_method
+from compress.methods.registry import get_method
 from compress.state import CompressionState
-from compress.targets import discover
+from compress.model.targets import discover
 from quant_table import parse_config
 
 

@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from compress.pipeline import run
-from compress.steps import StepStore
+from compress.pipeline.engine import run
+from compress.pipeline.store import StepStore
 from compress.recipe import validate_recipe
 
 

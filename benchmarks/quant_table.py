@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from compress.pipeline import run
-from compress.steps import StepStore
+from compress.pipeline.engine import run
+from compress.pipeline.store import StepStore
 from compress.recipe import validate_recipe
 
 

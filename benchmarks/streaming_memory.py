@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from compress.modeling import embedded_model_path
+from compress.model.load import embedded_model_path
 
 
 def make_model(folder: Path, layers: int = 32, seed: int = 0) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from compress.streaming import CheckpointWriter, _unique_tensors, parameters_on_meta
-    from compress.targets import find_blocks
+    from compress.calibration.streaming import CheckpointWriter, _unique_tensors, parameters_on_meta
+    from compress.model.targets import find_blocks
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, dtype="bfloat16",
@@ -64,9 +64,9 @@ def make_model(folder: Path, layers: int = 32, seed: int = 0) -> None:
 
 
 def compress(args: argparse.Namespace) -> dict:
-    from compress.pipeline import calibrate_step, load_step, stage_step
+    from compress.pipeline.engine import calibrate_step, load_step, stage_step
     from compress.recipe import validate_recipe
-    from compress.steps import StepStore
+    from compress.pipeline.store import StepStore
 
     stage = {"method": args.method, **json.loads(args.params)}
     recipe = validate_recipe({

@@ -90,10 +90,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         print(json.dumps(recipe.describe(), indent=2))
         return 0
-    from compress.pipeline import resolve_output_dir, run
+    from compress.pipeline.engine import resolve_output_dir, run
 
     out = resolve_output_dir(recipe, args.out)
-    from compress.plan import build_plan
+    from compress.pipeline.plan import build_plan
 
     build_plan(recipe)  # every input error, before Prefect, MLflow or calibration start
     if args.no_track:
@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from compress.plan import build_plan, format_plan
+    from compress.pipeline.plan import build_plan, format_plan
 
     plan = build_plan(_load(args))
     print(json.dumps(plan.describe(), indent=1) if args.json else format_plan(plan))
@@ -118,7 +118,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from compress.audit import audit_output
+    from compress.pipeline.audit import audit_output
 
     result = audit_output(args.out)
     if result["ok"]:
@@ -132,8 +132,8 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from compress.service import api_is_up, prefect_api_url, start_prefect_server
-    from compress.steps import compress_home
+    from compress.service.prefect import api_is_up, prefect_api_url, start_prefect_server
+    from compress.pipeline.store import compress_home
 
     url = prefect_api_url()
     server = None
@@ -141,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"starting a Prefect server at {url} (log: {compress_home() / 'prefect-server.log'})", file=sys.stderr)
         server = start_prefect_server(url, compress_home() / "prefect-server.log")
     os.environ["PREFECT_API_URL"] = url
-    from compress.tracking import client, ensure_experiment
+    from compress.service.tracking import client, ensure_experiment
 
     # Create the tracking store now: flow runs starting at once on a new sqlite store race to
     # create its tables ("table ... already exists"); once it exists they share it fine.
@@ -159,7 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from compress.service import submit
+    from compress.service.prefect import submit
 
     recipe = _load(args)
     result = submit(recipe.to_data(), args.out, args.wait)
@@ -186,7 +186,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from compress.service import list_runs
+    from compress.service.prefect import list_runs
 
     runs = list_runs(args.limit)
     if not runs:
@@ -201,8 +201,8 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from compress.service import get_run
-    from compress.tracking import RUN_METRICS
+    from compress.service.prefect import get_run
+    from compress.service.tracking import RUN_METRICS
 
     runs = [get_run(run_id) for run_id in args.run_ids]
     rows = [["", *(r["run_id"][:12] for r in runs)], ["recipe", *(r["recipe"] for r in runs)]]
@@ -215,7 +215,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from compress.tracking import tracking_uri
+    from compress.service.tracking import tracking_uri
 
     uri = tracking_uri()
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
@@ -226,7 +226,7 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from compress.steps import StepStore
+    from compress.pipeline.store import StepStore
 
     store = StepStore.default()
     if args.action == "path":
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     # Our own progress lines at INFO; the libraries' (HTTP requests, MLflow's store) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("compress").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-    from compress.service import configure_prefect_home
+    from compress.service.prefect import configure_prefect_home
 
     configure_prefect_home()
     try:

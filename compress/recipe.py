@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
 
 from compress.errors import CompressError
-from compress.registry import get_method
+from compress.methods.registry import get_method
 
 
 class _StrictModel(BaseModel):

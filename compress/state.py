@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.packing import (
+from compress.formats.packed_file import (
     FORMAT_VERSION,
     PACKED_FILE,
     QuantizedWeight,

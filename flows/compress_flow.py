@@ -2,7 +2,7 @@
 
     load -> calibrate -> stage 0 .. n-1 -> evaluate -> export
 
-Each task is one step of compress.pipeline (the same functions `compress run --no-track` calls), so
+Each task is one step of compress.pipeline.engine (the same functions `compress run --no-track` calls), so
 tasks hand each other step folders on disk, never models, and a step already stored under the same
 inputs is found, not recomputed. MLflow gets a parent run for the submission and a child run per
 step. `compress run` calls this flow in-process; `compress serve` serves it as a deployment that
@@ -18,11 +18,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from compress import pipeline
+from compress.pipeline import engine as pipeline
 from compress.errors import CompressError
 from compress.recipe import validate_recipe
-from compress.steps import StepResult, StepStore, compress_home, digest
-from compress.tracking import RunTracker
+from compress.pipeline.store import StepResult, StepStore, compress_home, digest
+from compress.service.tracking import RunTracker
 
 FLOW_NAME = "compress-recipe"
 DEPLOYMENT_NAME = "compress"

@@ -36,7 +36,7 @@ def output_bytes(out: Path) -> dict[str, bytes]:
 
 def checkpoint_tensors(folder: Path) -> dict[str, "torch.Tensor"]:
     """All tensors of a (possibly sharded) checkpoint folder, by name."""
-    from compress.streaming import CheckpointFiles
+    from compress.calibration.streaming import CheckpointFiles
 
     files = CheckpointFiles(folder)
     return files.read(list(files.where))
@@ -69,7 +69,7 @@ def recipe_from():
 def tiny_mixtral(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
-    from compress.modeling import embedded_model_path
+    from compress.model.load import embedded_model_path
 
     torch.manual_seed(0)
     config = MixtralConfig(
@@ -87,7 +87,7 @@ def tiny_mixtral(tmp_path_factory) -> Path:
 def tiny_bert(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from compress.modeling import embedded_model_path
+    from compress.model.load import embedded_model_path
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -108,7 +108,7 @@ def fault_method() -> str:
     import os
 
     from compress.methods.rtn import RTN
-    from compress.registry import _METHODS, register
+    from compress.methods.registry import _METHODS, register
 
     name = "rtn-with-fault"
     if name not in _METHODS:
@@ -134,7 +134,7 @@ def register_kill_method(base: str = "gptq") -> str:
     import os
     import signal
 
-    from compress.registry import _METHODS, get_method, register
+    from compress.methods.registry import _METHODS, get_method, register
 
     name = f"{base}-with-kill"
     if name not in _METHODS:

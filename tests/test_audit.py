@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.audit import audit_output
+from compress.pipeline.audit import audit_output
 from compress.cli import main
-from compress.modeling import embedded_model_path
-from compress.pipeline import run
+from compress.model.load import embedded_model_path
+from compress.pipeline.engine import run
 from compress.recipe import validate_recipe
 
 from conftest import fast_recipe, output_bytes
@@ -24,7 +24,7 @@ def test_clean_output_passes_and_a_redensified_target_is_caught(tmp_path, capsys
     assert report["audit"]["ok"] and report["metrics"]["audit_ok"] == 1
     assert report["audit"]["checked"] == len(report["targets"]) == 28
 
-    from compress.streaming import CheckpointFiles
+    from compress.calibration.streaming import CheckpointFiles
 
     weights_file = out / "model" / CheckpointFiles(out / "model").where[f"{VICTIM}.weight"]
     weights = load_file(str(weights_file))
@@ -53,7 +53,7 @@ def test_rerun_leaves_the_caller_rng_untouched_and_is_deterministic(tmp_path):
     torch.manual_seed(1234)
     state = torch.random.get_rng_state()
     recipe = validate_recipe(fast_recipe({"method": "sparsegpt", "sparsity": 0.5}))
-    from compress.steps import StepStore
+    from compress.pipeline.store import StepStore
 
     first = run(recipe, tmp_path / "a", store=StepStore(tmp_path / "s1"))
     assert torch.equal(torch.random.get_rng_state(), state)

@@ -7,7 +7,7 @@ import torch
 from compress.methods.dsnot import DSnoT, dsnot_refine
 from compress.methods.sparsity import NM, prune_mask
 from compress.methods.wanda import wanda_scores
-from compress.pipeline import run
+from compress.pipeline.engine import run
 from compress.recipe import validate_recipe
 from compress.state import CompressionState
 

@@ -2,14 +2,14 @@
 
 import torch
 
-from compress.data import batches, calibration_tokens
-from compress.engine import Stage, run_layerwise
+from compress.calibration.data import batches, calibration_tokens
+from compress.calibration.layerwise import Stage, run_layerwise
 from compress.methods.sparsity import prune_mask
 from compress.methods.wanda import Wanda, wanda_scores
-from compress.modeling import load_model
+from compress.model.load import load_model
 from compress.recipe import CalibrationSpec, ModelSpec
 from compress.state import CompressionState
-from compress.targets import discover, select
+from compress.model.targets import discover, select
 
 CALIBRATION = CalibrationSpec(nsamples=16, seqlen=128, batch_size=8)
 
@@ -98,8 +98,8 @@ def test_wanda_without_statistics_falls_back_to_row_magnitude():
 def test_siblings_reading_one_input_share_its_statistics():
     """q/k/v read the same normed hidden states, gate/up too: their Hessian is computed once and
     equals X^T X of that input; o_proj and down_proj get their own."""
-    from compress.engine import capture_block_inputs
-    from compress.statistics import gather
+    from compress.calibration.layerwise import capture_block_inputs
+    from compress.calibration.statistics import gather
 
     loaded = load_model(ModelSpec())
     layout = discover(loaded.model)

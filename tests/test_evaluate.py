@@ -2,9 +2,9 @@
 
 import torch
 
-from compress.data import embedded_text, read_text_file, tokenize
-from compress.evaluate import _binned_kl, causal_scores, eval_windows
-from compress.modeling import embedded_model_path
+from compress.calibration.data import embedded_text, read_text_file, tokenize
+from compress.pipeline.metrics import _binned_kl, causal_scores, eval_windows
+from compress.model.load import embedded_model_path
 
 from test_pipeline import dense_tokenizer
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.engine import relative_output_error
-from compress.pipeline import run
+from compress.calibration.layerwise import relative_output_error
+from compress.pipeline.engine import run
 from compress.recipe import validate_recipe
 
 from conftest import fast_recipe

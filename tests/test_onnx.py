@@ -9,8 +9,8 @@ import onnxruntime
 import pytest
 from onnx import numpy_helper
 
-from compress.onnx_export import ONNX_RTOL
-from compress.pipeline import run
+from compress.pipeline.onnx import ONNX_RTOL
+from compress.pipeline.engine import run
 from compress.recipe import validate_recipe
 
 from conftest import fast_recipe

@@ -1,4 +1,4 @@
-"""End to end through `compress.pipeline.run` and the CLI, on the embedded model."""
+"""End to end through `compress.pipeline.engine.run` and the CLI, on the embedded model."""
 
 import json
 import subprocess
@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from compress.cli import main
-from compress.evaluate import eval_windows, perplexity
-from compress.data import embedded_text, read_text_file, tokenize
-from compress.modeling import embedded_model_path
-from compress.pipeline import run
+from compress.pipeline.metrics import eval_windows, perplexity
+from compress.calibration.data import embedded_text, read_text_file, tokenize
+from compress.model.load import embedded_model_path
+from compress.pipeline.engine import run
 from compress.recipe import validate_recipe
 from compress.state import CompressionState
 

@@ -7,7 +7,7 @@ import json
 import os
 
 from compress.cli import main
-from compress.plan import build_plan
+from compress.pipeline.plan import build_plan
 from compress.recipe import validate_recipe
 
 from conftest import fast_recipe

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from compress.pipeline import run
+from compress.pipeline.engine import run
 from compress.recipe import validate_recipe
-from compress.steps import StepStore
+from compress.pipeline.store import StepStore
 
 from conftest import KILL_AT, fast_recipe, output_bytes, register_kill_method
 
@@ -28,7 +28,7 @@ def _recipe(seed: int = 0) -> dict:
 def _run_killed(recipe: dict, out: Path, store: Path, kill_at: int, base: str = "gptq") -> subprocess.CompletedProcess:
     script = (
         f"import json, sys; sys.path.insert(0, sys.argv[1]); import conftest; conftest.register_kill_method({base!r}); "
-        "from compress.pipeline import run; from compress.recipe import validate_recipe; from compress.steps import StepStore; "
+        "from compress.pipeline.engine import run; from compress.recipe import validate_recipe; from compress.pipeline.store import StepStore; "
         "run(validate_recipe(json.loads(sys.argv[2])), sys.argv[3], store=StepStore(sys.argv[4]))"
     )
     env = {**os.environ, KILL_AT: str(kill_at)}
@@ -80,13 +80,13 @@ def test_a_resumed_squeezellm_stage_reuses_its_fisher_sums(tmp_path, monkeypatch
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (_resume_folder(store) / "fisher" / "complete").is_file()
 
-    import compress.fisher
+    import compress.calibration.fisher
 
     def no_second_pass(*args, **kwargs):
         raise AssertionError("the Fisher diagonal was computed again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(compress.fisher, "fisher_diagonal", no_second_pass)
+        patch.setattr(compress.calibration.fisher, "fisher_diagonal", no_second_pass)
         run(validate_recipe(recipe), tmp_path / "out", store=StepStore(store))
     (stage,) = store.glob("stage-*")
     assert json.loads((stage / "step.json").read_text())["resumed_at_block"] == 2

@@ -7,11 +7,11 @@ import itertools
 import pytest
 import torch
 
-from compress.fisher import fisher_diagonal
+from compress.calibration.fisher import fisher_diagonal
 from compress.methods.kmeans import weighted_kmeans_rows
 from compress.methods.squeezellm import SqueezeLLM, SqueezeLLMParams, squeezellm_quantize
-from compress.packing import read_packed, write_packed
-from compress.targets import discover
+from compress.formats.packed_file import read_packed, write_packed
+from compress.model.targets import discover
 
 
 def _heavy_tailed(rows=64, columns=256, seed=0):
@@ -151,7 +151,7 @@ def _per_sequence_fisher(model, targets, sequences):
 
 
 def test_fisher_diagonal_of_the_embedded_model():
-    from compress.modeling import load_model
+    from compress.model.load import load_model
     from compress.recipe import ModelSpec
 
     model = load_model(ModelSpec()).model

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from compress.pipeline import run
+from compress.pipeline.engine import run
 from compress.recipe import validate_recipe
-from compress.steps import STEP_FILE, StepStore
+from compress.pipeline.store import STEP_FILE, StepStore
 
 from conftest import FAULT_FLAG, fast_recipe, output_bytes
 

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.errors import CompressError
-from compress.targets import Target
+from compress.model.targets import Target
 
 
 def fisher_diagonal(

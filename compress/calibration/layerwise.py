@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from compress.methods.base import Method
 from compress.state import CompressionState
-from compress.statistics import MODEL_STATISTICS, gather
-from compress.targets import ModelLayout, Target
+from compress.calibration.statistics import MODEL_STATISTICS, gather
+from compress.model.targets import ModelLayout, Target
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Stage:
     # target name. Without it, the weights as they stand before the first stage of this pass.
     reference: dict[str, torch.Tensor] | None = None
     refines: int | None = None  # index (in the recipe) of the pruning stage whose mask this one refines
-    # statistics of the whole model the method names (compress.statistics.MODEL_STATISTICS), by
+    # statistics of the whole model the method names (compress.calibration.statistics.MODEL_STATISTICS), by
     # target name, computed before the pass
     model_statistics: Mapping[str, dict[str, torch.Tensor]] | None = None
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.engine import BlockHandler, BlockInputs, StageOutcome
+from compress.calibration.layerwise import BlockHandler, BlockInputs, StageOutcome
 from compress.state import CompressionState
-from compress.streaming import BlockwiseModel, CheckpointWriter, replace_file
+from compress.calibration.streaming import BlockwiseModel, CheckpointWriter, replace_file
 
 RESUME_DIR = "resume"
 PROGRESS_FILE = "progress.json"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.targets import Target
+from compress.model.targets import Target
 
 
 class Statistic:

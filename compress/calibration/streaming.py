@@ -31,10 +31,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress.errors import CompressError
-from compress.modeling import LoadedModel, checkpoint_dtype, compute_dtype_for, load_model, pick_device, resolve_kind, resolve_source
-from compress.packing import SAFETENSORS_DTYPE_BYTES
+from compress.model.load import LoadedModel, checkpoint_dtype, compute_dtype_for, load_model, pick_device, resolve_kind, resolve_source
+from compress.formats.packed_file import SAFETENSORS_DTYPE_BYTES
 from compress.recipe import ModelSpec
-from compress.targets import ModelLayout, Target, discover
+from compress.model.targets import ModelLayout, Target, discover
 
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".index.json")

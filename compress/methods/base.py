@@ -13,8 +13,8 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from compress.packing import QuantizedWeight
-from compress.targets import Target
+from compress.formats.packed_file import QuantizedWeight
+from compress.model.targets import Target
 
 
 class TargetSelection(BaseModel):
@@ -52,7 +52,7 @@ class Method:
 
     name: ClassVar[str]
     Params: ClassVar[type[StageParams]] = StageParams
-    # Per-target calibration statistics the method needs (see compress.statistics); empty means the
+    # Per-target calibration statistics the method needs (see compress.calibration.statistics); empty means the
     # method needs no calibration data and the engine skips the forward passes.
     statistics: ClassVar[tuple[str, ...]] = ()
     # A method that refines the mask of an earlier pruning stage (DSnoT): planning checks that an

@@ -32,8 +32,8 @@ from pydantic import Field
 from compress.methods.base import Method, StageParams, TargetResult
 from compress.methods.sparsity import NM, Pattern, check_nm_divisible, parse_pattern
 from compress.methods.wanda import wanda_scores
-from compress.registry import register
-from compress.targets import Target
+from compress.methods.registry import register
+from compress.model.targets import Target
 
 _ATTENTION_WORDS = ("attn", "attention")
 

@@ -23,8 +23,8 @@ from compress.methods.quantization import (
     packed_weight,
     round_to_grid,
 )
-from compress.packing import QuantizedWeight
-from compress.registry import register
+from compress.formats.packed_file import QuantizedWeight
+from compress.methods.registry import register
 
 
 class GPTQParams(QuantizationParams):

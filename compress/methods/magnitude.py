@@ -7,7 +7,7 @@ import torch
 
 from compress.methods.base import Method, TargetResult
 from compress.methods.sparsity import PruningParams, prune_mask
-from compress.registry import register
+from compress.methods.registry import register
 
 
 @register

@@ -15,8 +15,8 @@ from pydantic import Field
 
 from compress.errors import CompressError
 from compress.methods.base import StageParams
-from compress.packing import SMALLEST_SCALE, QuantizedWeight
-from compress.targets import Target
+from compress.formats.packed_file import SMALLEST_SCALE, QuantizedWeight
+from compress.model.targets import Target
 
 
 class QuantizationParams(StageParams):

@@ -14,7 +14,7 @@ from compress.methods.quantization import (
     packed_weight,
     round_to_grid,
 )
-from compress.registry import register
+from compress.methods.registry import register
 
 
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool = False) -> tuple[torch.Tensor, list[Grid]]:

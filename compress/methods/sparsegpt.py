@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from compress.methods.base import Method, TargetResult
 from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_sweep
 from compress.methods.sparsity import NM, PruningParams, parse_pattern, prune_mask
-from compress.registry import register
+from compress.methods.registry import register
 
 
 class SparseGPTParams(PruningParams):

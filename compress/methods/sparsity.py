@@ -14,7 +14,7 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from compress.errors import CompressError
 from compress.methods.base import StageParams
-from compress.targets import Target
+from compress.model.targets import Target
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 

@@ -27,9 +27,9 @@ from compress.errors import CompressError
 from compress.methods.base import Method, TargetResult
 from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_sweep
 from compress.methods.quantization import QuantizationParams
-from compress.packing import Outliers, QuantizedStatistic, QuantizedWeight
-from compress.registry import register
-from compress.targets import Target
+from compress.formats.packed_file import Outliers, QuantizedStatistic, QuantizedWeight
+from compress.methods.registry import register
+from compress.model.targets import Target
 
 
 class SpQRParams(QuantizationParams):

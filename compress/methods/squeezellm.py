@@ -24,9 +24,9 @@ from pydantic import Field, model_validator
 from compress.errors import CompressError
 from compress.methods.base import Method, StageParams, TargetResult
 from compress.methods.kmeans import nearest, weighted_kmeans_rows
-from compress.packing import Outliers, QuantizedWeight
-from compress.registry import register
-from compress.targets import Target
+from compress.formats.packed_file import Outliers, QuantizedWeight
+from compress.methods.registry import register
+from compress.model.targets import Target
 
 
 class SqueezeLLMParams(StageParams):

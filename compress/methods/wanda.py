@@ -7,7 +7,7 @@ import torch
 
 from compress.methods.base import Method, TargetResult
 from compress.methods.sparsity import PruningParams, prune_mask
-from compress.registry import register
+from compress.methods.registry import register
 
 
 def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,6 @@ unpickled (see compress/mlflow_model.py)."""
 
 import mlflow.models
 
-from compress.mlflow_model import CompressedModel
+from compress.service.mlflow_model import CompressedModel
 
 mlflow.models.set_model(CompressedModel())

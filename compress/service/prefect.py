@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import CompressError
-from compress.steps import compress_home
+from compress.pipeline.store import compress_home
 
 DEFAULT_PREFECT_API = "http://127.0.0.1:4200/api"
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -81,8 +81,8 @@ def submit(recipe_data: dict[str, Any], out: str | None, wait: bool, poll: float
     from prefect.deployments import run_deployment
 
     from compress.recipe import validate_recipe
-    from compress.steps import digest
-    from compress.tracking import RunTracker, tracking_uri
+    from compress.pipeline.store import digest
+    from compress.service.tracking import RunTracker, tracking_uri
     from flows.compress_flow import DEPLOYMENT_NAME, FLOW_NAME
 
     recipe = validate_recipe(recipe_data, name=recipe_data.get("name") or "recipe")
@@ -119,7 +119,7 @@ def wait_for_flow_run(flow_run_id: Any, poll: float = 2.0) -> str:
 
 def list_runs(limit: int = 20) -> list[dict[str, Any]]:
     """The latest submissions (parent runs), newest first."""
-    from compress.tracking import client, ensure_experiment
+    from compress.service.tracking import client, ensure_experiment
 
     mlflow_client = client()
     experiment = ensure_experiment(mlflow_client)
@@ -144,7 +144,7 @@ def get_run(prefix: str) -> dict[str, Any]:
     """A run by id or unique id prefix."""
     from mlflow.exceptions import MlflowException
 
-    from compress.tracking import client
+    from compress.service.tracking import client
 
     mlflow_client = client()
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from compress import __version__
-from compress.steps import compress_home
+from compress.pipeline.store import compress_home
 
 log = logging.getLogger("compress")
 
@@ -170,7 +170,7 @@ class RunTracker:
         """Log the exported model as an MLflow pyfunc model and add it as a new registry version."""
         from mlflow.exceptions import MlflowException
 
-        from compress.mlflow_model import save_pyfunc_model
+        from compress.service.mlflow_model import save_pyfunc_model
 
         with tempfile.TemporaryDirectory() as scratch:
             local = Path(scratch) / "model"

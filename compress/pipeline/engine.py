@@ -26,12 +26,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compress import __version__
-from compress.data import batches, calibration_tokens, embedded_text, read_text_file, tokenize
-from compress.engine import Stage, run_layerwise
-from compress.resume import StageBlocks
-from compress.streaming import TensorShelf, open_blockwise, reference_weights
+from compress.calibration.data import batches, calibration_tokens, embedded_text, read_text_file, tokenize
+from compress.calibration.layerwise import Stage, run_layerwise
+from compress.calibration.resume import StageBlocks
+from compress.calibration.streaming import TensorShelf, open_blockwise, reference_weights
 from compress.errors import CompressError
-from compress.evaluate import (
+from compress.pipeline.metrics import (
     TopTokens,
     causal_scores,
     directory_bytes,
@@ -42,14 +42,14 @@ from compress.evaluate import (
     target_sparsity,
 )
 from compress.methods.sparsity import PruningParams
-from compress.modeling import LoadedModel, load_model, pick_device
-from compress.onnx_export import ONNX_FILE, export_onnx
-from compress.packing import PACKED_FILE, QuantizedWeight
+from compress.model.load import LoadedModel, load_model, pick_device
+from compress.pipeline.onnx import ONNX_FILE, export_onnx
+from compress.formats.packed_file import PACKED_FILE, QuantizedWeight
 from compress.recipe import ModelSpec, Recipe
-from compress.registry import get_method
+from compress.methods.registry import get_method
 from compress.state import STATE_FILE, STATE_INDEX, CompressionState
-from compress.steps import MODEL_DIR, StepResult, StepStore, digest, file_digests, load_tokens, save_tokens, tree_digest
-from compress.targets import ModelLayout, discover, select
+from compress.pipeline.store import MODEL_DIR, StepResult, StepStore, digest, file_digests, load_tokens, save_tokens, tree_digest
+from compress.model.targets import ModelLayout, discover, select
 
 log = logging.getLogger("compress")
 
@@ -155,7 +155,7 @@ def load_step(recipe: Recipe) -> StepResult:
     """Find the model (a hub id is fetched into the local cache), resolve every stage against its
     skeleton (compress/plan.py: all input errors surface here, before any calibration) and hash
     its files."""
-    from compress.plan import build_plan  # the plan resolves stages with this module's plan_stages
+    from compress.pipeline.plan import build_plan  # the plan resolves stages with this module's plan_stages
 
     started = time.perf_counter()
     plan = build_plan(recipe)
@@ -263,7 +263,7 @@ def _fisher_of(
     gradients need every block at once, so the checkpoint is loaded whole for this pass (the stage
     itself streams); the sums go to `shelf` on disk as soon as they are complete and the engine reads
     one block's at a time. A shelf a killed run completed is taken as it is."""
-    from compress.fisher import fisher_diagonal
+    from compress.calibration.fisher import fisher_diagonal
 
     if not shelf.complete:
         shelf.remove()  # a write cut off part way
@@ -511,7 +511,7 @@ def run(recipe: Recipe, out: str | Path | None = None, *, store: StepStore | Non
     evaluation = runner("evaluate", evaluate_step, store, recipe, load, previous)
     steps = [load, calibration, *stages, evaluation]
     runner("export", export_step, out_dir, recipe, load, calibration, stages, evaluation, steps, started)
-    from compress.audit import audit_step  # audit reads outputs with this module's helpers
+    from compress.pipeline.audit import audit_step  # audit reads outputs with this module's helpers
 
     report = runner("audit", audit_step, out_dir)
     if not report["audit"]["ok"]:

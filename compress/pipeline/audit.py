@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from compress.errors import CompressError
-from compress.packing import PACKED_FILE
-from compress.pipeline import MODEL_DIR, REPORT_FILE, plan_stages
+from compress.formats.packed_file import PACKED_FILE
+from compress.pipeline.engine import MODEL_DIR, REPORT_FILE, plan_stages
 from compress.recipe import Recipe, validate_recipe
 from compress.state import STATE_FILE, CompressionState
 
@@ -66,9 +66,9 @@ def audit_step(out_dir: Path) -> dict[str, Any]:
 
 def audit_output(out_dir: str | Path) -> dict[str, Any]:
     """{"ok": bool, "problems": {target: [what is wrong]}, "checked": n, ...} for a finished output."""
-    from compress.evaluate import stored_bits_per_param
-    from compress.modeling import load_model
-    from compress.targets import discover
+    from compress.pipeline.metrics import stored_bits_per_param
+    from compress.model.load import load_model
+    from compress.model.targets import discover
 
     out = Path(out_dir)
     if not (out / REPORT_FILE).is_file():

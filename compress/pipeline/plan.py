@@ -73,11 +73,11 @@ def build_plan(recipe: Recipe) -> Plan:
     input error."""
     from transformers import AutoTokenizer
 
-    from compress.data import read_text_file
-    from compress.modeling import _detect_kind, checkpoint_dtype, compute_dtype_for, materialize_source, pick_device
-    from compress.pipeline import _eval_tokens_from, needs_calibration, plan_stages
-    from compress.streaming import TensorShelf
-    from compress.targets import discover
+    from compress.calibration.data import read_text_file
+    from compress.model.load import _detect_kind, checkpoint_dtype, compute_dtype_for, materialize_source, pick_device
+    from compress.pipeline.engine import _eval_tokens_from, needs_calibration, plan_stages
+    from compress.calibration.streaming import TensorShelf
+    from compress.model.targets import discover
 
     path, source = materialize_source(recipe.model)
     try:
@@ -148,7 +148,7 @@ def build_plan(recipe: Recipe) -> Plan:
 
 def _streams(path, model: torch.nn.Module) -> bool:
     """Whether stages can read this checkpoint one block at a time (compress/streaming.py)."""
-    from compress.streaming import CheckpointFiles, keys_match
+    from compress.calibration.streaming import CheckpointFiles, keys_match
 
     try:
         return keys_match(model, CheckpointFiles(path))
