@@ -21,7 +21,7 @@ import json
 import torch
 
 from compress.pipeline.metrics import perplexity
-from compress.pipeline.engine import MODEL_DIR
+from compress.pipeline.store import MODEL_DIR
 from peer_common_driver import (
     checkpoint_perplexity, ours_seconds, parse_args, prepare, run_ours, run_peer, scratch_with_tokens, write_json,
 )

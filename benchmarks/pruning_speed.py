@@ -21,10 +21,10 @@ import time
 import torch
 
 from compress.calibration.data import batches
-from compress.calibration.layerwise import Stage, run_layerwise
+from compress.calibration.layerwise import PlannedStage, run_layerwise
 from compress.model.load import load_model
 from compress.recipe import ModelSpec
-from compress.methods.registry import get_method
+from compress.methods import get_method
 from compress.state import CompressionState
 from compress.model.targets import discover
 from quant_table import parse_config
@@ -41,7 +41,7 @@ def random_llama_7b(device: torch.device) -> torch.nn.Module:
     return model.eval().to("cpu")  # home is host memory: the engine moves one block at a time
 
 
-def plan(chain: str, pattern: str, layout) -> list[Stage]:
+def plan(chain: str, pattern: str, layout) -> list[PlannedStage]:
     """Stages of a chain like `wanda+dsnot` or `gptq:bits=3,group_size=128` (quant_table's syntax); a
     pruning method without parameters prunes to `pattern` (50% when unstructured)."""
     stages = []
@@ -53,7 +53,7 @@ def plan(chain: str, pattern: str, layout) -> list[Stage]:
         method = method_class(method_class.Params(**config))
         if method.refines_mask:
             method.bind_mask_pattern(pattern)
-        stages.append(Stage(method, method.restrict_targets(layout.targets), label=name))
+        stages.append(PlannedStage(method, method.restrict_targets(layout.targets), label=name))
     return stages
 
 

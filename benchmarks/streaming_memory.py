@@ -32,7 +32,8 @@ from compress.model.load import embedded_model_path
 def make_model(folder: Path, layers: int = 32, seed: int = 0) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from compress.calibration.streaming import CheckpointWriter, _unique_tensors, parameters_on_meta
+    from compress.calibration.streaming import parameters_on_meta
+    from compress.model.checkpoint import unique_tensors, CheckpointWriter
     from compress.model.targets import find_blocks
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
@@ -54,9 +55,9 @@ def make_model(folder: Path, layers: int = 32, seed: int = 0) -> None:
 
     writer = CheckpointWriter(folder, len(blocks))
     for index, block in enumerate(blocks):
-        writer.write(index + 1, fill(_unique_tensors(block), f"{blocks_path}.{index}."))
+        writer.write(index + 1, fill(unique_tensors(block), f"{blocks_path}.{index}."))
         print(f"block {index + 1}/{len(blocks)}", flush=True)
-    outside = {k: v for k, v in _unique_tensors(skeleton).items() if not k.startswith(f"{blocks_path}.")}
+    outside = {k: v for k, v in unique_tensors(skeleton).items() if not k.startswith(f"{blocks_path}.")}
     writer.write(0, fill(outside))
     config.save_pretrained(folder)
     AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(folder)
@@ -64,7 +65,9 @@ def make_model(folder: Path, layers: int = 32, seed: int = 0) -> None:
 
 
 def compress(args: argparse.Namespace) -> dict:
-    from compress.pipeline.engine import calibrate_step, load_step, stage_step
+    from compress.pipeline.calibrate import calibrate_step
+    from compress.pipeline.load import load_step
+    from compress.pipeline.stage import stage_step
     from compress.recipe import validate_recipe
     from compress.pipeline.store import StepStore
 

@@ -1,3 +1,13 @@
-"""compress: recipes of pruning and quantization stages over Hugging Face models."""
+"""compress: recipes of pruning and quantization stages over Hugging Face models.
+
+    import compress
+    report = compress.run("recipes/wanda-50.yaml", out="runs/wanda")      # what `compress run` does
+    report = compress.apply(model, {"stages": [{"method": "gptq", "bits": 4}]})  # a model in memory
+    model = compress.load("runs/wanda")                                      # an export, for inference
+"""
 
 __version__ = "0.1.0"
+
+from compress.api import apply, embedded_model, load, run  # noqa: E402  (light: imports nothing heavy)
+
+__all__ = ["__version__", "apply", "embedded_model", "load", "run"]

@@ -90,7 +90,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         print(json.dumps(recipe.describe(), indent=2))
         return 0
-    from compress.pipeline.engine import resolve_output_dir, run
+    from compress.pipeline.engine import run
+    from compress.pipeline.export import resolve_output_dir
 
     out = resolve_output_dir(recipe, args.out)
     from compress.pipeline.plan import build_plan

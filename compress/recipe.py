@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
 
 from compress.errors import CompressError
-from compress.methods.registry import get_method
+from compress.methods import get_method
 
 
 class _StrictModel(BaseModel):
@@ -91,7 +91,7 @@ class OutputSpec(_StrictModel):
     register_model: bool = True  # add the exported model to the MLflow model registry (tracked runs)
 
 
-class Stage(BaseModel):
+class StageSpec(BaseModel):
     """One validated stage: a registered method and its typed parameters."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -109,7 +109,7 @@ class Recipe(BaseModel):
     name: str
     model: ModelSpec = Field(default_factory=ModelSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    stages: list[Stage]
+    stages: list[StageSpec]
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
@@ -252,7 +252,7 @@ def validate_recipe(data: Any, name: str = "recipe") -> Recipe:
             params = method.Params.model_validate(params_data)
         except ValidationError as error:
             raise CompressError(_format_validation_error(error, method.Params, where, method.name)) from None
-        stages.append(Stage(method=method.name, params=params))
+        stages.append(StageSpec(method=method.name, params=params))
     fields = top.model_dump(exclude={"stages", "name"})
     return Recipe(name=top.name or name, stages=stages, **fields)
 

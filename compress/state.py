@@ -17,17 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.formats.packed_file import (
-    FORMAT_VERSION,
-    PACKED_FILE,
-    QuantizedWeight,
-    merge_packed,
-    pack_bits,
-    packed_format,
-    read_packed,
-    unpack_bits,
-    write_packed,
-)
+from compress.formats.bits import pack_bits, unpack_bits
+from compress.formats.packed_file import FORMAT_VERSION, merge_packed, PACKED_FILE, packed_format, read_packed, write_packed
+from compress.formats.quantized import QuantizedWeight
 
 STATE_FILE = "compress_state.safetensors"
 STATE_INDEX = "compress_state.json"

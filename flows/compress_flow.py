@@ -18,7 +18,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from compress.pipeline import engine as pipeline
+from compress.pipeline.engine import run
+from compress.pipeline.export import layer_error_summary
 from compress.errors import CompressError
 from compress.recipe import validate_recipe
 from compress.pipeline.store import StepResult, StepStore, compress_home, digest
@@ -52,7 +53,7 @@ def _step_metrics(result: Any) -> dict[str, Any]:
             metrics.update(sparsity=info["sparsity"], targets=info["targets"], targets_changed=info["targets_changed"],
                            stage_seconds=info["stage_seconds"])
             errors = info["layer_error"]
-            metrics.update(pipeline.layer_error_summary(list(errors.values())))
+            metrics.update(layer_error_summary(list(errors.values())))
             # one metric per target, so the MLflow UI can chart the one bad layer
             metrics.update({f"layer_error.{name}": value for name, value in errors.items()})
             metrics.update({f"target_seconds.{name}": value for name, value in info["target_seconds"].items()})
@@ -109,7 +110,7 @@ def compress_recipe(
         return result
 
     try:
-        report = pipeline.run(parsed, out_dir, store=StepStore.default(), runner=runner)
+        report = run(parsed, out_dir, store=StepStore.default(), runner=runner)
         register = (register_as or parsed.output.register_as or parsed.name) if parsed.output.register_model else None
         version = tracker.finish(report, out_dir, register)
     except BaseException as error:

@@ -36,7 +36,7 @@ def output_bytes(out: Path) -> dict[str, bytes]:
 
 def checkpoint_tensors(folder: Path) -> dict[str, "torch.Tensor"]:
     """All tensors of a (possibly sharded) checkpoint folder, by name."""
-    from compress.calibration.streaming import CheckpointFiles
+    from compress.model.checkpoint import CheckpointFiles
 
     files = CheckpointFiles(folder)
     return files.read(list(files.where))

@@ -24,7 +24,7 @@ def test_clean_output_passes_and_a_redensified_target_is_caught(tmp_path, capsys
     assert report["audit"]["ok"] and report["metrics"]["audit_ok"] == 1
     assert report["audit"]["checked"] == len(report["targets"]) == 28
 
-    from compress.calibration.streaming import CheckpointFiles
+    from compress.model.checkpoint import CheckpointFiles
 
     weights_file = out / "model" / CheckpointFiles(out / "model").where[f"{VICTIM}.weight"]
     weights = load_file(str(weights_file))

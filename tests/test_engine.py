@@ -3,7 +3,7 @@
 import torch
 
 from compress.calibration.data import batches, calibration_tokens
-from compress.calibration.layerwise import Stage, run_layerwise
+from compress.calibration.layerwise import PlannedStage, run_layerwise
 from compress.methods.sparsity import prune_mask
 from compress.methods.wanda import Wanda, wanda_scores
 from compress.model.load import load_model
@@ -21,7 +21,7 @@ def _run_wanda(model_source, pattern="unstructured", sparsity=0.5, include=("*",
     method = Wanda(Wanda.Params(sparsity=sparsity, pattern=pattern))
     tokens, _ = calibration_tokens(CALIBRATION, loaded.tokenizer)
     state = CompressionState()
-    outcome = run_layerwise(loaded.model, layout, [Stage(method, targets)], state, batches(tokens, 8), loaded.device)
+    outcome = run_layerwise(loaded.model, layout, [PlannedStage(method, targets)], state, batches(tokens, 8), loaded.device)
     return loaded, layout, state, outcome.stages[0], tokens
 
 
@@ -98,7 +98,7 @@ def test_wanda_without_statistics_falls_back_to_row_magnitude():
 def test_siblings_reading_one_input_share_its_statistics():
     """q/k/v read the same normed hidden states, gate/up too: their Hessian is computed once and
     equals X^T X of that input; o_proj and down_proj get their own."""
-    from compress.calibration.layerwise import capture_block_inputs
+    from compress.calibration.capture import capture_block_inputs
     from compress.calibration.statistics import gather
 
     loaded = load_model(ModelSpec())

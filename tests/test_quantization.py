@@ -115,7 +115,7 @@ def test_packed_file_rebuilds_the_evaluated_weights_and_gives_the_bits(stages, t
 
 
 def test_bit_packing_round_trips():
-    from compress.formats.packed_file import pack_bits, unpack_bits
+    from compress.formats.bits import pack_bits, unpack_bits
 
     generator = torch.Generator().manual_seed(0)
     for bits in (1, 2, 3, 4, 5, 8, 16):
@@ -126,7 +126,7 @@ def test_bit_packing_round_trips():
 
 
 def test_word_packing_gives_the_bit_stream_bytes():
-    from compress.formats.packed_file import _pack_stream, _unpack_stream, pack_bits, unpack_bits
+    from compress.formats.bits import _pack_stream, _unpack_stream, pack_bits, unpack_bits
 
     generator = torch.Generator().manual_seed(1)
     for bits in range(1, 9):  # 8 reaches the sign bit of the 64-bit words
@@ -140,7 +140,9 @@ def test_word_packing_gives_the_bit_stream_bytes():
 
 @pytest.mark.parametrize("per_row, stored", [(3, torch.uint8), (300, torch.int16), (40000, torch.int16)])
 def test_outlier_rows_round_trip_in_the_narrowest_count_type(per_row, stored, tmp_path):
-    from compress.formats.packed_file import Outliers, QuantizedWeight, read_packed, write_packed
+    from compress.formats.outliers import Outliers
+    from compress.formats.packed_file import read_packed, write_packed
+    from compress.formats.quantized import QuantizedWeight
 
     rows, columns = 4, 65536  # column indices up to 65535 exercise the unsigned reading of int16
     generator = torch.Generator().manual_seed(0)
@@ -167,7 +169,9 @@ def test_format_2_files_with_row_pointers_still_read(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from compress.formats.packed_file import Outliers, QuantizedWeight, read_packed, write_packed
+    from compress.formats.outliers import Outliers
+    from compress.formats.packed_file import read_packed, write_packed
+    from compress.formats.quantized import QuantizedWeight
 
     weight = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     chosen = weight.abs() > 1

@@ -7,7 +7,8 @@ import torch
 
 from compress.model.load import embedded_model_path, load_model
 from compress.recipe import ModelSpec
-from compress.calibration.streaming import CheckpointFiles, CheckpointWriter, open_blockwise
+from compress.calibration.streaming import open_blockwise
+from compress.model.checkpoint import CheckpointFiles, CheckpointWriter
 
 
 def _on_meta(module: torch.nn.Module) -> bool:
@@ -66,14 +67,14 @@ def test_an_untied_head_stays_on_meta_and_is_copied_bit_for_bit(tmp_path):
     assert model.streamed and model.loaded.model.lm_head.weight.device.type == "meta"
     stored = CheckpointFiles(tmp_path / "untied").read(["lm_head.weight"])["lm_head.weight"]
     assert torch.equal(model.outside_tensors()["lm_head.weight"], stored)
-    from compress.calibration.layerwise import capture_block_inputs
+    from compress.calibration.capture import capture_block_inputs
 
     captured = capture_block_inputs(model.loaded.model, model.layout, [torch.tensor([[1, 2, 3]])], torch.device("cpu"))
     assert captured[0].hidden.shape == (1, 3, 32)  # the embeddings ran with the head still on meta
 
 
 def test_tensor_shelf_writes_in_bounded_parts_and_reads_back(tmp_path, monkeypatch):
-    from compress.calibration.streaming import TensorShelf
+    from compress.calibration.shelf import TensorShelf
 
     monkeypatch.setattr(TensorShelf, "CHUNK_BYTES", 64 * 4)  # a part closes once 64 fp32 values are pending
     tensors = {f"t{i}": torch.full((8, 5), float(i)) for i in range(6)}

@@ -12,35 +12,24 @@ the inputs).
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress.methods.base import Method
-from compress.state import CompressionState
-from compress.calibration.statistics import MODEL_STATISTICS, gather
+from compress.calibration.capture import BlockInputs, block_outputs, capture_block_inputs, run_block
+from compress.calibration.statistics import STATISTICS, gather
+from compress.methods.base import TargetMethod
 from compress.model.targets import ModelLayout, Target
+from compress.state import CompressionState
 
 
 @dataclass
-class BlockInputs:
-    """One calibration batch at a block's input: the hidden states and the other arguments."""
-
-    hidden: torch.Tensor
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-
-@dataclass
-class Stage:
-    """One recipe stage as the engine runs it: a method and the targets it compresses."""
+class PlannedStage:
+    """One recipe stage resolved against the model: its method and the targets it compresses."""
 
     method: Method
     targets: list[Target]
@@ -49,7 +38,7 @@ class Stage:
     # target name. Without it, the weights as they stand before the first stage of this pass.
     reference: dict[str, torch.Tensor] | None = None
     refines: int | None = None  # index (in the recipe) of the pruning stage whose mask this one refines
-    # statistics of the whole model the method names (compress.calibration.statistics.MODEL_STATISTICS), by
+    # statistics of the whole model the method names (compress.calibration.model_statistics), by
     # target name, computed before the pass
     model_statistics: Mapping[str, dict[str, torch.Tensor]] | None = None
 
@@ -78,88 +67,12 @@ class RunOutcome:
     forward_seconds: float = 0.0  # capturing block 0's inputs and carrying them from block to block
 
 
-class _StopForward(Exception):
-    pass
-
-
-@contextmanager
-def _blocks_replaced(model: nn.Module, layout: ModelLayout, stand_in: nn.ModuleList) -> Iterator[None]:
-    parent_path, _, leaf = layout.blocks_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, leaf, stand_in)
-    try:
-        yield
-    finally:
-        setattr(parent, leaf, layout.blocks)
-
-
-class _Catcher(nn.Module):
-    """Stands in for block 0 during the capture: records its inputs and stops the forward pass."""
-
-    def __init__(self, block: nn.Module, captured: list[BlockInputs]) -> None:
-        super().__init__()
-        self.captured = captured
-        for name in ("attention_type", "is_sliding", "layer_idx"):  # read by some models' forward
-            if hasattr(block, name):
-                setattr(self, name, getattr(block, name))
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        self.captured.append(BlockInputs(hidden.detach(), tuple(args[1:]), kwargs))
-        raise _StopForward
-
-
-def capture_block_inputs(
-    model: nn.Module, layout: ModelLayout, batches: list[torch.Tensor], device: torch.device
-) -> list[BlockInputs]:
-    """Run the model up to block 0 on each batch of token ids and keep what block 0 receives.
-
-    The blocks are swapped out for the capture, so only the modules outside them (embeddings,
-    rotary tables) move to `device`, and back afterwards.
-    """
-    captured: list[BlockInputs] = []
-    home = next(p for p in model.parameters() if not p.is_meta).device
-    stand_in = nn.ModuleList([_Catcher(layout.blocks[0], captured)])
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    with _blocks_replaced(model, layout, stand_in), torch.no_grad():
-        _move_loaded(model, device)
-        try:
-            for batch in batches:
-                batch = batch.to(device)
-                try:
-                    model(input_ids=batch, attention_mask=torch.ones_like(batch), **extra)
-                except _StopForward:
-                    pass
-        finally:
-            _move_loaded(model, home)
-    return captured
-
-
-def _move_loaded(model: nn.Module, device: torch.device) -> None:
-    """model.to(device) for the tensors that are loaded; a streamed model's unread ones (an untied
-    head, compress/streaming.py) stay on meta."""
-    model._apply(lambda tensor: tensor if tensor.is_meta else tensor.to(device))
-
-
-def _run_block(block: nn.Module, inputs: list[BlockInputs]) -> None:
-    for item in inputs:
-        block(item.hidden, *item.args, **item.kwargs)
-
-
-def _block_outputs(block: nn.Module, inputs: list[BlockInputs]) -> None:
-    """Replace each batch's hidden states by the block's output (the next block's input)."""
-    for item in inputs:
-        out = block(item.hidden, *item.args, **item.kwargs)
-        item.hidden = out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _fingerprint(weight: torch.Tensor) -> tuple[int, float]:
     return int((weight == 0).sum()), float(weight.float().pow(2).sum())
 
 
 def apply_to_target(
-    method: Method,
+    method: TargetMethod,
     target: Target,
     statistics: dict[str, torch.Tensor],
     state: CompressionState,
@@ -190,7 +103,7 @@ def relative_output_error(before: torch.Tensor, after: torch.Tensor, hessian: to
 
 
 def _compress_targets(
-    stage: Stage,
+    stage: PlannedStage,
     targets: list[Target],
     statistics: dict[str, dict[str, torch.Tensor]],
     state: CompressionState,
@@ -234,7 +147,7 @@ class BlockHandler:
 def run_layerwise(
     model: nn.Module,
     layout: ModelLayout,
-    stages: list[Stage],
+    stages: list[PlannedStage],
     state: CompressionState,
     batches: list[torch.Tensor],
     device: torch.device,
@@ -250,54 +163,72 @@ def run_layerwise(
     run = RunOutcome(outcomes)
     per_stage_block = [layout.by_block(stage.targets) for stage in stages]
     used_blocks = [i for i in range(len(layout.blocks)) if any(blocks[i] for blocks in per_stage_block)]
-    last_block = used_blocks[-1] if used_blocks else -1
     needs_data = bool(used_blocks) and (measure_error or any(stage.method.statistics for stage in stages))
-    wanted = [tuple(name for name in dict.fromkeys((*stage.method.statistics, *(("hessian",) if measure_error else ())))
-                    if name not in MODEL_STATISTICS) for stage in stages]
-    keep_originals = any(stage.method.refines_mask for stage in stages)
-    sequences = sum(batch.shape[0] for batch in batches)
-
-    inputs: list[BlockInputs] = []
+    context = BlockContext(
+        layout=layout, stages=stages, per_stage_block=per_stage_block, outcomes=outcomes, state=state, device=device,
+        needs_data=needs_data, measure_error=measure_error, last_block=used_blocks[-1] if used_blocks else -1,
+        sequences=sum(batch.shape[0] for batch in batches),
+        wanted=[tuple(name for name in dict.fromkeys((*stage.method.statistics, *(("hessian",) if measure_error else ())))
+                      if name in STATISTICS) for stage in stages],
+    )
     if needs_data:
         start = time.perf_counter()
-        inputs = capture_block_inputs(model, layout, batches, device)  # also on resume: the other arguments
+        context.inputs = capture_block_inputs(model, layout, batches, device)  # also on resume: the other arguments
         run.forward_seconds += time.perf_counter() - start
     first, hidden = handler.resume(outcomes, state)
     if hidden is not None:
-        for item, saved in zip(inputs, hidden, strict=True):
+        for item, saved in zip(context.inputs, hidden, strict=True):
             item.hidden = saved.to(item.hidden.device, item.hidden.dtype)
     progress = tqdm(total=len(layout.blocks), initial=first, desc=" + ".join(s.label or s.method.name for s in stages), unit="block", leave=False)
     with torch.no_grad():
         for index in range(first, len(layout.blocks)):
             handler.fetch(index)
-            if index <= last_block:
-                run.forward_seconds += _compress_block(index, layout, stages, per_stage_block, wanted, outcomes, state, inputs,
-                                                       device, needs_data, keep_originals, sequences, measure_error, last_block)
-            handler.finish(index, inputs, outcomes, state)
+            if index <= context.last_block:
+                run.forward_seconds += _compress_block(index, context)
+            handler.finish(index, context.inputs, outcomes, state)
             progress.update(1)
     progress.close()
     return run
 
 
-def _compress_block(
-    index: int, layout: ModelLayout, stages: list[Stage], per_stage_block: list[list[list[Target]]],
-    wanted: list[tuple[str, ...]], outcomes: list[StageOutcome], state: CompressionState, inputs: list[BlockInputs],
-    device: torch.device, needs_data: bool, keep_originals: bool, sequences: int, measure_error: bool, last_block: int,
-) -> float:
+@dataclass
+class BlockContext:
+    """What every block of one layer-wise pass shares."""
+
+    layout: ModelLayout
+    stages: list[PlannedStage]
+    per_stage_block: list[list[list[Target]]]  # [stage][block] -> its targets there
+    wanted: list[tuple[str, ...]]  # per stage, the hook statistics to gather
+    outcomes: list[StageOutcome]
+    state: CompressionState
+    device: torch.device
+    needs_data: bool  # some stage gathers statistics (or errors are measured): blocks run on calibration data
+    measure_error: bool
+    last_block: int  # the last block holding a target; later blocks are only passed through
+    sequences: int  # calibration sequences in all
+    inputs: list[BlockInputs] = field(default_factory=list)  # the current block's calibration inputs
+
+    @property
+    def keeps_originals(self) -> bool:
+        return any(stage.method.refines_mask for stage in self.stages)
+
+
+def _compress_block(index: int, ctx: BlockContext) -> float:
     """Every stage's targets in block `index`, then (if a later block needs them) its outputs; returns
     the seconds that last forward pass took."""
+    layout = ctx.layout
     home = next(layout.blocks[index].parameters()).device
-    block = layout.blocks[index].to(device) if needs_data else layout.blocks[index]
+    block = layout.blocks[index].to(ctx.device) if ctx.needs_data else layout.blocks[index]
     # a refining stage (DSnoT) needs the weights from before the first stage: one block's worth
     originals = {}
-    if keep_originals:
+    if ctx.keeps_originals:
         originals = {
             t.name: t.weight.clone() if stage.reference is None else stage.reference[t.name]
-            for stage, blocks in zip(stages, per_stage_block)
+            for stage, blocks in zip(ctx.stages, ctx.per_stage_block)
             if stage.method.refines_mask
             for t in blocks[index]
         }
-    for stage, outcome, blocks, names in zip(stages, outcomes, per_stage_block, wanted):
+    for stage, outcome, blocks, names in zip(ctx.stages, ctx.outcomes, ctx.per_stage_block, ctx.wanted):
         targets = blocks[index]
         if not targets:
             continue
@@ -305,24 +236,24 @@ def _compress_block(
         statistics: dict[str, dict[str, torch.Tensor]] = {}
         if names:
             with gather(targets, names) as collected:
-                _run_block(block, inputs)
+                run_block(block, ctx.inputs)
             for target in targets:
                 gathered = collected[target.name]
                 outcome.tokens[target.name] = gathered.tokens
                 if gathered.tokens == 0:
                     outcome.no_tokens.append(target.name)
                     continue
-                statistics[target.name] = {**gathered.values(), "tokens_per_sequence": torch.tensor(gathered.tokens / sequences)}
+                statistics[target.name] = {**gathered.values(), "tokens_per_sequence": torch.tensor(gathered.tokens / ctx.sequences)}
             del collected
         if stage.model_statistics is not None:
             for target in targets:
                 statistics.setdefault(target.name, {}).update(stage.model_statistics.get(target.name, {}))
-        _compress_targets(stage, targets, statistics, state, originals, outcome, measure_error)
+        _compress_targets(stage, targets, statistics, ctx.state, originals, outcome, ctx.measure_error)
         outcome.seconds += time.perf_counter() - start
     del originals
     start = time.perf_counter()
-    if needs_data and index < last_block:
-        _block_outputs(block, inputs)
-    if needs_data:
+    if ctx.needs_data and index < ctx.last_block:
+        block_outputs(block, ctx.inputs)
+    if ctx.needs_data:
         layout.blocks[index].to(home)
     return time.perf_counter() - start

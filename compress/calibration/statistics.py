@@ -98,12 +98,6 @@ STATISTICS: dict[str, type[Statistic]] = {
 }
 
 
-# Statistics of the whole model rather than of a block's inputs: they need the loss, so gradients
-# through every block (compress/fisher.py). The stage step computes them before the block-wise pass
-# and hands them to the engine (`Stage.model_statistics`).
-MODEL_STATISTICS = ("fisher",)
-
-
 class TargetStatistics:
     """The statistics of one target and how many calibration tokens reached it."""
 

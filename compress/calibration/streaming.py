@@ -17,34 +17,18 @@ stage streams.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from compress.errors import CompressError
+from compress.model.checkpoint import INDEX_FILE, CheckpointFiles, keys_match, unique_tensors
 from compress.model.load import LoadedModel, checkpoint_dtype, compute_dtype_for, load_model, pick_device, resolve_kind, resolve_source
-from compress.formats.packed_file import SAFETENSORS_DTYPE_BYTES
-from compress.recipe import ModelSpec
 from compress.model.targets import ModelLayout, Target, discover
-
-INDEX_FILE = "model.safetensors.index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".index.json")
-
-
-def replace_file(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(temporary path)`, then rename it to `path`: the file appears complete or not at all."""
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    os.replace(partial, path)
+from compress.recipe import ModelSpec
 
 
 @contextmanager
@@ -63,42 +47,6 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register
-
-
-class CheckpointFiles:
-    """The tensors of a Hugging Face safetensors checkpoint (one file or shards with an index), read by name."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        index = folder / INDEX_FILE
-        if index.is_file():
-            self.where = dict(json.loads(index.read_text())["weight_map"])
-        else:
-            self.where = {}
-            for file in sorted(folder.glob("*.safetensors")):
-                with safe_open(str(file), "pt") as handle:
-                    self.where.update({key: file.name for key in handle.keys()})
-
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.where[name], []).append(name)
-        for file, keys in by_file.items():
-            with safe_open(str(self.folder / file), "pt") as handle:
-                tensors.update({key: handle.get_tensor(key) for key in keys})
-        return tensors
-
-
-def _unique_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers by state-dict name, a tied parameter under its first name only."""
-    seen: set[int] = set()
-    tensors = {}
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            tensors[name] = tensor
-    return tensors
 
 
 @dataclass
@@ -127,7 +75,7 @@ class BlockwiseModel:
             return
         block = self.layout.blocks[index]
         prefix = self._block_prefix(index)
-        inner_names = list(_unique_tensors(block))
+        inner_names = list(unique_tensors(block))
         read = self.files.read([prefix + name for name in inner_names])
         dtype = self.loaded.compute_dtype
         # cast one tensor at a time, dropping its stored copy: a block is never held twice
@@ -136,7 +84,7 @@ class BlockwiseModel:
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """Block `index` as it will be stored: checkpoint names, storage dtype, on the host."""
         prefix = self._block_prefix(index)
-        return {prefix + name: self._stored(t) for name, t in _unique_tensors(self.layout.blocks[index]).items()}
+        return {prefix + name: self._stored(t) for name, t in unique_tensors(self.layout.blocks[index]).items()}
 
     def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach()
@@ -154,28 +102,24 @@ class BlockwiseModel:
         names = _outside_names(self.loaded.model, self.layout)
         if self.streamed:
             return {name: tensor.contiguous() for name, tensor in self.files.read(names).items()}
-        tensors = _unique_tensors(self.loaded.model)
+        tensors = unique_tensors(self.loaded.model)
         return {name: self._stored(tensors[name]) for name in names}
 
 
 def _to_meta(module: nn.Module) -> None:
     """Put the tensors the checkpoint holds back on meta; buffers it does not hold (computed in
     __init__, like rotary tables) stay, since `fetch` could not bring them back."""
-    module.load_state_dict({name: torch.empty_like(t, device="meta") for name, t in _unique_tensors(module).items()},
+    module.load_state_dict({name: torch.empty_like(t, device="meta") for name, t in unique_tensors(module).items()},
                            assign=True, strict=True)
 
 
 def _outside_names(model: nn.Module, layout: ModelLayout) -> list[str]:
     prefix = f"{layout.blocks_path}."
-    return [name for name in _unique_tensors(model) if not name.startswith(prefix)]
+    return [name for name in unique_tensors(model) if not name.startswith(prefix)]
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
-
-
-def keys_match(model: nn.Module, files: CheckpointFiles) -> bool:
-    return set(_unique_tensors(model)) <= set(files.where)
 
 
 def open_blockwise(spec: ModelSpec) -> BlockwiseModel:
@@ -200,7 +144,7 @@ def open_blockwise(spec: ModelSpec) -> BlockwiseModel:
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             head_weight = head.weight if head is not None else None
             embeddings = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
-            tensors = _unique_tensors(model)
+            tensors = unique_tensors(model)
             # the engine never runs an untied head: it stays on meta (a 7B model's is 0.5 GB in fp32)
             outside = [name for name in _outside_names(model, layout)
                        if head_weight is None or tensors[name] is not head_weight or head_weight is embeddings]
@@ -245,105 +189,3 @@ def reference_weights(spec: ModelSpec, targets: list[Target]) -> Mapping[str, to
         return _TargetWeights(reference.files, targets, reference.loaded.compute_dtype)
     wanted = {t.name for t in targets}
     return {t.name: t.weight.clone() for t in reference.layout.targets if t.name in wanted}
-
-
-class CheckpointWriter:
-    """Writes a checkpoint one shard at a time: shard 0 holds what lies outside the blocks, shard i+1
-    block i. Each shard appears complete or not at all (temporary name + rename), so after a kill
-    the shards present are whole and a resumed stage writes only the rest."""
-
-    def __init__(self, folder: Path, blocks: int) -> None:
-        self.folder = folder
-        self.total = blocks + 1
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def shard_name(self, part: int) -> str:
-        return f"model-{part + 1:05d}-of-{self.total:05d}.safetensors"
-
-    def has(self, part: int) -> bool:
-        return (self.folder / self.shard_name(part)).is_file()
-
-    def write(self, part: int, tensors: dict[str, torch.Tensor]) -> None:
-        replace_file(self.folder / self.shard_name(part), lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
-
-    def finish(self, source: Path) -> None:
-        """The index over all shards, and the source's config and tokenizer files."""
-        weight_map: dict[str, str] = {}
-        total_size = 0
-        for part in range(self.total):
-            name = self.shard_name(part)
-            if not self.has(part):
-                raise CompressError(f"checkpoint shard {name} is missing")  # a bug, not a user error
-            with safe_open(str(self.folder / name), "pt") as handle:
-                for key in handle.keys():
-                    weight_map[key] = name
-                    piece = handle.get_slice(key)
-                    total_size += _numel(piece.get_shape()) * SAFETENSORS_DTYPE_BYTES[piece.get_dtype()]
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        if source.resolve() == self.folder.resolve():
-            return
-        for file in sorted(source.iterdir()):
-            if file.is_file() and not file.name.endswith(WEIGHT_SUFFIXES) and not file.name.startswith("."):
-                shutil.copy2(file, self.folder / file.name)
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
-
-
-class TensorShelf(Mapping):
-    """Tensors by name kept in safetensors files in `folder` instead of memory: `put` writes them a
-    bounded chunk at a time (each file complete or absent: temporary name + rename), reading returns
-    one tensor from its file. `complete` marks a shelf whose writer finished, so a resumed step can
-    take it as it is."""
-
-    CHUNK_BYTES = 1 << 30  # at most this much host memory in transit while writing
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._files: CheckpointFiles | None = None
-
-    @property
-    def complete(self) -> bool:
-        return (self.folder / "complete").is_file()
-
-    def put(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Writes and then drops (pops) every entry of `tensors`, wherever it lives, then marks the shelf complete."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        pending: dict[str, torch.Tensor] = {}
-        size = part = 0
-        for name in list(tensors):
-            tensor = tensors.pop(name).detach().cpu().contiguous()
-            pending[name] = tensor
-            size += tensor.numel() * tensor.element_size()
-            if size >= self.CHUNK_BYTES or not tensors:
-                replace_file(self.folder / f"part-{part:05d}.safetensors", lambda path: save_file(pending, str(path)))
-                pending, size, part = {}, 0, part + 1
-        (self.folder / "complete").touch()
-        self._files = None
-
-    def _index(self) -> CheckpointFiles:
-        if self._files is None:
-            self._files = CheckpointFiles(self.folder)
-        return self._files
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._index().where:
-            raise KeyError(name)
-        return self._index().read([name])[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._index().where)
-
-    def __len__(self) -> int:
-        return len(self._index().where)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self._files = None

@@ -25,184 +25,19 @@ rebuild them bit for bit, and bits/param is this file's size * 8 / the target we
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from compress.formats.bits import pack_bits, unpack_bits
+from compress.formats.outliers import Outliers
+from compress.formats.quantized import QuantizedStatistic, QuantizedWeight
+
 PACKED_FILE = "packed.safetensors"
 FORMAT_VERSION = 3  # 2: one metadata entry (format + layout), so the bytes are reproducible; 3: outlier row counts
 READABLE_VERSIONS = (2, 3)  # 2 stored int32 row pointers (NAME.outliers.row_ptr)
-SMALLEST_SCALE = 2.0**-24  # the smallest positive float16: a scale never rounds to zero
-
-
-_CHUNK = 1 << 20  # values packed at a time: bounds the int64 bit streams (a 7B mask is 6.5e9 values)
-
-
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Non-negative integers < 2^bits, flattened, packed `bits` each into uint8 (little-endian: bit b
-    of value k is bit k * bits + b of the stream)."""
-    flat = values.reshape(-1)
-    pieces = []
-    for start in range(0, flat.numel(), _CHUNK):  # a multiple of 8 values: every piece ends on a byte
-        chunk = flat[start : start + _CHUNK].to(torch.int64)
-        if chunk.min() < 0 or chunk.max() >= 2**bits:
-            raise ValueError(f"values out of range for {bits} bits")
-        pieces.append(_pack_words(chunk, bits) if bits <= 8 else _pack_stream(chunk, bits))
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8, device=flat.device)
-
-
-def _pack_words(chunk: torch.Tensor, bits: int) -> torch.Tensor:
-    """8 values at a time make one integer of 8 * bits <= 64 bits, cut into `bits` bytes: the same
-    bytes as the bit stream, at a fraction of its work (a 7B model's codes are 6.5e9 values)."""
-    count = chunk.numel()
-    groups = torch.nn.functional.pad(chunk, (0, (-count) % 8)).view(-1, 8)
-    # the shifted values occupy disjoint bits, so their sum is their OR (also into the sign bit)
-    words = (groups << (bits * torch.arange(8, device=chunk.device))).sum(1)
-    packed = (words.unsqueeze(1) >> (8 * torch.arange(bits, device=chunk.device))) & 0xFF
-    return packed.reshape(-1)[: (count * bits + 7) // 8].to(torch.uint8)
-
-
-def _pack_stream(chunk: torch.Tensor, bits: int) -> torch.Tensor:
-    stream = ((chunk.unsqueeze(1) >> torch.arange(bits, device=chunk.device)) & 1).reshape(-1)
-    stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8))
-    return (stream.view(-1, 8) << torch.arange(8, device=chunk.device)).sum(1).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first `count` values, as `dtype` (wide enough for `bits`)."""
-    out = torch.empty(count, dtype=dtype, device=packed.device)
-    step = _CHUNK * bits // 8  # bytes holding _CHUNK values
-    for index, start in enumerate(range(0, count, _CHUNK)):
-        n = min(_CHUNK, count - start)
-        chunk = packed[index * step : index * step + (n * bits + 7) // 8].to(torch.int64)
-        out[start : start + n] = _unpack_words(chunk, bits, n) if bits <= 8 else _unpack_stream(chunk, bits, n)
-    return out
-
-
-def _unpack_words(chunk: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    rows = torch.nn.functional.pad(chunk, (0, (-chunk.numel()) % bits)).view(-1, bits)
-    words = (rows << (8 * torch.arange(bits, device=chunk.device))).sum(1)
-    values = (words.unsqueeze(1) >> (bits * torch.arange(8, device=chunk.device))) & ((1 << bits) - 1)
-    return values.reshape(-1)[:count]
-
-
-def _unpack_stream(chunk: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    stream = ((chunk.unsqueeze(1) >> torch.arange(8, device=chunk.device)) & 1).reshape(-1)[: count * bits].view(count, bits)
-    return (stream << torch.arange(bits, device=chunk.device)).sum(1)
-
-
-@dataclass
-class QuantizedStatistic:
-    """A statistic (scales or zero points, [out, groups]) quantized in groups of `group_size` along
-    the output dimension, as SpQR stores its second-level statistics: value = low + step * code with
-    float16 `step` and `low` per group. (SpQR writes the same grid as step * (code - zero); storing the
-    grid's low end instead of its zero point keeps float16 exact enough at any bit width.)"""
-
-    codes: torch.Tensor  # int [out, groups]
-    bits: int
-    group_size: int
-    step: torch.Tensor  # float16 [out // group_size, groups]
-    low: torch.Tensor  # float16 [out // group_size, groups]
-
-    def values(self) -> torch.Tensor:
-        step = self.step.float().repeat_interleave(self.group_size, dim=0)
-        low = self.low.float().repeat_interleave(self.group_size, dim=0)
-        return low + step * self.codes.float()
-
-
-@dataclass
-class Outliers:
-    """Weights kept in 16 bits, CSR by output row (16-bit column indices, as the SpQR format)."""
-
-    row_ptr: torch.Tensor  # int32 [out + 1]
-    col_idx: torch.Tensor  # int16 [nnz]
-    values: torch.Tensor  # float16 [nnz]
-
-    @classmethod
-    def from_mask(cls, weight: torch.Tensor, mask: torch.Tensor) -> "Outliers":
-        rows, cols = mask.nonzero(as_tuple=True)
-        counts = torch.bincount(rows, minlength=mask.shape[0])
-        row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64, device=mask.device), counts.cumsum(0)])
-        return cls(row_ptr.to(torch.int32), cols.to(torch.int16), weight[rows, cols].to(torch.float16))
-
-    @property
-    def count(self) -> int:
-        return int(self.values.numel())
-
-    def row_counts(self) -> torch.Tensor:
-        """Each row's outlier count in the narrowest integer type that holds them all (as stored)."""
-        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
-        largest = int(counts.max()) if counts.numel() else 0
-        if largest <= 255:
-            return counts.to(torch.uint8)
-        if largest <= 65535:
-            return counts.to(torch.int32).to(torch.int16)  # wraps above 32767: read as unsigned
-        return counts.to(torch.int32)
-
-    @classmethod
-    def from_row_counts(cls, counts: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor) -> "Outliers":
-        counts = counts.to(torch.int64) & (0xFFFF if counts.dtype == torch.int16 else -1)
-        row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-        return cls(row_ptr.to(torch.int32), col_idx, values)
-
-    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
-        rows = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-        return rows, self.col_idx.to(torch.int64) & 0xFFFF  # int16 holds column indices up to 65535
-
-
-@dataclass
-class QuantizedWeight:
-    """One target in the packed format (see the module docstring)."""
-
-    shape: tuple[int, int]
-    bits: int
-    group_size: int  # input columns per group; equals the input size for one group per row (and with a lut)
-    codes: torch.Tensor  # int [out, in]
-    scale: torch.Tensor | QuantizedStatistic | None  # float16 [out, groups] or quantized; None with a lut
-    zero: torch.Tensor | QuantizedStatistic | None  # float16, or integer-valued float32 (stored in `bits` bits), or quantized
-    outliers: Outliers | None = None
-    keep: torch.Tensor | None = None  # bool [out, in]: False where pruned (stored 1 bit a weight)
-    perm: torch.Tensor | None = None  # int [in]: stored column k is column perm[k] of the weight
-    lut: torch.Tensor | None = None  # float16 [out, 2^bits]: per-row table of values, used instead of scale and zero
-
-    def group_values(self, statistic: torch.Tensor | QuantizedStatistic) -> torch.Tensor:
-        values = statistic.values() if isinstance(statistic, QuantizedStatistic) else statistic.float()
-        return values.repeat_interleave(self.group_size, dim=1)
-
-    def to(self, device: torch.device | str) -> "QuantizedWeight":
-        def move(value):
-            if isinstance(value, torch.Tensor):
-                return value.to(device)
-            if isinstance(value, (QuantizedStatistic, Outliers)):
-                return type(value)(**{k: move(v) for k, v in vars(value).items()})
-            return value
-
-        return QuantizedWeight(**{k: move(v) for k, v in vars(self).items()})
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    def dequantize(self) -> torch.Tensor:
-        """The float32 [out, in] weights the model computes with."""
-        if self.lut is not None:
-            weight = self.lut.float().gather(1, self.codes.long())
-        else:
-            weight = self.group_values(self.scale) * (self.codes.float() - self.group_values(self.zero))
-        if self.outliers is not None and self.outliers.count:
-            rows, cols = self.outliers.positions()
-            weight[rows, cols] = self.outliers.values.float()
-        if self.keep is not None:
-            weight = torch.where(self.keep, weight, torch.zeros_like(weight))
-        if self.perm is not None:
-            restored = torch.empty_like(weight)
-            restored[:, self.perm.long()] = weight
-            weight = restored
-        return weight
 
 
 def _statistic_tensors(prefix: str, statistic: torch.Tensor | QuantizedStatistic, plain_bits: int | None) -> tuple[dict, dict]:

@@ -1,20 +1,26 @@
-"""What every method shares: typed parameters with target selection, and the per-target contract.
+"""What every method shares: typed parameters with target selection, and the two kinds of method.
 
-A method's core is a pure function over tensors (`compress_target`: weight + statistics + previous
-mask -> new weight + mask). The layer-wise engine connects it to the model: it gathers the statistics
-the method names in `statistics` and hands each target over in turn.
+A per-target method (`TargetMethod`) is a pure function over tensors (`compress_target`: weight +
+statistics + previous mask -> new weight + mask + packed form); the layer-wise engine connects it to
+the model block by block, gathering exactly the statistics it names in `statistics`. A whole-model
+method (`ModelMethod`: training stages) gets the model, the compression state and the calibration
+data at once (`apply`) and returns the state. A method is registered by name (`@register`) in its own
+file; nothing outside that file names it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from compress.formats.packed_file import QuantizedWeight
+from compress.formats.quantized import QuantizedWeight
 from compress.model.targets import Target
+
+if TYPE_CHECKING:
+    from compress.state import CompressionState
 
 
 class TargetSelection(BaseModel):
@@ -48,7 +54,8 @@ class TargetResult:
 
 
 class Method:
-    """Base of registered methods. Subclasses set `name`, `Params`, `statistics`."""
+    """Base of registered methods. Subclasses set `name`, `Params`, `statistics` and derive from one
+    of the two kinds below."""
 
     name: ClassVar[str]
     Params: ClassVar[type[StageParams]] = StageParams
@@ -74,6 +81,20 @@ class Method:
     def bind_mask_pattern(self, pattern: str) -> None:
         """For `refines_mask` methods: the sparsity pattern of the earlier stage's masks."""
 
+    def mask_pattern(self) -> str | None:
+        """The sparsity pattern the masks this method leaves follow (`unstructured`, `N:M`), or None
+        for a method that prunes nothing: what a later refining stage and the audit check against."""
+        return None
+
+    def flops(self, target: Target, tokens: int) -> float:
+        """A rough count of the floating-point work of compressing `target` with `tokens` calibration
+        tokens (statistics aside): the plan's time estimate."""
+        return 10.0 * target.out_features * target.in_features
+
+
+class TargetMethod(Method):
+    """A per-target method: the engine hands it each target in turn, block by block."""
+
     def compress_target(
         self,
         weight: torch.Tensor,
@@ -84,4 +105,22 @@ class Method:
         """weight: the target as it stands (fp32); statistics: what `statistics` names, empty when no
         calibration token reached the target; mask: the earlier stages' (True = kept) or None; dense:
         the weight before any stage, given to `refines_mask` methods only."""
+        raise NotImplementedError
+
+
+@dataclass
+class CalibrationData:
+    """What a whole-model method gets besides the model: the calibration token batches and the
+    device the model sits on."""
+
+    batches: list[torch.Tensor]
+    device: torch.device
+
+
+class ModelMethod(Method):
+    """A whole-model method (training stages): it sees the model loaded whole, on its device, in its
+    compute dtype, and the compression state of the earlier stages (masks to keep, packed forms), and
+    returns the state after it. The stage step saves the model and the state it returns."""
+
+    def apply(self, model: torch.nn.Module, state: "CompressionState", data: CalibrationData) -> "CompressionState":
         raise NotImplementedError

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from compress.methods.base import Method, StageParams, TargetResult
+from compress.methods.base import TargetMethod, StageParams, TargetResult
 from compress.methods.sparsity import NM, Pattern, check_nm_divisible, parse_pattern
 from compress.methods.wanda import wanda_scores
 from compress.methods.registry import register
@@ -155,7 +155,7 @@ def dsnot_refine(
 
 
 @register
-class DSnoT(Method):
+class DSnoT(TargetMethod):
     name = "dsnot"
     Params = DSnoTParams
     statistics = ("input_mean", "input_variance", "input_sq_norm")

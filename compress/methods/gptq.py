@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from compress.methods.base import Method, TargetResult
-from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_sweep
+from compress.methods.base import TargetMethod, TargetResult
+from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
 from compress.methods.quantization import (
     Grid,
     QuantizationParams,
@@ -23,8 +23,9 @@ from compress.methods.quantization import (
     packed_weight,
     round_to_grid,
 )
-from compress.formats.packed_file import QuantizedWeight
+from compress.formats.quantized import QuantizedWeight
 from compress.methods.registry import register
+from compress.model.targets import Target
 
 
 class GPTQParams(QuantizationParams):
@@ -110,10 +111,13 @@ def gptq_quantize(
 
 
 @register
-class GPTQ(Method):
+class GPTQ(TargetMethod):
     name = "gptq"
     Params = GPTQParams
     statistics = ("hessian",)
+
+    def flops(self, target: Target, tokens: int) -> float:
+        return obs_flops(target.out_features, target.in_features)
 
     def compress_target(
         self,

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from compress.methods.base import Method, TargetResult
-from compress.methods.sparsity import PruningParams, prune_mask
+from compress.methods.base import TargetResult
+from compress.methods.sparsity import PruningMethod, PruningParams, prune_mask
 from compress.methods.registry import register
 
 
 @register
-class Magnitude(Method):
+class Magnitude(PruningMethod):
     name = "magnitude"
     Params = PruningParams
     statistics = ()

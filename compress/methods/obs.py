@@ -35,6 +35,11 @@ class InverseHessian:
     damp: float  # the relative damping that made H positive definite
 
 
+def obs_flops(rows: int, columns: int) -> float:
+    """Rough work of one OBS sweep over a [rows, columns] weight: the updates and the inverse."""
+    return 2.0 * rows * columns * columns + columns**3
+
+
 def hessian_or_identity(statistics: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
     """The target's X^T X, or the identity for an expert no calibration token reached: with H = I the
     sweep compensates nothing, and the method reduces to its data-free form (the report lists such

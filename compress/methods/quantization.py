@@ -15,7 +15,7 @@ from pydantic import Field
 
 from compress.errors import CompressError
 from compress.methods.base import StageParams
-from compress.formats.packed_file import SMALLEST_SCALE, QuantizedWeight
+from compress.formats.quantized import QuantizedWeight, SMALLEST_SCALE
 from compress.model.targets import Target
 
 

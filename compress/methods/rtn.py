@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.methods.base import Method, TargetResult
+from compress.methods.base import TargetMethod, TargetResult
 from compress.methods.quantization import (
     Grid,
     QuantizationParams,
@@ -29,7 +29,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmet
 
 
 @register
-class RTN(Method):
+class RTN(TargetMethod):
     name = "rtn"
     Params = QuantizationParams
     statistics = ()

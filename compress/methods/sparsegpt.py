@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from compress.methods.base import Method, TargetResult
-from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_sweep
-from compress.methods.sparsity import NM, PruningParams, parse_pattern, prune_mask
+from compress.methods.base import TargetResult
+from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
+from compress.methods.sparsity import NM, PruningMethod, PruningParams, parse_pattern, prune_mask
 from compress.methods.registry import register
+from compress.model.targets import Target
 
 
 class SparseGPTParams(PruningParams):
@@ -79,10 +80,13 @@ def sparsegpt_prune(
 
 
 @register
-class SparseGPT(Method):
+class SparseGPT(PruningMethod):
     name = "sparsegpt"
     Params = SparseGPTParams
     statistics = ("hessian",)
+
+    def flops(self, target: Target, tokens: int) -> float:
+        return obs_flops(target.out_features, target.in_features)
 
     def compress_target(
         self,

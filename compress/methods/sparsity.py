@@ -13,7 +13,7 @@ import torch
 from pydantic import BeforeValidator, Field, model_validator
 
 from compress.errors import CompressError
-from compress.methods.base import StageParams
+from compress.methods.base import StageParams, TargetMethod
 from compress.model.targets import Target
 
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -83,6 +83,15 @@ class PruningParams(StageParams):
 
     def check_target(self, target: Target) -> None:
         check_nm_divisible(target, self.pattern)
+
+
+class PruningMethod(TargetMethod):
+    """A per-target method that prunes with `PruningParams`: its masks follow the stage's pattern."""
+
+    params: PruningParams
+
+    def mask_pattern(self) -> str | None:
+        return self.params.pattern
 
 
 def check_nm_divisible(target: Target, pattern: str) -> None:

@@ -24,10 +24,11 @@ import torch
 from pydantic import Field, model_validator
 
 from compress.errors import CompressError
-from compress.methods.base import Method, TargetResult
-from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_sweep
+from compress.methods.base import TargetMethod, TargetResult
+from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
 from compress.methods.quantization import QuantizationParams
-from compress.formats.packed_file import Outliers, QuantizedStatistic, QuantizedWeight
+from compress.formats.outliers import Outliers
+from compress.formats.quantized import QuantizedStatistic, QuantizedWeight
 from compress.methods.registry import register
 from compress.model.targets import Target
 
@@ -189,10 +190,13 @@ def spqr_quantize(
 
 
 @register
-class SpQR(Method):
+class SpQR(TargetMethod):
     name = "spqr"
     Params = SpQRParams
     statistics = ("hessian",)
+
+    def flops(self, target: Target, tokens: int) -> float:
+        return 2 * obs_flops(target.out_features, target.in_features)  # leave-one-out outlier tests, second-level statistics
 
     def compress_target(
         self,

@@ -22,9 +22,10 @@ import torch
 from pydantic import Field, model_validator
 
 from compress.errors import CompressError
-from compress.methods.base import Method, StageParams, TargetResult
+from compress.methods.base import TargetMethod, StageParams, TargetResult
 from compress.methods.kmeans import nearest, weighted_kmeans_rows
-from compress.formats.packed_file import Outliers, QuantizedWeight
+from compress.formats.outliers import Outliers
+from compress.formats.quantized import QuantizedWeight
 from compress.methods.registry import register
 from compress.model.targets import Target
 
@@ -90,7 +91,7 @@ def squeezellm_quantize(
 
 
 @register
-class SqueezeLLM(Method):
+class SqueezeLLM(TargetMethod):
     name = "squeezellm"
     Params = SqueezeLLMParams
     # input_sq_norm: the sensitivity of an encoder, which has no LM loss to take a Fisher diagonal of

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from compress.methods.base import Method, TargetResult
-from compress.methods.sparsity import PruningParams, prune_mask
+from compress.methods.base import TargetResult
+from compress.methods.sparsity import PruningMethod, PruningParams, prune_mask
 from compress.methods.registry import register
 
 
@@ -16,7 +16,7 @@ def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Ten
 
 
 @register
-class Wanda(Method):
+class Wanda(PruningMethod):
     name = "wanda"
     Params = PruningParams
     statistics = ("input_sq_norm",)

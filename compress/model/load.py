@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.recipe import ModelSpec
+
+if TYPE_CHECKING:  # the recipe's model section; this layer takes it as it is and imports no recipe code
+    from compress.recipe import ModelSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -17,7 +17,9 @@ import torch
 
 from compress.errors import CompressError
 from compress.formats.packed_file import PACKED_FILE
-from compress.pipeline.engine import MODEL_DIR, REPORT_FILE, plan_stages
+from compress.pipeline.export import REPORT_FILE
+from compress.pipeline.stages import plan_stages
+from compress.pipeline.store import MODEL_DIR
 from compress.recipe import Recipe, validate_recipe
 from compress.state import STATE_FILE, CompressionState
 

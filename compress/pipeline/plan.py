@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
+from compress.calibration.data import read_text_file
 from compress.errors import CompressError
+from compress.calibration.shelf import TensorShelf
+from compress.model.checkpoint import CheckpointFiles, keys_match
+from compress.model.load import _detect_kind, checkpoint_dtype, compute_dtype_for, materialize_source, pick_device
+from compress.model.targets import discover
+from compress.pipeline.calibrate import needs_calibration
+from compress.pipeline.evaluate import eval_tokens
+from compress.pipeline.stages import plan_stages
 from compress.recipe import Recipe
 
 # Rough sustained rates for the estimate (dense fp32 matmul on a 2-core CPU; bf16 on one H100).
@@ -73,12 +81,6 @@ def build_plan(recipe: Recipe) -> Plan:
     input error."""
     from transformers import AutoTokenizer
 
-    from compress.calibration.data import read_text_file
-    from compress.model.load import _detect_kind, checkpoint_dtype, compute_dtype_for, materialize_source, pick_device
-    from compress.pipeline.engine import _eval_tokens_from, needs_calibration, plan_stages
-    from compress.calibration.streaming import TensorShelf
-    from compress.model.targets import discover
-
     path, source = materialize_source(recipe.model)
     try:
         kind = _detect_kind(str(path)) if recipe.model.kind == "auto" else recipe.model.kind
@@ -93,7 +95,7 @@ def build_plan(recipe: Recipe) -> Plan:
     left_out = dict(layout.left_out)
     if norms:
         left_out[f"{len(norms)} normalisation layers ({norms[0]}, ...)"] = "scale vectors, not weight matrices: kept as they are"
-    _eval_tokens_from(recipe, tokenizer)
+    eval_tokens(recipe, tokenizer)
     if needs_calibration(recipe):
         for text in recipe.calibration.text or []:
             read_text_file(text, "calibration")
@@ -135,7 +137,8 @@ def build_plan(recipe: Recipe) -> Plan:
         fisher_device = params * compute_bytes + fisher_sums + activations if fisher_sums and on_gpu else 0
         plan.peak_host_bytes = max(resident + activations + statistics + refine + masks, fisher_host)
         plan.peak_device_bytes = max(largest_block + activations + statistics + refine, fisher_device) if on_gpu else 0
-        flops = sum(_stage_flops(stage.method.name, t, names, tokens) for t in stage.targets)
+        flops = sum(stage.method.flops(t, tokens) + (2.0 * tokens * t.in_features**2 if "hessian" in names else 0.0)
+                    for t in stage.targets)
         flops += sum(2 * n * tokens * 2 for n, targets in zip(block_params, by_block) if targets) if data else 0
         plan.seconds_estimate = flops / FLOPS_PER_SECOND[device.type]
         stages.append(plan)
@@ -147,9 +150,7 @@ def build_plan(recipe: Recipe) -> Plan:
 
 
 def _streams(path, model: torch.nn.Module) -> bool:
-    """Whether stages can read this checkpoint one block at a time (compress/streaming.py)."""
-    from compress.calibration.streaming import CheckpointFiles, keys_match
-
+    """Whether stages can read this checkpoint one block at a time (compress/calibration/streaming.py)."""
     try:
         return keys_match(model, CheckpointFiles(path))
     except (OSError, ValueError, KeyError):
@@ -167,18 +168,6 @@ def _statistics_bytes(targets: list, names: set[str]) -> int:
             total += 2 * target.in_features**2 * 4  # X^T X and the method's inverse factor
         total += sum(target.in_features * 8 for name in names if name != "hessian")
     return total
-
-
-def _stage_flops(method: str, target, names: set[str], tokens: int) -> float:
-    rows, cols = target.out_features, target.in_features
-    flops = 2.0 * tokens * cols * cols if "hessian" in names else 0.0
-    if method in ("gptq", "sparsegpt", "spqr"):
-        flops += 2.0 * rows * cols * cols + cols**3  # the OBS sweep's updates and the inverse
-        if method == "spqr":
-            flops *= 2  # leave-one-out outlier tests and second-level statistics
-    else:
-        flops += 10.0 * rows * cols
-    return flops
 
 
 def _size(count: float) -> str:

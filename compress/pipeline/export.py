@@ -1,0 +1,160 @@
+"""The export step: the output folder (the compressed checkpoint, its state and packed weights, the
+report, optionally ONNX), written under a temporary name and moved into place only when complete."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from compress import __version__
+from compress.errors import CompressError
+from compress.formats.packed_file import PACKED_FILE
+from compress.formats.quantized import QuantizedWeight
+from compress.pipeline.metrics import directory_bytes, stored_bits_per_param
+from compress.pipeline.onnx import ONNX_FILE, export_onnx
+from compress.pipeline.store import MODEL_DIR, StepResult
+from compress.recipe import Recipe
+from compress.state import STATE_FILE, STATE_INDEX, CompressionState
+
+log = logging.getLogger("compress")
+
+REPORT_FILE = "report.json"
+RECIPE_FILE = "recipe.json"
+
+
+def resolve_output_dir(recipe: Recipe, out: str | Path | None) -> Path:
+    """`--out`, else the recipe's output.dir, else runs/<recipe name>. Refuses to replace a folder
+    that is not an earlier compress output."""
+    path = Path(out or recipe.output.dir or Path("runs") / recipe.name)
+    if path.exists():
+        if not path.is_dir():
+            raise CompressError(f"output path {path} exists and is not a folder")
+        if any(path.iterdir()) and not (path / REPORT_FILE).is_file():
+            raise CompressError(f"output folder {path} is not empty and holds no earlier {REPORT_FILE}; choose another --out")
+    return path
+
+
+def layer_error_summary(errors: list[float]) -> dict[str, float]:
+    """`layer_error_max` / `layer_error_mean` over targets (nothing when no error was measured)."""
+    return {"layer_error_max": max(errors), "layer_error_mean": sum(errors) / len(errors)} if errors else {}
+
+
+def export_step(
+    out_dir: Path, recipe: Recipe, load: StepResult, calibration: StepResult, stages: list[StepResult],
+    evaluation: StepResult, steps: list[StepResult], started: float,
+) -> dict[str, Any]:
+    """Write the output folder (checkpoint, state, packed weights, report) and return the report."""
+    final = stages[-1]
+    state = CompressionState.load(final.path)
+    measured = evaluation.info
+    metrics: dict[str, Any] = {}
+    dense = measured.get("dense")
+    if dense is not None and "perplexity" in dense:
+        metrics["dense_perplexity"] = dense["perplexity"]
+    for name in ("perplexity", "kl_to_dense", "top1_agreement", "embedding_cosine", "sparsity", "params", "target_params"):
+        if name in measured:
+            metrics[name] = measured[name]
+    tokens: dict[str, int] = {}
+    for step in stages:
+        tokens.update(step.info["tokens"])
+    metrics.update(layer_error_summary([e for step in stages for e in step.info["layer_error"].values()]))
+    report: dict[str, Any] = {
+        "compress_version": __version__,
+        "recipe": recipe.describe(),
+        "model": load.info["model"],
+        "calibration": {
+            **{k: v for k, v in calibration.info.items() if k not in ("seconds", "compress_version")},
+            "forward_seconds": sum(step.info["forward_seconds"] for step in stages),
+        },
+        "evaluation": measured["evaluation"],
+        "metrics": metrics,
+        "stages": [
+            {
+                **recipe.stages[index].describe(),
+                "seconds": step.info["stage_seconds"],
+                "targets": step.info["targets"],
+                "targets_changed": step.info["targets_changed"],
+                "sparsity": step.info["sparsity"],
+                "no_calibration_tokens": step.info["no_calibration_tokens"],
+                "layer_error_max": max(step.info["layer_error"].values(), default=None),
+                "cached": step.cached,
+            }
+            for index, step in enumerate(stages)
+        ],
+        "targets": {
+            name: {
+                **target,
+                "stages": state.targets[name].stages,
+                "calibration_tokens": tokens.get(name),
+                "quantized": _quantization_info(state.targets[name].quantized),
+                # per stage (by index), the relative output error this stage caused and its seconds
+                "layer_error": {str(i): s.info["layer_error"][name] for i, s in enumerate(stages) if name in s.info["layer_error"]},
+                "seconds": {str(i): s.info["target_seconds"][name] for i, s in enumerate(stages) if name in s.info["target_seconds"]},
+            }
+            for name, target in measured["targets"].items()
+        },
+        "left_out": load.info["left_out"],
+        "steps": [{"step": s.kind, "key": s.key, "cached": s.cached, "seconds": s.seconds} for s in steps],
+    }
+    _write_output(out_dir, final, report, started, measured, onnx=recipe.output.onnx, causal=load.info["kind"] == "causal")
+    return report
+
+
+def _quantization_info(quantized: QuantizedWeight | None) -> dict[str, Any] | None:
+    if quantized is None:
+        return None
+    outliers = quantized.outliers.count if quantized.outliers is not None else 0
+    return {"bits": quantized.bits, "group_size": quantized.group_size, "outliers": outliers}
+
+
+def _write_output(
+    out_dir: Path, final: StepResult, report: dict[str, Any], started: float, measured: dict[str, Any], onnx: bool, causal: bool
+) -> None:
+    """Write into a temporary sibling folder, then move it into place (replacing an earlier output)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir()
+        shutil.copytree(final.model_path, partial / MODEL_DIR)
+        for name in (STATE_FILE, STATE_INDEX, PACKED_FILE):
+            if (final.path / name).is_file():
+                shutil.copy2(final.path / name, partial / name)
+        # bits/param is measured from what was written: the packed file for quantized targets
+        packed = partial / PACKED_FILE
+        packed_bytes = packed.stat().st_size if packed.exists() else 0
+        quantized_params = sum(
+            target["shape"][0] * target["shape"][1] for target in report["targets"].values() if target["quantized"] is not None
+        )
+        report["metrics"]["bits_per_param"] = stored_bits_per_param(
+            [t["shape"][0] * t["shape"][1] for t in report["targets"].values()], measured["storage_bits"], packed_bytes, quantized_params
+        )
+        if packed_bytes:
+            report["metrics"]["packed_bytes"] = packed_bytes
+        report["metrics"]["size_bytes"] = directory_bytes(partial / MODEL_DIR)
+        if onnx:
+            check = export_onnx(partial / MODEL_DIR, partial / ONNX_FILE, causal)
+            report["onnx"] = check
+            report["metrics"]["onnx_max_abs_diff"] = check["onnx_max_abs_diff"]
+            report["metrics"]["onnx_ok"] = int(check["onnx_ok"])
+            if not check["onnx_ok"]:
+                log.warning("ONNX output differs from PyTorch by %.3g (tolerance %.3g): model.onnx is written but suspect",
+                            check["onnx_max_abs_diff"], check["onnx_tolerance"])
+        report["metrics"]["seconds"] = time.perf_counter() - started
+        (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        (partial / RECIPE_FILE).write_text(json.dumps(report["recipe"], indent=2))
+        if out_dir.exists():
+            retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            out_dir.rename(retired)
+            partial.rename(out_dir)
+            shutil.rmtree(retired)
+        else:
+            partial.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
