@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from compress.calibration.data import calibration_tokens, read_text_file, tokenize
-from compress.pipeline.metrics import eval_windows, perplexity
 from compress.model.load import LoadedModel, load_model
 from compress.pipeline.engine import run
+from compress.pipeline.metrics import eval_windows, perplexity
 from compress.pipeline.store import StepStore
 from compress.recipe import CalibrationSpec, ModelSpec, validate_recipe
 

@@ -19,12 +19,19 @@ import argparse
 import json
 
 import torch
+from peer_common_driver import (
+    checkpoint_perplexity,
+    ours_seconds,
+    parse_args,
+    prepare,
+    run_ours,
+    run_peer,
+    scratch_with_tokens,
+    write_json,
+)
 
 from compress.pipeline.metrics import perplexity
 from compress.pipeline.store import MODEL_DIR
-from peer_common_driver import (
-    checkpoint_perplexity, ours_seconds, parse_args, prepare, run_ours, run_peer, scratch_with_tokens, write_json,
-)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,14 @@ from __future__ import annotations
 import json
 
 from peer_common_driver import (
-    checkpoint_perplexity, ours_seconds, parse_args, prepare, run_ours, run_peer, scratch_with_tokens, write_json,
+    checkpoint_perplexity,
+    ours_seconds,
+    parse_args,
+    prepare,
+    run_ours,
+    run_peer,
+    scratch_with_tokens,
+    write_json,
 )
 
 

@@ -19,15 +19,15 @@ import json
 import time
 
 import torch
+from quant_table import parse_config
 
 from compress.calibration.data import batches
 from compress.calibration.layerwise import PlannedStage, run_layerwise
-from compress.model.load import load_model
-from compress.recipe import ModelSpec
 from compress.methods import get_method
-from compress.state import CompressionState
+from compress.model.load import load_model
 from compress.model.targets import discover
-from quant_table import parse_config
+from compress.recipe import ModelSpec
+from compress.state import CompressionState
 
 
 def random_llama_7b(device: torch.device) -> torch.nn.Module:

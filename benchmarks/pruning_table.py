@@ -61,7 +61,8 @@ def main() -> None:
                 recipe = {**base, "stages": [stage] + [{"method": name} for name in refiners]}
                 recipe["evaluate"] = {**base["evaluate"], "dense": dense_value is None}
                 start = time.perf_counter()
-                report = run(validate_recipe(recipe, name=f"{method}-{column}"), Path(scratch) / f"{method}-{column}", store=StepStore(Path(scratch) / "steps"))
+                report = run(validate_recipe(recipe, name=f"{method}-{column}"), Path(scratch) / f"{method}-{column}",
+                             store=StepStore(Path(scratch) / "steps"))
                 metrics = report["metrics"]
                 metric = "perplexity" if "perplexity" in metrics else "embedding_cosine"
                 if dense_value is None:
@@ -72,7 +73,7 @@ def main() -> None:
                       f"stages {stage_seconds} s  run {time.perf_counter() - start:.1f} s", flush=True)
 
     header = "| method | " + " | ".join(f"{c} " + ("unstructured" if ":" not in c else "") for c in columns) + " |"
-    lines = [header, "|" + "---|" * (len(columns) + 1), f"| dense | " + " | ".join(f"{dense_value:.4f}" for _ in columns) + " |"]
+    lines = [header, "|" + "---|" * (len(columns) + 1), "| dense | " + " | ".join(f"{dense_value:.4f}" for _ in columns) + " |"]
     for method, row in results.items():
         lines.append(f"| {method} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
     table = "\n".join(lines)

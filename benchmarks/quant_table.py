@@ -105,7 +105,7 @@ def main() -> None:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps({"metric": metric, "dense": dense, "rows": rows, "args": vars(args)}, indent=2))
     spread = len(args.seeds) > 1
-    head = f"| configuration | {metric}{' (mean of %d seeds)' % len(args.seeds) if spread else ''} |" + (" min - max |" if spread else "")
+    head = f"| configuration | {metric}{f' (mean of {len(args.seeds)} seeds)' if spread else ''} |" + (" min - max |" if spread else "")
     has_kl = all("kl_to_dense" in r for r in rows)
     lines = [head + " bits/param | outliers |" + (" KL to dense (x1000) | top-1 agreement |" if has_kl else ""),
              "|---|---|" + ("---|" if spread else "") + "---|---|" + ("---|---|" if has_kl else ""),

@@ -33,7 +33,7 @@ def make_model(folder: Path, layers: int = 32, seed: int = 0) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from compress.calibration.streaming import parameters_on_meta
-    from compress.model.checkpoint import unique_tensors, CheckpointWriter
+    from compress.model.checkpoint import CheckpointWriter, unique_tensors
     from compress.model.targets import find_blocks
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
@@ -68,8 +68,8 @@ def compress(args: argparse.Namespace) -> dict:
     from compress.pipeline.calibrate import calibrate_step
     from compress.pipeline.load import load_step
     from compress.pipeline.stage import stage_step
-    from compress.recipe import validate_recipe
     from compress.pipeline.store import StepStore
+    from compress.recipe import validate_recipe
 
     stage = {"method": args.method, **json.loads(args.params)}
     recipe = validate_recipe({

@@ -8,6 +8,6 @@
 
 __version__ = "0.1.0"
 
-from compress.api import apply, embedded_model, load, run  # noqa: E402  (light: imports nothing heavy)
+from compress.api import apply, embedded_model, load, run
 
 __all__ = ["__version__", "apply", "embedded_model", "load", "run"]

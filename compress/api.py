@@ -134,11 +134,19 @@ def apply(
 def _text_files(calibration: TextLike, scratch: Path) -> list[str]:
     if isinstance(calibration, (list, tuple)):
         return [os.fspath(path) for path in calibration]
-    if isinstance(calibration, os.PathLike) or (isinstance(calibration, str) and "\n" not in calibration and Path(calibration).is_file()):
+    if isinstance(calibration, os.PathLike) or _is_file(calibration):
         return [os.fspath(calibration)]
     path = scratch / "calibration.txt"
     path.write_text(str(calibration), encoding="utf-8")
     return [str(path)]
+
+
+def _is_file(text: str) -> bool:
+    """Whether a string names an existing file (a calibration text is rarely a valid path)."""
+    try:
+        return "\n" not in text and len(text) < 4096 and Path(text).is_file()
+    except OSError:  # too long for a file name, or not one
+        return False
 
 
 def _load_weights(model: nn.Module, folder: Path) -> None:

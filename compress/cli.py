@@ -90,23 +90,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         print(json.dumps(recipe.describe(), indent=2))
         return 0
-    from compress.pipeline.engine import run
+    from compress.api import run
     from compress.pipeline.export import resolve_output_dir
 
     out = resolve_output_dir(recipe, args.out)
-    from compress.pipeline.plan import build_plan
-
-    build_plan(recipe)  # every input error, before Prefect, MLflow or calibration start
-    if args.no_track:
-        report = run(recipe, out)
-        print(_summary(report, str(out)))
-        return 0
-    from flows.compress_flow import compress_recipe
-
-    result = compress_recipe(recipe=recipe.to_data(), out=str(out))
-    print(_summary(result["report"], result["out"]))
-    version = f", model version {result['model_version']}" if result["model_version"] else ""
-    print(f"  mlflow run {result['mlflow_run_id']}{version}")
+    report = run(recipe, out=out, track=not args.no_track)
+    print(_summary(report, str(out)))
+    if "tracking" in report:
+        tracking = report["tracking"]
+        version = f", model version {tracking['model_version']}" if tracking["model_version"] else ""
+        print(f"  mlflow run {tracking['mlflow_run_id']}{version}")
     return 0
 
 
@@ -134,7 +127,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from compress.service.prefect import api_is_up, prefect_api_url, start_prefect_server
-    from compress.pipeline.store import compress_home
+    from compress.settings import compress_home
 
     url = prefect_api_url()
     server = None

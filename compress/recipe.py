@@ -61,7 +61,7 @@ class CalibrationSpec(_StrictModel):
         return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _one_source(self) -> "CalibrationSpec":
+    def _one_source(self) -> CalibrationSpec:
         if self.text and self.dataset:
             raise ValueError("give either `text` or `dataset`, not both")
         return self

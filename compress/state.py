@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compress.formats.bits import pack_bits, unpack_bits
-from compress.formats.packed_file import FORMAT_VERSION, merge_packed, PACKED_FILE, packed_format, read_packed, write_packed
+from compress.formats.packed_file import FORMAT_VERSION, PACKED_FILE, merge_packed, packed_format, read_packed, write_packed
 from compress.formats.quantized import QuantizedWeight
 
 STATE_FILE = "compress_state.safetensors"
@@ -69,10 +69,10 @@ class CompressionState:
         entry = self.targets.get(name)
         return None if entry is None else entry.mask
 
-    def subset(self, names: list[str]) -> "CompressionState":
+    def subset(self, names: list[str]) -> CompressionState:
         return CompressionState({name: self.targets[name] for name in names if name in self.targets})
 
-    def update(self, other: "CompressionState") -> None:
+    def update(self, other: CompressionState) -> None:
         self.targets.update(other.targets)
 
     def save(self, directory: Path) -> None:
@@ -106,7 +106,7 @@ class CompressionState:
             held.unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, directory: Path, read_packed_forms: bool = True) -> "CompressionState":
+    def load(cls, directory: Path, read_packed_forms: bool = True) -> CompressionState:
         """The state saved in `directory`; with `read_packed_forms` False the packed forms stay in
         its packed file (`PackedOnDisk`) until a save copies them."""
         tensors = load_file(str(directory / STATE_FILE))

@@ -18,12 +18,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from compress.errors import CompressError
 from compress.pipeline.engine import run
 from compress.pipeline.export import layer_error_summary
-from compress.errors import CompressError
+from compress.pipeline.store import StepResult, StepStore, digest
 from compress.recipe import validate_recipe
-from compress.pipeline.store import StepResult, StepStore, compress_home, digest
 from compress.service.tracking import RunTracker
+from compress.settings import compress_home
 
 FLOW_NAME = "compress-recipe"
 DEPLOYMENT_NAME = "compress"

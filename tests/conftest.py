@@ -34,7 +34,7 @@ def output_bytes(out: Path) -> dict[str, bytes]:
     return {str(f.relative_to(out)): f.read_bytes() for f in files if f.exists()}
 
 
-def checkpoint_tensors(folder: Path) -> dict[str, "torch.Tensor"]:
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) checkpoint folder, by name."""
     from compress.model.checkpoint import CheckpointFiles
 
@@ -107,8 +107,8 @@ def fault_method() -> str:
     injected fault of the resume tests. Registered once per session; returns its recipe name."""
     import os
 
-    from compress.methods.rtn import RTN
     from compress.methods.registry import _METHODS, register
+    from compress.methods.rtn import RTN
 
     name = "rtn-with-fault"
     if name not in _METHODS:

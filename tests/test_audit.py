@@ -4,15 +4,14 @@ deliberately corrupted output (one target re-densified) is caught and named."""
 from __future__ import annotations
 
 import torch
+from conftest import fast_recipe, output_bytes
 from safetensors.torch import load_file, save_file
 
-from compress.pipeline.audit import audit_output
 from compress.cli import main
 from compress.model.load import embedded_model_path
+from compress.pipeline.audit import audit_output
 from compress.pipeline.engine import run
 from compress.recipe import validate_recipe
-
-from conftest import fast_recipe, output_bytes
 
 VICTIM = "model.layers.1.mlp.up_proj"
 

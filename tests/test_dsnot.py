@@ -3,6 +3,7 @@ of a linear layer, and an independent transcription of the reference's loop (zyx
 
 import pytest
 import torch
+from conftest import fast_recipe
 
 from compress.methods.dsnot import DSnoT, dsnot_refine
 from compress.methods.sparsity import NM, prune_mask
@@ -10,8 +11,6 @@ from compress.methods.wanda import wanda_scores
 from compress.pipeline.engine import run
 from compress.recipe import validate_recipe
 from compress.state import CompressionState
-
-from conftest import fast_recipe
 
 
 def _layer(rows=48, columns=256, tokens=1024, sequences=4, seed=0):

@@ -7,9 +7,9 @@ from compress.calibration.layerwise import PlannedStage, run_layerwise
 from compress.methods.sparsity import prune_mask
 from compress.methods.wanda import Wanda, wanda_scores
 from compress.model.load import load_model
+from compress.model.targets import discover, select
 from compress.recipe import CalibrationSpec, ModelSpec
 from compress.state import CompressionState
-from compress.model.targets import discover, select
 
 CALIBRATION = CalibrationSpec(nsamples=16, seqlen=128, batch_size=8)
 

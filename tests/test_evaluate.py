@@ -1,12 +1,11 @@
 """Fidelity metrics: the binned KL against the full one, and a model scored against itself."""
 
 import torch
+from test_pipeline import dense_tokenizer
 
 from compress.calibration.data import embedded_text, read_text_file, tokenize
-from compress.pipeline.metrics import _binned_kl, causal_scores, eval_windows
 from compress.model.load import embedded_model_path
-
-from test_pipeline import dense_tokenizer
+from compress.pipeline.metrics import _binned_kl, causal_scores, eval_windows
 
 
 def _full_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:

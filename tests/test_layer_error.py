@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fast_recipe
 
 from compress.calibration.layerwise import relative_output_error
 from compress.pipeline.engine import run
 from compress.recipe import validate_recipe
-
-from conftest import fast_recipe
 
 
 def test_matches_the_direct_computation():

@@ -7,13 +7,12 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+from conftest import fast_recipe
 from onnx import numpy_helper
 
-from compress.pipeline.onnx import ONNX_RTOL
 from compress.pipeline.engine import run
+from compress.pipeline.onnx import ONNX_RTOL
 from compress.recipe import validate_recipe
-
-from conftest import fast_recipe
 
 
 @pytest.mark.parametrize("kind", ["causal", "encoder"])

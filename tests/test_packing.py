@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from compress.formats.packed_file import PACKED_FILE, merge_packed, read_packed, write_packed
 from compress.methods.gptq import gptq_quantize
 from compress.methods.spqr import SpQRParams, spqr_quantize
 from compress.methods.squeezellm import SqueezeLLM, SqueezeLLMParams
-from compress.formats.packed_file import merge_packed, PACKED_FILE, read_packed, write_packed
 from compress.state import CompressionState, PackedOnDisk, TargetState
 
 

@@ -6,17 +6,15 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import checkpoint_tensors, fast_recipe
 
-from compress.cli import main
-from compress.pipeline.metrics import eval_windows, perplexity
 from compress.calibration.data import embedded_text, read_text_file, tokenize
+from compress.cli import main
 from compress.model.load import embedded_model_path
 from compress.pipeline.engine import run
+from compress.pipeline.metrics import eval_windows, perplexity
 from compress.recipe import validate_recipe
 from compress.state import CompressionState
-
-from conftest import checkpoint_tensors, fast_recipe
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +81,7 @@ def test_two_stages_keep_earlier_zeros(tmp_path):
     )
     state = CompressionState.load(tmp_path / "two")
     assert report["metrics"]["sparsity"] >= 0.5
-    for name, entry in state.targets.items():
+    for entry in state.targets.values():
         assert entry.stages == ["magnitude", "wanda"]
         assert (entry.mask.view(entry.mask.shape[0], -1, 4).sum(-1) <= 2).all()
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 
+from conftest import fast_recipe
+
 from compress.cli import main
 from compress.pipeline.plan import build_plan
 from compress.recipe import validate_recipe
-
-from conftest import fast_recipe
 
 
 def test_plan_lists_targets_experts_and_left_out(tiny_mixtral):

@@ -81,12 +81,12 @@ def test_pruned_zeros_stay_zero_and_nm_survives():
     [{"method": "wanda", "pattern": "2:4"}, {"method": "spqr", "bits": 3}],
 ])
 def test_packed_file_rebuilds_the_evaluated_weights_and_gives_the_bits(stages, tmp_path):
-    from safetensors.torch import load_file
+
+    from conftest import checkpoint_tensors, fast_recipe
 
     from compress.formats.packed_file import PACKED_FILE, read_packed
     from compress.pipeline.engine import run
     from compress.recipe import validate_recipe
-    from conftest import checkpoint_tensors, fast_recipe
 
     report = run(validate_recipe(fast_recipe(*stages, evaluate={"dense": False})), tmp_path / "q")
     checkpoint = checkpoint_tensors(tmp_path / "q" / "model")
@@ -206,10 +206,11 @@ def test_gptq_act_order_sweeps_by_hessian_diagonal_and_packs_the_permutation(tmp
 
 def test_moe_experts_prune_refine_and_quantize(tiny_mixtral, tmp_path):
     """Fused experts go through every stage kind: Wanda, DSnoT on all targets, SpQR packing per expert."""
+    from conftest import fast_recipe
+
     from compress.formats.packed_file import PACKED_FILE, read_packed
     from compress.pipeline.engine import run
     from compress.recipe import validate_recipe
-    from conftest import checkpoint_tensors, fast_recipe
 
     recipe = fast_recipe({"method": "wanda", "sparsity": 0.5}, {"method": "dsnot", "skip_layer": "no_skip"},
                          {"method": "gptq", "bits": 4, "group_size": 16}, model={"source": str(tiny_mixtral)},

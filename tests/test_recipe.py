@@ -1,9 +1,8 @@
 import pytest
+from conftest import fast_recipe
 
 from compress.errors import CompressError
 from compress.recipe import apply_override, load_recipe, parse_yaml, validate_recipe
-
-from conftest import fast_recipe
 
 
 def test_yaml_keeps_nm_pattern_a_string():

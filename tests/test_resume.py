@@ -9,13 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import KILL_AT, fast_recipe, output_bytes, register_kill_method
 
 from compress.pipeline.engine import run
-from compress.recipe import validate_recipe
 from compress.pipeline.store import StepStore
-
-from conftest import KILL_AT, fast_recipe, output_bytes, register_kill_method
+from compress.recipe import validate_recipe
 
 TESTS = Path(__file__).parent
 TARGETS_PER_BLOCK = 7  # the embedded LLaMA: q, k, v, o, gate, up, down
@@ -91,5 +89,5 @@ def test_a_resumed_squeezellm_stage_reuses_its_fisher_sums(tmp_path, monkeypatch
     (stage,) = store.glob("stage-*")
     assert json.loads((stage / "step.json").read_text())["resumed_at_block"] == 2
     assert not (stage / "fisher").exists()  # the sums are an input of the stage, not part of its output
-    fresh = run(validate_recipe(recipe), tmp_path / "fresh", store=StepStore(tmp_path / "fresh-steps"))
+    run(validate_recipe(recipe), tmp_path / "fresh", store=StepStore(tmp_path / "fresh-steps"))
     assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "fresh")

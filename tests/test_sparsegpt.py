@@ -99,7 +99,6 @@ def test_matches_the_reference_loop():
 
 
 def test_singular_hessian_gets_more_damping():
-    weight = torch.randn(4, 8)
     inputs = torch.randn(2, 8)  # rank 2 of 8
     inverse = inverse_hessian_factor(inputs.T @ inputs, 1e-12, retries=10)
     assert inverse.damp > 1e-12

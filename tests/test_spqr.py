@@ -4,10 +4,10 @@ and its packed form rebuilds exactly what it computed."""
 import pytest
 import torch
 
+from compress.formats.packed_file import read_packed, write_packed
 from compress.methods.gptq import gptq_quantize
 from compress.methods.sparsegpt import sparsegpt_prune
 from compress.methods.spqr import SpQRParams, leave_one_out_error, spqr_quantize
-from compress.formats.packed_file import read_packed, write_packed
 
 
 def _layer(rows=64, columns=128, tokens=2048, seed=0):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from compress.calibration.fisher import fisher_diagonal
+from compress.formats.packed_file import read_packed, write_packed
 from compress.methods.kmeans import weighted_kmeans_rows
 from compress.methods.squeezellm import SqueezeLLM, SqueezeLLMParams, squeezellm_quantize
-from compress.formats.packed_file import read_packed, write_packed
 from compress.model.targets import discover
 
 

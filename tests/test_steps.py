@@ -3,16 +3,12 @@ failed part-way resumes from its last finished step with a bit-identical result.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-from compress.pipeline.engine import run
-from compress.recipe import validate_recipe
-from compress.pipeline.store import STEP_FILE, StepStore
-
 from conftest import FAULT_FLAG, fast_recipe, output_bytes
 
+from compress.pipeline.engine import run
+from compress.pipeline.store import STEP_FILE, StepStore
+from compress.recipe import validate_recipe
 
 _files = output_bytes
 

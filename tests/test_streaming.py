@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.model.load import embedded_model_path, load_model
-from compress.recipe import ModelSpec
 from compress.calibration.streaming import open_blockwise
 from compress.model.checkpoint import CheckpointFiles, CheckpointWriter
+from compress.model.load import embedded_model_path, load_model
+from compress.recipe import ModelSpec
 
 
 def _on_meta(module: torch.nn.Module) -> bool:

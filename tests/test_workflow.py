@@ -18,7 +18,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import FAULT_FLAG, output_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +154,7 @@ def test_two_submissions_are_two_tracked_runs_with_registered_models(services):
         assert sorted(c.data.tags["compress.step"] for c in children) == sorted(STEPS)
         assert all(c.info.status == "FINISHED" for c in children)
         metric_names.append(set(run.data.metrics))
-        assert CORE_METRICS <= set(run.data.metrics)
+        assert set(run.data.metrics) >= CORE_METRICS
         assert run.data.metrics["onnx_ok"] == 1.0 and run.data.metrics["audit_ok"] == 1.0
         artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
         assert {"report.json", "recipe.json", "plots/targets.png", "model"} <= artifacts
@@ -195,13 +194,12 @@ def test_four_submissions_at_once_all_finish(services):
 def test_failed_stage_resumes_through_the_flow(services, tmp_path, monkeypatch, fault_method):
     """A recipe whose second stage fails is re-run after the fix: the first stage is found stored
     (not recomputed) and the output is bit-identical to an uninterrupted run."""
+    from conftest import fast_recipe
     from mlflow.tracking import MlflowClient
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from compress.recipe import validate_recipe
     from flows.compress_flow import compress_recipe
-
-    from conftest import fast_recipe
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", services["mlflow"])
     monkeypatch.setenv("COMPRESS_HOME", str(tmp_path / "home"))
@@ -259,7 +257,7 @@ def test_postgres_backend_same_code_other_environment(services, tmp_path, monkey
         assert "state      COMPLETED" in result.stdout, result.stdout + result.stderr[-3000:]
         _, run_id = _submitted(result)
         run = MlflowClient(tracking).get_run(run_id)
-        assert run.info.status == "FINISHED" and CORE_METRICS <= set(run.data.metrics)
+        assert run.info.status == "FINISHED" and set(run.data.metrics) >= CORE_METRICS
         assert MlflowClient(tracking).search_model_versions("name = 'magnitude-50'")[0].run_id == run_id
     finally:
         if server is not None:

@@ -81,13 +81,24 @@ import argparse
 import json
 import os
 
-from peer_common import (  # first: it sets the offline switches before torch is imported
-    add_input_args, add_output_args, calibration_dataset, decoder_layer_classes, eval_perplexity,
-    fail_on_problems, layer_linear_names, load_calib_tokens, load_model, oneshot_record, peer_result,
-    run_oneshot, save_checkpoint, weight_snapshot, write_result,
-)
-
 import torch
+from peer_common import (  # first: it sets the offline switches before torch is imported
+    add_input_args,
+    add_output_args,
+    calibration_dataset,
+    decoder_layer_classes,
+    eval_perplexity,
+    fail_on_problems,
+    layer_linear_names,
+    load_calib_tokens,
+    load_model,
+    oneshot_record,
+    peer_result,
+    run_oneshot,
+    save_checkpoint,
+    weight_snapshot,
+    write_result,
+)
 
 QUANT_TENSOR_SUFFIXES = (".weight_scale", ".weight_zero_point", ".weight_g_idx", ".weight_global_scale")
 

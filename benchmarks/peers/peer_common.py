@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 DTYPES = {
     "float32": torch.float32,
@@ -100,7 +100,8 @@ def weight_snapshot(model) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, path, seqlen, device):
-    text = open(path, encoding="utf-8").read()
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     nwin = ids.numel() // seqlen
     if nwin == 0:

@@ -31,7 +31,7 @@ from compress.state import CompressionState
 class PlannedStage:
     """One recipe stage resolved against the model: its method and the targets it compresses."""
 
-    method: Method
+    method: TargetMethod
     targets: list[Target]
     label: str = ""
     # For a stage that refines a mask (DSnoT): the weights before the pruning stage it refines, by

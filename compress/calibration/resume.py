@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compress.calibration.layerwise import BlockHandler, BlockInputs, StageOutcome
-from compress.state import CompressionState
 from compress.calibration.streaming import BlockwiseModel
 from compress.model.checkpoint import CheckpointWriter, replace_file
+from compress.state import CompressionState
 
 RESUME_DIR = "resume"
 PROGRESS_FILE = "progress.json"

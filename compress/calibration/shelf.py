@@ -39,7 +39,7 @@ class TensorShelf(Mapping):
             pending[name] = tensor
             size += tensor.numel() * tensor.element_size()
             if size >= self.CHUNK_BYTES or not tensors:
-                replace_file(self.folder / f"part-{part:05d}.safetensors", lambda path: save_file(pending, str(path)))
+                replace_file(self.folder / f"part-{part:05d}.safetensors", lambda path, pending=pending: save_file(pending, str(path)))
                 pending, size, part = {}, 0, part + 1
         (self.folder / "complete").touch()
         self._files = None

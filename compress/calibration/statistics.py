@@ -7,8 +7,8 @@ get only the tokens routed to them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch

@@ -17,7 +17,7 @@ class Outliers:
     values: torch.Tensor  # float16 [nnz]
 
     @classmethod
-    def from_mask(cls, weight: torch.Tensor, mask: torch.Tensor) -> "Outliers":
+    def from_mask(cls, weight: torch.Tensor, mask: torch.Tensor) -> Outliers:
         rows, cols = mask.nonzero(as_tuple=True)
         counts = torch.bincount(rows, minlength=mask.shape[0])
         row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64, device=mask.device), counts.cumsum(0)])
@@ -38,7 +38,7 @@ class Outliers:
         return counts.to(torch.int32)
 
     @classmethod
-    def from_row_counts(cls, counts: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor) -> "Outliers":
+    def from_row_counts(cls, counts: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor) -> Outliers:
         counts = counts.to(torch.int64) & (0xFFFF if counts.dtype == torch.int16 else -1)
         row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
         return cls(row_ptr.to(torch.int32), col_idx, values)

@@ -52,7 +52,7 @@ class QuantizedWeight:
         values = statistic.values() if isinstance(statistic, QuantizedStatistic) else statistic.float()
         return values.repeat_interleave(self.group_size, dim=1)
 
-    def to(self, device: torch.device | str) -> "QuantizedWeight":
+    def to(self, device: torch.device | str) -> QuantizedWeight:
         def move(value):
             if isinstance(value, torch.Tensor):
                 return value.to(device)

@@ -122,5 +122,5 @@ class ModelMethod(Method):
     compute dtype, and the compression state of the earlier stages (masks to keep, packed forms), and
     returns the state after it. The stage step saves the model and the state it returns."""
 
-    def apply(self, model: torch.nn.Module, state: "CompressionState", data: CalibrationData) -> "CompressionState":
+    def apply(self, model: torch.nn.Module, state: CompressionState, data: CalibrationData) -> CompressionState:
         raise NotImplementedError

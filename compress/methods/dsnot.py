@@ -29,10 +29,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from compress.methods.base import TargetMethod, StageParams, TargetResult
+from compress.methods.base import StageParams, TargetMethod, TargetResult
+from compress.methods.registry import register
 from compress.methods.sparsity import NM, Pattern, check_nm_divisible, parse_pattern
 from compress.methods.wanda import wanda_scores
-from compress.methods.registry import register
 from compress.model.targets import Target
 
 _ATTENTION_WORDS = ("attn", "attention")
@@ -126,13 +126,13 @@ def dsnot_refine(
         at = grow_ends[row, side]
         grown = grow_order[row, at.clamp(0, cols - 1)]
         grow_ends[row, side] = at + step[side]
-        valid = (0 <= at) & (at < cols) & ~keep[row, grown]
+        valid = (at >= 0) & (at < cols) & ~keep[row, grown]
         if group is None:
             side = (error < 0).long()  # prune from the high end (raises e) while e < 0
             at = prune_ends[row, side]
             pruned = prune_order[row, at.clamp(0, cols - 1)]
             prune_ends[row, side] = at + step[side]
-            valid &= (0 <= at) & (at < cols) & keep[row, pruned]
+            valid &= (at >= 0) & (at < cols) & keep[row, pruned]
         else:
             first = grown - grown % group.m
             members = first.unsqueeze(1) + torch.arange(group.m, device=weight.device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
+from compress.formats.quantized import QuantizedWeight
 from compress.methods.base import TargetMethod, TargetResult
 from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
 from compress.methods.quantization import (
@@ -23,7 +24,6 @@ from compress.methods.quantization import (
     packed_weight,
     round_to_grid,
 )
-from compress.formats.quantized import QuantizedWeight
 from compress.methods.registry import register
 from compress.model.targets import Target
 
@@ -39,7 +39,7 @@ class GPTQParams(QuantizationParams):
     static_groups: bool = False
 
     @model_validator(mode="after")
-    def _static_groups_need_column_order(self) -> "GPTQParams":
+    def _static_groups_need_column_order(self) -> GPTQParams:
         if self.static_groups and self.act_order:
             raise ValueError("static_groups with act_order is not supported: groups would not be consecutive in sweep order")
         return self

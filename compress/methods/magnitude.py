@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from compress.methods.base import TargetResult
-from compress.methods.sparsity import PruningMethod, PruningParams, prune_mask
 from compress.methods.registry import register
+from compress.methods.sparsity import PruningMethod, PruningParams, prune_mask
 
 
 @register

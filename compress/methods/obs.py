@@ -60,7 +60,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 4)
     hessian[dead, dead] = 1
     mean_diagonal = torch.mean(torch.diag(hessian))
     diagonal = torch.arange(hessian.shape[0], device=hessian.device)
-    for attempt in range(retries + 1):
+    for _attempt in range(retries + 1):
         damped = hessian.clone()
         damped[diagonal, diagonal] += damp * mean_diagonal
         lower, info = torch.linalg.cholesky_ex(damped)

@@ -14,8 +14,8 @@ import torch
 from pydantic import Field
 
 from compress.errors import CompressError
+from compress.formats.quantized import SMALLEST_SCALE, QuantizedWeight
 from compress.methods.base import StageParams
-from compress.formats.quantized import QuantizedWeight, SMALLEST_SCALE
 from compress.model.targets import Target
 
 

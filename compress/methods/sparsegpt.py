@@ -15,8 +15,8 @@ from pydantic import Field, model_validator
 
 from compress.methods.base import TargetResult
 from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
-from compress.methods.sparsity import NM, PruningMethod, PruningParams, parse_pattern, prune_mask
 from compress.methods.registry import register
+from compress.methods.sparsity import NM, PruningMethod, PruningParams, parse_pattern, prune_mask
 from compress.model.targets import Target
 
 
@@ -27,7 +27,7 @@ class SparseGPTParams(PruningParams):
     damp: float = Field(default=0.01, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _groups_fit_blocks(self) -> "SparseGPTParams":
+    def _groups_fit_blocks(self) -> SparseGPTParams:
         group = parse_pattern(self.pattern)
         if group is not None and self.block_size % group.m:
             raise ValueError(f"block_size {self.block_size} must be a multiple of M={group.m} of pattern {self.pattern}")

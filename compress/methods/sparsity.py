@@ -59,13 +59,12 @@ class PruningParams(StageParams):
     @model_validator(mode="before")
     @classmethod
     def _sparsity_message(cls, data: object) -> object:
-        if isinstance(data, dict) and isinstance(data.get("sparsity"), (int, float)):
-            if not 0 < data["sparsity"] < 1:
-                raise ValueError(f"sparsity must be a fraction in (0, 1), got {data['sparsity']}")
+        if isinstance(data, dict) and isinstance(data.get("sparsity"), (int, float)) and not 0 < data["sparsity"] < 1:
+            raise ValueError(f"sparsity must be a fraction in (0, 1), got {data['sparsity']}")
         return data
 
     @model_validator(mode="after")
-    def _resolve_sparsity(self) -> "PruningParams":
+    def _resolve_sparsity(self) -> PruningParams:
         group = parse_pattern(self.pattern)
         if group is None:
             if self.sparsity is None:

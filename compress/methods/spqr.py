@@ -24,11 +24,11 @@ import torch
 from pydantic import Field, model_validator
 
 from compress.errors import CompressError
+from compress.formats.outliers import Outliers
+from compress.formats.quantized import QuantizedStatistic, QuantizedWeight
 from compress.methods.base import TargetMethod, TargetResult
 from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
 from compress.methods.quantization import QuantizationParams
-from compress.formats.outliers import Outliers
-from compress.formats.quantized import QuantizedStatistic, QuantizedWeight
 from compress.methods.registry import register
 from compress.model.targets import Target
 
@@ -45,7 +45,7 @@ class SpQRParams(QuantizationParams):
     block_size: int = Field(default=128, gt=0)
 
     @model_validator(mode="after")
-    def _groups_fit_blocks(self) -> "SpQRParams":
+    def _groups_fit_blocks(self) -> SpQRParams:
         if self.group_size is None:
             raise ValueError("spqr needs a group_size (beta1), e.g. 16")
         if self.block_size % self.group_size:

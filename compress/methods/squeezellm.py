@@ -22,10 +22,10 @@ import torch
 from pydantic import Field, model_validator
 
 from compress.errors import CompressError
-from compress.methods.base import TargetMethod, StageParams, TargetResult
-from compress.methods.kmeans import nearest, weighted_kmeans_rows
 from compress.formats.outliers import Outliers
 from compress.formats.quantized import QuantizedWeight
+from compress.methods.base import StageParams, TargetMethod, TargetResult
+from compress.methods.kmeans import nearest, weighted_kmeans_rows
 from compress.methods.registry import register
 from compress.model.targets import Target
 

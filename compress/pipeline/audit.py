@@ -68,9 +68,9 @@ def audit_step(out_dir: Path) -> dict[str, Any]:
 
 def audit_output(out_dir: str | Path) -> dict[str, Any]:
     """{"ok": bool, "problems": {target: [what is wrong]}, "checked": n, ...} for a finished output."""
-    from compress.pipeline.metrics import stored_bits_per_param
     from compress.model.load import load_model
     from compress.model.targets import discover
+    from compress.pipeline.metrics import stored_bits_per_param
 
     out = Path(out_dir)
     if not (out / REPORT_FILE).is_file():

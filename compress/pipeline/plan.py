@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from compress.calibration.data import read_text_file
-from compress.errors import CompressError
 from compress.calibration.shelf import TensorShelf
+from compress.errors import CompressError
 from compress.model.checkpoint import CheckpointFiles, keys_match
 from compress.model.load import _detect_kind, checkpoint_dtype, compute_dtype_for, materialize_source, pick_device
 from compress.model.targets import discover
@@ -180,7 +180,8 @@ def _size(count: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     lines = [f"model {plan.source}: {plan.architecture} ({plan.kind}), {plan.params:,} parameters, on {plan.device}; "
-             + ("stages stream it one block at a time" if plan.streams else "its files are not in the model's own layout: the first stage loads it whole")]
+             + ("stages stream it one block at a time" if plan.streams
+                else "its files are not in the model's own layout: the first stage loads it whole")]
     for stage in plan.stages:
         params = ", ".join(f"{k}={v}" for k, v in stage.params.items())
         experts = sum(t["fused_expert"] for t in stage.targets)

@@ -33,16 +33,12 @@ from safetensors.torch import load_file, save_file
 
 from compress import __version__
 from compress.errors import CompressError
+from compress.settings import compress_home
 
 log = logging.getLogger("compress")
 
 STEP_FILE = "step.json"
 MODEL_DIR = "model"
-
-
-def compress_home() -> Path:
-    """Where compress keeps its step cache and, by default, its MLflow store."""
-    return Path(os.environ.get("COMPRESS_HOME") or Path.home() / ".compress").expanduser()
 
 
 def digest(*parts: Any) -> str:
@@ -94,7 +90,7 @@ class StepStore:
         self.root = Path(root)
 
     @classmethod
-    def default(cls) -> "StepStore":
+    def default(cls) -> StepStore:
         return cls(compress_home() / "steps")
 
     def folder(self, kind: str, key: str) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import CompressError
-from compress.pipeline.store import compress_home
+from compress.settings import compress_home
 
 DEFAULT_PREFECT_API = "http://127.0.0.1:4200/api"
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -80,8 +80,8 @@ def submit(recipe_data: dict[str, Any], out: str | None, wait: bool, poll: float
     `wait`, the final state)."""
     from prefect.deployments import run_deployment
 
-    from compress.recipe import validate_recipe
     from compress.pipeline.store import digest
+    from compress.recipe import validate_recipe
     from compress.service.tracking import RunTracker, tracking_uri
     from flows.compress_flow import DEPLOYMENT_NAME, FLOW_NAME
 

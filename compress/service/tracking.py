@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from compress import __version__
-from compress.pipeline.store import compress_home
+from compress.settings import compress_home
 
 log = logging.getLogger("compress")
 
@@ -132,7 +132,7 @@ class RunTracker:
         )
 
     @contextmanager
-    def step(self, name: str) -> Iterator["StepRun"]:
+    def step(self, name: str) -> Iterator[StepRun]:
         """A child run for one step; FAILED with the error message if the step raises."""
         child = self.client.create_run(
             self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, "compress.step": name}
