@@ -4,6 +4,7 @@ import torch
 
 from compress.calibration.data import batches, calibration_tokens
 from compress.calibration.layerwise import PlannedStage, run_layerwise
+from compress.methods.magnitude import Magnitude
 from compress.methods.sparsity import prune_mask
 from compress.methods.wanda import Wanda, wanda_scores
 from compress.model.load import load_model
@@ -118,3 +119,75 @@ def test_siblings_reading_one_input_share_its_statistics():
     x = torch.cat([block.input_layernorm(item.hidden).reshape(-1, block.input_layernorm.weight.numel()) for item in inputs]).float()
     assert torch.allclose(collected[prefix + "self_attn.v_proj"].values()["hessian"], x.T @ x, rtol=1e-4, atol=1e-3)
     assert collected[prefix + "self_attn.v_proj"].tokens == tokens.numel()
+
+
+class _OneBlock(torch.nn.Module):
+    """`designed` reads features 0-7 (its small-weight columns see large activations), `mixed` reads
+    features 8-15 (random weights, activations of similar size: the exact ranking matters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.designed = torch.nn.Linear(8, 4, bias=False)
+        self.mixed = torch.nn.Linear(8, 6, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.designed(hidden[..., :8])
+        self.mixed(hidden[..., 8:])
+        return hidden
+
+
+class _TinyModel(torch.nn.Module):
+    """input_ids -> embedding (feature j scaled by `scale[j]`) -> one block: the engine's smallest model."""
+
+    def __init__(self, scale: torch.Tensor, vocab: int = 64) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(1)
+        self.embed = torch.nn.Embedding(vocab, scale.numel())
+        self.layers = torch.nn.ModuleList([_OneBlock()])
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(vocab, scale.numel(), generator=generator) * scale)
+            # designed: columns 0-3 small weights (0.05-0.2), columns 4-7 large ones (0.5-1), random signs
+            size = torch.rand(4, 8, generator=generator)
+            small, large = 0.05 + 0.15 * size, 0.5 + 0.5 * size
+            sign = torch.where(torch.rand(4, 8, generator=generator) < 0.5, -1.0, 1.0)
+            self.layers[0].designed.weight.copy_(sign * torch.cat([small[:, :4], large[:, 4:]], dim=1))
+            self.layers[0].mixed.weight.copy_(torch.randn(6, 8, generator=generator))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return hidden
+
+
+def test_wanda_uses_the_activation_norm_where_it_reverses_magnitude():
+    """|W_ij| * ||X_j||_2 computed here from the inputs themselves, on a layer whose small-weight
+    columns are ~1000x more active: the engine's Wanda masks are exactly the hand computation's, and
+    the opposite of magnitude's (which a Wanda scoring |W| alone would reproduce)."""
+    scale = torch.tensor([40.0, 60.0, 80.0, 100.0, 0.02, 0.04, 0.06, 0.08,  # designed: columns 0-3 active, 4-7 nearly silent
+                          0.5, 0.8, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # mixed
+    tokens = torch.randint(0, 64, (16, 32), generator=torch.Generator().manual_seed(2))
+    masks = {}
+    for method in (Wanda(Wanda.Params(sparsity=0.5)), Magnitude(Magnitude.Params(sparsity=0.5))):
+        model = _TinyModel(scale)
+        layout = discover(model)
+        assert [t.name for t in layout.targets] == ["layers.0.designed", "layers.0.mixed"]
+        state = CompressionState()
+        run_layerwise(model, layout, [PlannedStage(method, layout.targets)], state, list(tokens.split(8)), torch.device("cpu"))
+        masks[method.name] = {t.name: state.mask(t.name) for t in layout.targets}
+        for target in layout.targets:
+            assert torch.equal(target.weight != 0, masks[method.name][target.name])
+
+    model = _TinyModel(scale)  # the dense weights and the inputs they see, independent of compress's statistics
+    with torch.no_grad():
+        x = model.embed(tokens).reshape(-1, scale.numel()).double()
+    for name, columns in (("designed", slice(0, 8)), ("mixed", slice(8, 16))):
+        weight = getattr(model.layers[0], name).weight.detach().double()
+        score = weight.abs() * x[:, columns].pow(2).sum(dim=0).sqrt()[None, :]
+        expected = torch.ones_like(weight, dtype=torch.bool)
+        for row in range(weight.shape[0]):
+            expected[row, score[row].argsort()[: weight.shape[1] // 2]] = False  # the half of each row scoring lowest
+        assert torch.equal(masks["wanda"][f"layers.0.{name}"], expected), f"{name}: Wanda's mask is not |W| * ||x_j||'s"
+    designed = masks["wanda"]["layers.0.designed"]
+    assert designed[:, :4].all() and not designed[:, 4:].any()  # the active, small-weight columns are kept
+    assert torch.equal(masks["magnitude"]["layers.0.designed"], ~designed)  # magnitude drops exactly those

@@ -1,11 +1,22 @@
-"""Fidelity metrics: the binned KL against the full one, and a model scored against itself."""
+"""Fidelity metrics: the binned KL against the full one, a model scored against itself, and the
+perplexity windows and formula against a hand computation."""
 
+import math
+
+import pytest
 import torch
+import torch.nn.functional as F
+from conftest import fast_recipe
 from test_pipeline import dense_tokenizer
 
+import compress
 from compress.calibration.data import embedded_text, read_text_file, tokenize
 from compress.model.load import embedded_model_path
-from compress.pipeline.metrics import _binned_kl, causal_scores, eval_windows
+from compress.pipeline.evaluate import eval_tokens, evaluate_step
+from compress.pipeline.load import load_step
+from compress.pipeline.metrics import _binned_kl, causal_scores, eval_windows, perplexity
+from compress.pipeline.store import StepStore
+from compress.recipe import validate_recipe
 
 
 def _full_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -44,3 +55,49 @@ def test_a_model_against_its_own_top_tokens_has_no_kl_and_full_agreement():
         model.model.layers[0].mlp.down_proj.weight.mul_(0.5)
     changed = causal_scores(model, windows, torch.device("cpu"), batch_size=4, reference=dense.top_tokens)
     assert changed.kl_to_reference > 1e-4 and changed.top1_agreement < 1.0
+
+
+def test_eval_windows_are_consecutive_disjoint_slices_of_the_text():
+    """Window k is ids[k * seqlen:(k + 1) * seqlen]: no token is scored twice, none is skipped before
+    the tail, and the order is the text's (so a stride below seqlen cannot pass)."""
+    ids = torch.arange(1000) * 7 + 3  # every token distinct: any overlap or gap shows
+    for seqlen, cap in ((128, None), (100, 4), (7, None), (333, 10)):
+        windows = eval_windows(ids, seqlen, cap)
+        count = min(ids.numel() // seqlen, cap if cap is not None else ids.numel())
+        assert windows.shape == (count, seqlen)
+        for k in range(count):
+            assert torch.equal(windows[k], ids[k * seqlen : (k + 1) * seqlen]), f"window {k} (seqlen {seqlen})"
+        assert torch.equal(windows.reshape(-1), ids[: count * seqlen])  # disjoint, in order, nothing skipped
+
+
+def test_evaluate_step_perplexity_is_exp_of_the_mean_token_nll_computed_by_hand(tmp_path):
+    """The evaluate step's windows and perplexity against a plain loop: windows cut by hand from the
+    tokenized eval text, each scored with cross_entropy on the embedded model, ppl = exp(mean NLL)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    seqlen, max_windows = 128, 12
+    recipe = validate_recipe(fast_recipe({"method": "magnitude", "sparsity": 0.5},
+                                         evaluate={"seqlen": seqlen, "max_windows": max_windows, "dense": False}))
+    load = load_step(recipe)
+    measured = evaluate_step(StepStore(tmp_path / "steps"), recipe, load, load).info  # the dense checkpoint, scored
+
+    model = AutoModelForCausalLM.from_pretrained(compress.embedded_model(), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(compress.embedded_model())
+    text = read_text_file(embedded_text("eval.txt"), "eval")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    count = min(ids.numel() // seqlen, max_windows)
+    nlls = []
+    with torch.no_grad():
+        for k in range(count):
+            window = ids[k * seqlen : (k + 1) * seqlen]
+            logits = model(input_ids=window[None], use_cache=False).logits[0, :-1].float()
+            nlls.append(F.cross_entropy(logits, window[1:], reduction="none"))
+    expected = math.exp(torch.cat(nlls).mean().item())
+
+    assert measured["perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert measured["evaluation"]["windows"] == count and measured["evaluation"]["tokens"] == count * seqlen
+    windows, _ = eval_tokens(recipe, tokenizer)  # what the evaluate step scores
+    assert windows.shape == (count, seqlen)
+    for k in range(count):
+        assert torch.equal(windows[k], ids[k * seqlen : (k + 1) * seqlen]), f"window {k} is not the text's k-th slice"
+    assert perplexity(model, windows, torch.device("cpu"), batch_size=5) == pytest.approx(expected, rel=1e-5)

@@ -9,11 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from conftest import KILL_AT, fast_recipe, output_bytes, register_kill_method
 
+from compress.calibration.capture import BlockInputs
+from compress.calibration.layerwise import StageOutcome
+from compress.calibration.resume import HIDDEN_FILE, PROGRESS_FILE, RESUME_DIR, StageBlocks
+from compress.calibration.streaming import open_blockwise
 from compress.pipeline.engine import run
 from compress.pipeline.store import StepStore
-from compress.recipe import validate_recipe
+from compress.recipe import ModelSpec, validate_recipe
+from compress.state import CompressionState
 
 TESTS = Path(__file__).parent
 TARGETS_PER_BLOCK = 7  # the embedded LLaMA: q, k, v, o, gate, up, down
@@ -91,3 +97,44 @@ def test_a_resumed_squeezellm_stage_reuses_its_fisher_sums(tmp_path, monkeypatch
     assert not (stage / "fisher").exists()  # the sums are an input of the stage, not part of its output
     run(validate_recipe(recipe), tmp_path / "fresh", store=StepStore(tmp_path / "fresh-steps"))
     assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "fresh")
+
+
+def test_checkpoints_under_another_fingerprint_are_dropped_and_own_ones_resume(tmp_path):
+    """StageBlocks directly: blocks 0 and 1 checkpointed under fingerprint A (shards, target states,
+    hidden states, progress.json). Opened again with A it resumes at block 2 with those hidden states
+    and outcomes; opened with B it starts at block 0 with nothing restored and the stale files gone."""
+    spec = ModelSpec(device="cpu", kind="causal")
+    folder = tmp_path / "stage"
+    resume_dir = folder / RESUME_DIR
+    generator = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(2, 16, 128, generator=generator) for _ in range(2)]
+
+    first_run = StageBlocks(open_blockwise(spec), folder, folder / "model", "fingerprint-A")
+    outcomes, state = [StageOutcome()], CompressionState()
+    for index in (0, 1):
+        first_run.fetch(index)
+        for target in first_run.model.layout.targets:
+            if target.block == index:
+                state.get(target.name).mask = target.weight != 0
+                outcomes[0].tokens[target.name] = 32
+        outcomes[0].zeros += 100 * (index + 1)
+        first_run.finish(index, [BlockInputs(h, (), {}) for h in hidden], outcomes, state)
+    saved = json.loads((resume_dir / PROGRESS_FILE).read_text())
+    assert saved["fingerprint"] == "fingerprint-A" and saved["next_block"] == 2
+    stale = sorted(p.name for p in resume_dir.iterdir())
+    assert stale == sorted([HIDDEN_FILE, PROGRESS_FILE, "state-0", "state-1"])
+
+    same = StageBlocks(open_blockwise(spec), folder, folder / "model", "fingerprint-A")
+    restored = [StageOutcome()]
+    start, states = same.resume(restored, CompressionState())
+    assert start == 2 and same.resumed_at == 2
+    assert states is not None and len(states) == 2 and all(torch.equal(a, b) for a, b in zip(states, hidden))
+    assert restored[0].zeros == 300 and restored[0].tokens == outcomes[0].tokens
+    assert sorted(p.name for p in resume_dir.iterdir()) == stale  # resuming reads, it removes nothing
+
+    other = StageBlocks(open_blockwise(spec), folder, folder / "model", "fingerprint-B")
+    fresh = [StageOutcome()]
+    start, states = other.resume(fresh, CompressionState())
+    assert start == 0 and states is None and other.resumed_at == 0
+    assert fresh == [StageOutcome()]  # nothing of fingerprint A's outcomes came in
+    assert resume_dir.is_dir() and list(resume_dir.iterdir()) == []  # A's progress, hidden states, target states gone
