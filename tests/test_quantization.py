@@ -40,10 +40,13 @@ def test_rtn_has_at_most_2_to_the_bits_values_per_group(group_size):
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_16_bits_is_lossless_within_fp_tolerance(method):
-    weight, _, hessian = _layer()
-    quantized = (rtn_quantize(weight, 16, 32) if method == "rtn" else gptq_quantize(weight, hessian, 16, 32))[0]
+@pytest.mark.parametrize("columns", [128, 120, 97])  # 120, 97: the last group of 32 is 24, 1 wide
+def test_16_bits_is_lossless_within_fp_tolerance(method, columns):
+    weight, _, hessian = _layer(columns=columns)
+    quantized, packed = rtn_quantize(weight, 16, 32) if method == "rtn" else gptq_quantize(weight, hessian, 16, 32)
     assert torch.allclose(quantized, weight, atol=1e-3 * weight.abs().max().item())
+    if method == "gptq":  # the packed form (a last, shorter group included) rebuilds it
+        assert packed.scale.shape == (32, -(-columns // 32)) and torch.equal(packed.dequantize(), quantized)
 
 
 @pytest.mark.parametrize("bits, group_size", [(3, None), (3, 32), (4, 32), (2, 16)])

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from compress.calibration.capture import BlockInputs, block_outputs, capture_block_inputs, run_block
 from compress.calibration.statistics import STATISTICS, gather
 from compress.methods.base import TargetMethod
 from compress.model.targets import ModelLayout, Target
+from compress.progress import bar
 from compress.state import CompressionState
 
 
@@ -48,6 +48,7 @@ class StageOutcome:
     seconds: float = 0.0  # the stage's own statistics passes and compression
     tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens that reached each target
     no_tokens: list[str] = field(default_factory=list)  # targets (experts) no token reached: method fell back
+    fallbacks: dict[str, str] = field(default_factory=dict)  # target -> what its method did instead (TargetResult.fallback)
     changed: int = 0  # targets whose weights the stage changed
     # relative output error on the calibration inputs, ||(W - W')X||^2 / ||WX||^2 (W: before the
     # stage), and the seconds each target took; when the run measures errors
@@ -77,9 +78,11 @@ def apply_to_target(
     statistics: dict[str, torch.Tensor],
     state: CompressionState,
     dense: torch.Tensor | None = None,
+    fallbacks: dict[str, str] | None = None,
 ) -> bool:
-    """Apply the method's pure core to one target and record its mask in the state; True if the
-    target's weights changed."""
+    """Apply the method's pure core to one target and record its mask in the state (and in
+    `fallbacks`, what the method did instead of its own work, if it had to); True if the target's
+    weights changed."""
     previous = state.mask(target.name)
     weight = target.weight
     before = _fingerprint(weight)
@@ -92,6 +95,8 @@ def apply_to_target(
         entry.mask = result.mask.cpu()
     entry.quantized = None if result.quantized is None else result.quantized.to("cpu")  # a later stage's change voids it
     entry.stages.append(method.name)
+    if result.fallback is not None and fallbacks is not None:
+        fallbacks[target.name] = result.fallback
     return _fingerprint(weight) != before
 
 
@@ -119,7 +124,7 @@ def _compress_targets(
             hessian = hessian.clone()  # the method may damp it in place
         before = target.weight.float().clone() if hessian is not None else None
         start = time.perf_counter()
-        outcome.changed += apply_to_target(stage.method, target, stats, state, dense)
+        outcome.changed += apply_to_target(stage.method, target, stats, state, dense, outcome.fallbacks)
         outcome.target_seconds[target.name] = time.perf_counter() - start
         if hessian is not None:
             outcome.errors[target.name] = relative_output_error(before, target.weight, hessian)
@@ -179,7 +184,7 @@ def run_layerwise(
     if hidden is not None:
         for item, saved in zip(context.inputs, hidden, strict=True):
             item.hidden = saved.to(item.hidden.device, item.hidden.dtype)
-    progress = tqdm(total=len(layout.blocks), initial=first, desc=" + ".join(s.label or s.method.name for s in stages), unit="block", leave=False)
+    progress = bar(total=len(layout.blocks), initial=first, desc=" + ".join(s.label or s.method.name for s in stages), unit="block")
     with torch.no_grad():
         for index in range(first, len(layout.blocks)):
             handler.fetch(index)

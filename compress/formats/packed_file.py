@@ -15,7 +15,9 @@ One safetensors file (`packed.safetensors`) holds, per target NAME:
                     NAME.codes holds the codes of the kept weights only
   NAME.perm         int16 [in] (read as unsigned), when the columns were quantized in another order (SpQR act-order):
                     everything above is in that order, and column k of it is column perm[k] of W
-and in the header metadata, per target: shape, bits, group size and how each statistic is stored.
+and in the header metadata, per target: shape, bits, group size and how each statistic is stored
+(groups = ceil(in / group size): where the group size does not divide the input size, the last
+group is shorter; nothing else in the file changes).
 Dequantized: w = scale * (code - zero) per group (or lut[row, code]), outliers overwrite their positions, pruned
 weights are zero, and the columns go back to their places. The
 methods compute the evaluated weights with the same expression, so `read_packed` + `dequantize`

@@ -39,7 +39,9 @@ class QuantizedWeight:
 
     shape: tuple[int, int]
     bits: int
-    group_size: int  # input columns per group; equals the input size for one group per row (and with a lut)
+    # input columns per group; equals the input size for one group per row (and with a lut). The last
+    # group is shorter when it does not divide the input size: groups = ceil(in / group_size)
+    group_size: int
     codes: torch.Tensor  # int [out, in]
     scale: torch.Tensor | QuantizedStatistic | None  # float16 [out, groups] or quantized; None with a lut
     zero: torch.Tensor | QuantizedStatistic | None  # float16, or integer-valued float32 (stored in `bits` bits), or quantized
@@ -49,8 +51,9 @@ class QuantizedWeight:
     lut: torch.Tensor | None = None  # float16 [out, 2^bits]: per-row table of values, used instead of scale and zero
 
     def group_values(self, statistic: torch.Tensor | QuantizedStatistic) -> torch.Tensor:
+        """A group's statistic for each of its columns, [out, in] (a last, shorter group is cut to fit)."""
         values = statistic.values() if isinstance(statistic, QuantizedStatistic) else statistic.float()
-        return values.repeat_interleave(self.group_size, dim=1)
+        return values.repeat_interleave(self.group_size, dim=1)[:, : self.shape[1]]
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         def move(value):

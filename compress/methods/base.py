@@ -27,7 +27,9 @@ class TargetSelection(BaseModel):
     """Which targets a stage compresses: glob patterns (or `re:` regexes) over target names.
 
     Targets are the Linear layers and fused MoE experts inside the model's repeated blocks; lm_head,
-    embeddings, norms and MoE routers are never targets. A pattern that matches nothing is an error.
+    embeddings and norms are never targets. Gates and routers (`gate`, `router`, `*_gate` such as
+    `shared_expert_gate`) are taken only by a pattern that spells out their name (`*.shared_expert_gate`),
+    never through a wildcard (compress/model/targets.py). A pattern that matches nothing is an error.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -51,6 +53,9 @@ class TargetResult:
     weight: torch.Tensor
     mask: torch.Tensor | None = None  # True where a weight is kept
     quantized: QuantizedWeight | None = None  # the packed form, for methods that quantize
+    # what the method did instead when it could not do its own work on this target (a Hessian that
+    # cannot be factored: round-to-nearest, magnitude pruning) and why; None when it did its own
+    fallback: str | None = None
 
 
 class Method:

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from compress.formats.quantized import QuantizedWeight
 from compress.methods.base import TargetMethod, TargetResult
-from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
+from compress.methods.obs import HessianNotPositiveDefinite, hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
 from compress.methods.quantization import (
     Grid,
     QuantizationParams,
@@ -25,6 +25,7 @@ from compress.methods.quantization import (
     round_to_grid,
 )
 from compress.methods.registry import register
+from compress.methods.rtn import RTN
 from compress.model.targets import Target
 
 
@@ -128,7 +129,12 @@ class GPTQ(TargetMethod):
     ) -> TargetResult:
         hessian = hessian_or_identity(statistics, weight)
         p = self.params
-        quantized, packed = gptq_quantize(
-            weight, hessian, p.bits, p.group_size, p.symmetric, mask, p.block_size, p.damp, p.act_order, p.static_groups
-        )
+        try:
+            quantized, packed = gptq_quantize(
+                weight, hessian, p.bits, p.group_size, p.symmetric, mask, p.block_size, p.damp, p.act_order, p.static_groups
+            )
+        except HessianNotPositiveDefinite as error:  # round to nearest on the same grids, in column order
+            result = RTN(p).compress_target(weight, {}, mask)
+            result.fallback = f"round-to-nearest ({error})"
+            return result
         return TargetResult(weight=quantized, mask=mask, quantized=packed)

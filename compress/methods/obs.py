@@ -28,6 +28,11 @@ class ColumnRule(Protocol):
     def column(self, start: int, j: int, block: torch.Tensor, hinv_block: torch.Tensor) -> torch.Tensor: ...
 
 
+class HessianNotPositiveDefinite(CompressError):
+    """The damped Hessian could not be factored even after the retries (a NaN, a degenerate input, too
+    little calibration data): a method falls back to its data-free form on that target."""
+
+
 @dataclass
 class InverseHessian:
     factor: torch.Tensor  # upper Cholesky factor of the damped inverse Hessian
@@ -53,7 +58,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 4)
 
     Inputs that never fired (zero diagonal) get a unit diagonal so the matrix stays invertible; their
     weights do not affect the output on the calibration data. If H is not positive definite even after
-    damping (rank-deficient calibration), the damping is raised tenfold, up to `retries` times.
+    damping (rank-deficient calibration), the damping is raised tenfold, up to `retries` times; then
+    HessianNotPositiveDefinite (a factor with NaN or inf counts as a failure too).
     """
     hessian = hessian.float().clone()
     dead = torch.diag(hessian) == 0
@@ -67,10 +73,10 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 4)
         if info == 0:
             inverse = torch.cholesky_inverse(lower)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info == 0:
+            if info == 0 and bool(torch.isfinite(upper).all()):
                 return InverseHessian(upper, dead, damp)
         damp *= 10
-    raise CompressError(
+    raise HessianNotPositiveDefinite(
         f"Hessian is not positive definite even with damping {damp / 10:g}: use more calibration samples"
     )
 

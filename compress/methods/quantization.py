@@ -13,31 +13,19 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from compress.errors import CompressError
 from compress.formats.quantized import SMALLEST_SCALE, QuantizedWeight
 from compress.methods.base import StageParams
-from compress.model.targets import Target
 
 
 class QuantizationParams(StageParams):
     """`bits`: grid size 2^bits (2-8; 16 for a lossless check); `group_size`: input columns sharing
-    one scale and zero point per output row (None: one per row, "per-channel"); `symmetric`: a grid
-    centred on zero instead of min/max."""
+    one scale and zero point per output row (None: one per row, "per-channel"); where it does not
+    divide a target's input size, the last group is shorter and quantized like the others;
+    `symmetric`: a grid centred on zero instead of min/max."""
 
     bits: int = Field(default=4, ge=2, le=16)
     group_size: int | None = Field(default=128, gt=0)
     symmetric: bool = False
-
-    def check_target(self, target: Target) -> None:
-        check_group_divides(target, self.group_size)
-
-
-def check_group_divides(target: Target, group_size: int | None) -> None:
-    if group_size is not None and target.in_features % group_size:
-        raise CompressError(
-            f"target {target.name}: input size {target.in_features} is not divisible by group_size={group_size}; "
-            f"choose a group_size that divides it (or none for per-channel), or exclude the target"
-        )
 
 
 @dataclass

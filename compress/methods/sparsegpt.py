@@ -14,7 +14,8 @@ import torch
 from pydantic import Field, model_validator
 
 from compress.methods.base import TargetResult
-from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
+from compress.methods.magnitude import Magnitude
+from compress.methods.obs import HessianNotPositiveDefinite, hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
 from compress.methods.registry import register
 from compress.methods.sparsity import NM, PruningMethod, PruningParams, parse_pattern, prune_mask
 from compress.model.targets import Target
@@ -97,5 +98,10 @@ class SparseGPT(PruningMethod):
     ) -> TargetResult:
         hessian = hessian_or_identity(statistics, weight)
         params = self.params
-        pruned, keep = sparsegpt_prune(weight, hessian, params.sparsity, params.pattern, mask, params.block_size, params.damp)
+        try:
+            pruned, keep = sparsegpt_prune(weight, hessian, params.sparsity, params.pattern, mask, params.block_size, params.damp)
+        except HessianNotPositiveDefinite as error:  # magnitude pruning, same pattern and sparsity (prune_mask)
+            result = Magnitude(params).compress_target(weight, {}, mask)
+            result.fallback = f"magnitude pruning ({error})"
+            return result
         return TargetResult(weight=pruned, mask=keep)

@@ -3,11 +3,12 @@ themselves quantized, and the weights the groups cannot represent kept in 16 bit
 
 In the shared OBS sweep (`compress.methods.obs`), optionally over columns reordered by descending
 Hessian diagonal (act-order), SpQR's column rule:
-- at a group's first column (groups of `group_size` = beta1 input columns): fit a min/max grid per
-  row on the group's current weights, with the weights whose leave-one-out criterion marks them as
-  likely outliers (and pruned weights) replaced by the row's mean of the others; then quantize the
-  group's scales and zero points along the output dimension, `qq_groupsize` = beta2 rows sharing a
-  `qq_*_bits` grid with float16 statistics. Weights are quantized with the dequantized statistics.
+- at a group's first column (groups of `group_size` = beta1 input columns, the last one shorter where
+  beta1 does not divide the input size): fit a min/max grid per row on the group's current weights,
+  with the weights whose leave-one-out criterion marks them as likely outliers (and pruned weights)
+  replaced by the row's mean of the others; then quantize the group's scales and zero points along
+  the output dimension, `qq_groupsize` = beta2 rows sharing a `qq_*_bits` grid with float16
+  statistics. Weights are quantized with the dequantized statistics.
 - per column: round to the group's grid; a weight whose scaled error ((w - q) / d)^2 exceeds the
   outlier threshold keeps its (float16) value instead, and is stored in CSR. Pruned weights stay 0
   and are never outliers.
@@ -27,7 +28,7 @@ from compress.errors import CompressError
 from compress.formats.outliers import Outliers
 from compress.formats.quantized import QuantizedStatistic, QuantizedWeight
 from compress.methods.base import TargetMethod, TargetResult
-from compress.methods.obs import hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
+from compress.methods.obs import HessianNotPositiveDefinite, hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
 from compress.methods.quantization import QuantizationParams
 from compress.methods.registry import register
 from compress.model.targets import Target
@@ -123,7 +124,7 @@ class SpQRRule:
     def _fit_group(self, at: int, group: torch.Tensor, diagonal: torch.Tensor) -> None:
         p = self.p
         excluded = torch.zeros_like(group, dtype=torch.bool)
-        if self.threshold != float("inf") and not p.simplified_outliers:
+        if self.threshold != float("inf") and not p.simplified_outliers and group.shape[1] > 1:  # a last group may be 1 wide
             excluded |= leave_one_out_error(group, diagonal, p.bits) > self.threshold
         if self.keep is not None:
             excluded |= ~self.keep[:, at : at + group.shape[1]]
@@ -206,5 +207,12 @@ class SpQR(TargetMethod):
         dense: torch.Tensor | None = None,
     ) -> TargetResult:
         hessian = hessian_or_identity(statistics, weight)
-        quantized, packed = spqr_quantize(weight, hessian, self.params, mask)
+        try:
+            quantized, packed = spqr_quantize(weight, hessian, self.params, mask)
+        except HessianNotPositiveDefinite as error:
+            # round to nearest on SpQR's own grids and format: with H = I the sweep compensates nothing
+            # (as for an expert no token reached), in column order
+            identity = hessian_or_identity({}, weight)
+            quantized, packed = spqr_quantize(weight, identity, self.params.model_copy(update={"permutation_order": "identity"}), mask)
+            return TargetResult(weight=quantized, mask=mask, quantized=packed, fallback=f"round-to-nearest ({error})")
         return TargetResult(weight=quantized, mask=mask, quantized=packed)

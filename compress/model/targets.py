@@ -4,7 +4,16 @@ A target is a Linear layer inside one of the model's repeated blocks, or one exp
 parameter (transformers 5 stores experts as 3-D tensors, `experts.gate_up_proj` [E, 2I, H]): each
 expert is its own target, named like the per-expert Linear it replaces
 (`model.layers.0.mlp.experts.3.gate_up_proj`), so patterns written for either layout match.
-lm_head, embeddings, norms and MoE routers are never targets.
+lm_head, embeddings, norms and MoE routers that are not Linear layers (transformers 5's `TopKRouter`)
+are never targets.
+
+Gates and routers are left out by default. A Linear is a gate when its own name (the last part of its
+module path) is `gate` or `router`, or ends in `_gate` or `_router` (Qwen2-MoE's `shared_expert_gate`,
+a [1, hidden] Linear scaling the shared expert's output); `gate_proj` and `gate_up_proj` are MLP
+weights, not gates. A gate is a target that `select` takes only when an include pattern both matches
+its name and spells its own name out as the pattern's last dot-separated part, with no wildcard
+(`*.shared_expert_gate`, `model.layers.0.mlp.shared_expert_gate`, `re:.*\\.shared_expert_gate`): `*`,
+`*_gate` or `*.mlp.*` never take it. The layout lists every gate in `left_out` with that reason.
 """
 
 from __future__ import annotations
@@ -18,7 +27,16 @@ from torch import nn
 
 from compress.errors import CompressError
 
-ROUTER_NAMES = ("gate", "router")  # a Linear with this name inside a MoE block is its router
+ROUTER_NAMES = ("gate", "router")  # a module with this name inside a MoE block is its router
+GATE_SUFFIXES = ("_gate", "_router")  # shared_expert_gate: a gate too (gate_proj, gate_up_proj are not)
+ROUTER_REASON = "MoE router (kept dense: it decides which expert sees a token)"
+GATE_REASON = "gate (kept dense: it decides how much of a branch's output a token gets)"
+OPT_IN = "; compressed only when a stage's targets.include names it explicitly"
+
+
+def is_gate_name(leaf: str) -> bool:
+    """Whether a module's own name makes it a gate or router (see the module docstring)."""
+    return leaf in ROUTER_NAMES or leaf.endswith(GATE_SUFFIXES)
 
 
 @dataclass(eq=False)
@@ -28,6 +46,7 @@ class Target:
     param_name: str  # "weight" for a Linear; the 3-D parameter's name for fused experts
     block: int
     expert: int | None = None
+    gate: bool = False  # a gate or router: selected only when an include pattern names it explicitly
 
     @property
     def weight(self) -> torch.Tensor:
@@ -103,10 +122,11 @@ def discover(model: nn.Module) -> ModelLayout:
             full = f"{prefix}.{name}"
             parent, _, leaf = name.rpartition(".")
             if isinstance(module, nn.Linear):
-                if leaf in ROUTER_NAMES and parent in moe_parents:
-                    left_out[full] = "MoE router (kept dense: it decides which expert sees a token)"
-                    continue
-                targets.append(Target(full, module, "weight", index))
+                gate = is_gate_name(leaf)
+                if gate:
+                    router = leaf in ROUTER_NAMES and parent in moe_parents
+                    left_out[full] = (ROUTER_REASON if router else GATE_REASON) + OPT_IN
+                targets.append(Target(full, module, "weight", index, gate=gate))
             elif is_fused_experts(module):
                 for param_name, param in module.named_parameters(recurse=False):
                     if param.dim() != 3:
@@ -114,7 +134,7 @@ def discover(model: nn.Module) -> ModelLayout:
                     for expert in range(param.shape[0]):
                         targets.append(Target(f"{full}.{expert}.{param_name}", module, param_name, index, expert))
             elif leaf in ROUTER_NAMES and parent in moe_parents:
-                left_out[full] = "MoE router (kept dense: it decides which expert sees a token)"
+                left_out[full] = ROUTER_REASON
     block_params = {id(p) for p in blocks.parameters()}
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Embedding)) and not any(id(p) in block_params for p in module.parameters()):
@@ -137,8 +157,23 @@ def _matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+def _names_gate(pattern: str, target: Target) -> bool:
+    """Whether an include pattern takes a gate: it matches the gate's name and its last dot-separated
+    part is the gate's own name, spelled out (no wildcard takes a gate)."""
+    leaf = target.name.rpartition(".")[2]
+    last = pattern[3:].replace("\\.", ".").rpartition(".")[2] if pattern.startswith("re:") else pattern.rpartition(".")[2]
+    return last == leaf and _matches(pattern, target.name)
+
+
+def _included(patterns: list[str], target: Target) -> bool:
+    if target.gate:
+        return any(_names_gate(p, target) for p in patterns)
+    return any(_matches(p, target.name) for p in patterns)
+
+
 def select(targets: list[Target], include: list[str], exclude: list[str], where: str = "targets") -> list[Target]:
-    """Targets matching any include pattern and no exclude pattern; a pattern matching nothing is an error."""
+    """Targets matching any include pattern and no exclude pattern; a pattern matching nothing is an
+    error. A gate (`Target.gate`) is included only by a pattern that names it (see the module docstring)."""
     for kind, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns:
             if pattern.startswith("re:"):
@@ -146,14 +181,18 @@ def select(targets: list[Target], include: list[str], exclude: list[str], where:
                     re.compile(pattern[3:])
                 except re.error as error:
                     raise CompressError(f"{where}.{kind}: bad regex {pattern!r}: {error}") from None
-            if not any(_matches(pattern, t.name) for t in targets):
+            matched = [t for t in targets if _matches(pattern, t.name)]
+            if not matched:
                 example = targets[0].name
                 raise CompressError(
                     f"{where}.{kind} pattern {pattern!r} matches no target (target names look like {example!r})"
                 )
-    chosen = [
-        t for t in targets if any(_matches(p, t.name) for p in include) and not any(_matches(p, t.name) for p in exclude)
-    ]
+            if kind == "include" and not any(_included([pattern], t) for t in matched):
+                raise CompressError(
+                    f"{where}.include pattern {pattern!r} matches only gates/routers ({matched[0].name}, ...), which are "
+                    f"taken only by a pattern that spells out their own name, such as '*.{matched[0].name.rpartition('.')[2]}'"
+                )
+    chosen = [t for t in targets if _included(include, t) and not any(_matches(p, t.name) for p in exclude)]
     if not chosen:
         raise CompressError(f"{where}: include {include} minus exclude {exclude} leaves no target to compress")
     return chosen

@@ -80,6 +80,10 @@ def _layerwise(
     if result.no_tokens:
         log.warning("%s: no calibration token reached %d targets (%s...): they were compressed without "
                     "activation statistics", planned.label, len(result.no_tokens), result.no_tokens[0])
+    if result.fallbacks:
+        first = next(iter(result.fallbacks.items()))
+        log.warning("%s: %d targets fell back to a data-free form (%s: %s%s)", planned.label, len(result.fallbacks), *first,
+                    ", ..." if len(result.fallbacks) > 1 else "")
     for shelf in shelves.values():
         shelf.remove()  # an input of the stage, not part of its output
     blocks.close(state, folder)
@@ -149,6 +153,7 @@ def _stage_info(planned: PlannedStage, result: StageOutcome, forward_seconds: fl
         "sparsity": result.sparsity,
         "tokens": result.tokens,
         "no_calibration_tokens": result.no_tokens,
+        "fallbacks": result.fallbacks,
         "layer_error": result.errors,
         "target_seconds": result.target_seconds,
         "resumed_at_block": resumed_at,
