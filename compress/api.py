@@ -50,12 +50,13 @@ def _as_recipe(recipe: RecipeLike, overrides: Sequence[str] = ()) -> Recipe:
 
 def run(
     recipe: RecipeLike, model: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
-    overrides: Sequence[str] = (), track: bool = True,
+    overrides: Sequence[str] = (), track: bool = True, overwrite: bool = False,
 ) -> dict[str, Any]:
     """Do what `compress run` does: compress `model` (a local folder or hub id; default: the recipe's
     model, else the embedded one) with `recipe` (a file, a dict or a Recipe), evaluate, export to
-    `out` (default: the recipe's output.dir, else runs/<recipe name>), and return the report (also in
-    OUT/report.json). `overrides` are `key.path=value` strings as `--set` takes. With `track` the run
+    `out` (default: the recipe's output.dir, else runs/<recipe>-<model>-<hash>), and return the
+    report (also in OUT/report.json). An existing output of another recipe or model is replaced only
+    with `overwrite`; a folder compress did not write, never. `overrides` are `key.path=value` strings as `--set` takes. With `track` the run
     goes through the Prefect flow and is recorded in MLflow, and the report gains a `tracking` entry
     (MLflow run id, registered model version).
 
@@ -67,22 +68,22 @@ def run(
     >>> round(report["metrics"]["sparsity"], 3)
     0.5
     """
-    from compress.pipeline.export import resolve_output_dir
+    from compress.pipeline.output import resolve_output_dir
     from compress.pipeline.plan import build_plan
 
     overrides = list(overrides)
     if model is not None:
         overrides.insert(0, f"model.source={json.dumps(os.fspath(model))}")
     parsed = _as_recipe(recipe, overrides)
-    out_dir = resolve_output_dir(parsed, out)
+    out_dir = resolve_output_dir(parsed, out, overwrite)
     if not track:
         from compress.pipeline.engine import run as run_steps
 
-        return run_steps(parsed, out_dir)
+        return run_steps(parsed, out_dir, overwrite=overwrite)
     build_plan(parsed)  # every input error, before Prefect, MLflow or calibration start
     from flows.compress_flow import compress_recipe
 
-    result = compress_recipe(recipe=parsed.to_data(), out=str(out_dir))
+    result = compress_recipe(recipe=parsed.to_data(), out=str(out_dir), overwrite=overwrite)
     return {**result["report"], "tracking": {"mlflow_run_id": result["mlflow_run_id"], "model_version": result["model_version"]}}
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -43,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     plan = recipe_command("plan", "resolve every stage against the model (no weights loaded, no calibration)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     run = recipe_command("run", "run a recipe here: the Prefect flow in-process, tracked in MLflow")
-    run.add_argument("--out", help="output folder (default: the recipe's output.dir, else runs/<recipe name>)")
+    run.add_argument("--out", help="output folder (default: the recipe's output.dir, else runs/<recipe>-<model>-<hash>)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier output of another recipe or model (never a folder compress did not write)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--no-track", action="store_true", help="plain run: no Prefect, no MLflow (same steps, same output)")
     submit = recipe_command("submit", "send a recipe to the served flow (`compress serve`); prints the run ids")
@@ -91,10 +94,14 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(recipe.describe(), indent=2))
         return 0
     from compress.api import run
-    from compress.pipeline.export import resolve_output_dir
+    from compress.pipeline.output import resolve_output_dir
+    from compress.pipeline.store import StepStore
+    from compress.stopping import run_interruptible
 
-    out = resolve_output_dir(recipe, args.out)
-    report = run(recipe, out=out, track=not args.no_track)
+    out = resolve_output_dir(recipe, args.out, args.overwrite)
+    again = shlex.join(["compress", *(args.argv or sys.argv[1:])])
+    report = run_interruptible(lambda: run(recipe, out=out, track=not args.no_track, overwrite=args.overwrite),
+                               f"finished steps and blocks are kept in {StepStore.default().root}; resume with: {again}")
     print(_summary(report, str(out)))
     if "tracking" in report:
         tracking = report["tracking"]
@@ -214,9 +221,9 @@ def _ui(args: argparse.Namespace) -> int:
     uri = tracking_uri()
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}", file=sys.stderr)
-    import subprocess
+    from compress.stopping import run_server
 
-    return subprocess.call(command)
+    return run_server(command)
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -236,8 +243,11 @@ _COMMANDS = {"validate": _run, "plan": _plan, "run": _run, "serve": _serve, "sub
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = argv
     if getattr(args, "quiet", False):
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when a bar is created
+        from compress.progress import set_quiet
+
+        set_quiet(True)
     # Our own progress lines at INFO; the libraries' (HTTP requests, MLflow's store) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("compress").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)

@@ -21,8 +21,9 @@ from prefect.cache_policies import NO_CACHE
 from compress.errors import CompressError
 from compress.pipeline.engine import run
 from compress.pipeline.export import layer_error_summary
+from compress.pipeline.output import model_label
 from compress.pipeline.store import StepResult, StepStore, digest
-from compress.recipe import validate_recipe
+from compress.recipe import Recipe, validate_recipe
 from compress.service.tracking import RunTracker
 from compress.settings import compress_home
 
@@ -75,8 +76,8 @@ def _step_metrics(result: Any) -> dict[str, Any]:
     return {}
 
 
-def default_output_dir(recipe_name: str, run_id: str) -> Path:
-    return compress_home() / "outputs" / f"{recipe_name}-{run_id[:8]}"
+def default_output_dir(recipe: Recipe, run_id: str) -> Path:
+    return compress_home() / "outputs" / f"{recipe.name}-{model_label(recipe)}-{run_id[:8]}"
 
 
 @flow(name=FLOW_NAME, log_prints=True, persist_result=False)
@@ -86,6 +87,7 @@ def compress_recipe(
     mlflow_run_id: str | None = None,
     tracking_uri: str | None = None,
     register_as: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run one recipe (its data, as `compress validate` resolves it); returns where the output is
     and the MLflow run and registered model version."""
@@ -97,7 +99,7 @@ def compress_recipe(
         recipe, digest(parsed.describe()), str(parsed.model.source or "<embedded model>"),
         run_id=mlflow_run_id, uri=tracking_uri, flow_run_id=str(flow_run.id or ""),
     )
-    out_dir = Path(out) if out else (Path(parsed.output.dir) if parsed.output.dir else default_output_dir(parsed.name, tracker.run_id))
+    out_dir = Path(out) if out else (Path(parsed.output.dir) if parsed.output.dir else default_output_dir(parsed, tracker.run_id))
     retries = int(os.environ.get("COMPRESS_STEP_RETRIES", "2"))
 
     def runner(name: str, function: Any, *args: Any) -> Any:
@@ -111,8 +113,9 @@ def compress_recipe(
         return result
 
     try:
-        report = run(parsed, out_dir, store=StepStore.default(), runner=runner)
-        register = (register_as or parsed.output.register_as or parsed.name) if parsed.output.register_model else None
+        report = run(parsed, out_dir, store=StepStore.default(), runner=runner, overwrite=overwrite)
+        name = register_as or parsed.output.register_as or f"{parsed.name}-{model_label(parsed)}"
+        register = name if parsed.output.register_model else None
         version = tracker.finish(report, out_dir, register)
     except BaseException as error:
         tracker.fail(error)

@@ -149,3 +149,26 @@ def register_kill_method(base: str = "gptq") -> str:
 
         register(type(f"{parent.__name__}WithKill", (parent,), {"name": name, "compress_target": compress_target}))
     return name
+
+
+SLEEP = "COMPRESS_TEST_SLEEP"
+
+
+def register_slow_method(base: str = "gptq") -> str:
+    """A real method (`base`) that sleeps $COMPRESS_TEST_SLEEP seconds before each target: a run that
+    is reliably mid-stage when a test interrupts it."""
+    import os
+    import time
+
+    from compress.methods.registry import _METHODS, get_method, register
+
+    name = f"{base}-slow"
+    if name not in _METHODS:
+        parent = get_method(base)
+
+        def compress_target(self, weight, statistics, mask, dense=None):
+            time.sleep(float(os.environ.get(SLEEP, "0")))
+            return parent.compress_target(self, weight, statistics, mask, dense)
+
+        register(type(f"{parent.__name__}Slow", (parent,), {"name": name, "compress_target": compress_target}))
+    return name

@@ -158,7 +158,7 @@ def test_two_submissions_are_two_tracked_runs_with_registered_models(services):
         assert run.data.metrics["onnx_ok"] == 1.0 and run.data.metrics["audit_ok"] == 1.0
         artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
         assert {"report.json", "recipe.json", "plots/targets.png", "model"} <= artifacts
-        name = Path(recipe).stem
+        name = f"{Path(recipe).stem}-embedded"  # registered names include the model
         versions = client.search_model_versions(f"name = '{name}'")
         assert [v.run_id for v in versions] == [run_id]
     assert metric_names[0] == metric_names[1]  # the same names whatever the method
@@ -258,7 +258,7 @@ def test_postgres_backend_same_code_other_environment(services, tmp_path, monkey
         _, run_id = _submitted(result)
         run = MlflowClient(tracking).get_run(run_id)
         assert run.info.status == "FINISHED" and set(run.data.metrics) >= CORE_METRICS
-        assert MlflowClient(tracking).search_model_versions("name = 'magnitude-50'")[0].run_id == run_id
+        assert MlflowClient(tracking).search_model_versions("name = 'magnitude-50-embedded'")[0].run_id == run_id
     finally:
         if server is not None:
             _stop(server)

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from compress.errors import CompressError
 from compress.model.targets import Target
+from compress.progress import bar
 
 
 def fisher_diagonal(
@@ -75,7 +75,7 @@ def fisher_diagonal(
     flags = [(p, p.requires_grad) for p in model.parameters()]
     expert_params = [p for p in model.parameters() if id(p) in of_param]
     handles = []
-    progress = tqdm(total=sum(batch.shape[0] for batch in batches), desc="fisher", unit="seq", leave=False)
+    progress = bar(total=sum(batch.shape[0] for batch in batches), desc="fisher", unit="seq")
     try:
         model.to(device)
         model.eval()  # no dropout

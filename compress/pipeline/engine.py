@@ -22,8 +22,9 @@ from typing import Any
 from compress.pipeline.audit import audit_step
 from compress.pipeline.calibrate import calibrate_step
 from compress.pipeline.evaluate import evaluate_step
-from compress.pipeline.export import export_step, resolve_output_dir
+from compress.pipeline.export import export_step
 from compress.pipeline.load import load_step
+from compress.pipeline.output import resolve_output_dir
 from compress.pipeline.stage import stage_step
 from compress.pipeline.store import StepResult, StepStore
 from compress.recipe import Recipe
@@ -38,13 +39,15 @@ def run_directly(name: str, function: Callable[..., Any], *args: Any) -> Any:
     return function(*args)
 
 
-def run(recipe: Recipe, out: str | Path | None = None, *, store: StepStore | None = None, runner: Runner = run_directly) -> dict[str, Any]:
+def run(
+    recipe: Recipe, out: str | Path | None = None, *, store: StepStore | None = None, runner: Runner = run_directly, overwrite: bool = False
+) -> dict[str, Any]:
     """Run a validated recipe end to end; returns the report (also written to OUT/report.json).
 
     `runner(name, step_function, *args)` calls each step; the Prefect flow passes one that runs it
-    as a task and tracks it in MLflow."""
+    as a task and tracks it in MLflow. `overwrite`: replace an output of another recipe or model."""
     started = time.perf_counter()
-    out_dir = resolve_output_dir(recipe, out)
+    out_dir = resolve_output_dir(recipe, out, overwrite)
     store = store or StepStore.default()
     load = runner("load", load_step, recipe)
     calibration = runner("calibrate", calibrate_step, store, recipe, load)

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from compress import __version__
-from compress.errors import CompressError
+from compress.cleanup import undo_on_abort
 from compress.formats.packed_file import PACKED_FILE
 from compress.formats.quantized import QuantizedWeight
 from compress.pipeline.metrics import directory_bytes, stored_bits_per_param
 from compress.pipeline.onnx import ONNX_FILE, export_onnx
+from compress.pipeline.output import output_identity, partial_folder, publish
 from compress.pipeline.store import MODEL_DIR, StepResult
 from compress.recipe import Recipe
 from compress.state import STATE_FILE, STATE_INDEX, CompressionState
@@ -25,18 +25,6 @@ log = logging.getLogger("compress")
 
 REPORT_FILE = "report.json"
 RECIPE_FILE = "recipe.json"
-
-
-def resolve_output_dir(recipe: Recipe, out: str | Path | None) -> Path:
-    """`--out`, else the recipe's output.dir, else runs/<recipe name>. Refuses to replace a folder
-    that is not an earlier compress output."""
-    path = Path(out or recipe.output.dir or Path("runs") / recipe.name)
-    if path.exists():
-        if not path.is_dir():
-            raise CompressError(f"output path {path} exists and is not a folder")
-        if any(path.iterdir()) and not (path / REPORT_FILE).is_file():
-            raise CompressError(f"output folder {path} is not empty and holds no earlier {REPORT_FILE}; choose another --out")
-    return path
 
 
 def layer_error_summary(errors: list[float]) -> dict[str, float]:
@@ -81,6 +69,7 @@ def export_step(
                 "targets_changed": step.info["targets_changed"],
                 "sparsity": step.info["sparsity"],
                 "no_calibration_tokens": step.info["no_calibration_tokens"],
+                "fallbacks": step.info.get("fallbacks", {}),
                 "layer_error_max": max(step.info["layer_error"].values(), default=None),
                 "cached": step.cached,
             }
@@ -95,13 +84,15 @@ def export_step(
                 # per stage (by index), the relative output error this stage caused and its seconds
                 "layer_error": {str(i): s.info["layer_error"][name] for i, s in enumerate(stages) if name in s.info["layer_error"]},
                 "seconds": {str(i): s.info["target_seconds"][name] for i, s in enumerate(stages) if name in s.info["target_seconds"]},
+                # per stage (by index) whose method fell back on this target: what it did instead and why
+                "fallback": {str(i): s.info["fallbacks"][name] for i, s in enumerate(stages) if name in s.info.get("fallbacks", {})},
             }
             for name, target in measured["targets"].items()
         },
         "left_out": load.info["left_out"],
         "steps": [{"step": s.kind, "key": s.key, "cached": s.cached, "seconds": s.seconds} for s in steps],
     }
-    _write_output(out_dir, final, report, started, measured, onnx=recipe.output.onnx, causal=load.info["kind"] == "causal")
+    _write_output(out_dir, final, report, started, measured, recipe, causal=load.info["kind"] == "causal")
     return report
 
 
@@ -112,49 +103,55 @@ def _quantization_info(quantized: QuantizedWeight | None) -> dict[str, Any] | No
     return {"bits": quantized.bits, "group_size": quantized.group_size, "outliers": outliers}
 
 
-def _write_output(
-    out_dir: Path, final: StepResult, report: dict[str, Any], started: float, measured: dict[str, Any], onnx: bool, causal: bool
-) -> None:
-    """Write into a temporary sibling folder, then move it into place (replacing an earlier output)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
+def _write_output(out_dir: Path, final: StepResult, report: dict[str, Any], started: float, measured: dict[str, Any], recipe: Recipe,
+                  causal: bool) -> None:
+    """Write into a temporary sibling folder, then move it into place (replacing an earlier output of
+    ours only, compress/pipeline/output.py)."""
+    partial = partial_folder(out_dir)
+    with undo_on_abort(lambda: shutil.rmtree(partial, ignore_errors=True)):
+        try:
+            shutil.copytree(final.model_path, partial / MODEL_DIR)
+            for name in (STATE_FILE, STATE_INDEX, PACKED_FILE):
+                if (final.path / name).is_file():
+                    shutil.copy2(final.path / name, partial / name)
+            # bits/param is measured from what was written: the packed file for quantized targets
+            packed = partial / PACKED_FILE
+            packed_bytes = packed.stat().st_size if packed.exists() else 0
+            quantized_params = sum(
+                target["shape"][0] * target["shape"][1] for target in report["targets"].values() if target["quantized"] is not None
+            )
+            report["metrics"]["bits_per_param"] = stored_bits_per_param(
+                [t["shape"][0] * t["shape"][1] for t in report["targets"].values()], measured["storage_bits"], packed_bytes, quantized_params
+            )
+            if packed_bytes:
+                report["metrics"]["packed_bytes"] = packed_bytes
+            report["metrics"]["size_bytes"] = directory_bytes(partial / MODEL_DIR)
+            if recipe.output.onnx:
+                _export_onnx(partial, report, causal)
+            report["metrics"]["seconds"] = time.perf_counter() - started
+            (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
+            (partial / RECIPE_FILE).write_text(json.dumps(report["recipe"], indent=2))
+            publish(partial, out_dir, output_identity(recipe))
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+
+def _export_onnx(partial: Path, report: dict[str, Any], causal: bool) -> None:
+    """model.onnx beside the checkpoint, checked in onnxruntime. A failure is recorded in the report
+    and leaves every other export in place: the checkpoint is the output, ONNX one more form of it."""
     try:
-        partial.mkdir()
-        shutil.copytree(final.model_path, partial / MODEL_DIR)
-        for name in (STATE_FILE, STATE_INDEX, PACKED_FILE):
-            if (final.path / name).is_file():
-                shutil.copy2(final.path / name, partial / name)
-        # bits/param is measured from what was written: the packed file for quantized targets
-        packed = partial / PACKED_FILE
-        packed_bytes = packed.stat().st_size if packed.exists() else 0
-        quantized_params = sum(
-            target["shape"][0] * target["shape"][1] for target in report["targets"].values() if target["quantized"] is not None
-        )
-        report["metrics"]["bits_per_param"] = stored_bits_per_param(
-            [t["shape"][0] * t["shape"][1] for t in report["targets"].values()], measured["storage_bits"], packed_bytes, quantized_params
-        )
-        if packed_bytes:
-            report["metrics"]["packed_bytes"] = packed_bytes
-        report["metrics"]["size_bytes"] = directory_bytes(partial / MODEL_DIR)
-        if onnx:
-            check = export_onnx(partial / MODEL_DIR, partial / ONNX_FILE, causal)
-            report["onnx"] = check
-            report["metrics"]["onnx_max_abs_diff"] = check["onnx_max_abs_diff"]
-            report["metrics"]["onnx_ok"] = int(check["onnx_ok"])
-            if not check["onnx_ok"]:
-                log.warning("ONNX output differs from PyTorch by %.3g (tolerance %.3g): model.onnx is written but suspect",
-                            check["onnx_max_abs_diff"], check["onnx_tolerance"])
-        report["metrics"]["seconds"] = time.perf_counter() - started
-        (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        (partial / RECIPE_FILE).write_text(json.dumps(report["recipe"], indent=2))
-        if out_dir.exists():
-            retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            out_dir.rename(retired)
-            partial.rename(out_dir)
-            shutil.rmtree(retired)
-        else:
-            partial.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        check = export_onnx(partial / MODEL_DIR, partial / ONNX_FILE, causal)
+    except Exception as error:  # an architecture the exporters cannot handle
+        (partial / ONNX_FILE).unlink(missing_ok=True)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        report["onnx"] = {"onnx_ok": False, "error": reason}
+        report["metrics"]["onnx_ok"] = 0
+        log.warning("ONNX export failed (%s); the checkpoint and packed weights are written, set output.onnx: false to skip ONNX", reason)
+        return
+    report["onnx"] = check
+    report["metrics"]["onnx_max_abs_diff"] = check["onnx_max_abs_diff"]
+    report["metrics"]["onnx_ok"] = int(check["onnx_ok"])
+    if not check["onnx_ok"]:
+        log.warning("ONNX output differs from PyTorch by %.3g (tolerance %.3g): model.onnx is written but suspect",
+                    check["onnx_max_abs_diff"], check["onnx_tolerance"])

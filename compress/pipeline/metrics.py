@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from compress.model.targets import Target
+from compress.progress import bar
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -71,7 +71,7 @@ def causal_scores(
     agree = count = 0
     kept_ids, kept_logprobs = [], []
     try:
-        for index, batch in enumerate(tqdm(windows.split(batch_size), desc="perplexity", unit="batch", leave=False)):
+        for index, batch in enumerate(bar(iterable=windows.split(batch_size), desc="perplexity", unit="batch")):
             batch = batch.to(device)
             logprobs = model(input_ids=batch, use_cache=False).logits[:, :-1].float().log_softmax(dim=-1)
             nll = -logprobs.gather(-1, batch[:, 1:, None]).squeeze(-1)
@@ -125,7 +125,7 @@ def mean_pooled_embeddings(model: nn.Module, windows: torch.Tensor, device: torc
     model.to(device)
     out = []
     try:
-        for batch in tqdm(windows.split(batch_size), desc="embeddings", unit="batch", leave=False):
+        for batch in bar(iterable=windows.split(batch_size), desc="embeddings", unit="batch"):
             batch = batch.to(device)
             hidden = model(input_ids=batch, attention_mask=torch.ones_like(batch)).last_hidden_state
             out.append(hidden.float().mean(dim=1).cpu())

@@ -54,6 +54,18 @@ def _export(module: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], path: 
                               dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}))
 
 
+def _export_friendly(model_dir: Path) -> dict[str, Any]:
+    """Loading options that make a model traceable: fused MoE experts run through transformers'
+    `batched_mm` implementation (every token's chosen experts gathered, no data-dependent loop or
+    `torch.histc`), which both exporters handle; the default loop over the experts hit by the batch
+    exports with neither."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    moe = any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+    return {"experts_implementation": "batched_mm"} if moe else {}
+
+
 def export_onnx(model_dir: Path, path: Path, causal: bool) -> dict[str, Any]:
     """Export the checkpoint in `model_dir` to `path` and check it; returns the check's numbers."""
     import onnxruntime
@@ -61,7 +73,7 @@ def export_onnx(model_dir: Path, path: Path, causal: bool) -> dict[str, Any]:
 
     started = time.perf_counter()
     loader = AutoModelForCausalLM if causal else AutoModel
-    model = loader.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = loader.from_pretrained(model_dir, dtype=torch.float32, **_export_friendly(model_dir)).eval()
     module = _Outputs(model, causal)
     generator = torch.Generator().manual_seed(0)  # our own: the caller's RNG is untouched
     input_ids = torch.randint(0, model.config.vocab_size, CHECK_SHAPE, generator=generator)

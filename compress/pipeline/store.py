@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compress import __version__
+from compress.cleanup import undo_on_abort
 from compress.errors import CompressError
 from compress.settings import compress_home
 
@@ -173,7 +174,8 @@ def _work_folder(root: Path, name: str, resumable: bool) -> Iterator[tuple[Path,
                 return
     folder = root / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
-    yield folder, False
+    with undo_on_abort(lambda: shutil.rmtree(folder, ignore_errors=True)):
+        yield folder, False
 
 
 def save_tokens(path: Path, tokens: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from compress import __version__
+from compress.cleanup import undo_on_abort
 from compress.settings import compress_home
 
 log = logging.getLogger("compress")
@@ -117,6 +118,9 @@ class RunTracker:
             for key, value in tags.items():
                 self.client.set_tag(run_id, key, value)
         self.run_id = run_id
+        # an interrupted process marks its run KILLED before it ends (compress/stopping.py)
+        self._killed_on_abort = undo_on_abort(lambda: self.client.set_terminated(self.run_id, "KILLED"))
+        self._killed_on_abort.__enter__()
         self._log(run_id, params=flatten(recipe_data))
 
     def _log(self, run_id: str, metrics: dict[str, float] | None = None, params: dict[str, str] | None = None,
@@ -138,13 +142,14 @@ class RunTracker:
             self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, "compress.step": name}
         )
         handle = StepRun(self, child.info.run_id)
-        try:
-            yield handle
-        except BaseException as error:
-            self._log(handle.run_id, tags={"compress.error": f"{type(error).__name__}: {error}"[:5000]})
-            self.client.set_terminated(handle.run_id, "FAILED")
-            raise
-        self.client.set_terminated(handle.run_id, "FINISHED")
+        with undo_on_abort(lambda: self.client.set_terminated(handle.run_id, "KILLED")):
+            try:
+                yield handle
+            except BaseException as error:
+                self._log(handle.run_id, tags={"compress.error": f"{type(error).__name__}: {error}"[:5000]})
+                self.client.set_terminated(handle.run_id, "FAILED")
+                raise
+            self.client.set_terminated(handle.run_id, "FINISHED")
 
     def finish(self, report: dict[str, Any], out_dir: Path, register_as: str | None) -> str | None:
         """Log the report's metrics and artifacts on the parent run, register the model; returns the
@@ -160,11 +165,13 @@ class RunTracker:
         if register_as:
             version = self._register(out_dir, register_as)
         self.client.set_terminated(self.run_id, "FINISHED")
+        self._killed_on_abort.__exit__(None, None, None)
         return version
 
     def fail(self, error: BaseException) -> None:
         self._log(self.run_id, tags={"compress.error": f"{type(error).__name__}: {error}"[:5000]})
         self.client.set_terminated(self.run_id, "FAILED")
+        self._killed_on_abort.__exit__(None, None, None)
 
     def _register(self, out_dir: Path, name: str) -> str:
         """Log the exported model as an MLflow pyfunc model and add it as a new registry version."""
