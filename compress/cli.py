@@ -76,18 +76,6 @@ def _load(args: argparse.Namespace) -> Any:
     return load_recipe(args.recipe, overrides)
 
 
-def _summary(report: dict[str, Any], out: str) -> str:
-    metrics = report["metrics"]
-    lines = [f"wrote {out}"]
-    for key in ("perplexity", "dense_perplexity", "embedding_cosine", "sparsity", "bits_per_param", "size_bytes", "seconds"):
-        if key in metrics:
-            value = metrics[key]
-            lines.append(f"  {key:<18} {value:.4f}" if isinstance(value, float) else f"  {key:<18} {value}")
-    for stage in report["stages"]:
-        lines.append(f"  stage {stage['method']:<12} {stage['targets']} targets, {stage['seconds']:.2f} s")
-    return "\n".join(lines)
-
-
 def _run(args: argparse.Namespace) -> int:
     recipe = _load(args)
     if args.command == "validate":
@@ -95,18 +83,20 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from compress.api import run
     from compress.pipeline.output import resolve_output_dir
+    from compress.pipeline.plan import build_plan
     from compress.pipeline.store import StepStore
     from compress.stopping import run_interruptible
+    from compress.summary import run_header, run_summary
 
     out = resolve_output_dir(recipe, args.out, args.overwrite)
+    plan = build_plan(recipe)  # every input error, in one line, before anything is written or started
+    print(run_header(recipe, plan), file=sys.stderr)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     again = shlex.join(["compress", *(args.argv or sys.argv[1:])])
     report = run_interruptible(lambda: run(recipe, out=out, track=not args.no_track, overwrite=args.overwrite),
                                f"finished steps and blocks are kept in {StepStore.default().root}; resume with: {again}")
-    print(_summary(report, str(out)))
-    if "tracking" in report:
-        tracking = report["tracking"]
-        version = f", model version {tracking['model_version']}" if tracking["model_version"] else ""
-        print(f"  mlflow run {tracking['mlflow_run_id']}{version}")
+    print(run_summary(report, str(out)))
     return 0
 
 
@@ -216,11 +206,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from compress.service.tracking import tracking_uri
+    from compress.service.tracking import client, ensure_experiment, tracking_uri
 
     uri = tracking_uri()
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}", file=sys.stderr)
+    experiment = ensure_experiment(client(uri))  # open on the runs table, not MLflow's empty start page
+    print(f"MLflow UI for {uri}: the runs at http://127.0.0.1:{args.port}/#/experiments/{experiment}", file=sys.stderr)
     from compress.stopping import run_server
 
     return run_server(command)

@@ -41,7 +41,7 @@ class _PlainLines:
         rate = done / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.n) / rate if rate > 0 else float("nan")
         eta = f", {left:.0f} s left" if left == left and self.n < self.total else ""
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit}s, {rate:.2f} {self.unit}/s, {elapsed:.0f} s{eta}", file=sys.stderr, flush=True)
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, {elapsed:.0f} s{eta}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass

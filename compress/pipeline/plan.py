@@ -57,6 +57,7 @@ class Plan:
     stages: list[StagePlan]
     left_out: dict[str, str]
     streams: bool = False  # stages read the checkpoint one block at a time
+    warnings: list[str] = field(default_factory=list)  # what will not work as asked (an export), said before the work
 
     def model_info(self) -> dict[str, Any]:
         """The report's `model` section."""
@@ -64,7 +65,8 @@ class Plan:
                 "storage_dtype": self.storage_dtype, "compute_dtype": self.compute_dtype, "device": self.device}
 
     def describe(self) -> dict[str, Any]:
-        return {**self.model_info(), "streams": self.streams, "left_out": self.left_out, "stages": [vars(stage) for stage in self.stages]}
+        return {**self.model_info(), "streams": self.streams, "left_out": self.left_out, "warnings": self.warnings,
+                "stages": [vars(stage) for stage in self.stages]}
 
 
 def _skeleton(path: str, kind: str) -> torch.nn.Module:
@@ -146,7 +148,20 @@ def build_plan(recipe: Recipe) -> Plan:
         return str(dtype).removeprefix("torch.")
 
     return Plan(source, str(path), kind, type(model).__name__, params, name(storage_dtype), name(compute_dtype), str(device),
-                len(layout.blocks), len(layout.targets), stages, left_out, streams)
+                len(layout.blocks), len(layout.targets), stages, left_out, streams, _export_warnings(recipe, layout))
+
+
+def _export_warnings(recipe: Recipe, layout) -> list[str]:
+    """Exports that will not work for this model. ONNX traces fused MoE experts through transformers'
+    `batched_mm` implementation (compress/pipeline/onnx.py); an experts module without it loops over
+    the experts a batch hits, which no exporter handles."""
+    if not recipe.output.onnx:
+        return []
+    loops = sorted({type(t.module).__name__ for t in layout.targets if t.is_expert and not hasattr(t.module, "is_concatenated")})
+    if loops:
+        return [f"ONNX export will fail: {loops[0]} has no traceable experts implementation; the checkpoint and packed "
+                f"weights are written either way (output.onnx: false skips ONNX)"]
+    return []
 
 
 def _streams(path, model: torch.nn.Module) -> bool:
@@ -179,7 +194,8 @@ def _size(count: float) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    lines = [f"model {plan.source}: {plan.architecture} ({plan.kind}), {plan.params:,} parameters, on {plan.device}; "
+    lines = [f"warning: {warning}" for warning in plan.warnings]
+    lines += [f"model {plan.source}: {plan.architecture} ({plan.kind}), {plan.params:,} parameters, on {plan.device}; "
              + ("stages stream it one block at a time" if plan.streams
                 else "its files are not in the model's own layout: the first stage loads it whole")]
     for stage in plan.stages:
