@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Union
 if TYPE_CHECKING:
     from torch import nn
 
+    from compress.pipeline.plan import Plan
     from compress.recipe import Recipe
 
 RecipeLike = Union["Recipe", dict, str, os.PathLike]
@@ -68,22 +69,49 @@ def run(
     >>> round(report["metrics"]["sparsity"], 3)
     0.5
     """
-    from compress.pipeline.output import resolve_output_dir
-    from compress.pipeline.plan import build_plan
-
     overrides = list(overrides)
     if model is not None:
         overrides.insert(0, f"model.source={json.dumps(os.fspath(model))}")
     parsed = _as_recipe(recipe, overrides)
-    out_dir = resolve_output_dir(parsed, out, overwrite)
+    out_dir, _ = prepare(parsed, out, overwrite=overwrite, track=track)
+    return execute(parsed, out_dir, track=track, overwrite=overwrite)
+
+
+def prepare(recipe: Recipe, out: str | os.PathLike | None, *, overwrite: bool = False, track: bool = True) -> tuple[Path, Plan]:
+    """Everything checked before any work, each fault one CompressError line: the output folder
+    (ours to replace, inputs outside it), the plan (every stage against the model), room on disk,
+    the tracking store. Leftovers of killed runs (temporary folders, orphaned servers) go first."""
+    import torch
+
+    from compress.leftovers import remove_dead_partials, stop_orphans
+    from compress.pipeline.output import check_space, resolve_output_dir
+    from compress.pipeline.plan import build_plan
+    from compress.pipeline.store import StepStore
+
+    out_dir = resolve_output_dir(recipe, out, overwrite)
+    store = StepStore.default().root
+    stop_orphans()
+    remove_dead_partials(out_dir.parent)
+    remove_dead_partials(store)
+    plan = build_plan(recipe)
+    check_space(out_dir, store, plan.params, torch.finfo(getattr(torch, plan.storage_dtype)).bits, len(recipe.stages), recipe.output.onnx)
+    if track:
+        from compress.service.store_check import check_tracking_store
+        from compress.service.tracking import tracking_uri
+
+        check_tracking_store(tracking_uri())
+    return out_dir, plan
+
+
+def execute(recipe: Recipe, out_dir: Path, *, track: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Run a prepared recipe (see `prepare`): the plain step chain, or the tracked Prefect flow."""
     if not track:
         from compress.pipeline.engine import run as run_steps
 
-        return run_steps(parsed, out_dir, overwrite=overwrite)
-    build_plan(parsed)  # every input error, before Prefect, MLflow or calibration start
+        return run_steps(recipe, out_dir, overwrite=overwrite)
     from flows.compress_flow import compress_recipe
 
-    result = compress_recipe(recipe=parsed.to_data(), out=str(out_dir), overwrite=overwrite)
+    result = compress_recipe(recipe=recipe.to_data(), out=str(out_dir), overwrite=overwrite)
     return {**result["report"], "tracking": {"mlflow_run_id": result["mlflow_run_id"], "model_version": result["model_version"]}}
 
 

@@ -81,20 +81,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         print(json.dumps(recipe.describe(), indent=2))
         return 0
-    from compress.api import run
-    from compress.pipeline.output import resolve_output_dir
-    from compress.pipeline.plan import build_plan
+    from compress.api import execute, prepare
     from compress.pipeline.store import StepStore
     from compress.stopping import run_interruptible
     from compress.summary import run_header, run_summary
 
-    out = resolve_output_dir(recipe, args.out, args.overwrite)
-    plan = build_plan(recipe)  # every input error, in one line, before anything is written or started
+    track = not args.no_track
+    out, plan = prepare(recipe, args.out, overwrite=args.overwrite, track=track)
     print(run_header(recipe, plan), file=sys.stderr)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     again = shlex.join(["compress", *(args.argv or sys.argv[1:])])
-    report = run_interruptible(lambda: run(recipe, out=out, track=not args.no_track, overwrite=args.overwrite),
+    report = run_interruptible(lambda: execute(recipe, out, track=track, overwrite=args.overwrite),
                                f"finished steps and blocks are kept in {StepStore.default().root}; resume with: {again}")
     print(run_summary(report, str(out)))
     return 0
@@ -245,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     from compress.service.prefect import configure_prefect_home
 
     configure_prefect_home()
+    if args.command in ("run", "serve", "ui"):
+        from compress.leftovers import claim_children
+
+        claim_children()  # processes this command starts are stopped by the next one if this one is killed
     try:
         return _COMMANDS[args.command](args)
     except CompressError as error:

@@ -24,7 +24,7 @@ from compress.pipeline.calibrate import calibrate_step
 from compress.pipeline.evaluate import evaluate_step
 from compress.pipeline.export import export_step
 from compress.pipeline.load import load_step
-from compress.pipeline.output import resolve_output_dir
+from compress.pipeline.output import output_lock, resolve_output_dir
 from compress.pipeline.stage import stage_step
 from compress.pipeline.store import StepResult, StepStore
 from compress.recipe import Recipe
@@ -59,8 +59,9 @@ def run(
     stages = checkpoints[1:]
     evaluation = runner("evaluate", evaluate_step, store, recipe, load, checkpoints[-1])
     steps = [load, calibration, *stages, evaluation]
-    runner("export", export_step, out_dir, recipe, load, calibration, stages, evaluation, steps, started)
-    report = runner("audit", audit_step, out_dir)
+    with output_lock(out_dir):  # from writing the folder to reading it back (and, in the flow, registering it)
+        runner("export", export_step, out_dir, recipe, load, calibration, stages, evaluation, steps, started)
+        report = runner("audit", audit_step, out_dir)
     if not report["audit"]["ok"]:
         problems = report["audit"]["problems"]
         log.warning("audit: %d targets are not what the report says: %s", len(problems),

@@ -12,10 +12,14 @@ temporary name and renamed into place when complete.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +127,53 @@ def partial_folder(out_dir: Path) -> Path:
     partial.mkdir()
     return partial
 
+
+
+_HELD: dict[Path, int] = {}  # lock files this process holds, and how deeply
+_HELD_LOCK = threading.Lock()
+
+
+@contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the output folder from export to registration: two runs writing the same folder take
+    turns, so each registers what it wrote. Re-entrant within a process (the flow holds it around
+    the export step and the registration, the export step holds it too)."""
+    path = out_dir.parent / f".{out_dir.name}.lock"
+    key = path.resolve() if path.parent.exists() else path.absolute()
+    with _HELD_LOCK:
+        depth = _HELD.get(key, 0)
+        _HELD[key] = depth + 1
+    if depth:
+        try:
+            yield
+        finally:
+            with _HELD_LOCK:
+                _HELD[key] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            with _HELD_LOCK:
+                del _HELD[key]
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_space(out_dir: Path, store_root: Path, params: int, storage_bits: int, stages: int, onnx: bool) -> None:
+    """Raise CompressError (one line, before any work) when the output or the step store cannot be
+    written, or their file systems lack room: the output holds the checkpoint, at most as much again
+    in packed form and a float32 ONNX file; the store a checkpoint per stage. Estimates, 10% margin."""
+    checkpoint = params * storage_bits // 8
+    needs = {out_dir.parent: checkpoint * 2 + (params * 4 if onnx else 0), store_root: checkpoint * (stages + 1)}
+    for folder, need in needs.items():
+        existing = folder
+        while not existing.exists():
+            existing = existing.parent
+        if not os.access(existing, os.W_OK):
+            raise CompressError(f"cannot write to {folder} ({existing} is not writable): choose another --out or COMPRESS_HOME")
+        free = shutil.disk_usage(existing).free
+        if free < need * 1.1:
+            raise CompressError(f"{existing} has {free / 2**30:.1f} GiB free, the run needs about {need * 1.1 / 2**30:.1f} GiB there: "
+                                f"free some space or choose another --out or COMPRESS_HOME")
