@@ -148,8 +148,22 @@ class _TopLevel(_StrictModel):
 # --- YAML -------------------------------------------------------------------------------------
 
 
+MAX_RECIPE_BYTES, MAX_SET_CHARS, MAX_DEPTH = 1 << 20, 10_000, 32  # a recipe is a few hundred bytes, 4 levels deep
+
+
 class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.1 reads `2:4` as the base-60 integer 124; a sparsity pattern must stay a string."""
+    """`2:4` stays a string (YAML 1.1 reads base-60 124); no aliases (`<<: [*a, *a]` merges grow exponentially), no deep nesting."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        alias, self.depth = self.check_event(yaml.AliasEvent), self.depth + 1
+        if alias or self.depth > MAX_DEPTH:
+            problem = "aliases (*name) are not allowed in a recipe" if alias else f"nested deeper than {MAX_DEPTH} levels"
+            raise yaml.MarkedYAMLError(problem=problem, problem_mark=self.peek_event().start_mark)
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        return node
 
 
 _RecipeLoader.yaml_implicit_resolvers = {
@@ -161,7 +175,10 @@ _RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+01234
 
 
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except (ValueError, OverflowError) as error:  # from a constructor: `2024-13-01` is no date, `!!int x` no integer
+        raise yaml.YAMLError(str(error)) from None
 
 
 # --- overrides --------------------------------------------------------------------------------
@@ -169,13 +186,18 @@ def parse_yaml(text: str) -> Any:
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one `key.path=value` override in place; the value is read as YAML (`0.7`, `2:4`, `[a, b]`)."""
+    if len(assignment) > MAX_SET_CHARS:
+        raise CompressError(f"--set {assignment[:60]!r}...: longer than {MAX_SET_CHARS:,} characters")
     if "=" not in assignment:
         raise CompressError(f"--set {assignment!r}: expected key.path=value, e.g. stages.0.sparsity=0.7")
     path, raw_value = assignment.split("=", 1)
     keys = path.strip().split(".")
     if not all(keys):
         raise CompressError(f"--set {assignment!r}: empty key in {path!r}")
-    value = parse_yaml(raw_value) if raw_value.strip() else None
+    try:
+        value = parse_yaml(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError as error:
+        raise CompressError(f"--set {assignment!r}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
     node: Any = data
     for depth, key in enumerate(keys[:-1]):
         where = ".".join(keys[: depth + 1])
@@ -262,12 +284,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise CompressError(f"recipe file not found: {path}")
+    if path.stat().st_size > MAX_RECIPE_BYTES:  # before reading it: a recipe is a few hundred bytes
+        raise CompressError(f"{path}: {path.stat().st_size:,} bytes, more than a recipe's {MAX_RECIPE_BYTES:,}")
     try:
         data = parse_yaml(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise CompressError(f"{path}: not valid YAML{where}") from None
+        raise CompressError(f"{path}: not valid YAML{where} ({getattr(error, 'problem', None) or error})") from None
     data = copy.deepcopy(data) if isinstance(data, dict) else data
     for assignment in overrides:
         if not isinstance(data, dict):

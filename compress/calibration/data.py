@@ -68,13 +68,32 @@ def calibration_tokens(spec: CalibrationSpec, tokenizer: object) -> tuple[torch.
     """[nsamples, seqlen] windows at seeded random offsets of the calibration text, and its source."""
     text, source = calibration_text(spec)
     ids = tokenize(tokenizer, text)
-    if ids.numel() <= spec.seqlen:
-        raise CompressError(
-            f"calibration text ({source}) has {ids.numel()} tokens; calibration.seqlen={spec.seqlen} needs more"
-        )
+    _check_length(ids.numel(), spec, source)
     generator = torch.Generator().manual_seed(spec.seed)  # our own generator: the caller's RNG is untouched
     starts = torch.randint(0, ids.numel() - spec.seqlen, (spec.nsamples,), generator=generator)
     return torch.stack([ids[s : s + spec.seqlen] for s in starts.tolist()]), source
+
+
+def _check_length(count: int, spec: CalibrationSpec, source: str) -> None:
+    if count <= spec.seqlen:  # a window needs seqlen tokens and a start to draw: seqlen + 1 at least
+        raise CompressError(f"calibration text ({source}) has {count} tokens; calibration.seqlen={spec.seqlen} needs more")
+
+
+def check_calibration_text(spec: CalibrationSpec, tokenizer: object) -> None:
+    """Raise what `calibration_tokens` would on too short a text, before any work (for `compress
+    plan`). A long text is tokenized only as far as needed: a prefix cut at a space gives a lower
+    bound (with a few tokens' margin for the cut). A `datasets` source is not checked: it would
+    have to be downloaded."""
+    if spec.dataset:
+        return
+    text, source = calibration_text(spec)
+    chars = 16 * (spec.seqlen + 1)
+    while chars < len(text):
+        cut = text.rfind(" ", 0, chars)
+        if tokenize(tokenizer, text[: cut if cut > 0 else chars]).numel() > spec.seqlen + 16:
+            return
+        chars *= 4
+    _check_length(tokenize(tokenizer, text).numel(), spec, source)
 
 
 def batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

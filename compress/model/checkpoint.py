@@ -29,6 +29,54 @@ def replace_file(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(partial, path)
 
 
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+
+
+def read_header(file: Path) -> dict[str, dict]:
+    """The tensors a safetensors file declares ({name: {"dtype", "shape", "data_offsets"}}), from its
+    header alone (8-byte little-endian length, then JSON); the data is never read. CompressError naming
+    the file when it is truncated or corrupt: the checks safetensors makes when it opens a file
+    (offsets in order, each tensor's size matching its dtype and shape, the data exactly covered)."""
+    def corrupt(why: str) -> CompressError:
+        return CompressError(f"model file {file} is truncated or corrupt: {why}")
+
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if size < 8 or length > size - 8:
+            raise corrupt(f"{size} bytes, too short for the header it declares")
+        if not 0 < length <= MAX_HEADER_BYTES:
+            raise corrupt(f"header length {length}")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise corrupt("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in sorted(header.items(), key=lambda item: _offsets(item[1])):
+        start, stop = _offsets(info)
+        shape = info.get("shape") if isinstance(info, dict) else None
+        width = SAFETENSORS_DTYPE_BYTES.get(info.get("dtype")) if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape) or start != end:
+            raise corrupt(f"tensor {name}: bad entry {info}")
+        if width is not None and stop - start != _numel(shape) * width:
+            raise corrupt(f"tensor {name}: {stop - start} bytes for shape {shape} of {info['dtype']}")
+        end = stop
+    if end != size - 8 - length:
+        raise corrupt(f"its header declares {end} bytes of tensor data, the file holds {size - 8 - length}")
+    return header
+
+
+def _offsets(info: object) -> tuple[int, int]:
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    if isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets) and 0 <= offsets[0] <= offsets[1]:
+        return offsets[0], offsets[1]
+    return -1, -1
+
+
 class CheckpointFiles:
     """The tensors of a Hugging Face safetensors checkpoint (one file or shards with an index), read by name."""
 
@@ -40,8 +88,7 @@ class CheckpointFiles:
         else:
             self.where = {}
             for file in sorted(folder.glob("*.safetensors")):
-                with safe_open(str(file), "pt") as handle:
-                    self.where.update({key: file.name for key in handle.keys()})
+                self.where.update({key: file.name for key in read_header(file)})
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}

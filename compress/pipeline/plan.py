@@ -4,8 +4,9 @@ The model is built on the meta device from its config (shapes, no memory), so a 
 seconds. The plan lists each target a stage will compress (name, shape, method, key parameters,
 fused expert or not), what is deliberately left out and why, and a rough estimate of each stage's
 peak memory and time. Every input error `compress run` would hit (a pattern that matches nothing, a
-stage with no targets, a shape a method cannot handle, missing or too short texts) is raised here,
-and `compress run` calls this before anything starts.
+stage with no targets, a shape a method cannot handle, missing or too short texts, a checkpoint file
+that is truncated or does not fit the config, more memory than the machine has: checks.py) is raised
+here, and `compress run` calls this before anything starts.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from typing import Any
 
 import torch
 
-from compress.calibration.data import read_text_file
 from compress.calibration.shelf import TensorShelf
 from compress.errors import CompressError
 from compress.model.checkpoint import CheckpointFiles, keys_match
 from compress.model.load import _detect_kind, checkpoint_dtype, compute_dtype_for, materialize_source, pick_device
 from compress.model.targets import discover
 from compress.pipeline.calibrate import needs_calibration
-from compress.pipeline.evaluate import eval_tokens
+from compress.pipeline.checks import check_checkpoint, check_memory, check_texts
+from compress.pipeline.checks import human_size as _size
 from compress.pipeline.stages import plan_stages
 from compress.recipe import Recipe
 
@@ -39,6 +40,7 @@ class StagePlan:
     targets: list[dict[str, Any]] = field(default_factory=list)
     peak_host_bytes: int = 0
     peak_device_bytes: int = 0
+    activation_bytes: int = 0  # the part of the peaks that scales with calibration.nsamples (0: the host peak does not)
     seconds_estimate: float = 0.0
 
 
@@ -91,16 +93,14 @@ def build_plan(recipe: Recipe) -> Plan:
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CompressError(f"could not load model {source!r}: {first_line}") from None
+    check_checkpoint(path, model)
     layout = discover(model)
     planned = plan_stages(recipe, layout)
     norms = [name for name, module in model.named_modules() if "norm" in type(module).__name__.lower()]
     left_out = dict(layout.left_out)
     if norms:
         left_out[f"{len(norms)} normalisation layers ({norms[0]}, ...)"] = "scale vectors, not weight matrices: kept as they are"
-    eval_tokens(recipe, tokenizer)
-    if needs_calibration(recipe):
-        for text in recipe.calibration.text or []:
-            read_text_file(text, "calibration")
+    check_texts(recipe, model.config, tokenizer, needs_calibration(recipe))
 
     device = pick_device(recipe.model.device)
     storage_dtype = checkpoint_dtype(path)
@@ -137,13 +137,17 @@ def build_plan(recipe: Recipe) -> Plan:
         on_gpu = device.type == "cuda"
         fisher_host = params * compute_bytes + (TensorShelf.CHUNK_BYTES if on_gpu else fisher_sums) if fisher_sums else 0
         fisher_device = params * compute_bytes + fisher_sums + activations if fisher_sums and on_gpu else 0
-        plan.peak_host_bytes = max(resident + activations + statistics + refine + masks, fisher_host)
+        host = resident + activations + statistics + refine + masks
+        plan.peak_host_bytes = max(host, fisher_host)
         plan.peak_device_bytes = max(largest_block + activations + statistics + refine, fisher_device) if on_gpu else 0
+        plan.activation_bytes = activations if host >= fisher_host else 0
         flops = sum(stage.method.flops(t, tokens) + (2.0 * tokens * t.in_features**2 if "hessian" in names else 0.0)
                     for t in stage.targets)
         flops += sum(2 * n * tokens * 2 for n, targets in zip(block_params, by_block) if targets) if data else 0
         plan.seconds_estimate = flops / FLOPS_PER_SECOND[device.type]
         stages.append(plan)
+    check_memory(recipe, stages, device, compute_dtype)
+
     def name(dtype: torch.dtype) -> str:
         return str(dtype).removeprefix("torch.")
 
@@ -183,14 +187,6 @@ def _statistics_bytes(targets: list, names: set[str]) -> int:
             total += 2 * target.in_features**2 * 4  # X^T X and the method's inverse factor
         total += sum(target.in_features * 8 for name in names if name != "hessian")
     return total
-
-
-def _size(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(count) < 1024 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return str(count)
 
 
 def format_plan(plan: Plan) -> str:
