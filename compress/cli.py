@@ -4,7 +4,7 @@
     compress plan RECIPE [--json]                                every target of every stage, left-outs, estimates
     compress run RECIPE [--out DIR] [--no-track]                 run it here (the Prefect flow, tracked)
     compress serve [--limit N]                                   serve the flow for submissions
-    compress submit RECIPE [--out DIR] [--wait]                  send a recipe to the served flow
+    compress submit RECIPE [--wait]                              send a recipe to the served flow
     compress runs | compress compare ID ID                       read runs back from MLflow
     compress ui [--port P]                                       the MLflow UI on 127.0.0.1
     compress audit OUT                                           check an output against its report
@@ -50,7 +50,6 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--no-track", action="store_true", help="plain run: no Prefect, no MLflow (same steps, same output)")
     submit = recipe_command("submit", "send a recipe to the served flow (`compress serve`); prints the run ids")
-    submit.add_argument("--out", help="output folder on the worker (default: one per run under $COMPRESS_HOME/outputs)")
     submit.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 if it failed")
     serve = commands.add_parser("serve", help="serve the flow as a Prefect deployment that accepts submissions")
     serve.add_argument("--limit", type=int, default=4, help="flow runs at once (default 4)")
@@ -121,7 +120,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from compress.service.prefect import api_is_up, prefect_api_url, start_prefect_server
+    from compress.service.prefect import api_is_up, prefect_api_url, serving_notes, start_prefect_server
     from compress.settings import compress_home
 
     url = prefect_api_url()
@@ -130,6 +129,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"starting a Prefect server at {url} (log: {compress_home() / 'prefect-server.log'})", file=sys.stderr)
         server = start_prefect_server(url, compress_home() / "prefect-server.log")
     os.environ["PREFECT_API_URL"] = url
+    os.environ["COMPRESS_SERVED"] = "1"  # every flow run this worker starts is a submission, confined (docs/security.md)
+    for note in serving_notes():
+        print(note, file=sys.stderr)
     from compress.service.tracking import client, ensure_experiment
 
     # Create the tracking store now: flow runs starting at once on a new sqlite store race to
@@ -151,13 +153,17 @@ def _submit(args: argparse.Namespace) -> int:
     from compress.service.prefect import submit
 
     recipe = _load(args)
-    result = submit(recipe.to_data(), args.out, args.wait)
+    result = submit(recipe.to_data(), args.wait)  # the worker decides where it writes and tracks (docs/security.md)
     print(f"flow run   {result['flow_run_id']}")
-    print(f"mlflow run {result['mlflow_run_id']}")
+    missing = "(none)" if result["error"] else "(not found in this MLFLOW_TRACKING_URI: the worker tracks in its own)" if args.wait \
+        else "(not started yet)"
+    print(f"mlflow run {result['mlflow_run_id'] or missing}")
     if args.wait:
         print(f"state      {result['state']}")
-        return 0 if result["state"] == "COMPLETED" else EXIT_RUN_FAILED
-    return 0
+    if result["error"]:  # refused by the worker, or failed
+        print(f"error: {result['error']}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return 0 if not args.wait or result["state"] == "COMPLETED" else EXIT_RUN_FAILED
 
 
 _TABLE_METRICS = ("perplexity", "dense_perplexity", "embedding_cosine", "sparsity", "bits_per_param", "size_bytes", "seconds")

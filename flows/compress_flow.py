@@ -7,6 +7,11 @@ tasks hand each other step folders on disk, never models, and a step already sto
 inputs is found, not recomputed. MLflow gets a parent run for the submission and a child run per
 step. `compress run` calls this flow in-process; `compress serve` serves it as a deployment that
 `compress submit` sends recipes to.
+
+A flow run of a deployment is a submission, someone else's recipe run with the worker's rights: its
+paths are confined to the worker's roots, its output folder is the worker's choice, it is tracked in
+the worker's MLflow, and it registers only under names its submitter owns (compress/service/confine.py,
+docs/security.md). Neither the tracking store nor the MLflow run is a parameter.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from prefect.cache_policies import NO_CACHE
 from compress.errors import CompressError
 from compress.pipeline.engine import run
 from compress.pipeline.export import layer_error_summary
-from compress.pipeline.output import model_label
+from compress.pipeline.output import model_label, output_lock
 from compress.pipeline.store import StepResult, StepStore, digest
 from compress.recipe import Recipe, validate_recipe
-from compress.service.tracking import RunTracker
+from compress.service.confine import Roots, confine, is_served, output_folder, registered_name, submitter_identity
+from compress.service.ownership import check_owner
+from compress.service.tracking import RunTracker, client
 from compress.settings import compress_home
 
 FLOW_NAME = "compress-recipe"
@@ -84,22 +91,29 @@ def default_output_dir(recipe: Recipe, run_id: str) -> Path:
 def compress_recipe(
     recipe: dict[str, Any],
     out: str | None = None,
-    mlflow_run_id: str | None = None,
-    tracking_uri: str | None = None,
     register_as: str | None = None,
     overwrite: bool = False,
+    submitter: str | None = None,
 ) -> dict[str, Any]:
     """Run one recipe (its data, as `compress validate` resolves it); returns where the output is
-    and the MLflow run and registered model version."""
-    from prefect.runtime import flow_run
+    and the MLflow run and registered model version. `submitter`: the name a submission declares."""
+    from prefect.runtime import deployment, flow_run
 
     logger = get_run_logger()
     parsed = validate_recipe(recipe, name=recipe.get("name") or "recipe")
+    served = is_served(deployment.id)
+    owner = None
+    if served:  # everything checked before anything is written: no output folder, MLflow run or stored step
+        roots = Roots.from_env()
+        parsed = confine(parsed, roots, out=out, overwrite=overwrite)
+        owner = submitter_identity(submitter)
+        recipe = parsed.to_data()  # what runs: the resolved paths
+    model_name = register_as or parsed.output.register_as or f"{parsed.name}-{model_label(parsed)}"
+    if served and parsed.output.register_model:
+        check_owner(client(), registered_name(model_name), owner)
     tracker = RunTracker(
-        recipe, digest(parsed.describe()), str(parsed.model.source or "<embedded model>"),
-        run_id=mlflow_run_id, uri=tracking_uri, flow_run_id=str(flow_run.id or ""),
+        recipe, digest(parsed.describe()), str(parsed.model.source or "<embedded model>"), flow_run_id=str(flow_run.id or ""),
     )
-    out_dir = Path(out) if out else (Path(parsed.output.dir) if parsed.output.dir else default_output_dir(parsed, tracker.run_id))
     retries = int(os.environ.get("COMPRESS_STEP_RETRIES", "2"))
 
     def runner(name: str, function: Any, *args: Any) -> Any:
@@ -113,10 +127,14 @@ def compress_recipe(
         return result
 
     try:
-        report = run(parsed, out_dir, store=StepStore.default(), runner=runner, overwrite=overwrite)
-        name = register_as or parsed.output.register_as or f"{parsed.name}-{model_label(parsed)}"
-        register = name if parsed.output.register_model else None
-        version = tracker.finish(report, out_dir, register)
+        if served:
+            tracker.client.set_tag(tracker.run_id, "compress.submitter", owner)
+            out_dir = output_folder(parsed, roots, tracker.run_id)
+        else:
+            out_dir = Path(out) if out else (Path(parsed.output.dir) if parsed.output.dir else default_output_dir(parsed, tracker.run_id))
+        with output_lock(out_dir):  # the folder stays this run's until it is registered from it
+            report = run(parsed, out_dir, store=StepStore.default(), runner=runner, overwrite=overwrite)
+            version = tracker.finish(report, out_dir, model_name if parsed.output.register_model else None, owner)
     except BaseException as error:
         tracker.fail(error)
         raise

@@ -6,6 +6,7 @@ MLflow's and Prefect's own clients."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import signal
@@ -238,7 +239,8 @@ def test_failed_stage_resumes_through_the_flow(services, tmp_path, monkeypatch, 
 @pytest.mark.skipif(shutil.which("initdb") is None and not Path("/usr/lib/postgresql").is_dir(),
                     reason="PostgreSQL server binaries not installed")
 def test_postgres_backend_same_code_other_environment(services, tmp_path, monkeypatch):
-    """Scale-out by configuration: an MLflow server on a PostgreSQL store, only the environment changes."""
+    """Scale-out by configuration: an MLflow server on a PostgreSQL store, only the environment changes
+    (the worker's: it tracks where its own MLFLOW_TRACKING_URI says, whatever a client sets)."""
     from mlflow.tracking import MlflowClient
 
     data_dir = Path(tempfile.mkdtemp(prefix="compress-pg-"))  # under /tmp: the postgres user must reach it
@@ -253,7 +255,8 @@ def test_postgres_backend_same_code_other_environment(services, tmp_path, monkey
         tracking, server, log = _mlflow_server(uri, tmp_path, env)
         _wait_http(f"{tracking}/health", server, log)
         env["MLFLOW_TRACKING_URI"] = tracking
-        result = _cli(["submit", "recipes/magnitude-50.yaml", "--wait", *FAST_SETS], env)
+        with _prefect_and_worker(env, tmp_path) as (env, _):
+            result = _cli(["submit", "recipes/magnitude-50.yaml", "--wait", *FAST_SETS], env)
         assert "state      COMPLETED" in result.stdout, result.stdout + result.stderr[-3000:]
         _, run_id = _submitted(result)
         run = MlflowClient(tracking).get_run(run_id)
@@ -264,3 +267,106 @@ def test_postgres_backend_same_code_other_environment(services, tmp_path, monkey
             _stop(server)
         subprocess.run(["bash", str(script), "stop", str(data_dir)], capture_output=True)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _prefect_and_worker(env: dict[str, str], root: Path, server_env: dict[str, str] | None = None):
+    """A Prefect server of its own and `compress serve` on it, both with `env` (the server also with
+    `server_env`); yields the environment that submits to it, and the worker's log."""
+    (root / "prefect").mkdir(exist_ok=True)
+    env = {key: value for key, value in env.items() if key != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(root / "prefect")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    server_log, worker_log = root / "prefect.log", root / "worker.log"
+    processes = [_start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_log,
+                        {**env, **(server_env or {})})]
+    try:
+        _wait_http(f"{url}/health", processes[0], server_log)
+        env["PREFECT_API_URL"] = url
+        processes.append(_start([sys.executable, "-m", "compress", "serve", "--limit", "1"], worker_log, env))
+        _wait_for_deployment(env, processes[1], worker_log)
+        yield env, worker_log
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+
+
+def _written(client, experiment_id: str, home: Path) -> tuple[set[str], list[str], list[str]]:
+    """What a submission could have left: MLflow runs, output folders, stored steps."""
+    runs = {run.info.run_id for run in client.search_runs([experiment_id], max_results=5000)}
+    listing = [sorted(p.name for p in folder.iterdir()) if folder.is_dir() else [] for folder in (home / "outputs", home / "steps")]
+    return runs, *listing
+
+
+def _deployment_run(services, monkeypatch, parameters: dict) -> tuple[str, str]:
+    """A flow run of the served deployment with any parameters, as anyone who reaches the Prefect API
+    can start one: (final state, its message), or ("REJECTED", why) if the API refused it."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from compress.service.prefect import wait_for_flow_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services["mlflow"])
+    with temporary_settings(updates={PREFECT_API_URL: services["prefect"]}):
+        try:
+            flow_run = run_deployment("compress-recipe/compress", parameters=parameters, timeout=0)
+        except Exception as error:
+            return "REJECTED", str(error)
+        state, message, _ = wait_for_flow_run(flow_run.id, poll=1)
+    return state, message or ""
+
+
+def test_served_submissions_are_confined_to_the_workers_roots(services, tmp_path, monkeypatch):
+    """Paths outside the worker's roots, a client's output folder or tracking store, and another
+    submitter's registered model are refused in one line, before anything is written."""
+    from conftest import fast_recipe
+    from mlflow.tracking import MlflowClient
+
+    from compress.recipe import validate_recipe
+
+    env, home = services["env"], Path(services["env"]["COMPRESS_HOME"])
+    client = MlflowClient(services["mlflow"])
+    experiment_id = client.get_experiment_by_name("compress").experiment_id
+    before = _written(client, experiment_id, home)
+    secret = tmp_path / "passwd"  # outside $COMPRESS_HOME/texts, the worker's text root
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n" * 400)
+    refused = _cli(["submit", "recipes/wanda-50.yaml", "--wait", *FAST_SETS, "--set", f"calibration.text=[{secret}]"], env)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 1 and len(errors) == 1, refused.stdout + refused.stderr[-3000:]
+    assert "outside the worker's text roots" in errors[0] and "mlflow run (none)" in refused.stdout
+
+    client.create_registered_model("taken-by-alice", tags={"compress.owner": "alice"})
+    collides = _cli(["submit", "recipes/wanda-50.yaml", "--wait", *FAST_SETS, "--set", "output.register_as=taken-by-alice"],
+                    {**env, "COMPRESS_SUBMITTER": "mallory"})
+    errors = [line for line in collides.stderr.splitlines() if line.startswith("error:")]
+    assert collides.returncode == 1 and len(errors) == 1, collides.stdout + collides.stderr[-3000:]
+    assert "belongs to submitter 'alice'" in errors[0]
+    assert client.search_model_versions("name = 'taken-by-alice'") == []
+
+    data = validate_recipe(fast_recipe({"method": "wanda", "sparsity": 0.5}), name="raw").to_data()
+    out, store = tmp_path / "client-out", tmp_path / "client-mlflow.db"
+    state, message = _deployment_run(services, monkeypatch, {"recipe": data, "out": str(out)})
+    assert state == "FAILED" and "output.dir" in message, message
+    state, message = _deployment_run(services, monkeypatch, {"recipe": data, "tracking_uri": f"sqlite:///{store}"})
+    assert state != "COMPLETED", message
+    assert not out.exists() and not store.exists()  # the client's folder and tracking store were not used
+    assert _written(client, experiment_id, home) == before
+
+
+def test_prefect_basic_auth_with_credentials_from_the_environment(tmp_path):
+    """Behind Prefect's basic auth: the worker and `compress submit` authenticate with
+    PREFECT_API_AUTH_STRING from their environment; without it a submission is refused in one line."""
+    credentials = "compress:s3cret-for-the-test"
+    env = {**os.environ, "COMPRESS_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_API_AUTH_STRING": credentials}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with _prefect_and_worker(env, tmp_path, {"PREFECT_SERVER_API_AUTH_STRING": credentials}) as (signed, worker_log):
+        assert "submissions are confined to" in worker_log.read_text()
+        anonymous = {key: value for key, value in signed.items() if key != "PREFECT_API_AUTH_STRING"}
+        denied = _cli(["submit", "recipes/wanda-50.yaml", *FAST_SETS], anonymous)
+        assert denied.returncode == 2 and "401" in denied.stderr, denied.stderr[-3000:]
+        assert len([line for line in denied.stderr.splitlines() if line.startswith("error:")]) == 1
+        refused = _cli(["submit", "recipes/wanda-50.yaml", "--wait", *FAST_SETS, "--set", f"output.dir={tmp_path / 'x'}"], signed)
+        assert refused.returncode == 1 and "error: output.dir" in refused.stderr, refused.stdout + refused.stderr[-3000:]
+        assert not (tmp_path / "x").exists()

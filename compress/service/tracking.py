@@ -23,6 +23,8 @@ from typing import Any
 
 from compress import __version__
 from compress.cleanup import undo_on_abort
+from compress.service.ownership import OWNER_TAG, check_owner
+from compress.service.recovery import fail_orphaned_runs, owner_tags
 from compress.settings import compress_home
 
 log = logging.getLogger("compress")
@@ -112,6 +114,8 @@ class RunTracker:
         }
         if flow_run_id:
             tags["prefect.flow_run_id"] = flow_run_id
+        tags.update(owner_tags())  # a later run marks this one FAILED if its process dies (recovery.py)
+        fail_orphaned_runs(self.client, self.experiment_id)
         if run_id is None:
             run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=tags["mlflow.runName"]).info.run_id
         else:
@@ -139,7 +143,7 @@ class RunTracker:
     def step(self, name: str) -> Iterator[StepRun]:
         """A child run for one step; FAILED with the error message if the step raises."""
         child = self.client.create_run(
-            self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, "compress.step": name}
+            self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, "compress.step": name, **owner_tags()}
         )
         handle = StepRun(self, child.info.run_id)
         with undo_on_abort(lambda: self.client.set_terminated(handle.run_id, "KILLED")):
@@ -151,9 +155,9 @@ class RunTracker:
                 raise
             self.client.set_terminated(handle.run_id, "FINISHED")
 
-    def finish(self, report: dict[str, Any], out_dir: Path, register_as: str | None) -> str | None:
-        """Log the report's metrics and artifacts on the parent run, register the model; returns the
-        registered version."""
+    def finish(self, report: dict[str, Any], out_dir: Path, register_as: str | None, owner: str | None = None) -> str | None:
+        """Log the report's metrics and artifacts on the parent run, register the model (as `owner`'s,
+        for a submission); returns the registered version."""
         self._log(self.run_id, metrics=numeric_metrics(report["metrics"]), tags={"compress.output": str(out_dir)})
         for name in ("report.json", "recipe.json"):
             self.client.log_artifact(self.run_id, str(out_dir / name))
@@ -163,7 +167,7 @@ class RunTracker:
                 self.client.log_artifact(self.run_id, str(plot), "plots")
         version = None
         if register_as:
-            version = self._register(out_dir, register_as)
+            version = self._register(out_dir, register_as, owner)
         self.client.set_terminated(self.run_id, "FINISHED")
         self._killed_on_abort.__exit__(None, None, None)
         return version
@@ -173,8 +177,10 @@ class RunTracker:
         self.client.set_terminated(self.run_id, "FAILED")
         self._killed_on_abort.__exit__(None, None, None)
 
-    def _register(self, out_dir: Path, name: str) -> str:
-        """Log the exported model as an MLflow pyfunc model and add it as a new registry version."""
+    def _register(self, out_dir: Path, name: str, owner: str | None = None) -> str:
+        """Log the exported model as an MLflow pyfunc model and add it as a new registry version. With
+        an `owner` (a submission), a new registered model is tagged as theirs, and one that is not
+        theirs is refused (checked again here: another submitter may have created it since the start)."""
         from mlflow.exceptions import MlflowException
 
         from compress.service.mlflow_model import save_pyfunc_model
@@ -185,9 +191,10 @@ class RunTracker:
             self.client.log_artifacts(self.run_id, str(local), "model")
         source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
         try:
-            self.client.create_registered_model(name)
+            self.client.create_registered_model(name, tags={OWNER_TAG: owner} if owner else None)
         except MlflowException:  # exists already (or created by a concurrent run)
-            pass
+            if owner:
+                check_owner(self.client, name, owner)
         version = self.client.create_model_version(name, source, run_id=self.run_id, tags={"compress.recipe_hash": self.recipe_hash})
         self._log(self.run_id, tags={"compress.registered_model": f"{name}/{version.version}"})
         return str(version.version)
