@@ -26,6 +26,7 @@ from typing import Any
 from compress.errors import CompressError
 from compress.pipeline.store import digest
 from compress.recipe import Recipe
+from compress.settings import compress_home
 
 MARKER_FILE = ".compress-output.json"
 
@@ -138,8 +139,9 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     """Hold the output folder from export to registration: two runs writing the same folder take
     turns, so each registers what it wrote. Re-entrant within a process (the flow holds it around
     the export step and the registration, the export step holds it too)."""
-    path = out_dir.parent / f".{out_dir.name}.lock"
-    key = path.resolve() if path.parent.exists() else path.absolute()
+    # the lock file lives under $COMPRESS_HOME, not beside the user's output
+    path = compress_home() / "locks" / f"{digest(str(out_dir.expanduser().absolute()))}.lock"
+    key = path
     with _HELD_LOCK:
         depth = _HELD.get(key, 0)
         _HELD[key] = depth + 1
