@@ -54,33 +54,31 @@ def _retry_transient(task_, task_run, state) -> bool:
 
 
 def _step_metrics(result: Any) -> dict[str, Any]:
-    """What a step's child run records: its own numbers, under the run-wide names."""
-    if isinstance(result, StepResult):
-        info = result.info
-        metrics = {"seconds": result.seconds, "cached": int(result.cached)}
-        if result.kind == "stage":
-            metrics.update(sparsity=info["sparsity"], targets=info["targets"], targets_changed=info["targets_changed"],
-                           stage_seconds=info["stage_seconds"])
-            errors = info["layer_error"]
-            metrics.update(layer_error_summary(list(errors.values())))
-            # one metric per target, so the MLflow UI can chart the one bad layer
-            metrics.update({f"layer_error.{name}": value for name, value in errors.items()})
-            metrics.update({f"target_seconds.{name}": value for name, value in info["target_seconds"].items()})
-        elif result.kind == "evaluate":
-            for name in ("perplexity", "embedding_cosine", "sparsity"):
-                if name in info:
-                    metrics[name] = info[name]
-            if info.get("dense") and "perplexity" in info["dense"]:
-                metrics["dense_perplexity"] = info["dense"]["perplexity"]
-        elif result.kind == "calibrate" and info.get("used"):
-            metrics["tokens"] = info["tokens"]
-        elif result.kind == "load":
-            metrics["targets"] = info["targets"]
-        return metrics
-    if isinstance(result, dict) and "metrics" in result:  # export returns the report
-        keys = ("bits_per_param", "size_bytes", "packed_bytes", "onnx_max_abs_diff", "onnx_ok", "audit_ok")
-        return {k: result["metrics"][k] for k in keys if k in result["metrics"]}
-    return {}
+    """What a step's child run records: only what the step alone knows (its seconds, whether it was
+    found stored, a stage's own sparsity and error summary), never the parent's headline metrics;
+    per-target numbers go to the stage's table (_stage_table), not to metrics."""
+    if not isinstance(result, StepResult):
+        return {}  # export returns the report: its numbers are the parent run's
+    info = result.info
+    metrics = {"seconds": result.seconds, "cached": int(result.cached)}
+    if result.kind == "stage":
+        summary = layer_error_summary(list(info["layer_error"].values()))
+        metrics.update(stage_sparsity=info["sparsity"], targets=info["targets"], targets_changed=info["targets_changed"],
+                       stage_seconds=info["stage_seconds"], **{k.replace("layer_error", "stage_error"): v for k, v in summary.items()})
+    elif result.kind == "calibrate" and info.get("used"):
+        metrics["tokens"] = info["tokens"]
+    elif result.kind == "load":
+        metrics["targets"] = info["targets"]
+    return metrics
+
+
+def _stage_table(result: Any) -> dict[str, list[Any]] | None:
+    """A stage's per-target table (target, relative output error, seconds), or None for other steps."""
+    if not (isinstance(result, StepResult) and result.kind == "stage" and result.info.get("layer_error")):
+        return None
+    errors, seconds = result.info["layer_error"], result.info.get("target_seconds") or {}
+    return {"target": list(errors), "error": [round(v, 6) for v in errors.values()],
+            "seconds": [round(seconds.get(name, 0.0), 4) for name in errors]}
 
 
 def default_output_dir(recipe: Recipe, run_id: str) -> Path:
@@ -113,6 +111,7 @@ def compress_recipe(
         check_owner(client(), registered_name(model_name), owner)
     tracker = RunTracker(
         recipe, digest(parsed.describe()), str(parsed.model.source or "<embedded model>"), flow_run_id=str(flow_run.id or ""),
+        model=model_label(parsed),
     )
     retries = int(os.environ.get("COMPRESS_STEP_RETRIES", "2"))
 
@@ -122,6 +121,9 @@ def compress_recipe(
         with tracker.step(name) as child:
             result = step_task(*args)
             child.log(_step_metrics(result))
+            table = _stage_table(result)
+            if table:
+                child.log_table(table)
         if isinstance(result, StepResult):
             logger.info("%s: %s in %.2f s", name, "found stored" if result.cached else "done", result.seconds)
         return result

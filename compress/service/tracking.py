@@ -23,6 +23,7 @@ from typing import Any
 
 from compress import __version__
 from compress.cleanup import undo_on_abort
+from compress.service import mlflow_view as view
 from compress.service.ownership import OWNER_TAG, check_owner
 from compress.service.recovery import fail_orphaned_runs, owner_tags
 from compress.settings import compress_home
@@ -64,18 +65,22 @@ def client(uri: str | None = None):
 
 
 def ensure_experiment(mlflow_client, name: str | None = None) -> str:
-    """The experiment's id, creating it (with its artifacts under $COMPRESS_HOME for a local store)."""
+    """The experiment's id, creating it (with its artifacts under $COMPRESS_HOME for a local store).
+    It is marked a model-development experiment, so the MLflow UI opens it on the runs table."""
     from mlflow.exceptions import MlflowException
 
     name = name or experiment_name()
     found = mlflow_client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    local_store = mlflow_client.tracking_uri.startswith(("sqlite:", "file:", "/"))
-    try:
-        return mlflow_client.create_experiment(name, artifact_location=default_artifact_root() if local_store else None)
-    except MlflowException:  # created by a concurrent submission in between
-        return mlflow_client.get_experiment_by_name(name).experiment_id
+    if found is None:
+        local_store = mlflow_client.tracking_uri.startswith(("sqlite:", "file:", "/"))
+        try:
+            return mlflow_client.create_experiment(name, artifact_location=default_artifact_root() if local_store else None,
+                                                   tags={view.EXPERIMENT_KIND_TAG: view.EXPERIMENT_KIND})
+        except MlflowException:  # created by a concurrent submission in between
+            found = mlflow_client.get_experiment_by_name(name)
+    if found.tags.get(view.EXPERIMENT_KIND_TAG) != view.EXPERIMENT_KIND:  # one made before (or by MLflow itself as a GenAI one)
+        mlflow_client.set_experiment_tag(found.experiment_id, view.EXPERIMENT_KIND_TAG, view.EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -101,16 +106,20 @@ class RunTracker:
     """The MLflow side of one submission."""
 
     def __init__(self, recipe_data: dict[str, Any], recipe_hash: str, model_source: str, run_id: str | None = None,
-                 uri: str | None = None, flow_run_id: str | None = None) -> None:
+                 uri: str | None = None, flow_run_id: str | None = None, model: str | None = None) -> None:
+        """`model`: the model's short label (compress.pipeline.output.model_label), in the run's name."""
         self.client = client(uri)
         self.recipe_hash = recipe_hash
         self.experiment_id = ensure_experiment(self.client)
+        self.steps = 0  # child runs so far: the next one is numbered steps + 1
+        model = model or model_source
         tags = {
             "compress.recipe": recipe_data.get("name", ""),
             "compress.recipe_hash": recipe_hash,
             "compress.model_source": model_source,
             "compress.version": __version__,
-            "mlflow.runName": recipe_data.get("name", "compress"),
+            "mlflow.runName": view.run_name(recipe_data, model),
+            **view.recipe_tags(recipe_data, model),
         }
         if flow_run_id:
             tags["prefect.flow_run_id"] = flow_run_id
@@ -141,10 +150,11 @@ class RunTracker:
 
     @contextmanager
     def step(self, name: str) -> Iterator[StepRun]:
-        """A child run for one step; FAILED with the error message if the step raises."""
-        child = self.client.create_run(
-            self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, "compress.step": name, **owner_tags()}
-        )
+        """A child run for one step, named `<n> <step>` in the order the steps run; FAILED with the
+        error message if the step raises."""
+        self.steps += 1
+        tags = {"mlflow.parentRunId": self.run_id, "compress.step": name, "compress.step_index": str(self.steps), **owner_tags()}
+        child = self.client.create_run(self.experiment_id, run_name=view.step_run_name(self.steps, name), tags=tags)
         handle = StepRun(self, child.info.run_id)
         with undo_on_abort(lambda: self.client.set_terminated(handle.run_id, "KILLED")):
             try:
@@ -156,18 +166,24 @@ class RunTracker:
             self.client.set_terminated(handle.run_id, "FINISHED")
 
     def finish(self, report: dict[str, Any], out_dir: Path, register_as: str | None, owner: str | None = None) -> str | None:
-        """Log the report's metrics and artifacts on the parent run, register the model (as `owner`'s,
-        for a submission); returns the registered version."""
-        self._log(self.run_id, metrics=numeric_metrics(report["metrics"]), tags={"compress.output": str(out_dir)})
+        """Log the report's headline metrics (rounded) and artifacts on the parent run: report.json,
+        recipe.json, report.md, the per-target table and plot; register the model (as `owner`'s, for
+        a submission); returns the registered version."""
+        from compress.service.report_md import report_markdown, target_table
+
+        self._log(self.run_id, metrics=view.headline_metrics(report["metrics"]), tags={"compress.output": str(out_dir)})
         for name in ("report.json", "recipe.json"):
             self.client.log_artifact(self.run_id, str(out_dir / name))
+        self.client.log_text(self.run_id, report_markdown(report), "report.md")
+        if report.get("targets"):
+            self.client.log_table(self.run_id, data=target_table(report), artifact_file="targets.json")
         with tempfile.TemporaryDirectory() as scratch:
             plot = Path(scratch) / "targets.png"
             if plot_targets(report, plot):
                 self.client.log_artifact(self.run_id, str(plot), "plots")
         version = None
         if register_as:
-            version = self._register(out_dir, register_as, owner)
+            version = self._register(out_dir, register_as, owner, report)
         self.client.set_terminated(self.run_id, "FINISHED")
         self._killed_on_abort.__exit__(None, None, None)
         return version
@@ -177,7 +193,7 @@ class RunTracker:
         self.client.set_terminated(self.run_id, "FAILED")
         self._killed_on_abort.__exit__(None, None, None)
 
-    def _register(self, out_dir: Path, name: str, owner: str | None = None) -> str:
+    def _register(self, out_dir: Path, name: str, owner: str | None = None, report: dict[str, Any] | None = None) -> str:
         """Log the exported model as an MLflow pyfunc model and add it as a new registry version. With
         an `owner` (a submission), a new registered model is tagged as theirs, and one that is not
         theirs is refused (checked again here: another submitter may have created it since the start)."""
@@ -195,7 +211,10 @@ class RunTracker:
         except MlflowException:  # exists already (or created by a concurrent run)
             if owner:
                 check_owner(self.client, name, owner)
-        version = self.client.create_model_version(name, source, run_id=self.run_id, tags={"compress.recipe_hash": self.recipe_hash})
+        tags, description = {"compress.recipe_hash": self.recipe_hash}, None
+        if report is not None:  # the base model and headline numbers, readable in the registry
+            tags, description = view.version_tags(report, self.recipe_hash), view.version_description(report)
+        version = self.client.create_model_version(name, source, run_id=self.run_id, tags=tags, description=description)
         self._log(self.run_id, tags={"compress.registered_model": f"{name}/{version.version}"})
         return str(version.version)
 
@@ -206,7 +225,10 @@ class StepRun:
         self.run_id = run_id
 
     def log(self, metrics: dict[str, Any], tags: dict[str, str] | None = None) -> None:
-        self.tracker._log(self.run_id, metrics=numeric_metrics(metrics), tags=tags)
+        self.tracker._log(self.run_id, metrics={k: view.rounded(k, v) for k, v in numeric_metrics(metrics).items()}, tags=tags)
+
+    def log_table(self, table: dict[str, list[Any]], artifact_file: str = "targets.json") -> None:
+        self.tracker.client.log_table(self.run_id, data=table, artifact_file=artifact_file)
 
 
 def plot_targets(report: dict[str, Any], path: Path) -> bool:
