@@ -17,6 +17,7 @@ docs/security.md). Neither the tracking store nor the MLflow run is a parameter.
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,11 @@ def compress_recipe(
     )
     retries = int(os.environ.get("COMPRESS_STEP_RETRIES", "2"))
 
+    held = ExitStack()  # the output lock, from the export step to the registration
+
     def runner(name: str, function: Any, *args: Any) -> Any:
+        if name == "export":  # the folder stays this run's until it is registered from it
+            held.enter_context(output_lock(args[0]))
         step_task = task(function, name=name, retries=retries, retry_delay_seconds=2,
                          retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
         with tracker.step(name) as child:
@@ -134,7 +139,7 @@ def compress_recipe(
             out_dir = output_folder(parsed, roots, tracker.run_id)
         else:
             out_dir = Path(out) if out else (Path(parsed.output.dir) if parsed.output.dir else default_output_dir(parsed, tracker.run_id))
-        with output_lock(out_dir):  # the folder stays this run's until it is registered from it
+        with held:
             report = run(parsed, out_dir, store=StepStore.default(), runner=runner, overwrite=overwrite)
             version = tracker.finish(report, out_dir, model_name if parsed.output.register_model else None, owner)
     except BaseException as error:

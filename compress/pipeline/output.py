@@ -26,7 +26,6 @@ from typing import Any
 from compress.errors import CompressError
 from compress.pipeline.store import digest
 from compress.recipe import Recipe
-from compress.settings import compress_home
 
 MARKER_FILE = ".compress-output.json"
 
@@ -130,37 +129,36 @@ def partial_folder(out_dir: Path) -> Path:
 
 
 
-_HELD: dict[Path, int] = {}  # lock files this process holds, and how deeply
+_HELD: dict[Path, list[int]] = {}  # parent folder -> [its open descriptor, how many hold the lock here]
 _HELD_LOCK = threading.Lock()
 
 
 @contextmanager
 def output_lock(out_dir: Path) -> Iterator[None]:
     """Hold the output folder from export to registration: two runs writing the same folder take
-    turns, so each registers what it wrote. Re-entrant within a process (the flow holds it around
-    the export step and the registration, the export step holds it too)."""
-    # the lock file lives under $COMPRESS_HOME, not beside the user's output
-    path = compress_home() / "locks" / f"{digest(str(out_dir.expanduser().absolute()))}.lock"
-    key = path
+    turns, so each registers what it wrote. The lock is taken on the folder's parent directory (no
+    lock file left anywhere; runs writing other folders of the same parent take turns too, for their
+    export only). Counted within a process: the flow holds it from the export step to the
+    registration, the engine around export and audit; the last one out releases it."""
+    parent = out_dir.expanduser().absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
     with _HELD_LOCK:
-        depth = _HELD.get(key, 0)
-        _HELD[key] = depth + 1
-    if depth:
-        try:
-            yield
-        finally:
+        held = _HELD.get(parent)
+        if held is None:
+            handle = os.open(parent, os.O_RDONLY)
+            _HELD[parent] = held = [handle, 0]
+    if held[1] == 0:
+        fcntl.flock(held[0], fcntl.LOCK_EX)
+    held[1] += 1
+    try:
+        yield
+    finally:
+        held[1] -= 1
+        if held[1] == 0:
             with _HELD_LOCK:
-                _HELD[key] -= 1
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            with _HELD_LOCK:
-                del _HELD[key]
-            fcntl.flock(handle, fcntl.LOCK_UN)
+                del _HELD[parent]
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            os.close(held[0])
 
 
 def check_space(out_dir: Path, store_root: Path, params: int, storage_bits: int, stages: int, onnx: bool) -> None:
