@@ -1,0 +1,95 @@
+"""y = x @ W.T straight from a packed weight (compress.formats: nm, group_quant, bitmap, sparse_quant) on
+the CPU: the compiled kernels decode the weights in registers and accumulate in fp32, threads over the
+output rows; x is [..., in] in float32, bfloat16 or float16 and y comes back in x's dtype. A CUDA
+tensor, another dtype or path "torch" takes the format's reference_matmul (build.py picks the path)."""
+
+from __future__ import annotations
+
+import torch
+
+from compress.formats import bitmap, group_quant, nm, sparse_quant
+from compress.kernels.build import ISA_CODE, resolve_path
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+Packed = nm.NMWeight | group_quant.GroupQuantWeight | bitmap.BitmapWeight | sparse_quant.SparseQuantWeight
+REFERENCE = {nm.NMWeight: nm.reference_matmul, group_quant.GroupQuantWeight: group_quant.reference_matmul,
+             bitmap.BitmapWeight: bitmap.reference_matmul, sparse_quant.SparseQuantWeight: sparse_quant.reference_matmul}
+
+
+def _flat(x: torch.Tensor, cols: int) -> torch.Tensor:
+    if x.shape[-1] != cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight takes {cols}")
+    return x.reshape(-1, cols).contiguous()
+
+
+def _path(x: torch.Tensor, path: str | None, packed=None) -> str:
+    if packed is not None and x.shape[-1] != packed.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight takes {packed.shape[1]}")
+    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES:
+        return "torch"
+    return resolve_path(path)
+
+
+def _call(op, x: torch.Tensor, packed, *args) -> torch.Tensor:
+    rows = packed.shape[0]
+    return op(_flat(x, packed.shape[1]), *args).reshape(*x.shape[:-1], rows)
+
+
+def nm_matmul(x: torch.Tensor, packed: nm.NMWeight, path: str | None = None) -> torch.Tensor:
+    """N:M (any 0 < N < M <= 16): 16 kept values a step (8 on AVX2), their x gathered by a permute of
+    two loaded vectors when N divides 8 and M <= 2N (2:4, 4:8, 1:2, 8:16), else by a vector gather."""
+    chosen = _path(x, path, packed)
+    if chosen == "torch":
+        return nm.reference_matmul(x, packed)
+    op = torch.ops.compress_cpu.nm_matmul
+    return _call(op, x, packed, packed.values, packed.indices, packed.n, packed.m, ISA_CODE[chosen])
+
+
+def group_quant_matmul(x: torch.Tensor, packed: group_quant.GroupQuantWeight, path: str | None = None) -> torch.Tensor:
+    """int2/3/4/8 codes, w = scale * (code - zero) per (row, group), dequantized 16 (8) codes a step."""
+    chosen = _path(x, path, packed)
+    if chosen == "torch":
+        return group_quant.reference_matmul(x, packed)
+    op = torch.ops.compress_cpu.group_quant_matmul
+    return _call(op, x, packed, packed.codes, packed.scale, packed.zero, packed.bits, packed.group_size, ISA_CODE[chosen])
+
+
+def bitmap_matmul(x: torch.Tensor, packed: bitmap.BitmapWeight, path: str | None = None) -> torch.Tensor:
+    """Unstructured: 16 (8) columns a step, the packed values expanded under the bitmask's bits; all-zero
+    mask words are skipped; threads take whole tiles (tile_offsets gives each tile's first value)."""
+    chosen = _path(x, path, packed)
+    if chosen == "torch":
+        return bitmap.reference_matmul(x, packed)
+    op = torch.ops.compress_cpu.bitmap_matmul
+    return _call(op, x, packed, packed.bitmask, packed.values, packed.tile_offsets, packed.tile_rows, ISA_CODE[chosen])
+
+
+def sparse_quant_matmul(x: torch.Tensor, packed: sparse_quant.SparseQuantWeight, path: str | None = None) -> torch.Tensor:
+    """N:M or bitmask positions with group-quantized codes of the kept weights: the N:M kernel's column
+    logic and the group_quant dequantization (statistics gathered per lane when a step crosses a group)."""
+    chosen = _path(x, path, packed)
+    if chosen == "torch":
+        return sparse_quant.reference_matmul(x, packed)
+    pattern = sparse_quant.parse_pattern(packed.pattern)
+    n, m = pattern or (0, 0)
+    op = torch.ops.compress_cpu.sparse_quant_matmul
+    return _call(op, x, packed, packed.codes, packed.scale, packed.zero, packed.indices, packed.bitmask, packed.code_offsets, n, m,
+                 packed.bits, packed.group_size, packed.tile_rows, ISA_CODE[chosen])
+
+
+KERNELS = {nm.NMWeight: nm_matmul, group_quant.GroupQuantWeight: group_quant_matmul, bitmap.BitmapWeight: bitmap_matmul,
+           sparse_quant.SparseQuantWeight: sparse_quant_matmul}
+
+
+def packed_matmul(x: torch.Tensor, packed: Packed, path: str | None = None) -> torch.Tensor:
+    """x @ W.T for any of the four packed formats."""
+    try:
+        kernel = KERNELS[type(packed)]
+    except KeyError:
+        raise TypeError(f"no CPU kernel for {type(packed).__name__}") from None
+    return kernel(x, packed, path)
+
+
+def reference_matmul(x: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """The format's own plain-torch reference."""
+    return REFERENCE[type(packed)](x, packed)

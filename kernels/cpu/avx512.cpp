@@ -1,0 +1,689 @@
+// AVX-512 (F, BW, VL, DQ) path: 16 fp32 lanes; weights decoded in registers, fp32 FMA accumulation,
+// up to 16 activation rows a pass (several accumulator sets for 1-3 rows, to hide the FMA latency).
+// Compiled for AVX-512 by the pragma below (this file only), called only when the CPU has it.
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include "common.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
+
+namespace ck {
+namespace avx512 {
+namespace {
+
+#include "avx512_decode.h"  // NOLINT: inside the anonymous namespace on purpose
+#include "unroll.h"         // NOLINT: likewise
+
+#define CK_LAMBDA(...) [&](auto set_, int64_t __VA_ARGS__) __attribute__((always_inline))
+#define CK_SET constexpr int u_ = decltype(set_)::value
+
+template <bool FP16>
+inline __m512 halves(__m256i h) {
+  if (FP16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <bool FP16>
+inline __m512 load_halves(const uint16_t* p) { return halves<FP16>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+// 16 halves from p, reading none at or past `end` (a masked load is slow on some CPUs: copy instead)
+__attribute__((noinline, cold)) __m256i copy16(const uint16_t* p, const uint16_t* end) {
+  alignas(32) uint16_t buf[16] = {};
+  for (int i = 0; p + i < end && i < 16; ++i) buf[i] = p[i];
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+}
+
+template <bool FP16>
+inline __m512 load_halves(const uint16_t* p, const uint16_t* end) {
+  if (__builtin_expect(p + 16 <= end, 1)) return load_halves<FP16>(p);
+  return halves<FP16>(copy16(p, end));
+}
+
+inline __m512i lane_pattern(int n, int m) {  // (l / n) * m
+  alignas(64) int32_t v[16];
+  for (int l = 0; l < 16; ++l) v[l] = (l / n) * m;
+  return _mm512_load_si512(v);
+}
+
+// Lane l of a 16-bit mask: the index of its value among the packed values of the set lanes.
+inline __m512i expand_index(const Expand& e, uint32_t mh) {
+  const uint64_t lo = e.idx[mh & 0xFFu], hi = e.idx[mh >> 8] + 0x0101010101010101ull * static_cast<uint64_t>(__builtin_popcount(mh & 0xFFu));
+  return _mm512_cvtepu8_epi32(_mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo)));
+}
+
+template <int NB, int U>
+inline void clear(__m512 (&acc)[U][NB]) {
+  for (int u = 0; u < U; ++u)
+    for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
+}
+
+template <int NB, int U>
+inline void finish(const Act& a, int64_t r, int64_t b0, __m512 (&acc)[U][NB], const float* tail) {
+  for (int b = 0; b < NB; ++b) {
+    __m512 sum = acc[0][b];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][b]);
+    a.out[(b0 + b) * a.N + r] = _mm512_reduce_add_ps(sum) + tail[b];
+  }
+}
+
+// x at 16 columns col (absolute): within a window of 32 from c0 (rel = col - c0), or gathered.
+template <int NB, bool WINDOW>
+inline void fma_cols(__m512* acc, __m512 w, const float* x, int64_t ld, int64_t c0, __m512i rel, __m512i col) {
+  for (int b = 0; b < NB; ++b) {
+    const float* xb = x + b * ld;
+    __m512 xv;
+    if (WINDOW) xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xb + c0), rel, _mm512_loadu_ps(xb + c0 + 16));
+    else xv = _mm512_i32gather_ps(col, xb, 4);
+    acc[b] = _mm512_fmadd_ps(w, xv, acc[b]);
+  }
+}
+
+template <int NB>
+inline void fma_x(__m512* acc, __m512 w, const float* x, int64_t ld) {
+  for (int b = 0; b < NB; ++b) acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + b * ld), acc[b]);
+}
+
+// -- N:M -----------------------------------------------------------------------------------------------
+
+// MODE 0: x gathered; 1: x permuted from a window of 32 columns; 2: the same with 2-bit indices (one
+// index word a step: 2:4, 1:4, 2:3, ...). Values [v0, v1) of row r (multiples of 16 * t.P) into acc.
+template <int NB, bool FP16, int MODE, int U>
+inline void nm_span(const NMArgs& A, const Tab& t, __m512i pattern, int64_t r, const float* x, int64_t v0, int64_t v1, __m512 (&acc)[U][NB]) {
+  const uint16_t* v = A.values + r * A.count;
+  Seq d(t, A.indices + r * A.iwords, A.iwords, v0);
+  const int64_t step = MODE ? 16 / A.n * A.m : 0, ld = A.a.ld;
+  const __m512i sh2 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), three = _mm512_set1_epi32(3);
+  chunks<U>(v0, v1, 16, CK_LAMBDA(k0) {
+    CK_SET;
+    const __m512 w = load_halves<FP16>(v + k0);
+    const int64_t c0 = (k0 >> 4) * step;
+    if (MODE == 2) {
+      const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d.w[k0 >> 4])), sh2), three);
+      fma_cols<NB, true>(acc[u_], w, x, ld, c0, _mm512_add_epi32(pattern, idx), idx);
+    } else {
+      const __m512i idx = d.next();
+      if (MODE == 1) fma_cols<NB, true>(acc[u_], w, x, ld, c0, _mm512_add_epi32(pattern, idx), idx);
+      else fma_cols<NB, false>(acc[u_], w, x, ld, 0, idx, _mm512_add_epi32(_mm512_loadu_si512(A.colbase + k0), idx));
+    }
+  });
+}
+
+template <int NB, bool FP16>
+inline void nm_tail(const NMArgs& A, int64_t r, const float* x, float* tail) {
+  const uint16_t* v = A.values + r * A.count;
+  const uint32_t* iw = A.indices + r * A.iwords;
+  for (int64_t k = A.count & ~int64_t(15); k < A.count; ++k) {
+    const float wk = half_value(v[k], FP16);
+    const int64_t col = A.colbase[k] + field(iw, A.ibits, k);
+    for (int b = 0; b < NB; ++b) tail[b] += wk * x[b * A.a.ld + col];
+  }
+}
+
+template <int NB, bool FP16, int MODE>
+void nm_row(const NMArgs& A, const Tab& t, __m512i pattern, int64_t r, int64_t b0) {
+  constexpr int U = Sets<NB>::value;
+  const float* x = A.a.x + b0 * A.a.ld;
+  __m512 acc[U][NB];
+  clear(acc);
+  nm_span<NB, FP16, MODE, U>(A, t, pattern, r, x, 0, A.count & ~int64_t(15), acc);
+  float tail[NB] = {};
+  nm_tail<NB, FP16>(A, r, x, tail);
+  finish<NB, U>(A.a, r, b0, acc, tail);
+}
+
+// Rows [r0, r1) (at most kRowBlock) K-blocked: each block of values whose x columns fit kXBytes runs over
+// all the rows before the next, so x comes from L1; partial sums wait in `buf` (NB vectors a row).
+template <int NB, bool FP16, int MODE>
+void nm_block(const NMArgs& A, const Tab& t, __m512i pattern, int64_t r0, int64_t r1, int64_t b0, float* buf) {
+  const float* x = A.a.x + b0 * A.a.ld;
+  const int64_t full = A.count & ~int64_t(15), unit = 16 * t.P;
+  const int64_t span = (kXBytes / (NB * 4) * A.n / A.m) / unit * unit, vb = span > unit ? span : unit;
+  for (int64_t i = 0; i < (r1 - r0) * NB * 16; ++i) buf[i] = 0.0f;
+  for (int64_t v0 = 0; v0 < full; v0 += vb) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* rb = buf + (r - r0) * NB * 16;
+      __m512 acc[1][NB];
+      for (int b = 0; b < NB; ++b) acc[0][b] = _mm512_loadu_ps(rb + 16 * b);
+      nm_span<NB, FP16, MODE, 1>(A, t, pattern, r, x, v0, v0 + vb < full ? v0 + vb : full, acc);
+      for (int b = 0; b < NB; ++b) _mm512_storeu_ps(rb + 16 * b, acc[0][b]);
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* rb = buf + (r - r0) * NB * 16;
+    __m512 acc[1][NB];
+    for (int b = 0; b < NB; ++b) acc[0][b] = _mm512_loadu_ps(rb + 16 * b);
+    float tail[NB] = {};
+    nm_tail<NB, FP16>(A, r, x, tail);
+    finish<NB, 1>(A.a, r, b0, acc, tail);
+  }
+}
+
+// -- group quant ---------------------------------------------------------------------------------------
+
+template <int NB>
+inline void gq_tail(const GQArgs& A, int64_t r, int64_t full, const float* x, const float* s, const float* z, float* tail) {
+  const uint32_t* w = A.codes + r * A.cwords;
+  for (int64_t k = full; k < A.a.K; ++k) {
+    const int32_t g = A.st.gidx[k];
+    const float wk = (static_cast<float>(field(w, A.bits, k)) - z[g]) * s[g];
+    for (int b = 0; b < NB; ++b) tail[b] += wk * x[b * A.a.ld + k];
+  }
+}
+
+// Any width and group size: 16 codes a step; a group's statistics broadcast when the group size is a
+// multiple of 16 (UNIFORM), else gathered per lane.
+template <int NB, bool UNIFORM>
+void gq_row(const GQArgs& A, const Tab& t, int64_t r, int64_t b0, const float* s, const float* z) {
+  constexpr int U = Sets<NB>::value;
+  const Act& a = A.a;
+  const Stats& st = A.st;
+  const float* x = a.x + b0 * a.ld;
+  __m512 acc[U][NB];
+  clear(acc);
+  Seq d(t, A.codes + r * A.cwords, A.cwords);
+  const int64_t full = a.K & ~int64_t(15);
+  if (UNIFORM) {
+    const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t g0 = 0, g = 0; g0 < full; g0 += st.gs, ++g) {
+      const __m512 sv = _mm512_set1_ps(s[g]), zv = _mm512_set1_ps(z[g]);
+      const __m512 table = _mm512_mul_ps(_mm512_sub_ps(lanes, zv), sv);  // up to 4 bits: the group's weights by code
+      chunks<U>(g0, g0 + st.gs < full ? g0 + st.gs : full, 16, CK_LAMBDA(k0) {
+        CK_SET;
+        const __m512i c = d.next();
+        fma_x<NB>(acc[u_], A.bits <= 4 ? _mm512_permutexvar_ps(c, table) : _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), zv), sv), x + k0,
+                  a.ld);
+      });
+    }
+  } else {
+    chunks<U>(0, full, 16, CK_LAMBDA(k0) {
+      CK_SET;
+      const __m512i gi = _mm512_loadu_si512(st.gidx + k0);
+      const __m512 c = _mm512_cvtepi32_ps(d.next());
+      fma_x<NB>(acc[u_], _mm512_mul_ps(_mm512_sub_ps(c, _mm512_i32gather_ps(gi, z, 4)), _mm512_i32gather_ps(gi, s, 4)), x + k0, a.ld);
+    });
+  }
+  float tail[NB] = {};
+  gq_tail<NB>(A, r, full, x, s, z, tail);
+  finish<NB, U>(a, r, b0, acc, tail);
+}
+
+// 2, 4 or 8 bits with a group size that is a multiple of 16 * 8 / BITS: 16 bytes a step widened to 16
+// lanes, field j of every byte one vector; x arrives permuted to match (ops.cpp, planar_order).
+// Integer zero points (INTZ): code - zero exactly as (2^23 + code) - (2^23 + zero), the code OR-ed into
+// the bits of 2^23 (one vpternlogd instead of a mask and a conversion). For up to 4 activation rows the
+// scale is applied once a group (sum of (code - zero) * x, then times the scale: fewer operations a
+// weight, the same fp32 accuracy); above that a weight's (code - zero) * scale is shared by all rows.
+template <int NB, int BITS, bool INTZ, int U>
+inline void gq_planar_span(const GQArgs& A, int64_t r, const float* x, int64_t c0, int64_t c1, const float* s, const float* z,
+                           __m512 (&acc)[U][NB]) {
+  constexpr int Q = 8 / BITS, C = 16 * Q;
+  constexpr bool FACTOR = NB <= 4;
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(A.codes + r * A.cwords);
+  const __m512i fmask = _mm512_set1_epi32((1 << BITS) - 1), magic = _mm512_set1_epi32(0x4B000000);
+  const int64_t ld = A.a.ld;
+  auto codes = [&](__m512i by, int j) __attribute__((always_inline)) {
+    const __m512i v = j ? _mm512_srli_epi32(by, j * BITS) : by;
+    if (INTZ) return _mm512_castsi512_ps(BITS == 8 ? _mm512_or_si512(v, magic) : _mm512_ternarylogic_epi32(v, fmask, magic, 0xEA));
+    return _mm512_cvtepi32_ps(BITS == 8 ? v : _mm512_and_si512(v, fmask));
+  };
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t g0 = c0, g = c0 / A.st.gs; g0 < c1; g0 += A.st.gs, ++g) {
+    const __m512 sv = _mm512_set1_ps(s[g]), zv = _mm512_set1_ps(INTZ ? 8388608.0f + z[g] : z[g]);
+    const int64_t end = g0 + A.st.gs < c1 ? g0 + A.st.gs : c1;
+    if (BITS <= 4) {
+      // every weight of the group is one of 2^BITS values: a table of scale * (code - zero), computed as the
+      // reference computes a weight, looked up by vpermps (it reads the low 4 bits of a lane: the code; for
+      // 2 bits the table repeats every 4 entries, so the next code in bits 2-3 does not matter)
+      const __m512 codes16 = BITS == 4 ? lanes : _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_cvttps_epi32(lanes), fmask));
+      const __m512 table = _mm512_mul_ps(_mm512_sub_ps(codes16, _mm512_set1_ps(z[g])), sv);
+      chunks<U>(g0, end, C, CK_LAMBDA(k0) {
+        CK_SET;
+        const __m512i by = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + k0 / Q)));
+        for (int j = 0; j < Q; ++j)
+          fma_x<NB>(acc[u_], _mm512_permutexvar_ps(j ? _mm512_srli_epi32(by, j * BITS) : by, table), x + k0 + 16 * j, ld);
+      });
+    } else if (FACTOR) {
+      __m512 part[U][NB];
+      clear(part);
+      chunks<U>(g0, end, C, CK_LAMBDA(k0) {
+        CK_SET;
+        const __m512i by = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + k0 / Q)));
+        for (int j = 0; j < Q; ++j) fma_x<NB>(part[u_], _mm512_sub_ps(codes(by, j), zv), x + k0 + 16 * j, ld);
+      });
+      for (int b = 0; b < NB; ++b) {
+        __m512 sum = part[0][b];
+        for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, part[u][b]);
+        acc[0][b] = _mm512_fmadd_ps(sv, sum, acc[0][b]);
+      }
+    } else {
+      chunks<U>(g0, end, C, CK_LAMBDA(k0) {
+        CK_SET;
+        const __m512i by = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + k0 / Q)));
+        for (int j = 0; j < Q; ++j) fma_x<NB>(acc[u_], _mm512_mul_ps(_mm512_sub_ps(codes(by, j), zv), sv), x + k0 + 16 * j, ld);
+      });
+    }
+  }
+}
+
+template <int NB, int BITS, bool INTZ>
+void gq_planar_row(const GQArgs& A, int64_t r, int64_t b0, const float* s, const float* z) {
+  constexpr int U = Sets<NB>::value;
+  const float* x = A.a.x + b0 * A.a.ld;
+  __m512 acc[U][NB];
+  clear(acc);
+  const int64_t full = A.a.K / (128 / BITS) * (128 / BITS);
+  gq_planar_span<NB, BITS, INTZ, U>(A, r, x, 0, full, s, z, acc);
+  float tail[NB] = {};
+  gq_tail<NB>(A, r, full, x, s, z, tail);
+  finish<NB, U>(A.a, r, b0, acc, tail);
+}
+
+// Rows [r0, r1) (at most kRowBlock) K-blocked in whole groups (as nm_block); their statistics first.
+template <int NB, int BITS, bool INTZ>
+void gq_planar_block(const GQArgs& A, int64_t r0, int64_t r1, int64_t b0, float* scratch) {
+  const float* x = A.a.x + b0 * A.a.ld;
+  const int64_t groups = A.st.groups, gs = A.st.gs, full = A.a.K / (128 / BITS) * (128 / BITS);
+  float *s = scratch, *z = scratch + groups * kRowBlock, *buf = scratch + 2 * groups * kRowBlock;
+  for (int64_t r = r0; r < r1; ++r) row_stats(A.st, A.bits, r, s + (r - r0) * groups, z + (r - r0) * groups);
+  const int64_t span = kXBytes / (NB * 4) / gs * gs, kb = span > gs ? span : gs;
+  for (int64_t i = 0; i < (r1 - r0) * NB * 16; ++i) buf[i] = 0.0f;
+  for (int64_t c0 = 0; c0 < full; c0 += kb) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* rb = buf + (r - r0) * NB * 16;
+      __m512 acc[1][NB];
+      for (int b = 0; b < NB; ++b) acc[0][b] = _mm512_loadu_ps(rb + 16 * b);
+      gq_planar_span<NB, BITS, INTZ, 1>(A, r, x, c0, c0 + kb < full ? c0 + kb : full, s + (r - r0) * groups, z + (r - r0) * groups, acc);
+      for (int b = 0; b < NB; ++b) _mm512_storeu_ps(rb + 16 * b, acc[0][b]);
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* rb = buf + (r - r0) * NB * 16;
+    __m512 acc[1][NB];
+    for (int b = 0; b < NB; ++b) acc[0][b] = _mm512_loadu_ps(rb + 16 * b);
+    float tail[NB] = {};
+    gq_tail<NB>(A, r, full, x, s + (r - r0) * groups, z + (r - r0) * groups, tail);
+    finish<NB, 1>(A.a, r, b0, acc, tail);
+  }
+}
+
+// -- bitmap --------------------------------------------------------------------------------------------
+
+// 16 columns a step: the packed values permuted to their set lanes (vexpandps is slow on some CPUs).
+// Words [j0, j1) of row r's bitmask, its values from p on (p advances past them).
+template <int NB, bool FP16, int U>
+inline void bitmap_span(const BitmapArgs& A, const Expand& e, int64_t r, const float* x, int64_t j0, int64_t j1, const uint16_t*& p,
+                        __m512 (&acc)[U][NB]) {
+  const uint16_t* end = A.values + A.nnz;
+  const uint32_t* bm = A.bitmask + r * A.bwords;
+  const int64_t ld = A.a.ld;
+  const uint16_t* q = p;  // a local: the compiler keeps it in a register
+  chunks<U>(j0, j1, 1, CK_LAMBDA(j) {
+    CK_SET;
+    const uint32_t m = bm[j];
+    if (!m) return;
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t mh = (m >> (16 * h)) & 0xFFFFu;
+      const __m512 w = _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(mh), expand_index(e, mh), load_halves<FP16>(q, end));
+      q += __builtin_popcount(mh);
+      fma_x<NB>(acc[u_], w, x + 32 * j + 16 * h, ld);
+    }
+  });
+  p = q;
+}
+
+template <int NB, bool FP16>
+void bitmap_row(const BitmapArgs& A, const Expand& e, int64_t r, int64_t b0, const uint16_t* p) {
+  constexpr int U = Sets<NB>::value;
+  __m512 acc[U][NB];
+  clear(acc);
+  bitmap_span<NB, FP16, U>(A, e, r, A.a.x + b0 * A.a.ld, 0, A.bwords, p, acc);
+  const float tail[NB] = {};
+  finish<NB, U>(A.a, r, b0, acc, tail);
+}
+
+// K-blocked rows [r0, r1) (as nm_block), row r's values from starts[r - r0].
+template <int NB, bool FP16>
+void bitmap_block(const BitmapArgs& A, const Expand& e, int64_t r0, int64_t r1, int64_t b0, const uint16_t** starts, float* buf) {
+  const float* x = A.a.x + b0 * A.a.ld;
+  const int64_t span = kXBytes / (NB * 4) / 32, wb = span > 1 ? span : 1;
+  const uint16_t* p[kRowBlock];
+  for (int64_t r = r0; r < r1; ++r) p[r - r0] = starts[r - r0];
+  for (int64_t i = 0; i < (r1 - r0) * NB * 16; ++i) buf[i] = 0.0f;
+  for (int64_t j0 = 0; j0 < A.bwords; j0 += wb) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* rb = buf + (r - r0) * NB * 16;
+      __m512 acc[1][NB];
+      for (int b = 0; b < NB; ++b) acc[0][b] = _mm512_loadu_ps(rb + 16 * b);
+      bitmap_span<NB, FP16, 1>(A, e, r, x, j0, j0 + wb < A.bwords ? j0 + wb : A.bwords, p[r - r0], acc);
+      for (int b = 0; b < NB; ++b) _mm512_storeu_ps(rb + 16 * b, acc[0][b]);
+    }
+  }
+  const float tail[NB] = {};
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* rb = buf + (r - r0) * NB * 16;
+    __m512 acc[1][NB];
+    for (int b = 0; b < NB; ++b) acc[0][b] = _mm512_loadu_ps(rb + 16 * b);
+    finish<NB, 1>(A.a, r, b0, acc, tail);
+  }
+}
+
+// -- sparse + quant ------------------------------------------------------------------------------------
+
+template <int NB, bool WINDOW>
+void sq_nm_row(const SQArgs& A, const Tab& tc, const Tab& ti, __m512i pattern, int64_t r, int64_t b0, const float* s, const float* z) {
+  constexpr int U = Sets<NB>::value;
+  const Act& a = A.a;
+  const Stats& st = A.st;
+  const float* x = a.x + b0 * a.ld;
+  __m512 acc[U][NB];
+  clear(acc);
+  Seq dc(tc, A.codes + r * A.cwords, A.cwords), di(ti, A.indices + r * A.iwords, A.iwords);
+  const int64_t full = A.count & ~int64_t(15);
+  chunks<U>(0, full, 16, CK_LAMBDA(k0) {
+    CK_SET;
+    const __m512 c = _mm512_cvtepi32_ps(dc.next());
+    const __m512i idx = di.next();
+    const int64_t c0 = A.colbase[k0];
+    const int32_t g = st.gidx[c0];
+    const __m512i col = WINDOW ? _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c0)), _mm512_add_epi32(pattern, idx))
+                               : _mm512_add_epi32(_mm512_loadu_si512(A.colbase + k0), idx);
+    __m512 w;
+    if (g == st.gidx[A.colbase[k0 + 15] + A.m - 1]) {
+      w = _mm512_mul_ps(_mm512_sub_ps(c, _mm512_set1_ps(z[g])), _mm512_set1_ps(s[g]));
+    } else {
+      const __m512i gi = _mm512_i32gather_epi32(col, st.gidx, 4);
+      w = _mm512_mul_ps(_mm512_sub_ps(c, _mm512_i32gather_ps(gi, z, 4)), _mm512_i32gather_ps(gi, s, 4));
+    }
+    if (WINDOW) fma_cols<NB, true>(acc[u_], w, x, a.ld, c0, _mm512_add_epi32(pattern, idx), col);
+    else fma_cols<NB, false>(acc[u_], w, x, a.ld, 0, idx, col);
+  });
+  float tail[NB] = {};
+  for (int64_t k = full; k < A.count; ++k) {
+    const int64_t col = A.colbase[k] + field(di.w, A.ibits, k);
+    const int32_t g = st.gidx[col];
+    const float wk = (static_cast<float>(field(dc.w, A.bits, k)) - z[g]) * s[g];
+    for (int b = 0; b < NB; ++b) tail[b] += wk * x[b * a.ld + col];
+  }
+  finish<NB, U>(a, r, b0, acc, tail);
+}
+
+// The common case of sparse + quant N:M: a permute window, codes of at most 4 bits and groups made of
+// whole steps (the group size a multiple of the 16 / N * M columns a step covers: 2:4 with group 128).
+// Each group's 2^bits weights are a table (scale * (code - zero), as the reference computes them) and
+// a step's weights one vpermps of its codes; 2-bit indices are read a word a step (TWO_BIT).
+template <int NB, bool TWO_BIT>
+void sq_nm_table_row(const SQArgs& A, const Tab& tc, const Tab& ti, __m512i pattern, int64_t r, int64_t b0, const float* s, const float* z) {
+  constexpr int U = Sets<NB>::value;
+  const Act& a = A.a;
+  const float* x = a.x + b0 * a.ld;
+  __m512 acc[U][NB];
+  clear(acc);
+  Seq dc(tc, A.codes + r * A.cwords, A.cwords), di(ti, A.indices + r * A.iwords, A.iwords);
+  const int64_t full = A.count & ~int64_t(15), step = 16 / A.n * A.m, per_group = A.st.gs / step * 16;
+  const __m512i sh2 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), three = _mm512_set1_epi32(3);
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t g0 = 0, g = 0; g0 < full; g0 += per_group, ++g) {
+    const __m512 table = _mm512_mul_ps(_mm512_sub_ps(lanes, _mm512_set1_ps(z[g])), _mm512_set1_ps(s[g]));
+    chunks<U>(g0, g0 + per_group < full ? g0 + per_group : full, 16, CK_LAMBDA(k0) {
+      CK_SET;
+      const __m512 w = _mm512_permutexvar_ps(dc.next(), table);
+      const __m512i idx = TWO_BIT ? _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(di.w[k0 >> 4])), sh2), three)
+                                  : di.next();
+      fma_cols<NB, true>(acc[u_], w, x, a.ld, (k0 >> 4) * step, _mm512_add_epi32(pattern, idx), idx);
+    });
+  }
+  float tail[NB] = {};
+  for (int64_t k = full; k < A.count; ++k) {
+    const int64_t col = A.colbase[k] + field(di.w, A.ibits, k);
+    const int32_t g = A.st.gidx[col];
+    const float wk = (static_cast<float>(field(dc.w, A.bits, k)) - z[g]) * s[g];
+    for (int b = 0; b < NB; ++b) tail[b] += wk * x[b * a.ld + col];
+  }
+  finish<NB, U>(a, r, b0, acc, tail);
+}
+
+// One row of the unstructured form, its codes from word `start`; returns the codes it holds.
+template <int NB, bool UNIFORM>
+int64_t sq_bitmap_row(const SQArgs& A, const Tab& t, const Expand& e, int64_t r, int64_t b0, int64_t start, const float* s, const float* z) {
+  constexpr int U = Sets<NB>::value;
+  const Act& a = A.a;
+  const Stats& st = A.st;
+  const float* x = a.x + b0 * a.ld;
+  __m512 acc[U][NB];
+  clear(acc);
+  const uint32_t* bm = A.bitmask + r * A.bwords;
+  const uint64_t inv = (uint64_t(1) << 32) / t.per + 1;  // q / per = (q * inv) >> 32 for q < 2^27
+  int64_t q = 0;
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 table = lanes;
+  int32_t table_group = -1;
+  chunks<U>(0, A.bwords, 1, CK_LAMBDA(j) {
+    CK_SET;
+    const uint32_t m = bm[j];
+    if (!m) return;
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t mh = (m >> (16 * h)) & 0xFFFFu;
+      if (!mh) continue;
+      const int64_t word = static_cast<int64_t>((static_cast<uint64_t>(q) * inv) >> 32);
+      const __mmask16 mk = static_cast<__mmask16>(mh);
+      const __m512i codes = decode(t, A.codes, A.total_words, start + word, static_cast<int>(q - word * t.per));
+      const __m512i expanded = _mm512_maskz_permutexvar_epi32(mk, expand_index(e, mh), codes);
+      const int64_t k0 = 32 * j + 16 * h;
+      __m512 w;
+      if (UNIFORM && A.bits <= 4) {  // the group's weights as a table (see sq_nm_table_row)
+        const int32_t g = st.gidx[k0];
+        if (g != table_group) {
+          table = _mm512_mul_ps(_mm512_sub_ps(lanes, _mm512_set1_ps(z[g])), _mm512_set1_ps(s[g]));
+          table_group = g;
+        }
+        w = _mm512_maskz_permutexvar_ps(mk, expanded, table);
+      } else if (UNIFORM) {
+        const int32_t g = st.gidx[k0];
+        w = _mm512_maskz_mul_ps(mk, _mm512_sub_ps(_mm512_cvtepi32_ps(expanded), _mm512_set1_ps(z[g])), _mm512_set1_ps(s[g]));
+      } else {
+        const __m512i gi = _mm512_loadu_si512(st.gidx + k0);
+        w = _mm512_maskz_mul_ps(mk, _mm512_sub_ps(_mm512_cvtepi32_ps(expanded), _mm512_i32gather_ps(gi, z, 4)), _mm512_i32gather_ps(gi, s, 4));
+      }
+      q += __builtin_popcount(mh);
+      fma_x<NB>(acc[u_], w, x + k0, a.ld);
+    }
+  });
+  const float tail[NB] = {};
+  finish<NB, U>(a, r, b0, acc, tail);
+  return q;
+}
+
+// A pass covers NB activation rows: 1..8 or 16 (16 fp32 accumulators fit in the 32 registers).
+inline int pass_rows(int64_t left) { return left >= 16 ? 16 : left >= 8 ? 8 : static_cast<int>(left); }
+
+#define CK_NB_SWITCH(nb, CALL)      \
+  switch (nb) {                     \
+    case 1: CALL(1) break;          \
+    case 2: CALL(2) break;          \
+    case 3: CALL(3) break;          \
+    case 4: CALL(4) break;          \
+    case 5: CALL(5) break;          \
+    case 6: CALL(6) break;          \
+    case 7: CALL(7) break;          \
+    case 8: CALL(8) break;          \
+    default: CALL(16) break;        \
+  }
+
+#define CK_PASSES(CALL)                                \
+  for (int64_t b0 = 0; b0 < A.a.B;) {                  \
+    const int nb = pass_rows(A.a.B - b0);              \
+    switch (nb) {                                      \
+      case 1: CALL(1); break;                          \
+      case 2: CALL(2); break;                          \
+      case 3: CALL(3); break;                          \
+      case 4: CALL(4); break;                          \
+      case 5: CALL(5); break;                          \
+      case 6: CALL(6); break;                          \
+      case 7: CALL(7); break;                          \
+      case 8: CALL(8); break;                          \
+      default: CALL(16); break;                        \
+    }                                                  \
+    b0 += nb;                                          \
+  }
+
+}  // namespace
+
+// Whether a pass of nb activation rows over K columns runs K-blocked (its x does not fit L1).
+inline bool blocked(int nb, int64_t K) { return nb >= 4 && nb * K * 4 > kXBytes; }
+
+void nm_rows(const NMArgs& A, int64_t r0, int64_t r1, float* scratch) {
+  const Tab t(A.ibits);
+  const __m512i pattern = lane_pattern(A.n, A.m);
+  const int mode = !A.window ? 0 : A.ibits == 2 ? 2 : 1;
+  for (int64_t b0 = 0; b0 < A.a.B;) {
+    const int nb = pass_rows(A.a.B - b0);
+    const bool kblocks = blocked(nb, A.a.K);
+#define CK_RUN(NB, FP16, MODE)                                                                                         \
+  if (kblocks)                                                                                                         \
+    for (int64_t rb = r0; rb < r1; rb += kRowBlock) nm_block<NB, FP16, MODE>(A, t, pattern, rb, rb + kRowBlock < r1 ? rb + kRowBlock : r1, b0, scratch); \
+  else                                                                                                                 \
+    for (int64_t r = r0; r < r1; ++r) nm_row<NB, FP16, MODE>(A, t, pattern, r, b0)
+#define CK_MODES(NB, FP16)       \
+  if (mode == 2) {               \
+    CK_RUN(NB, FP16, 2);         \
+  } else if (mode == 1) {        \
+    CK_RUN(NB, FP16, 1);         \
+  } else {                       \
+    CK_RUN(NB, FP16, 0);         \
+  }
+#define CK_CALL(NB)              \
+  if (A.fp16) {                  \
+    CK_MODES(NB, true)           \
+  } else {                       \
+    CK_MODES(NB, false)          \
+  }
+    CK_NB_SWITCH(nb, CK_CALL)
+#undef CK_CALL
+#undef CK_MODES
+#undef CK_RUN
+    b0 += nb;
+  }
+}
+
+void gq_rows(const GQArgs& A, int64_t r0, int64_t r1, float* scratch) {
+  const Tab t(A.bits);
+  float *s = scratch, *z = scratch + A.st.groups;
+  const bool uniform = A.st.gs % 16 == 0, intz = A.st.zint != nullptr;
+  if (A.planar) {
+    for (int64_t b0 = 0; b0 < A.a.B;) {
+      const int nb = pass_rows(A.a.B - b0);
+      const bool kblocks = blocked(nb, A.a.K);
+#define CK_RUN(NB, BITS, INTZ)                                                                                          \
+  if (kblocks)                                                                                                          \
+    for (int64_t rb = r0; rb < r1; rb += kRowBlock) gq_planar_block<NB, BITS, INTZ>(A, rb, rb + kRowBlock < r1 ? rb + kRowBlock : r1, b0, scratch); \
+  else                                                                                                                  \
+    for (int64_t r = r0; r < r1; ++r) {                                                                                 \
+      row_stats(A.st, A.bits, r, s, z);                                                                                 \
+      gq_planar_row<NB, BITS, INTZ>(A, r, b0, s, z);                                                                    \
+    }
+#define CK_BITS(NB, INTZ)        \
+  if (A.bits == 4) {             \
+    CK_RUN(NB, 4, INTZ);         \
+  } else if (A.bits == 2) {      \
+    CK_RUN(NB, 2, INTZ);         \
+  } else {                       \
+    CK_RUN(NB, 8, INTZ);         \
+  }
+#define CK_CALL(NB)              \
+  if (intz) {                    \
+    CK_BITS(NB, true)            \
+  } else {                       \
+    CK_BITS(NB, false)           \
+  }
+      CK_NB_SWITCH(nb, CK_CALL)
+#undef CK_CALL
+#undef CK_BITS
+#undef CK_RUN
+      b0 += nb;
+    }
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    row_stats(A.st, A.bits, r, s, z);
+#define CK_CALL(NB) uniform ? gq_row<NB, true>(A, t, r, b0, s, z) : gq_row<NB, false>(A, t, r, b0, s, z)
+    CK_PASSES(CK_CALL)
+#undef CK_CALL
+  }
+}
+
+void bitmap_tiles(const BitmapArgs& A, int64_t t0, int64_t t1, float* scratch) {
+  const Expand& e = expand_table();
+  const int64_t rbegin = t0 * A.tile_rows, rend = t1 * A.tile_rows < A.a.N ? t1 * A.tile_rows : A.a.N;
+  for (int64_t b0 = 0; b0 < A.a.B;) {
+    const int nb = pass_rows(A.a.B - b0);
+    const uint16_t* p = A.values;
+    const uint16_t* starts[kRowBlock];
+    int64_t filled = 0;
+    for (int64_t r = rbegin; r < rend; ++r) {
+      if (r % A.tile_rows == 0) p = A.values + tile_offset(A.off32, A.off64, r / A.tile_rows);
+      starts[filled++] = p;
+      if (!blocked(nb, A.a.K)) {
+#define CK_CALL(NB) A.fp16 ? bitmap_row<NB, true>(A, e, r, b0, p) : bitmap_row<NB, false>(A, e, r, b0, p);
+        CK_NB_SWITCH(nb, CK_CALL)
+#undef CK_CALL
+        filled = 0;
+      } else if (filled == kRowBlock || r + 1 == rend) {
+#define CK_CALL(NB)                                                                                                          \
+  A.fp16 ? bitmap_block<NB, true>(A, e, r + 1 - filled, r + 1, b0, starts, scratch) : bitmap_block<NB, false>(A, e, r + 1 - filled, r + 1, b0, starts, scratch);
+        CK_NB_SWITCH(nb, CK_CALL)
+#undef CK_CALL
+        filled = 0;
+      }
+      const uint32_t* bm = A.bitmask + r * A.bwords;
+      for (int64_t j = 0; j < A.bwords; ++j) p += __builtin_popcount(bm[j]);
+    }
+    b0 += nb;
+  }
+}
+
+void sq_rows(const SQArgs& A, int64_t u0, int64_t u1, float* scratch) {
+  const Tab tc(A.bits);
+  float *s = scratch, *z = scratch + A.st.groups;
+  if (A.n) {
+    const Tab ti(A.ibits);
+    const __m512i pattern = lane_pattern(A.n, A.m);
+    const bool table = A.window && A.bits <= 4 && A.st.gs % (16 / A.n * A.m) == 0;
+    for (int64_t r = u0; r < u1; ++r) {
+      row_stats(A.st, A.bits, r, s, z);
+#define CK_CALL(NB)                                                                                                     \
+  if (table) A.ibits == 2 ? sq_nm_table_row<NB, true>(A, tc, ti, pattern, r, b0, s, z) : sq_nm_table_row<NB, false>(A, tc, ti, pattern, r, b0, s, z); \
+  else A.window ? sq_nm_row<NB, true>(A, tc, ti, pattern, r, b0, s, z) : sq_nm_row<NB, false>(A, tc, ti, pattern, r, b0, s, z)
+      CK_PASSES(CK_CALL)
+#undef CK_CALL
+    }
+    return;
+  }
+  const bool uniform = A.st.gs % 16 == 0;
+  const Expand& e = expand_table();
+  for (int64_t tile = u0; tile < u1; ++tile) {
+    int64_t start = tile_offset(A.off32, A.off64, tile), kept = 0;
+    const int64_t rend = (tile + 1) * A.tile_rows < A.a.N ? (tile + 1) * A.tile_rows : A.a.N;
+    for (int64_t r = tile * A.tile_rows; r < rend; ++r) {
+      row_stats(A.st, A.bits, r, s, z);
+#define CK_CALL(NB) kept = uniform ? sq_bitmap_row<NB, true>(A, tc, e, r, b0, start, s, z) : sq_bitmap_row<NB, false>(A, tc, e, r, b0, start, s, z)
+      CK_PASSES(CK_CALL)
+#undef CK_CALL
+      start += (kept + tc.per - 1) / tc.per;
+    }
+  }
+}
+
+}  // namespace avx512
+}  // namespace ck
+#else  // not x86-64: never called (isa_support reports scalar only)
+#include "common.h"
+namespace ck {
+namespace avx512 {
+void nm_rows(const NMArgs&, int64_t, int64_t, float*) {}
+void gq_rows(const GQArgs&, int64_t, int64_t, float*) {}
+void bitmap_tiles(const BitmapArgs&, int64_t, int64_t, float*) {}
+void sq_rows(const SQArgs&, int64_t, int64_t, float*) {}
+}  // namespace avx512
+}  // namespace ck
+#endif

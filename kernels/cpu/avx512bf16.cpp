@@ -1,0 +1,171 @@
+// AVX-512 BF16 path for bfloat16 activations times bfloat16 N:M values with a permute window: 32
+// values a step, x kept in bfloat16 and permuted (vpermt2w), then vdpbf16ps: each bf16 x bf16 product
+// is exact in fp32 and the sums are fp32, so the result agrees with the fp32 kernels to fp32 rounding.
+// Chosen by ops.cpp inside the "avx512" path when the CPU has AVX512_BF16; compiled for it by the
+// pragma below alone. (A bitmap variant with vpexpandw was slower than the fp32 permute kernel.)
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include "common.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt")
+
+namespace ck {
+namespace avx512bf16 {
+namespace {
+
+#include "avx512_decode.h"  // NOLINT: inside the anonymous namespace on purpose
+#include "unroll.h"         // NOLINT: likewise
+
+#define CK_LAMBDA(...) [&](auto set_, int64_t __VA_ARGS__) __attribute__((always_inline))
+#define CK_SET constexpr int u_ = decltype(set_)::value
+
+template <int NB, int U>
+inline void clear(__m512 (&acc)[U][NB]) {
+  for (int u = 0; u < U; ++u)
+    for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
+}
+
+template <int NB, int U>
+inline void finish(const Act& a, int64_t r, int64_t b0, __m512 (&acc)[U][NB], const float* tail) {
+  for (int b = 0; b < NB; ++b) {
+    __m512 sum = acc[0][b];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][b]);
+    a.out[(b0 + b) * a.N + r] = _mm512_reduce_add_ps(sum) + tail[b];
+  }
+}
+
+inline __m512i pattern32(int n, int m) {  // (l / n) * m for 32 16-bit lanes
+  alignas(64) uint16_t v[32];
+  for (int l = 0; l < 32; ++l) v[l] = static_cast<uint16_t>((l / n) * m);
+  return _mm512_load_si512(v);
+}
+
+// Values [v0, v1) of row r (multiples of 32 and of 16 * t.P) into acc.
+template <int NB, bool TWO_BIT, int U>
+inline void nm_span(const NMArgs& A, const Tab& t, __m512i pattern, int64_t r, const uint16_t* x, int64_t v0, int64_t v1, __m512 (&acc)[U][NB]) {
+  const uint16_t* v = A.values + r * A.count;
+  Seq d(t, A.indices + r * A.iwords, A.iwords, v0);
+  const int64_t step = 32 / A.n * A.m, ld = A.a.ld;
+  // the low 16 bits of the 16 dwords of a, then of b
+  const __m512i low_halves = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32,
+                                              30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i sh2 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), three = _mm512_set1_epi32(3);
+  chunks<U>(v0, v1, 32, CK_LAMBDA(k0) {
+    CK_SET;
+    const int64_t c0 = (k0 >> 5) * step;
+    const __m512i w = _mm512_loadu_si512(v + k0);
+    __m512i lo, hi;
+    if (TWO_BIT) {  // one index word for 16 values
+      lo = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d.w[k0 >> 4])), sh2), three);
+      hi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d.w[(k0 >> 4) + 1])), sh2), three);
+    } else {
+      lo = d.next();
+      hi = d.next();
+    }
+    const __m512i rel = _mm512_add_epi16(pattern, _mm512_permutex2var_epi16(lo, low_halves, hi));
+    for (int b = 0; b < NB; ++b) {
+      const uint16_t* xb = x + b * ld + c0;
+      const __m512i xv = _mm512_permutex2var_epi16(_mm512_loadu_si512(xb), rel, _mm512_loadu_si512(xb + 32));
+      acc[u_][b] = _mm512_dpbf16_ps(acc[u_][b], (__m512bh)w, (__m512bh)xv);
+    }
+  });
+}
+
+template <int NB>
+inline void nm_tail(const NMArgs& A, int64_t r, const uint16_t* x, float* tail) {
+  const uint16_t* v = A.values + r * A.count;
+  const uint32_t* iw = A.indices + r * A.iwords;
+  for (int64_t k = A.count & ~int64_t(31); k < A.count; ++k) {
+    const float wk = bf16_to_float(v[k]);
+    const int64_t col = A.colbase[k] + field(iw, A.ibits, k);
+    for (int b = 0; b < NB; ++b) tail[b] += wk * bf16_to_float(x[b * A.a.ld + col]);
+  }
+}
+
+template <int NB, bool TWO_BIT>
+void nm_row(const NMArgs& A, const Tab& t, __m512i pattern, int64_t r, int64_t b0) {
+  constexpr int U = Sets<NB>::value;
+  const uint16_t* x = A.a.xh + b0 * A.a.ld;
+  __m512 acc[U][NB];
+  clear(acc);
+  nm_span<NB, TWO_BIT, U>(A, t, pattern, r, x, 0, A.count & ~int64_t(31), acc);
+  float tail[NB] = {};
+  nm_tail<NB>(A, r, x, tail);
+  finish<NB, U>(A.a, r, b0, acc, tail);
+}
+
+// K-blocked rows [r0, r1), as avx512.cpp's nm_block (x in bfloat16: twice the columns fit).
+template <int NB, bool TWO_BIT>
+void nm_block(const NMArgs& A, const Tab& t, __m512i pattern, int64_t r0, int64_t r1, int64_t b0, float* buf) {
+  const uint16_t* x = A.a.xh + b0 * A.a.ld;
+  const int64_t full = A.count & ~int64_t(31), unit = t.P % 2 ? 32 * t.P : 16 * t.P;
+  const int64_t span = (kXBytes / (NB * 2) * A.n / A.m) / unit * unit, vb = span > unit ? span : unit;
+  for (int64_t i = 0; i < (r1 - r0) * NB * 16; ++i) buf[i] = 0.0f;
+  for (int64_t v0 = 0; v0 < full; v0 += vb) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* rb = buf + (r - r0) * NB * 16;
+      __m512 acc[1][NB];
+      for (int b = 0; b < NB; ++b) acc[0][b] = _mm512_loadu_ps(rb + 16 * b);
+      nm_span<NB, TWO_BIT, 1>(A, t, pattern, r, x, v0, v0 + vb < full ? v0 + vb : full, acc);
+      for (int b = 0; b < NB; ++b) _mm512_storeu_ps(rb + 16 * b, acc[0][b]);
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* rb = buf + (r - r0) * NB * 16;
+    __m512 acc[1][NB];
+    for (int b = 0; b < NB; ++b) acc[0][b] = _mm512_loadu_ps(rb + 16 * b);
+    float tail[NB] = {};
+    nm_tail<NB>(A, r, x, tail);
+    finish<NB, 1>(A.a, r, b0, acc, tail);
+  }
+}
+
+inline int pass_rows(int64_t left) { return left >= 16 ? 16 : left >= 8 ? 8 : static_cast<int>(left); }
+
+}  // namespace
+
+void nm_rows(const NMArgs& A, int64_t r0, int64_t r1, float* scratch) {
+  const Tab t(A.ibits);
+  const __m512i pattern = pattern32(A.n, A.m);
+  for (int64_t b0 = 0; b0 < A.a.B;) {
+    const int nb = pass_rows(A.a.B - b0);
+    const bool kblocks = nb >= 4 && nb * A.a.K * 2 > kXBytes;
+#define CK_RUN(NB, TWO)                                                                                              \
+  if (kblocks)                                                                                                       \
+    for (int64_t rb = r0; rb < r1; rb += kRowBlock) nm_block<NB, TWO>(A, t, pattern, rb, rb + kRowBlock < r1 ? rb + kRowBlock : r1, b0, scratch); \
+  else                                                                                                               \
+    for (int64_t r = r0; r < r1; ++r) nm_row<NB, TWO>(A, t, pattern, r, b0)
+#define CK_CALL(NB)              \
+  if (A.ibits == 2) {            \
+    CK_RUN(NB, true);            \
+  } else {                       \
+    CK_RUN(NB, false);           \
+  }
+    switch (nb) {
+      case 1: CK_CALL(1) break;
+      case 2: CK_CALL(2) break;
+      case 3: CK_CALL(3) break;
+      case 4: CK_CALL(4) break;
+      case 5: CK_CALL(5) break;
+      case 6: CK_CALL(6) break;
+      case 7: CK_CALL(7) break;
+      case 8: CK_CALL(8) break;
+      default: CK_CALL(16) break;
+    }
+#undef CK_CALL
+#undef CK_RUN
+    b0 += nb;
+  }
+}
+
+}  // namespace avx512bf16
+}  // namespace ck
+#else  // not x86-64: never called (isa_support reports scalar only)
+#include "common.h"
+namespace ck {
+namespace avx512bf16 {
+void nm_rows(const NMArgs&, int64_t, int64_t, float*) {}
+}  // namespace avx512bf16
+}  // namespace ck
+#endif
