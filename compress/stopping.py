@@ -75,19 +75,25 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def stop_children(timeout: float = 5.0) -> None:
-    """SIGTERM every descendant of this process, then SIGKILL what is still there after `timeout`."""
-    pending, descendants = [os.getpid()], []
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` in the process tree (children, their children, ...)."""
+    found, pending = [], [pid]
     while pending:
         for child in _children(pending.pop()):
-            descendants.append(child)
+            found.append(child)
             pending.append(child)
-    for pid in descendants:
+    return found
+
+
+def stop_children(timeout: float = 5.0) -> None:
+    """SIGTERM every descendant of this process, then SIGKILL what is still there after `timeout`."""
+    started = descendants(os.getpid())
+    for pid in started:
         _send(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(pid) for pid in descendants):
+    while time.monotonic() < deadline and any(_alive(pid) for pid in started):
         time.sleep(0.1)
-    for pid in descendants:
+    for pid in started:
         _send(pid, signal.SIGKILL)
 
 

@@ -85,14 +85,9 @@ def _free_port() -> int:
 
 
 def _descendants(pid: int) -> list[int]:
-    from compress.stopping import _children
+    from compress.stopping import descendants
 
-    found, pending = [], [pid]
-    while pending:
-        for child in _children(pending.pop()):
-            found.append(child)
-            pending.append(child)
-    return found
+    return descendants(pid)
 
 
 def _alive(pid: int) -> bool:
