@@ -39,7 +39,7 @@ from compress.kernels import build, cpu
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 PEERS = {"nm_2:4": "torch_csr", "bitmap_50%": "torch_csr", "int4_g128": "torch_int4pack", "sq_2:4+int4_g128": "torch_int4pack",
-         "int8_g128": "torch_dynamic_int8", "int3_g128": "dense_bf16"}
+         "int8_g128": "torch_dynamic_int8", "int3_g128": "dense_bf16", "spqr_3b_g16_qq3": "torch_int4pack", "lut_3b": "torch_int4pack"}
 
 
 def llc_bytes() -> tuple[int, str]:
@@ -124,6 +124,31 @@ def weights(out: int, inp: int, gen: torch.Generator) -> dict:
     def sq24():
         return sparse_quant.pack(mask24(), codes(4), *stats(4), 4, 128, pattern="2:4")
 
+    def outliers(fraction):
+        from compress.formats.outliers import Outliers
+
+        return Outliers.from_mask(dense(), torch.rand(out, inp, generator=gen) < fraction)
+
+    def spqr3():  # SpQR's recommended configuration: 3-bit g16, 3-bit statistics in groups of 16 rows, ~1% outliers, act-order
+        from compress.formats import spqr
+        from compress.formats.quantized import QuantizedStatistic, QuantizedWeight
+
+        def second_level(high):
+            outer = (out // 16, -(-inp // 16))
+            step = (torch.rand(outer, generator=gen) * high / 8).half()
+            return QuantizedStatistic(torch.randint(0, 8, (out, outer[1]), generator=gen), 3, 16, step, torch.zeros(outer).half())
+
+        q = QuantizedWeight((out, inp), 3, 16, codes(3), second_level(0.02), second_level(7.0), outliers(0.01),
+                            perm=torch.randperm(inp, generator=gen))
+        return spqr.from_quantized(q)
+
+    def lut3():  # SqueezeLLM 3-bit with 0.5% outliers
+        from compress.formats import lut
+        from compress.formats.quantized import QuantizedWeight
+
+        table = (torch.randn(out, 8, generator=gen) * 0.02).half()
+        return lut.from_quantized(QuantizedWeight((out, inp), 3, inp, codes(3), None, None, outliers(0.005), lut=table))
+
     return {
         "dense_fp32": (dense, lambda x, w: F.linear(x, w), torch.float32),
         "dense_bf16": (lambda: dense().bfloat16(), lambda x, w: F.linear(x, w), torch.bfloat16),
@@ -137,6 +162,8 @@ def weights(out: int, inp: int, gen: torch.Generator) -> dict:
         "int8_g128": (lambda: gq.pack(codes(8), *stats(8), 8, 128), cpu.packed_matmul, torch.bfloat16),
         "int3_g128": (lambda: gq.pack(codes(3), *stats(3), 3, 128), cpu.packed_matmul, torch.bfloat16),
         "sq_2:4+int4_g128": (sq24, cpu.packed_matmul, torch.bfloat16),
+        "spqr_3b_g16_qq3": (spqr3, cpu.packed_matmul, torch.bfloat16),
+        "lut_3b": (lut3, cpu.packed_matmul, torch.bfloat16),
     }
 
 

@@ -14,8 +14,10 @@ import textwrap
 import pytest
 import torch
 
-from compress.formats import bitmap, nm, sparse_quant
+from compress.formats import bitmap, lut, nm, sparse_quant, spqr
 from compress.formats import group_quant as gq
+from compress.formats.outliers import Outliers
+from compress.formats.quantized import QuantizedStatistic, QuantizedWeight
 from compress.kernels import build, cpu, modules
 from compress.methods.sparsity import prune_mask
 
@@ -70,7 +72,8 @@ def _reference(module, packed, batch: int, dtype: torch.dtype) -> tuple[torch.Te
 def _check(packed, path: str, batches=(1, 3, 16), dtypes=(torch.float32, torch.bfloat16)) -> None:
     """The kernel against the reference: fp32 sums in a different order (and, for bf16, the output
     rounded from two slightly different fp32 sums: one bf16 step apart at most)."""
-    module = {nm.NMWeight: nm, gq.GroupQuantWeight: gq, bitmap.BitmapWeight: bitmap, sparse_quant.SparseQuantWeight: sparse_quant}[type(packed)]
+    module = {nm.NMWeight: nm, gq.GroupQuantWeight: gq, bitmap.BitmapWeight: bitmap, sparse_quant.SparseQuantWeight: sparse_quant,
+              spqr.SpQRWeight: spqr, lut.LUTWeight: lut}[type(packed)]
     cases = [(batch, dtype) for batch in batches for dtype in dtypes]
     if packed.shape[0] * packed.shape[1] >= 2**17:  # the large shape: two cases keep the reference loop short
         cases = [(1, torch.bfloat16), (16, torch.float32)]
@@ -187,6 +190,109 @@ def test_sparse_quant_float16_zero_and_tiles(path):
         _check(sparse_quant.pack(mask, codes, scale, zero, 4, 32, zero_kind="float16", tile_rows=tile_rows), path, batches=(1, 16))
 
 
+# -- spqr and lut: second-level statistics, outliers, keep mask, permutation --------------------------------
+
+
+def _extras(q: QuantizedWeight, keep: bool, outliers: bool, perm: bool, seed: int) -> QuantizedWeight:
+    """A keep mask (~55%, row 1 all pruned), outliers (~2%, one in the last column of row 0, none in the
+    last row) and a column permutation, as asked."""
+    rows, cols = q.shape
+    if keep:
+        q.keep = torch.rand(rows, cols, generator=_gen(seed)) < 0.55
+        q.keep[min(1, rows - 1)] = False
+    if outliers:
+        where = torch.rand(rows, cols, generator=_gen(seed + 1)) < 0.02
+        where[0, -1] = True
+        if rows > 1:
+            where[-1] = False
+        q.outliers = Outliers.from_mask(torch.randn(rows, cols, generator=_gen(seed + 2)) * 3, where)
+    if perm:
+        q.perm = torch.randperm(cols, generator=_gen(seed + 3))
+    return q
+
+
+def _second_level(rows: int, groups: int, bits: int, low: float, high: float, seed: int) -> QuantizedStatistic:
+    group_size = next(g for g in (16, 11, 3, 1) if rows % g == 0)
+    outer = (rows // group_size, groups)
+    step = ((torch.rand(outer, generator=_gen(seed)) + 0.5) * (high - low) / 2**bits).half()
+    base = (torch.rand(outer, generator=_gen(seed + 1)) * 0.1 + low).half()
+    codes = torch.randint(0, 2**bits, (rows, groups), generator=_gen(seed + 2))
+    return QuantizedStatistic(codes, bits, group_size, step, base)
+
+
+def _spqr_weight(rows: int, cols: int, bits: int, group_size: int, second_level: bool = True, zero_kind: str = "float16", keep: bool = False,
+                 outliers: bool = True, perm: bool = True, seed: int = 30) -> QuantizedWeight:
+    groups = -(-cols // group_size)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=_gen(seed))
+    if second_level:
+        scale, zero = _second_level(rows, groups, 3, 1e-3, 0.05, seed + 1), _second_level(rows, groups, 3, 0.0, 2**bits - 1, seed + 4)
+    else:
+        scale, zero = _statistics(rows, cols, group_size, bits, seed + 1)
+        if zero_kind == "float16":
+            zero = (torch.rand(scale.shape, generator=_gen(seed + 2)) * 2**bits).half()
+    q = QuantizedWeight((rows, cols), bits, group_size, codes, scale, zero)
+    return _extras(q, keep, outliers, perm, seed + 10)
+
+
+def _lut_weight(rows: int, cols: int, bits: int, keep: bool = False, outliers: bool = True, perm: bool = True, seed: int = 40) -> QuantizedWeight:
+    table = (torch.randn(rows, 2**bits, generator=_gen(seed)) * 0.05).half()
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=_gen(seed + 1))
+    return _extras(QuantizedWeight((rows, cols), bits, cols, codes, None, None, lut=table), keep, outliers, perm, seed + 10)
+
+
+SPQR_CASES = {  # bits, group size, second level, zero kind, keep, outliers, perm
+    "3b-g16-qq3-outliers-perm": (3, 16, True, "float16", False, True, True),
+    "3b-g16-qq3-keep": (3, 16, True, "float16", True, True, True),
+    "4b-g24-fp16-noout": (4, 24, False, "float16", False, False, True),
+    "2b-g32-intzero-keep": (2, 32, False, "integer", True, True, False),
+    "8b-g16-qq3": (8, 16, True, "float16", False, True, False),
+    "5b-g40-keep": (5, 40, True, "float16", True, True, True),
+}
+LUT_CASES = {  # bits, keep, outliers, perm
+    "3b-outliers-perm": (3, False, True, True),
+    "4b-keep": (4, True, True, True),
+    "2b-noout": (2, False, False, False),
+    "6b-keep": (6, True, True, False),
+    "8b": (8, False, True, True),
+}
+
+
+@pytest.mark.parametrize("rows, cols", SHAPES + [(7, 45), (33, 130)])
+@pytest.mark.parametrize("case", SPQR_CASES)
+def test_spqr(path, rows, cols, case):
+    bits, group_size, second_level, zero_kind, keep, outliers, perm = SPQR_CASES[case]
+    if rows * cols >= 2**17 and case not in ("3b-g16-qq3-outliers-perm", "3b-g16-qq3-keep"):
+        pytest.skip("the large shape: the common configurations only")
+    packed = spqr.from_quantized(_spqr_weight(rows, cols, bits, group_size, second_level, zero_kind, keep, outliers, perm))
+    assert (packed.bitmask is not None) == keep and packed.zero_kind == ("quantized" if second_level else zero_kind)
+    _check(packed, path, batches=(1, 3, 16) if case.startswith("3b") else (1, 16))
+
+
+@pytest.mark.parametrize("rows, cols", SHAPES + [(7, 45), (33, 130)])
+@pytest.mark.parametrize("case", LUT_CASES)
+def test_lut(path, rows, cols, case):
+    bits, keep, outliers, perm = LUT_CASES[case]
+    if rows * cols >= 2**17 and case not in ("3b-outliers-perm", "4b-keep"):
+        pytest.skip("the large shape: the common configurations only")
+    packed = lut.from_quantized(_lut_weight(rows, cols, bits, keep, outliers, perm))
+    _check(packed, path, batches=(1, 3, 16) if bits == 3 else (1, 16))
+
+
+@pytest.mark.parametrize("fmt", ["spqr", "lut"])
+def test_spqr_lut_edges(path, fmt):
+    """No outliers at all, every row pruned, float16 activations, tiles of 3 rows, a 20-row batch (two slices)."""
+    rows, cols = 17, 70
+    make = (lambda **kw: spqr.from_quantized(_spqr_weight(rows, cols, 3, 16, **kw), tile_rows=3)) if fmt == "spqr" else \
+        (lambda **kw: lut.from_quantized(_lut_weight(rows, cols, 3, **kw), tile_rows=3))
+    _check(make(outliers=False, perm=False), path, batches=(1, 20), dtypes=(torch.float32, torch.float16))
+    _check(make(keep=True), path, batches=(1, 16), dtypes=(torch.float16,))
+    empty = make(keep=True, outliers=False)
+    empty.bitmask.zero_()
+    empty.codes = empty.codes[:0]
+    empty.code_offsets.zero_()
+    assert torch.equal(cpu.packed_matmul(torch.randn(3, cols), empty, path), torch.zeros(3, rows))
+
+
 # -- K-blocked passes (4+ activation rows whose x does not fit L1), row blocks of 32 and a remainder --
 
 
@@ -232,10 +338,11 @@ def _all_formats(rows: int = 33, cols: int = 64) -> list:
     codes = torch.randint(0, 16, (rows, cols), generator=_gen(18))
     scale, zero = _statistics(rows, cols, 32, 4)
     return [nm.pack(_weight(rows, cols) * mask24, mask24, 2, 4), gq.pack(codes, scale, zero, 4, 32), bitmap.pack(_weight(rows, cols) * mask, mask),
-            sparse_quant.pack(mask24, codes, scale, zero, 4, 32, pattern="2:4"), sparse_quant.pack(mask, codes, scale, zero, 4, 32)]
+            sparse_quant.pack(mask24, codes, scale, zero, 4, 32, pattern="2:4"), sparse_quant.pack(mask, codes, scale, zero, 4, 32),
+            spqr.from_quantized(_spqr_weight(rows, cols, 3, 16, keep=True)), lut.from_quantized(_lut_weight(rows, cols, 3, keep=True))]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(7))
 def test_modules_forward_equals_reference(index):
     packed = _all_formats()[index]
     bias = torch.randn(packed.shape[0], generator=_gen(19))
@@ -323,3 +430,12 @@ def test_missing_compiler_falls_back_with_one_line(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"compress CPU kernels unavailable (no C++ compiler ({str(tmp_path / 'no-such-compiler')!r} not found)); "
                      "using the plain-torch reference matmul"], result.stderr
+
+
+def test_spqr_lut_fall_back_to_the_reference_without_the_op(monkeypatch):
+    """A build from sources older than these formats has no op: the wrappers (and modules) use the reference."""
+    monkeypatch.setattr(cpu, "_op", lambda name: None)
+    for packed in _all_formats()[5:]:
+        x = torch.randn(2, packed.shape[1], generator=_gen(25))
+        assert torch.equal(cpu.packed_matmul(x, packed), cpu.reference_matmul(x, packed))
+        assert torch.equal(modules.from_packed(packed)(x), cpu.reference_matmul(x, packed))

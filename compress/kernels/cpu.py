@@ -1,4 +1,4 @@
-"""y = x @ W.T straight from a packed weight (compress.formats: nm, group_quant, bitmap, sparse_quant) on
+"""y = x @ W.T straight from a packed weight (compress.formats: nm, group_quant, bitmap, sparse_quant, spqr, lut) on
 the CPU: the compiled kernels decode the weights in registers and accumulate in fp32, threads over the
 output rows; x is [..., in] in float32, bfloat16 or float16 and y comes back in x's dtype. A CUDA
 tensor, another dtype or path "torch" takes the format's reference_matmul (build.py picks the path)."""
@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from compress.formats import bitmap, group_quant, nm, sparse_quant
+from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
 from compress.kernels.build import ISA_CODE, resolve_path
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-Packed = nm.NMWeight | group_quant.GroupQuantWeight | bitmap.BitmapWeight | sparse_quant.SparseQuantWeight
+Packed = nm.NMWeight | group_quant.GroupQuantWeight | bitmap.BitmapWeight | sparse_quant.SparseQuantWeight | spqr.SpQRWeight | lut.LUTWeight
 REFERENCE = {nm.NMWeight: nm.reference_matmul, group_quant.GroupQuantWeight: group_quant.reference_matmul,
-             bitmap.BitmapWeight: bitmap.reference_matmul, sparse_quant.SparseQuantWeight: sparse_quant.reference_matmul}
+             bitmap.BitmapWeight: bitmap.reference_matmul, sparse_quant.SparseQuantWeight: sparse_quant.reference_matmul,
+             spqr.SpQRWeight: spqr.reference_matmul, lut.LUTWeight: lut.reference_matmul}
 
 
 def _flat(x: torch.Tensor, cols: int) -> torch.Tensor:
@@ -77,12 +78,45 @@ def sparse_quant_matmul(x: torch.Tensor, packed: sparse_quant.SparseQuantWeight,
                  packed.bits, packed.group_size, packed.tile_rows, ISA_CODE[chosen])
 
 
+def _op(name: str):
+    """The compiled op, or None when this build lacks it (sources older than the format: use the reference)."""
+    try:
+        return getattr(torch.ops.compress_cpu, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def spqr_matmul(x: torch.Tensor, packed: spqr.SpQRWeight, path: str | None = None) -> torch.Tensor:
+    """SpQR: x gathered by perm once, each row's scales and zero points decoded from their second-level codes
+    once, then the group_quant row kernels (dense, or the masked sparse_quant one), then the row's outliers
+    added as (value - grid weight) * x."""
+    chosen = _path(x, path, packed)
+    op = None if chosen == "torch" else _op("spqr_matmul")
+    if op is None:
+        return spqr.reference_matmul(x, packed)
+    return _call(op, x, packed, packed.codes, packed.scale, packed.scale_codes, packed.scale_step, packed.scale_low, packed.zero,
+                 packed.zero_codes, packed.zero_step, packed.zero_low, packed.bitmask, packed.code_offsets, packed.outlier_row_ptr,
+                 packed.outlier_cols, packed.outlier_values, packed.perm, packed.shape[0], packed.bits, packed.group_size, packed.scale_bits,
+                 packed.scale_group_size, packed.zero_bits, packed.zero_group_size, packed.tile_rows, ISA_CODE[chosen])
+
+
+def lut_matmul(x: torch.Tensor, packed: lut.LUTWeight, path: str | None = None) -> torch.Tensor:
+    """Per-row tables (SqueezeLLM): codes looked up by one vector permute while the table fits a register
+    (up to 4 bits on AVX-512, 3 on AVX2), else gathered; keep mask, perm and outliers as spqr_matmul."""
+    chosen = _path(x, path, packed)
+    op = None if chosen == "torch" else _op("lut_matmul")
+    if op is None:
+        return lut.reference_matmul(x, packed)
+    return _call(op, x, packed, packed.codes, packed.lut, packed.bitmask, packed.code_offsets, packed.outlier_row_ptr, packed.outlier_cols,
+                 packed.outlier_values, packed.perm, packed.bits, packed.tile_rows, ISA_CODE[chosen])
+
+
 KERNELS = {nm.NMWeight: nm_matmul, group_quant.GroupQuantWeight: group_quant_matmul, bitmap.BitmapWeight: bitmap_matmul,
-           sparse_quant.SparseQuantWeight: sparse_quant_matmul}
+           sparse_quant.SparseQuantWeight: sparse_quant_matmul, spqr.SpQRWeight: spqr_matmul, lut.LUTWeight: lut_matmul}
 
 
 def packed_matmul(x: torch.Tensor, packed: Packed, path: str | None = None) -> torch.Tensor:
-    """x @ W.T for any of the four packed formats."""
+    """x @ W.T for any of the packed formats."""
     try:
         kernel = KERNELS[type(packed)]
     except KeyError:

@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from compress.formats import bitmap, group_quant, nm, sparse_quant
+from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
 from compress.kernels.cpu import Packed, packed_matmul
 
 
@@ -88,11 +88,25 @@ class SparseQuantLinear(PackedLinear):
     packed_type = sparse_quant.SparseQuantWeight
 
 
-MODULES: dict[type, type[PackedLinear]] = {cls.packed_type: cls for cls in (NMLinear, GroupQuantLinear, BitmapLinear, SparseQuantLinear)}
+class SpQRLinear(PackedLinear):
+    """SpQR: group-quantized codes with (optionally second-level quantized) statistics, outliers, keep mask
+    and column permutation (compress.formats.spqr)."""
+
+    packed_type = spqr.SpQRWeight
+
+
+class LUTLinear(PackedLinear):
+    """SqueezeLLM: codes into per-row float16 tables, outliers, keep mask and permutation (compress.formats.lut)."""
+
+    packed_type = lut.LUTWeight
+
+
+MODULES: dict[type, type[PackedLinear]] = {cls.packed_type: cls for cls in (NMLinear, GroupQuantLinear, BitmapLinear, SparseQuantLinear,
+                                                                             SpQRLinear, LUTLinear)}
 
 
 def from_packed(packed: Packed, bias: torch.Tensor | None = None) -> PackedLinear:
-    """The module for a packed weight of any of the four formats."""
+    """The module for a packed weight of any of the formats."""
     try:
         return MODULES[type(packed)](packed, bias)
     except KeyError:

@@ -674,6 +674,157 @@ void sq_rows(const SQArgs& A, int64_t u0, int64_t u1, float* scratch) {
   }
 }
 
+// -- spqr and lut --------------------------------------------------------------------------------------
+
+namespace {
+
+// SpQR rows are group-quant rows once their statistics are decoded: the same row kernels.
+void spqr_dense_row(const GQArgs& A, const Tab& t, int64_t r, const float* s, const float* z, bool uniform) {
+#define CK_CALL(NB) uniform ? gq_row<NB, true>(A, t, r, b0, s, z) : gq_row<NB, false>(A, t, r, b0, s, z)
+  CK_PASSES(CK_CALL)
+#undef CK_CALL
+}
+
+int64_t spqr_sparse_row(const SQArgs& A, const Tab& t, const Expand& e, int64_t r, int64_t start, const float* s, const float* z, bool uniform) {
+  int64_t kept = 0;
+#define CK_CALL(NB) kept = uniform ? sq_bitmap_row<NB, true>(A, t, e, r, b0, start, s, z) : sq_bitmap_row<NB, false>(A, t, e, r, b0, start, s, z)
+  CK_PASSES(CK_CALL)
+#undef CK_CALL
+  return kept;
+}
+
+// A lut row: 16 codes a step, their weights one vpermps of the row's table (up to 4 bits: 16 entries, one
+// register) or gathered from it (5-8 bits).
+template <int NB, bool SMALL>
+void lut_row(const GQArgs& A, const Tab& t, int64_t r, int64_t b0, const float* table) {
+  constexpr int U = Sets<NB>::value;
+  const Act& a = A.a;
+  const float* x = a.x + b0 * a.ld;
+  __m512 acc[U][NB];
+  clear(acc);
+  Seq d(t, A.codes + r * A.cwords, A.cwords);
+  const int64_t full = a.K & ~int64_t(15);
+  const __m512 tv = _mm512_loadu_ps(table);
+  chunks<U>(0, full, 16, CK_LAMBDA(k0) {
+    CK_SET;
+    const __m512i c = d.next();
+    fma_x<NB>(acc[u_], SMALL ? _mm512_permutexvar_ps(c, tv) : _mm512_i32gather_ps(c, table, 4), x + k0, a.ld);
+  });
+  float tail[NB] = {};
+  const uint32_t* w = A.codes + r * A.cwords;
+  for (int64_t k = full; k < a.K; ++k) {
+    const float wk = table[field(w, A.bits, k)];
+    for (int b = 0; b < NB; ++b) tail[b] += wk * x[b * a.ld + k];
+  }
+  finish<NB, U>(a, r, b0, acc, tail);
+}
+
+// A masked lut row (as sq_bitmap_row): the kept codes permuted to their set lanes, then looked up.
+template <int NB, bool SMALL>
+int64_t lut_bitmap_row(const SQArgs& A, const Tab& t, const Expand& e, int64_t r, int64_t b0, int64_t start, const float* table) {
+  constexpr int U = Sets<NB>::value;
+  const Act& a = A.a;
+  const float* x = a.x + b0 * a.ld;
+  __m512 acc[U][NB];
+  clear(acc);
+  const uint32_t* bm = A.bitmask + r * A.bwords;
+  const uint64_t inv = (uint64_t(1) << 32) / t.per + 1;  // q / per = (q * inv) >> 32 for q < 2^27
+  const __m512 tv = _mm512_loadu_ps(table);
+  int64_t q = 0;
+  chunks<U>(0, A.bwords, 1, CK_LAMBDA(j) {
+    CK_SET;
+    const uint32_t m = bm[j];
+    if (!m) return;
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t mh = (m >> (16 * h)) & 0xFFFFu;
+      if (!mh) continue;
+      const int64_t word = static_cast<int64_t>((static_cast<uint64_t>(q) * inv) >> 32);
+      const __mmask16 mk = static_cast<__mmask16>(mh);
+      const __m512i codes = decode(t, A.codes, A.total_words, start + word, static_cast<int>(q - word * t.per));
+      const __m512i expanded = _mm512_maskz_permutexvar_epi32(mk, expand_index(e, mh), codes);
+      const __m512 w = SMALL ? _mm512_maskz_permutexvar_ps(mk, expanded, tv) : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, expanded, table, 4);
+      q += __builtin_popcount(mh);
+      fma_x<NB>(acc[u_], w, x + 32 * j + 16 * h, a.ld);
+    }
+  });
+  const float tail[NB] = {};
+  finish<NB, U>(a, r, b0, acc, tail);
+  return q;
+}
+
+void lut_dense_pass(const GQArgs& A, const Tab& t, int64_t r, const float* table) {
+#define CK_CALL(NB) A.bits <= 4 ? lut_row<NB, true>(A, t, r, b0, table) : lut_row<NB, false>(A, t, r, b0, table)
+  CK_PASSES(CK_CALL)
+#undef CK_CALL
+}
+
+int64_t lut_sparse_pass(const SQArgs& A, const Tab& t, const Expand& e, int64_t r, int64_t start, const float* table) {
+  int64_t kept = 0;
+#define CK_CALL(NB) kept = A.bits <= 4 ? lut_bitmap_row<NB, true>(A, t, e, r, b0, start, table) : lut_bitmap_row<NB, false>(A, t, e, r, b0, start, table)
+  CK_PASSES(CK_CALL)
+#undef CK_CALL
+  return kept;
+}
+
+// Rows [u0, u1), or tiles [u0, u1) under a keep mask: prepare(r), the row's dot product (dense(r) or
+// sparse(r, first word) -> codes read), then fix(r, code words, mask row) for its outliers.
+template <typename P, typename D, typename S, typename F>
+void walk_rows(const GQArgs& G, const SQArgs& Q, bool keep, int64_t u0, int64_t u1, int per, P prepare, D dense, S sparse, F fix) {
+  if (!keep) {
+    for (int64_t r = u0; r < u1; ++r) {
+      prepare(r);
+      dense(r);
+      fix(r, G.codes + r * G.cwords, static_cast<const uint32_t*>(nullptr));
+    }
+    return;
+  }
+  for (int64_t tile = u0; tile < u1; ++tile) {
+    int64_t start = tile_offset(Q.off32, Q.off64, tile);
+    const int64_t rend = (tile + 1) * Q.tile_rows < Q.a.N ? (tile + 1) * Q.tile_rows : Q.a.N;
+    for (int64_t r = tile * Q.tile_rows; r < rend; ++r) {
+      prepare(r);
+      const int64_t kept = sparse(r, start);
+      fix(r, Q.codes + start, Q.bitmask + r * Q.bwords);
+      start += (kept + per - 1) / per;
+    }
+  }
+}
+
+}  // namespace
+
+void spqr_rows(const SpQRArgs& A, int64_t u0, int64_t u1, float* scratch) {
+  const Tab t(A.dense.bits);
+  const Expand& e = expand_table();
+  const int64_t groups = A.dense.st.groups, gs = A.dense.st.gs;
+  float *s = scratch, *z = scratch + groups;
+  const bool uniform = gs % 16 == 0;
+  walk_rows(
+      A.dense, A.sparse, A.keep, u0, u1, t.per,
+      [&](int64_t r) {
+        spqr_stat_row(A.scale, groups, r, s);
+        spqr_stat_row(A.zero, groups, r, z);
+      },
+      [&](int64_t r) { spqr_dense_row(A.dense, t, r, s, z, uniform); },
+      [&](int64_t r, int64_t start) { return spqr_sparse_row(A.sparse, t, e, r, start, s, z, uniform); },
+      [&](int64_t r, const uint32_t* codes, const uint32_t* mask) { fix_outliers(A.dense.a, A.outliers, r, codes, mask, A.dense.bits, nullptr, s, z, gs); });
+}
+
+void lut_rows(const LUTArgs& A, int64_t u0, int64_t u1, float* scratch) {
+  const Tab t(A.dense.bits);
+  const Expand& e = expand_table();
+  const int64_t entries = int64_t(1) << A.dense.bits;
+  float* table = scratch;
+  for (int64_t c = entries; c < 16; ++c) table[c] = 0.0f;
+  walk_rows(
+      A.dense, A.sparse, A.keep, u0, u1, t.per,
+      [&](int64_t r) {
+        for (int64_t c = 0; c < entries; ++c) table[c] = fp16_to_float(A.lut[r * entries + c]);
+      },
+      [&](int64_t r) { lut_dense_pass(A.dense, t, r, table); },
+      [&](int64_t r, int64_t start) { return lut_sparse_pass(A.sparse, t, e, r, start, table); },
+      [&](int64_t r, const uint32_t* codes, const uint32_t* mask) { fix_outliers(A.dense.a, A.outliers, r, codes, mask, A.dense.bits, table, nullptr, nullptr, 1); });
+}
+
 }  // namespace avx512
 }  // namespace ck
 #else  // not x86-64: never called (isa_support reports scalar only)
@@ -684,6 +835,8 @@ void nm_rows(const NMArgs&, int64_t, int64_t, float*) {}
 void gq_rows(const GQArgs&, int64_t, int64_t, float*) {}
 void bitmap_tiles(const BitmapArgs&, int64_t, int64_t, float*) {}
 void sq_rows(const SQArgs&, int64_t, int64_t, float*) {}
+void spqr_rows(const SpQRArgs&, int64_t, int64_t, float*) {}
+void lut_rows(const LUTArgs&, int64_t, int64_t, float*) {}
 }  // namespace avx512
 }  // namespace ck
 #endif

@@ -78,6 +78,47 @@ struct SQArgs {
   const uint32_t* codes;    // N:M [N][cwords]; unstructured flat [total_words]
 };
 
+// SpQR's first-level statistic (a scale or a zero point per (row, group)), in one of three stored forms:
+// fp16 [N][groups]; `ibits`-bit integers packed like the codes [N][iwords]; or quantized along the output
+// dimension, low + step * code (fp32) with `qbits`-bit codes [N][qwords] and fp16 step and low
+// [N / qgs][groups] (SpQR's second level).
+struct SpQRStat {
+  const uint16_t* half;
+  const uint32_t* ints;
+  int ibits;
+  int64_t iwords;
+  const uint32_t* qcodes;
+  const uint16_t* step;
+  const uint16_t* low;
+  int qbits;
+  int64_t qgs, qwords;
+};
+
+// Outliers in CSR by output row (ptr null: none): stored column (uint16) and fp16 value of each.
+struct OutlierCSR {
+  const int32_t* ptr;
+  const uint16_t* cols;
+  const uint16_t* vals;
+};
+
+// spqr and lut: codes dense (GQArgs: codes, cwords, bits, st.gs / st.gidx) or of the kept weights only
+// under a bitmask (SQArgs with n == 0), x already gathered by the column permutation (ops.cpp).
+struct SpQRArgs {
+  GQArgs dense;
+  SQArgs sparse;
+  bool keep;
+  OutlierCSR outliers;
+  SpQRStat scale, zero;
+};
+
+struct LUTArgs {
+  GQArgs dense;
+  SQArgs sparse;
+  bool keep;
+  OutlierCSR outliers;
+  const uint16_t* lut;  // fp16 [N][2^bits]
+};
+
 // -- scalar helpers (inline, no ISA) -----------------------------------------------------------------
 
 inline float bits_to_float(uint32_t u) {
@@ -132,6 +173,48 @@ inline void row_stats(const Stats& st, int bits, int64_t r, float* s, float* z) 
   }
 }
 
+// Row r's values of a SpQR statistic, into v[groups] (second-level codes decoded once a row).
+inline void spqr_stat_row(const SpQRStat& st, int64_t groups, int64_t r, float* v) {
+  if (st.half) {
+    for (int64_t g = 0; g < groups; ++g) v[g] = fp16_to_float(st.half[r * groups + g]);
+    return;
+  }
+  // the codes word by word (no division a field: this runs for every row)
+  const int bits = st.ints ? st.ibits : st.qbits, per = 32 / bits;
+  const uint32_t mask = (1u << bits) - 1u;
+  const uint32_t* w = st.ints ? st.ints + r * st.iwords : st.qcodes + r * st.qwords;
+  for (int64_t g = 0, wd = 0; g < groups; ++wd) {
+    uint32_t word = w[wd];
+    for (int i = 0; i < per && g < groups; ++i, ++g, word >>= bits) v[g] = static_cast<float>(word & mask);
+  }
+  if (st.ints) return;
+  const uint16_t* step = st.step + (r / st.qgs) * groups;
+  const uint16_t* low = st.low + (r / st.qgs) * groups;
+  for (int64_t g = 0; g < groups; ++g) v[g] = fp16_to_float(low[g]) + fp16_to_float(step[g]) * v[g];
+}
+
+// The outliers of row r after its grid dot product is in a.out: out += (value - grid weight) * x at each.
+// `codes` are the row's code words (dense: code k is column k; under a bitmask `row_mask`, code k is the
+// k-th kept column, from the row's first word). The grid weight is table[code] (lut), else
+// (code - z[g]) * s[g] with g = col / gs (as the kernels compute it).
+inline void fix_outliers(const Act& a, const OutlierCSR& o, int64_t r, const uint32_t* codes, const uint32_t* row_mask, int bits,
+                         const float* table, const float* s, const float* z, int64_t gs) {
+  if (!o.ptr) return;
+  int64_t rank = 0, counted = 0;  // kept columns below word `counted` of the mask (outliers ascend)
+  for (int32_t i = o.ptr[r]; i < o.ptr[r + 1]; ++i) {
+    const int64_t col = o.cols[i];
+    int64_t k = col;
+    if (row_mask) {
+      for (; counted < col / 32; ++counted) rank += __builtin_popcount(row_mask[counted]);
+      k = rank + __builtin_popcount(row_mask[col / 32] & ((1u << (col % 32)) - 1u));
+    }
+    const uint32_t code = field(codes, bits, k);
+    const float grid = table ? table[code] : (static_cast<float>(code) - z[col / gs]) * s[col / gs];
+    const float delta = fp16_to_float(o.vals[i]) - grid;
+    for (int64_t b = 0; b < a.B; ++b) a.out[b * a.N + r] += delta * a.x[b * a.ld + col];
+  }
+}
+
 // For a byte mask mb, byte l of idx[mb] is how many bits of mb lie below bit l: where lane l's value
 // sits among the packed values of the set lanes (the bitmap kernels permute with it).
 struct Expand {
@@ -158,13 +241,15 @@ inline const Expand& expand_table() {
 constexpr int64_t kRowBlock = 32;
 inline int64_t scratch_floats(int64_t groups) { return 2 * groups * kRowBlock + kRowBlock * 16 * 16 + 64; }
 
-// Each ISA implements these four; `scratch` holds scratch_floats(groups) floats.
+// Each ISA implements these six (spqr / lut: rows, or tiles with a keep mask); `scratch` holds scratch_floats(groups) floats.
 #define CK_DECLARE_ISA(ns)                                                              \
   namespace ns {                                                                        \
   void nm_rows(const NMArgs& A, int64_t r0, int64_t r1, float* scratch);                \
   void gq_rows(const GQArgs& A, int64_t r0, int64_t r1, float* scratch);                \
   void bitmap_tiles(const BitmapArgs& A, int64_t t0, int64_t t1, float* scratch);       \
   void sq_rows(const SQArgs& A, int64_t r0, int64_t r1, float* scratch);                \
+  void spqr_rows(const SpQRArgs& A, int64_t u0, int64_t u1, float* scratch);            \
+  void lut_rows(const LUTArgs& A, int64_t u0, int64_t u1, float* scratch);              \
   }
 
 CK_DECLARE_ISA(scalar)

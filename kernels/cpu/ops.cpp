@@ -303,6 +303,165 @@ at::Tensor sparse_quant_matmul(const at::Tensor& x, const at::Tensor& codes, con
   });
 }
 
+// -- spqr and lut: the code stream (dense or under a keep mask), outliers and permutation they share ------
+
+// x's columns in the stored order: stored column k is column perm[k] (uint16) of the layer.
+void permute_columns(Input& in, const std::optional<at::Tensor>& perm) {
+  if (!perm.has_value()) return;
+  check(*perm, at::kShort, "perm");
+  TORCH_CHECK(perm->numel() == in.K, "perm must be [in]");
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(perm->data_ptr());
+  for (int64_t k = 0; k < in.K; ++k) TORCH_CHECK(p[k] < in.K, "perm entry ", p[k], " out of range");
+  std::vector<float> row(in.K);
+  for (int64_t b = 0; b < in.B; ++b) {
+    float* x = in.x32.data_ptr<float>() + b * in.ld;
+    std::copy(x, x + in.K, row.begin());
+    for (int64_t k = 0; k < in.K; ++k) x[k] = row[p[k]];
+  }
+}
+
+OutlierCSR outlier_csr(int64_t N, int64_t K, const std::optional<at::Tensor>& row_ptr, const std::optional<at::Tensor>& cols,
+                       const std::optional<at::Tensor>& values) {
+  if (!row_ptr.has_value()) return {nullptr, nullptr, nullptr};
+  TORCH_CHECK(cols.has_value() && values.has_value(), "outliers need row pointers, columns and values");
+  check(*row_ptr, at::kInt, "outlier_row_ptr");
+  check(*cols, at::kShort, "outlier_cols");
+  check(*values, at::kHalf, "outlier_values");
+  TORCH_CHECK(row_ptr->numel() == N + 1 && cols->numel() == values->numel(), "outliers must be CSR: row_ptr [out + 1], cols and values [nnz]");
+  const int32_t* ptr = row_ptr->data_ptr<int32_t>();
+  const uint16_t* c = reinterpret_cast<const uint16_t*>(cols->data_ptr());
+  TORCH_CHECK(ptr[0] == 0 && ptr[N] == cols->numel(), "outlier row pointers must run from 0 to nnz");
+  for (int64_t r = 0; r < N; ++r) {
+    TORCH_CHECK(ptr[r] <= ptr[r + 1], "outlier row pointers must not decrease");
+    for (int32_t i = ptr[r]; i < ptr[r + 1]; ++i) TORCH_CHECK(c[i] < K && (i == ptr[r] || c[i] > c[i - 1]), "outlier columns must ascend within a row, below in");
+  }
+  return {ptr, c, reinterpret_cast<const uint16_t*>(values->data_ptr())};
+}
+
+// The dense (GQArgs) or masked (SQArgs) code stream of a spqr / lut weight; the units the threads share.
+struct Stream {
+  GQArgs dense{};
+  SQArgs sparse{};
+  bool keep = false;
+  int64_t units = 0, grain = 0;
+};
+
+Stream code_stream(const at::Tensor& codes, const std::optional<at::Tensor>& bitmask, const std::optional<at::Tensor>& code_offsets, int64_t N,
+                   int64_t K, int64_t bits, int64_t tile_rows) {
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be 2..8");
+  check(codes, at::kInt, "codes");
+  Stream s;
+  s.dense.bits = s.sparse.bits = static_cast<int>(bits);
+  s.units = N;
+  s.grain = row_grain(K);
+  if (!bitmask.has_value()) {
+    TORCH_CHECK(codes.dim() == 2 && codes.size(0) == N && codes.size(1) == words_for(K, static_cast<int>(bits)), "codes must be [out, words]");
+    s.dense.cwords = codes.size(1);
+    s.dense.codes = words(codes);
+    return s;
+  }
+  TORCH_CHECK(tile_rows > 0 && code_offsets.has_value(), "a keep mask needs code offsets and a positive tile_rows");
+  check(*bitmask, at::kInt, "bitmask");
+  TORCH_CHECK(bitmask->sizes() == at::IntArrayRef({N, (K + 31) / 32}), "bitmask must be [out, ceil(in / 32)]");
+  s.keep = true;
+  s.sparse.bwords = bitmask->size(1);
+  s.sparse.tile_rows = tile_rows;
+  s.sparse.total_words = codes.numel();
+  s.sparse.bitmask = words(*bitmask);
+  s.sparse.codes = words(codes);
+  s.units = (N + tile_rows - 1) / tile_rows;
+  s.grain = std::max<int64_t>(1, s.grain / tile_rows);
+  offsets(*code_offsets, s.units, s.sparse.off32, s.sparse.off64);
+  return s;
+}
+
+SpQRStat spqr_stat(const char* name, int64_t N, int64_t groups, int64_t bits, const std::optional<at::Tensor>& plain,
+                   const std::optional<at::Tensor>& qcodes, const std::optional<at::Tensor>& step, const std::optional<at::Tensor>& low,
+                   int64_t qbits, int64_t qgs) {
+  SpQRStat st{};
+  if (plain.has_value()) {
+    if (plain->scalar_type() == at::kInt) {
+      check(*plain, at::kInt, name);
+      TORCH_CHECK(plain->sizes() == at::IntArrayRef({N, words_for(groups, static_cast<int>(bits))}), name, " (integer) must be [out, words]");
+      st.ints = words(*plain);
+      st.ibits = static_cast<int>(bits);
+      st.iwords = plain->size(1);
+    } else {
+      check(*plain, at::kHalf, name);
+      TORCH_CHECK(plain->sizes() == at::IntArrayRef({N, groups}), name, " must be [out, groups]");
+      st.half = reinterpret_cast<const uint16_t*>(plain->data_ptr());
+    }
+    return st;
+  }
+  TORCH_CHECK(qcodes.has_value() && step.has_value() && low.has_value(), name, ": plain or quantized (codes, step, low) needed");
+  TORCH_CHECK(qbits >= 2 && qbits <= 8 && qgs > 0 && N % qgs == 0, name, ": second-level bits 2..8 and a group size dividing out");
+  check(*qcodes, at::kInt, name);
+  check(*step, at::kHalf, name);
+  check(*low, at::kHalf, name);
+  TORCH_CHECK(qcodes->sizes() == at::IntArrayRef({N, words_for(groups, static_cast<int>(qbits))}), name, " codes must be [out, words]");
+  TORCH_CHECK(step->sizes() == at::IntArrayRef({N / qgs, groups}) && low->sizes() == step->sizes(), name, " step and low must be [out / qgs, groups]");
+  st.qcodes = words(*qcodes);
+  st.step = reinterpret_cast<const uint16_t*>(step->data_ptr());
+  st.low = reinterpret_cast<const uint16_t*>(low->data_ptr());
+  st.qbits = static_cast<int>(qbits);
+  st.qgs = qgs;
+  st.qwords = qcodes->size(1);
+  return st;
+}
+
+using Opt = std::optional<at::Tensor>;
+
+at::Tensor spqr_matmul(const at::Tensor& x, const at::Tensor& codes, const Opt& scale, const Opt& scale_codes, const Opt& scale_step,
+                       const Opt& scale_low, const Opt& zero, const Opt& zero_codes, const Opt& zero_step, const Opt& zero_low,
+                       const Opt& bitmask, const Opt& code_offsets, const Opt& outlier_row_ptr, const Opt& outlier_cols,
+                       const Opt& outlier_values, const Opt& perm, int64_t N, int64_t bits, int64_t group_size, int64_t scale_bits,
+                       int64_t scale_group_size, int64_t zero_bits, int64_t zero_group_size, int64_t tile_rows, int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK(group_size > 0, "group_size must be positive");
+  const int64_t K = x.size(1), groups = (K + group_size - 1) / group_size;
+  const std::vector<int32_t> gidx = group_index(K, group_size);
+  Stream s = code_stream(codes, bitmask, code_offsets, N, K, bits, tile_rows);
+  s.dense.st.groups = s.sparse.st.groups = groups;
+  s.dense.st.gs = s.sparse.st.gs = group_size;
+  s.dense.st.gidx = s.sparse.st.gidx = gidx.data();
+  SpQRArgs A{s.dense, s.sparse, s.keep, outlier_csr(N, K, outlier_row_ptr, outlier_cols, outlier_values),
+             spqr_stat("scale", N, groups, bits, scale, scale_codes, scale_step, scale_low, scale_bits, scale_group_size),
+             spqr_stat("zero", N, groups, bits, zero, zero_codes, zero_step, zero_low, zero_bits, zero_group_size)};
+  TORCH_CHECK(!A.scale.ints, "scale must be float16 or quantized");
+  Input in = prepare(x, N);
+  permute_columns(in, perm);
+  return run(x, in, s.units, s.grain, [&](const Act& a, int64_t u0, int64_t u1) {
+    SpQRArgs args = A;
+    args.dense.a = args.sparse.a = a;
+    std::unique_ptr<float[]> scratch(new float[scratch_floats(groups + 256)]);
+    CK_ISA_CALL(isa, spqr_rows, args, u0, u1, scratch.get());
+  });
+}
+
+at::Tensor lut_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut, const Opt& bitmask, const Opt& code_offsets,
+                      const Opt& outlier_row_ptr, const Opt& outlier_cols, const Opt& outlier_values, const Opt& perm, int64_t bits,
+                      int64_t tile_rows, int64_t isa) {
+  check_isa(isa);
+  const int64_t N = lut.size(0), K = x.size(1);
+  check(lut, at::kHalf, "lut");
+  TORCH_CHECK(lut.dim() == 2 && lut.size(1) == (int64_t(1) << bits), "lut must be [out, 2^bits]");
+  const std::vector<int32_t> gidx(K + kPad, 0);  // one group: the row's table
+  Stream s = code_stream(codes, bitmask, code_offsets, N, K, bits, tile_rows);
+  s.dense.st.groups = s.sparse.st.groups = 1;
+  s.dense.st.gs = s.sparse.st.gs = K;
+  s.dense.st.gidx = s.sparse.st.gidx = gidx.data();
+  LUTArgs A{s.dense, s.sparse, s.keep, outlier_csr(N, K, outlier_row_ptr, outlier_cols, outlier_values),
+            reinterpret_cast<const uint16_t*>(lut.data_ptr())};
+  Input in = prepare(x, N);
+  permute_columns(in, perm);
+  return run(x, in, s.units, s.grain, [&](const Act& a, int64_t u0, int64_t u1) {
+    LUTArgs args = A;
+    args.dense.a = args.sparse.a = a;
+    std::unique_ptr<float[]> scratch(new float[scratch_floats(256)]);
+    CK_ISA_CALL(isa, lut_rows, args, u0, u1, scratch.get());
+  });
+}
+
 }  // namespace
 }  // namespace ck
 
@@ -315,4 +474,12 @@ TORCH_LIBRARY(compress_cpu, lib) {
   lib.def("sparse_quant_matmul(Tensor x, Tensor codes, Tensor scale, Tensor zero, Tensor? indices, Tensor? bitmask, Tensor? code_offsets, "
           "int n, int m, int bits, int group_size, int tile_rows, int isa) -> Tensor",
           &ck::sparse_quant_matmul);
+  lib.def("spqr_matmul(Tensor x, Tensor codes, Tensor? scale, Tensor? scale_codes, Tensor? scale_step, Tensor? scale_low, Tensor? zero, "
+          "Tensor? zero_codes, Tensor? zero_step, Tensor? zero_low, Tensor? bitmask, Tensor? code_offsets, Tensor? outlier_row_ptr, "
+          "Tensor? outlier_cols, Tensor? outlier_values, Tensor? perm, int out, int bits, int group_size, int scale_bits, "
+          "int scale_group_size, int zero_bits, int zero_group_size, int tile_rows, int isa) -> Tensor",
+          &ck::spqr_matmul);
+  lib.def("lut_matmul(Tensor x, Tensor codes, Tensor lut, Tensor? bitmask, Tensor? code_offsets, Tensor? outlier_row_ptr, "
+          "Tensor? outlier_cols, Tensor? outlier_values, Tensor? perm, int bits, int tile_rows, int isa) -> Tensor",
+          &ck::lut_matmul);
 }

@@ -121,5 +121,87 @@ void sq_rows(const SQArgs& A, int64_t u0, int64_t u1, float* scratch) {
   }
 }
 
+namespace {
+
+// One row of codes (dense: every column; under a bitmask: its kept columns, codes from `codes` on) into
+// out, the weight of a code at column col being weight(code, col); returns the codes it read.
+template <typename W>
+int64_t code_row(const Act& a, int64_t r, const uint32_t* codes, const uint32_t* mask, int64_t bwords, int bits, W weight) {
+  float acc[kMaxB] = {};
+  Reader reader(codes, bits, 0);
+  int64_t kept = 0;
+  if (!mask) {
+    for (int64_t k = 0; k < a.K; ++k) axpy(a, acc, weight(reader.next(), k), k);
+  } else {
+    for (int64_t j = 0; j < bwords; ++j) {
+      kept += popcount32(mask[j]);
+      for (uint32_t m = mask[j]; m; m &= m - 1) {
+        const int64_t col = 32 * j + __builtin_ctz(m);
+        axpy(a, acc, weight(reader.next(), col), col);
+      }
+    }
+  }
+  store(a, r, acc);
+  return kept;
+}
+
+// Rows [u0, u1) dense, or tiles [u0, u1) under a bitmask: prepare(r) readies row r's decoding, then
+// the row's grid dot product and its outliers.
+template <typename P, typename W, typename F>
+void code_rows(const GQArgs& D, const SQArgs& S, bool keep, int64_t u0, int64_t u1, P prepare, W weight, F fix) {
+  if (!keep) {
+    for (int64_t r = u0; r < u1; ++r) {
+      prepare(r);
+      code_row(D.a, r, D.codes + r * D.cwords, nullptr, 0, D.bits, weight);
+      fix(r, D.codes + r * D.cwords, nullptr);
+    }
+    return;
+  }
+  const int per = per_word(S.bits);
+  for (int64_t t = u0; t < u1; ++t) {
+    int64_t start = tile_offset(S.off32, S.off64, t);
+    const int64_t rend = (t + 1) * S.tile_rows < S.a.N ? (t + 1) * S.tile_rows : S.a.N;
+    for (int64_t r = t * S.tile_rows; r < rend; ++r) {
+      prepare(r);
+      const uint32_t* mask = S.bitmask + r * S.bwords;
+      const int64_t kept = code_row(S.a, r, S.codes + start, mask, S.bwords, S.bits, weight);
+      fix(r, S.codes + start, mask);
+      start += (kept + per - 1) / per;
+    }
+  }
+}
+
+}  // namespace
+
+void spqr_rows(const SpQRArgs& A, int64_t u0, int64_t u1, float* scratch) {
+  const int64_t groups = A.dense.st.groups, gs = A.dense.st.gs;
+  float *s = scratch, *z = scratch + groups;
+  const int32_t* gidx = A.dense.st.gidx;
+  code_rows(
+      A.dense, A.sparse, A.keep, u0, u1,
+      [&](int64_t r) {
+        spqr_stat_row(A.scale, groups, r, s);
+        spqr_stat_row(A.zero, groups, r, z);
+      },
+      [&](uint32_t code, int64_t col) { return (static_cast<float>(code) - z[gidx[col]]) * s[gidx[col]]; },
+      [&](int64_t r, const uint32_t* codes, const uint32_t* mask) {
+        fix_outliers(A.dense.a, A.outliers, r, codes, mask, A.dense.bits, nullptr, s, z, gs);
+      });
+}
+
+void lut_rows(const LUTArgs& A, int64_t u0, int64_t u1, float* scratch) {
+  const int64_t entries = int64_t(1) << A.dense.bits;
+  float* table = scratch;
+  code_rows(
+      A.dense, A.sparse, A.keep, u0, u1,
+      [&](int64_t r) {
+        for (int64_t c = 0; c < entries; ++c) table[c] = fp16_to_float(A.lut[r * entries + c]);
+      },
+      [&](uint32_t code, int64_t) { return table[code]; },
+      [&](int64_t r, const uint32_t* codes, const uint32_t* mask) {
+        fix_outliers(A.dense.a, A.outliers, r, codes, mask, A.dense.bits, table, nullptr, nullptr, 1);
+      });
+}
+
 }  // namespace scalar
 }  // namespace ck
