@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from compress.pipeline.plan import Plan
@@ -94,7 +95,8 @@ def prepare(recipe: Recipe, out: str | os.PathLike | None, *, overwrite: bool = 
     remove_dead_partials(out_dir.parent)
     remove_dead_partials(store)
     plan = build_plan(recipe)
-    check_space(out_dir, store, plan.params, torch.finfo(getattr(torch, plan.storage_dtype)).bits, len(recipe.stages), recipe.output.onnx)
+    check_space(out_dir, store, plan.params, torch.finfo(getattr(torch, plan.storage_dtype)).bits, len(recipe.stages), recipe.output.onnx,
+                recipe.output.hf)
     if track:
         from compress.service.store_check import check_tracking_store
         from compress.service.tracking import tracking_uri
@@ -151,6 +153,7 @@ def apply(
         tokenizer.save_pretrained(source)
         data = parsed.to_data()
         data["model"]["source"] = str(source)
+        data["output"]["hf"] = True  # the dense weights are copied back into `model` from OUT/model
         if calibration is not None:
             data["calibration"].update(text=_text_files(calibration, Path(scratch)), dataset=None)
         parsed = _as_recipe({**data, "name": parsed.name})
@@ -191,23 +194,32 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
             own[name].copy_(tensor)
 
 
-def load(out: str | os.PathLike, device: str | None = None) -> nn.Module:
-    """The compressed model of an output folder (`compress run --out OUT`), ready for inference
-    (`generate` for a causal LM); its tokenizer is `AutoTokenizer.from_pretrained(OUT + "/model")`.
+def load(out: str | os.PathLike, device: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The compressed model of an output folder (`compress run --out OUT`), ready for inference: built
+    from OUT/packed, every packed target a kernel-backed module holding only its packed tensors (no
+    dense weight is ever made for it); `generate` works for a causal LM. Its tokenizer is
+    `AutoTokenizer.from_pretrained(OUT + "/packed")`. Transformers loads the same folder itself after
+    `import compress`: `AutoModelForCausalLM.from_pretrained(OUT + "/packed")`.
 
     >>> import compress, tempfile
     >>> out = tempfile.mkdtemp() + "/rtn"
-    >>> _ = compress.run({"stages": [{"method": "rtn", "bits": 4}], "evaluate": {"max_windows": 4, "layer_error": False},
-    ...                   "output": {"onnx": False}}, out=out, track=False)
+    >>> _ = compress.run({"stages": [{"method": "rtn", "bits": 4}], "evaluate": {"max_windows": 4, "layer_error": False}},
+    ...                  out=out, track=False)
     >>> model = compress.load(out)
+    >>> type(model.model.layers[0].mlp.up_proj).__name__
+    'GroupQuantLinear'
     >>> model.generate(**{"input_ids": __import__("torch").tensor([[1, 5, 9]])}, max_new_tokens=4).shape
     torch.Size([1, 7])
     """
-    from transformers import AutoModel, AutoModelForCausalLM
+    from compress.deploy.load import load_packed
+    from compress.deploy.packed_model import PACKED_DIR
 
     folder = Path(out)
-    report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else {}
-    model_dir = folder / "model" if (folder / "model").is_dir() else folder
-    causal = report.get("model", {}).get("kind", "causal") == "causal"
-    loaded = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(model_dir)
-    return loaded.to(device).eval() if device else loaded.eval()
+    if not (folder / PACKED_DIR).is_dir() and (folder / "model" / "config.json").is_file():  # written before packed/ existed
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else {}
+        auto = AutoModelForCausalLM if report.get("model", {}).get("kind", "causal") == "causal" else AutoModel
+        model = auto.from_pretrained(folder / "model", **({"dtype": dtype} if dtype is not None else {}))
+        return (model.to(device) if device is not None else model).eval()
+    return load_packed(out, device=device, dtype=dtype)

@@ -112,7 +112,8 @@ def _audit(args: argparse.Namespace) -> int:
     if result["ok"]:
         print(f"ok: {result['checked']} targets are what the report says; bits/param {result['bits_per_param']:.4f}")
         return 0
-    print(f"{len(result['problems'])} of {result['checked']} targets are not what the report says:")
+    wrong = [name for name in result["problems"] if name != "(output)"]
+    print(f"{len(wrong)} of {result['checked']} targets are not what the report says:")
     for name, found in result["problems"].items():
         for problem in found:
             print(f"  {name}: {problem}")

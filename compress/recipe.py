@@ -86,7 +86,9 @@ class EvaluateSpec(_StrictModel):
 
 class OutputSpec(_StrictModel):
     dir: str | None = None  # default: runs/<recipe name> (`compress run`), a folder per run (submissions)
-    onnx: bool = True  # also export model.onnx, checked against PyTorch in onnxruntime
+    hf: bool = False  # also write model/, the dense Hugging Face checkpoint (packed/ is always written)
+    onnx: bool = False  # also export model.onnx, checked against PyTorch in onnxruntime
+    verify: bool = True  # load packed/ on the kernels and compare with the evaluated model before publishing
     register_as: str | None = None  # MLflow registered model name (default: the recipe name)
     register_model: bool = True  # add the exported model to the MLflow model registry (tracked runs)
 

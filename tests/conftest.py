@@ -28,10 +28,17 @@ def fast_recipe(*stages: dict[str, Any], **sections: Any) -> dict[str, Any]:
 
 
 def output_bytes(out: Path) -> dict[str, bytes]:
-    """Every byte the compressed model consists of: its checkpoint shards and index, masks, packed form."""
-    files = sorted((out / "model").glob("*.safetensors")) + [out / "model" / "model.safetensors.index.json"]
-    files += [out / name for name in ("compress_state.safetensors", "compress_state.json", "packed.safetensors")]
+    """Every byte the compressed model consists of: packed/ (weights, index, config), and model/ when written."""
+    files = [f for folder in ("packed", "model") for f in sorted((out / folder).glob("*.safetensors"))]
+    files += [out / folder / name for folder in ("packed", "model") for name in ("model.safetensors.index.json", "config.json")]
     return {str(f.relative_to(out)): f.read_bytes() for f in files if f.exists()}
+
+
+def exported_tensors(out: Path) -> dict[str, torch.Tensor]:
+    """The weights an output's packed model computes with, dense (packed targets unpacked)."""
+    from compress.deploy.packed_model import dense_tensors
+
+    return dense_tensors(out / "packed")
 
 
 def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:

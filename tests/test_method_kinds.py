@@ -5,7 +5,7 @@ state, and a later stage keeps the zeros it leaves."""
 from __future__ import annotations
 
 import torch
-from conftest import checkpoint_tensors, fast_recipe
+from conftest import checkpoint_tensors, exported_tensors, fast_recipe
 
 import compress
 from compress.methods import register
@@ -69,7 +69,7 @@ def test_a_per_target_method_from_outside_runs_through_a_recipe(tmp_path):
     report = compress.run(recipe, out=tmp_path / "out", track=False)
     assert SEEN["statistics"] == {"input_sq_norm", "tokens_per_sequence"}  # what it named, nothing more
     before = checkpoint_tensors(compress.embedded_model())
-    after = checkpoint_tensors(tmp_path / "out" / "model")
+    after = exported_tensors(tmp_path / "out")
     name = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(after[name], (before[name].float() * 0.5).to(before[name].dtype))
     assert torch.equal(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])

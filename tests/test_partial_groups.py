@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import checkpoint_tensors, fast_recipe
+from conftest import checkpoint_tensors, exported_tensors, fast_recipe
 
 import compress
-from compress.formats.packed_file import PACKED_FILE, read_packed, write_packed
+from compress.formats.packed_file import read_packed, write_packed
 from compress.methods.gptq import gptq_quantize
 from compress.methods.quantization import packed_weight
 from compress.methods.rtn import rtn_quantize
@@ -92,17 +92,14 @@ def _stages_of(recipe: str) -> list[dict]:
 ])
 def test_recipes_run_with_partial_groups_and_pass_the_audit(tiny_llama, stages, tmp_path):
     out = tmp_path / "out"
-    report = compress.run(fast_recipe(*stages, model={"source": str(tiny_llama)}), out=out, track=False)
+    report = compress.run(fast_recipe(*stages, model={"source": str(tiny_llama)}, output={"hf": True}), out=out, track=False)
     assert report["audit"]["ok"], report["audit"]["problems"]
     group_size = stages[0]["group_size"]
     down = "model.layers.0.mlp.down_proj"
     assert report["targets"][down]["shape"] == [64, 176] and report["targets"][down]["quantized"]["group_size"] == group_size
-    packed = read_packed(out / PACKED_FILE)
-    checkpoint = checkpoint_tensors(out / "model")
-    assert len(packed) == 2 * 7
-    for name, quantized in packed.items():
-        evaluated = checkpoint[f"{name}.weight"]
-        assert torch.equal(quantized.dequantize().to(evaluated.dtype), evaluated), name
-    params = report["metrics"]["target_params"]
-    assert report["metrics"]["bits_per_param"] == (out / PACKED_FILE).stat().st_size * 8 / params
+    checkpoint, exported = checkpoint_tensors(out / "model"), exported_tensors(out)
+    assert sum(report["formats"].values()) == 2 * 7 and "dense" not in report["formats"]
+    for name in report["targets"]:
+        assert torch.equal(exported[f"{name}.weight"], checkpoint[f"{name}.weight"]), name
+    assert report["verify"]["verify_ok"]
     assert 3 < report["metrics"]["bits_per_param"] < 8

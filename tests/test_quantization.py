@@ -83,38 +83,39 @@ def test_pruned_zeros_stay_zero_and_nm_survives():
     [{"method": "spqr", "bits": 3}],
     [{"method": "wanda", "pattern": "2:4"}, {"method": "spqr", "bits": 3}],
 ])
-def test_packed_file_rebuilds_the_evaluated_weights_and_gives_the_bits(stages, tmp_path):
+def test_packed_export_rebuilds_the_evaluated_weights_and_gives_the_bits(stages, tmp_path):
+    """packed/ holds every target in a kernel format that unpacks to exactly the evaluated weights
+    (model/, written with output.hf), and bits/param is its target tensors' bytes over the weights."""
+    from conftest import checkpoint_tensors, exported_tensors, fast_recipe
 
-    from conftest import checkpoint_tensors, fast_recipe
-
-    from compress.formats.packed_file import PACKED_FILE, read_packed
+    from compress.deploy.packed_model import stored_bytes
+    from compress.formats.words import codes_per_word
     from compress.pipeline.engine import run
     from compress.recipe import validate_recipe
 
-    report = run(validate_recipe(fast_recipe(*stages, evaluate={"dense": False})), tmp_path / "q")
-    checkpoint = checkpoint_tensors(tmp_path / "q" / "model")
-    packed = read_packed(tmp_path / "q" / PACKED_FILE)
-    assert len(packed) == 4 * 7
-    for name, quantized in packed.items():
-        evaluated = checkpoint[f"{name}.weight"]
-        assert torch.equal(quantized.dequantize().to(evaluated.dtype), evaluated), name
-        if stages[0]["method"] == "wanda":  # pruned zeros are codes at the zero point: still zero, 2:4 holds
-            assert ((evaluated != 0).view(evaluated.shape[0], -1, 4).sum(-1) <= 2).all()
+    out = tmp_path / "q"
+    report = run(validate_recipe(fast_recipe(*stages, evaluate={"dense": False}, output={"hf": True})), out)
+    evaluated, exported = checkpoint_tensors(out / "model"), exported_tensors(out)
+    pruned = stages[0]["method"] == "wanda"
+    expected_format = {"gptq": "group_quant", "rtn": "sparse_quant" if pruned else "group_quant", "spqr": "spqr"}[stages[-1]["method"]]
+    assert report["formats"] == {expected_format: 4 * 7}
+    for name in report["targets"]:
+        assert torch.equal(exported[f"{name}.weight"], evaluated[f"{name}.weight"]), name
+        if pruned:  # pruned zeros stay zero, 2:4 holds
+            assert ((exported[f"{name}.weight"] != 0).view(exported[f"{name}.weight"].shape[0], -1, 4).sum(-1) <= 2).all()
     params = report["metrics"]["target_params"]
-    assert report["metrics"]["bits_per_param"] == (tmp_path / "q" / PACKED_FILE).stat().st_size * 8 / params
+    assert report["metrics"]["bits_per_param"] == 8 * stored_bytes(out / "packed", list(report["targets"]))["target_bytes"] / params
     bits = stages[-1]["bits"]
-    kept = 0.5 if stages[0]["method"] == "wanda" else 1.0  # pruned weights cost their mask bit only
-    expected = kept * bits + (1 if kept < 1 else 0)
-    if stages[-1]["method"] == "spqr":
-        # statistics: 3+3 bits per 16 weights plus their fp16 second level (2 x 32 bits per 16 x 16);
-        # outliers 32 bits each (value + column); CSR row pointers and the permutation, 32 bits per
-        # row and per column of these 128-wide layers; the safetensors header
-        outliers = sum(t["quantized"]["outliers"] for t in report["targets"].values())
-        header = 8 + int.from_bytes((tmp_path / "q" / PACKED_FILE).read_bytes()[:8], "little")
-        expected += 6 / 16 + 64 / 256 + 32 * outliers / params + 8 * header / params
-        assert expected < report["metrics"]["bits_per_param"] < expected + 64 / 128
-    else:  # plus fp16 scales and integer zero points per group, and the header
+    word_bits = 32 / codes_per_word(bits)  # codes never straddle a 32-bit word: 3-bit codes take 3.2 bits
+    # pruned: kept codes only, plus 2-bit in-group indices of the kept half (2:4) or a 1-bit bitmask
+    expected = 0.5 * word_bits + 1 if pruned else word_bits
+    if stages[-1]["method"] == "spqr":  # 3-bit statistics per 16 weights; their fp16 second level, perm, row pointers < 1
+        outliers = sum(t["quantized"]["outliers"] for t in report["targets"].values())  # 16-bit value + 16-bit column each
+        expected += 2 * 3.2 / 16 + 32 * outliers / params
+        assert expected < report["metrics"]["bits_per_param"] < expected + 1.0
+    else:  # plus fp16 scales and packed integer zero points per group
         assert expected < report["metrics"]["bits_per_param"] < expected + 1.2
+    assert report["verify"]["verify_ok"] and report["audit"]["ok"], report["audit"]["problems"]
 
 
 def test_bit_packing_round_trips():
@@ -211,7 +212,6 @@ def test_moe_experts_prune_refine_and_quantize(tiny_mixtral, tmp_path):
     """Fused experts go through every stage kind: Wanda, DSnoT on all targets, SpQR packing per expert."""
     from conftest import fast_recipe
 
-    from compress.formats.packed_file import PACKED_FILE, read_packed
     from compress.pipeline.engine import run
     from compress.recipe import validate_recipe
 
@@ -219,9 +219,10 @@ def test_moe_experts_prune_refine_and_quantize(tiny_mixtral, tmp_path):
                          {"method": "gptq", "bits": 4, "group_size": 16}, model={"source": str(tiny_mixtral)},
                          evaluate={"dense": False})
     report = run(validate_recipe(recipe), tmp_path / "moe")
-    packed = read_packed(tmp_path / "moe" / PACKED_FILE)
     expert = "model.layers.0.mlp.experts.1.down_proj"
-    assert expert in packed and report["targets"][expert]["stages"] == ["wanda", "dsnot", "gptq"]
+    assert report["targets"][expert]["quantized"]["bits"] == 4 and report["targets"][expert]["stages"] == ["wanda", "dsnot", "gptq"]
+    assert report["targets"][expert]["format"] == "dense"  # fused experts have no packed module yet
+    assert report["audit"]["ok"] and report["verify"]["verify_ok"]
     assert abs(report["targets"][expert]["sparsity"] - 0.5) < 1e-6
 
 

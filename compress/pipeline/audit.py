@@ -1,10 +1,11 @@
 """`compress audit OUT`: check a finished output against what its report claims.
 
-Per target (fused experts included): the checkpoint's achieved sparsity equals the report's; the
-zeros of its mask are zeros; an N:M stage's pattern holds in every group; a quantized target's
-weights are exactly what its packed form dequantizes to, and no group holds more distinct values
-than 2^bits (outliers aside). Overall: bits/param recomputed from the packed file's bytes. The
-checks read the files only; nothing is trusted from the run that wrote them.
+Per target (fused experts included), read from packed/ (a packed target unpacked from its format's
+tensors, each checked): the achieved sparsity equals the report's; an N:M stage's pattern holds in
+every group; the stored format and code width are the report's; no group of a uniform-grid format
+holds more distinct values than 2^bits; with model/ written, its dense weights are exactly what
+packed/ holds. Overall: bits/param recomputed from the bytes of packed/. The checks read the files
+only; nothing is trusted from the run that wrote them.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import Any
 import torch
 
 from compress.errors import CompressError
-from compress.formats.packed_file import PACKED_FILE
+from compress.model.checkpoint import CheckpointFiles
+from compress.model.targets import discover
 from compress.pipeline.export import REPORT_FILE
 from compress.pipeline.stages import plan_stages
 from compress.pipeline.store import MODEL_DIR
 from compress.recipe import Recipe, validate_recipe
-from compress.state import STATE_FILE, CompressionState
 
 
 def _recipe_of(report: dict[str, Any], model_dir: Path) -> Recipe:
@@ -68,70 +69,63 @@ def audit_step(out_dir: Path) -> dict[str, Any]:
 
 def audit_output(out_dir: str | Path) -> dict[str, Any]:
     """{"ok": bool, "problems": {target: [what is wrong]}, "checked": n, ...} for a finished output."""
-    from compress.model.load import load_model
-    from compress.model.targets import discover
-    from compress.pipeline.metrics import stored_bits_per_param
+    from compress.deploy.packed_model import PACKED_DIR, stored_bytes
 
     out = Path(out_dir)
     if not (out / REPORT_FILE).is_file():
         raise CompressError(f"{out} holds no {REPORT_FILE}: not a compress output")
     report = json.loads((out / REPORT_FILE).read_text())
-    recipe = _recipe_of(report, out / MODEL_DIR)
-    loaded = load_model(recipe.model)
-    layout = discover(loaded.model)
+    packed_dir = out / PACKED_DIR
+    stored = StoredWeights(packed_dir)
+    recipe = _recipe_of(report, packed_dir)
+    layout = discover(stored.skeleton())
     planned = plan_stages(recipe, layout)
-    state = CompressionState.load(out) if (out / STATE_FILE).is_file() else CompressionState()
     by_name = {t.name: t for t in layout.targets}
     patterns: dict[str, str] = {}
     for stage, spec in zip(planned, recipe.stages):
         pattern = getattr(spec.params, "pattern", None)
         if pattern and pattern != "unstructured":
             patterns.update({t.name: pattern for t in stage.targets})
+    dense_checkpoint = CheckpointFiles(out / MODEL_DIR) if (out / MODEL_DIR).is_dir() else None
 
     problems: dict[str, list[str]] = {}
     for name, claimed in report["targets"].items():
         found = []
         target = by_name.get(name)
         if target is None:
-            problems[name] = ["not in the checkpoint"]
+            problems[name] = ["not in the model"]
             continue
-        stored = target.weight.to(loaded.storage_dtype)  # what the checkpoint holds
-        sparsity = float((stored == 0).sum()) / stored.numel()
-        if abs(sparsity - claimed["sparsity"]) > 0.5 / stored.numel():
+        try:
+            weight, meta = stored.weight(target)
+        except (KeyError, ValueError) as error:
+            problems[name] = [f"packed/ does not hold it readably: {error}"]
+            continue
+        at_storage = weight.to(stored.dtype)
+        sparsity = float((at_storage == 0).sum()) / weight.numel()
+        if abs(sparsity - claimed["sparsity"]) > 0.5 / weight.numel():
             found.append(f"sparsity {sparsity:.6f}, report says {claimed['sparsity']:.6f}")
-        entry = state.targets.get(name)
-        if entry is not None and entry.mask is not None and bool((stored[~entry.mask] != 0).any()):
-            found.append(f"{int((stored[~entry.mask] != 0).sum())} weights its mask prunes are not zero")
-        if name in patterns and (bad := _nm_violations(stored, patterns[name])):
+        if name in patterns and (bad := _nm_violations(at_storage, patterns[name])):
             found.append(f"{bad} groups break the {patterns[name]} pattern")
+        stored_format = meta["format"] if meta else "dense"
+        if claimed.get("format", stored_format) != stored_format:
+            found.append(f"stored as {stored_format}, report says {claimed['format']}")
         quantized = claimed.get("quantized")
-        packed = entry.quantized if entry is not None else None
-        if quantized and packed is None:
-            found.append("report says quantized, packed file has no entry")
-        elif packed is not None:
-            differ = int((packed.dequantize().to(loaded.storage_dtype) != stored).sum())
-            if differ:
-                found.append(f"{differ} weights differ from what the packed form dequantizes to")
-            skip = torch.zeros(stored.shape, dtype=torch.bool)
-            if packed.outliers is not None:
-                rows, cols = packed.outliers.positions()
-                skip[rows.long(), cols.long()] = True
-            if packed.keep is not None:
-                skip |= ~packed.keep
-            limit = 2 ** packed.bits
-            # codes, outliers and the keep mask are in the packed (possibly permuted) column order
-            in_packed_order = stored.float()[:, packed.perm.long()] if packed.perm is not None else stored.float()
-            distinct = _max_distinct_per_group(in_packed_order, packed.group_size, skip)
-            if distinct > limit:
-                found.append(f"a group holds {distinct} distinct values, more than 2^{packed.bits}")
+        if quantized and meta and meta.get("bits") != quantized["bits"]:
+            found.append(f"stored with {meta.get('bits')}-bit codes, report says {quantized['bits']}")
+        if quantized and meta and meta["format"] in UNIFORM_GROUP_FORMATS:
+            distinct = _max_distinct_per_group(weight, meta["group_size"], weight == 0)
+            if distinct > 2 ** meta["bits"]:
+                found.append(f"a group holds {distinct} distinct values, more than 2^{meta['bits']}")
+        if dense_checkpoint is not None and target.expert is None and meta:
+            checkpoint = dense_checkpoint.read([f"{name}.weight"])[f"{name}.weight"]
+            if differ := int((checkpoint != at_storage).sum()):
+                found.append(f"{differ} weights of model/ differ from what packed/ holds")
         if found:
             problems[name] = found
 
-    packed_file = out / PACKED_FILE
-    packed_bytes = packed_file.stat().st_size if packed_file.exists() else 0
-    shapes = [t["shape"] for t in report["targets"].values()]
-    quantized_params = sum(s[0] * s[1] for s, t in zip(shapes, report["targets"].values()) if t.get("quantized"))
-    bits = stored_bits_per_param([s[0] * s[1] for s in shapes], torch.finfo(loaded.storage_dtype).bits, packed_bytes, quantized_params)
+    target_bytes = stored_bytes(packed_dir, list(report["targets"]))["target_bytes"]
+    params = sum(t["shape"][0] * t["shape"][1] for t in report["targets"].values())
+    bits = 8 * target_bytes / params if params else 0.0
     overall = []
     claimed_bits = report["metrics"].get("bits_per_param")
     if claimed_bits is not None and abs(bits - claimed_bits) > 1e-9:
@@ -139,3 +133,49 @@ def audit_output(out_dir: str | Path) -> dict[str, Any]:
     if overall:
         problems["(output)"] = overall
     return {"ok": not problems, "problems": problems, "checked": len(report["targets"]), "bits_per_param": bits}
+
+
+UNIFORM_GROUP_FORMATS = ("group_quant", "sparse_quant")  # no outliers or permutation: every group is on one grid
+
+
+class StoredWeights:
+    """The weights of a packed folder as stored: a packed target unpacked from its format's tensors,
+    a dense one (or a fused expert) read as is; and the model's skeleton, built on the meta device."""
+
+    def __init__(self, folder: Path) -> None:
+        from compress.deploy.packed_model import read_quantization_config
+        from compress.formats.registry import DTYPES
+
+        if not (folder / "config.json").is_file():
+            raise CompressError(f"{folder.parent} holds no packed model ({folder.name}/config.json): not a complete compress output")
+        self.folder = folder
+        self.files = CheckpointFiles(folder)
+        self.layout = read_quantization_config(folder)["targets"]
+        self.config = json.loads((folder / "config.json").read_text())
+        self.dtype = DTYPES.get(str(self.config.get("dtype") or self.config.get("torch_dtype") or "float32"), torch.float32)
+
+    def skeleton(self) -> torch.nn.Module:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(self.folder)
+        config.quantization_config = None  # the structure only: no quantizer on the meta device
+        auto = AutoModelForCausalLM if getattr(config, "architectures", None) and any(
+            a.endswith("ForCausalLM") for a in config.architectures) else AutoModel
+        with torch.device("meta"):
+            return auto.from_config(config)
+
+    def weight(self, target) -> tuple[torch.Tensor, dict | None]:
+        """(float32 [out, in] weight, its format meta or None when stored dense)."""
+        from compress.formats.registry import from_tensors, unpack
+
+        meta = self.layout.get(target.name)
+        if meta is not None:
+            keys = [f"{target.name}.{field}" for field in meta["tensors"]]
+            packed = from_tensors(self.files.read(keys), target.name, {k: v for k, v in meta.items() if k != "tensors"})
+            return unpack(packed), meta
+        if target.expert is None:
+            key = f"{target.name}.weight"
+            return self.files.read([key])[key].float(), None
+        head, _, param = target.name.rpartition(".")
+        key = f"{head.rpartition('.')[0]}.{param}"
+        return self.files.read([key])[key][target.expert].float(), None

@@ -1,5 +1,11 @@
-"""The export step: the output folder (the compressed checkpoint, its state and packed weights, the
-report, optionally ONNX), written under a temporary name and moved into place only when complete."""
+"""The export step: the output folder, written under a temporary name, verified, and moved into place
+only when complete:
+
+  packed/      the deployable model: packed targets in their kernel formats, config, tokenizer
+  model/       the dense Hugging Face checkpoint (output.hf: true)
+  model.onnx   checked in onnxruntime (output.onnx: true)
+  report.json  what was done and measured; recipe.json
+"""
 
 from __future__ import annotations
 
@@ -7,19 +13,21 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from compress import __version__
 from compress.cleanup import undo_on_abort
-from compress.formats.packed_file import PACKED_FILE
+from compress.deploy.packed_model import PACKED_DIR, write_packed_model
 from compress.formats.quantized import QuantizedWeight
-from compress.pipeline.metrics import directory_bytes, stored_bits_per_param
+from compress.pipeline.metrics import directory_bytes
 from compress.pipeline.onnx import ONNX_FILE, export_onnx
 from compress.pipeline.output import output_identity, partial_folder, publish
 from compress.pipeline.store import MODEL_DIR, StepResult
+from compress.pipeline.verify import verify_export
 from compress.recipe import Recipe
-from compress.state import STATE_FILE, STATE_INDEX, CompressionState
+from compress.state import STATE_FILE, CompressionState, PackedOnDisk
 
 log = logging.getLogger("compress")
 
@@ -105,43 +113,53 @@ def _quantization_info(quantized: QuantizedWeight | None) -> dict[str, Any] | No
 
 def _write_output(out_dir: Path, final: StepResult, report: dict[str, Any], started: float, measured: dict[str, Any], recipe: Recipe,
                   causal: bool) -> None:
-    """Write into a temporary sibling folder, then move it into place (replacing an earlier output of
-    ours only, compress/pipeline/output.py)."""
+    """Write into a temporary sibling folder, verify it, then move it into place (replacing an earlier
+    output of ours only, compress/pipeline/output.py)."""
     partial = partial_folder(out_dir)
     with undo_on_abort(lambda: shutil.rmtree(partial, ignore_errors=True)):
         try:
-            shutil.copytree(final.model_path, partial / MODEL_DIR)
-            for name in (STATE_FILE, STATE_INDEX, PACKED_FILE):
-                if (final.path / name).is_file():
-                    shutil.copy2(final.path / name, partial / name)
-            # bits/param is measured from what was written: the packed file for quantized targets
-            packed = partial / PACKED_FILE
-            packed_bytes = packed.stat().st_size if packed.exists() else 0
-            quantized_params = sum(
-                target["shape"][0] * target["shape"][1] for target in report["targets"].values() if target["quantized"] is not None
-            )
-            report["metrics"]["bits_per_param"] = stored_bits_per_param(
-                [t["shape"][0] * t["shape"][1] for t in report["targets"].values()], measured["storage_bits"], packed_bytes, quantized_params
-            )
-            if packed_bytes:
-                report["metrics"]["packed_bytes"] = packed_bytes
-            report["metrics"]["size_bytes"] = directory_bytes(partial / MODEL_DIR)
+            state = CompressionState.load(final.path, read_packed_forms=False) if (final.path / STATE_FILE).is_file() else CompressionState()
+            packed = write_packed_model(final.model_path, state, list(report["targets"]), partial / PACKED_DIR)
+            for name, stored in packed["targets"].items():
+                report["targets"][name]["format"] = stored["format"]
+                if "reason" in stored:
+                    report["targets"][name]["dense_because"] = stored["reason"]
+            params = sum(target["shape"][0] * target["shape"][1] for target in report["targets"].values())
+            # bits/param counted from the bytes written: every target weight's tensors in packed/
+            report["metrics"]["bits_per_param"] = 8 * packed["target_bytes"] / params if params else 0.0
+            report["metrics"]["packed_bytes"] = packed["bytes"]
+            report["metrics"]["size_bytes"] = packed["bytes"]
+            report["formats"] = dict(Counter(stored["format"] for stored in packed["targets"].values()))
+            if recipe.output.hf:
+                shutil.copytree(final.model_path, partial / MODEL_DIR)
             if recipe.output.onnx:
-                _export_onnx(partial, report, causal)
+                _export_onnx(final.model_path, partial, report, causal, state)
+            if recipe.output.verify:
+                report["verify"] = verify_export(partial / PACKED_DIR, recipe, final, causal)
+                report["metrics"].update({k: report["verify"][k] for k in VERIFY_METRICS if k in report["verify"]})
+                report["metrics"]["verify_ok"] = int(report["verify"]["verify_ok"])
             report["metrics"]["seconds"] = time.perf_counter() - started
             (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
             (partial / RECIPE_FILE).write_text(json.dumps(report["recipe"], indent=2))
+            report["metrics"]["output_bytes"] = directory_bytes(partial)
+            (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
             publish(partial, out_dir, output_identity(recipe))
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
 
 
-def _export_onnx(partial: Path, report: dict[str, Any], causal: bool) -> None:
-    """model.onnx beside the checkpoint, checked in onnxruntime. A failure is recorded in the report
-    and leaves every other export in place: the checkpoint is the output, ONNX one more form of it."""
+VERIFY_METRICS = ("verify_max_abs_diff", "verify_perplexity")
+
+
+def _export_onnx(dense_dir: Path, partial: Path, report: dict[str, Any], causal: bool, state: CompressionState) -> None:
+    """model.onnx beside the packed model (quantized targets as MatMulNBits where they fit), checked in
+    onnxruntime. A failure is recorded in the report and leaves every other export in place: the packed
+    model is the output, ONNX one more form of it."""
+    quantized = {name: entry.quantized.load() if isinstance(entry.quantized, PackedOnDisk) else entry.quantized
+                 for name, entry in state.targets.items() if entry.quantized is not None}
     try:
-        check = export_onnx(partial / MODEL_DIR, partial / ONNX_FILE, causal)
+        check = export_onnx(dense_dir, partial / ONNX_FILE, causal, quantized=quantized)
     except Exception as error:  # an architecture the exporters cannot handle
         (partial / ONNX_FILE).unlink(missing_ok=True)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

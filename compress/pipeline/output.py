@@ -161,12 +161,13 @@ def output_lock(out_dir: Path) -> Iterator[None]:
             os.close(held[0])
 
 
-def check_space(out_dir: Path, store_root: Path, params: int, storage_bits: int, stages: int, onnx: bool) -> None:
+def check_space(out_dir: Path, store_root: Path, params: int, storage_bits: int, stages: int, onnx: bool, hf: bool = False) -> None:
     """Raise CompressError (one line, before any work) when the output or the step store cannot be
-    written, or their file systems lack room: the output holds the checkpoint, at most as much again
-    in packed form and a float32 ONNX file; the store a checkpoint per stage. Estimates, 10% margin."""
+    written, or their file systems lack room: the output holds the packed model (at most the dense
+    checkpoint's size), the dense checkpoint with `hf` and a float32 ONNX file with `onnx`; the store
+    a checkpoint per stage. Estimates, 10% margin."""
     checkpoint = params * storage_bits // 8
-    needs = {out_dir.parent: checkpoint * 2 + (params * 4 if onnx else 0), store_root: checkpoint * (stages + 1)}
+    needs = {out_dir.parent: checkpoint * (2 if hf else 1) + (params * 4 if onnx else 0), store_root: checkpoint * (stages + 1)}
     for folder, need in needs.items():
         existing = folder
         while not existing.exists():

@@ -1,0 +1,168 @@
+"""The `packed/` folder: a Hugging Face model folder whose compressed targets are stored in their
+kernel-ready formats (compress/formats/) instead of as dense weights.
+
+  config.json        the model's config plus a `quantization_config` section:
+                       quant_method "compress", format "compress-packed-model/1",
+                       targets: {module name: {format meta..., "tensors": {field: [dtype, shape]}}}
+                       dense_targets: {module name: why it is stored dense}
+  model.safetensors  (or shards + model.safetensors.index.json) every tensor of the model: a packed
+                     target's as `<module>.<field>` (its format's tensors, the bias as `<module>.bias`),
+                     everything else as in the dense checkpoint
+  tokenizer and generation files, copied
+
+The tensor specs let a loader allocate every packed buffer before reading the file (transformers builds
+the model on the meta device first). bits/param is counted from the written files' headers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from compress import __version__
+from compress.formats.choose import pack_target
+from compress.formats.registry import format_module, tensor_specs
+from compress.model.checkpoint import INDEX_FILE, WEIGHT_SUFFIXES, CheckpointFiles, read_header
+from compress.progress import bar
+from compress.state import CompressionState, PackedOnDisk
+
+PACKED_DIR = "packed"
+FORMAT = "compress-packed-model/1"
+QUANT_METHOD = "compress"
+WEIGHTS_FILE = "model.safetensors"
+SHARD_BYTES = 2 << 30  # a shard is written once it holds this much: a 7B model is never held whole
+
+
+def write_packed_model(dense_dir: Path, state: CompressionState, targets: list[str], folder: Path) -> dict[str, Any]:
+    """Write `folder` from the dense checkpoint `dense_dir` and the final compression state; returns
+    {"targets": {name: {"format", "bytes"[, "reason"]}}, "target_bytes", "bytes"}."""
+    files = CheckpointFiles(dense_dir)
+    linear = {name for name in targets if f"{name}.weight" in files.where}
+    folder.mkdir(parents=True)
+    layout: dict[str, dict] = {}
+    dense: dict[str, str] = {name: "fused MoE experts (no packed experts module yet)" for name in targets if name not in linear}
+    shards: list[Path] = []
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            shard = folder / f".part-{len(shards):05d}.safetensors"
+            save_file({k: v.contiguous() for k, v in pending.items()}, str(shard), metadata={"format": "pt"})
+            shards.append(shard)
+        pending, pending_bytes = {}, 0
+
+    for key in bar(iterable=sorted(files.where), desc="packing", unit="tensors"):
+        tensor = files.read([key])[key]
+        module, _, field = key.rpartition(".")
+        stored = {key: tensor}
+        if field == "weight" and module in linear:
+            entry = state.targets.get(module)
+            quantized = entry.quantized.load() if entry is not None and isinstance(entry.quantized, PackedOnDisk) else (
+                entry.quantized if entry is not None else None)
+            packed, reason = pack_target(tensor, entry.mask if entry is not None else None, quantized)
+            if packed is None:
+                dense[module] = reason
+            else:
+                layout[module] = {**packed.meta, "tensors": tensor_specs(packed)}
+                stored = format_module(packed.meta).to_tensors(packed, module)
+        pending.update(stored)
+        pending_bytes += sum(t.numel() * t.element_size() for t in stored.values())
+        if pending_bytes >= SHARD_BYTES:
+            flush()
+    flush()
+    names = [WEIGHTS_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    for shard, name in zip(shards, names):
+        os.replace(shard, folder / name)
+        weight_map.update({key: name for key in read_header(folder / name)})
+    if len(names) > 1:
+        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    _write_config(dense_dir, folder, layout, dense)
+    return {"targets": {**{name: {"format": info["format"]} for name, info in layout.items()},
+                        **{name: {"format": "dense", "reason": why} for name, why in dense.items()}},
+            **stored_bytes(folder, targets)}
+
+
+def _write_config(dense_dir: Path, folder: Path, layout: dict[str, dict], dense: dict[str, str]) -> None:
+    config = json.loads((dense_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": QUANT_METHOD, "format": FORMAT, "compress_version": __version__,
+                                     "targets": layout, "dense_targets": dense}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for file in sorted(dense_dir.iterdir()):  # tokenizer, generation config
+        if file.is_file() and file.name != "config.json" and not file.name.endswith(WEIGHT_SUFFIXES) and not file.name.startswith("."):
+            shutil.copy2(file, folder / file.name)
+
+
+def stored_bytes(folder: Path, targets: list[str]) -> dict[str, int]:
+    """{"target_bytes": bytes of the target weights' tensors (packed or dense; biases aside), "bytes":
+    every file of the folder}, read from the safetensors headers as written. A fused-experts tensor
+    [E, ...] counts the share of its experts that are targets."""
+    wanted = set(targets)
+    experts: dict[str, int] = {}  # fused tensor key -> how many of its experts are targets
+    for name in targets:
+        head, expert, param = _fused_parts(name)
+        if expert is not None:
+            experts[f"{head}.{param}"] = experts.get(f"{head}.{param}", 0) + 1
+    target_bytes = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        for key, info in read_header(file).items():
+            start, end = info["data_offsets"]
+            if key in experts:
+                target_bytes += (end - start) * experts[key] // info["shape"][0]
+            elif not key.endswith(".bias") and _target_of(key, wanted):
+                target_bytes += end - start
+    return {"target_bytes": target_bytes, "bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())}
+
+
+def _fused_parts(name: str) -> tuple[str, int | None, str]:
+    """("p.experts", 3, "gate_up_proj") for a fused expert target "p.experts.3.gate_up_proj"."""
+    head, _, param = name.rpartition(".")
+    parent, _, index = head.rpartition(".")
+    return (parent, int(index), param) if index.isdigit() else (head, None, param)
+
+
+def _target_of(key: str, names: set[str]) -> str | None:
+    head = key
+    while "." in head:
+        head = head.rpartition(".")[0]
+        if head in names:
+            return head
+    return None
+
+
+def read_quantization_config(folder: Path) -> dict[str, Any]:
+    """The `quantization_config` of a packed folder (ValueError when the folder is not one)."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} has no config.json: not a packed model folder")
+    section = json.loads(config_file.read_text()).get("quantization_config") or {}
+    if section.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{folder} is not a compress packed model (quantization_config.quant_method is {section.get('quant_method')!r})")
+    if section.get("format") != FORMAT:
+        raise ValueError(f"{folder}: packed model format {section.get('format')!r}; this version reads {FORMAT!r}")
+    return section
+
+
+def dense_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a packed folder as a dense checkpoint holds it: packed targets unpacked to the
+    config's dtype (`<module>.weight`), the rest as stored. For inspection: it builds every dense weight."""
+    from compress.formats.registry import DTYPES, from_tensors, unpack
+
+    section = read_quantization_config(folder)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    dtype = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+    files = CheckpointFiles(Path(folder))
+    tensors = files.read(list(files.where))
+    for name, info in section["targets"].items():
+        parts = {f"{name}.{field}": tensors.pop(f"{name}.{field}") for field in info["tensors"]}
+        packed = from_tensors(parts, name, {k: v for k, v in info.items() if k != "tensors"})
+        tensors[f"{name}.weight"] = unpack(packed).to(dtype)
+    return tensors

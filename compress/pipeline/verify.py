@@ -1,0 +1,82 @@
+"""The verify step: the packed export, loaded back through `compress.load` (kernel-backed modules,
+no dense weight of a packed target), run on the first evaluation windows and compared with the model
+the evaluate step measured. Run on the output before it is published: an export that does not compute
+what was evaluated never appears, and the error names the layers that differ."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.deploy.load import load_packed
+from compress.errors import CompressError
+from compress.kernels.modules import PackedLinear
+from compress.pipeline.checkpoints import open_checkpoint
+from compress.pipeline.evaluate import eval_tokens
+from compress.pipeline.metrics import causal_scores
+from compress.pipeline.store import StepResult
+from compress.recipe import Recipe
+
+log = logging.getLogger("compress")
+
+VERIFY_WINDOWS = 4  # windows of the evaluation text: enough to exercise every layer, cheap next to evaluate
+# Allowed |logit difference| as a share of the largest |logit|. The evaluated model holds weights rounded
+# to the checkpoint's dtype, the kernels dequantize them exactly and sum in another order: a few units in
+# the last place of that dtype, grown through the layers. A corrupted layer moves logits by far more.
+ULPS = 2
+
+
+def tolerance(storage_dtype: torch.dtype, scale: float) -> float:
+    return ULPS * torch.finfo(storage_dtype).eps * max(scale, 1.0)
+
+
+def _outputs(model: torch.nn.Module, windows: torch.Tensor, causal: bool) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=windows, use_cache=False) if causal else model(input_ids=windows)
+    return (out.logits if causal else out.last_hidden_state).float()
+
+
+def verify_export(packed_dir: Path, recipe: Recipe, final: StepResult, causal: bool) -> dict[str, Any]:
+    """{"verify_ok", "verify_max_abs_diff", "verify_tolerance", "verify_perplexity", ...}; CompressError
+    naming the layers when the packed model does not compute what was evaluated."""
+    evaluated, _ = open_checkpoint(final, recipe.model)
+    windows = eval_tokens(recipe, evaluated.tokenizer)[0][:VERIFY_WINDOWS]
+    packed = load_packed(packed_dir, dtype=evaluated.compute_dtype, kind="causal" if causal else "encoder")
+    kernels = sum(isinstance(m, PackedLinear) for m in packed.modules())
+    expected = _outputs(evaluated.model.cpu(), windows, causal)
+    got = _outputs(packed, windows, causal)
+    difference = float((got - expected).abs().max())
+    allowed = tolerance(evaluated.storage_dtype, float(expected.abs().max()))
+    result: dict[str, Any] = {"verify_ok": difference <= allowed, "verify_max_abs_diff": difference, "verify_tolerance": allowed,
+                              "verify_windows": int(windows.shape[0]), "verify_packed_modules": kernels}
+    if causal:
+        result["verify_perplexity"] = causal_scores(packed, windows, torch.device("cpu")).perplexity
+        result["verify_evaluated_perplexity"] = causal_scores(evaluated.model, windows, torch.device("cpu")).perplexity
+    if not result["verify_ok"]:
+        layers = differing_layers(packed, evaluated.model, evaluated.storage_dtype)
+        raise CompressError(
+            f"verify: the packed export computes logits up to {difference:.4g} away from the evaluated model (tolerance {allowed:.3g}); "
+            f"layers that differ: {', '.join(layers[:8]) or 'none alone (the difference builds up across layers)'}"
+            f"{' ...' if len(layers) > 8 else ''}. The export was not published; set output.verify: false to publish it anyway")
+    return result
+
+
+def differing_layers(packed: torch.nn.Module, evaluated: torch.nn.Module, storage_dtype: torch.dtype, rows: int = 4) -> list[str]:
+    """Packed modules whose output on random inputs differs from the evaluated Linear's beyond the
+    tolerance (each layer alone, so the names point at the broken ones)."""
+    found = []
+    generator = torch.Generator().manual_seed(0)
+    for name, module in packed.named_modules():
+        if not isinstance(module, PackedLinear):
+            continue
+        linear = evaluated.get_submodule(name)
+        x = torch.randn(rows, module.in_features, generator=generator)
+        with torch.no_grad():
+            expected = torch.nn.functional.linear(x, linear.weight.float(), None if linear.bias is None else linear.bias.float())
+            got = module(x).float()
+        if float((got - expected).abs().max()) > tolerance(storage_dtype, float(expected.abs().max())):
+            found.append(name)
+    return found
