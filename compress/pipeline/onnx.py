@@ -4,6 +4,13 @@ The model is exported in float32 (pruned zeros and quantized values are exact in
 batch and sequence axes, then loaded in onnxruntime (CPU) and run on a fixed batch: the check passes
 when the largest absolute difference to PyTorch's output is at most ONNX_RTOL times the largest
 absolute PyTorch output (float32 kernels differ in summation order, nothing more).
+
+Given the quantized targets' packed forms, the model exported and checked is the packed form's: each
+quantized target computes with `QuantizedWeight.dequantize()` in float32, as the pipeline evaluated
+it, not with the checkpoint's rounding of it to its storage dtype (bfloat16 cannot hold a float16
+scale times a code). Those weights are then exactly what MatMulNBits computes with
+(compress/pipeline/onnx_nbits.py), so the same tolerance holds; how far the result is from the
+checkpoint as stored is reported beside it (`onnx_checkpoint_max_abs_diff`), not checked.
 """
 
 from __future__ import annotations
@@ -14,8 +21,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import nn
+
+from compress.formats.quantized import QuantizedWeight
+from compress.pipeline.onnx_nbits import NBitsRewrite, rewrite_matmul_nbits
 
 log = logging.getLogger("compress")
 
@@ -23,6 +34,7 @@ ONNX_FILE = "model.onnx"
 EXPORTERS = ("torchscript", "dynamo")
 ONNX_RTOL = 1e-4
 CHECK_SHAPE = (2, 32)  # the fixed batch: 2 sequences of 32 token ids from a seeded generator
+EXTERNAL_DATA_BYTES = 1 << 30  # above this many weight bytes the weights go to model.onnx.data (protobuf stops at 2 GiB)
 
 
 class _Outputs(nn.Module):
@@ -66,8 +78,47 @@ def _export_friendly(model_dir: Path) -> dict[str, Any]:
     return {"experts_implementation": "batched_mm"} if moe else {}
 
 
-def export_onnx(model_dir: Path, path: Path, causal: bool) -> dict[str, Any]:
-    """Export the checkpoint in `model_dir` to `path` and check it; returns the check's numbers."""
+def _load_dequantized(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+    """Each quantized target's weight set to its packed form's dequantized float32 values."""
+    from compress.model.targets import discover
+
+    targets = {target.name: target for target in discover(model).targets}
+    unknown = sorted(set(quantized) - set(targets))
+    if unknown:
+        raise ValueError(f"quantized targets not in the model: {', '.join(unknown[:5])}")
+    for name, weight in quantized.items():
+        targets[name].weight.copy_(weight.dequantize().to(targets[name].weight.dtype))
+
+
+def _external_files(model: onnx.ModelProto, folder: Path) -> set[Path]:
+    """The external data files `model`'s initializers are stored in."""
+    return {folder / entry.value for tensor in model.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data if entry.key == "location"}
+
+
+def onnx_file_bytes(path: Path) -> int:
+    """model.onnx and its external data files, in bytes."""
+    header = onnx.load(str(path), load_external_data=False)
+    return sum(file.stat().st_size for file in {path} | _external_files(header, path.parent))
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    """Write `model` to `path`, its weights to one model.onnx.data beside it when they are large, and
+    remove the external data files the exporter wrote that the rewritten model no longer reads."""
+    exported = _external_files(onnx.load(str(path), load_external_data=False), path.parent)
+    large = sum(tensor.ByteSize() for tensor in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    data = path.with_name(path.name + ".data")
+    if large:
+        data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=data.name)
+    for stale in exported - ({data} if large else set()):
+        stale.unlink(missing_ok=True)
+
+
+def export_onnx(model_dir: Path, path: Path, causal: bool, quantized: dict[str, QuantizedWeight] | None = None) -> dict[str, Any]:
+    """Export the checkpoint in `model_dir` to `path` and check it; returns the check's numbers. With
+    `quantized` ({target name: packed form}), those targets compute with their dequantized weights and
+    the ones MatMulNBits can hold are stored as MatMulNBits (see the module docstring)."""
     import onnxruntime
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -78,9 +129,14 @@ def export_onnx(model_dir: Path, path: Path, causal: bool) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)  # our own: the caller's RNG is untouched
     input_ids = torch.randint(0, model.config.vocab_size, CHECK_SHAPE, generator=generator)
     attention_mask = torch.ones_like(input_ids)
+    stored = None
     with torch.no_grad():
+        if quantized:
+            stored = module(input_ids, attention_mask).float()  # the checkpoint as stored, for the report
+            _load_dequantized(model, quantized)
         expected = module(input_ids, attention_mask).float()
     tolerance = ONNX_RTOL * max(float(expected.abs().max()), 1.0)
+    rewrite = NBitsRewrite()
     # The TorchScript exporter takes ~2 s on our small models where the dynamo one takes ~15 s, but
     # it traced a BERT wrongly (max difference 2.25): each export is checked, the next tried on failure.
     for exporter in EXPORTERS:
@@ -90,6 +146,9 @@ def export_onnx(model_dir: Path, path: Path, causal: bool) -> dict[str, Any]:
             log.info("ONNX export with %s failed: %s", exporter, str(error).splitlines()[0] if str(error) else type(error).__name__)
             difference = float("inf")
             continue
+        if quantized:
+            rewritten, rewrite = rewrite_matmul_nbits(path, quantized)
+            _save(rewritten, path)
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (actual,) = session.run(["output"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
         difference = float((torch.from_numpy(actual).float() - expected).abs().max())
@@ -98,12 +157,16 @@ def export_onnx(model_dir: Path, path: Path, causal: bool) -> dict[str, Any]:
         log.info("ONNX export with %s differs from PyTorch by %.3g (tolerance %.3g)", exporter, difference, tolerance)
     if not path.exists():
         raise RuntimeError("ONNX export failed with every exporter; set output.onnx: false to skip it")
-    return {
+    check = {
         "onnx_max_abs_diff": difference,
         "onnx_tolerance": tolerance,
         "onnx_ok": difference <= tolerance,
         "onnx_exporter": exporter,
         "onnx_check_shape": list(CHECK_SHAPE),
         "onnx_seconds": time.perf_counter() - started,
-        "onnx_bytes": path.stat().st_size,
+        "onnx_bytes": onnx_file_bytes(path),
+        **rewrite.counts(),
     }
+    if stored is not None and difference != float("inf"):
+        check["onnx_checkpoint_max_abs_diff"] = float((torch.from_numpy(actual).float() - stored).abs().max())
+    return check
