@@ -307,6 +307,101 @@ void gq_planar_block(const GQArgs& A, int64_t r0, int64_t r1, int64_t b0, float*
   }
 }
 
+// -- a row of 2/3/4-bit codes in register-resident super-steps ------------------------------------------
+
+// 8 code words (256 bits) hold S = 4 * per / 2... = 8 * (32 / BITS) / 16 chunks of 16 codes (3 bits: 80 codes,
+// 5 chunks); the permute and shift of each chunk are constants held in registers, so a step is one load and,
+// a chunk, vpermd + vpsrlvd + vpermps (no mask: the tables repeat every 2^BITS of their 16 entries).
+// MODE 0: weights = table[code] (lut). MODE 1 (one activation row): sum of ctab[code] * (x * s[group]),
+// the caller subtracting sum of s * z * (group sums of x) (spqr_row1 / gq3_row1). Columns [0, full) with
+// full a multiple of 16; acc gets the NB row sums (S accumulator chains for one row).
+template <int BITS, int MODE, int NB>
+inline void stream_row(const uint32_t* w, int64_t nw, int64_t full, const float* x, int64_t ld, __m512 table, const float* s, const int32_t* gidx,
+                       __m512 (&out)[NB]) {
+  constexpr int PER = 32 / BITS, S = 8 * PER / 16, STEP = 16 * S;
+  static_assert(8 * PER % 16 == 0, "whole chunks a step");
+  __m512i idx[S], sh[S];
+  for (int j = 0; j < S; ++j) {
+    alignas(64) int32_t wi[16], si[16];
+    for (int l = 0; l < 16; ++l) {
+      wi[l] = (16 * j + l) / PER;
+      si[l] = ((16 * j + l) % PER) * BITS;
+    }
+    idx[j] = _mm512_load_si512(wi);
+    sh[j] = _mm512_load_si512(si);
+  }
+  constexpr int C = NB == 1 ? S : 1;  // accumulator chains
+  __m512 acc[C][NB];
+  for (int u = 0; u < C; ++u)
+    for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
+  auto chunk = [&](__m256i words, int j, int64_t k0) __attribute__((always_inline)) {
+    const __m512i c = _mm512_srlv_epi32(_mm512_permutexvar_epi32(idx[j], _mm512_castsi256_si512(words)), sh[j]);
+    const __m512 v = _mm512_permutexvar_ps(c, table);
+    const int u = C == 1 ? 0 : j;
+    if (MODE == 0) {
+      for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + b * ld + k0), acc[u][b]);
+    } else {
+      acc[u][0] = _mm512_fmadd_ps(v, _mm512_mul_ps(_mm512_loadu_ps(x + k0), _mm512_set1_ps(s[gidx[k0]])), acc[u][0]);
+    }
+  };
+  const int64_t steps = full / STEP;
+  const int64_t safe = nw / 8 < steps ? nw / 8 : steps;  // steps with 8 whole words readable
+  int64_t k0 = 0;
+  for (int64_t i = 0; i < safe; ++i, k0 += STEP) {
+    const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * i));
+#pragma GCC unroll 8
+    for (int j = 0; j < S; ++j) chunk(words, j, k0 + 16 * j);
+  }
+  for (int64_t i = safe; k0 < full; ++i, k0 += STEP) {  // the last (partial) steps: words past the row not read
+    const __m256i words = load_words_end(w + 8 * i, nw - 8 * i);
+    for (int j = 0; j < S && k0 + 16 * j < full; ++j) chunk(words, j, k0 + 16 * j);
+  }
+  for (int b = 0; b < NB; ++b) {
+    __m512 sum = acc[0][b];
+    for (int u = 1; u < C; ++u) sum = _mm512_add_ps(sum, acc[u][b]);
+    out[b] = sum;
+  }
+}
+
+// sum over the groups with columns below `full` of s * z * xg (masked loads: no reads past them)
+inline float group_correction(const float* s, const float* z, const float* xg, int64_t used) {
+  __m512 corr = _mm512_setzero_ps();
+  for (int64_t g = 0; g < used; g += 16) {
+    const __mmask16 m = used - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (used - g)) - 1u);
+    corr = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + g), _mm512_maskz_loadu_ps(m, z + g)), _mm512_maskz_loadu_ps(m, xg + g), corr);
+  }
+  return _mm512_reduce_add_ps(corr);
+}
+
+// x's sums over every group's columns below `full`, for each of the B activation rows: xg [B][gp]
+inline void group_sums(const Act& a, const int32_t* gidx, int64_t gp, float* xg) {
+  const int64_t full = a.K & ~int64_t(15);
+  for (int64_t b = 0; b < a.B; ++b) {
+    float* xb = xg + b * gp;
+    for (int64_t g = 0; g < gp; ++g) xb[g] = 0.0f;
+    for (int64_t k = 0; k < full; ++k) xb[gidx[k]] += a.x[b * a.ld + k];
+  }
+}
+
+inline __m512 code_floats(int bits) {  // ctab: float(c mod 2^bits) at lane c
+  alignas(64) float c16[16];
+  for (int c = 0; c < 16; ++c) c16[c] = static_cast<float>(c & ((1 << bits) - 1));
+  return _mm512_load_ps(c16);
+}
+
+// One activation row of a 2/3/4-bit row with a group size a multiple of 16 (as spqr_row1's sum).
+template <int BITS>
+void scaled_row1(const GQArgs& A, __m512 ctab, int64_t r, int64_t b0, const float* s, const float* z, const float* xg) {
+  const Act& a = A.a;
+  const float* x = a.x + b0 * a.ld;
+  const int64_t full = a.K & ~int64_t(15);
+  __m512 sum[1];
+  stream_row<BITS, 1, 1>(A.codes + r * A.cwords, A.cwords, full, x, a.ld, ctab, s, A.st.gidx, sum);
+  float tail[1] = {-group_correction(s, z, xg, (full + A.st.gs - 1) / A.st.gs)};
+  gq_tail<1>(A, r, full, x, s, z, tail);
+  a.out[b0 * a.N + r] = _mm512_reduce_add_ps(sum[0]) + tail[0];
+}
+
 // -- bitmap --------------------------------------------------------------------------------------------
 
 // 16 columns a step: the packed values permuted to their set lanes (vexpandps is slow on some CPUs).
@@ -604,9 +699,20 @@ void gq_rows(const GQArgs& A, int64_t r0, int64_t r1, float* scratch) {
     }
     return;
   }
+  // 2/3/4 bits in whole groups of 16s: one activation row in super-steps (scaled_row1), the others as gq_row
+  const bool stream = uniform && A.bits >= 2 && A.bits <= 4;
+  const int64_t gp = (A.st.groups + 15) & ~int64_t(15);
+  float* xg = scratch + 2 * A.st.groups;  // [B][gp]
+  const __m512 ctab = code_floats(A.bits);
+  if (stream) group_sums(A.a, A.st.gidx, gp, xg);
   for (int64_t r = r0; r < r1; ++r) {
     row_stats(A.st, A.bits, r, s, z);
-#define CK_CALL(NB) uniform ? gq_row<NB, true>(A, t, r, b0, s, z) : gq_row<NB, false>(A, t, r, b0, s, z)
+#define CK_CALL(NB)                                                                                                  \
+  if (NB == 1 && stream) {                                                                                           \
+    A.bits == 3 ? scaled_row1<3>(A, ctab, r, b0, s, z, xg + b0 * gp) : A.bits == 4 ? scaled_row1<4>(A, ctab, r, b0, s, z, xg + b0 * gp) \
+                                                                        : scaled_row1<2>(A, ctab, r, b0, s, z, xg + b0 * gp);           \
+  } else if (uniform) gq_row<NB, true>(A, t, r, b0, s, z);                                                           \
+  else gq_row<NB, false>(A, t, r, b0, s, z)
     CK_PASSES(CK_CALL)
 #undef CK_CALL
   }
@@ -693,6 +799,30 @@ int64_t spqr_sparse_row(const SQArgs& A, const Tab& t, const Expand& e, int64_t 
   return kept;
 }
 
+// Row r's values of a SpQR statistic (as spqr_stat_row), 16 groups a step into v[0, groups rounded up to 16)
+// (lanes past `groups` finite junk); `t` decodes its integer codes. low + step * code is rounded twice
+// (vmulps, vaddps with explicit rounding: never fused), as the reference computes it.
+void spqr_stat_vec(const SpQRStat& st, const Tab& t, int64_t groups, int64_t r, float* v) {
+  if (st.half) {
+    const uint16_t* h = st.half + r * groups;
+    for (int64_t g = 0; g < groups; g += 16) _mm512_storeu_ps(v + g, load_halves<true>(h + g, h + groups));
+    return;
+  }
+  Seq d(t, st.ints ? st.ints + r * st.iwords : st.qcodes + r * st.qwords, st.ints ? st.iwords : st.qwords);
+  if (st.ints) {
+    for (int64_t g = 0; g < groups; g += 16) _mm512_storeu_ps(v + g, _mm512_cvtepi32_ps(d.next()));
+    return;
+  }
+  const uint16_t* step = st.step + (r / st.qgs) * groups;
+  const uint16_t* low = st.low + (r / st.qgs) * groups;
+  constexpr int RN = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __m512 c = _mm512_cvtepi32_ps(d.next());
+    const __m512 sc = _mm512_mul_round_ps(load_halves<true>(step + g, step + groups), c, RN);
+    _mm512_storeu_ps(v + g, _mm512_add_round_ps(load_halves<true>(low + g, low + groups), sc, RN));
+  }
+}
+
 // A lut row: 16 codes a step, their weights one vpermps of the row's table (up to 4 bits: 16 entries, one
 // register) or gathered from it (5-8 bits).
 template <int NB, bool SMALL>
@@ -707,8 +837,8 @@ void lut_row(const GQArgs& A, const Tab& t, int64_t r, int64_t b0, const float* 
   const __m512 tv = _mm512_loadu_ps(table);
   chunks<U>(0, full, 16, CK_LAMBDA(k0) {
     CK_SET;
-    const __m512i c = d.next();
-    fma_x<NB>(acc[u_], SMALL ? _mm512_permutexvar_ps(c, tv) : _mm512_i32gather_ps(c, table, 4), x + k0, a.ld);
+    // up to 4 bits the table repeats every 2^bits of its 16 entries (lut_rows): no mask before vpermps
+    fma_x<NB>(acc[u_], SMALL ? _mm512_permutexvar_ps(d.next_raw(), tv) : _mm512_i32gather_ps(d.next(), table, 4), x + k0, a.ld);
   });
   float tail[NB] = {};
   const uint32_t* w = A.codes + r * A.cwords;
@@ -752,8 +882,27 @@ int64_t lut_bitmap_row(const SQArgs& A, const Tab& t, const Expand& e, int64_t r
   return q;
 }
 
+// A 2/3/4-bit lut row in super-steps (stream_row).
+template <int NB, int BITS>
+void lut_stream_row(const GQArgs& A, int64_t r, int64_t b0, const float* table) {
+  const Act& a = A.a;
+  const float* x = a.x + b0 * a.ld;
+  const int64_t full = a.K & ~int64_t(15);
+  __m512 sum[NB];
+  stream_row<BITS, 0, NB>(A.codes + r * A.cwords, A.cwords, full, x, a.ld, _mm512_loadu_ps(table), nullptr, nullptr, sum);
+  float tail[NB] = {};
+  const uint32_t* w = A.codes + r * A.cwords;
+  for (int64_t k = full; k < a.K; ++k) {
+    const float wk = table[field(w, A.bits, k)];
+    for (int b = 0; b < NB; ++b) tail[b] += wk * x[b * a.ld + k];
+  }
+  for (int b = 0; b < NB; ++b) a.out[(b0 + b) * a.N + r] = _mm512_reduce_add_ps(sum[b]) + tail[b];
+}
+
 void lut_dense_pass(const GQArgs& A, const Tab& t, int64_t r, const float* table) {
-#define CK_CALL(NB) A.bits <= 4 ? lut_row<NB, true>(A, t, r, b0, table) : lut_row<NB, false>(A, t, r, b0, table)
+#define CK_CALL(NB)                                                                                                        \
+  A.bits == 3 ? lut_stream_row<NB, 3>(A, r, b0, table) : A.bits == 4 ? lut_stream_row<NB, 4>(A, r, b0, table) :            \
+  A.bits == 2 ? lut_stream_row<NB, 2>(A, r, b0, table) : A.bits <= 4 ? lut_row<NB, true>(A, t, r, b0, table) : lut_row<NB, false>(A, t, r, b0, table)
   CK_PASSES(CK_CALL)
 #undef CK_CALL
 }
@@ -795,16 +944,37 @@ void walk_rows(const GQArgs& G, const SQArgs& Q, bool keep, int64_t u0, int64_t 
 void spqr_rows(const SpQRArgs& A, int64_t u0, int64_t u1, float* scratch) {
   const Tab t(A.dense.bits);
   const Expand& e = expand_table();
-  const int64_t groups = A.dense.st.groups, gs = A.dense.st.gs;
-  float *s = scratch, *z = scratch + groups;
-  const bool uniform = gs % 16 == 0;
+  const int64_t groups = A.dense.st.groups, gs = A.dense.st.gs, gp = (groups + 15) & ~int64_t(15);
+  const auto stat_bits = [](const SpQRStat& st) { return st.half ? 8 : st.ints ? st.ibits : st.qbits; };
+  const Tab ts(stat_bits(A.scale)), tz(stat_bits(A.zero));
+  float *s = scratch, *z = scratch + gp, *xg = scratch + 2 * gp;  // xg: [B][gp] (scratch_floats(groups + 256) holds it)
+  const bool uniform = gs % 16 == 0, fast = !A.keep && uniform && A.dense.bits >= 2 && A.dense.bits <= 4;
+  const Act& a = A.dense.a;
+  const __m512 ctab = code_floats(A.dense.bits);
+  if (fast) group_sums(a, A.dense.st.gidx, gp, xg);
   walk_rows(
       A.dense, A.sparse, A.keep, u0, u1, t.per,
       [&](int64_t r) {
-        spqr_stat_row(A.scale, groups, r, s);
-        spqr_stat_row(A.zero, groups, r, z);
+        spqr_stat_vec(A.scale, ts, groups, r, s);
+        spqr_stat_vec(A.zero, tz, groups, r, z);
       },
-      [&](int64_t r) { spqr_dense_row(A.dense, t, r, s, z, uniform); },
+      [&](int64_t r) {
+        if (!fast) return spqr_dense_row(A.dense, t, r, s, z, uniform);
+        for (int64_t b0 = 0; b0 < a.B;) {
+          const int nb = pass_rows(a.B - b0);
+          if (nb == 1) {
+            const float* xb = xg + b0 * gp;
+            A.dense.bits == 3 ? scaled_row1<3>(A.dense, ctab, r, b0, s, z, xb) : A.dense.bits == 4 ? scaled_row1<4>(A.dense, ctab, r, b0, s, z, xb)
+                                                                                 : scaled_row1<2>(A.dense, ctab, r, b0, s, z, xb);
+          }
+          else {
+#define CK_CALL(NB) gq_row<NB, true>(A.dense, t, r, b0, s, z);
+            CK_NB_SWITCH(nb, CK_CALL)
+#undef CK_CALL
+          }
+          b0 += nb;
+        }
+      },
       [&](int64_t r, int64_t start) { return spqr_sparse_row(A.sparse, t, e, r, start, s, z, uniform); },
       [&](int64_t r, const uint32_t* codes, const uint32_t* mask) { fix_outliers(A.dense.a, A.outliers, r, codes, mask, A.dense.bits, nullptr, s, z, gs); });
 }
@@ -814,11 +984,11 @@ void lut_rows(const LUTArgs& A, int64_t u0, int64_t u1, float* scratch) {
   const Expand& e = expand_table();
   const int64_t entries = int64_t(1) << A.dense.bits;
   float* table = scratch;
-  for (int64_t c = entries; c < 16; ++c) table[c] = 0.0f;
   walk_rows(
       A.dense, A.sparse, A.keep, u0, u1, t.per,
       [&](int64_t r) {
         for (int64_t c = 0; c < entries; ++c) table[c] = fp16_to_float(A.lut[r * entries + c]);
+        for (int64_t c = entries; c < 16; ++c) table[c] = table[c & (entries - 1)];  // repeated (lut_row reads 4 bits)
       },
       [&](int64_t r) { lut_dense_pass(A.dense, t, r, table); },
       [&](int64_t r, int64_t start) { return lut_sparse_pass(A.sparse, t, e, r, start, table); },

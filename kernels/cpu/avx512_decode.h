@@ -43,6 +43,14 @@ inline __m512i decode(const Tab& t, const uint32_t* w, int64_t nw, int64_t w0, i
   return _mm512_and_si512(_mm512_srlv_epi32(v, t.sh[r]), t.fmask);
 }
 
+// The same without the final mask: lane l holds its field in the low bits, the next fields above it (for a
+// vpermps look-up, which reads the low 4 bits of a lane, into a table that repeats every 2^bits entries).
+inline __m512i decode_raw(const Tab& t, const uint32_t* w, int64_t nw, int64_t w0, int r) {
+  const int64_t avail = nw - w0;
+  const __m256i words = __builtin_expect(avail >= 8, 1) ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + w0)) : load_words_end(w + w0, avail);
+  return _mm512_srlv_epi32(_mm512_permutexvar_epi32(t.wi[r], _mm512_castsi256_si512(words)), t.sh[r]);
+}
+
 // x bytes a K-blocked kernel keeps in L1 (the L1 data cache is 32-48 KiB on AVX-512 CPUs)
 constexpr int64_t kXBytes = 24 * 1024;
 
@@ -56,6 +64,14 @@ struct Seq {
   Seq(const Tab& tab, const uint32_t* words, int64_t n, int64_t k = 0) : t(tab), w(words), nw(n), base(k / (16 * tab.P) * tab.Wp) {}
   __m512i next() {
     const __m512i v = decode(t, w, nw, base + t.wj[j], t.rj[j]);
+    if (++j == t.P) {
+      j = 0;
+      base += t.Wp;
+    }
+    return v;
+  }
+  __m512i next_raw() {
+    const __m512i v = decode_raw(t, w, nw, base + t.wj[j], t.rj[j]);
     if (++j == t.P) {
       j = 0;
       base += t.Wp;

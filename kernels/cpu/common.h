@@ -201,6 +201,8 @@ inline void fix_outliers(const Act& a, const OutlierCSR& o, int64_t r, const uin
                          const float* table, const float* s, const float* z, int64_t gs) {
   if (!o.ptr) return;
   int64_t rank = 0, counted = 0;  // kept columns below word `counted` of the mask (outliers ascend)
+  const int per = 32 / bits;
+  const uint64_t inv = (uint64_t(1) << 32) / per + 1;  // k / per = (k * inv) >> 32 for k < 2^27 (no division an outlier)
   for (int32_t i = o.ptr[r]; i < o.ptr[r + 1]; ++i) {
     const int64_t col = o.cols[i];
     int64_t k = col;
@@ -208,8 +210,10 @@ inline void fix_outliers(const Act& a, const OutlierCSR& o, int64_t r, const uin
       for (; counted < col / 32; ++counted) rank += __builtin_popcount(row_mask[counted]);
       k = rank + __builtin_popcount(row_mask[col / 32] & ((1u << (col % 32)) - 1u));
     }
-    const uint32_t code = field(codes, bits, k);
-    const float grid = table ? table[code] : (static_cast<float>(code) - z[col / gs]) * s[col / gs];
+    const int64_t word = static_cast<int64_t>((static_cast<uint64_t>(k) * inv) >> 32);
+    const uint32_t code = (codes[word] >> ((k - word * per) * bits)) & ((1u << bits) - 1u);
+    const uint32_t g = table ? 0u : static_cast<uint32_t>(col) / static_cast<uint32_t>(gs);  // 32-bit: a faster division
+    const float grid = table ? table[code] : (static_cast<float>(code) - z[g]) * s[g];
     const float delta = fp16_to_float(o.vals[i]) - grid;
     for (int64_t b = 0; b < a.B; ++b) a.out[b * a.N + r] += delta * a.x[b * a.ld + col];
   }
