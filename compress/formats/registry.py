@@ -59,3 +59,26 @@ def unpack(packed) -> torch.Tensor:
 
 def nbytes(packed) -> int:
     return format_module(packed.meta).nbytes(packed)
+
+
+def kept_mask(packed) -> torch.Tensor | None:
+    """bool [out, in], True where the format keeps a weight (False: pruned), in the weight's own
+    column order; None for a format without a sparsity mask (every weight stored)."""
+    rows, cols = packed.shape
+    if isinstance(packed, nm.NMWeight):
+        columns = nm.kept_columns(packed.indices, packed.n, packed.m, cols)
+        return torch.zeros(rows, cols, dtype=torch.bool, device=columns.device).scatter_(1, columns, True)
+    if isinstance(packed, sparse_quant.SparseQuantWeight) and packed.indices is not None:
+        n, m = sparse_quant.parse_pattern(packed.pattern)
+        columns = nm.kept_columns(packed.indices, n, m, cols)
+        return torch.zeros(rows, cols, dtype=torch.bool, device=columns.device).scatter_(1, columns, True)
+    bitmask = getattr(packed, "bitmask", None)
+    if bitmask is None:
+        return None
+    mask = bitmap.read_bitmask(bitmask, cols)
+    perm = getattr(packed, "perm", None)
+    if perm is not None:  # stored column k is column perm[k]
+        restored = torch.empty_like(mask)
+        restored[:, perm.to(torch.int64) & 0xFFFF] = mask
+        mask = restored
+    return mask

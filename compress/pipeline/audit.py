@@ -101,7 +101,12 @@ def audit_output(out_dir: str | Path) -> dict[str, Any]:
             problems[name] = [f"packed/ does not hold it readably: {error}"]
             continue
         at_storage = weight.to(stored.dtype)
-        sparsity = float((at_storage == 0).sum()) / weight.numel()
+        if meta is not None and (mask := stored.mask(target)) is not None:  # the format's own mask: pruned weights
+            sparsity = float((~mask).sum()) / weight.numel()
+            if bad := int((at_storage[~mask] != 0).sum()):
+                found.append(f"{bad} weights its mask prunes are not zero")
+        else:  # no mask stored: every zero may be a pruned weight; at least the report's share must be zero
+            sparsity = min(float((at_storage == 0).sum()) / weight.numel(), claimed["sparsity"])
         if abs(sparsity - claimed["sparsity"]) > 0.5 / weight.numel():
             found.append(f"sparsity {sparsity:.6f}, report says {claimed['sparsity']:.6f}")
         if name in patterns and (bad := _nm_violations(at_storage, patterns[name])):
@@ -163,6 +168,14 @@ class StoredWeights:
             a.endswith("ForCausalLM") for a in config.architectures) else AutoModel
         with torch.device("meta"):
             return auto.from_config(config)
+
+    def mask(self, target) -> torch.Tensor | None:
+        """A packed target's kept mask, as its format stores it (None: the format keeps every weight)."""
+        from compress.formats.registry import from_tensors, kept_mask
+
+        meta = self.layout[target.name]
+        keys = [f"{target.name}.{field}" for field in meta["tensors"]]
+        return kept_mask(from_tensors(self.files.read(keys), target.name, {k: v for k, v in meta.items() if k != "tensors"}))
 
     def weight(self, target) -> tuple[torch.Tensor, dict | None]:
         """(float32 [out, in] weight, its format meta or None when stored dense)."""

@@ -33,6 +33,11 @@ def eval_tokens(recipe: Recipe, tokenizer: object) -> tuple[torch.Tensor, str]:
     return windows, path if recipe.evaluate.text else "<embedded eval.txt>"
 
 
+# What an evaluate step measures; changed when a measure's definition changes, so a stored step
+# measured the old way is not reused (2: sparsity counts pruned weights, from the masks).
+MEASURES = 2
+
+
 def evaluate_step(store: StepStore, recipe: Recipe, load: StepResult, final: StepResult) -> StepResult:
     """Quality of the compressed model (and, stored apart, of the dense one), sparsity per target."""
     spec = recipe.evaluate
@@ -43,7 +48,7 @@ def evaluate_step(store: StepStore, recipe: Recipe, load: StepResult, final: Ste
     if spec.dense or not causal:  # an encoder's fidelity needs the dense embeddings
         dense_key = digest("dense", __version__, spec.model_dump(mode="json"), text_key, load.key, settings)
         dense = store.run("dense", dense_key, lambda folder: _measure(recipe, load, folder, None, keep_top=spec.kl_top_k))
-    key = digest("evaluate", __version__, spec.model_dump(mode="json"), text_key, final.key, dense.key if dense else None, settings)
+    key = digest("evaluate", __version__, MEASURES, spec.model_dump(mode="json"), text_key, final.key, dense.key if dense else None, settings)
     result = store.run("evaluate", key, lambda folder: _measure(recipe, final, folder, dense))
     result.info["dense"] = dense.info if dense is not None else None  # not stored: the key already covers it
     return result
@@ -85,7 +90,7 @@ def _measure(recipe: Recipe, checkpoint: StepResult, folder: Path, dense: StepRe
         info["embedding_cosine"] = embedding_cosine(reference, embeddings)
     layout = discover(loaded.model)
     compressed = [t for t in layout.targets if t.name in state.targets]
-    per_target, overall = target_sparsity(compressed)
+    per_target, overall = target_sparsity(compressed, {t.name: state.mask(t.name) for t in compressed})
     info.update(
         sparsity=overall,
         params=sum(p.numel() for p in loaded.model.parameters()),

@@ -138,27 +138,18 @@ def embedding_cosine(reference: torch.Tensor, embeddings: torch.Tensor) -> float
     return nn.functional.cosine_similarity(reference, embeddings, dim=-1).mean().item()
 
 
-def target_sparsity(targets: list[Target]) -> tuple[dict[str, float], float]:
-    """Fraction of exact zeros per target and over all targets (weighted by size)."""
+def target_sparsity(targets: list[Target], masks: dict[str, torch.Tensor | None]) -> tuple[dict[str, float], float]:
+    """Fraction of pruned weights per target (from its mask: a quantized weight that rounds to zero is
+    not pruned) and over all targets (weighted by size)."""
     per_target = {}
-    zeros = total = 0
+    pruned = total = 0
     for target in targets:
-        count = int((target.weight == 0).sum())
+        mask = masks.get(target.name)
+        count = 0 if mask is None else int((~mask).sum())
         per_target[target.name] = count / target.numel
-        zeros += count
+        pruned += count
         total += target.numel
-    return per_target, zeros / total if total else 0.0
-
-
-def stored_bits_per_param(target_numels: list[int], storage_bits: int, packed_bytes: int = 0, packed_params: int = 0) -> float:
-    """Bits stored per target weight. A dense HF checkpoint stores every weight, zero or not, at its
-    dtype's width; quantized targets count the bytes of the packed file (all its metadata included),
-    `packed_bytes` for `packed_params` of the targets' weights."""
-    total = sum(target_numels)
-    if not total:
-        return 0.0
-    dense_bits = storage_bits * (total - packed_params)
-    return (dense_bits + 8 * packed_bytes) / total
+    return per_target, pruned / total if total else 0.0
 
 
 def directory_bytes(path: Path) -> int:
