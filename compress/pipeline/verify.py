@@ -44,19 +44,22 @@ def verify_export(packed_dir: Path, recipe: Recipe, final: StepResult, causal: b
     naming the layers when the packed model does not compute what was evaluated."""
     evaluated, _ = open_checkpoint(final, recipe.model)
     windows = eval_tokens(recipe, evaluated.tokenizer)[0][:VERIFY_WINDOWS]
-    packed = load_packed(packed_dir, dtype=evaluated.compute_dtype, kind="causal" if causal else "encoder")
-    kernels = sum(isinstance(m, PackedLinear) for m in packed.modules())
     expected = _outputs(evaluated.model.cpu(), windows, causal)
+    evaluated_perplexity = causal_scores(evaluated.model, windows, torch.device("cpu")).perplexity if causal else None
+    compute_dtype, storage_dtype = evaluated.compute_dtype, evaluated.storage_dtype
+    del evaluated  # one model in memory at a time: the evaluated one is read again only to name the broken layers
+    packed = load_packed(packed_dir, dtype=compute_dtype, kind="causal" if causal else "encoder")
+    kernels = sum(isinstance(m, PackedLinear) for m in packed.modules())
     got = _outputs(packed, windows, causal)
     difference = float((got - expected).abs().max())
-    allowed = tolerance(evaluated.storage_dtype, float(expected.abs().max()))
+    allowed = tolerance(storage_dtype, float(expected.abs().max()))
     result: dict[str, Any] = {"verify_ok": difference <= allowed, "verify_max_abs_diff": difference, "verify_tolerance": allowed,
                               "verify_windows": int(windows.shape[0]), "verify_packed_modules": kernels}
     if causal:
         result["verify_perplexity"] = causal_scores(packed, windows, torch.device("cpu")).perplexity
-        result["verify_evaluated_perplexity"] = causal_scores(evaluated.model, windows, torch.device("cpu")).perplexity
+        result["verify_evaluated_perplexity"] = evaluated_perplexity
     if not result["verify_ok"]:
-        layers = differing_layers(packed, evaluated.model, evaluated.storage_dtype)
+        layers = differing_layers(packed, open_checkpoint(final, recipe.model)[0].model, storage_dtype)
         raise CompressError(
             f"verify: the packed export computes logits up to {difference:.4g} away from the evaluated model (tolerance {allowed:.3g}); "
             f"layers that differ: {', '.join(layers[:8]) or 'none alone (the difference builds up across layers)'}"
