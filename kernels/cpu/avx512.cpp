@@ -279,6 +279,63 @@ void gq_planar_row(const GQArgs& A, int64_t r, int64_t b0, const float* s, const
   finish<NB, U>(A.a, r, b0, acc, tail);
 }
 
+// One activation row, R weight rows at once (R accumulator chains, x loaded once for all R: a long row's x
+// read from L1 / L2 a quarter as often; short rows stay one at a time, one sequential code stream being
+// faster there), the codes prefetched 4 groups ahead; s, z: [R][groups]. The same
+// arithmetic as gq_planar_span with NB = 1 (a table up to 4 bits; 8 bits: (code - zero) summed, times the
+// scale once a group).
+template <int BITS, bool INTZ, int R>
+void gq_planar_rows1(const GQArgs& A, int64_t r, const float* s, const float* z) {
+  constexpr int Q = 8 / BITS, C = 16 * Q;
+  const int64_t groups = A.st.groups, gs = A.st.gs, full = A.a.K / (128 / BITS) * (128 / BITS);
+  const float* x = A.a.x;
+  const uint8_t* by[R];
+  for (int i = 0; i < R; ++i) by[i] = reinterpret_cast<const uint8_t*>(A.codes + (r + i) * A.cwords);
+  const __m512i fmask = _mm512_set1_epi32((1 << BITS) - 1), magic = _mm512_set1_epi32(0x4B000000);
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 codes16 = BITS == 4 ? lanes : _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_cvttps_epi32(lanes), fmask));
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t gbytes = gs / Q;
+  for (int64_t g0 = 0, g = 0; g0 < full; g0 += gs, ++g) {
+    const int64_t end = g0 + gs < full ? g0 + gs : full;
+    for (int i = 0; i < R; ++i)
+      for (int64_t off = 0; off < gbytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(by[i] + g0 / Q + off) + 4 * gbytes, _MM_HINT_T0);
+    if (BITS <= 4) {
+      __m512 table[R];
+      for (int i = 0; i < R; ++i) table[i] = _mm512_mul_ps(_mm512_sub_ps(codes16, _mm512_set1_ps(z[i * groups + g])), _mm512_set1_ps(s[i * groups + g]));
+      for (int64_t k0 = g0; k0 < end; k0 += C) {
+        __m512 xv[Q];
+        for (int j = 0; j < Q; ++j) xv[j] = _mm512_loadu_ps(x + k0 + 16 * j);
+        for (int i = 0; i < R; ++i) {
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(by[i] + k0 / Q)));
+          for (int j = 0; j < Q; ++j) acc[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(j ? _mm512_srli_epi32(b, j * BITS) : b, table[i]), xv[j], acc[i]);
+        }
+      }
+    } else {
+      __m512 part[R], zv[R];
+      for (int i = 0; i < R; ++i) {
+        part[i] = _mm512_setzero_ps();
+        zv[i] = _mm512_set1_ps(INTZ ? 8388608.0f + z[i * groups + g] : z[i * groups + g]);
+      }
+      for (int64_t k0 = g0; k0 < end; k0 += C) {
+        const __m512 xv = _mm512_loadu_ps(x + k0);
+        for (int i = 0; i < R; ++i) {
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(by[i] + k0)));
+          const __m512 c = INTZ ? _mm512_castsi512_ps(_mm512_or_si512(v, magic)) : _mm512_cvtepi32_ps(v);
+          part[i] = _mm512_fmadd_ps(_mm512_sub_ps(c, zv[i]), xv, part[i]);
+        }
+      }
+      for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(s[i * groups + g]), part[i], acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    float tail[1] = {};
+    gq_tail<1>(A, r + i, full, x, s + i * groups, z + i * groups, tail);
+    A.a.out[r + i] = _mm512_reduce_add_ps(acc[i]) + tail[0];
+  }
+}
+
 // Rows [r0, r1) (at most kRowBlock) K-blocked in whole groups (as nm_block); their statistics first.
 template <int NB, int BITS, bool INTZ>
 void gq_planar_block(const GQArgs& A, int64_t r0, int64_t r1, int64_t b0, float* scratch) {
@@ -348,6 +405,7 @@ inline void stream_row(const uint32_t* w, int64_t nw, int64_t full, const float*
   const int64_t safe = nw / 8 < steps ? nw / 8 : steps;  // steps with 8 whole words readable
   int64_t k0 = 0;
   for (int64_t i = 0; i < safe; ++i, k0 += STEP) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + 8 * i) + 512, _MM_HINT_T0);  // ahead of the code stream (past the row: the next row's)
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * i));
 #pragma GCC unroll 8
     for (int j = 0; j < S; ++j) chunk(words, j, k0 + 16 * j);
@@ -672,11 +730,18 @@ void gq_rows(const GQArgs& A, int64_t r0, int64_t r1, float* scratch) {
 #define CK_RUN(NB, BITS, INTZ)                                                                                          \
   if (kblocks)                                                                                                          \
     for (int64_t rb = r0; rb < r1; rb += kRowBlock) gq_planar_block<NB, BITS, INTZ>(A, rb, rb + kRowBlock < r1 ? rb + kRowBlock : r1, b0, scratch); \
-  else                                                                                                                  \
-    for (int64_t r = r0; r < r1; ++r) {                                                                                 \
+  else {                                                                                                                \
+    int64_t r = r0;                                                                                                     \
+    if (NB == 1 && b0 == 0 && A.a.B == 1 && A.a.K * 4 > kXBytes) /* x past L1 with the codes: shared by 4 rows */    \
+      for (; r + 4 <= r1; r += 4) {                                                                                     \
+        for (int i = 0; i < 4; ++i) row_stats(A.st, A.bits, r + i, s + i * A.st.groups, s + (4 + i) * A.st.groups);    \
+        gq_planar_rows1<BITS, INTZ, 4>(A, r, s, s + 4 * A.st.groups);                                                   \
+      }                                                                                                                 \
+    for (; r < r1; ++r) {                                                                                               \
       row_stats(A.st, A.bits, r, s, z);                                                                                 \
       gq_planar_row<NB, BITS, INTZ>(A, r, b0, s, z);                                                                    \
-    }
+    }                                                                                                                   \
+  }
 #define CK_BITS(NB, INTZ)        \
   if (A.bits == 4) {             \
     CK_RUN(NB, 4, INTZ);         \
@@ -915,6 +980,46 @@ int64_t lut_sparse_pass(const SQArgs& A, const Tab& t, const Expand& e, int64_t 
   return kept;
 }
 
+// fix_outliers (common.h) for dense codes, 16 outliers a step: the code words, x and (spqr) the statistics
+// gathered; a column's word and group come from fp32 (col + 0.5) / d, exact for the uint16 columns. The
+// grid weight is computed as fix_outliers computes it (lut: table[code]; spqr: (code - z[g]) * s[g]).
+template <bool LUT>
+void fix_outliers_vec(const Act& a, const OutlierCSR& o, int64_t r, const uint32_t* codes, int bits, const float* table, const float* s,
+                      const float* z, int64_t gs) {
+  if (!o.ptr) return;
+  const int32_t i0 = o.ptr[r], i1 = o.ptr[r + 1];
+  if (i0 == i1) return;
+  const int per = 32 / bits;
+  const __m512 inv_per = _mm512_set1_ps(1.0f / static_cast<float>(per)), inv_gs = _mm512_set1_ps(1.0f / static_cast<float>(gs)),
+               half = _mm512_set1_ps(0.5f);
+  const __m512i perv = _mm512_set1_epi32(per), bitsv = _mm512_set1_epi32(bits), maskv = _mm512_set1_epi32((1 << bits) - 1);
+  const __m512 tv = LUT && bits <= 4 ? _mm512_loadu_ps(table) : _mm512_setzero_ps();
+  __m512 acc[16];
+  const int64_t B = a.B;
+  for (int64_t b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
+  for (int32_t i = i0; i < i1; i += 16) {
+    const __mmask16 k = i1 - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (i1 - i)) - 1u);
+    const __m512i col = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, o.cols + i));
+    const __m512 colf = _mm512_add_ps(_mm512_cvtepi32_ps(col), half);
+    const __m512i word = _mm512_cvttps_epi32(_mm512_mul_ps(colf, inv_per));
+    const __m512i sh = _mm512_mullo_epi32(_mm512_sub_epi32(col, _mm512_mullo_epi32(word, perv)), bitsv);
+    const __m512i cw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, word, codes, 4);
+    const __m512i code = _mm512_and_si512(_mm512_srlv_epi32(cw, sh), maskv);
+    __m512 grid;
+    if (LUT) {
+      grid = bits <= 4 ? _mm512_permutexvar_ps(code, tv) : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, code, table, 4);
+    } else {
+      const __m512i g = _mm512_cvttps_epi32(_mm512_mul_ps(colf, inv_gs));
+      const __m512 sg = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, g, s, 4), zg = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, g, z, 4);
+      grid = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(code), zg), sg);
+    }
+    const __m512 delta = _mm512_maskz_sub_ps(k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, o.vals + i)), grid);
+    for (int64_t b = 0; b < B; ++b)
+      acc[b] = _mm512_fmadd_ps(delta, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, col, a.x + b * a.ld, 4), acc[b]);
+  }
+  for (int64_t b = 0; b < B; ++b) a.out[b * a.N + r] += _mm512_reduce_add_ps(acc[b]);
+}
+
 // Rows [u0, u1), or tiles [u0, u1) under a keep mask: prepare(r), the row's dot product (dense(r) or
 // sparse(r, first word) -> codes read), then fix(r, code words, mask row) for its outliers.
 template <typename P, typename D, typename S, typename F>
@@ -976,7 +1081,10 @@ void spqr_rows(const SpQRArgs& A, int64_t u0, int64_t u1, float* scratch) {
         }
       },
       [&](int64_t r, int64_t start) { return spqr_sparse_row(A.sparse, t, e, r, start, s, z, uniform); },
-      [&](int64_t r, const uint32_t* codes, const uint32_t* mask) { fix_outliers(A.dense.a, A.outliers, r, codes, mask, A.dense.bits, nullptr, s, z, gs); });
+      [&](int64_t r, const uint32_t* codes, const uint32_t* mask) {
+        if (mask) fix_outliers(A.dense.a, A.outliers, r, codes, mask, A.dense.bits, nullptr, s, z, gs);
+        else fix_outliers_vec<false>(A.dense.a, A.outliers, r, codes, A.dense.bits, nullptr, s, z, gs);
+      });
 }
 
 void lut_rows(const LUTArgs& A, int64_t u0, int64_t u1, float* scratch) {
@@ -992,7 +1100,10 @@ void lut_rows(const LUTArgs& A, int64_t u0, int64_t u1, float* scratch) {
       },
       [&](int64_t r) { lut_dense_pass(A.dense, t, r, table); },
       [&](int64_t r, int64_t start) { return lut_sparse_pass(A.sparse, t, e, r, start, table); },
-      [&](int64_t r, const uint32_t* codes, const uint32_t* mask) { fix_outliers(A.dense.a, A.outliers, r, codes, mask, A.dense.bits, table, nullptr, nullptr, 1); });
+      [&](int64_t r, const uint32_t* codes, const uint32_t* mask) {
+        if (mask) fix_outliers(A.dense.a, A.outliers, r, codes, mask, A.dense.bits, table, nullptr, nullptr, 1);
+        else fix_outliers_vec<true>(A.dense.a, A.outliers, r, codes, A.dense.bits, table, nullptr, nullptr, 1);
+      });
 }
 
 }  // namespace avx512

@@ -311,7 +311,10 @@ void permute_columns(Input& in, const std::optional<at::Tensor>& perm) {
   check(*perm, at::kShort, "perm");
   TORCH_CHECK(perm->numel() == in.K, "perm must be [in]");
   const uint16_t* p = reinterpret_cast<const uint16_t*>(perm->data_ptr());
-  for (int64_t k = 0; k < in.K; ++k) TORCH_CHECK(p[k] < in.K, "perm entry ", p[k], " out of range");
+  uint16_t top = 0;  // branch-free first (vectorized), the message from the loop only when it fails
+  for (int64_t k = 0; k < in.K; ++k) top = std::max(top, p[k]);
+  if (top >= in.K)
+    for (int64_t k = 0; k < in.K; ++k) TORCH_CHECK(p[k] < in.K, "perm entry ", p[k], " out of range");
   std::vector<float> row(in.K);
   for (int64_t b = 0; b < in.B; ++b) {
     float* x = in.x32.data_ptr<float>() + b * in.ld;
@@ -331,6 +334,22 @@ OutlierCSR outlier_csr(int64_t N, int64_t K, const std::optional<at::Tensor>& ro
   const int32_t* ptr = row_ptr->data_ptr<int32_t>();
   const uint16_t* c = reinterpret_cast<const uint16_t*>(cols->data_ptr());
   TORCH_CHECK(ptr[0] == 0 && ptr[N] == cols->numel(), "outlier row pointers must run from 0 to nnz");
+  // the same checks branch-free (vectorized; this runs every call), the loop below only to say what failed:
+  // pointers that do not decrease, columns below K, and no descent inside a row (a descent only at row starts)
+  const int64_t nnz = cols->numel();
+  bool ok = true;
+  for (int64_t r = 0; r < N; ++r) ok &= ptr[r] <= ptr[r + 1];
+  if (ok) {
+    uint16_t top = 0;
+    int64_t descents = 0, at_starts = 0;
+    for (int64_t i = 0; i < nnz; ++i) top = std::max(top, c[i]);
+    for (int64_t i = 1; i < nnz; ++i) descents += c[i] <= c[i - 1];
+    for (int64_t r = 0; r < N; ++r) {
+      const int32_t p = ptr[r];
+      at_starts += p > 0 && p < ptr[r + 1] && c[p] <= c[p - 1];
+    }
+    if (nnz == 0 || (top < K && descents == at_starts)) return {ptr, c, reinterpret_cast<const uint16_t*>(values->data_ptr())};
+  }
   for (int64_t r = 0; r < N; ++r) {
     TORCH_CHECK(ptr[r] <= ptr[r + 1], "outlier row pointers must not decrease");
     for (int32_t i = ptr[r]; i < ptr[r + 1]; ++i) TORCH_CHECK(c[i] < K && (i == ptr[r] || c[i] > c[i - 1]), "outlier columns must ascend within a row, below in");
