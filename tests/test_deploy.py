@@ -69,15 +69,21 @@ def test_load_builds_kernel_modules_and_generates_the_evaluated_tokens(every_for
     assert got.tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("first", ["compress", "transformers"])
-def test_transformers_from_pretrained_loads_the_packed_folder_after_import_compress(every_format, first):
+LOADS = {
+    "compress first": "import compress, transformers\nmodel = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])",
+    "transformers first": "import transformers, compress\nmodel = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])",
+    "compress.load alone": "import compress\nmodel = compress.load(sys.argv[1])",
+}
+
+
+@pytest.mark.parametrize("load", list(LOADS))
+def test_a_fresh_interpreter_loads_the_packed_folder(every_format, load):
+    """transformers' from_pretrained after `import compress` (either import order), and compress.load
+    with transformers not imported yet."""
     out, report = every_format
     script = f"""
 import json, sys
-import {first}
-import {"transformers" if first == "compress" else "compress"}
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+{LOADS[load]}
 kinds = sorted({{type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Linear")}})
 print(json.dumps(kinds))
 """

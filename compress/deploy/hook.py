@@ -12,6 +12,9 @@ REGISTRY_MODULE = "transformers.quantizers.auto"
 
 
 def _register() -> None:
+    loading = sys.modules.get("compress.deploy.hf")
+    if loading is not None and not hasattr(loading, "register"):
+        return  # compress.deploy.hf itself is importing transformers: its caller registers once it is loaded
     from compress.deploy.hf import register
 
     register()
