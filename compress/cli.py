@@ -5,7 +5,7 @@
     compress run RECIPE [--out DIR] [--no-track]                 run it here (the Prefect flow, tracked)
     compress serve [--limit N]                                   serve the flow for submissions
     compress submit RECIPE [--wait]                              send a recipe to the served flow
-    compress runs | compress compare ID ID                       read runs back from MLflow
+    compress runs | compress compare ID ID [--figure [P]] [--log] read runs back from MLflow (a figure when asked)
     compress ui [--port P]                                       the MLflow UI on 127.0.0.1
     compress audit OUT                                           check an output against its report
     compress cache clear                                         drop stored steps
@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--limit", type=int, default=20)
     compare = commands.add_parser("compare", help="two or more runs side by side (ids or id prefixes)")
     compare.add_argument("run_ids", nargs="+", metavar="ID")
+    compare.add_argument("--figure", nargs="?", const="", metavar="PATH",
+                         help="also draw one figure (headline metrics side by side, per-layer error by block) to PATH "
+                              "(default: compare-<ids>.png in the current folder)")
+    compare.add_argument("--log", action="store_true", help="log the figure to MLflow, on each compared run as compare/<ids>.png")
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     audit = commands.add_parser("audit", help="check a finished output against its report; exit 1 listing what differs")
@@ -207,19 +211,49 @@ def _compare(args: argparse.Namespace) -> int:
     differing = [key for key in params if len({r["params"].get(key) for r in runs}) > 1]
     rows += [[key, *(r["params"].get(key, "") for r in runs)] for key in differing]
     print(_table(rows))
+    if args.figure is not None or args.log:
+        _compare_figure(runs, args.figure, args.log)
     return 0
 
 
+def _compare_figure(runs: list[dict[str, Any]], figure: str | None, log_it: bool) -> None:
+    """Draw the comparison figure; write it where asked and/or log it on each run."""
+    import tempfile
+    from pathlib import Path
+
+    from compress.service.tracking import client, compare_figure, run_target_table
+
+    mlflow_client = client()
+    ids = "-".join(r["run_id"][:8] for r in runs)
+    rows = [{"label": f"{mlflow_client.get_run(r['run_id']).info.run_name} ({r['run_id'][:8]})", "metrics": r["metrics"],
+             "targets": run_target_table(mlflow_client, r["run_id"])} for r in runs]
+    with tempfile.TemporaryDirectory() as scratch:
+        path = compare_figure(rows, Path(figure) if figure else Path(scratch if figure is None else ".") / f"compare-{ids}.png")
+        if log_it:
+            for r in runs:
+                mlflow_client.log_artifact(r["run_id"], str(path), "compare")
+            print(f"figure logged on each run as compare/{path.name}", file=sys.stderr)
+        if figure is not None:
+            print(f"figure: {path}", file=sys.stderr)
+
+
 def _ui(args: argparse.Namespace) -> int:
+    from compress.service.mlflow_view import runs_page
     from compress.service.tracking import client, ensure_experiment, tracking_uri
 
     uri = tracking_uri()
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    command = ui_command(uri, args.port)
     experiment = ensure_experiment(client(uri))  # open on the runs table, not MLflow's empty start page
-    print(f"MLflow UI for {uri}: the runs at http://127.0.0.1:{args.port}/#/experiments/{experiment}", file=sys.stderr)
+    print(f"MLflow UI for {uri}: the runs, headline columns shown, at {runs_page(f'http://127.0.0.1:{args.port}', experiment)}",
+          file=sys.stderr)
     from compress.stopping import run_server
 
     return run_server(command)
+
+
+def ui_command(uri: str, port: int) -> list[str]:
+    """The MLflow UI server `compress ui` runs (on 127.0.0.1) for the tracking store `uri`."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
 
 
 def _cache(args: argparse.Namespace) -> int:

@@ -88,8 +88,9 @@ def test_child_runs_are_numbered_steps_without_the_headline(two_runs):
     client, _, parents, runs, _ = two_runs
     for parent in parents:
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-        children.sort(key=lambda r: (r.info.start_time, int(r.data.tags["compress.step_index"])))
+        children.sort(key=lambda r: r.info.start_time, reverse=True)  # as the UI lists them: newest first
         assert [c.info.run_name for c in children] == ["1 load", "2 calibrate", "3 stage 0 (wanda)", "4 evaluate", "5 export", "6 audit"]
+        assert all(c.info.end_time >= c.info.start_time for c in children)
         for child in children:
             assert not {"perplexity", "dense_perplexity", "sparsity", "bits_per_param", "size_bytes"} & set(child.data.metrics)
             assert not any("." in key for key in child.data.metrics)
@@ -105,3 +106,35 @@ def test_registered_versions_describe_the_model(two_runs):
         assert "<embedded model>" in version.description and "perplexity" in version.description
         assert version.tags["compress.base_model"] == "<embedded model>"
         assert float(version.tags["perplexity"]) == run.data.metrics["perplexity"]
+
+
+def test_dataset_inputs_and_logged_models_fill_the_runs_table(two_runs):
+    client, experiment, parents, _, _ = two_runs
+    for run in (client.get_run(r.info.run_id) for r in parents):
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert set(inputs) == {"calibration", "evaluation"}
+        assert inputs["calibration"].name == "train.txt" and inputs["evaluation"].name == "eval.txt"
+        assert len(inputs["evaluation"].digest) == 8 and json.loads(inputs["evaluation"].profile)["windows"] > 0
+        (output,) = run.outputs.model_outputs
+        logged = client.get_logged_model(output.model_id)
+        assert logged.source_run_id == run.info.run_id and logged.name == f"{run.data.tags['compress.recipe']}-embedded"
+        assert "MLmodel" in {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
+    view = json.loads(experiment.tags["mlflow.sharedViewState.compress-headline"])
+    assert {"metrics.`perplexity`", "metrics.`bits_per_param`", "metrics.`sparsity`"} <= set(view["selectedColumns"])
+
+
+def test_compare_writes_one_figure(two_runs, tmp_path, monkeypatch, capsys):
+    from compress.cli import main
+
+    client, _, parents, _, root = two_runs
+    monkeypatch.setenv("COMPRESS_HOME", str(root / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    figure = tmp_path / "both.png"
+    assert main(["compare", *(r.info.run_id for r in parents), "--figure", str(figure), "--log"]) == 0
+    assert figure.read_bytes().startswith(b"\x89PNG") and figure.stat().st_size > 20_000
+    assert f"figure: {figure}" in capsys.readouterr().err
+    for run in parents:
+        assert "compare/both.png" in {a.path for a in client.list_artifacts(run.info.run_id, "compare")}
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", *(r.info.run_id[:8] for r in parents), "--figure"]) == 0
+    assert (tmp_path / f"compare-{'-'.join(r.info.run_id[:8] for r in parents)}.png").is_file()

@@ -42,7 +42,9 @@ class CompressedModel(mlflow.pyfunc.PythonModel):
         return out
 
 
-def save_pyfunc_model(output_dir: Path, path: Path) -> None:
+def save_pyfunc_model(output_dir: Path, path: Path, mlflow_model: Any = None) -> None:
+    """Save the model to `path`; `mlflow_model`: the MLmodel metadata to fill (a LoggedModel's id and
+    artifact location), else a new one."""
     import shutil
     import tempfile
 
@@ -63,4 +65,5 @@ def save_pyfunc_model(output_dir: Path, path: Path) -> None:
             code_paths=[str(Path(compress.__file__).parent)],  # the packed modules and the loader travel with the model
             # stated, not inferred: inference would import and scan the environment (slow, and it guesses)
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
+            mlflow_model=mlflow_model,
         )

@@ -1,15 +1,39 @@
 """How a run looks in the MLflow UI: the experiment's kind (so the UI opens on the runs table), run
 and child-run names, searchable tags, headline metrics rounded to the precision they mean, and the
-registered version's description. Pure functions of the recipe and report.json."""
+registered version's description, the dataset inputs. Functions of the recipe and report.json (the
+dataset inputs also read the texts, for their digest)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 # MLflow 3's experiment-kind tag (its UI reads it to choose between the GenAI and the model views)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The MLflow 3 UI shows no metric column until one is picked, and keeps what was picked per browser.
+# A "shared view" is an experiment tag the UI reads when its URL names it (`viewStateShareKey`): ours
+# selects the headline columns. `compress ui` opens that URL, in the model-training (not GenAI) view.
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+VIEW_KEY = "compress-headline"
+TABLE_METRICS = ("perplexity", "kl_to_dense", "bits_per_param", "sparsity", "packed_bytes")  # the UI sorts them by name
+
+
+def view_state() -> str:
+    """The shared view's state (JSON): the runs table with the headline metric columns, newest first."""
+    # The Dataset column (filled: calibration and evaluation texts) is wide and comes before the
+    # metrics, which would then start off screen: it stays one click away (Columns), as Source does.
+    columns = ["attributes.`Models`", *(f"metrics.`{m}`" for m in TABLE_METRICS)]
+    return json.dumps({"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False,
+                       "runsHiddenMode": "SHOW_ALL", "columnOrder": [], "columnWidths": {}})
+
+
+def runs_page(base_url: str, experiment_id: str) -> str:
+    """The experiment's runs table with the headline columns: what `compress ui` opens."""
+    return f"{base_url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
 
 # metric -> (how to round, digits): "decimals" rounds to decimal places, "significant" to
 # significant digits, "int" to an integer. Metrics not listed are logged as they are.
@@ -20,7 +44,8 @@ PRECISION: dict[str, tuple[str, int]] = {
     "target_params": ("int", 0), "seconds": ("decimals", 1), "onnx_max_abs_diff": ("significant", 3), "onnx_ok": ("int", 0),
     "audit_ok": ("int", 0), "layer_error_max": ("significant", 4), "layer_error_mean": ("significant", 4),
     "stage_error_max": ("significant", 4), "stage_error_mean": ("significant", 4), "stage_sparsity": ("decimals", 4),
-    "stage_seconds": ("decimals", 1),
+    "stage_seconds": ("decimals", 1), "verify_ok": ("int", 0), "verify_max_abs_diff": ("significant", 3),
+    "verify_perplexity": ("significant", 5), "output_bytes": ("int", 0),
 }
 # what a registered version carries as tags, besides its base model
 VERSION_TAG_METRICS = ("perplexity", "dense_perplexity", "kl_to_dense", "embedding_cosine", "sparsity", "bits_per_param", "size_bytes")
@@ -84,3 +109,59 @@ def version_tags(report: dict[str, Any], recipe_hash: str) -> dict[str, str]:
             "compress.recipe": str(report["recipe"]["name"])}
     tags.update({key: f"{rounded(key, float(metrics[key])):g}" for key in VERSION_TAG_METRICS if key in metrics})
     return tags
+
+
+def model_name(report: dict[str, Any]) -> str:
+    """The logged model's name (the runs table's Models column): `<recipe>-<model>`."""
+    source = str(report["model"]["source"])
+    label = "embedded" if source.startswith("<") else Path(source.rstrip("/")).name or source
+    return f"{report['recipe']['name']}-{label}"
+
+
+def _text_path(name: str) -> Path | None:
+    """A report's text name (a path, or `<embedded train.txt>`) as a file, if it is one."""
+    if name.startswith("<embedded ") and name.endswith(">"):
+        from compress.calibration.data import embedded_text
+
+        return embedded_text(name[len("<embedded "):-1])
+    path = Path(name)
+    return path if path.is_file() else None
+
+
+def _text_dataset(names: list[str], profile: dict[str, Any]):
+    """An MLflow dataset entity for text files: named after them, digest of their content, a local source."""
+    from mlflow.entities import Dataset
+
+    paths = [_text_path(name) for name in names]
+    content = hashlib.sha256()
+    for name, path in zip(names, paths):
+        content.update(path.read_bytes() if path is not None else name.encode())
+    label = ", ".join(n.strip("<>").removeprefix("embedded ") if n.startswith("<") else Path(n).name for n in names)
+    source = {"uri": paths[0].resolve().as_uri() if paths[0] is not None else names[0]}
+    if len(names) > 1:
+        source["uris"] = [p.resolve().as_uri() if p is not None else n for n, p in zip(names, paths)]
+    return Dataset(name=label, digest=content.hexdigest()[:8], source_type="local", source=json.dumps(source),
+                   profile=json.dumps(profile))
+
+
+def datasets(report: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(context, MLflow dataset entity) of the texts a run read: "calibration" (when a stage gathered
+    statistics) and "evaluation". A Hugging Face calibration dataset is named by its id and split."""
+    from mlflow.entities import Dataset
+
+    out = []
+    calibration = report.get("calibration") or {}
+    if calibration.get("used") and calibration.get("source"):
+        profile = {k: calibration[k] for k in ("tokens", "nsamples", "seqlen", "seed") if k in calibration}
+        source = str(calibration["source"])
+        if source.startswith("dataset:"):
+            _, name, split = source.split(":", 2)
+            out.append(("calibration", Dataset(name=name, digest=hashlib.sha256(source.encode()).hexdigest()[:8], source_type="hugging_face",
+                                               source=json.dumps({"path": name, "split": split}), profile=json.dumps(profile))))
+        else:
+            out.append(("calibration", _text_dataset(source.split(","), profile)))
+    evaluation = report.get("evaluation") or {}
+    if evaluation.get("text"):
+        profile = {k: evaluation[k] for k in ("tokens", "windows", "seqlen", "windowing") if k in evaluation}
+        out.append(("evaluation", _text_dataset([str(evaluation["text"])], profile)))
+    return out

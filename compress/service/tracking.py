@@ -75,11 +75,14 @@ def ensure_experiment(mlflow_client, name: str | None = None) -> str:
         local_store = mlflow_client.tracking_uri.startswith(("sqlite:", "file:", "/"))
         try:
             return mlflow_client.create_experiment(name, artifact_location=default_artifact_root() if local_store else None,
-                                                   tags={view.EXPERIMENT_KIND_TAG: view.EXPERIMENT_KIND})
+                                                   tags={view.EXPERIMENT_KIND_TAG: view.EXPERIMENT_KIND,
+                                                         view.SHARED_VIEW_TAG + view.VIEW_KEY: view.view_state()})
         except MlflowException:  # created by a concurrent submission in between
             found = mlflow_client.get_experiment_by_name(name)
-    if found.tags.get(view.EXPERIMENT_KIND_TAG) != view.EXPERIMENT_KIND:  # one made before (or by MLflow itself as a GenAI one)
-        mlflow_client.set_experiment_tag(found.experiment_id, view.EXPERIMENT_KIND_TAG, view.EXPERIMENT_KIND)
+    wanted = {view.EXPERIMENT_KIND_TAG: view.EXPERIMENT_KIND, view.SHARED_VIEW_TAG + view.VIEW_KEY: view.view_state()}
+    for key, value in wanted.items():  # one made before (or by MLflow itself as a GenAI one)
+        if found.tags.get(key) != value:
+            mlflow_client.set_experiment_tag(found.experiment_id, key, value)
     return found.experiment_id
 
 
@@ -131,6 +134,7 @@ class RunTracker:
             for key, value in tags.items():
                 self.client.set_tag(run_id, key, value)
         self.run_id = run_id
+        self.start_ms = self.client.get_run(run_id).info.start_time
         # an interrupted process marks its run KILLED before it ends (compress/stopping.py)
         self._killed_on_abort = undo_on_abort(lambda: self.client.set_terminated(self.run_id, "KILLED"))
         self._killed_on_abort.__enter__()
@@ -153,17 +157,27 @@ class RunTracker:
         """A child run for one step, named `<n> <step>` in the order the steps run; FAILED with the
         error message if the step raises."""
         self.steps += 1
-        tags = {"mlflow.parentRunId": self.run_id, "compress.step": name, "compress.step_index": str(self.steps), **owner_tags()}
-        child = self.client.create_run(self.experiment_id, run_name=view.step_run_name(self.steps, name), tags=tags)
+        started = time.time()
+        tags = {"mlflow.parentRunId": self.run_id, "compress.step": name, "compress.step_index": str(self.steps),
+                "compress.started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), **owner_tags()}
+        # The MLflow UI lists runs newest first, children under their parent in the same order: each
+        # step's start time is the parent's less its number in milliseconds, so `1 load` comes first.
+        # Its end time keeps the real duration (the Duration column); the real start is the tag above.
+        start_ms = self.start_ms - self.steps
+        child = self.client.create_run(self.experiment_id, start_time=start_ms, run_name=view.step_run_name(self.steps, name), tags=tags)
         handle = StepRun(self, child.info.run_id)
-        with undo_on_abort(lambda: self.client.set_terminated(handle.run_id, "KILLED")):
+
+        def end(status: str) -> None:
+            self.client.set_terminated(handle.run_id, status, end_time=start_ms + int((time.time() - started) * 1000))
+
+        with undo_on_abort(lambda: end("KILLED")):
             try:
                 yield handle
             except BaseException as error:
                 self._log(handle.run_id, tags={"compress.error": f"{type(error).__name__}: {error}"[:5000]})
-                self.client.set_terminated(handle.run_id, "FAILED")
+                end("FAILED")
                 raise
-            self.client.set_terminated(handle.run_id, "FINISHED")
+            end("FINISHED")
 
     def finish(self, report: dict[str, Any], out_dir: Path, register_as: str | None, owner: str | None = None) -> str | None:
         """Log the report's headline metrics (rounded) and artifacts on the parent run: report.json,
@@ -172,6 +186,7 @@ class RunTracker:
         from compress.service.report_md import report_markdown, target_table
 
         self._log(self.run_id, metrics=view.headline_metrics(report["metrics"]), tags={"compress.output": str(out_dir)})
+        self._log_datasets(report)
         for name in ("report.json", "recipe.json"):
             self.client.log_artifact(self.run_id, str(out_dir / name))
         self.client.log_text(self.run_id, report_markdown(report), "report.md")
@@ -181,9 +196,10 @@ class RunTracker:
             plot = Path(scratch) / "targets.png"
             if plot_targets(report, plot):
                 self.client.log_artifact(self.run_id, str(plot), "plots")
+        logged = self._log_model(out_dir, report)
         version = None
         if register_as:
-            version = self._register(out_dir, register_as, owner, report)
+            version = self._register(logged, register_as, owner, report)
         self.client.set_terminated(self.run_id, "FINISHED")
         self._killed_on_abort.__exit__(None, None, None)
         return version
@@ -193,19 +209,43 @@ class RunTracker:
         self.client.set_terminated(self.run_id, "FAILED")
         self._killed_on_abort.__exit__(None, None, None)
 
-    def _register(self, out_dir: Path, name: str, owner: str | None = None, report: dict[str, Any] | None = None) -> str:
-        """Log the exported model as an MLflow pyfunc model and add it as a new registry version. With
-        an `owner` (a submission), a new registered model is tagged as theirs, and one that is not
-        theirs is refused (checked again here: another submitter may have created it since the start)."""
-        from mlflow.exceptions import MlflowException
+    def _log_datasets(self, report: dict[str, Any]) -> None:
+        """The calibration and evaluation texts as the run's dataset inputs (the runs table's Dataset
+        column): name, content digest, source file, and how much of it the run used."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)]) for context, dataset in view.datasets(report)]
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def _log_model(self, out_dir: Path, report: dict[str, Any]) -> Any:
+        """The deployable output (packed/ and report.json, with the compress package as code) as an
+        MLflow model of this run (a LoggedModel: the runs table's Models column); returns it."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
 
         from compress.service.mlflow_model import save_pyfunc_model
 
+        name = view.model_name(report)
+        logged = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id, model_type="compressed-llm",
+                                                 tags=view.version_tags(report, self.recipe_hash),
+                                                 params={k: v[:6000] for k, v in flatten(report["recipe"]).items()})
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=0)])
         with tempfile.TemporaryDirectory() as scratch:
             local = Path(scratch) / "model"
-            save_pyfunc_model(out_dir, local)
-            self.client.log_artifacts(self.run_id, str(local), "model")
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
+            meta = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=self.run_id, model_id=logged.model_id)
+            save_pyfunc_model(out_dir, local, meta)
+            self.client.log_model_artifacts(logged.model_id, str(local))
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        self._log(self.run_id, tags={"compress.logged_model": logged.model_id})
+        return logged
+
+    def _register(self, logged: Any, name: str, owner: str | None = None, report: dict[str, Any] | None = None) -> str:
+        """Add the run's logged model as a new registry version. With an `owner` (a submission), a new
+        registered model is tagged as theirs, and one that is not theirs is refused (checked again
+        here: another submitter may have created it since the start)."""
+        from mlflow.exceptions import MlflowException
+
         try:
             self.client.create_registered_model(name, tags={OWNER_TAG: owner} if owner else None)
         except MlflowException:  # exists already (or created by a concurrent run)
@@ -214,7 +254,9 @@ class RunTracker:
         tags, description = {"compress.recipe_hash": self.recipe_hash}, None
         if report is not None:  # the base model and headline numbers, readable in the registry
             tags, description = view.version_tags(report, self.recipe_hash), view.version_description(report)
-        version = self.client.create_model_version(name, source, run_id=self.run_id, tags=tags, description=description)
+        # the logged model's own location (a `models:/<id>` source would be looked up in MLflow's global store)
+        version = self.client.create_model_version(name, logged.artifact_location, run_id=self.run_id, tags=tags, description=description,
+                                                   model_id=logged.model_id)
         self._log(self.run_id, tags={"compress.registered_model": f"{name}/{version.version}"})
         return str(version.version)
 
@@ -276,3 +318,73 @@ def plot_targets(report: dict[str, Any], path: Path) -> bool:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return True
+
+
+COMPARE_HEADLINE = (("perplexity", "perplexity"), ("bits_per_param", "bits/param (stored)"), ("sparsity", "sparsity"),
+                    ("packed_bytes", "packed size (MB)"))
+
+
+def run_target_table(mlflow_client, run_id: str) -> dict[str, list[Any]] | None:
+    """A run's per-target table (targets.json) as columns, or None if it has none."""
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            local = mlflow_client.download_artifacts(run_id, "targets.json", scratch)
+        except Exception:  # an older run, or one that failed before its end
+            return None
+        table = json.loads(Path(local).read_text())
+    return {name: [row[i] for row in table["data"]] for i, name in enumerate(table["columns"])}
+
+
+def compare_figure(runs: list[dict[str, Any]], path: Path) -> Path:
+    """One figure for `compress compare`: the headline metrics side by side (a bar per run), and
+    below, each run's per-layer error by block (the largest relative output error of a block's
+    targets, log scale). `runs`: dicts with `label`, `metrics` and `targets` (a target table or None)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure(figsize=(12, 7.5))
+    grid = figure.add_gridspec(2, len(COMPARE_HEADLINE), height_ratios=[1, 1.3])
+    colours = [plt.cm.tab10(i % 10) for i in range(len(runs))]
+    for column, (key, label) in enumerate(COMPARE_HEADLINE):
+        axis = figure.add_subplot(grid[0, column])
+        values = [r["metrics"].get(key, r["metrics"].get("size_bytes") if key == "packed_bytes" else None) for r in runs]
+        values = [float("nan") if v is None else v / 1e6 if key == "packed_bytes" else v for v in values]
+        bars = axis.bar(range(len(runs)), values, color=colours)
+        axis.bar_label(bars, fmt="%.4g", fontsize=7)
+        dense = runs[0]["metrics"].get("dense_perplexity") if key == "perplexity" else None
+        if dense:
+            axis.axhline(dense, color="grey", linestyle="--", linewidth=1, label="dense")
+            axis.legend(fontsize=7, loc="lower right")
+        axis.set_title(label, fontsize=9)
+        axis.set_xticks(range(len(runs)), [str(i + 1) for i in range(len(runs))], fontsize=8)
+        axis.margins(y=0.15)
+    errors = figure.add_subplot(grid[1, :])
+    plotted = False
+    for index, run in enumerate(runs):
+        table = run["targets"]
+        if not table or "block" not in table or "error" not in table:
+            continue
+        by_block: dict[int, float] = {}
+        for block, error in zip(table["block"], table["error"]):
+            if block is not None and error is not None:
+                by_block[block] = max(by_block.get(block, 0.0), error)
+        if by_block:
+            blocks = sorted(by_block)
+            errors.plot(blocks, [by_block[b] for b in blocks], marker="o", color=colours[index], label=f"{index + 1}: {run['label']}")
+            plotted = True
+    if plotted:
+        errors.set_yscale("log")
+        errors.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        errors.text(0.5, 0.5, "no per-target table in these runs", ha="center", va="center", transform=errors.transAxes)
+    errors.set_xlabel("block")
+    errors.set_ylabel("per-layer error (largest relative\noutput error of the block's targets)", fontsize=8)
+    errors.grid(True, which="both", alpha=0.3)
+    figure.suptitle("compress compare: " + "   ".join(f"{i + 1}: {r['label']}" for i, r in enumerate(runs)), fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
