@@ -80,8 +80,11 @@ def write_packed_model(dense_dir: Path, state: CompressionState, targets: list[s
     flush()
     names = [WEIGHTS_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map: dict[str, str] = {}
+    umask = os.umask(0)
+    os.umask(umask)
     for shard, name in zip(shards, names):
         os.replace(shard, folder / name)
+        os.chmod(folder / name, 0o666 & ~umask)  # safetensors writes 0600: a deployable model is readable like its config
         weight_map.update({key: name for key in read_header(folder / name)})
     if len(names) > 1:
         (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))

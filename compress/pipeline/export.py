@@ -129,6 +129,10 @@ def _write_output(out_dir: Path, final: StepResult, report: dict[str, Any], star
             report["metrics"]["bits_per_param"] = 8 * packed["target_bytes"] / params if params else 0.0
             report["metrics"]["packed_bytes"] = packed["bytes"]
             report["metrics"]["size_bytes"] = packed["bytes"]
+            # the dense checkpoint's weight files over the packed ones, both counted from the files
+            dense_weights = sum(f.stat().st_size for f in final.model_path.glob("*.safetensors"))
+            packed_weights = sum(f.stat().st_size for f in (partial / PACKED_DIR).glob("*.safetensors"))
+            report["metrics"]["compression_ratio"] = dense_weights / packed_weights
             report["formats"] = dict(Counter(stored["format"] for stored in packed["targets"].values()))
             if recipe.output.hf:
                 shutil.copytree(final.model_path, partial / MODEL_DIR)

@@ -36,7 +36,7 @@ DEFAULT_EXPERIMENT = "compress"
 RUN_METRICS = (
     "perplexity", "dense_perplexity", "kl_to_dense", "top1_agreement", "embedding_cosine", "sparsity", "bits_per_param", "size_bytes",
     "packed_bytes", "seconds", "params", "target_params", "onnx_max_abs_diff", "onnx_ok", "layer_error_max",
-    "layer_error_mean", "audit_ok", "verify_ok", "verify_max_abs_diff", "verify_perplexity", "output_bytes",
+    "layer_error_mean", "audit_ok", "verify_ok", "verify_max_abs_diff", "verify_perplexity", "output_bytes", "compression_ratio",
 )
 
 
