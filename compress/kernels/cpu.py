@@ -116,7 +116,11 @@ KERNELS = {nm.NMWeight: nm_matmul, group_quant.GroupQuantWeight: group_quant_mat
 
 
 def packed_matmul(x: torch.Tensor, packed: Packed, path: str | None = None) -> torch.Tensor:
-    """x @ W.T for any of the packed formats."""
+    """x @ W.T for any of the packed formats (a non-CPU x goes to dispatch.py: Triton on CUDA, else the reference)."""
+    if x.device.type != "cpu" and type(packed) in KERNELS:
+        from compress.kernels.dispatch import device_matmul
+
+        return device_matmul(x, packed)
     try:
         kernel = KERNELS[type(packed)]
     except KeyError:

@@ -1,0 +1,69 @@
+"""Which kernel computes y = x @ W.T for a packed weight off the CPU.
+
+CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton kernels
+(triton_kernels.py), imported on first use only, so `import compress` and every CPU path stay free of
+Triton; every other format or device, and every device when Triton is missing, takes the format's
+plain-torch reference_matmul. COMPRESS_GPU_KERNEL=torch forces the reference (COMPRESS_GPU_KERNEL=triton
+makes a missing Triton an error instead of a silent fallback). CPU tensors never come here: cpu.py keeps
+its own paths."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
+
+ENV = "COMPRESS_GPU_KERNEL"
+CHOICES = ("auto", "triton", "torch")
+REFERENCE = {nm.NMWeight: nm.reference_matmul, group_quant.GroupQuantWeight: group_quant.reference_matmul,
+             bitmap.BitmapWeight: bitmap.reference_matmul, sparse_quant.SparseQuantWeight: sparse_quant.reference_matmul,
+             spqr.SpQRWeight: spqr.reference_matmul, lut.LUTWeight: lut.reference_matmul}
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_kernels():
+    from compress.kernels import triton_kernels
+
+    return triton_kernels
+
+
+def _choice() -> str:
+    choice = os.environ.get(ENV, "auto").lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={choice!r}: expected one of {CHOICES}")
+    return choice
+
+
+def kernel_for(x: torch.Tensor, packed) -> str:
+    """"cpu" (cpu.py's kernels), "triton" or "torch" (the format's reference) for this input and weight."""
+    if x.device.type == "cpu":
+        return "cpu"
+    choice = _choice()
+    if choice == "torch" or x.device.type != "cuda" or x.dtype not in TRITON_DTYPES:
+        return "torch"
+    if not triton_available():
+        if choice == "triton":
+            raise RuntimeError(f"{ENV}=triton but Triton is not installed")
+        return "torch"
+    return "triton" if _triton_kernels().supports(packed) else "torch"
+
+
+def device_matmul(x: torch.Tensor, packed) -> torch.Tensor:
+    """x @ W.T for a non-CPU x: the Triton kernel where one takes this weight, else the reference."""
+    if x.shape[-1] != packed.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight takes {packed.shape[1]}")
+    if kernel_for(x, packed) == "triton":
+        return _triton_kernels().packed_matmul(x, packed)
+    try:
+        return REFERENCE[type(packed)](x, packed)
+    except KeyError:
+        raise TypeError(f"no kernel for {type(packed).__name__}") from None

@@ -1,0 +1,152 @@
+"""The Triton kernels (compress/kernels/triton_kernels.py) against each format's plain-torch reference.
+
+On a machine without a GPU every kernel runs under TRITON_INTERPRET=1 on CPU tensors, on small odd shapes
+(partial last groups and tiles, several split-K programs, batch 1 / 3 / 16); the real-CUDA tests run only
+where CUDA exists. Everything here is skipped, with the reason, where Triton is not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from compress.formats import group_quant, nm, sparse_quant
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed (pip install triton): the GPU kernels cannot be tested", allow_module_level=True)
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # the interpreter is chosen when a kernel is defined, so before the kernel module is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from compress.kernels import dispatch  # noqa: E402
+from compress.kernels import triton_kernels as tk  # noqa: E402
+
+
+def make_group_quant(rows, cols, bits, group_size, zero_kind="integer", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-cols // group_size)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
+    scale = (torch.rand(rows, groups, generator=g) * 0.1 + 0.01).half().float()
+    if zero_kind == "integer":
+        zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
+    else:
+        zero = (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float()
+    return group_quant.pack(codes, scale, zero, bits, group_size, zero_kind)
+
+
+def nm_mask(rows, cols, n, m, g):
+    order = torch.rand(rows, cols // m, m, generator=g).argsort(-1)
+    return (order < n).reshape(rows, cols)
+
+
+def make_nm(rows, cols, n, m, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = nm_mask(rows, cols, n, m, g)
+    weight = (torch.randn(rows, cols, generator=g).to(dtype).float()) * mask
+    return nm.pack(weight, mask, n, m, dtype)
+
+
+def make_sparse_quant(rows, cols, bits, group_size, n=2, m=4, zero_kind="integer", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-cols // group_size)
+    mask = nm_mask(rows, cols, n, m, g)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
+    scale = (torch.rand(rows, groups, generator=g) * 0.1 + 0.01).half().float()
+    if zero_kind == "integer":
+        zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
+    else:
+        zero = (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float()
+    return sparse_quant.pack(mask, codes, scale, zero, bits, group_size, f"{n}:{m}", zero_kind)
+
+
+REFERENCE = {group_quant.GroupQuantWeight: group_quant.reference_matmul, nm.NMWeight: nm.reference_matmul,
+             sparse_quant.SparseQuantWeight: sparse_quant.reference_matmul}
+
+
+def check(packed, batch, dtype, device="cpu", config=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, packed.shape[1], generator=g).to(dtype)
+    ref = REFERENCE[type(packed)](x.float(), packed).double()  # fp32 activations: the exact product in fp32
+    if device != "cpu":
+        packed = type(packed)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
+    out = tk.packed_matmul(x.to(device), packed, config)
+    assert out.dtype == dtype and out.shape == (batch, packed.shape[0])
+    out = out.double().cpu()
+    assert torch.isfinite(out).all()
+    error = ((out - ref).norm() / ref.norm()).item()
+    # fp32 in: summation order only; bf16/fp16: the output rounding, and on the dot path the weights too
+    limit = 1e-5 if dtype == torch.float32 else 1e-2
+    assert error < limit, f"relative error {error:.2e} >= {limit:.0e}"
+
+
+# small tiles so a small shape still has several programs along N, M and K (split-K, atomics)
+SMALL = {1: tk.Config(1, 16, 32, split_k=3), 3: tk.Config(4, 16, 32, split_k=2), 16: tk.Config(16, 16, 32, split_k=2)}
+interpret = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on CPU-only machines (the CUDA tests cover the kernels)")
+
+
+@interpret
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("zero_kind", ["integer", "float16"])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_group_quant_interpreted(bits, zero_kind, batch):
+    # 33 x 160 with groups of 48: a partial last group, groups straddling tiles; 7 x 64 with g32: one group a tile
+    check(make_group_quant(33, 160, bits, 48, zero_kind), batch, torch.float32, config=SMALL[batch])
+    check(make_group_quant(7, 64, bits, 32, zero_kind, seed=2), batch, torch.bfloat16, config=SMALL[batch])
+
+
+@interpret
+@pytest.mark.parametrize("pattern", [(2, 4), (1, 4), (4, 8), (3, 5)])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_nm_interpreted(pattern, batch):
+    n, m = pattern
+    cols = 160 if 160 % m == 0 else 165
+    check(make_nm(33, cols, n, m), batch, torch.float32, config=SMALL[batch])
+    check(make_nm(7, 64 if 64 % m == 0 else 70, n, m, torch.float16, seed=3), batch, torch.float16, config=SMALL[batch])
+
+
+@interpret
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("zero_kind", ["integer", "float16"])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_sparse_quant_interpreted(bits, zero_kind, batch):
+    check(make_sparse_quant(33, 160, bits, 48, zero_kind=zero_kind), batch, torch.float32, config=SMALL[batch])
+    check(make_sparse_quant(7, 128, bits, 32, zero_kind=zero_kind, seed=4), batch, torch.bfloat16, config=SMALL[batch])
+    # groups of 64: on the FMA path each step's 32 kept values span 64 columns, one group (one scale a row)
+    check(make_sparse_quant(9, 256, bits, 64, zero_kind=zero_kind, seed=5), batch, torch.float32, config=SMALL[batch])
+
+
+@interpret
+def test_default_config_interpreted():
+    # the tiles the GPU would pick (no explicit config), a 2-D activation batch of 2 x 3
+    packed = make_group_quant(9, 96, 4, 32)
+    x = torch.randn(2, 3, 96)
+    torch.testing.assert_close(tk.packed_matmul(x, packed), group_quant.reference_matmul(x, packed), rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_choices(monkeypatch):
+    packed = make_group_quant(4, 32, 4, 32)
+    x = torch.randn(2, 32)
+    assert dispatch.kernel_for(x, packed) == "cpu"  # CPU tensors never take Triton
+    unstructured = sparse_quant.pack(torch.rand(4, 32) < 0.5, torch.randint(0, 16, (4, 32)), torch.ones(4, 1), torch.zeros(4, 1), 4, 32)
+    assert not tk.supports(unstructured) and tk.supports(packed)
+    if HAS_CUDA:
+        assert dispatch.kernel_for(x.cuda(), packed) == "triton"
+        monkeypatch.setenv("COMPRESS_GPU_KERNEL", "torch")
+        assert dispatch.kernel_for(x.cuda(), packed) == "torch"
+
+
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("batch", [1, 3, 16, 70])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_all_formats(batch, dtype):
+    for packed in (make_group_quant(257, 1000, 4, 128), make_group_quant(130, 700, 3, 128), make_group_quant(64, 512, 2, 64),
+                   make_group_quant(96, 320, 8, 32, "float16"), make_nm(257, 1024, 2, 4), make_nm(65, 640, 4, 8),
+                   make_sparse_quant(129, 1024, 4, 128), make_sparse_quant(33, 384, 4, 96, zero_kind="float16")):
+        check(packed, batch, dtype, device="cuda")
