@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.formats import group_quant, nm, sparse_quant
 from compress.formats.words import tensor_bytes
+from compress.kernels import triton_config as tc
 from compress.kernels import triton_kernels as tk
 
 FORMATS = ("int4_g128", "int3_g128", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128")
@@ -211,7 +212,7 @@ def main(argv=None) -> None:
                 arg_list = [(xs[i % 4], p) for i, p in enumerate(copies)]
                 us = time_op(tk.packed_matmul, arg_list)
                 best_us, best_cfg = us, "default"
-                default = tk.default_config_for(batch, packed, torch.device(device))
+                default = tc.default_config_for(batch, packed, torch.device(device))
                 sweep = args.sweep and batch in (1, 16) and f"{rows}x{cols}" == args.sweep_shape
                 if sweep:
                     for cfg in candidate_configs(fmt, batch, rows, cols, default):
@@ -253,7 +254,7 @@ def candidate_configs(fmt: str, batch: int, rows: int, cols: int, default) -> li
     klen = cols if fmt.startswith("int") or batch > tk.FMA_MAX_BATCH else cols // 2
     out = [C(default.block_m, default.block_n, default.block_k, 1, default.num_warps, default.num_stages)]
     for cfg in base:
-        split = tk.default_split(batch, rows, cfg.block_m, cfg.block_n, klen, cfg.block_k, torch.device("cuda"))
+        split = tc.default_split(batch, rows, cfg.block_m, cfg.block_n, klen, cfg.block_k, torch.device("cuda"))
         out.append(C(cfg.block_m, cfg.block_n, cfg.block_k, split, cfg.num_warps, cfg.num_stages))
     return out
 

@@ -221,7 +221,8 @@ def _compare_figure(runs: list[dict[str, Any]], figure: str | None, log_it: bool
     import tempfile
     from pathlib import Path
 
-    from compress.service.tracking import client, compare_figure, run_target_table
+    from compress.service.figures import compare_figure, run_target_table
+    from compress.service.tracking import client
 
     mlflow_client = client()
     ids = "-".join(r["run_id"][:8] for r in runs)

@@ -31,8 +31,7 @@ class ModelSpec(_StrictModel):
 
     source: str | None = None
     kind: Literal["auto", "causal", "encoder"] = "auto"
-    # Compute dtype; weights are saved back in the checkpoint's own dtype. "auto": float32 on CPU
-    # (bf16 matmuls there are slow and less exact), the checkpoint's dtype on CUDA.
+    # compute dtype ("auto": float32 on CPU, the checkpoint's on CUDA); weights are saved in the checkpoint's
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
 
@@ -78,17 +77,16 @@ class EvaluateSpec(_StrictModel):
     # causal LMs, with `dense`: KL(dense || compressed) per token over the dense model's top-k next
     # tokens (+ the rest as one bin) and the top-1 agreement; 0: perplexity only
     kl_top_k: NonNegativeInt = 64
-    # each stage records every target's relative output error on the calibration inputs
-    # (||WX - W'X||^2 / ||WX||^2, from X^T X): costs one X^T X per target, and calibration data
-    # even for data-free methods
+    # every target's relative output error on the calibration inputs (||WX - W'X||^2 / ||WX||^2, from
+    # X^T X): one X^T X per target, and calibration data even for data-free methods
     layer_error: bool = True
 
 
 class OutputSpec(_StrictModel):
     dir: str | None = None  # default: runs/<recipe name> (`compress run`), a folder per run (submissions)
-    hf: bool = False  # also write model/, the dense Hugging Face checkpoint (packed/ is always written)
+    hf: bool = False  # also write model/, the dense HF checkpoint (packed/ is always written)
     onnx: bool = False  # also export model.onnx, checked against PyTorch in onnxruntime
-    verify: bool = True  # load packed/ on the kernels and compare with the evaluated model before publishing
+    verify: bool = True  # compare packed/ on the kernels with the evaluated model before publishing
     register_as: str | None = None  # MLflow registered model name (default: the recipe name)
     register_model: bool = True  # add the exported model to the MLflow model registry (tracked runs)
 

@@ -67,7 +67,7 @@ def test_no_import_cycles():
 
 def test_lower_layers_never_import_higher_ones():
     order = ["errors", "settings", "cleanup", "leftovers", "stopping", "progress", "formats", "model", "methods", "recipe", "state", "calibration",
-             "kernels", "train", "pipeline", "service", "api", "summary", "cli", "__main__"]
+             "kernels", "train", "deploy", "pipeline", "service", "api", "summary", "cli", "__main__"]
     def layer(module: str) -> int:
         parts = module.split(".")
         return order.index(parts[1]) if len(parts) > 1 else len(order)

@@ -22,18 +22,22 @@ starting at a word boundary (int3: 10 codes a word).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from compress.formats import group_quant, nm, sparse_quant
-from compress.formats.words import codes_per_word
+from compress.kernels.triton_config import (
+    FMA_MAX_BATCH,
+    FMT_GROUP_QUANT,
+    FMT_NM,
+    Config,
+    default_config,
+    format_args,
+    pow2,
+    supports,  # noqa: F401 (dispatch.py asks this module)
+)
 
-FMT_GROUP_QUANT, FMT_NM, FMT_SPARSE_QUANT = 0, 1, 2
-FMA_MAX_BATCH = 4  # batches up to this take the CUDA-core path, larger ones tl.dot
-SUPPORTED = (group_quant.GroupQuantWeight, nm.NMWeight, sparse_quant.SparseQuantWeight)
 DOT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the dot's operand dtype: x's
 
 
@@ -231,105 +235,8 @@ def _packed_mm_kernel(x_ptr, out_ptr, a_ptr, b_ptr, scale_ptr, zero_ptr,
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@dataclass(frozen=True)
-class Config:
-    """Tile sizes (BLOCK_K counts kept values on the FMA path of N:M formats, columns otherwise), the split
-    of the K loop over programs, and Triton's warps and pipeline stages."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def default_split(batch: int, rows: int, block_m: int, block_n: int, klen: int, block_k: int, device: torch.device) -> int:
-    """Programs along K so the grid has ~2 waves over the multiprocessors (each keeping >= 4 K steps)."""
-    tiles = -(-rows // block_n) * -(-batch // block_m)
-    k_tiles = -(-klen // block_k)
-    target = 2 * _sm_count(device)
-    return max(1, min(-(-target // tiles), k_tiles // 4 or 1))
-
-
-def default_config(batch: int, rows: int, klen: int, device: torch.device, dense_fma: bool) -> Config:
-    """A tile and split for `batch` activation rows, `rows` output rows and a loop over `klen` (columns,
-    or kept values on the N:M FMA path)."""
-    if batch <= FMA_MAX_BATCH:
-        block_m = _pow2(batch)
-        if dense_fma:
-            # batch 1: (128, 64) was the best of the --sweep on the H200 (4096x14336 int4: 212 -> 53 us)
-            block_n, block_k = {1: (128, 64), 2: (32, 128), 4: (32, 64)}[block_m]
-        else:
-            # batch 1: (16, 256) the sweep's best (2:4 bf16: 46 -> 41 us; 2:4 + int4: 313 -> 157 us)
-            block_n, block_k = {1: (16, 256), 2: (32, 64), 4: (16, 64)}[block_m]
-        warps, stages = 4, 3
-    else:
-        block_m = 16 if batch <= 16 else 32 if batch <= 32 else 64
-        block_n, block_k = 64, 64
-        warps, stages = 4, 3
-    split = default_split(batch, rows, block_m, block_n, klen, block_k, device)
-    return Config(block_m, block_n, block_k, split, warps, stages)
-
-
-def default_config_for(batch: int, packed, device: torch.device) -> Config:
-    """The configuration packed_matmul picks for this weight and batch."""
-    rows, cols = packed.shape
-    nm_fma = not isinstance(packed, group_quant.GroupQuantWeight) and batch <= FMA_MAX_BATCH
-    klen = cols // packed.m * packed.n if isinstance(packed, nm.NMWeight) else cols
-    if nm_fma and isinstance(packed, sparse_quant.SparseQuantWeight):
-        n, m = sparse_quant.parse_pattern(packed.pattern)
-        klen = cols // m * n
-    return default_config(batch, rows, klen, device, dense_fma=not nm_fma)
-
-
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _format_args(packed, cols: int) -> dict:
-    """The kernel's constants and pointers for one packed weight."""
-    if isinstance(packed, group_quant.GroupQuantWeight):
-        bits = packed.bits
-        return dict(FMT=FMT_GROUP_QUANT, a=packed.codes, b=packed.codes, scale=packed.scale, zero=packed.zero, BITS=bits,
-                    PER=codes_per_word(bits), IBITS=1, IPER=32, NN=1, MM=1, GROUP=packed.group_size,
-                    ZERO_INT=packed.zero_kind == "integer", KC=cols, WPR=packed.codes.shape[1], IWPR=1,
-                    GROUPS=packed.groups, ZWPR=packed.zero.shape[1] if packed.zero_kind == "integer" else 1)
-    if isinstance(packed, nm.NMWeight):
-        ib = nm.index_bits(packed.m)
-        return dict(FMT=FMT_NM, a=packed.values, b=packed.indices, scale=packed.values, zero=packed.values, BITS=1, PER=32,
-                    IBITS=ib, IPER=codes_per_word(ib), NN=packed.n, MM=packed.m, GROUP=1, ZERO_INT=False,
-                    KC=cols // packed.m * packed.n, WPR=1, IWPR=packed.indices.shape[1], GROUPS=1, ZWPR=1)
-    if isinstance(packed, sparse_quant.SparseQuantWeight):
-        pattern = sparse_quant.parse_pattern(packed.pattern)
-        if pattern is None:
-            raise TypeError("the Triton kernels take sparse_quant with an N:M pattern only")
-        n, m = pattern
-        ib = nm.index_bits(m)
-        bits = packed.bits
-        return dict(FMT=FMT_SPARSE_QUANT, a=packed.codes, b=packed.indices, scale=packed.scale, zero=packed.zero, BITS=bits,
-                    PER=codes_per_word(bits), IBITS=ib, IPER=codes_per_word(ib), NN=n, MM=m, GROUP=packed.group_size,
-                    ZERO_INT=packed.zero_kind == "integer", KC=cols // m * n, WPR=packed.codes.shape[1],
-                    IWPR=packed.indices.shape[1], GROUPS=packed.groups,
-                    ZWPR=packed.zero.shape[1] if packed.zero_kind == "integer" else 1)
-    raise TypeError(f"no Triton kernel for {type(packed).__name__}")
-
-
-def supports(packed) -> bool:
-    """Whether a Triton kernel takes this packed weight."""
-    if isinstance(packed, sparse_quant.SparseQuantWeight):
-        return sparse_quant.parse_pattern(packed.pattern) is not None
-    return isinstance(packed, SUPPORTED)
 
 
 def packed_matmul(x: torch.Tensor, packed, config: Config | None = None) -> torch.Tensor:
@@ -339,7 +246,7 @@ def packed_matmul(x: torch.Tensor, packed, config: Config | None = None) -> torc
         raise ValueError(f"input has {x.shape[-1]} features, the weight takes {cols}")
     if x.dtype not in DOT_KIND:
         raise TypeError(f"activations must be float32, bfloat16 or float16, got {x.dtype}")
-    args = _format_args(packed, cols)
+    args = format_args(packed, cols)
     x2 = x.reshape(-1, cols).contiguous()
     batch = x2.shape[0]
     if batch == 0 or rows == 0:
@@ -347,9 +254,9 @@ def packed_matmul(x: torch.Tensor, packed, config: Config | None = None) -> torc
     nm_fma = args["FMT"] != FMT_GROUP_QUANT and batch <= FMA_MAX_BATCH
     klen = args["KC"] if nm_fma else cols
     cfg = config or default_config(batch, rows, klen, x.device, dense_fma=not nm_fma)
-    per_p2 = _pow2(args["PER"])
+    per_p2 = pow2(args["PER"])
     block_k = cfg.block_k
-    iper_p2 = _pow2(args["IPER"])
+    iper_p2 = pow2(args["IPER"])
     if args["FMT"] == FMT_GROUP_QUANT:  # the loop runs over words, block_k // per_p2 of them a step
         block_k = max(1, cfg.block_k // per_p2)
         klen = args["WPR"]
