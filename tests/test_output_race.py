@@ -3,22 +3,18 @@ weights its own run computed (the output is locked from export to registration).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import mlflow.artifacts
+import torch
 import yaml
-from conftest import fast_recipe
+from conftest import checkpoint_tensors, fast_recipe
 
-
-def _weights_digest(model_dir: Path) -> str:
-    hasher = hashlib.sha256()
-    for path in sorted(model_dir.glob("*.safetensors")):
-        hasher.update(path.read_bytes())
-    return hasher.hexdigest()
+from compress.deploy.packed_model import dense_tensors
 
 
 def _waits_for_a_lock(pid: int) -> bool:
@@ -66,15 +62,17 @@ def test_concurrent_runs_to_one_output_register_their_own_weights(tmp_path, monk
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     for name in ("race-a", "race-b"):
         (version,) = client.search_model_versions(f"name = '{name}-embedded'")
-        local = Path(client.download_artifacts(version.run_id, "model", str(tmp_path / f"download-{name}")))
-        (output,) = (local / "artifacts").iterdir()  # the output folder, as registered
-        registered = output / "model"
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / f"download-{name}"),
+                                                         tracking_uri=client.tracking_uri))
+        (output,) = (local / "artifacts").iterdir()  # the deployable part of the output, as registered
+        registered = output / "packed"
         run = client.get_run(version.run_id)
         stage_steps = [s for s in (report_a if name == "race-a" else None or {}).get("steps", []) if s["step"] == "stage"]
-        if name == "race-a":
+        if name == "race-a":  # A registered A's weights, not B's: its packed model holds A's stage checkpoint
             (stage,) = stage_steps
-            own = home / "steps" / f"stage-{stage['key']}" / "model"
-            assert _weights_digest(registered) == _weights_digest(own)  # A registered A's weights, not B's
+            own = checkpoint_tensors(home / "steps" / f"stage-{stage['key']}" / "model")
+            packed = dense_tensors(registered)
+            assert all(torch.equal(packed[key], own[key]) for key in own)
         assert run.data.tags["compress.recipe"] == name
         assert yaml.safe_load((registered.parent / "report.json").read_text())["recipe"]["name"] == name
     assert yaml.safe_load((out / "report.json").read_text())["recipe"]["name"] == "race-b"  # B published after A
