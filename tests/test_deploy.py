@@ -112,3 +112,13 @@ def test_kept_mask_is_the_pruning_mask_in_the_weights_own_column_order():
     assert packed.perm is not None and packed.keep is not None
     stored = spqr.from_quantized(packed)
     assert torch.equal(kept_mask(stored), keep)
+
+
+def test_verify_tolerance_follows_the_dtypes():
+    """2 units of the checkpoint dtype when computing in float32; 8 units of a 16-bit compute dtype,
+    whose rounded activations drift apart layer by layer; proportional to the largest logit."""
+    from compress.pipeline.verify import tolerance
+
+    assert tolerance(torch.bfloat16, 10.0) == pytest.approx(2 * 2**-7 * 10)
+    assert tolerance(torch.bfloat16, 10.0, torch.bfloat16) == pytest.approx(8 * 2**-7 * 10)
+    assert tolerance(torch.float32, 0.5) == pytest.approx(2 * 2**-23)  # small logits: absolute floor of one unit of scale
