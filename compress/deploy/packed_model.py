@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from compress import __version__
 from compress.formats.choose import pack_target
+from compress.formats.packed_file import target_of
 from compress.formats.registry import format_module, tensor_specs
 from compress.model.checkpoint import INDEX_FILE, WEIGHT_SUFFIXES, CheckpointFiles, read_header
 from compress.progress import bar
@@ -120,7 +121,7 @@ def stored_bytes(folder: Path, targets: list[str]) -> dict[str, int]:
             start, end = info["data_offsets"]
             if key in experts:
                 target_bytes += (end - start) * experts[key] // info["shape"][0]
-            elif not key.endswith(".bias") and _target_of(key, wanted):
+            elif not key.endswith(".bias") and target_of(key, wanted):
                 target_bytes += end - start
     return {"target_bytes": target_bytes, "bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())}
 
@@ -130,15 +131,6 @@ def _fused_parts(name: str) -> tuple[str, int | None, str]:
     head, _, param = name.rpartition(".")
     parent, _, index = head.rpartition(".")
     return (parent, int(index), param) if index.isdigit() else (head, None, param)
-
-
-def _target_of(key: str, names: set[str]) -> str | None:
-    head = key
-    while "." in head:
-        head = head.rpartition(".")[0]
-        if head in names:
-            return head
-    return None
 
 
 def read_quantization_config(folder: Path) -> dict[str, Any]:
@@ -157,11 +149,10 @@ def read_quantization_config(folder: Path) -> dict[str, Any]:
 def dense_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a packed folder as a dense checkpoint holds it: packed targets unpacked to the
     config's dtype (`<module>.weight`), the rest as stored. For inspection: it builds every dense weight."""
-    from compress.formats.registry import DTYPES, from_tensors, unpack
+    from compress.formats.registry import from_tensors, unpack
 
     section = read_quantization_config(folder)
-    config = json.loads((Path(folder) / "config.json").read_text())
-    dtype = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+    dtype = config_dtype(folder)
     files = CheckpointFiles(Path(folder))
     tensors = files.read(list(files.where))
     for name, info in section["targets"].items():
@@ -169,3 +160,11 @@ def dense_tensors(folder: Path) -> dict[str, torch.Tensor]:
         packed = from_tensors(parts, name, {k: v for k, v in info.items() if k != "tensors"})
         tensors[f"{name}.weight"] = unpack(packed).to(dtype)
     return tensors
+
+
+def config_dtype(folder: Path) -> torch.dtype:
+    """The dtype a model folder's config.json declares for its weights (float32 when it declares none)."""
+    from compress.formats.registry import DTYPES
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)

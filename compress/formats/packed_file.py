@@ -178,7 +178,7 @@ def merge_packed(parts: list[tuple[Path, list[str]]], path: Path) -> None:
             layout[name] = info["layout"][name]
         wanted = set(names)
         for key, tensor in header.items():
-            if key != "__metadata__" and _target_of(key, wanted) is not None:
+            if key != "__metadata__" and target_of(key, wanted) is not None:
                 start, end = tensor["data_offsets"]
                 entries.append((SAFETENSORS_DTYPE_BYTES[tensor["dtype"]], key, tensor, source, data_start + start, data_start + end))
     entries.sort(key=lambda entry: (-entry[0], entry[1]))
@@ -202,7 +202,7 @@ def merge_packed(parts: list[tuple[Path, list[str]]], path: Path) -> None:
                     remaining -= len(chunk)
 
 
-def _target_of(key: str, names: set[str]) -> str | None:
+def target_of(key: str, names: set[str]) -> str | None:
     """The target a tensor key (NAME.codes, NAME.scale.step, NAME.outliers.values, ...) belongs to,
     if it is one of `names`: the longest of them that prefixes the key."""
     head = key

@@ -96,12 +96,12 @@ def audit_output(out_dir: str | Path) -> dict[str, Any]:
             problems[name] = ["not in the model"]
             continue
         try:
-            weight, meta = stored.weight(target)
+            weight, meta, mask = stored.weight(target)
         except (KeyError, ValueError) as error:
             problems[name] = [f"packed/ does not hold it readably: {error}"]
             continue
         at_storage = weight.to(stored.dtype)
-        if meta is not None and (mask := stored.mask(target)) is not None:  # the format's own mask: pruned weights
+        if mask is not None:  # the format's own mask: pruned weights
             sparsity = float((~mask).sum()) / weight.numel()
             if bad := int((at_storage[~mask] != 0).sum()):
                 found.append(f"{bad} weights its mask prunes are not zero")
@@ -148,16 +148,14 @@ class StoredWeights:
     a dense one (or a fused expert) read as is; and the model's skeleton, built on the meta device."""
 
     def __init__(self, folder: Path) -> None:
-        from compress.deploy.packed_model import read_quantization_config
-        from compress.formats.registry import DTYPES
+        from compress.deploy.packed_model import config_dtype, read_quantization_config
 
         if not (folder / "config.json").is_file():
             raise CompressError(f"{folder.parent} holds no packed model ({folder.name}/config.json): not a complete compress output")
         self.folder = folder
         self.files = CheckpointFiles(folder)
         self.layout = read_quantization_config(folder)["targets"]
-        self.config = json.loads((folder / "config.json").read_text())
-        self.dtype = DTYPES.get(str(self.config.get("dtype") or self.config.get("torch_dtype") or "float32"), torch.float32)
+        self.dtype = config_dtype(folder)
 
     def skeleton(self) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -169,26 +167,19 @@ class StoredWeights:
         with torch.device("meta"):
             return auto.from_config(config)
 
-    def mask(self, target) -> torch.Tensor | None:
-        """A packed target's kept mask, as its format stores it (None: the format keeps every weight)."""
-        from compress.formats.registry import from_tensors, kept_mask
-
-        meta = self.layout[target.name]
-        keys = [f"{target.name}.{field}" for field in meta["tensors"]]
-        return kept_mask(from_tensors(self.files.read(keys), target.name, {k: v for k, v in meta.items() if k != "tensors"}))
-
-    def weight(self, target) -> tuple[torch.Tensor, dict | None]:
-        """(float32 [out, in] weight, its format meta or None when stored dense)."""
-        from compress.formats.registry import from_tensors, unpack
+    def weight(self, target) -> tuple[torch.Tensor, dict | None, torch.Tensor | None]:
+        """(float32 [out, in] weight, its format meta, the format's kept mask), read once; meta and mask
+        are None when stored dense, the mask also for a format that keeps every weight."""
+        from compress.formats.registry import from_tensors, kept_mask, unpack
 
         meta = self.layout.get(target.name)
         if meta is not None:
             keys = [f"{target.name}.{field}" for field in meta["tensors"]]
             packed = from_tensors(self.files.read(keys), target.name, {k: v for k, v in meta.items() if k != "tensors"})
-            return unpack(packed), meta
+            return unpack(packed), meta, kept_mask(packed)
         if target.expert is None:
             key = f"{target.name}.weight"
-            return self.files.read([key])[key].float(), None
+            return self.files.read([key])[key].float(), None, None
         head, _, param = target.name.rpartition(".")
         key = f"{head.rpartition('.')[0]}.{param}"
-        return self.files.read([key])[key][target.expert].float(), None
+        return self.files.read([key])[key][target.expert].float(), None, None

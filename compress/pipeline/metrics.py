@@ -74,8 +74,7 @@ def causal_scores(
         for index, batch in enumerate(bar(iterable=windows.split(batch_size), desc="perplexity", unit="batch")):
             batch = batch.to(device)
             logprobs = model(input_ids=batch, use_cache=False).logits[:, :-1].float().log_softmax(dim=-1)
-            nll = -logprobs.gather(-1, batch[:, 1:, None]).squeeze(-1)
-            total_nll += nll.mean(dim=1).sum().item()
+            total_nll += window_nll(logprobs, batch).sum().item()
             count += batch.shape[0]
             if reference is not None:
                 rows = slice(index * batch_size, index * batch_size + batch.shape[0])
@@ -111,6 +110,16 @@ def _binned_kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     rest_q = (-torch.expm1(other.logsumexp(-1))).clamp_min(noise)
     tail = torch.where(rest_p > noise, rest_p * (rest_p.clamp_min(noise).log() - rest_q.log()), 0.0)
     return kl + tail
+
+
+def window_nll(logprobs: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Each window's mean next-token NLL, from the log-probabilities [n, seqlen - 1, vocab] of its positions."""
+    return -logprobs.gather(-1, windows[:, 1:, None]).squeeze(-1).mean(dim=1)
+
+
+def perplexity_of_logits(logits: torch.Tensor, windows: torch.Tensor) -> float:
+    """causal_scores' perplexity from logits already computed for `windows` ([n, seqlen] token ids)."""
+    return math.exp(window_nll(logits[:, :-1].float().log_softmax(dim=-1), windows.to(logits.device)).mean().item())
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8) -> float:

@@ -16,7 +16,7 @@ from compress.errors import CompressError
 from compress.kernels.modules import PackedLinear
 from compress.pipeline.checkpoints import open_checkpoint
 from compress.pipeline.evaluate import eval_tokens
-from compress.pipeline.metrics import causal_scores
+from compress.pipeline.metrics import perplexity_of_logits
 from compress.pipeline.store import StepResult
 from compress.recipe import Recipe
 
@@ -51,7 +51,6 @@ def verify_export(packed_dir: Path, recipe: Recipe, final: StepResult, causal: b
     evaluated, _ = open_checkpoint(final, recipe.model)
     windows = eval_tokens(recipe, evaluated.tokenizer)[0][:VERIFY_WINDOWS]
     expected = _outputs(evaluated.model.cpu(), windows, causal)
-    evaluated_perplexity = causal_scores(evaluated.model, windows, torch.device("cpu")).perplexity if causal else None
     compute_dtype, storage_dtype = evaluated.compute_dtype, evaluated.storage_dtype
     del evaluated  # one model in memory at a time: the evaluated one is read again only to name the broken layers
     packed = load_packed(packed_dir, dtype=compute_dtype, kind="causal" if causal else "encoder")
@@ -62,8 +61,8 @@ def verify_export(packed_dir: Path, recipe: Recipe, final: StepResult, causal: b
     result: dict[str, Any] = {"verify_ok": difference <= allowed, "verify_max_abs_diff": difference, "verify_tolerance": allowed,
                               "verify_windows": int(windows.shape[0]), "verify_packed_modules": kernels}
     if causal:
-        result["verify_perplexity"] = causal_scores(packed, windows, torch.device("cpu")).perplexity
-        result["verify_evaluated_perplexity"] = evaluated_perplexity
+        result["verify_perplexity"] = perplexity_of_logits(got, windows)
+        result["verify_evaluated_perplexity"] = perplexity_of_logits(expected, windows)
     if not result["verify_ok"]:
         layers = differing_layers(packed, open_checkpoint(final, recipe.model)[0].model, storage_dtype, compute_dtype)
         raise CompressError(
