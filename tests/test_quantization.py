@@ -209,7 +209,7 @@ def test_gptq_act_order_sweeps_by_hessian_diagonal_and_packs_the_permutation(tmp
 
 
 def test_moe_experts_prune_refine_and_quantize(tiny_mixtral, tmp_path):
-    """Fused experts go through every stage kind: Wanda, DSnoT on all targets, SpQR packing per expert."""
+    """Fused experts go through every stage kind: Wanda, DSnoT on all targets, GPTQ, each expert packed in its own format."""
     from conftest import fast_recipe
 
     from compress.pipeline.engine import run
@@ -221,7 +221,7 @@ def test_moe_experts_prune_refine_and_quantize(tiny_mixtral, tmp_path):
     report = run(validate_recipe(recipe), tmp_path / "moe")
     expert = "model.layers.0.mlp.experts.1.down_proj"
     assert report["targets"][expert]["quantized"]["bits"] == 4 and report["targets"][expert]["stages"] == ["wanda", "dsnot", "gptq"]
-    assert report["targets"][expert]["format"] == "dense"  # fused experts have no packed module yet
+    assert report["targets"][expert]["format"] == "sparse_quant"  # each expert in its own format, run by the packed experts module
     assert report["audit"]["ok"] and report["verify"]["verify_ok"]
     assert abs(report["targets"][expert]["sparsity"] - 0.5) < 1e-6
 

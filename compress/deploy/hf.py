@@ -14,9 +14,11 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from compress.deploy.packed_model import FORMAT, QUANT_METHOD
+from compress.deploy.packed_model import FORMAT, QUANT_METHOD, fused_parts
 from compress.formats.registry import empty_tensors, from_tensors
+from compress.kernels.experts import PackedExperts
 from compress.kernels.modules import PackedLinear, from_packed
+from compress.model.targets import is_fused_experts
 
 
 class CompressQuantizationConfig(QuantizationConfigMixin):
@@ -34,20 +36,46 @@ class CompressQuantizationConfig(QuantizationConfigMixin):
 
 
 def replace_targets(model: nn.Module, targets: dict[str, dict], device: str | torch.device = "meta") -> None:
-    """Swap each packed target's Linear for its kernel-backed module, with empty buffers on `device`."""
+    """Swap each packed target's Linear for its kernel-backed module, with empty buffers on `device`; a
+    fused-experts module whose experts are packed becomes a PackedExperts (compress/kernels/experts.py)."""
+    experts: dict[str, dict[str, dict[int, nn.Module]]] = {}  # experts module -> param -> expert -> packed module
     for name, info in targets.items():
+        meta = {k: v for k, v in info.items() if k != "tensors"}
+        packed = from_tensors(empty_tensors(name, info["tensors"], device), name, meta)
+        head, expert, param = fused_parts(name)
+        if expert is not None and _is_fused(model, head):
+            experts.setdefault(head, {}).setdefault(param, {})[expert] = from_packed(packed)
+            continue
         try:
             linear = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"packed target {name} is not a module of {type(model).__name__}: the folder belongs to another architecture") from None
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"packed target {name} is a {type(linear).__name__} in {type(model).__name__}, not a Linear")
-        meta = {k: v for k, v in info.items() if k != "tensors"}
-        packed = from_tensors(empty_tensors(name, info["tensors"], device), name, meta)
         if tuple(packed.shape) != (linear.out_features, linear.in_features):
             raise ValueError(f"packed target {name} is {tuple(packed.shape)}, the model's Linear is {(linear.out_features, linear.in_features)}")
         bias = None if linear.bias is None else torch.empty(linear.out_features, dtype=linear.bias.dtype, device=device)
         model.set_submodule(name, from_packed(packed, bias))
+    for head, params in experts.items():
+        original = model.get_submodule(head)
+        lists = {}
+        for param, by_expert in params.items():
+            fused = getattr(original, param)
+            if sorted(by_expert) != list(range(fused.shape[0])):
+                raise ValueError(f"{head}.{param}: the folder packs experts {sorted(by_expert)} of {fused.shape[0]}")
+            for expert, module in by_expert.items():
+                if (module.out_features, module.in_features) != tuple(fused.shape[1:]):
+                    raise ValueError(f"packed target {head}.{expert}.{param} is {(module.out_features, module.in_features)}, "
+                                     f"the model's experts are {tuple(fused.shape[1:])}")
+            lists[param] = [by_expert[e] for e in range(fused.shape[0])]
+        model.set_submodule(head, PackedExperts(original, lists))
+
+
+def _is_fused(model: nn.Module, path: str) -> bool:
+    try:
+        return is_fused_experts(model.get_submodule(path))
+    except AttributeError:
+        return False
 
 
 def check_loaded(model: nn.Module, targets: dict[str, dict]) -> None:

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from compress import __version__
+from compress.formats import ternary_dict
 from compress.formats.choose import pack_target
 from compress.formats.packed_file import target_of
 from compress.formats.registry import format_module, tensor_specs
@@ -42,12 +43,18 @@ SHARD_BYTES = 2 << 30  # a shard is written once it holds this much: a 7B model 
 
 def write_packed_model(dense_dir: Path, state: CompressionState, targets: list[str], folder: Path) -> dict[str, Any]:
     """Write `folder` from the dense checkpoint `dense_dir` and the final compression state; returns
-    {"targets": {name: {"format", "bytes"[, "reason"]}}, "target_bytes", "bytes"}."""
+    {"targets": {name: {"format"[, "reason"]}}, "target_bytes", "by_target", "bytes", "static_dictionary_bytes"}.
+
+    A fused-experts tensor [E, ...] is stored per expert (`<experts>.<e>.<param>.<field>`) when every
+    expert of it is a target that packs and its module has the layout compress/kernels/experts.py runs;
+    otherwise whole and dense, as the checkpoint holds it."""
     files = CheckpointFiles(dense_dir)
     linear = {name for name in targets if f"{name}.weight" in files.where}
+    fused = _fused_targets(targets, files)
     folder.mkdir(parents=True)
     layout: dict[str, dict] = {}
-    dense: dict[str, str] = {name: "fused MoE experts (no packed experts module yet)" for name in targets if name not in linear}
+    dense: dict[str, str] = {}
+    static: dict[str, int] = {}  # dictionary-coded targets: their bytes with the reference's static dictionary
     shards: list[Path] = []
     pending: dict[str, torch.Tensor] = {}
     pending_bytes = 0
@@ -65,15 +72,25 @@ def write_packed_model(dense_dir: Path, state: CompressionState, targets: list[s
         module, _, field = key.rpartition(".")
         stored = {key: tensor}
         if field == "weight" and module in linear:
-            entry = state.targets.get(module)
-            quantized = entry.quantized.load() if entry is not None and isinstance(entry.quantized, PackedOnDisk) else (
-                entry.quantized if entry is not None else None)
-            packed, reason = pack_target(tensor, entry.mask if entry is not None else None, quantized)
+            packed, reason = _pack(state, module, tensor)
             if packed is None:
                 dense[module] = reason
             else:
                 layout[module] = {**packed.meta, "tensors": tensor_specs(packed)}
                 stored = format_module(packed.meta).to_tensors(packed, module)
+                static.update(_static_dictionary_bytes(module, packed))
+        elif key in fused:
+            names, why = fused[key], fused_layout_problem(files, module)
+            results = [(None, why)] if why else [_pack(state, name, tensor[e]) for e, name in enumerate(names)]
+            reason = next((r for p, r in results if p is None), None)
+            if reason is not None:
+                dense.update({name: f"fused MoE experts stored dense: {reason}" for name in names if name in targets})
+            else:
+                stored = {}
+                for name, (packed, _) in zip(names, results):
+                    layout[name] = {**packed.meta, "tensors": tensor_specs(packed)}
+                    stored.update(format_module(packed.meta).to_tensors(packed, name))
+                    static.update(_static_dictionary_bytes(name, packed))
         pending.update(stored)
         pending_bytes += sum(t.numel() * t.element_size() for t in stored.values())
         if pending_bytes >= SHARD_BYTES:
@@ -92,7 +109,51 @@ def write_packed_model(dense_dir: Path, state: CompressionState, targets: list[s
     _write_config(dense_dir, folder, layout, dense)
     return {"targets": {**{name: {"format": info["format"]} for name, info in layout.items()},
                         **{name: {"format": "dense", "reason": why} for name, why in dense.items()}},
-            **stored_bytes(folder, targets)}
+            "static_dictionary_bytes": static, **stored_bytes(folder, targets)}
+
+
+def _static_dictionary_bytes(name: str, packed) -> dict[str, int]:
+    """{name: bytes} of a dictionary-coded target coded with the reference's static dictionary instead
+    (counted from the tensors that coding would store), to report beside the adaptive one it is stored with."""
+    if packed.meta["format"] != ternary_dict.FORMAT or packed.dictionary == "static":
+        return {}
+    alternative = ternary_dict.from_ternary(ternary_dict.symbols_of(packed), packed.minmax, "static")
+    return {name: ternary_dict.nbytes(alternative)}
+
+
+def _pack(state: CompressionState, name: str, weight: torch.Tensor):
+    """(packed weight, None) or (None, why dense) for one target's stored weight and its state."""
+    entry = state.targets.get(name)
+    quantized = entry.quantized.load() if entry is not None and isinstance(entry.quantized, PackedOnDisk) else (
+        entry.quantized if entry is not None else None)
+    return pack_target(weight, entry.mask if entry is not None else None, quantized)
+
+
+def _fused_targets(targets: list[str], files: CheckpointFiles) -> dict[str, list[str]]:
+    """{fused tensor key: the target name of each of its experts, in order} for fused tensors whose
+    every expert is a target."""
+    experts: dict[str, dict[int, str]] = {}
+    for name in targets:
+        head, expert, param = fused_parts(name)
+        if expert is not None and f"{head}.{param}" in files.where:
+            experts.setdefault(f"{head}.{param}", {})[expert] = name
+    fused = {}
+    for key, by_index in experts.items():
+        count = read_header(files.folder / files.where[key])[key]["shape"][0]
+        if sorted(by_index) == list(range(count)):
+            fused[key] = [by_index[e] for e in range(count)]
+    return fused
+
+
+def fused_layout_problem(files: CheckpointFiles, experts: str) -> str | None:
+    """Why the fused experts module `experts` cannot be stored per expert (None: it can): its tensors
+    must be exactly the gate_up / down pair compress/kernels/experts.py runs."""
+    from compress.kernels.experts import FUSED_PARAMS
+
+    found = sorted(key.rpartition(".")[2] for key in files.where if key.rpartition(".")[0] == experts)
+    if found != sorted(FUSED_PARAMS):
+        return f"experts with tensors {found} (the packed experts module runs {list(FUSED_PARAMS)} without biases)"
+    return None
 
 
 def _write_config(dense_dir: Path, folder: Path, layout: dict[str, dict], dense: dict[str, str]) -> None:
@@ -105,28 +166,30 @@ def _write_config(dense_dir: Path, folder: Path, layout: dict[str, dict], dense:
             shutil.copy2(file, folder / file.name)
 
 
-def stored_bytes(folder: Path, targets: list[str]) -> dict[str, int]:
+def stored_bytes(folder: Path, targets: list[str]) -> dict[str, Any]:
     """{"target_bytes": bytes of the target weights' tensors (packed or dense; biases aside), "bytes":
-    every file of the folder}, read from the safetensors headers as written. A fused-experts tensor
-    [E, ...] counts the share of its experts that are targets."""
+    every file of the folder, "by_target": {target: its bytes}}, read from the safetensors headers as
+    written. A fused-experts tensor [E, ...] stored whole counts 1/E of its bytes for each expert target."""
     wanted = set(targets)
-    experts: dict[str, int] = {}  # fused tensor key -> how many of its experts are targets
+    experts: dict[str, list[str]] = {}  # fused tensor key -> its experts that are targets
     for name in targets:
-        head, expert, param = _fused_parts(name)
+        head, expert, param = fused_parts(name)
         if expert is not None:
-            experts[f"{head}.{param}"] = experts.get(f"{head}.{param}", 0) + 1
-    target_bytes = 0
+            experts.setdefault(f"{head}.{param}", []).append(name)
+    by_target: dict[str, int] = dict.fromkeys(targets, 0)
     for file in sorted(folder.glob("*.safetensors")):
         for key, info in read_header(file).items():
             start, end = info["data_offsets"]
             if key in experts:
-                target_bytes += (end - start) * experts[key] // info["shape"][0]
-            elif not key.endswith(".bias") and target_of(key, wanted):
-                target_bytes += end - start
-    return {"target_bytes": target_bytes, "bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())}
+                for name in experts[key]:
+                    by_target[name] += (end - start) // info["shape"][0]
+            elif not key.endswith(".bias") and (owner := target_of(key, wanted)) is not None:
+                by_target[owner] += end - start
+    return {"target_bytes": sum(by_target.values()), "by_target": by_target,
+            "bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())}
 
 
-def _fused_parts(name: str) -> tuple[str, int | None, str]:
+def fused_parts(name: str) -> tuple[str, int | None, str]:
     """("p.experts", 3, "gate_up_proj") for a fused expert target "p.experts.3.gate_up_proj"."""
     head, _, param = name.rpartition(".")
     parent, _, index = head.rpartition(".")

@@ -1,12 +1,13 @@
 """Which kernel-ready format stores a compressed target: the smallest that holds it exactly and that a
-kernel runs. A target no format fits (not compressed, too little sparsity to pay for a bitmask, 16-bit
-codes, weights not exactly representable in 16 bits) stays a dense weight, with the reason."""
+kernel runs (a ternary QMoE expert: the dictionary-coded format). A target no format fits (not
+compressed, too little sparsity to pay for a bitmask, 16-bit codes, weights not exactly representable
+in 16 bits) stays a dense weight, with the reason."""
 
 from __future__ import annotations
 
 import torch
 
-from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
+from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr, ternary_dict
 from compress.formats.quantized import QuantizedStatistic, QuantizedWeight
 
 # Below this a bitmask (1 bit a weight) plus 16-bit values is barely smaller than dense 16-bit and the
@@ -43,6 +44,8 @@ def pack_target(weight: torch.Tensor, mask: torch.Tensor | None, quantized: Quan
         if quantized is not None:
             if quantized.bits > 8:
                 return None, f"{quantized.bits}-bit codes (the formats hold 2-8 bits)"
+            if quantized.ternary and quantized.keep is None and quantized.outliers is None and quantized.perm is None:
+                return ternary_dict.from_quantized(quantized), None  # QMoE: dictionary-coded, under 1 bit a weight
             if quantized.lut is not None:
                 return lut.from_quantized(quantized), None
             if _plain(quantized):

@@ -6,7 +6,8 @@ One safetensors file (`packed.safetensors`) holds, per target NAME:
   NAME.scale.codes  uint8, packed codes of the scales; NAME.scale.step / NAME.scale.low float16
   NAME.zero         likewise: packed integer zero points, or quantized zero points
   NAME.lut          float16 [out, 2^bits], instead of scale and zero, for a per-row lookup table
-                    (non-uniform quantization, SqueezeLLM): the code is the index into its row's table
+                    (non-uniform quantization, SqueezeLLM): the code is the index into its row's table;
+                    a ternary target (QMoE) is one with lut rows (0, min, max, 0), marked "ternary"
   NAME.outliers.row_counts [out], .col_idx int16 [nnz], .values float16 [nnz] (CSR, SpQR): the
                     row pointers stored as their differences, each row's outlier count, in uint8 when
                     every count fits (else int16 read as unsigned, else int32); 8 bits a row instead of
@@ -62,6 +63,8 @@ def write_packed(path: Path, weights: dict[str, QuantizedWeight]) -> None:
         if q.lut is not None:
             tensors[f"{name}.lut"] = q.lut.to(torch.float16)
             statistics = {"lut": True}  # a key only LUT targets have: the others' metadata is as before
+            if q.ternary:
+                statistics["ternary"] = True
         else:
             scale_tensors, scale_info = _statistic_tensors(f"{name}.scale", q.scale, None)
             zero_tensors, zero_info = _statistic_tensors(f"{name}.zero", q.zero, q.bits)
@@ -129,7 +132,7 @@ def read_packed(path: Path, names: list[str] | None = None) -> dict[str, Quantiz
             scale, zero = (None, None) if lut is not None else (
                 _read_statistic(handle, f"{name}.scale", info["scale"]), _read_statistic(handle, f"{name}.zero", info["zero"]))
             weights[name] = QuantizedWeight((rows, cols), info["bits"], info["group_size"], codes, scale, zero,
-                                            outliers, keep, perm, lut)
+                                            outliers, keep, perm, lut, bool(info.get("ternary")))
     return weights
 
 

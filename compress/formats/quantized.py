@@ -49,6 +49,9 @@ class QuantizedWeight:
     keep: torch.Tensor | None = None  # bool [out, in]: False where pruned (stored 1 bit a weight)
     perm: torch.Tensor | None = None  # int [in]: stored column k is column perm[k] of the weight
     lut: torch.Tensor | None = None  # float16 [out, 2^bits]: per-row table of values, used instead of scale and zero
+    # every row holds only {min, 0, max} (QMoE): codes 0 = zero, 1 = min, 2 = max and lut[:, :3] = (0, min, max);
+    # the export stores it dictionary-coded (compress/formats/ternary_dict.py)
+    ternary: bool = False
 
     def group_values(self, statistic: torch.Tensor | QuantizedStatistic) -> torch.Tensor:
         """A group's statistic for each of its columns, [out, in] (a last, shorter group is cut to fit)."""

@@ -10,9 +10,9 @@ from types import ModuleType
 
 import torch
 
-from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
+from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr, ternary_dict
 
-FORMATS: dict[str, ModuleType] = {module.FORMAT: module for module in (nm, bitmap, group_quant, sparse_quant, spqr, lut)}
+FORMATS: dict[str, ModuleType] = {module.FORMAT: module for module in (nm, bitmap, group_quant, sparse_quant, spqr, lut, ternary_dict)}
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
                torch.int32: "int32", torch.int16: "int16", torch.uint8: "uint8", torch.int8: "int8", torch.bool: "bool"}

@@ -1,4 +1,4 @@
-"""y = x @ W.T straight from a packed weight (compress.formats: nm, group_quant, bitmap, sparse_quant, spqr, lut) on
+"""y = x @ W.T straight from a packed weight (compress.formats: nm, group_quant, bitmap, sparse_quant, spqr, lut, ternary_dict) on
 the CPU: the compiled kernels decode the weights in registers and accumulate in fp32, threads over the
 output rows; x is [..., in] in float32, bfloat16 or float16 and y comes back in x's dtype. A CUDA
 tensor, another dtype or path "torch" takes the format's reference_matmul (build.py picks the path)."""
@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import torch
 
-from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
+from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr, ternary_dict
 from compress.kernels.build import ISA_CODE, resolve_path
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-Packed = nm.NMWeight | group_quant.GroupQuantWeight | bitmap.BitmapWeight | sparse_quant.SparseQuantWeight | spqr.SpQRWeight | lut.LUTWeight
+Packed = (nm.NMWeight | group_quant.GroupQuantWeight | bitmap.BitmapWeight | sparse_quant.SparseQuantWeight | spqr.SpQRWeight | lut.LUTWeight
+          | ternary_dict.TernaryDictWeight)
 REFERENCE = {nm.NMWeight: nm.reference_matmul, group_quant.GroupQuantWeight: group_quant.reference_matmul,
              bitmap.BitmapWeight: bitmap.reference_matmul, sparse_quant.SparseQuantWeight: sparse_quant.reference_matmul,
-             spqr.SpQRWeight: spqr.reference_matmul, lut.LUTWeight: lut.reference_matmul}
+             spqr.SpQRWeight: spqr.reference_matmul, lut.LUTWeight: lut.reference_matmul,
+             ternary_dict.TernaryDictWeight: ternary_dict.reference_matmul}
 
 
 def _flat(x: torch.Tensor, cols: int) -> torch.Tensor:
@@ -111,8 +113,28 @@ def lut_matmul(x: torch.Tensor, packed: lut.LUTWeight, path: str | None = None) 
                  packed.outlier_values, packed.perm, packed.bits, packed.tile_rows, ISA_CODE[chosen])
 
 
+def ternary_dict_matmul(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight, path: str | None = None,
+                        table: torch.Tensor | None = None) -> torch.Tensor:
+    """QMoE's dictionary-coded ternary weights: every codeword's run (up to 28 weights, its min / max masks from
+    the dictionary's kernel table) taken as 32 lanes of weights built from the masks, one FMA per 16 (avx512)
+    or 8 (avx2, scalar) columns, no branch per weight. `table` is that kernel table, int32 [codewords, 3] on
+    x's device: pass it when calling often (TernaryDictLinear keeps it), else it is looked up per call.
+    A non-CPU x goes to dispatch.py (Triton on CUDA)."""
+    if x.device.type != "cpu":
+        from compress.kernels.dispatch import device_matmul
+
+        return device_matmul(x, packed, table)
+    chosen = _path(x, path, packed)
+    op = None if chosen == "torch" else _op("ternary_dict_matmul")
+    if op is None:
+        return ternary_dict.reference_matmul(x, packed)
+    table = ternary_dict.dictionary_of(packed).kernel_table if table is None else table
+    return _call(op, x, packed, packed.codes, packed.row_offsets, packed.minmax, table, ISA_CODE[chosen])
+
+
 KERNELS = {nm.NMWeight: nm_matmul, group_quant.GroupQuantWeight: group_quant_matmul, bitmap.BitmapWeight: bitmap_matmul,
-           sparse_quant.SparseQuantWeight: sparse_quant_matmul, spqr.SpQRWeight: spqr_matmul, lut.LUTWeight: lut_matmul}
+           sparse_quant.SparseQuantWeight: sparse_quant_matmul, spqr.SpQRWeight: spqr_matmul, lut.LUTWeight: lut_matmul,
+           ternary_dict.TernaryDictWeight: ternary_dict_matmul}
 
 
 def packed_matmul(x: torch.Tensor, packed: Packed, path: str | None = None) -> torch.Tensor:

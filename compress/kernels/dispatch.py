@@ -1,11 +1,11 @@
 """Which kernel computes y = x @ W.T for a packed weight off the CPU.
 
 CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton kernels
-(triton_kernels.py), imported on first use only, so `import compress` and every CPU path stay free of
-Triton; every other format or device, and every device when Triton is missing, takes the format's
-plain-torch reference_matmul. COMPRESS_GPU_KERNEL=torch forces the reference (COMPRESS_GPU_KERNEL=triton
-makes a missing Triton an error instead of a silent fallback). CPU tensors never come here: cpu.py keeps
-its own paths."""
+(triton_kernels.py), ternary_dict weights to triton_ternary.py, both imported on first use only, so
+`import compress` and every CPU path stay free of Triton; every other format or device, and every
+device when Triton is missing, takes the format's plain-torch reference_matmul. COMPRESS_GPU_KERNEL=torch
+forces the reference (COMPRESS_GPU_KERNEL=triton makes a missing Triton an error instead of a silent
+fallback). CPU tensors never come here: cpu.py keeps its own paths."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import os
 
 import torch
 
-from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
+from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr, ternary_dict
 
 ENV = "COMPRESS_GPU_KERNEL"
 CHOICES = ("auto", "triton", "torch")
 REFERENCE = {nm.NMWeight: nm.reference_matmul, group_quant.GroupQuantWeight: group_quant.reference_matmul,
              bitmap.BitmapWeight: bitmap.reference_matmul, sparse_quant.SparseQuantWeight: sparse_quant.reference_matmul,
-             spqr.SpQRWeight: spqr.reference_matmul, lut.LUTWeight: lut.reference_matmul}
+             spqr.SpQRWeight: spqr.reference_matmul, lut.LUTWeight: lut.reference_matmul,
+             ternary_dict.TernaryDictWeight: ternary_dict.reference_matmul}
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -34,6 +35,12 @@ def _triton_kernels():
     from compress.kernels import triton_kernels
 
     return triton_kernels
+
+
+def _triton_ternary():
+    from compress.kernels import triton_ternary
+
+    return triton_ternary
 
 
 def _choice() -> str:
@@ -54,14 +61,19 @@ def kernel_for(x: torch.Tensor, packed) -> str:
         if choice == "triton":
             raise RuntimeError(f"{ENV}=triton but Triton is not installed")
         return "torch"
+    if isinstance(packed, ternary_dict.TernaryDictWeight):
+        return "triton"
     return "triton" if _triton_kernels().supports(packed) else "torch"
 
 
-def device_matmul(x: torch.Tensor, packed) -> torch.Tensor:
-    """x @ W.T for a non-CPU x: the Triton kernel where one takes this weight, else the reference."""
+def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T for a non-CPU x: the Triton kernel where one takes this weight, else the reference. `table`:
+    a ternary_dict weight's kernel table on x's device, when the caller keeps one (TernaryDictLinear)."""
     if x.shape[-1] != packed.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features, the weight takes {packed.shape[1]}")
     if kernel_for(x, packed) == "triton":
+        if isinstance(packed, ternary_dict.TernaryDictWeight):
+            return _triton_ternary().ternary_dict_matmul(x, packed, table)
         return _triton_kernels().packed_matmul(x, packed)
     try:
         return REFERENCE[type(packed)](x, packed)

@@ -1,7 +1,7 @@
 """Kernel-backed Linear modules, one per packed format: each holds only its format's packed tensors (as
 registered buffers, so state_dict and .to(device) carry them) and an optional bias, is built from the
 packed dataclass (`from_packed`), and computes y = x @ W.T + b for x [..., in] without materialising W:
-the CPU kernels (cpu.py) on a CPU, the format's reference_matmul on any other device for now."""
+the CPU kernels (cpu.py) on a CPU, dispatch.py's choice (Triton on CUDA, else the reference) elsewhere."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import dataclasses
 
 import torch
 
-from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
-from compress.kernels.cpu import Packed, packed_matmul
+from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr, ternary_dict
+from compress.kernels.cpu import Packed, packed_matmul, ternary_dict_matmul
 
 
 class PackedLinear(torch.nn.Module):
@@ -101,8 +101,36 @@ class LUTLinear(PackedLinear):
     packed_type = lut.LUTWeight
 
 
+class TernaryDictLinear(PackedLinear):
+    """QMoE's dictionary-coded ternary weights (compress.formats.ternary_dict): codes, row offsets, minmax and the
+    adaptive dictionary's symbol counts as buffers. The dictionary's kernel table (int32 [codewords, 3], 768 KiB
+    at 2^16) is not stored: the format rebuilds it (dictionary_of), and it is kept here as a non-persistent
+    buffer, so .to(device) moves it with the codes and no call rebuilds or copies it. A module built on the meta
+    device (transformers' loading) or given new tensors by load_state_dict builds it at its next call."""
+
+    packed_type = ternary_dict.TernaryDictWeight
+
+    def __init__(self, packed: ternary_dict.TernaryDictWeight, bias: torch.Tensor | None = None):
+        super().__init__(packed, bias)
+        self.register_buffer("kernel_table", None if self.codes.is_meta else self._table(), persistent=False)
+        self.register_load_state_dict_post_hook(TernaryDictLinear._after_load)
+
+    def _table(self) -> torch.Tensor:
+        return ternary_dict.dictionary_of(self.packed).kernel_table.to(self.codes.device)
+
+    @staticmethod
+    def _after_load(module: TernaryDictLinear, incompatible_keys) -> None:  # a function, not a lambda: torch.save(module) pickles it
+        module.kernel_table = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_table is None or self.kernel_table.device != self.codes.device:
+            self.kernel_table = self._table()
+        y = ternary_dict_matmul(x, self.packed, table=self.kernel_table)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
 MODULES: dict[type, type[PackedLinear]] = {cls.packed_type: cls for cls in (NMLinear, GroupQuantLinear, BitmapLinear, SparseQuantLinear,
-                                                                             SpQRLinear, LUTLinear)}
+                                                                             SpQRLinear, LUTLinear, TernaryDictLinear)}
 
 
 def from_packed(packed: Packed, bias: torch.Tensor | None = None) -> PackedLinear:

@@ -115,7 +115,12 @@ def audit_output(out_dir: str | Path) -> dict[str, Any]:
         if claimed.get("format", stored_format) != stored_format:
             found.append(f"stored as {stored_format}, report says {claimed['format']}")
         quantized = claimed.get("quantized")
-        if quantized and meta and meta.get("bits") != quantized["bits"]:
+        if quantized and meta and meta["format"] == "ternary_dict":  # QMoE: every row holds its min, 0 and its max only
+            if not quantized.get("ternary"):
+                found.append(f"stored as ternary, report says {quantized['bits']}-bit codes")
+            if (rows := int((_distinct_per_row(weight) > 3).sum())):
+                found.append(f"{rows} rows hold more than 3 distinct values")
+        elif quantized and meta and meta.get("bits") != quantized["bits"]:
             found.append(f"stored with {meta.get('bits')}-bit codes, report says {quantized['bits']}")
         if quantized and meta and meta["format"] in UNIFORM_GROUP_FORMATS:
             distinct = _max_distinct_per_group(weight, meta["group_size"], weight == 0)
@@ -138,6 +143,12 @@ def audit_output(out_dir: str | Path) -> dict[str, Any]:
     if overall:
         problems["(output)"] = overall
     return {"ok": not problems, "problems": problems, "checked": len(report["targets"]), "bits_per_param": bits}
+
+
+def _distinct_per_row(weight: torch.Tensor) -> torch.Tensor:
+    """How many distinct values each row holds (0 counted like any other)."""
+    ordered = weight.sort(dim=1).values
+    return 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)
 
 
 UNIFORM_GROUP_FORMATS = ("group_quant", "sparse_quant")  # no outliers or permutation: every group is on one grid

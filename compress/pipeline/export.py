@@ -108,7 +108,8 @@ def _quantization_info(quantized: QuantizedWeight | None) -> dict[str, Any] | No
     if quantized is None:
         return None
     outliers = quantized.outliers.count if quantized.outliers is not None else 0
-    return {"bits": quantized.bits, "group_size": quantized.group_size, "outliers": outliers}
+    info = {"bits": quantized.bits, "group_size": quantized.group_size, "outliers": outliers}
+    return info | {"ternary": True} if quantized.ternary else info
 
 
 def _write_output(out_dir: Path, final: StepResult, report: dict[str, Any], started: float, measured: dict[str, Any], recipe: Recipe,
@@ -127,6 +128,7 @@ def _write_output(out_dir: Path, final: StepResult, report: dict[str, Any], star
             params = sum(target["shape"][0] * target["shape"][1] for target in report["targets"].values())
             # bits/param counted from the bytes written: every target weight's tensors in packed/
             report["metrics"]["bits_per_param"] = 8 * packed["target_bytes"] / params if params else 0.0
+            report["metrics"].update(_expert_metrics(report["targets"], packed))
             report["metrics"]["packed_bytes"] = packed["bytes"]
             report["metrics"]["size_bytes"] = packed["bytes"]
             # the dense checkpoint's weight files over the packed ones, both counted from the files
@@ -154,6 +156,22 @@ def _write_output(out_dir: Path, final: StepResult, report: dict[str, Any], star
 
 
 VERIFY_METRICS = ("verify_max_abs_diff", "verify_perplexity")
+
+
+def _expert_metrics(targets: dict[str, dict], packed: dict[str, Any]) -> dict[str, float]:
+    """bits/param over the MoE expert targets alone, from the bytes written; with dictionary-coded experts
+    (QMoE) also what the reference's static dictionary would have stored (nothing for a model without experts)."""
+    experts = [name for name, target in targets.items() if target.get("fused_expert")]
+    params = sum(targets[name]["shape"][0] * targets[name]["shape"][1] for name in experts)
+    if not params:
+        return {}
+    stored = sum(packed["by_target"][name] for name in experts)
+    metrics = {"expert_bits_per_param": 8 * stored / params}
+    static = packed["static_dictionary_bytes"]
+    if static:
+        alternative = stored + sum(static[name] - packed["by_target"][name] for name in static if name in experts)
+        metrics["expert_bits_per_param_static_dictionary"] = 8 * alternative / params
+    return metrics
 
 
 def _export_onnx(dense_dir: Path, partial: Path, report: dict[str, Any], causal: bool, state: CompressionState) -> None:

@@ -482,6 +482,20 @@ at::Tensor lut_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Te
 }
 
 }  // namespace
+
+// ternary.cpp: the dictionary-coded ternary (QMoE) kernels, their own argument checks
+namespace ternary {
+at::Tensor ternary_dict_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& row_offsets, const at::Tensor& minmax,
+                               const at::Tensor& kernel_table, int64_t isa);
+}  // namespace ternary
+
+namespace {
+at::Tensor ternary_dict_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& row_offsets, const at::Tensor& minmax,
+                               const at::Tensor& kernel_table, int64_t isa) {
+  check_isa(isa);
+  return ternary::ternary_dict_matmul(x, codes, row_offsets, minmax, kernel_table, isa);
+}
+}  // namespace
 }  // namespace ck
 
 TORCH_LIBRARY(compress_cpu, lib) {
@@ -501,4 +515,6 @@ TORCH_LIBRARY(compress_cpu, lib) {
   lib.def("lut_matmul(Tensor x, Tensor codes, Tensor lut, Tensor? bitmask, Tensor? code_offsets, Tensor? outlier_row_ptr, "
           "Tensor? outlier_cols, Tensor? outlier_values, Tensor? perm, int bits, int tile_rows, int isa) -> Tensor",
           &ck::lut_matmul);
+  lib.def("ternary_dict_matmul(Tensor x, Tensor codes, Tensor row_offsets, Tensor minmax, Tensor kernel_table, int isa) -> Tensor",
+          &ck::ternary_dict_matmul);
 }
