@@ -111,3 +111,16 @@ def test_qmoe_ternary_is_far_better_than_ternary_rounding_on_the_shared_moe(tmp_
                              output={"verify": False})
         perplexity[rounding_only] = run(validate_recipe(recipe), tmp_path / str(rounding_only))["metrics"]["perplexity"]
     assert perplexity[False] < 0.6 * perplexity[True], perplexity
+
+
+def test_experts_swept_together_match_one_at_a_time():
+    layers = [_layer(rows=24, cols=64, seed=10 + e) for e in range(3)]
+    weights = torch.stack([w for w, _, _ in layers])
+    statistics = [{"hessian": h} for _, _, h in layers[:2]] + [{}]  # the third expert saw no token: rounded
+    method = QMoE(QMoEParams())
+    together = method.compress_experts(weights, statistics, None)
+    for e, result in enumerate(together):
+        alone = method.compress_target(weights[e], statistics[e], None)
+        assert (result.quantized.codes == alone.quantized.codes).float().mean() > 0.99
+        assert torch.equal(result.quantized.lut, alone.quantized.lut) and result.quantized.ternary
+    assert QMoE(QMoEParams(grid="int2")).compress_experts(weights, statistics, None) is None  # one by one

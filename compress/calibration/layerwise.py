@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from compress.calibration.capture import BlockInputs, block_outputs, capture_block_inputs, run_block
+from compress.calibration.expert_batches import expert_batches
 from compress.calibration.statistics import STATISTICS, gather
-from compress.methods.base import TargetMethod
+from compress.methods.base import TargetMethod, TargetResult
 from compress.model.targets import ModelLayout, Target
 from compress.progress import bar
 from compress.state import CompressionState
@@ -79,16 +80,18 @@ def apply_to_target(
     state: CompressionState,
     dense: torch.Tensor | None = None,
     fallbacks: dict[str, str] | None = None,
+    result: TargetResult | None = None,
 ) -> bool:
-    """Apply the method's pure core to one target and record its mask in the state (and in
-    `fallbacks`, what the method did instead of its own work, if it had to); True if the target's
-    weights changed."""
+    """Apply the method's pure core to one target (or take its `result`, computed with other experts)
+    and record its mask in the state (and in `fallbacks`, what the method did instead of its own work,
+    if it had to); True if the target's weights changed."""
     previous = state.mask(target.name)
     weight = target.weight
     before = _fingerprint(weight)
     previous = None if previous is None else previous.to(weight.device)
     dense = None if dense is None else dense.to(weight.device, torch.float32)
-    result = method.compress_target(weight.float(), statistics, previous, dense)
+    if result is None:
+        result = method.compress_target(weight.float(), statistics, previous, dense)
     weight.copy_(result.weight.to(weight.dtype))
     entry = state.get(target.name)
     if result.mask is not None:
@@ -116,6 +119,7 @@ def _compress_targets(
     outcome: StageOutcome,
     measure_error: bool,
 ) -> None:
+    batched, batch_seconds = expert_batches(stage.method, targets, statistics, state)
     for target in targets:
         dense = originals.get(target.name) if stage.method.refines_mask else None
         stats = statistics.get(target.name, {})
@@ -124,8 +128,8 @@ def _compress_targets(
             hessian = hessian.clone()  # the method may damp it in place
         before = target.weight.float().clone() if hessian is not None else None
         start = time.perf_counter()
-        outcome.changed += apply_to_target(stage.method, target, stats, state, dense, outcome.fallbacks)
-        outcome.target_seconds[target.name] = time.perf_counter() - start
+        outcome.changed += apply_to_target(stage.method, target, stats, state, dense, outcome.fallbacks, batched.get(target.name))
+        outcome.target_seconds[target.name] = time.perf_counter() - start + batch_seconds.get(target.name, 0.0)
         if hessian is not None:
             outcome.errors[target.name] = relative_output_error(before, target.weight, hessian)
         outcome.zeros += int((target.weight == 0).sum())

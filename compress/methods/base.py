@@ -112,6 +112,12 @@ class TargetMethod(Method):
         the weight before any stage, given to `refines_mask` methods only."""
         raise NotImplementedError
 
+    def compress_experts(self, weights: torch.Tensor, statistics: list[dict[str, torch.Tensor]], masks: torch.Tensor | None
+                         ) -> list[TargetResult] | None:
+        """Several experts of one fused MoE parameter at once (weights [E, out, in], fp32; masks [E, out,
+        in] or None), as compress_target would one by one; None to have them taken one by one (the default)."""
+        return None
+
 
 @dataclass
 class CalibrationData:

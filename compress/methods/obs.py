@@ -59,21 +59,22 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 4)
     Inputs that never fired (zero diagonal) get a unit diagonal so the matrix stays invertible; their
     weights do not affect the output on the calibration data. If H is not positive definite even after
     damping (rank-deficient calibration), the damping is raised tenfold, up to `retries` times; then
-    HessianNotPositiveDefinite (a factor with NaN or inf counts as a failure too).
+    HessianNotPositiveDefinite (a factor with NaN or inf counts as a failure too). A batch of Hessians
+    [..., in, in] is factored at once (experts of one layer); every one must factor with the same damping.
     """
     hessian = hessian.float().clone()
-    dead = torch.diag(hessian) == 0
-    hessian[dead, dead] = 1
-    mean_diagonal = torch.mean(torch.diag(hessian))
-    diagonal = torch.arange(hessian.shape[0], device=hessian.device)
+    diagonal_view = hessian.diagonal(dim1=-2, dim2=-1)
+    dead = diagonal_view == 0
+    diagonal_view[dead] = 1
+    mean_diagonal = torch.mean(diagonal_view.contiguous(), dim=-1, keepdim=True)
     for _attempt in range(retries + 1):
         damped = hessian.clone()
-        damped[diagonal, diagonal] += damp * mean_diagonal
+        damped.diagonal(dim1=-2, dim2=-1).add_(damp * mean_diagonal)
         lower, info = torch.linalg.cholesky_ex(damped)
-        if info == 0:
+        if not bool(info.any()):
             inverse = torch.cholesky_inverse(lower)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info == 0 and bool(torch.isfinite(upper).all()):
+            if not bool(info.any()) and bool(torch.isfinite(upper).all()):
                 return InverseHessian(upper, dead, damp)
         damp *= 10
     raise HessianNotPositiveDefinite(
@@ -83,27 +84,29 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 4)
 
 def obs_sweep(weight: torch.Tensor, inverse: InverseHessian, rule: ColumnRule, block_size: int = 128) -> torch.Tensor:
     """Fix every column of `weight` ([out, in], float32, modified in place) by `rule`, compensating
-    each column's error on the columns after it. Returns the per-row OBS loss sum (w - q)^2 / d^2 / 2."""
+    each column's error on the columns after it. Returns the per-row OBS loss sum (w - q)^2 / d^2 / 2.
+    A batch of weights [..., out, in] with one inverse Hessian each ([..., in, in]) is swept together,
+    the rule then fixing [..., out] values a column: the experts of one layer in one pass."""
     if weight.dtype != torch.float32:
         raise TypeError("obs_sweep works on float32 weights")
-    rows, columns = weight.shape
+    columns = weight.shape[-1]
     hinv = inverse.factor
-    weight[:, inverse.dead] = 0
-    losses = torch.zeros(rows, device=weight.device)
+    weight.masked_fill_(inverse.dead.unsqueeze(-2), 0)
+    losses = torch.zeros(weight.shape[:-1], device=weight.device)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
-        block = weight[:, start:end].clone()
+        block = weight[..., start:end].clone()
         fixed = torch.zeros_like(block)
         errors = torch.zeros_like(block)
-        hinv_block = hinv[start:end, start:end]
+        hinv_block = hinv[..., start:end, start:end]
         rule.begin_block(start, block, hinv_block)
         for j in range(end - start):
             value = rule.column(start, j, block, hinv_block)
-            fixed[:, j] = value
-            error = (block[:, j] - value) / hinv_block[j, j]
-            block[:, j:].sub_(error.unsqueeze(1) * hinv_block[j, j:].unsqueeze(0))
-            errors[:, j] = error
-        losses += errors.pow(2).sum(dim=1) / 2  # (w - q)^2 / d^2 / 2, summed per row
-        weight[:, start:end] = fixed
-        weight[:, end:] -= errors @ hinv[start:end, end:]
+            fixed[..., j] = value
+            error = (block[..., j] - value) / hinv_block[..., j, j].unsqueeze(-1)
+            block[..., j:].sub_(error.unsqueeze(-1) * hinv_block[..., j, j:].unsqueeze(-2))
+            errors[..., j] = error
+        losses += errors.pow(2).sum(dim=-1) / 2  # (w - q)^2 / d^2 / 2, summed per row
+        weight[..., start:end] = fixed
+        weight[..., end:] -= errors @ hinv[..., start:end, end:]
     return losses

@@ -42,11 +42,11 @@ class QMoEParams(StageParams):
 
 
 def ternary_bounds(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(min, max) per row, [rows, 1] each: the row's range widened to include 0; (-1, 1) for a zero row.
+    """(min, max) per row, [..., rows, 1] each: the row's range widened to include 0; (-1, 1) for a zero row.
     Rounded to bfloat16 (as the reference stores them), which float16 (the format's) also holds exactly
     in its normal range: the quantized weights are then the same in a bf16 checkpoint and in the format."""
-    low = weight.min(dim=1, keepdim=True).values.clamp(max=0)
-    high = weight.max(dim=1, keepdim=True).values.clamp(min=0)
+    low = weight.min(dim=-1, keepdim=True).values.clamp(max=0)
+    high = weight.max(dim=-1, keepdim=True).values.clamp(min=0)
     flat = (low == 0) & (high == 0)
     low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)
     return low.bfloat16().half().float(), high.bfloat16().half().float()
@@ -58,20 +58,21 @@ def ternary_codes(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -
 
 
 class TernaryRule:
-    """The OBS sweep's column rule for the ternary grid: each column to {min, 0, max} of its row."""
+    """The OBS sweep's column rule for the ternary grid: each column to {min, 0, max} of its row (for one
+    weight, or a batch of experts swept together: every tensor then has the leading expert dimension)."""
 
     def __init__(self, low: torch.Tensor, high: torch.Tensor, keep: torch.Tensor | None) -> None:
-        self.table = torch.cat([torch.zeros_like(low), low, high], dim=1)  # code -> value, per row
-        self.low, self.high, self.keep = low.squeeze(1), high.squeeze(1), keep
+        self.table = torch.cat([torch.zeros_like(low), low, high], dim=-1)  # code -> value, per row
+        self.low, self.high, self.keep = low.squeeze(-1), high.squeeze(-1), keep
 
     def begin_block(self, start: int, block: torch.Tensor, hinv_block: torch.Tensor) -> None:
         pass
 
     def column(self, start: int, j: int, block: torch.Tensor, hinv_block: torch.Tensor) -> torch.Tensor:
-        codes = ternary_codes(block[:, j], self.low, self.high).long()
+        codes = ternary_codes(block[..., j], self.low, self.high).long()
         if self.keep is not None:
-            codes = codes * self.keep[:, start + j]
-        return self.table.gather(1, codes.unsqueeze(1)).squeeze(1)
+            codes = codes * self.keep[..., start + j]
+        return self.table.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
 
 
 def ternary_weight(quantized: torch.Tensor, low: torch.Tensor, high: torch.Tensor, keep: torch.Tensor | None) -> QuantizedWeight:
@@ -88,17 +89,24 @@ def qmoe_ternary(weight: torch.Tensor, hessian: torch.Tensor | None, keep: torch
                  block_size: int = 128) -> tuple[torch.Tensor, QuantizedWeight]:
     """(ternary [out, in] weight, its packed form): GPTQ on the ternary grid with `hessian` (X^T X), or
     plain rounding when `hessian` is None."""
+    quantized, low, high = ternary_sweep(weight, hessian, keep, damp, block_size)
+    packed = ternary_weight(quantized, low, high, keep)
+    return packed.dequantize(), packed
+
+
+def ternary_sweep(weight: torch.Tensor, hessian: torch.Tensor | None, keep: torch.Tensor | None, damp: float, block_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(quantized weights, min, max) of one weight [out, in] or of a batch of experts [E, out, in] with
+    their Hessians [E, in, in] (all factored with the same damping), swept together."""
     low, high = ternary_bounds(weight.float())
     if hessian is None:
         codes = ternary_codes(weight.float(), low, high)
         if keep is not None:
             codes = codes * keep
-        quantized = torch.cat([torch.zeros_like(low), low, high], dim=1).gather(1, codes.long())
-    else:
-        quantized = weight.float().clone()
-        obs_sweep(quantized, inverse_hessian_factor(hessian, damp), TernaryRule(low, high, keep), block_size)
-    packed = ternary_weight(quantized, low, high, keep)
-    return packed.dequantize(), packed
+        return torch.cat([torch.zeros_like(low), low, high], dim=-1).gather(-1, codes.long()), low, high
+    quantized = weight.float().clone()
+    obs_sweep(quantized, inverse_hessian_factor(hessian, damp), TernaryRule(low, high, keep), block_size)
+    return quantized, low, high
 
 
 def is_expert(target: Target) -> bool:
@@ -140,3 +148,22 @@ class QMoE(TargetMethod):
             result.fallback = f"round-to-nearest ({error})"
             return result
         return TargetResult(weight=quantized, mask=mask, quantized=packed)
+
+    def compress_experts(self, weights: torch.Tensor, statistics: list[dict[str, torch.Tensor]], masks: torch.Tensor | None
+                         ) -> list[TargetResult] | None:
+        """The ternary sweep of several experts of one layer at once (their own Hessians, the identity for
+        an expert no token reached); None (one at a time) for the 2-bit grid, rounding, or a Hessian that
+        needs more damping than the others."""
+        p = self.params
+        if p.grid != "ternary" or p.rounding_only:
+            return None
+        hessians = torch.stack([hessian_or_identity(s, w) for s, w in zip(statistics, weights)])
+        try:
+            quantized, low, high = ternary_sweep(weights, hessians, masks, p.damp, p.block_size)
+        except HessianNotPositiveDefinite:
+            return None
+        results = []
+        for e in range(weights.shape[0]):
+            packed = ternary_weight(quantized[e], low[e], high[e], None if masks is None else masks[e])
+            results.append(TargetResult(weight=packed.dequantize(), mask=None if masks is None else masks[e], quantized=packed))
+        return results

@@ -1,0 +1,95 @@
+"""QMoE's decode-matvec on a GPU: the Triton kernel over dictionary-coded ternary experts
+(compress/kernels/triton_ternary.py) against dense bf16 F.linear on MoE expert shapes.
+
+    python benchmarks/qmoe_kernels.py [--batches 1,4,16] [--json out.jsonl]
+
+Each expert weight is random (normal), rounded to its row's ternary grid {min, 0, max} (the QMoE
+baseline rounding: about 90% zeros) and coded with its own adaptive dictionary, as the export stores
+it. Timing as benchmarks/gpu_kernels.py: a CUDA graph calling the op on each of R copies of the weights
+(R copies > 3x the L2, so every call reads its weights from HBM), median replay / R. GB/s counts the
+stored bytes (codes, row offsets, min/max; the dictionary's table stays in L2) plus x and y.
+Correctness first: the kernel's output against F.linear on the decoded weight (relative error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_kernels import copies_for, time_op
+
+from compress.formats import ternary_dict
+from compress.kernels import triton_ternary
+
+SHAPES = {  # out x in of one expert's projection
+    "mixtral-8x7b w1/w3": (14336, 4096), "mixtral-8x7b w2": (4096, 14336),
+    "qwen2-moe-a2.7b gate/up": (1408, 2048), "qwen2-moe-a2.7b down": (2048, 1408),
+    "qwen3-moe-30b-a3b gate/up": (768, 2048), "qwen3-moe-30b-a3b down": (2048, 768),
+}
+
+
+def ternary_expert(rows: int, cols: int, seed: int) -> ternary_dict.TernaryDictWeight:
+    """A normal random weight rounded to its rows' ternary grids (max above max / 2, min below min / 2, as
+    QMoE's baseline; compress.methods is not imported, the GPU machine lacks its dependencies)."""
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02
+    low, high = weight.min(1, keepdim=True).values.half(), weight.max(1, keepdim=True).values.half()
+    symbols = torch.where(weight > high.float() / 2, 2, torch.where(weight < low.float() / 2, 1, 0))
+    return ternary_dict.from_ternary(symbols, torch.cat([low, high], dim=1), "adaptive")
+
+
+def on_device(packed: ternary_dict.TernaryDictWeight, device: str) -> ternary_dict.TernaryDictWeight:
+    return ternary_dict.TernaryDictWeight(packed.shape, packed.codes.to(device), packed.row_offsets.to(device), packed.minmax.to(device),
+                                          packed.symbol_counts, packed.dictionary, packed.codewords, packed.max_pairs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--json", help="write one JSON record per (shape, batch) to this file")
+    args = parser.parse_args()
+    env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": __import__("triton").__version__,
+           "python": platform.python_version(), "command": " ".join(sys.argv)}
+    print(json.dumps(env), flush=True)
+    records = []
+    for name in args.shapes.split(","):
+        rows, cols = SHAPES[name]
+        packed = ternary_expert(rows, cols, seed=rows + cols)
+        stored = ternary_dict.nbytes(packed) - packed.symbol_counts.numel() * 8
+        gpu = on_device(packed, "cuda")
+        dense = ternary_dict.unpack(packed).to("cuda", torch.bfloat16)
+        x = torch.randn(1, cols, device="cuda", dtype=torch.bfloat16)
+        got = triton_ternary.ternary_dict_matmul(x, gpu).float()
+        want = F.linear(x.float(), dense.float())
+        error = float((got - want).norm() / want.norm())
+        copies = copies_for(min(stored, rows * cols * 2))
+        dense_copies = [dense.clone() for _ in range(copies_for(rows * cols * 2))]
+        packed_copies = [on_device(ternary_dict.TernaryDictWeight(packed.shape, packed.codes.clone(), packed.row_offsets, packed.minmax,
+                                                                  packed.symbol_counts, packed.dictionary), "cuda") for _ in range(copies)]
+        zeros = 1 - float((ternary_dict.symbols_of(packed) != 0).float().mean())
+        for batch in (int(b) for b in args.batches.split(",")):
+            xb = torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16)
+            dense_us = time_op(F.linear, [(xb, w) for w in dense_copies])
+            ours_us = time_op(triton_ternary.ternary_dict_matmul, [(xb, p) for p in packed_copies])
+            io = 2 * batch * (rows + cols)
+            record = {"shape": name, "out_x_in": f"{rows}x{cols}", "batch": batch, "zero_share": round(zeros, 4),
+                      "bits_per_param": round(8 * stored / (rows * cols), 4), "rel_error": error,
+                      "dense_us": round(dense_us, 2), "us": round(ours_us, 2), "ratio_vs_dense": round(dense_us / ours_us, 3),
+                      "gbps": round((stored + io) / ours_us / 1e3, 1), "dense_gbps": round((rows * cols * 2 + io) / dense_us / 1e3, 1)}
+            records.append(record)
+            print(json.dumps(record), flush=True)
+    if args.json:
+        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in [env, *records]))
+
+
+if __name__ == "__main__":
+    main()
