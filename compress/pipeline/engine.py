@@ -28,6 +28,7 @@ from compress.pipeline.output import output_lock, resolve_output_dir
 from compress.pipeline.stage import stage_step
 from compress.pipeline.store import StepResult, StepStore
 from compress.recipe import Recipe
+from compress.runlog import capture
 
 log = logging.getLogger("compress")
 
@@ -46,6 +47,11 @@ def run(
 
     `runner(name, step_function, *args)` calls each step; the Prefect flow passes one that runs it
     as a task and tracks it in MLflow. `overwrite`: replace an output of another recipe or model."""
+    with capture():
+        return _run(recipe, out, store, runner, overwrite)
+
+
+def _run(recipe: Recipe, out: str | Path | None, store: StepStore | None, runner: Runner, overwrite: bool) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = resolve_output_dir(recipe, out, overwrite)
     store = store or StepStore.default()

@@ -4,7 +4,7 @@ only when complete:
   packed/      the deployable model: packed targets in their kernel formats, config, tokenizer
   model/       the dense Hugging Face checkpoint (output.hf: true)
   model.onnx   checked in onnxruntime (output.onnx: true)
-  report.json  what was done and measured; recipe.json
+  report.json  what was done and measured; recipe.json; run.log (the run's messages up to the export)
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from compress.pipeline.output import output_identity, partial_folder, publish
 from compress.pipeline.store import MODEL_DIR, StepResult
 from compress.pipeline.verify import verify_export
 from compress.recipe import Recipe
+from compress.runlog import LOG_FILE, current_text
 from compress.state import STATE_FILE, CompressionState, PackedOnDisk
 
 log = logging.getLogger("compress")
@@ -147,6 +148,7 @@ def _write_output(out_dir: Path, final: StepResult, report: dict[str, Any], star
             report["metrics"]["seconds"] = time.perf_counter() - started
             (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
             (partial / RECIPE_FILE).write_text(json.dumps(report["recipe"], indent=2))
+            (partial / LOG_FILE).write_text(current_text())
             report["metrics"]["output_bytes"] = directory_bytes(partial)
             (partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
             publish(partial, out_dir, output_identity(recipe))
