@@ -133,10 +133,10 @@ def dense_loader(folder: Path, dtype: torch.dtype):
     return lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
 
 
-def packed_loader(out: Path):
+def packed_loader(out: Path, dtype: torch.dtype | None = None):
     import compress
 
-    return lambda: compress.load(out)
+    return lambda: compress.load(out, dtype=dtype)
 
 
 # ---------------------------------------------------------------- (a) the shipped model and its recipes
@@ -236,7 +236,7 @@ def build_1b(work: Path) -> tuple[Path, dict[str, Path]]:
     return dense, outs
 
 
-def llama_1b(work: Path, new_tokens: int, repeats: int) -> list[dict]:
+def llama_1b(work: Path, new_tokens: int, repeats: int, fp32: bool = False) -> list[dict]:
     dense, outs = build_1b(work)
     ids = torch.randint(3, LLAMA_1B["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
     bench = Bench("llama-1b-random", ids, new_tokens, repeats)
@@ -246,6 +246,10 @@ def llama_1b(work: Path, new_tokens: int, repeats: int) -> list[dict]:
         bench.time(f"{form} dense-equivalent", dense_loader(out / "model", torch.bfloat16), weight_bytes=folder_bytes(out / "model"))
         bench.time(f"{form} packed", packed_loader(out), dense_equivalent=f"{form} dense-equivalent", formats=packed_formats(out),
                    weight_bytes=folder_bytes(out / "packed"))
+        if fp32:  # the same weights computed in fp32: greedy tokens then differ only by summation order
+            bench.time(f"{form} dense-equivalent fp32", dense_loader(out / "model", torch.float32))
+            bench.time(f"{form} packed fp32", packed_loader(out, torch.float32), dense_equivalent=f"{form} dense-equivalent fp32",
+                       formats=packed_formats(out))
     return bench.finish()
 
 
@@ -279,10 +283,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per generate, shipped model")
     parser.add_argument("--new-tokens-1b", type=int, default=16, help="new tokens per generate, 1B model")
     parser.add_argument("--repeats", type=int, default=3, help="timed generates per model (the median is reported)")
+    parser.add_argument("--fp32", action="store_true", help="also each 1B form in fp32, packed against its dense equivalent: same tokens")
     args = parser.parse_args()
     rows = shipped(args.work, args.new_tokens, args.repeats)
     if not args.quick:
-        rows += llama_1b(args.work, args.new_tokens_1b, max(2, args.repeats - 1))
+        rows += llama_1b(args.work, args.new_tokens_1b, max(2, args.repeats - 1), args.fp32)
     text = table(rows)
     print(text, file=sys.stderr if args.json else sys.stdout)
     if args.json:
