@@ -1,25 +1,27 @@
-"""GPU kernels (compress/kernels/triton_kernels.py) vs dense bf16 F.linear and the peers torch ships:
-`torch._weight_int4pack_mm` (tinygemm, int4 g128) and cuSPARSELt 2:4 (`torch._cslt_sparse_mm`).
+"""GPU kernels (compress/kernels/triton_kernels.py, triton_gemv.py) vs dense bf16 F.linear and the peers torch
+ships: `torch._weight_int4pack_mm` (tinygemm, int4 g128) and cuSPARSELt 2:4 (`torch._cslt_sparse_mm` after its
+algorithm search); a peer that fails is skipped with the reason printed.
 
-    python benchmarks/gpu_kernels.py [--shapes 4096x4096,14336x4096,4096x14336] [--batches 1,4,16,64]
-                                     [--sweep] [--json out.jsonl]
+    python benchmarks/gpu_kernels.py [--shapes 4096x4096,...] [--batches 1,4,16,64] [--formats ...] [--json out.jsonl]
+    python benchmarks/gpu_kernels.py --sweep [--shapes ...] [--formats ...] [--sweep-batches 1,16] [--json sweep.jsonl]
 
-Shapes are out x in (W is [out, in], y = x @ W.T), activations bf16. Each timing is one call, measured as
-a CUDA graph that calls the op once on each of R copies of the weights (R copies > 3x the L2, so every
-call reads its weights from HBM), replayed 20+ times; the median replay / R. GB/s counts the bytes of
-the packed weight (codes, scales, zero points, indices) plus x and y. First, every format is checked
-against its dequantized weight on every shape (relative error). `--sweep` also times a few other tile
-configurations at batch 1 and 16 and reports the best one found beside the default heuristic's.
-One JSON record per (format, shape, batch): format, shape, batch, us, gbps, ratio_vs_dense,
-ratio_vs_best_peer (best peer: the fastest of dense and the peers at that shape and batch), config.
-"""
+Shapes: out x in (y = x @ W.T), activations bf16. A timing is one call: a CUDA graph calling the op on each of
+R weight copies (> 3x the L2: weights come from HBM), replayed; the median replay / R. GB/s counts packed weight,
+x and y. The default run checks each format against its dequantized weight, then records per (format, shape,
+batch): us, gbps, ratio_vs_dense, ratio_vs_best_peer (fastest of dense and the peers), config. `--sweep` (default
+shapes SWEEP_SHAPES) times a grid of candidates (kernel, tiles, warps, stages, split-K) per format, shape and sweep
+batch, compiled up front in parallel; it records the best beside the default (sweep, best_us, best_config,
+default_us, top3) and tabulates the winners by (format, batch) to set triton_config.py's defaults from."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,33 +32,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress.formats import group_quant, nm, sparse_quant
 from compress.formats.words import tensor_bytes
 from compress.kernels import triton_config as tc
+from compress.kernels import triton_gemv as tg
 from compress.kernels import triton_kernels as tk
 
 FORMATS = ("int4_g128", "int3_g128", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128")
+SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"
 
 
 def make(fmt: str, rows: int, cols: int, device: str):
-    """A random packed weight of the format (codes, statistics and masks uniform at random)."""
+    """A random packed weight of the format (codes, statistics and masks uniform at random, groups of 128)."""
     g = torch.Generator(device="cpu").manual_seed(rows * 7 + cols)
+    bits, groups = (int(fmt[3]) if fmt.startswith("int") else 4), -(-cols // 128)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
+    scale = (torch.rand(rows, groups, generator=g) * 0.02 + 0.001).half().float()
+    zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
+    mask = (torch.rand(rows, cols // 4, 4, generator=g).argsort(-1) < 2).reshape(rows, cols)
     if fmt.startswith("int"):
-        bits = int(fmt[3])
-        groups = -(-cols // 128)
-        codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
-        scale = (torch.rand(rows, groups, generator=g) * 0.02 + 0.001).half().float()
-        zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
         packed = group_quant.pack(codes, scale, zero, bits, 128)
+    elif fmt.startswith("nm"):
+        packed = nm.pack(torch.randn(rows, cols, generator=g).bfloat16().float() * mask, mask, 2, 4, torch.bfloat16)
     else:
-        order = torch.rand(rows, cols // 4, 4, generator=g).argsort(-1)
-        mask = (order < 2).reshape(rows, cols)
-        if fmt.startswith("nm"):
-            weight = torch.randn(rows, cols, generator=g).bfloat16().float() * mask
-            packed = nm.pack(weight, mask, 2, 4, torch.bfloat16)
-        else:
-            groups = -(-cols // 128)
-            codes = torch.randint(0, 16, (rows, cols), generator=g)
-            scale = (torch.rand(rows, groups, generator=g) * 0.02 + 0.001).half().float()
-            zero = torch.randint(0, 16, (rows, groups), generator=g).float()
-            packed = sparse_quant.pack(mask, codes, scale, zero, 4, 128, "2:4")
+        packed = sparse_quant.pack(mask, codes, scale, zero, 4, 128, "2:4")
     return type(packed)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
 
 
@@ -103,10 +99,8 @@ def time_op(fn, args_list: list, reps: int = 30) -> float:
 
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (GB/s): the roofline used for %."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    us = time_op(lambda: b.copy_(a), [()] * 4, reps=10)
-    return 2 * a.numel() / us / 1e3
+    a, b = torch.empty(1 << 30, dtype=torch.uint8, device="cuda"), torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    return 2 * a.numel() / time_op(lambda: b.copy_(a), [()] * 4, reps=10) / 1e3
 
 
 def int4pack_peer(w: torch.Tensor, x_list):
@@ -116,156 +110,189 @@ def int4pack_peer(w: torch.Tensor, x_list):
     lo, hi = wf.amin(-1, keepdim=True), wf.amax(-1, keepdim=True)
     scale = ((hi - lo) / 15).clamp_min(1e-6)
     codes = ((wf - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(rows, cols)
-    packed_u8 = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-    packed = torch._convert_weight_to_int4pack(packed_u8, 8)
+    packed = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
     # tinygemm: w = (code - 8) * scale + zero with zero = lo + 8 * scale; [groups, out, 2]
     sz = torch.stack([scale.squeeze(-1), (lo + 8 * scale).squeeze(-1)], -1).transpose(0, 1).contiguous().bfloat16()
     return packed, sz
 
 
+def cslt_peer(w: torch.Tensor):
+    """cuSPARSELt 2:4 of w (random 2:4 mask) and its searched algorithm id; raises where unavailable."""
+    rows, cols = w.shape
+    mask = (torch.rand(rows, cols // 4, 4, device=w.device).argsort(-1) < 2).reshape(rows, cols)
+    compressed = torch._cslt_compress(w * mask)
+    alg = 0
+    try:
+        found = torch._cslt_sparse_mm_search(compressed, torch.randn(cols, 16, device=w.device, dtype=w.dtype))
+        alg = int(found[0] if isinstance(found, (tuple, list)) else found)
+    except Exception as error:  # older / newer signatures: the default algorithm
+        print(f"cuSPARSELt algorithm search unavailable ({type(error).__name__}: {error}); alg_id 0", flush=True)
+    return compressed, alg
+
+
+def emit(record: dict, env: dict, out, records: list) -> None:
+    records.append(record)
+    print(json.dumps(record), flush=True)
+    if out:
+        out.write(json.dumps({**record, **env}) + "\n") and out.flush()
+
+
+def peer_times(rows: int, cols: int, batches: list, env: dict, out, records: list) -> dict:
+    """Dense bf16 and the peers at every batch: {name: {batch: us}}, each recorded."""
+    dense_w = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) * 0.02
+    dense_copies = [dense_w] + [dense_w.clone() for _ in range(copies_for(dense_w.numel() * 2) - 1)]
+    peers: dict[str, dict[int, float]] = {"dense_bf16": {}, "torch_int4pack_g128": {}, "cusparselt_2:4": {}}
+    made, nbytes = {}, {"dense_bf16": rows * cols * 2, "torch_int4pack_g128": rows * cols * 17 // 32, "cusparselt_2:4": rows * cols * 9 // 8}
+    for name, build in (("torch_int4pack_g128", lambda: int4pack_peer(dense_w, None)), ("cusparselt_2:4", lambda: cslt_peer(dense_w))):
+        try:
+            made[name] = build()
+        except Exception as error:
+            print(f"{name} unavailable: {type(error).__name__}: {error}", flush=True)
+    for batch in batches:
+        xs = [torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16) for _ in range(len(dense_copies))]
+        peers["dense_bf16"][batch] = time_op(F.linear, list(zip(xs, dense_copies)))
+        for name, op in made.items():
+            try:
+                if name == "torch_int4pack_g128":
+                    p4 = [op] + [tuple(t.clone() for t in op) for _ in range(copies_for(op[0].numel() * op[0].element_size()) - 1)]
+                    peers[name][batch] = time_op(lambda x, p, s: torch._weight_int4pack_mm(x, p, 128, s),
+                                                 [(xs[i % len(xs)], *p) for i, p in enumerate(p4)])
+                else:
+                    (c, alg), xt = op, [torch.randn(cols, max(batch, 16), device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+                    pc = [c] + [c.clone() for _ in range(copies_for(c.numel() * c.element_size()) - 1)]
+                    peers[name][batch] = time_op(lambda c, x, a=alg: torch._cslt_sparse_mm(c, x, alg_id=a),
+                                                 [(c, xt[i % 2]) for i, c in enumerate(pc)])
+            except Exception as error:
+                print(f"{name} failed at batch {batch}: {type(error).__name__}: {error}", flush=True)
+        for name, times in peers.items():
+            if batch in times:
+                emit({"format": name, "peer": True, "shape": [rows, cols], "batch": batch, "us": round(times[batch], 2),
+                      "gbps": round((nbytes[name] + 2 * batch * (rows + cols)) / times[batch] / 1e3),
+                      "ratio_vs_dense": round(peers["dense_bf16"][batch] / times[batch], 3)}, env, out, records)
+    return peers
+
+
+def weight_copies(fmt: str, rows: int, cols: int, check: bool):
+    """R copies of a random packed weight (first checked against its dequantized weight when `check`)."""
+    packed = make(fmt, rows, cols, "cuda")
+    if check:
+        w = unpack(packed)
+        for batch in (1, 16):
+            x = torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16)
+            ref = x.double() @ w.double().T
+            err = ((tk.packed_matmul(x, packed).double() - ref).norm() / ref.norm()).item()
+            err32 = ((tk.packed_matmul(x.float(), packed).double() - ref).norm() / ref.norm()).item()
+            status = "ok" if err < 1e-2 and err32 < 1e-4 else "FAILED"
+            print(f"check {fmt} {rows}x{cols} batch {batch}: rel err bf16 {err:.1e} fp32 {err32:.1e} {status}", flush=True)
+        del w
+    nbytes = packed_bytes(packed)
+    return [packed] + [type(packed)(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
+                       for _ in range(copies_for(nbytes) - 1)], nbytes
+
+
+def candidates(packed, batch: int) -> list:
+    """The sweep's grid for one weight and batch: FMA tiles at batch <= 4 (a lane: 4 code words / an index word a
+    step, so block_k follows num_warps), dot tiles (BLOCK_N x warps, K step, stages) and split-K where few programs."""
+    C, args, out = tk.Config, tc.format_args(packed, packed.shape[1]), []
+    if batch <= 4 and tc.fma_ok(args):
+        lane = 128 * args["PER"] if args["FMT"] == tc.FMT_GROUP_QUANT else 32 * args["IPER"]
+        tiles = ((4, 1, 4), (8, 1, 3), (8, 1, 4), (8, 1, 6), (16, 1, 4), (8, 2, 4), (16, 2, 4))
+        out += [C(batch, bn, lane * warps, 1, warps, stages, "fma") for bn, warps, stages in tiles] + [C(batch, 16, lane, 2, 1, 4, "fma")]
+    dots = ((16, 1, 512, 4), (32, 2, 256, 4), (32, 2, 512, 3), (64, 4, 256, 3), (64, 4, 512, 3), (128, 4, 256, 3), (128, 8, 256, 3))
+    generic = tc.launch_plan(args, C(16, 64, 256, 1, 4, 3, "dot"), batch, *packed.shape, 2)["fast"] != 1  # slow to compile: fewer
+    for bn, warps, step, stages in dots[::3] if batch <= 4 or generic else dots:
+        out.append(C(16 if batch > 4 else tc.pow2(batch), bn, step, 1, warps, stages, "dot"))  # batch <= 4: the dot's N unpadded
+    few = [(bn, w, split) for bn, w, split in ((64, 4, 2), (128, 4, 4)) if -(-packed.shape[0] // bn) < tc.sm_count(torch.device("cuda"))]
+    return out + [C(16, bn, 256, split, w, 3, "dot") for bn, w, split in few if batch > 4]
+
+
+def precompile(configs: list, packed, x: torch.Tensor) -> None:
+    """Compile every candidate's kernel in a thread pool (Triton's AsyncCompileMode); failures are left to the timing."""
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    kernels = (tk._dot_kernel, tg._gq_gemv_kernel, tg._nm_gemv_kernel)
+    originals = [k.run for k in kernels]
+    for k, run in zip(kernels, originals):
+        k.run = lambda *a, _run=run, grid=None, warmup=False, **kw: _run(*a, grid=grid, warmup=True, **kw)
+    try:
+        with AsyncCompileMode(ThreadPoolExecutor(max_workers=os.cpu_count() or 8), ignore_errors=True):
+            for cfg in configs:
+                tk.packed_matmul(x, packed, cfg)
+    except Exception as error:  # sequential compiles then, in the timing
+        print(f"  parallel compile stopped: {type(error).__name__}: {str(error)[:200]}", flush=True)
+    finally:
+        for k, run in zip(kernels, originals):
+            k.run = run
+
+
+def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep: bool) -> None:
+    copies, nbytes = weight_copies(fmt, rows, cols, check=not sweep)
+    for batch in batches:
+        xs = [torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        arg_list = [(xs[i % 4], p) for i, p in enumerate(copies)]
+        default = tc.default_config(batch, copies[0], torch.device("cuda"))
+        dense = peers["dense_bf16"][batch]
+        best_peer = min(t[batch] for t in peers.values() if batch in t)
+        total = nbytes + 2 * batch * (rows + cols)
+        if not sweep:
+            us = time_op(tk.packed_matmul, arg_list)
+            emit({"format": fmt, "shape": [rows, cols], "batch": batch, "us": round(us, 2), "gbps": round(total / us / 1e3),
+                  "pct_copy_bw": round(100 * total / us / 1e3 / bandwidth, 1), "bytes_per_weight": round(nbytes / (rows * cols), 4),
+                  "ratio_vs_dense": round(dense / us, 3), "ratio_vs_best_peer": round(best_peer / us, 3), "config": str(default)},
+                 env, out, records)
+            continue
+        configs = [default] + [c for c in candidates(copies[0], batch) if c != default]
+        precompile(configs, copies[0], xs[0])
+        timed = []
+        for cfg in configs:
+            try:
+                timed.append((time_op(lambda x, p, c=cfg: tk.packed_matmul(x, p, c), arg_list, reps=7), cfg))
+            except Exception as error:
+                print(f"  {cfg}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        timed.sort(key=lambda t: t[0])
+        us, cfg = timed[0]
+        default_us = next(t for t, c in timed if c == default) if any(c == default for _, c in timed) else float("nan")
+        emit({"format": fmt, "shape": [rows, cols], "batch": batch, "sweep": True, "us": round(us, 2), "best_us": round(us, 2),
+              "gbps": round(total / us / 1e3), "ratio_vs_dense": round(dense / us, 3), "ratio_vs_best_peer": round(best_peer / us, 3),
+              "best_config": str(cfg), "default_us": round(default_us, 2), "default_ratio_vs_dense": round(dense / default_us, 3),
+              "config": str(default), "top3": [[round(t, 2), str(c)] for t, c in timed[:3]]}, env, out, records)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336")
+    parser.add_argument("--shapes", help=f"out x in, comma-separated (default 4096x4096,14336x4096,4096x14336; --sweep: {SWEEP_SHAPES})")
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--formats", default=",".join(FORMATS))
-    parser.add_argument("--sweep", action="store_true", help="also time a few other tiles at batch 1 and 16 on --sweep-shape")
-    parser.add_argument("--sweep-shape", default="4096x14336")
+    parser.add_argument("--sweep", action="store_true", help="time a grid of configurations per format, shape and sweep batch")
+    parser.add_argument("--sweep-batches", default="1,16")
+    parser.add_argument("--sweep-shape", help="(older flag) sweep this one shape")
     parser.add_argument("--json", help="write one JSON record per (format, shape, batch) to this file")
     args = parser.parse_args(argv)
     import triton
 
-    device = "cuda"
     props = torch.cuda.get_device_properties(0)
     env = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "command": " ".join(["python", *sys.argv])}
     bandwidth = copy_bandwidth()
     env["copy_gbps"] = round(bandwidth)
     print(json.dumps(env), flush=True)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
-    formats = args.formats.split(",")
-    records = []
+    shapes = args.sweep_shape or args.shapes or (SWEEP_SHAPES if args.sweep else "4096x4096,14336x4096,4096x14336")
+    batches = [int(b) for b in (args.sweep_batches if args.sweep else args.batches).split(",")]
+    records: list = []
+    start = time.time()
     out = open(args.json, "w") if args.json else None  # noqa: SIM115 - written record by record, so a cut-off run keeps its part
-    for rows, cols in shapes:
-        dense_w = torch.randn(rows, cols, device=device, dtype=torch.bfloat16) * 0.02
-        dense_bytes = dense_w.numel() * 2
-        dense_copies = [dense_w] + [dense_w.clone() for _ in range(copies_for(dense_bytes) - 1)]
-        peers: dict[str, dict[int, float]] = {"dense_bf16": {}, "torch_int4pack_g128": {}, "cusparselt_2:4": {}}
-        int4 = None
-        try:
-            int4 = int4pack_peer(dense_w, None)
-        except Exception as error:
-            print(f"int4pack unavailable: {error}", flush=True)
-        cslt = None
-        try:
-            mask = (torch.rand(rows, cols // 4, 4, device=device).argsort(-1) < 2).reshape(rows, cols)
-            cslt = torch._cslt_compress(dense_w * mask)
-        except Exception as error:
-            print(f"cuSPARSELt unavailable: {error}", flush=True)
-        for batch in batches:
-            xs = [torch.randn(batch, cols, device=device, dtype=torch.bfloat16) for _ in range(len(dense_copies))]
-            peers["dense_bf16"][batch] = time_op(F.linear, list(zip(xs, dense_copies)))
-            if int4 is not None:
-                n4 = copies_for(int4[0].numel() * int4[0].element_size())
-                p4 = [int4] + [(int4[0].clone(), int4[1].clone()) for _ in range(n4 - 1)]
-                try:
-                    peers["torch_int4pack_g128"][batch] = time_op(lambda x, p, s: torch._weight_int4pack_mm(x, p, 128, s),
-                                                                  [(xs[i % len(xs)], p, s) for i, (p, s) in enumerate(p4)])
-                except Exception as error:
-                    print(f"int4pack failed: {error}", flush=True)
-            if cslt is not None:
-                nc = copies_for(cslt.numel() * cslt.element_size())
-                pc = [cslt] + [cslt.clone() for _ in range(nc - 1)]
-                xt = [torch.randn(cols, max(batch, 16), device=device, dtype=torch.bfloat16) for _ in range(2)]
-                try:
-                    peers["cusparselt_2:4"][batch] = time_op(lambda c, x: torch._cslt_sparse_mm(c, x), [(c, xt[i % 2]) for i, c in enumerate(pc)])
-                except Exception as error:
-                    print(f"cuSPARSELt failed: {error}", flush=True)
-            for name, times in peers.items():
-                if batch in times:
-                    us = times[batch]
-                    nbytes = {"dense_bf16": dense_bytes, "torch_int4pack_g128": rows * cols // 2 + rows * cols // 128 * 4,
-                              "cusparselt_2:4": dense_bytes * 9 // 16}[name] + 2 * batch * (rows + cols)
-                    record = {"format": name, "peer": True, "shape": [rows, cols], "batch": batch, "us": round(us, 2),
-                              "gbps": round(nbytes / us / 1e3), "ratio_vs_dense": round(peers["dense_bf16"][batch] / us, 3)}
-                    records.append(record)
-                    print(json.dumps(record), flush=True)
-                    if out:
-                        out.write(json.dumps({**record, **env}) + "\n")
-        for fmt in formats:
-            packed = make(fmt, rows, cols, device)
-            # correctness on the real shape: against the dequantized weight, bf16 and fp32 activations
-            w = unpack(packed)
-            for batch in (1, 16):
-                x = torch.randn(batch, cols, device=device, dtype=torch.bfloat16)
-                ref = x.double() @ w.double().T
-                err = ((tk.packed_matmul(x, packed).double() - ref).norm() / ref.norm()).item()
-                err32 = ((tk.packed_matmul(x.float(), packed).double() - ref).norm() / ref.norm()).item()
-                status = "ok" if err < 1e-2 and err32 < 1e-4 else "FAILED"
-                print(f"check {fmt} {rows}x{cols} batch {batch}: rel err bf16 {err:.1e} fp32 {err32:.1e} {status}", flush=True)
-            del w
-            nbytes = packed_bytes(packed)
-            copies = [packed] + [type(packed)(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
-                                 for _ in range(copies_for(nbytes) - 1)]
-            for batch in batches:
-                xs = [torch.randn(batch, cols, device=device, dtype=torch.bfloat16) for _ in range(4)]
-                arg_list = [(xs[i % 4], p) for i, p in enumerate(copies)]
-                us = time_op(tk.packed_matmul, arg_list)
-                best_us, best_cfg = us, "default"
-                default = tc.default_config_for(batch, packed, torch.device(device))
-                sweep = args.sweep and batch in (1, 16) and f"{rows}x{cols}" == args.sweep_shape
-                if sweep:
-                    for cfg in candidate_configs(fmt, batch, rows, cols, default):
-                        try:
-                            t = time_op(lambda x, p, c=cfg: tk.packed_matmul(x, p, c), arg_list, reps=10)
-                        except Exception as error:
-                            print(f"  {cfg}: {type(error).__name__}", flush=True)
-                            continue
-                        if t < best_us:
-                            best_us, best_cfg = t, cfg
-                dense = peers["dense_bf16"][batch]
-                best_peer = min(t[batch] for t in peers.values() if batch in t)
-                total = nbytes + 2 * batch * (rows + cols)
-                record = {"format": fmt, "shape": [rows, cols], "batch": batch, "us": round(us, 2), "gbps": round(total / us / 1e3),
-                          "pct_copy_bw": round(100 * total / us / 1e3 / bandwidth, 1), "bytes_per_weight": round(nbytes / (rows * cols), 4),
-                          "ratio_vs_dense": round(dense / us, 3), "ratio_vs_best_peer": round(best_peer / us, 3),
-                          "config": str(default)}
-                if sweep:
-                    record.update(best_us=round(best_us, 2), best_ratio_vs_dense=round(dense / best_us, 3), best_config=str(best_cfg))
-                records.append(record)
-                print(json.dumps(record), flush=True)
-                if out:
-                    out.write(json.dumps({**record, **env}) + "\n")
-                    out.flush()
-            del copies
-    table(records, env)
+    for rows, cols in (tuple(int(v) for v in shape.split("x")) for shape in shapes.split(",")):
+        peers = peer_times(rows, cols, batches, env, out, records)
+        for fmt in args.formats.split(","):
+            run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, args.sweep)
+    print(f"\n{env['gpu']}, torch {env['torch']}, triton {env['triton']}, copy {env['copy_gbps']} GB/s")
+    print(f"{'format':22} {'shape':>11} {'batch':>5} {'us':>8} {'GB/s':>6} {'x dense':>8} {'x peer':>7} {'default us':>10}  best config")
+    for r in sorted(records, key=lambda r: (r["format"], r["batch"])) if args.sweep else records:  # sweep: by (format, batch)
+        print(f"{r['format']:22} {r['shape'][0]:>5}x{r['shape'][1]:<5} {r['batch']:>5} {r['us']:>8.2f} {r['gbps']:>6} {r['ratio_vs_dense']:>8.2f} "
+              f"{r.get('ratio_vs_best_peer', float('nan')):>7.2f} {r.get('default_us', float('nan')):>10.2f}  {r.get('best_config', '')}")
+    print(f"{time.time() - start:.0f} s", flush=True)
     if out:
         out.close()
-
-
-def candidate_configs(fmt: str, batch: int, rows: int, cols: int, default) -> list:
-    """A few tiles around the default (each with the default split rule), and the default unsplit, for --sweep."""
-    C = tk.Config
-    if batch <= tk.FMA_MAX_BATCH:
-        base = [C(1, 32, 256), C(1, 128, 64), C(1, 64, 256, 1, 8)] if fmt.startswith("int") else \
-               [C(1, 64, 64), C(1, 16, 256), C(1, 64, 128, 1, 8)]
-    else:
-        base = [C(16, 64, 128), C(16, 32, 128), C(16, 128, 64, 1, 8)]
-    klen = cols if fmt.startswith("int") or batch > tk.FMA_MAX_BATCH else cols // 2
-    out = [C(default.block_m, default.block_n, default.block_k, 1, default.num_warps, default.num_stages)]
-    for cfg in base:
-        split = tc.default_split(batch, rows, cfg.block_m, cfg.block_n, klen, cfg.block_k, torch.device("cuda"))
-        out.append(C(cfg.block_m, cfg.block_n, cfg.block_k, split, cfg.num_warps, cfg.num_stages))
-    return out
-
-
-def table(records: list, env: dict) -> None:
-    print(f"\n{env['gpu']}, torch {env['torch']}, triton {env['triton']}, copy {env['copy_gbps']} GB/s")
-    print(f"{'format':22} {'shape':>11} {'batch':>5} {'us':>8} {'GB/s':>6} {'x dense':>8} {'x peer':>7} {'best us':>8}")
-    for r in records:
-        shape = f"{r['shape'][0]}x{r['shape'][1]}"
-        print(f"{r['format']:22} {shape:>11} {r['batch']:>5} {r['us']:>8.2f} {r['gbps']:>6} {r['ratio_vs_dense']:>8.2f} "
-              f"{r.get('ratio_vs_best_peer', float('nan')):>7.2f} {r.get('best_us', float('nan')):>8.2f}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 from compress.kernels import dispatch  # noqa: E402
+from compress.kernels import triton_config as tc  # noqa: E402
 from compress.kernels import triton_kernels as tk  # noqa: E402
 
 
@@ -83,9 +84,14 @@ def check(packed, batch, dtype, device="cpu", config=None, seed=1):
     assert error < limit, f"relative error {error:.2e} >= {limit:.0e}"
 
 
-# small tiles so a small shape still has several programs along N, M and K (split-K, atomics)
-SMALL = {1: tk.Config(1, 16, 32, split_k=3), 3: tk.Config(4, 16, 32, split_k=2), 16: tk.Config(16, 16, 32, split_k=2)}
+# small tiles so a small shape still has several programs along N, M and K (split-K, atomics); batch 1 takes the
+# FMA kernel (kernel="auto"), batch 3 and 16 the dot kernel
+SMALL = {1: tk.Config(1, 16, 64, split_k=3), 3: tk.Config(4, 16, 32, split_k=2), 16: tk.Config(16, 16, 32, split_k=2)}
 interpret = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on CPU-only machines (the CUDA tests cover the kernels)")
+
+
+def plan(packed, batch, config):
+    return tc.launch_plan(tc.format_args(packed, packed.shape[1]), config, batch, *packed.shape, 4)
 
 
 @interpret
@@ -119,12 +125,57 @@ def test_sparse_quant_interpreted(bits, zero_kind, batch):
     check(make_sparse_quant(9, 256, bits, 64, zero_kind=zero_kind, seed=5), batch, torch.float32, config=SMALL[batch])
 
 
+FMA = [tk.Config(4, 8, 128, 1, 1, 2, "fma"), tk.Config(2, 4, 128, 2, 1, 2, "fma")]  # 4 / 2 batch rows a program, split 1 / 2
+
+
 @interpret
-def test_default_config_interpreted():
-    # the tiles the GPU would pick (no explicit config), a 2-D activation batch of 2 x 3
-    packed = make_group_quant(9, 96, 4, 32)
-    x = torch.randn(2, 3, 96)
-    torch.testing.assert_close(tk.packed_matmul(x, packed), group_quant.reference_matmul(x, packed), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("config", FMA, ids=["bm4-split1", "bm2-split2"])
+def test_fma_kernel_interpreted(config):
+    # group_quant: whole steps and a masked tail (100 columns), int3 chunks straddling groups (STATS 1), groups
+    # smaller than a chunk (STATS 2: g16); N:M 2:4, 1:4, 1:2 and 2:4 + int2/int4/int8 codes; batch 3 and 1
+    cases = [make_group_quant(9, 100, 4, 32), make_group_quant(5, 200, 3, 64, "float16"), make_group_quant(6, 96, 4, 16),
+             make_group_quant(4, 256, 2, 128), make_group_quant(5, 64, 8, 32, "float16"), make_nm(9, 256, 2, 4), make_nm(5, 192, 1, 4),
+             make_nm(4, 128, 1, 2, torch.float16), make_sparse_quant(9, 256, 4, 64), make_sparse_quant(5, 128, 8, 32, zero_kind="float16"),
+             make_sparse_quant(4, 256, 2, 128)]
+    stats = set()
+    for i, packed in enumerate(cases):
+        p = plan(packed, 3, config)
+        assert p["kernel"] == "fma"
+        stats.add(p.get("stats"))
+        check(packed, 3 if i % 2 else 1, torch.bfloat16 if i % 3 == 0 else torch.float32, config=config)
+    assert stats == {0, 1, 2, None}
+
+
+DOT = [tk.Config(16, 16, 64, 1, 4, 2, "dot"), tk.Config(1, 8, 128, 2, 4, 2, "dot")]  # batch padded to 16 / one row a program
+
+
+@interpret
+@pytest.mark.parametrize("config", DOT, ids=["bm16-split1", "bm1-split2"])
+def test_dot_kernel_interpreted(config):
+    # the fast tiles (one group a sub-step: int2/4/8, N:M 2:4 and 1:4, 2:4 + int4/int8), int3 (sub-steps over two
+    # groups), the generic ones (4:8, 2:4 + int3, a group without a power-of-two divisor >= 16: g24); batch 1 and 5
+    cases = {1: [make_group_quant(9, 256, 4, 128), make_group_quant(5, 192, 2, 64, "float16"), make_group_quant(6, 160, 8, 32),
+                 make_nm(9, 256, 2, 4), make_nm(5, 192, 1, 4, torch.float16), make_sparse_quant(9, 256, 4, 64),
+                 make_sparse_quant(5, 256, 8, 128, zero_kind="float16")],
+             2: [make_group_quant(9, 130, 3, 64), make_group_quant(5, 300, 3, 128, "float16")],
+             0: [make_group_quant(5, 96, 4, 24), make_nm(5, 64, 4, 8), make_sparse_quant(6, 128, 3, 64)]}
+    for i, (fast, packed) in enumerate((fast, packed) for fast, weights in cases.items() for packed in weights):
+        assert plan(packed, 5, config)["fast"] == fast
+        check(packed, 5 if i % 2 else 1, torch.bfloat16 if i % 3 == 0 else torch.float32, config=config)
+
+
+@interpret
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_default_config_interpreted(batch):
+    # the tiles the GPU would pick (no explicit config), a 2-D activation batch
+    for packed in (make_group_quant(9, 256, 4, 128), make_nm(9, 256, 2, 4), make_sparse_quant(9, 256, 4, 128)):
+        x = torch.randn(batch, 2, 256).to(torch.bfloat16)
+        out = tk.packed_matmul(x, packed)
+        ref = REFERENCE[type(packed)](x.float(), packed)
+        assert out.shape == (batch, 2, 9) and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    assert tc.default_config(1, make_group_quant(9, 256, 4, 128), torch.device("cpu")).kernel == "fma"
+    assert tc.default_config(16, make_group_quant(9, 256, 4, 128), torch.device("cpu")).kernel == "dot"
 
 
 def test_dispatch_choices(monkeypatch):
@@ -150,3 +201,15 @@ def test_cuda_all_formats(batch, dtype):
                    make_group_quant(96, 320, 8, 32, "float16"), make_nm(257, 1024, 2, 4), make_nm(65, 640, 4, 8),
                    make_sparse_quant(129, 1024, 4, 128), make_sparse_quant(33, 384, 4, 96, zero_kind="float16")):
         check(packed, batch, dtype, device="cuda")
+
+
+@cuda
+@pytest.mark.parametrize("config", FMA + DOT + [tk.Config(1, 8, 1024, 1, 1, 4, "fma"), tk.Config(2, 16, 2048, 1, 2, 3, "fma"),
+                                                tk.Config(16, 64, 128, 1, 4, 4, "dot"), tk.Config(32, 32, 256, 3, 4, 3, "dot")])
+def test_cuda_kernels_configs(config):
+    # every kernel and a few sweep-like tiles (the benchmark's --sweep runs more) on every format, compiled
+    for packed in (make_group_quant(300, 1024, 4, 128), make_group_quant(70, 640, 3, 128), make_group_quant(64, 512, 2, 64),
+                   make_group_quant(96, 512, 8, 128, "float16"), make_nm(257, 1024, 2, 4), make_nm(65, 512, 1, 4),
+                   make_sparse_quant(129, 1024, 4, 128), make_sparse_quant(40, 512, 8, 128, zero_kind="float16")):
+        for batch in (1, 3, 16):
+            check(packed, batch, torch.bfloat16, device="cuda", config=config)

@@ -1,6 +1,8 @@
-"""What the Triton kernels (triton_kernels.py) are launched with, in plain Python (importable without
-Triton): each format's constants and tensors, the tile sizes and the split-K. The default tiles were
-chosen by the benchmark's --sweep on an H200 (benchmarks/gpu_kernels.py)."""
+"""What the Triton kernels (triton_kernels.py, triton_gemv.py) are launched with, in plain Python (importable
+without Triton): each format's constants and tensors, the kernel (FMA GEMV or tensor-core dot), the tile
+sizes, the split of K and how a Config turns into launch parameters. The defaults below are a starting
+point; `python benchmarks/gpu_kernels.py --sweep` times a grid of candidates on the GPU and prints the best
+per (format, shape, batch) to set them from."""
 
 from __future__ import annotations
 
@@ -11,15 +13,18 @@ import torch
 from compress.formats import group_quant, nm, sparse_quant
 from compress.formats.words import codes_per_word
 
-FMA_MAX_BATCH = 4  # batches up to this take the CUDA-core path, larger ones tl.dot
+FMA_MAX_BATCH = 1  # batches up to this take the FMA (CUDA-core GEMV) kernel by default, larger ones the dot kernel
 FMT_GROUP_QUANT, FMT_NM, FMT_SPARSE_QUANT = 0, 1, 2
 SUPPORTED = (group_quant.GroupQuantWeight, nm.NMWeight, sparse_quant.SparseQuantWeight)
+KERNELS = ("auto", "fma", "dot")
 
 
 @dataclass(frozen=True)
 class Config:
-    """Tile sizes (BLOCK_K counts kept values on the FMA path of N:M formats, columns otherwise), the split
-    of the K loop over programs, and Triton's warps and pipeline stages."""
+    """block_m: activation rows a program (FMA: 1, 2 or 4; dot: the tl.dot's N, padded); block_n: output rows a
+    program; block_k: a K step, in dense columns (the FMA kernel of an N:M format: kept values; the dot
+    kernel snaps it to the quantization group); split_k: programs along K (> 1: fp32 atomics and a final
+    cast); kernel: "fma", "dot" or "auto" (fma for batches up to FMA_MAX_BATCH where the format has one)."""
 
     block_m: int
     block_n: int
@@ -27,6 +32,7 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    kernel: str = "auto"
 
 
 def sm_count(device: torch.device) -> int:
@@ -39,43 +45,38 @@ def pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def default_split(batch: int, rows: int, block_m: int, block_n: int, klen: int, block_k: int, device: torch.device) -> int:
-    """Programs along K so the grid has ~2 waves over the multiprocessors (each keeping >= 4 K steps)."""
-    tiles = -(-rows // block_n) * -(-batch // block_m)
-    k_tiles = -(-klen // block_k)
-    target = 2 * sm_count(device)
-    return max(1, min(-(-target // tiles), k_tiles // 4 or 1))
+def default_split(programs: int, k_tiles: int, device: torch.device) -> int:
+    """Programs along K only where the output tiles alone fill less than half the multiprocessors (each split keeps
+    >= 4 K steps): split-K costs a zeroed fp32 buffer and a cast, two more launches."""
+    sms = sm_count(device)
+    if 2 * programs >= sms:
+        return 1
+    return max(1, min(-(-2 * sms // programs), k_tiles // 4 or 1))
 
 
-def default_config(batch: int, rows: int, klen: int, device: torch.device, dense_fma: bool) -> Config:
-    """A tile and split for `batch` activation rows, `rows` output rows and a loop over `klen` (columns,
-    or kept values on the N:M FMA path)."""
-    if batch <= FMA_MAX_BATCH:
-        block_m = pow2(batch)
-        if dense_fma:
-            # batch 1: (128, 64) was the best of the --sweep on the H200 (4096x14336 int4: 212 -> 53 us)
-            block_n, block_k = {1: (128, 64), 2: (32, 128), 4: (32, 64)}[block_m]
-        else:
-            # batch 1: (16, 256) the sweep's best (2:4 bf16: 46 -> 41 us; 2:4 + int4: 313 -> 157 us)
-            block_n, block_k = {1: (16, 256), 2: (32, 64), 4: (16, 64)}[block_m]
-        warps, stages = 4, 3
+def default_config(batch: int, packed, device: torch.device) -> Config:
+    """The tiles packed_matmul uses for this weight and batch when it is given no Config (a starting point: set
+    them from `benchmarks/gpu_kernels.py --sweep`)."""
+    rows, cols = packed.shape
+    args = format_args(packed, cols)
+    sms = sm_count(device)
+    if batch <= FMA_MAX_BATCH and fma_ok(args):
+        # one warp a program, lanes along K (32 lanes x 4 words / 1 index word a step), 8 rows in every thread
+        block_k = 128 * args["PER"] if args["FMT"] == FMT_GROUP_QUANT else 32 * args["IPER"]
+        k_tiles = -(-cols // block_k) if args["FMT"] == FMT_GROUP_QUANT else -(-args["KC"] // block_k)
+        return Config(pow2(batch), 8, block_k, default_split(-(-rows // 8), k_tiles, device), 1, 4, "fma")
+    if batch <= 16:  # tl.dot's N padded to 16; as many rows a program as still give a wave of programs
+        block_m, step, stages = 16, 512, 3
+        block_n, warps = (64, 4) if rows >= 64 * sms else (32, 2) if 10 * rows >= 9 * 32 * sms else (16, 1)
     else:
-        block_m = 16 if batch <= 16 else 32 if batch <= 32 else 64
-        block_n, block_k = 64, 64
-        warps, stages = 4, 3
-    split = default_split(batch, rows, block_m, block_n, klen, block_k, device)
-    return Config(block_m, block_n, block_k, split, warps, stages)
+        block_m, block_n, step, warps, stages = (32 if batch <= 32 else 64), 64, 256, 4, 3
+    split = default_split(-(-rows // block_n) * -(-batch // block_m), -(-cols // step), device)
+    return Config(block_m, block_n, step, split, warps, stages, "dot")
 
 
 def default_config_for(batch: int, packed, device: torch.device) -> Config:
-    """The configuration packed_matmul picks for this weight and batch."""
-    rows, cols = packed.shape
-    nm_fma = not isinstance(packed, group_quant.GroupQuantWeight) and batch <= FMA_MAX_BATCH
-    klen = cols // packed.m * packed.n if isinstance(packed, nm.NMWeight) else cols
-    if nm_fma and isinstance(packed, sparse_quant.SparseQuantWeight):
-        n, m = sparse_quant.parse_pattern(packed.pattern)
-        klen = cols // m * n
-    return default_config(batch, rows, klen, device, dense_fma=not nm_fma)
+    """The configuration packed_matmul picks for this weight and batch (the benchmark reports it)."""
+    return default_config(batch, packed, device)
 
 
 def format_args(packed, cols: int) -> dict:
@@ -89,7 +90,7 @@ def format_args(packed, cols: int) -> dict:
     if isinstance(packed, nm.NMWeight):
         ib = nm.index_bits(packed.m)
         return dict(FMT=FMT_NM, a=packed.values, b=packed.indices, scale=packed.values, zero=packed.values, BITS=1, PER=32,
-                    IBITS=ib, IPER=codes_per_word(ib), NN=packed.n, MM=packed.m, GROUP=1, ZERO_INT=False,
+                    IBITS=ib, IPER=codes_per_word(ib), NN=packed.n, MM=packed.m, GROUP=1, ZERO_INT=True,
                     KC=cols // packed.m * packed.n, WPR=1, IWPR=packed.indices.shape[1], GROUPS=1, ZWPR=1)
     if isinstance(packed, sparse_quant.SparseQuantWeight):
         pattern = sparse_quant.parse_pattern(packed.pattern)
@@ -111,3 +112,74 @@ def supports(packed) -> bool:
     if isinstance(packed, sparse_quant.SparseQuantWeight):
         return sparse_quant.parse_pattern(packed.pattern) is not None
     return isinstance(packed, SUPPORTED)
+
+
+def _nm_fast_ok(args: dict) -> bool:
+    """N:M with M = 2 or 4 and N = 1 or 2 (a power of two kept values in 8 columns); sparse_quant codes of 2, 4
+    or 8 bits."""
+    n, m = args["NN"], args["MM"]
+    return m in (2, 4) and n in (1, 2) and n < m and (args["FMT"] == FMT_NM or args["BITS"] in (2, 4, 8))
+
+
+def fma_ok(args: dict) -> bool:
+    """Whether the FMA kernel takes this format: every group_quant; N:M as _nm_fast_ok with, for sparse_quant,
+    1 to 4 code words an index word and groups of whole index words."""
+    if args["FMT"] == FMT_GROUP_QUANT:
+        return True
+    if not _nm_fast_ok(args):
+        return False
+    return args["FMT"] == FMT_NM or (args["IPER"] * args["BITS"] // 32 in (1, 2, 4) and
+                                      args["GROUP"] % (args["IPER"] // args["NN"] * args["MM"]) == 0)
+
+
+def _splits(k_tiles: int, split_k: int) -> tuple[int, int]:
+    split = max(1, min(split_k, k_tiles))
+    k_iters = -(-k_tiles // split)
+    return -(-k_tiles // k_iters), k_iters
+
+
+def launch_plan(args: dict, cfg: Config, batch: int, rows: int, cols: int, x_size: int) -> dict:
+    """The kernel and its derived launch parameters for a Config."""
+    if cfg.kernel not in KERNELS:
+        raise ValueError(f"Config.kernel must be one of {KERNELS}, got {cfg.kernel!r}")
+    gq = args["FMT"] == FMT_GROUP_QUANT
+    per, group = args["PER"], args["GROUP"]
+    kernel = cfg.kernel if cfg.kernel != "auto" else "fma" if batch <= FMA_MAX_BATCH else "dot"
+    if kernel == "fma" and not fma_ok(args):
+        kernel = "dot"  # this N:M pattern has no FMA kernel: the dot kernel takes any batch
+    plan = dict(kernel=kernel, fmask=(1 << args["BITS"]) - 1 if args["BITS"] > 1 else 3,
+                i64=max(rows * max(args["WPR"], args["KC"]), batch * cols, rows * args["GROUPS"], batch * rows) >= 2**31,
+                s32=all(t.dtype != torch.float16 or (t.numel() % 2 == 0 and t.data_ptr() % 4 == 0) for t in (args["scale"], args["zero"])))
+    if kernel == "fma":
+        plan["block_m"] = min(4, pow2(min(cfg.block_m, batch)))
+        if gq:  # a lane: 4 words (4 * per columns) of every row, a step
+            lanes = pow2(max(1, round(cfg.block_k / (4 * per))))
+            k_tiles = -(-args["WPR"] // (4 * lanes))
+            stats = 0 if per & (per - 1) == 0 and group % (4 * per) == 0 else 1 if 4 * per <= group else 2
+            plan.update(lanes=lanes, k_full=cols // (4 * lanes * per), stats=stats, ch=min(per & -per, 16 // x_size))
+        else:  # a lane: one index word (IPER kept values) of every row, a step
+            lanes = pow2(max(1, round(cfg.block_k / args["IPER"])))
+            k_tiles = -(-args["IWPR"] // lanes)
+            plan.update(lanes=lanes)
+    else:
+        plan["block_m"] = pow2(min(cfg.block_m, max(16, pow2(batch))))
+        step = max(16, pow2(cfg.block_k))          # a K step; fast tiles split it into sub-steps inside one group
+        block_k, fast = step, False
+        if gq and per & (per - 1) == 0:
+            block_k = min(step, group & -group)
+            fast = block_k >= max(16, per)
+        elif gq and group >= per:  # int3: sub-steps of whole words spanning at most two groups
+            block_k = min(step, pow2(per) * (1 << (group // per).bit_length() - 1))
+            fast = 2 if block_k >= 16 else False
+        elif not gq and _nm_fast_ok(args):
+            whole = args["IPER"] * args["MM"] // args["NN"]  # columns of a whole index word
+            step = max(step, whole)
+            block_k = min(step, 128, group & -group) if args["FMT"] == FMT_SPARSE_QUANT else min(step, 128)
+            fast = block_k >= whole and (args["FMT"] == FMT_NM or block_k // args["MM"] * args["NN"] >= per)
+        if not fast:
+            step = block_k = max(16, pow2(cfg.block_k))
+        p2 = pow2(per) if gq else 1
+        plan.update(fast=fast, p2=p2, block_k=block_k, ng=step // block_k)
+        k_tiles = -(-args["WPR"] // (step // p2)) if gq and fast != 1 else -(-cols // step)
+    plan["split"], plan["k_iters"] = _splits(k_tiles, cfg.split_k)
+    return plan
