@@ -150,9 +150,16 @@ def test_a_plan_larger_than_the_gpu_is_refused(monkeypatch):
         checks.check_memory(recipe, [stage], torch.device("cuda"), torch.bfloat16)
 
 
-def test_shipped_recipes_plan_on_the_embedded_model():
+def test_shipped_recipes_plan_on_the_embedded_model(tiny_mixtral):
+    """Every shipped recipe plans on the embedded model, but those for MoE experts (QMoE): the dense
+    model is refused with one clear error before anything runs, and an MoE model plans."""
     for path in sorted(Path("recipes").glob("*.yaml")):
-        assert build_plan(load_recipe(path)).stages
+        recipe = load_recipe(path)
+        if any(stage.method == "qmoe" for stage in recipe.stages):
+            with pytest.raises(CompressError, match="qmoe compresses MoE experts, and none of the 28 selected targets is one"):
+                build_plan(recipe)
+            recipe = load_recipe(path, [f"model.source={tiny_mixtral}"])
+        assert build_plan(recipe).stages
 
 
 # --- 5, 6. recipes too large to parse, and bad --set values -------------------------------------
