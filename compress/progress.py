@@ -25,6 +25,7 @@ class _PlainLines:
 
     def __init__(self, total: int, desc: str, unit: str, initial: int = 0) -> None:
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.postfix = ""
         self.started = self.last = time.monotonic()
         self.first = initial
 
@@ -41,7 +42,11 @@ class _PlainLines:
         rate = done / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.n) / rate if rate > 0 else float("nan")
         eta = f", {left:.0f} s left" if left == left and self.n < self.total else ""
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, {elapsed:.0f} s{eta}", file=sys.stderr, flush=True)
+        postfix = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, {elapsed:.0f} s{eta}{postfix}", file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
 
     def close(self) -> None:
         pass

@@ -34,6 +34,7 @@ from compress.service.confine import Roots, confine, is_served, output_folder, r
 from compress.service.ownership import check_owner
 from compress.service.tracking import RunTracker, client
 from compress.settings import compress_home
+from compress.train.stage import read_curve
 
 FLOW_NAME = "compress-recipe"
 DEPLOYMENT_NAME = "compress"
@@ -129,6 +130,8 @@ def compress_recipe(
             table = _stage_table(result)
             if table:
                 child.log_table(table)
+            if isinstance(result, StepResult) and result.kind == "stage":
+                child.log_curve(read_curve(result.path))
         if isinstance(result, StepResult):
             logger.info("%s: %s in %.2f s", name, "found stored" if result.cached else "done", result.seconds)
         return result

@@ -10,8 +10,9 @@ file; nothing outside that file names it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,6 +72,9 @@ class Method:
     # earlier stage pruned each of its targets, and the engine hands it each target's weights as they
     # were before the first stage touched them (`dense`).
     refines_mask: ClassVar[bool] = False
+    # A training method (compress/methods/training.py): it reads the recipe's whole calibration text
+    # through the shared training loop rather than the calibration windows.
+    trains: ClassVar[bool] = False
 
     def __init__(self, params: StageParams) -> None:
         self.params = params
@@ -121,11 +125,15 @@ class TargetMethod(Method):
 
 @dataclass
 class CalibrationData:
-    """What a whole-model method gets besides the model: the calibration token batches and the
-    device the model sits on."""
+    """What a whole-model method gets besides the model: the calibration token batches, the device
+    the model sits on and, for a training method, the shared training loop bound to the recipe's text,
+    teacher and the stage's work folder (`train(model, task, params) -> TrainingResult`, see
+    compress/train/loop.py). `info`: what the method reports about its work (the stage's step.json)."""
 
     batches: list[torch.Tensor]
     device: torch.device
+    train: Callable[..., Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelMethod(Method):

@@ -61,7 +61,8 @@ def _run(recipe: Recipe, out: str | Path | None, store: StepStore | None, runner
     for index, stage in enumerate(recipe.stages):
         refines = load.info["refines"][index]  # the checkpoint a mask-refining stage (DSnoT) compares against
         reference = checkpoints[refines] if refines is not None else None
-        checkpoints.append(runner(f"stage {index} ({stage.method})", stage_step, store, recipe, index, checkpoints[-1], calibration, reference))
+        checkpoints.append(runner(f"stage {index} ({stage.method})", stage_step, store, recipe, index, checkpoints[-1], calibration, reference,
+                                  load))
     stages = checkpoints[1:]
     evaluation = runner("evaluate", evaluate_step, store, recipe, load, checkpoints[-1])
     steps = [load, calibration, *stages, evaluation]

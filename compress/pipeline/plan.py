@@ -100,7 +100,7 @@ def build_plan(recipe: Recipe) -> Plan:
     left_out = dict(layout.left_out)
     if norms:
         left_out[f"{len(norms)} normalisation layers ({norms[0]}, ...)"] = "scale vectors, not weight matrices: kept as they are"
-    check_texts(recipe, model.config, tokenizer, needs_calibration(recipe))
+    check_texts(recipe, model.config, tokenizer, needs_calibration(recipe) or any(stage.method.trains for stage in planned))
 
     device = pick_device(recipe.model.device)
     storage_dtype = checkpoint_dtype(path)
@@ -125,6 +125,10 @@ def build_plan(recipe: Recipe) -> Plan:
             {"name": t.name, "shape": list(t.weight.shape), "fused_expert": t.is_expert, "block": t.block}
             for t in stage.targets
         ]
+        if stage.method.trains:
+            _plan_training(plan, spec.params, params, model.config, device)
+            stages.append(plan)
+            continue
         by_block = layout.by_block(stage.targets)
         activations = tokens * hidden * compute_bytes if data else 0
         statistics = max((_statistics_bytes(targets, names) for targets in by_block), default=0)
@@ -153,6 +157,22 @@ def build_plan(recipe: Recipe) -> Plan:
 
     return Plan(source, str(path), kind, type(model).__name__, params, name(storage_dtype), name(compute_dtype), str(device),
                 len(layout.blocks), len(layout.targets), stages, left_out, streams, _export_warnings(recipe, layout))
+
+
+def _plan_training(plan: StagePlan, train: Any, params: int, config: Any, device: torch.device) -> None:
+    """A training stage holds the whole model in fp32 with its gradients and two optimizer moments
+    (16 bytes a parameter), the teacher in the compute dtype, and one micro-batch's activations."""
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and train.seqlen > context:
+        raise CompressError(f"stages.{plan.index}.seqlen={train.seqlen} is longer than the model's context ({context} positions)")
+    on_gpu = device.type == "cuda"
+    tokens = train.batch_size * train.seqlen
+    hidden, layers = int(getattr(config, "hidden_size", 0) or 0), int(getattr(config, "num_hidden_layers", 0) or 0)
+    activations = tokens * (hidden * layers * 40 + int(getattr(config, "vocab_size", 0) or 0) * 12)  # rough: blocks' saved tensors, logits
+    peak = params * 16 + (params * (2 if on_gpu else 4) if train.uses_teacher else 0) + activations
+    plan.peak_host_bytes = params * 8 if on_gpu else peak
+    plan.peak_device_bytes = peak if on_gpu else 0
+    plan.seconds_estimate = 8.0 * params * tokens * train.steps * train.grad_accum / FLOPS_PER_SECOND[device.type]
 
 
 def _export_warnings(recipe: Recipe, layout) -> list[str]:

@@ -9,6 +9,7 @@ statistics it names (the Fisher diagonal) are computed first and kept on disk. A
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,30 +31,35 @@ from compress.model.targets import discover
 from compress.pipeline.calibrate import calibration_batches
 from compress.pipeline.checkpoints import checkpoint_spec, checkpoint_state, compute_settings
 from compress.pipeline.stages import plan_stages
-from compress.pipeline.store import MODEL_DIR, StepResult, StepStore, digest
+from compress.pipeline.store import MODEL_DIR, StepResult, StepStore, digest, file_digests
 from compress.recipe import Recipe
+from compress.train.stage import WORK_DIR as TRAIN_WORK_DIR
+from compress.train.stage import bind_trainer
 
 log = logging.getLogger("compress")
 
 
 def stage_step(
-    store: StepStore, recipe: Recipe, index: int, previous: StepResult, calibration: StepResult, reference: StepResult | None = None
+    store: StepStore, recipe: Recipe, index: int, previous: StepResult, calibration: StepResult, reference: StepResult | None = None,
+    original: StepResult | None = None,
 ) -> StepResult:
     """Run recipe stage `index` over the checkpoint `previous` left; `reference` is the checkpoint
-    from before the pruning stage that a refining stage (DSnoT) refines."""
+    from before the pruning stage that a refining stage (DSnoT) refines; `original`: the model as
+    loaded (a training stage's tokenizer and default teacher)."""
     stage = recipe.stages[index]
     method = get_method(stage.method)
     measure_error = recipe.evaluate.layer_error
     uses_data = bool(method.statistics) or measure_error
+    text = _training_text(recipe) if method.trains else None
     key = digest(
         "stage", __version__, stage.describe(), previous.key, calibration.key if uses_data else None,
-        reference.key if reference else None, compute_settings(recipe.model), measure_error,
+        reference.key if reference else None, compute_settings(recipe.model), measure_error, text, original.key if text and original else None,
     )
 
     def compute(folder: Path) -> dict[str, Any]:
         calib = calibration_batches(calibration, recipe) if uses_data else []
         if issubclass(method, ModelMethod):
-            return _whole_model(folder, recipe, index, previous, calib)
+            return _whole_model(folder, recipe, index, previous, calib, original or previous)
         return _layerwise(folder, recipe, index, previous, calib, reference, key)
 
     return store.run("stage", key, compute, resumable=True)
@@ -113,14 +119,30 @@ def _model_statistics(
     return ShelvedStatistics(shelves)
 
 
-def _whole_model(folder: Path, recipe: Recipe, index: int, previous: StepResult, calib: list[torch.Tensor]) -> dict[str, Any]:
-    loaded = load_model(checkpoint_spec(previous, recipe.model))
+def _training_text(recipe: Recipe) -> Any:
+    """What decides a training stage's data: the calibration source's content (files) or its id."""
+    described = recipe.calibration.model_dump(mode="json", include={"text", "dataset", "dataset_config", "dataset_split", "dataset_field"})
+    if recipe.calibration.text:
+        described["text"] = file_digests(recipe.calibration.text)
+    return described
+
+
+def _whole_model(folder: Path, recipe: Recipe, index: int, previous: StepResult, calib: list[torch.Tensor], original: StepResult) -> dict[str, Any]:
+    method = get_method(recipe.stages[index].method)
+    spec = checkpoint_spec(previous, recipe.model)
+    # a training stage keeps fp32 master weights (on CUDA it computes under bf16 autocast); saved in the checkpoint's dtype
+    loaded = load_model(spec.model_copy(update={"dtype": "float32"}) if method.trains else spec)
     state = checkpoint_state(previous)
     layout = discover(loaded.model)
     planned = plan_stages(recipe, layout)[index]
     before = {t.name: t.weight.detach().clone() for t in planned.targets}
     started = time.perf_counter()
-    state = planned.method.apply(loaded.model, state, CalibrationData(calib, loaded.device))
+    data = CalibrationData(calib, loaded.device)
+    if method.trains:
+        teachers = {"original": checkpoint_spec(original, recipe.model), "previous": spec}
+        data.train = bind_trainer(recipe.calibration, original.model_path, teachers, folder)
+    state = planned.method.apply(loaded.model, state, data)
+    shutil.rmtree(folder / TRAIN_WORK_DIR, ignore_errors=True)  # the checkpoints: no part of the output
     result = StageOutcome(seconds=time.perf_counter() - started)
     for target in planned.targets:
         weight = target.weight.detach()
@@ -139,7 +161,7 @@ def _whole_model(folder: Path, recipe: Recipe, index: int, previous: StepResult,
     writer.finish(whole.source)
     state.save(folder)
     log.info("%s: %d targets, sparsity %.4f, %.2f s", planned.label, len(planned.targets), result.sparsity, result.seconds)
-    return _stage_info(planned, result, forward_seconds=0.0, resumed_at=0, streamed=False)
+    return {**_stage_info(planned, result, forward_seconds=0.0, resumed_at=0, streamed=False), **data.info}
 
 
 def _stage_info(planned: PlannedStage, result: StageOutcome, forward_seconds: float, resumed_at: int, streamed: bool) -> dict[str, Any]:

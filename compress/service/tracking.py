@@ -272,3 +272,13 @@ class StepRun:
 
     def log_table(self, table: dict[str, list[Any]], artifact_file: str = "targets.json") -> None:
         self.tracker.client.log_table(self.run_id, data=table, artifact_file=artifact_file)
+
+    def log_curve(self, curve: list[dict[str, float]]) -> None:
+        """A training stage's curve as step metrics (`train/loss`, `train/lr`, ...: charts in the UI),
+        one point per logging interval, stamped with the time it was measured."""
+        from mlflow.entities import Metric
+
+        points = [Metric(f"train/{name}", float(value), int(point["time"] * 1000), int(point["step"]))
+                  for point in curve for name, value in point.items() if name not in ("step", "time")]
+        for start in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics a batch
+            self.tracker.client.log_batch(self.run_id, metrics=points[start : start + 1000])

@@ -1,0 +1,169 @@
+"""CAST, continuous N:M sparsity-aware training (Huang et al. 2025, arXiv 2509.25996; predecessor AST,
+thu-ml/Adaptive-Sparse-Trainer).
+
+The forward pass stays dense while training. Every `mask_interval` steps (the paper's T1 = 10) each
+target's N:M mask is recomputed from the magnitudes; AdamS (compress/methods/adams.py) pulls the
+weights that mask would prune toward zero with a strength ramping linearly from 0 to 1, so the model
+slides into the pattern instead of being cut. Weight scaling: a learnable scale per row and group of
+`scale_group_size` input columns (a multiple of M, so a scale never splits an N:M group), initialised
+to 1, makes up for the magnitude the pull takes. Distillation from the dense model: by default
+1/3 KL(teacher || student) + 2/3 CE (eta = 1/3). At the end the scales are folded into the weights,
+the final mask is applied exactly and handed to the state, so later stages keep it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compress.errors import CompressError
+from compress.methods.adams import AdamS
+from compress.methods.base import CalibrationData, StageParams
+from compress.methods.registry import register
+from compress.methods.sparsity import Pattern, check_nm_divisible, parse_pattern, prune_mask
+from compress.methods.training import TrainingMethod, TrainingParams, TrainingTask
+from compress.model.targets import Target
+
+if TYPE_CHECKING:
+    from compress.state import CompressionState
+
+
+class CastParams(TrainingParams):
+    """`pattern`: the N:M pattern to train into. `mask_interval`: steps between mask updates (T1).
+    `decay`: the size of AdamS's pull on pruned weights (lambda). `weight_scaling`: learn the scales."""
+
+    pattern: Pattern = "2:4"
+    mask_interval: PositiveInt = 10
+    decay: PositiveFloat = 1e-3
+    weight_scaling: bool = True
+    scale_group_size: PositiveInt = 64
+    ce_weight: float = Field(default=2 / 3, ge=0)
+    kl_weight: float = Field(default=1 / 3, ge=0)
+
+    @field_validator("pattern")
+    @classmethod
+    def _structured(cls, value: str) -> str:
+        if parse_pattern(value) is None:
+            raise ValueError("cast trains into an N:M pattern such as '2:4'; for unstructured sparsity use a pruning method")
+        return value
+
+    @model_validator(mode="after")
+    def _groups_align(self) -> CastParams:
+        m = parse_pattern(self.pattern).m
+        if self.scale_group_size % m:
+            raise ValueError(f"scale_group_size ({self.scale_group_size}) must be a multiple of M={m}: a scale may not split an N:M group")
+        return self
+
+    def check_target(self, target: Target) -> None:
+        check_nm_divisible(target, self.pattern)
+
+
+class GroupScale(nn.Module):
+    """The weight times a learnable scale per row and group of `group` input columns."""
+
+    def __init__(self, rows: int, cols: int, group: int) -> None:
+        super().__init__()
+        self.group, self.cols = group, cols
+        self.scale = nn.Parameter(torch.ones(rows, math.ceil(cols / group)))
+
+    def expanded(self) -> torch.Tensor:
+        return self.scale.repeat_interleave(self.group, dim=1)[:, : self.cols]
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.expanded().to(weight.dtype)
+
+
+class CastTask(TrainingTask):
+    def __init__(self, targets: list[Target], params: CastParams, state: CompressionState) -> None:
+        self.targets, self.params = targets, params
+        self.earlier = {t.name: state.mask(t.name) for t in targets}  # zeros an earlier stage left stay zeros
+        self.masks: dict[str, torch.Tensor] = {}
+        self.flipped = 0.0
+        self.optimizer_: AdamS | None = None
+        if params.weight_scaling:
+            for target in targets:
+                parametrize.register_parametrization(target.module, "weight", GroupScale(*target.weight.shape, params.scale_group_size))
+
+    def weight(self, target: Target) -> nn.Parameter:
+        """The trained weight (under the scale, when there is one)."""
+        module = target.module
+        return module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") else module.weight
+
+    def optimizer(self, parameters: list[nn.Parameter], params: TrainingParams) -> torch.optim.Optimizer:
+        self.optimizer_ = AdamS(parameters, lr=params.lr, betas=params.betas, weight_decay=params.weight_decay, decay=self.params.decay)
+        return self.optimizer_
+
+    def _update_masks(self) -> None:
+        changed = total = 0
+        for target in self.targets:
+            weight = self.weight(target).detach()
+            mask = prune_mask(weight.abs(), 0.0, self.params.pattern, _on(self.earlier[target.name], weight))
+            previous = self.masks.get(target.name)
+            if previous is not None:
+                changed += int((previous != mask).sum())
+                total += mask.numel()
+            self.masks[target.name] = mask
+            self.optimizer_.pruned[self.weight(target)] = ~mask
+        self.flipped = changed / total if total else 0.0
+
+    def before_step(self, step: int, total: int) -> None:
+        if step % self.params.mask_interval == 0 or not self.masks:
+            self._update_masks()
+        self.optimizer_.strength = step / max(total - 1, 1)
+
+    def metrics(self) -> dict[str, float]:
+        return {"mask_flipped": self.flipped, "decay_strength": self.optimizer_.strength}
+
+    def state_dict(self) -> dict[str, object]:
+        return {"masks": {name: mask.cpu() for name, mask in self.masks.items()}, "flipped": self.flipped}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        masks: dict[str, torch.Tensor] = state["masks"]  # type: ignore[assignment]
+        self.flipped = float(state["flipped"])  # type: ignore[arg-type]
+        for target in self.targets:
+            self.masks[target.name] = masks[target.name].to(self.weight(target).device)
+            self.optimizer_.pruned[self.weight(target)] = ~self.masks[target.name]
+
+    @torch.no_grad()
+    def finish(self, state: CompressionState) -> None:
+        """Fold the scales, prune exactly with the final mask, hand the masks to the state."""
+        for target in self.targets:
+            if parametrize.is_parametrized(target.module, "weight"):
+                parametrize.remove_parametrizations(target.module, "weight", leave_parametrized=True)
+            weight = target.weight
+            mask = prune_mask(weight.abs(), 0.0, self.params.pattern, _on(self.earlier[target.name], weight))
+            weight.mul_(mask)
+            state.get(target.name).mask = mask.cpu()
+
+
+def _on(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if mask is None else mask.to(like.device)
+
+
+@register
+class Cast(TrainingMethod):
+    name = "cast"
+    Params: ClassVar[type[StageParams]] = CastParams
+
+    def restrict_targets(self, targets: list[Target]) -> list[Target]:
+        experts = [t.name for t in targets if t.is_expert or not isinstance(t.module, nn.Linear)]
+        if experts:
+            raise CompressError(f"cast trains Linear layers; {experts[0]} ({len(experts)} targets) is not one: "
+                                f"exclude fused MoE experts (targets.exclude)")
+        self.targets = targets
+        return targets
+
+    def mask_pattern(self) -> str | None:
+        return self.params.pattern
+
+    def apply(self, model: nn.Module, state: CompressionState, data: CalibrationData) -> CompressionState:
+        task = CastTask(self.targets, self.params, state)
+        result = data.train(model, task, self.params)
+        task.finish(state)
+        data.info["training"] = result.summary()
+        return state
