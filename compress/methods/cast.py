@@ -66,10 +66,10 @@ class CastParams(TrainingParams):
 class GroupScale(nn.Module):
     """The weight times a learnable scale per row and group of `group` input columns."""
 
-    def __init__(self, rows: int, cols: int, group: int) -> None:
+    def __init__(self, rows: int, cols: int, group: int, device: torch.device) -> None:
         super().__init__()
         self.group, self.cols = group, cols
-        self.scale = nn.Parameter(torch.ones(rows, math.ceil(cols / group)))
+        self.scale = nn.Parameter(torch.ones(rows, math.ceil(cols / group), device=device))
 
     def expanded(self) -> torch.Tensor:
         return self.scale.repeat_interleave(self.group, dim=1)[:, : self.cols]
@@ -87,7 +87,7 @@ class CastTask(TrainingTask):
         self.optimizer_: AdamS | None = None
         if params.weight_scaling:
             for target in targets:
-                parametrize.register_parametrization(target.module, "weight", GroupScale(*target.weight.shape, params.scale_group_size))
+                parametrize.register_parametrization(target.module, "weight", GroupScale(*target.weight.shape, params.scale_group_size, target.weight.device))
 
     def weight(self, target: Target) -> nn.Parameter:
         """The trained weight (under the scale, when there is one)."""

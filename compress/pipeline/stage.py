@@ -132,6 +132,7 @@ def _whole_model(folder: Path, recipe: Recipe, index: int, previous: StepResult,
     spec = checkpoint_spec(previous, recipe.model)
     # a training stage keeps fp32 master weights (on CUDA it computes under bf16 autocast); saved in the checkpoint's dtype
     loaded = load_model(spec.model_copy(update={"dtype": "float32"}) if method.trains else spec)
+    loaded.model.to(loaded.device)  # whole: a training stage needs every block at once
     state = checkpoint_state(previous)
     layout = discover(loaded.model)
     planned = plan_stages(recipe, layout)[index]

@@ -77,7 +77,7 @@ def train(
         log.info("training: resumed at step %d of %d", start, params.steps)
     teacher_model = teacher() if needs_teacher else None
     if teacher_model is not None:
-        teacher_model.eval().requires_grad_(False)
+        teacher_model.to(device).eval().requires_grad_(False)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     model.train()
