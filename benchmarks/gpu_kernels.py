@@ -10,8 +10,8 @@ R weight copies (> 3x the L2: weights come from HBM), replayed; the median repla
 x and y. The default run checks each format against its dequantized weight, then records per (format, shape,
 batch): us, gbps, ratio_vs_dense, ratio_vs_best_peer (fastest of dense and the peers), config. `--sweep` (default
 shapes SWEEP_SHAPES) times a grid of candidates (kernel, tiles, warps, stages, split-K) per format, shape and sweep
-batch, compiled up front in parallel; it records the best beside the default (sweep, best_us, best_config,
-default_us, top3) and tabulates the winners by (format, batch) to set triton_config.py's defaults from."""
+batch, compiled up front in parallel; it records the best beside the default (best_us, best_config, default_us,
+all: every candidate's time) and tabulates the winners by (format, batch) to set triton_config.py's defaults from."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def cslt_peer(w: torch.Tensor):
 
 def emit(record: dict, env: dict, out, records: list) -> None:
     records.append(record)
-    print(json.dumps(record), flush=True)
+    print(json.dumps({k: v for k, v in record.items() if k != "all"}), flush=True)
     if out:
         out.write(json.dumps({**record, **env}) + "\n") and out.flush()
 
@@ -172,12 +172,14 @@ def peer_times(rows: int, cols: int, batches: list, env: dict, out, records: lis
     return peers
 
 
-def weight_copies(fmt: str, rows: int, cols: int, check: bool):
-    """R copies of a random packed weight (first checked against its dequantized weight when `check`)."""
+def weight_copies(fmt: str, rows: int, cols: int, check: bool, batches=()):
+    """R copies of a random packed weight (`check`: its kernels for `batches` compiled in parallel, then checked)."""
     packed = make(fmt, rows, cols, "cuda")
     if check:
+        precompile([(torch.randn(b, cols, device="cuda", dtype=dt), None) for b in {*batches, 1, 4, 16} for dt in (torch.bfloat16, torch.float32)],
+                   packed)
         w = unpack(packed)
-        for batch in (1, 16):
+        for batch in (1, 4, 16):
             x = torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16)
             ref = x.double() @ w.double().T
             err = ((tk.packed_matmul(x, packed).double() - ref).norm() / ref.norm()).item()
@@ -191,32 +193,33 @@ def weight_copies(fmt: str, rows: int, cols: int, check: bool):
 
 
 def candidates(packed, batch: int) -> list:
-    """The sweep's grid for one weight and batch: FMA tiles at batch <= 4 (a lane: 4 code words / an index word a
-    step, so block_k follows num_warps), dot tiles (BLOCK_N x warps, K step, stages) and split-K where few programs."""
+    """The sweep's grid for one weight and batch: FMA tiles at batch <= 4 (a lane: 4 code words / an index word a step, so
+    block_k follows num_warps), dot tiles (BLOCK_N x warps, K step, stages; batch <= 4: N unpadded) and split-K where few programs."""
     C, args, out = tk.Config, tc.format_args(packed, packed.shape[1]), []
     if batch <= 4 and tc.fma_ok(args):
         lane = 128 * args["PER"] if args["FMT"] == tc.FMT_GROUP_QUANT else 32 * args["IPER"]
         tiles = ((4, 1, 4), (8, 1, 3), (8, 1, 4), (8, 1, 6), (16, 1, 4), (8, 2, 4), (16, 2, 4))
         out += [C(batch, bn, lane * warps, 1, warps, stages, "fma") for bn, warps, stages in tiles] + [C(batch, 16, lane, 2, 1, 4, "fma")]
-    dots = ((16, 1, 512, 4), (32, 2, 256, 4), (32, 2, 512, 3), (64, 4, 256, 3), (64, 4, 512, 3), (128, 4, 256, 3), (128, 8, 256, 3))
+    small = ((16, 1, 512, 4), (16, 1, 256, 4), (16, 1, 1024, 4), (32, 1, 512, 4), (32, 2, 512, 4), (16, 1, 512, 3), (64, 4, 256, 3))
+    big = ((16, 1, 512, 4), (32, 2, 256, 4), (32, 2, 512, 3), (64, 4, 256, 3), (64, 4, 512, 3), (128, 4, 256, 3), (128, 8, 256, 3),
+           (64, 4, 256, 4))
     generic = tc.launch_plan(args, C(16, 64, 256, 1, 4, 3, "dot"), batch, *packed.shape, 2)["fast"] != 1  # slow to compile: fewer
-    for bn, warps, step, stages in dots[::3] if batch <= 4 or generic else dots:
-        out.append(C(16 if batch > 4 else tc.pow2(batch), bn, step, 1, warps, stages, "dot"))  # batch <= 4: the dot's N unpadded
+    for bn, warps, step, stages in (small if batch <= 4 else big)[::2 if generic else 1]:
+        out.append(C(16 if batch > 4 else tc.pow2(batch), bn, step, 1, warps, stages, "dot"))
     few = [(bn, w, split) for bn, w, split in ((64, 4, 2), (128, 4, 4)) if -(-packed.shape[0] // bn) < tc.sm_count(torch.device("cuda"))]
     return out + [C(16, bn, 256, split, w, 3, "dot") for bn, w, split in few if batch > 4]
 
 
-def precompile(configs: list, packed, x: torch.Tensor) -> None:
-    """Compile every candidate's kernel in a thread pool (Triton's AsyncCompileMode); failures are left to the timing."""
+def precompile(calls: list, packed) -> None:
+    """Compile the kernel of every (x, config) in a thread pool (Triton's AsyncCompileMode); failures are left to the timing."""
     from triton.runtime._async_compile import AsyncCompileMode
-
     kernels = (tk._dot_kernel, tg._gq_gemv_kernel, tg._nm_gemv_kernel)
     originals = [k.run for k in kernels]
     for k, run in zip(kernels, originals):
         k.run = lambda *a, _run=run, grid=None, warmup=False, **kw: _run(*a, grid=grid, warmup=True, **kw)
     try:
         with AsyncCompileMode(ThreadPoolExecutor(max_workers=os.cpu_count() or 8), ignore_errors=True):
-            for cfg in configs:
+            for x, cfg in calls:
                 tk.packed_matmul(x, packed, cfg)
     except Exception as error:  # sequential compiles then, in the timing
         print(f"  parallel compile stopped: {type(error).__name__}: {str(error)[:200]}", flush=True)
@@ -226,7 +229,7 @@ def precompile(configs: list, packed, x: torch.Tensor) -> None:
 
 
 def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep: bool) -> None:
-    copies, nbytes = weight_copies(fmt, rows, cols, check=not sweep)
+    copies, nbytes = weight_copies(fmt, rows, cols, not sweep, batches)
     for batch in batches:
         xs = [torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         arg_list = [(xs[i % 4], p) for i, p in enumerate(copies)]
@@ -242,7 +245,7 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
                  env, out, records)
             continue
         configs = [default] + [c for c in candidates(copies[0], batch) if c != default]
-        precompile(configs, copies[0], xs[0])
+        precompile([(xs[0], c) for c in configs], copies[0])
         timed = []
         for cfg in configs:
             try:
@@ -255,7 +258,7 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
         emit({"format": fmt, "shape": [rows, cols], "batch": batch, "sweep": True, "us": round(us, 2), "best_us": round(us, 2),
               "gbps": round(total / us / 1e3), "ratio_vs_dense": round(dense / us, 3), "ratio_vs_best_peer": round(best_peer / us, 3),
               "best_config": str(cfg), "default_us": round(default_us, 2), "default_ratio_vs_dense": round(dense / default_us, 3),
-              "config": str(default), "top3": [[round(t, 2), str(c)] for t, c in timed[:3]]}, env, out, records)
+              "config": str(default), "all": [[round(t, 2), str(c)] for t, c in timed]}, env, out, records)
 
 
 def main(argv=None) -> None:
@@ -265,18 +268,16 @@ def main(argv=None) -> None:
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--sweep", action="store_true", help="time a grid of configurations per format, shape and sweep batch")
     parser.add_argument("--sweep-batches", default="1,16")
-    parser.add_argument("--sweep-shape", help="(older flag) sweep this one shape")
     parser.add_argument("--json", help="write one JSON record per (format, shape, batch) to this file")
     args = parser.parse_args(argv)
     import triton
-
     props = torch.cuda.get_device_properties(0)
     env = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "command": " ".join(["python", *sys.argv])}
     bandwidth = copy_bandwidth()
     env["copy_gbps"] = round(bandwidth)
     print(json.dumps(env), flush=True)
-    shapes = args.sweep_shape or args.shapes or (SWEEP_SHAPES if args.sweep else "4096x4096,14336x4096,4096x14336")
+    shapes = args.shapes or (SWEEP_SHAPES if args.sweep else "4096x4096,14336x4096,4096x14336")
     batches = [int(b) for b in (args.sweep_batches if args.sweep else args.batches).split(",")]
     records: list = []
     start = time.time()

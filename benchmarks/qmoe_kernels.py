@@ -2,6 +2,7 @@
 (compress/kernels/triton_ternary.py) against dense bf16 F.linear on MoE expert shapes.
 
     python benchmarks/qmoe_kernels.py [--batches 1,4,16] [--json out.jsonl]
+    python benchmarks/qmoe_kernels.py --sweep [--sweep-batches 1,16] [--json sweep.jsonl]
 
 Each expert weight is random (normal), rounded to its row's ternary grid {min, 0, max} (the QMoE
 baseline rounding: about 90% zeros) and coded with its own adaptive dictionary, as the export stores
@@ -9,12 +10,15 @@ it. Timing as benchmarks/gpu_kernels.py: a CUDA graph calling the op on each of 
 (R copies > 3x the L2, so every call reads its weights from HBM), median replay / R. GB/s counts the
 stored bytes (codes, row offsets, min/max; the dictionary's table stays in L2) plus x and y.
 Correctness first: the kernel's output against F.linear on the decoded weight (relative error).
+`--sweep` times every tile of TILE_GRID (block_rows, chunk, num_warps; compiled up front in parallel) per
+shape and sweep batch beside the default tiles (triton_ternary.tiles), to set that rule from.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -37,6 +41,51 @@ SHAPES = {  # out x in of one expert's projection
 }
 
 
+# (block_rows, chunk, num_warps): 128 to 2048 codes a program, 8 warps for the large ones; batch > 1 (the
+# [rows, chunk * S, batch] x tile) up to 512 codes; and the first version's fixed tile (4, 16, 4)
+TILE_GRID = [(r, c, w) for c in (32, 64, 128, 256) for r in (1, 2, 4, 8, 16) if 128 <= r * c <= 2048
+             for w in ((4, 8) if r * c >= 1024 else (4,))] + [(4, 16, 4), (8, 16, 4), (2, 64, 2), (4, 32, 2)]
+
+
+def precompile(tiles: list, x: torch.Tensor, packed) -> None:
+    """Compile the kernel for every tile in a thread pool (Triton's AsyncCompileMode); failures show in the timing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    kernel = triton_ternary._ternary_dict_kernel
+    original = kernel.run
+    kernel.run = lambda *a, grid=None, warmup=False, **kw: original(*a, grid=grid, warmup=True, **kw)
+    try:
+        with AsyncCompileMode(ThreadPoolExecutor(max_workers=os.cpu_count() or 8), ignore_errors=True):
+            for tile in tiles:
+                triton_ternary.ternary_dict_matmul(x, packed, None, *tile)
+    except Exception as error:
+        print(f"  parallel compile stopped: {type(error).__name__}: {str(error)[:200]}", flush=True)
+    finally:
+        kernel.run = original
+
+
+def sweep(name: str, packed_copies: list, cols: int, batch: int, dense_us: float) -> dict:
+    """Every tile of TILE_GRID (batch > 1: up to 512 codes a program) and the default, timed at this batch."""
+    grid = [t for t in TILE_GRID if batch == 1 or t[0] * t[1] <= 512]
+    xb = torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16)
+    precompile(grid, xb, packed_copies[0])
+    timed = []
+    for tile in grid:
+        try:
+            us = time_op(lambda x, p, t=tile: triton_ternary.ternary_dict_matmul(x, p, None, *t), [(xb, p) for p in packed_copies], reps=7)
+            timed.append((round(us, 2), list(tile)))
+        except Exception as error:
+            print(f"  {tile}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+    timed.sort()
+    auto = triton_ternary.tiles(packed_copies[0].shape[0], packed_copies[0].codes.numel(), batch, xb.device)
+    auto_us = time_op(triton_ternary.ternary_dict_matmul, [(xb, p) for p in packed_copies], reps=7)
+    return {"shape": name, "batch": batch, "sweep": True, "dense_us": round(dense_us, 2), "best_us": timed[0][0], "best_tile": timed[0][1],
+            "best_ratio_vs_dense": round(dense_us / timed[0][0], 3), "default_tile": list(auto), "default_us": round(auto_us, 2),
+            "codes_per_row": round(packed_copies[0].codes.numel() / packed_copies[0].shape[0], 1), "all": timed}
+
+
 def ternary_expert(rows: int, cols: int, seed: int) -> ternary_dict.TernaryDictWeight:
     """A normal random weight rounded to its rows' ternary grids (max above max / 2, min below min / 2, as
     QMoE's baseline; compress.methods is not imported, the GPU machine lacks its dependencies)."""
@@ -56,11 +105,16 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--json", help="write one JSON record per (shape, batch) to this file")
+    parser.add_argument("--sweep", action="store_true", help="time TILE_GRID per shape and sweep batch")
+    parser.add_argument("--sweep-batches", default="1,16")
     args = parser.parse_args()
     env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": __import__("triton").__version__,
            "python": platform.python_version(), "command": " ".join(sys.argv)}
     print(json.dumps(env), flush=True)
     records = []
+    out = open(args.json, "w") if args.json else None  # noqa: SIM115 - written record by record, so a cut-off run keeps its part
+    if out:
+        out.write(json.dumps(env) + "\n")
     for name in args.shapes.split(","):
         rows, cols = SHAPES[name]
         packed = ternary_expert(rows, cols, seed=rows + cols)
@@ -76,9 +130,15 @@ def main() -> None:
         packed_copies = [on_device(ternary_dict.TernaryDictWeight(packed.shape, packed.codes.clone(), packed.row_offsets, packed.minmax,
                                                                   packed.symbol_counts, packed.dictionary), "cuda") for _ in range(copies)]
         zeros = 1 - float((ternary_dict.symbols_of(packed) != 0).float().mean())
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in (int(b) for b in (args.sweep_batches if args.sweep else args.batches).split(",")):
             xb = torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16)
             dense_us = time_op(F.linear, [(xb, w) for w in dense_copies])
+            if args.sweep:
+                records.append({**sweep(name, packed_copies, cols, batch, dense_us), "rel_error_batch1": error})
+                print(json.dumps({k: v for k, v in records[-1].items() if k != "all"}), flush=True)
+                if out:
+                    out.write(json.dumps(records[-1]) + "\n") and out.flush()
+                continue
             ours_us = time_op(triton_ternary.ternary_dict_matmul, [(xb, p) for p in packed_copies])
             io = 2 * batch * (rows + cols)
             record = {"shape": name, "out_x_in": f"{rows}x{cols}", "batch": batch, "zero_share": round(zeros, 4),
@@ -87,8 +147,10 @@ def main() -> None:
                       "gbps": round((stored + io) / ours_us / 1e3, 1), "dense_gbps": round((rows * cols * 2 + io) / dense_us / 1e3, 1)}
             records.append(record)
             print(json.dumps(record), flush=True)
-    if args.json:
-        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in [env, *records]))
+            if out:
+                out.write(json.dumps(record) + "\n") and out.flush()
+    if out:
+        out.close()
 
 
 if __name__ == "__main__":

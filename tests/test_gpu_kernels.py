@@ -81,7 +81,7 @@ def check(packed, batch, dtype, device="cpu", config=None, seed=1):
     error = ((out - ref).norm() / ref.norm()).item()
     # fp32 in: summation order only; bf16/fp16: the output rounding, and on the dot path the weights too
     limit = 1e-5 if dtype == torch.float32 else 1e-2
-    assert error < limit, f"relative error {error:.2e} >= {limit:.0e}"
+    assert error < limit, f"batch {batch} {dtype} {config}: relative error {error:.2e} >= {limit:.0e}"
 
 
 # small tiles so a small shape still has several programs along N, M and K (split-K, atomics); batch 1 takes the
@@ -176,6 +176,33 @@ def test_default_config_interpreted(batch):
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     assert tc.default_config(1, make_group_quant(9, 256, 4, 128), torch.device("cpu")).kernel == "fma"
     assert tc.default_config(16, make_group_quant(9, 256, 4, 128), torch.device("cpu")).kernel == "dot"
+    # >= 64 rows a multiprocessor (4 "SMs" on CPU): int4 batch 1 takes the 16-row dot tile, int3 the FMA GEMV (4 rows)
+    tall = make_group_quant(300, 256, 4, 128)
+    assert tc.default_config(1, tall, torch.device("cpu")) == tk.Config(1, 16, 512, 1, 1, 3, "dot")
+    assert tc.default_config(1, make_group_quant(300, 256, 3, 128), torch.device("cpu")).block_n == 4
+    if batch == 1:
+        check(tall, 1, torch.bfloat16)
+
+
+def test_out_of_shared_memory_retries_with_fewer_stages(monkeypatch):
+    # a tile past the device's shared memory (OutOfResources before the kernel runs) is retried with one stage
+    # fewer and the stages that fit are remembered; generic tiles take 128-column steps at most
+    from triton.runtime.errors import OutOfResources
+
+    launch, stages = tk._launch, []
+
+    def small_device(x2, out, args, plan, cfg):
+        stages.append(cfg.num_stages)
+        if cfg.num_stages > 2:
+            raise OutOfResources(300000, 232448, "shared memory")
+        launch(x2, out, args, plan, cfg)
+
+    monkeypatch.setattr(tk, "_launch", small_device)
+    config = tk.Config(4, 16, 32, 1, 1, 4, "dot")
+    for _ in range(2):
+        check(make_group_quant(7, 64, 4, 32), 3, torch.bfloat16, device="cuda" if HAS_CUDA else "cpu", config=config)
+    assert stages == [4, 3, 2, 2]
+    assert plan(make_nm(5, 64, 4, 8), 1, tk.Config(2, 16, 2048, 1, 2, 3, "fma"))["block_k"] == 128
 
 
 def test_dispatch_choices(monkeypatch):
@@ -193,19 +220,27 @@ def test_dispatch_choices(monkeypatch):
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 
 
+# every format of the CUDA tests, by name (a failure names its format)
+CUDA_FORMATS = {"int4_1000": lambda: make_group_quant(257, 1000, 4, 128), "int3_700": lambda: make_group_quant(130, 700, 3, 128),
+                "int2_g64": lambda: make_group_quant(64, 512, 2, 64), "int8_g32_f16zero": lambda: make_group_quant(96, 320, 8, 32, "float16"),
+                "nm_2:4": lambda: make_nm(257, 1024, 2, 4), "nm_4:8": lambda: make_nm(65, 640, 4, 8),
+                "sq_2:4_int4": lambda: make_sparse_quant(129, 1024, 4, 128),
+                "sq_2:4_int4_g96_f16zero": lambda: make_sparse_quant(33, 384, 4, 96, zero_kind="float16")}
+
+
 @cuda
-@pytest.mark.parametrize("batch", [1, 3, 16, 70])
+@pytest.mark.parametrize("fmt", list(CUDA_FORMATS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_all_formats(batch, dtype):
-    for packed in (make_group_quant(257, 1000, 4, 128), make_group_quant(130, 700, 3, 128), make_group_quant(64, 512, 2, 64),
-                   make_group_quant(96, 320, 8, 32, "float16"), make_nm(257, 1024, 2, 4), make_nm(65, 640, 4, 8),
-                   make_sparse_quant(129, 1024, 4, 128), make_sparse_quant(33, 384, 4, 96, zero_kind="float16")):
+def test_cuda_all_formats(fmt, dtype):
+    packed = CUDA_FORMATS[fmt]()
+    for batch in (1, 3, 16, 70):  # the default tiles of every batch class (FMA / narrow dot, padded dot, wide dot)
         check(packed, batch, dtype, device="cuda")
 
 
 @cuda
 @pytest.mark.parametrize("config", FMA + DOT + [tk.Config(1, 8, 1024, 1, 1, 4, "fma"), tk.Config(2, 16, 2048, 1, 2, 3, "fma"),
-                                                tk.Config(16, 64, 128, 1, 4, 4, "dot"), tk.Config(32, 32, 256, 3, 4, 3, "dot")])
+                                                tk.Config(16, 64, 128, 1, 4, 4, "dot"), tk.Config(32, 32, 256, 3, 4, 3, "dot"),
+                                                tk.Config(1, 16, 512, 1, 1, 3, "dot"), tk.Config(4, 16, 512, 1, 1, 3, "dot")])
 def test_cuda_kernels_configs(config):
     # every kernel and a few sweep-like tiles (the benchmark's --sweep runs more) on every format, compiled
     for packed in (make_group_quant(300, 1024, 4, 128), make_group_quant(70, 640, 3, 128), make_group_quant(64, 512, 2, 64),

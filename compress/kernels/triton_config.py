@@ -1,8 +1,8 @@
 """What the Triton kernels (triton_kernels.py, triton_gemv.py) are launched with, in plain Python (importable
 without Triton): each format's constants and tensors, the kernel (FMA GEMV or tensor-core dot), the tile
-sizes, the split of K and how a Config turns into launch parameters. The defaults below are a starting
-point; `python benchmarks/gpu_kernels.py --sweep` times a grid of candidates on the GPU and prints the best
-per (format, shape, batch) to set them from."""
+sizes, the split of K and how a Config turns into launch parameters. The defaults below were set from
+`python benchmarks/gpu_kernels.py --sweep` (a grid of candidates timed on the GPU, the best per format,
+shape and batch)."""
 
 from __future__ import annotations
 
@@ -55,23 +55,36 @@ def default_split(programs: int, k_tiles: int, device: torch.device) -> int:
 
 
 def default_config(batch: int, packed, device: torch.device) -> Config:
-    """The tiles packed_matmul uses for this weight and batch when it is given no Config (a starting point: set
-    them from `benchmarks/gpu_kernels.py --sweep`)."""
+    """The tiles packed_matmul uses for this weight and batch when it is given no Config. Set from the H200 sweeps
+    (`benchmarks/gpu_kernels.py --sweep`, 2026-12-02; docs/kernels-gpu.md has the numbers):
+    - batch 1, group_quant int2/4/8 with >= 64 rows a multiprocessor (14336x4096): the dot kernel with one
+      activation row (tl.dot pads it for the tensor cores), 16 rows a 1-warp program, 512-column steps: 26-32 us against 49-69 us
+      for the FMA GEMV. Fewer rows (4096x14336: too few such programs; the FMA GEMV was the best there, 36 us)
+      and int3 / N:M: the FMA GEMV, 8 rows a program, 1 warp (int3, 10 codes a word: 4 rows, 4 stages, 79 us
+      against 121).
+    - batch 2-4, int2/4/8: the dot kernel with the batch unpadded (BLOCK_M 2 or 4), 16 rows, 1 warp, 512-column
+      steps (28.8 us against 34.5 for the padded 16-row tile); int3, N:M and batch-1 formats without an FMA
+      kernel: 64 rows, 4 warps, 256-column steps (int3: 116 us against 212 for the narrow tile).
+    - batch 5-16: 16 activation rows (padded), 64 rows a 4-warp program, 256-column steps (the best on
+      14336x4096 and, with split-K, on 4096x14336); larger batches 32 or 64 activation rows.
+    3 pipeline stages but for that int3 tile (within 2% of 4, up to 20% better on int8); split-K where the output
+    tiles alone fill less than half the multiprocessors (default_split). Measured on 14336x4096 (and, for the
+    4096-row choices, the 4096x14336 runs of the earlier sweep); the other shapes follow the same rules unmeasured."""
     rows, cols = packed.shape
     args = format_args(packed, cols)
-    sms = sm_count(device)
-    if batch <= FMA_MAX_BATCH and fma_ok(args):
-        # one warp a program, lanes along K (32 lanes x 4 words / 1 index word a step), 8 rows in every thread
+    narrow = args["FMT"] == FMT_GROUP_QUANT and args["PER"] & (args["PER"] - 1) == 0  # int2/4/8: the 16-row dot tile
+    if batch <= FMA_MAX_BATCH and fma_ok(args) and not (narrow and rows >= 64 * sm_count(device)):
+        # one warp a program, lanes along K (32 lanes x 4 words / 1 index word a step)
         block_k = 128 * args["PER"] if args["FMT"] == FMT_GROUP_QUANT else 32 * args["IPER"]
         k_tiles = -(-cols // block_k) if args["FMT"] == FMT_GROUP_QUANT else -(-args["KC"] // block_k)
-        return Config(pow2(batch), 8, block_k, default_split(-(-rows // 8), k_tiles, device), 1, 4, "fma")
-    if batch <= 16:  # tl.dot's N padded to 16; as many rows a program as still give a wave of programs
-        block_m, step, stages = 16, 512, 3
-        block_n, warps = (64, 4) if rows >= 64 * sms else (32, 2) if 10 * rows >= 9 * 32 * sms else (16, 1)
+        block_n = 4 if args["FMT"] == FMT_GROUP_QUANT and not narrow else 8
+        return Config(pow2(batch), block_n, block_k, default_split(-(-rows // block_n), k_tiles, device), 1, 4 if block_n == 4 else 3, "fma")
+    if batch <= 4:
+        block_m, (block_n, step, warps) = pow2(batch), (16, 512, 1) if narrow else (64, 256, 4)
     else:
-        block_m, block_n, step, warps, stages = (32 if batch <= 32 else 64), 64, 256, 4, 3
+        block_m, block_n, step, warps = (16 if batch <= 16 else 32 if batch <= 32 else 64), 64, 256, 4
     split = default_split(-(-rows // block_n) * -(-batch // block_m), -(-cols // step), device)
-    return Config(block_m, block_n, step, split, warps, stages, "dot")
+    return Config(block_m, block_n, step, split, warps, 3, "dot")
 
 
 def default_config_for(batch: int, packed, device: torch.device) -> Config:
@@ -176,8 +189,8 @@ def launch_plan(args: dict, cfg: Config, batch: int, rows: int, cols: int, x_siz
             step = max(step, whole)
             block_k = min(step, 128, group & -group) if args["FMT"] == FMT_SPARSE_QUANT else min(step, 128)
             fast = block_k >= whole and (args["FMT"] == FMT_NM or block_k // args["MM"] * args["NN"] >= per)
-        if not fast:
-            step = block_k = max(16, pow2(cfg.block_k))
+        if not fast:  # per-element gathers: 128-column steps at most (wider ones compiled for minutes, past shared memory)
+            step = block_k = max(16, min(128, pow2(cfg.block_k)))
         p2 = pow2(per) if gq else 1
         plan.update(fast=fast, p2=p2, block_k=block_k, ng=step // block_k)
         k_tiles = -(-args["WPR"] // (step // p2)) if gq and fast != 1 else -(-cols // step)

@@ -30,6 +30,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from compress.kernels import triton_gemv as tg
 from compress.kernels.triton_config import (
@@ -215,28 +216,15 @@ def _dot_kernel(x_ptr, out_ptr, a_ptr, b_ptr, scale_ptr, zero_ptr, M, N, K, KC, 
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+_FITS: dict[tuple, int] = {}  # (Config, x dtype, format constants) -> the pipeline stages that fit the device's shared memory
+
+
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def packed_matmul(x: torch.Tensor, packed, config: Config | None = None) -> torch.Tensor:
-    """x [..., in] (float32, bfloat16 or float16) @ W.T -> [..., out] in x's dtype, W never materialised."""
-    rows, cols = packed.shape
-    if x.shape[-1] != cols:
-        raise ValueError(f"input has {x.shape[-1]} features, the weight takes {cols}")
-    if x.dtype not in DOT_KIND:
-        raise TypeError(f"activations must be float32, bfloat16 or float16, got {x.dtype}")
-    args = format_args(packed, cols)
-    x2 = x.reshape(-1, cols).contiguous()
-    batch = x2.shape[0]
-    if batch == 0 or rows == 0:
-        return torch.zeros(*x.shape[:-1], rows, dtype=x.dtype, device=x.device)
-    cfg = config or default_config(batch, packed, x.device)
-    if x2.element_size() == 4 and cfg.num_stages > 2:  # fp32 activations: 4 stages of the tiles needed 311 KB
-        cfg = dataclasses.replace(cfg, num_stages=2)  # of shared memory at batch 1 on the H200 (227 KB there)
-    plan = launch_plan(args, cfg, batch, rows, cols, x2.element_size())
-    out = torch.zeros(batch, rows, dtype=torch.float32, device=x.device) if plan["split"] > 1 else \
-        torch.empty(batch, rows, dtype=x.dtype, device=x.device)
+def _launch(x2: torch.Tensor, out: torch.Tensor, args: dict, plan: dict, cfg: Config) -> None:
+    batch, cols, rows = *x2.shape, out.shape[1]
     common = dict(ATOMIC=plan["split"] > 1, I64=plan["i64"], S32=plan["s32"], BLOCK_M=plan["block_m"], BLOCK_N=cfg.block_n,
                   STAGES=cfg.num_stages, INTERPRET=_interpret(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     fmt = dict(BITS=args["BITS"], PER=args["PER"], GROUP=args["GROUP"], ZERO_INT=args["ZERO_INT"])
@@ -252,8 +240,39 @@ def packed_matmul(x: torch.Tensor, packed, config: Config | None = None) -> torc
     else:
         _dot_kernel[grid](x2, out, args["a"], args["b"], args["scale"], args["zero"], batch, rows, cols, args["KC"], args["WPR"], args["IWPR"],
                           *runtime, plan["fmask"], 150, FMT=args["FMT"], P2=plan["p2"], IBITS=args["IBITS"], IPER=args["IPER"],
-                          NN=args["NN"], MM=args["MM"], FAST=plan["fast"], DOT=DOT_KIND[x.dtype], BLOCK_K=plan["block_k"], NG=plan["ng"], **fmt,
-                          **common)
+                          NN=args["NN"], MM=args["MM"], FAST=plan["fast"], DOT=DOT_KIND[x2.dtype], BLOCK_K=plan["block_k"], NG=plan["ng"],
+                          **fmt, **common)
+
+
+def packed_matmul(x: torch.Tensor, packed, config: Config | None = None) -> torch.Tensor:
+    """x [..., in] (float32, bfloat16 or float16) @ W.T -> [..., out] in x's dtype, W never materialised. A tile that
+    needs more shared memory than the device has (Triton's OutOfResources, raised before the kernel runs) is
+    retried with one pipeline stage fewer, down to 1; the stages that fit are remembered per tile and format."""
+    rows, cols = packed.shape
+    if x.shape[-1] != cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight takes {cols}")
+    if x.dtype not in DOT_KIND:
+        raise TypeError(f"activations must be float32, bfloat16 or float16, got {x.dtype}")
+    args = format_args(packed, cols)
+    x2 = x.reshape(-1, cols).contiguous()
+    batch = x2.shape[0]
+    if batch == 0 or rows == 0:
+        return torch.zeros(*x.shape[:-1], rows, dtype=x.dtype, device=x.device)
+    asked = config or default_config(batch, packed, x.device)
+    key = (asked, x.dtype, *(args[k] for k in ("FMT", "BITS", "GROUP", "NN", "MM", "ZERO_INT")), x.device.type)
+    cfg = dataclasses.replace(asked, num_stages=_FITS.get(key, asked.num_stages))
+    plan = launch_plan(args, cfg, batch, rows, cols, x2.element_size())
+    out = torch.zeros(batch, rows, dtype=torch.float32, device=x.device) if plan["split"] > 1 else \
+        torch.empty(batch, rows, dtype=x.dtype, device=x.device)
+    while True:
+        try:
+            _launch(x2, out, args, plan, cfg)
+            break
+        except OutOfResources:
+            if cfg.num_stages <= 1:
+                raise
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+            _FITS[key] = cfg.num_stages
     if plan["split"] > 1:
         out = out.to(x.dtype)
     return out.reshape(*x.shape[:-1], rows)

@@ -87,7 +87,8 @@ class CastTask(TrainingTask):
         self.optimizer_: AdamS | None = None
         if params.weight_scaling:
             for target in targets:
-                parametrize.register_parametrization(target.module, "weight", GroupScale(*target.weight.shape, params.scale_group_size, target.weight.device))
+                scale = GroupScale(*target.weight.shape, params.scale_group_size, target.weight.device)
+                parametrize.register_parametrization(target.module, "weight", scale)
 
     def weight(self, target: Target) -> nn.Parameter:
         """The trained weight (under the scale, when there is one)."""
