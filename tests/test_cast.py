@@ -4,15 +4,23 @@ masks to later stages, and its tracked run has loss curves; fixed-mask fine-tuni
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import exported_tensors, fast_recipe
+from conftest import exported_tensors, fast_recipe, output_bytes
 from transformers import AutoModelForCausalLM
 
 import compress
 from compress.errors import CompressError
 from compress.methods.adams import AdamS, adams_update
 from compress.methods.cast import CastParams
+from compress.pipeline.engine import run
+from compress.pipeline.store import StepStore
+from compress.recipe import validate_recipe
 
 TRAIN = {"steps": 12, "seqlen": 64, "batch_size": 2, "warmup_steps": 2, "log_every": 4, "checkpoint_every": 0, "lr": 1e-3}
 
@@ -109,3 +117,29 @@ def test_a_tracked_training_stage_has_loss_curves(tmp_path):
     loss = mlflow.get_metric_history(stage.info.run_id, "train/loss")
     assert [point.step for point in loss] == [4, 8, 12]
     assert {"train/lr", "train/kl", "train/ce", "train/mask_flipped"} <= set(stage.data.metrics)
+
+
+def test_a_cast_stage_killed_after_a_checkpoint_resumes_to_the_same_output(tmp_path):
+    """SIGKILL right after the second checkpoint (step 8 of 12); the same command again resumes there
+    and writes the bytes of an uninterrupted run."""
+    recipe = fast_recipe({"method": "cast", **TRAIN, "checkpoint_every": 4}, evaluate={"layer_error": False})
+    script = (
+        "import json, os, signal, sys; import compress.train.loop as loop; saved = loop.save_checkpoint\n"
+        "def save_then_die(folder, state):\n"
+        "    saved(folder, state)\n"
+        "    if state['step'] == 8: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "loop.save_checkpoint = save_then_die\n"
+        "from compress.pipeline.engine import run; from compress.recipe import validate_recipe; from compress.pipeline.store import StepStore\n"
+        "run(validate_recipe(json.loads(sys.argv[1])), sys.argv[2], store=StepStore(sys.argv[3]))\n"
+    )
+    store = tmp_path / "steps"
+    killed = subprocess.run([sys.executable, "-c", script, json.dumps(recipe), str(tmp_path / "out"), str(store)],
+                            env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+    resumed = run(validate_recipe(recipe), tmp_path / "out", store=StepStore(store))
+    assert resumed["stages"][0]["training"]["resumed_at_step"] == 8
+    assert not any(p.name.startswith(".") for p in store.iterdir())  # the checkpoints went with the finished stage
+    fresh = run(validate_recipe(recipe), tmp_path / "fresh", store=StepStore(tmp_path / "fresh-steps"))
+    assert fresh["stages"][0]["training"]["resumed_at_step"] == 0
+    assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "fresh")
