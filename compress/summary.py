@@ -11,16 +11,18 @@ from compress.recipe import Recipe
 
 
 def run_header(recipe: Recipe, plan: Plan) -> str:
+    from compress.methods import get_method
     from compress.pipeline.calibrate import needs_calibration
 
     model = f"{plan.source} ({plan.architecture}, {plan.params:,} parameters, {plan.device})"
     spec = recipe.calibration
+    text = f"dataset {spec.dataset}" if spec.dataset else ", ".join(spec.text) if spec.text else "the embedded Shakespeare train.txt"
+    trains = any(get_method(stage.method).trains for stage in recipe.stages)
     if not needs_calibration(recipe):
-        calibration = "no calibration (its stages need no data)"
+        calibration = f"trains on {text} (all of it)" if trains else "no calibration (its stages need no data)"
     else:
-        text = (f"dataset {spec.dataset}" if spec.dataset else ", ".join(spec.text) if spec.text
-                else "the embedded Shakespeare train.txt")
         calibration = f"calibrates on {text} ({spec.nsamples} x {spec.seqlen} tokens, seed {spec.seed})"
+        calibration += "; trains on all of it" if trains else ""
     evaluation = recipe.evaluate.text or "the embedded Shakespeare eval.txt"
     return f"{recipe.name}: {model}; {calibration}; evaluates on {evaluation} (windows of {recipe.evaluate.seqlen})"
 
@@ -47,7 +49,8 @@ def run_summary(report: dict[str, Any], out: str) -> str:
             value = metrics[key]
             lines.append(f"  {key:<18} {value:.4f}" if isinstance(value, float) else f"  {key:<18} {value}")
     for stage in report["stages"]:
-        lines.append(f"  stage {stage['method']:<12} {stage['targets']} targets, {stage['seconds']:.2f} s")
+        trained = f", trained on {stage['training']['tokens']:,} tokens" if stage.get("training") else ""
+        lines.append(f"  stage {stage['method']:<12} {stage['targets']} targets, {stage['seconds']:.2f} s{trained}")
         for target, reason in (stage.get("fallbacks") or {}).items():
             lines.append(f"    fallback: {target}: {reason}")
     if "tracking" in report:
