@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--decay", type=float, default=1e-3)
+    parser.add_argument("--decay", type=float, default=1e-2)
     parser.add_argument("--only", nargs="*", help="run only these rows (their names as printed)")
     parser.add_argument("--json", help="append one JSON line per row to this file")
     args = parser.parse_args()

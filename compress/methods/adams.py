@@ -53,7 +53,7 @@ class AdamS(torch.optim.Optimizer):
     as the mask and the ramp move; both are the caller's state, not the optimizer's."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, decay: float = 1e-3) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, decay: float = 1e-2) -> None:
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "decay": decay})
         self.pruned: dict[torch.nn.Parameter, torch.Tensor] = {}
         self.strength = 0.0

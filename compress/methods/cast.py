@@ -39,7 +39,7 @@ class CastParams(TrainingParams):
 
     pattern: Pattern = "2:4"
     mask_interval: PositiveInt = 10
-    decay: PositiveFloat = 1e-3
+    decay: PositiveFloat = 1e-2
     weight_scaling: bool = True
     scale_group_size: PositiveInt = 64
     ce_weight: float = Field(default=2 / 3, ge=0)
