@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -134,6 +135,7 @@ class CalibrationData:
     device: torch.device
     train: Callable[..., Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    output_dir: Path | None = None  # the stage's folder: files a method leaves beside the checkpoint (an adapter)
 
 
 class ModelMethod(Method):

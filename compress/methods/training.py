@@ -17,6 +17,8 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 
 from compress.methods.base import ModelMethod, StageParams
 
+ADAPTER_DIR = "adapter"  # where a stage that trains adapters leaves them unmerged (exported under the same name)
+
 
 class TrainingParams(StageParams):
     """The training loop's parameters. Sequences of `seqlen` tokens are packed from the recipe's

@@ -21,6 +21,7 @@ from compress import __version__
 from compress.cleanup import undo_on_abort
 from compress.deploy.packed_model import PACKED_DIR, write_packed_model
 from compress.formats.quantized import QuantizedWeight
+from compress.methods.training import ADAPTER_DIR
 from compress.pipeline.metrics import directory_bytes
 from compress.pipeline.onnx import ONNX_FILE, export_onnx
 from compress.pipeline.output import output_identity, partial_folder, publish
@@ -102,7 +103,8 @@ def export_step(
         "left_out": load.info["left_out"],
         "steps": [{"step": s.kind, "key": s.key, "cached": s.cached, "seconds": s.seconds} for s in steps],
     }
-    _write_output(out_dir, final, report, started, measured, recipe, causal=load.info["kind"] == "causal")
+    adapter = next((step.path / ADAPTER_DIR for step in reversed(stages) if (step.path / ADAPTER_DIR).is_dir()), None)
+    _write_output(out_dir, final, report, started, measured, recipe, causal=load.info["kind"] == "causal", adapter=adapter)
     return report
 
 
@@ -115,9 +117,9 @@ def _quantization_info(quantized: QuantizedWeight | None) -> dict[str, Any] | No
 
 
 def _write_output(out_dir: Path, final: StepResult, report: dict[str, Any], started: float, measured: dict[str, Any], recipe: Recipe,
-                  causal: bool) -> None:
+                  causal: bool, adapter: Path | None = None) -> None:
     """Write into a temporary sibling folder, verify it, then move it into place (replacing an earlier
-    output of ours only, compress/pipeline/output.py)."""
+    output of ours only, compress/pipeline/output.py). `adapter`: a LoRA stage's unmerged adapter."""
     partial = partial_folder(out_dir)
     with undo_on_abort(lambda: shutil.rmtree(partial, ignore_errors=True)):
         try:
@@ -140,6 +142,8 @@ def _write_output(out_dir: Path, final: StepResult, report: dict[str, Any], star
             report["formats"] = dict(Counter(stored["format"] for stored in packed["targets"].values()))
             if recipe.output.hf:
                 shutil.copytree(final.model_path, partial / MODEL_DIR)
+            if adapter is not None:
+                shutil.copytree(adapter, partial / ADAPTER_DIR)
             if recipe.output.onnx:
                 _export_onnx(final.model_path, partial, report, causal, state)
             if recipe.output.verify:

@@ -138,7 +138,7 @@ def _whole_model(folder: Path, recipe: Recipe, index: int, previous: StepResult,
     planned = plan_stages(recipe, layout)[index]
     before = {t.name: t.weight.detach().clone() for t in planned.targets}
     started = time.perf_counter()
-    data = CalibrationData(calib, loaded.device)
+    data = CalibrationData(calib, loaded.device, output_dir=folder)
     if method.trains:
         teachers = {"original": checkpoint_spec(original, recipe.model), "previous": spec}
         data.train = bind_trainer(recipe.calibration, original.model_path, teachers, folder)

@@ -1,0 +1,156 @@
+"""Sparse LoRA: recovery fine-tuning of a pruned model through low-rank adapters that keeps its mask.
+
+`peft` LoRA adapters (W + scale * B A) train on the targets while the base stays frozen, on the
+recipe's text, by default with cross-entropy plus SquareHead distillation from the model as loaded
+(per block: mean((s - t)^2) / mean(t^2); IST-DASLab/SparseFinetuning). peft's own merge adds the
+dense delta and so fills every pruned weight; here the merge is W' = M * (W + scale * B A) with the
+mask M of the earlier stages, so every zero stays zero and every N:M group stays valid. The adapter is
+also kept unmerged in peft's format (the stage's `adapter/`, exported as `adapter/`), relative to the
+model the stage started from.
+
+SoRA (Ding et al. 2023, TsinghuaC3I/SoRA), with `sora: true`: a gate vector between A and B, trained
+with a proximal step (soft threshold lr * sora_lambda after each optimizer step); ranks whose gate
+reached zero are removed at the end and the gate folded into B, so the adapter has the smaller rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from pydantic import Field, PositiveFloat, PositiveInt
+from torch import nn
+
+from compress.errors import CompressError
+from compress.methods.base import CalibrationData, StageParams
+from compress.methods.registry import register
+from compress.methods.training import ADAPTER_DIR, TrainingMethod, TrainingParams, TrainingTask
+from compress.model.targets import Target
+
+if TYPE_CHECKING:
+    from compress.state import CompressionState
+
+
+class SparseLoraParams(TrainingParams):
+    """`rank`, `alpha` (scale = alpha / rank), `dropout`: the adapters. `sora`: learn a gate per rank
+    and drop the ranks it closes (`sora_lambda`: the soft threshold per unit of learning rate)."""
+
+    rank: PositiveInt = 16
+    alpha: PositiveFloat = 16.0
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    sora: bool = False
+    sora_lambda: float = Field(default=0.1, ge=0)
+    lr: PositiveFloat = 2e-4
+    feature_weight: float = Field(default=1.0, ge=0)
+
+
+class LoraTask(TrainingTask):
+    def __init__(self, model: nn.Module, targets: list[Target], params: SparseLoraParams) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.targets, self.params = targets, params
+        config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout, target_modules=[t.name for t in targets])
+        inject_adapter_in_model(config, model)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+        self.layers = {t.name: model.get_submodule(t.name) for t in targets}
+        self.gates: dict[str, nn.Parameter] = {}
+        if params.sora:
+            for name, layer in self.layers.items():
+                gate = nn.Parameter(torch.ones(params.rank, device=target_device(layer)))
+                layer.register_parameter("sora_gate", gate)  # in the model's state_dict: checkpointed with it
+                layer.lora_A["default"].register_forward_hook(lambda module, args, out, gate=gate: out * gate.to(out.dtype))
+                self.gates[name] = gate
+        self.optimizer_: torch.optim.Optimizer | None = None
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad] + list(self.gates.values())
+
+    def optimizer(self, parameters: list[nn.Parameter], params: TrainingParams) -> torch.optim.Optimizer:
+        gates = {id(g) for g in self.gates.values()}
+        groups = [{"params": [p for p in parameters if id(p) not in gates], "weight_decay": params.weight_decay}]
+        if gates:
+            groups.append({"params": list(self.gates.values()), "weight_decay": 0.0})
+        self.optimizer_ = torch.optim.AdamW(groups, lr=params.lr, betas=params.betas)
+        return self.optimizer_
+
+    @torch.no_grad()
+    def after_step(self, step: int, total: int) -> None:
+        if not self.gates:
+            return
+        threshold = self.optimizer_.param_groups[-1]["lr"] * self.params.sora_lambda
+        for gate in self.gates.values():  # the proximal step of the L1 penalty: soft thresholding
+            gate.copy_(gate.sign() * (gate.abs() - threshold).clamp_min(0))
+
+    def metrics(self) -> dict[str, float]:
+        if not self.gates:
+            return {}
+        return {"ranks_open": sum(int((g != 0).sum()) for g in self.gates.values()) / len(self.gates)}
+
+    @torch.no_grad()
+    def finish(self, model: nn.Module, state: CompressionState, adapter_dir: Path | None) -> dict[str, object]:
+        """Merge each adapter under its mask, put the plain Linear back, keep the adapter (its
+        surviving ranks, the gate and the scale folded into B) in peft's format."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        tensors, ranks = {}, {}
+        for target in self.targets:
+            layer = self.layers[target.name]
+            a, b = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+            b = b * layer.scaling["default"]
+            if target.name in self.gates:
+                gate = self.gates[target.name].float()
+                keep = gate != 0
+                a, b = a[keep], (b * gate)[:, keep]
+            ranks[target.name] = a.shape[0]
+            weight = layer.base_layer.weight
+            merged = weight.float() + b @ a
+            mask = state.mask(target.name)
+            if mask is not None:
+                merged *= mask.to(merged.device)
+            weight.copy_(merged.to(weight.dtype))
+            parent, _, child = target.name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.base_layer)
+            tensors[f"base_model.model.{target.name}.lora_A.weight"] = a.contiguous().cpu()
+            tensors[f"base_model.model.{target.name}.lora_B.weight"] = b.contiguous().cpu()
+        if adapter_dir is not None:
+            adapter_dir.mkdir(parents=True, exist_ok=True)
+            kept = {name: r for name, r in ranks.items() if r > 0}
+            config = LoraConfig(r=max(kept.values(), default=1), lora_alpha=max(kept.values(), default=1),
+                                target_modules=sorted(kept), rank_pattern=kept, alpha_pattern=kept)  # scale 1: folded into B
+            config.save_pretrained(str(adapter_dir))
+            save_file({k: v for k, v in tensors.items() if ranks[k.split(".lora_")[0].removeprefix("base_model.model.")] > 0},
+                      str(adapter_dir / "adapter_model.safetensors"))
+        return {"ranks": {"initial": self.params.rank, "mean_kept": sum(ranks.values()) / max(len(ranks), 1),
+                          "targets_closed": sum(r == 0 for r in ranks.values())}}
+
+
+def target_device(layer: nn.Module) -> torch.device:
+    return layer.base_layer.weight.device
+
+
+@register
+class SparseLora(TrainingMethod):
+    name = "sparse_lora"
+    Params: ClassVar[type[StageParams]] = SparseLoraParams
+
+    def restrict_targets(self, targets: list[Target]) -> list[Target]:
+        fused = [t.name for t in targets if t.is_expert or not isinstance(t.module, nn.Linear)]
+        if fused:
+            raise CompressError(f"sparse_lora adapts Linear layers; {fused[0]} ({len(fused)} targets) is a fused MoE expert "
+                                f"tensor: exclude the experts (targets.exclude)")
+        self.targets = targets
+        return targets
+
+    def apply(self, model: nn.Module, state: CompressionState, data: CalibrationData) -> CompressionState:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise CompressError("sparse_lora needs the `peft` package: pip install peft") from None
+        task = LoraTask(model, self.targets, self.params)
+        result = data.train(model, task, self.params)
+        data.info["adapter"] = task.finish(model, state, data.output_dir / ADAPTER_DIR if data.output_dir else None)
+        data.info["training"] = result.summary()
+        return state
