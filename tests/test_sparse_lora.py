@@ -91,3 +91,13 @@ def test_a_sora_penalty_that_closes_every_rank_is_reported(tmp_path):
 def test_sparse_lora_refuses_fused_experts(tiny_mixtral, tmp_path):
     with pytest.raises(CompressError, match="sparse_lora adapts Linear layers.*exclude the experts"):
         compress.run(fast_recipe({"method": "sparse_lora", **TRAIN}, model={"source": str(tiny_mixtral)}), out=tmp_path / "out", track=False)
+
+
+def test_a_training_stage_after_quantization_drops_the_stale_codes(tmp_path):
+    """LoRA merged into a quantized model changes its weights: the 4-bit codes no longer describe them,
+    so the export stores those targets unquantized (and still verifies) instead of the stale codes."""
+    report = compress.run(fast_recipe({"method": "gptq", "bits": 4, "group_size": 32}, {"method": "sparse_lora", **TRAIN}, **QUIET),
+                          out=tmp_path / "out", track=False)
+    target = report["targets"]["model.layers.0.mlp.up_proj"]
+    assert target["stages"] == ["gptq", "sparse_lora"] and target["quantized"] is None
+    assert report["metrics"]["verify_ok"] == 1 and report["audit"]["ok"]

@@ -145,15 +145,23 @@ def _whole_model(folder: Path, recipe: Recipe, index: int, previous: StepResult,
     state = planned.method.apply(loaded.model, state, data)
     shutil.rmtree(folder / TRAIN_WORK_DIR, ignore_errors=True)  # the checkpoints: no part of the output
     result = StageOutcome(seconds=time.perf_counter() - started)
+    unpacked = []
     for target in planned.targets:
         weight = target.weight.detach()
         if not torch.equal(weight, before[target.name]):
             result.changed += 1
-            state.get(target.name).stages.append(planned.method.name)
+            entry = state.get(target.name)
+            entry.stages.append(planned.method.name)
+            if entry.quantized is not None:  # its codes no longer say what the weight is
+                entry.quantized = None
+                unpacked.append(target.name)
         result.zeros += int((weight == 0).sum())
         result.numel += target.numel
     if result.changed == 0:
         raise CompressError(f"{planned.label} changed no weight of its {len(planned.targets)} targets: check its parameters")
+    if unpacked:
+        log.warning("%s changed %d quantized targets (%s, ...): their codes are dropped and they are stored in 16 bits (with "
+                    "their mask); quantize after this stage to pack them again", planned.label, len(unpacked), unpacked[0])
     whole = BlockwiseModel(loaded, layout, None)
     writer = CheckpointWriter(folder / MODEL_DIR, len(layout.blocks))
     for block in range(len(layout.blocks)):
