@@ -39,7 +39,7 @@ def test_the_merge_keeps_every_zero_of_the_pruned_model(tmp_path, pattern):
             changed += not torch.equal(adapted[name], weight)
     assert changed == 28  # and every target learned something
     assert report["metrics"]["sparsity"] == pytest.approx(0.5, abs=1e-3) and report["metrics"]["verify_ok"] == 1
-    assert report["stages"][1]["training"]["steps"] == 8
+    assert report["stages"][1]["training"]["steps"] == 8 and report["stages"][1]["adapter"]["ranks"]["initial"] == 4
 
 
 def test_the_unmerged_adapter_loads_with_peft_on_the_pruned_model(tmp_path):

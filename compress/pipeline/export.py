@@ -82,7 +82,7 @@ def export_step(
                 "fallbacks": step.info.get("fallbacks", {}),
                 "layer_error_max": max(step.info["layer_error"].values(), default=None),
                 "cached": step.cached,
-                **({"training": step.info["training"]} if "training" in step.info else {}),
+                **{key: step.info[key] for key in ("training", "adapter") if key in step.info},  # training stages
             }
             for index, step in enumerate(stages)
         ],
