@@ -33,14 +33,12 @@ def adams_update(
     current mask would prune; None: a plain Adam(W) step."""
     beta1, beta2 = betas
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    moment = exp_avg / (1 - beta1**step)
     if pruned is None:
-        moment = exp_avg / (1 - beta1**step)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     else:
-        moment = exp_avg / (1 - beta1**step)
         if strength > 0:
-            pull = torch.sign(param).mul_(decay)
-            moment = torch.where(pruned, torch.lerp(moment, pull, strength), moment)
+            moment = torch.where(pruned, torch.lerp(moment, torch.sign(param).mul_(decay), strength), moment)
         exp_avg_sq.mul_(beta2).addcmul_(moment, moment, value=1 - beta2)
     denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
     if weight_decay:

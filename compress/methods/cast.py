@@ -21,7 +21,6 @@ from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_v
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.errors import CompressError
 from compress.methods.adams import AdamS
 from compress.methods.base import CalibrationData, StageParams
 from compress.methods.registry import register
@@ -150,14 +149,7 @@ def _on(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
 class Cast(TrainingMethod):
     name = "cast"
     Params: ClassVar[type[StageParams]] = CastParams
-
-    def restrict_targets(self, targets: list[Target]) -> list[Target]:
-        experts = [t.name for t in targets if t.is_expert or not isinstance(t.module, nn.Linear)]
-        if experts:
-            raise CompressError(f"cast trains Linear layers; {experts[0]} ({len(experts)} targets) is not one: "
-                                f"exclude fused MoE experts (targets.exclude)")
-        self.targets = targets
-        return targets
+    linear_only = "trains"
 
     def mask_pattern(self) -> str | None:
         return self.params.pattern

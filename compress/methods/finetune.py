@@ -44,10 +44,6 @@ class Finetune(TrainingMethod):
     name = "finetune"
     Params: ClassVar[type[StageParams]] = TrainingParams
 
-    def restrict_targets(self, targets: list[Target]) -> list[Target]:
-        self.targets = targets
-        return targets
-
     def apply(self, model: nn.Module, state: CompressionState, data: CalibrationData) -> CompressionState:
         task = FixedMaskTask(self.targets, state)
         result = data.train(model, task, self.params)

@@ -58,7 +58,7 @@ class LoraTask(TrainingTask):
         self.gates: dict[str, nn.Parameter] = {}
         if params.sora:
             for name, layer in self.layers.items():
-                gate = nn.Parameter(torch.ones(params.rank, device=target_device(layer)))
+                gate = nn.Parameter(torch.ones(params.rank, device=layer.base_layer.weight.device))
                 layer.register_parameter("sora_gate", gate)  # in the model's state_dict: checkpointed with it
                 layer.lora_A["default"].register_forward_hook(lambda module, args, out, gate=gate: out * gate.to(out.dtype))
                 self.gates[name] = gate
@@ -113,36 +113,25 @@ class LoraTask(TrainingTask):
             weight.copy_(merged.to(weight.dtype))
             parent, _, child = target.name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer.base_layer)
-            tensors[f"base_model.model.{target.name}.lora_A.weight"] = a.contiguous().cpu()
-            tensors[f"base_model.model.{target.name}.lora_B.weight"] = b.contiguous().cpu()
+            if a.shape[0]:  # a target whose every rank closed has no adapter left
+                tensors[f"base_model.model.{target.name}.lora_A.weight"] = a.contiguous().cpu()
+                tensors[f"base_model.model.{target.name}.lora_B.weight"] = b.contiguous().cpu()
         if adapter_dir is not None:
             adapter_dir.mkdir(parents=True, exist_ok=True)
             kept = {name: r for name, r in ranks.items() if r > 0}
             config = LoraConfig(r=max(kept.values(), default=1), lora_alpha=max(kept.values(), default=1),
                                 target_modules=sorted(kept), rank_pattern=kept, alpha_pattern=kept)  # scale 1: folded into B
             config.save_pretrained(str(adapter_dir))
-            save_file({k: v for k, v in tensors.items() if ranks[k.split(".lora_")[0].removeprefix("base_model.model.")] > 0},
-                      str(adapter_dir / "adapter_model.safetensors"))
+            save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
         return {"ranks": {"initial": self.params.rank, "mean_kept": sum(ranks.values()) / max(len(ranks), 1),
                           "targets_closed": sum(r == 0 for r in ranks.values())}}
-
-
-def target_device(layer: nn.Module) -> torch.device:
-    return layer.base_layer.weight.device
 
 
 @register
 class SparseLora(TrainingMethod):
     name = "sparse_lora"
     Params: ClassVar[type[StageParams]] = SparseLoraParams
-
-    def restrict_targets(self, targets: list[Target]) -> list[Target]:
-        fused = [t.name for t in targets if t.is_expert or not isinstance(t.module, nn.Linear)]
-        if fused:
-            raise CompressError(f"sparse_lora adapts Linear layers; {fused[0]} ({len(fused)} targets) is a fused MoE expert "
-                                f"tensor: exclude the experts (targets.exclude)")
-        self.targets = targets
-        return targets
+    linear_only = "adapts"
 
     def apply(self, model: nn.Module, state: CompressionState, data: CalibrationData) -> CompressionState:
         try:

@@ -15,7 +15,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
+from compress.errors import CompressError
 from compress.methods.base import ModelMethod, StageParams
+from compress.model.targets import Target
 
 ADAPTER_DIR = "adapter"  # where a stage that trains adapters leaves them unmerged (exported under the same name)
 
@@ -101,6 +103,17 @@ class TrainingMethod(ModelMethod):
 
     Params: ClassVar[type[StageParams]] = TrainingParams
     trains: ClassVar[bool] = True
+    # what the method does to Linear layers (`trains`, `adapts`) when it cannot work on fused MoE expert
+    # tensors: those are refused before any work, with their names; None: every target is taken
+    linear_only: ClassVar[str | None] = None
+
+    def restrict_targets(self, targets: list[Target]) -> list[Target]:
+        fused = [t.name for t in targets if t.is_expert or not isinstance(t.module, torch.nn.Linear)]
+        if self.linear_only and fused:
+            raise CompressError(f"{self.name} {self.linear_only} Linear layers; {fused[0]} ({len(fused)} targets) is a fused MoE "
+                                f"expert tensor: exclude the experts (targets.exclude)")
+        self.targets = targets  # bound to the model the stage loaded: apply works on these
+        return targets
 
     def flops(self, target: Any, tokens: int) -> float:
         params: TrainingParams = self.params  # type: ignore[assignment]
