@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import compress
 from compress.errors import CompressError
+from compress.methods.quantized_base import nf4_weight
 from compress.methods.sparse_lora import LoraTask, SparseLoraParams
 from compress.model.targets import discover
 from compress.state import CompressionState
@@ -101,3 +102,49 @@ def test_a_training_stage_after_quantization_drops_the_stale_codes(tmp_path):
     target = report["targets"]["model.layers.0.mlp.up_proj"]
     assert target["stages"] == ["gptq", "sparse_lora"] and target["quantized"] is None
     assert report["metrics"]["verify_ok"] == 1 and report["audit"]["ok"]
+
+
+def _bitsandbytes():
+    return pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: the NF4 base cannot be built")
+
+
+def test_an_nf4_base_trains_over_4_bit_codes_and_merges_into_the_full_precision_weights(tmp_path):
+    bnb = _bitsandbytes()
+    model = AutoModelForCausalLM.from_pretrained(str(compress.embedded_model()), dtype=torch.float32)
+    targets = [t for t in discover(model).targets if t.name.endswith("mlp.down_proj")]
+    before = {t.name: t.weight.clone() for t in targets}
+    mask = {t.name: torch.rand_like(before[t.name]) > 0.5 for t in targets}
+    state = CompressionState()
+    for target in targets:
+        before[target.name] *= mask[target.name]
+        target.module.weight.data.copy_(before[target.name])
+        state.get(target.name).mask = mask[target.name]
+    task = LoraTask(model, targets, SparseLoraParams(rank=4, alpha=4.0, base_quantization="nf4"))
+    for name, layer in task.layers.items():
+        base = layer.base_layer
+        assert isinstance(base, bnb.nn.Linear4bit) and base.weight.dtype == torch.uint8  # 4-bit codes, two a byte
+        assert base.weight.numel() * 2 == before[name].numel()
+        rounded = nf4_weight(base)
+        assert (rounded[before[name] == 0] == 0).all()  # NF4 keeps the zeros
+        assert not torch.equal(rounded, before[name])  # and rounds the rest
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in task.layers.values():
+            layer.lora_B["default"].weight.normal_()
+    deltas = {name: layer.lora_B["default"].weight @ layer.lora_A["default"].weight for name, layer in task.layers.items()}
+    task.finish(model, state, None)
+    for target in targets:
+        layer = model.get_submodule(target.name)
+        assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
+        # the full-precision weight plus the masked delta: no NF4 rounding reaches the merged model
+        torch.testing.assert_close(layer.weight, (before[target.name] + deltas[target.name]) * mask[target.name], rtol=1e-6, atol=1e-6)
+
+
+def test_a_pipeline_with_an_nf4_base_keeps_the_zeros_and_verifies(tmp_path):
+    _bitsandbytes()
+    report, adapted, pruned = _pruned_and_adapted(tmp_path, "2:4", {"base_quantization": "nf4"})
+    for name, weight in pruned.items():
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            assert torch.equal(adapted[name] == 0, weight == 0), name
+    curve = report["stages"][1]["training"]
+    assert curve["steps"] == 8 and report["metrics"]["verify_ok"] == 1 and report["audit"]["ok"]

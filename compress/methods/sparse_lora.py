@@ -11,12 +11,15 @@ model the stage started from.
 SoRA (Ding et al. 2023, TsinghuaC3I/SoRA), with `sora: true`: a gate vector between A and B, trained
 with a proximal step (soft threshold lr * sora_lambda after each optimizer step); ranks whose gate
 reached zero are removed at the end and the gate folded into B, so the adapter has the smaller rank.
+
+`base_quantization: nf4` trains the adapters over a frozen NF4 copy of the targets (bitsandbytes,
+compress/methods/quantized_base.py) for training memory; the merge goes into the full-precision weights.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
@@ -43,6 +46,12 @@ class SparseLoraParams(TrainingParams):
     sora_lambda: float = Field(default=0.1, ge=0)
     lr: PositiveFloat = 2e-4
     feature_weight: float = Field(default=1.0, ge=0)
+    base_quantization: Literal["none", "nf4"] = "none"
+
+    @property
+    def resident_bytes_per_param(self) -> float:
+        """The frozen base: fp32 (4 bytes a weight) or NF4 codes with their block scales (~0.56)."""
+        return 0.5625 if self.base_quantization == "nf4" else 4.0
 
 
 class LoraTask(TrainingTask):
@@ -50,6 +59,14 @@ class LoraTask(TrainingTask):
         from peft import LoraConfig, inject_adapter_in_model
 
         self.targets, self.params = targets, params
+        self.full_precision: dict[str, nn.Linear] = {}  # with an NF4 base: the layers it replaced, their weights on the CPU
+        if params.base_quantization == "nf4":
+            from compress.methods.quantized_base import to_nf4
+
+            for target in targets:
+                parent, _, child = target.name.rpartition(".")
+                self.full_precision[target.name] = model.get_submodule(target.name)
+                setattr(model.get_submodule(parent), child, to_nf4(self.full_precision[target.name]))
         config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout, target_modules=[t.name for t in targets])
         inject_adapter_in_model(config, model)
         for name, parameter in model.named_parameters():
@@ -58,7 +75,7 @@ class LoraTask(TrainingTask):
         self.gates: dict[str, nn.Parameter] = {}
         if params.sora:
             for name, layer in self.layers.items():
-                gate = nn.Parameter(torch.ones(params.rank, device=layer.base_layer.weight.device))
+                gate = nn.Parameter(torch.ones(params.rank, device=layer.lora_A["default"].weight.device))
                 layer.register_parameter("sora_gate", gate)  # in the model's state_dict: checkpointed with it
                 layer.lora_A["default"].register_forward_hook(lambda module, args, out, gate=gate: out * gate.to(out.dtype))
                 self.gates[name] = gate
@@ -105,14 +122,21 @@ class LoraTask(TrainingTask):
                 keep = gate != 0
                 a, b = a[keep], (b * gate)[:, keep]
             ranks[target.name] = a.shape[0]
-            weight = layer.base_layer.weight
-            merged = weight.float() + b @ a
+            base = layer.base_layer
+            full = self.full_precision.pop(target.name, None)
+            weight = base.weight if full is None else full.weight
+            merged = weight.float().to(b.device) + b @ a
             mask = state.mask(target.name)
             if mask is not None:
                 merged *= mask.to(merged.device)
-            weight.copy_(merged.to(weight.dtype))
+            if full is None:
+                base.weight.copy_(merged.to(base.weight.dtype))
+            else:  # the NF4 base gives way to the full-precision layer, now holding the merged weight
+                from compress.methods.quantized_base import restore
+
+                base = restore(full, base, merged)
             parent, _, child = target.name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer.base_layer)
+            setattr(model.get_submodule(parent), child, base)
             if a.shape[0]:  # a target whose every rank closed has no adapter left
                 tensors[f"base_model.model.{target.name}.lora_A.weight"] = a.contiguous().cpu()
                 tensors[f"base_model.model.{target.name}.lora_B.weight"] = b.contiguous().cpu()

@@ -60,6 +60,11 @@ class TrainingParams(StageParams):
         return self
 
     @property
+    def resident_bytes_per_param(self) -> float:
+        """Bytes a parameter takes while training: fp32 weight, gradient and two optimizer moments."""
+        return 16.0
+
+    @property
     def uses_teacher(self) -> bool:
         return self.kl_weight > 0 or self.feature_weight > 0
 

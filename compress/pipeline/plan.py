@@ -160,8 +160,9 @@ def build_plan(recipe: Recipe) -> Plan:
 
 
 def _plan_training(plan: StagePlan, train: Any, params: int, config: Any, device: torch.device) -> None:
-    """A training stage holds the whole model in fp32 with its gradients and two optimizer moments
-    (16 bytes a parameter), the teacher in the compute dtype, and one micro-batch's activations."""
+    """A training stage holds the whole model (16 bytes a parameter: fp32 with its gradients and two
+    optimizer moments; less for a frozen base that only adapters train on), the teacher in the compute
+    dtype, and one micro-batch's activations."""
     context = getattr(config, "max_position_embeddings", None)
     if isinstance(context, int) and train.seqlen > context:
         raise CompressError(f"stages.{plan.index}.seqlen={train.seqlen} is longer than the model's context ({context} positions)")
@@ -169,7 +170,7 @@ def _plan_training(plan: StagePlan, train: Any, params: int, config: Any, device
     tokens = train.batch_size * train.seqlen
     hidden, layers = int(getattr(config, "hidden_size", 0) or 0), int(getattr(config, "num_hidden_layers", 0) or 0)
     activations = tokens * (hidden * layers * 40 + int(getattr(config, "vocab_size", 0) or 0) * 12)  # rough: blocks' saved tensors, logits
-    peak = params * 16 + (params * (2 if on_gpu else 4) if train.uses_teacher else 0) + activations
+    peak = int(params * train.resident_bytes_per_param) + (params * (2 if on_gpu else 4) if train.uses_teacher else 0) + activations
     plan.peak_host_bytes = params * 8 if on_gpu else peak
     plan.peak_device_bytes = peak if on_gpu else 0
     plan.seconds_estimate = 8.0 * params * tokens * train.steps * train.grad_accum / FLOPS_PER_SECOND[device.type]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.errors import CompressError
 from compress.methods.training import TrainingParams, TrainingTask
 from compress.progress import bar
 from compress.train.checkpoint import load_checkpoint, save_checkpoint
@@ -70,7 +71,9 @@ def train(
     start, curve = 0, []
     saved = load_checkpoint(work_dir)
     if saved is not None:
-        model.load_state_dict(saved["model"])
+        unexpected = model.load_state_dict(saved["model"], strict=False).unexpected_keys
+        if unexpected:
+            raise CompressError(f"the checkpoint in {work_dir} does not fit this model ({unexpected[0]}): delete it to start over")
         optimizer.load_state_dict(saved["optimizer"])
         task.load_state_dict(saved["task"])
         start, curve = saved["step"], saved["curve"]
@@ -125,7 +128,7 @@ def train(
                 progress.set_postfix_str(f"loss {point['loss']:.3f}, {point['tokens_per_second']:,.0f} tok/s")
                 window = {"time": now, "steps": 0, "sums": {}}
             if work_dir is not None and params.checkpoint_every and finished % params.checkpoint_every == 0 and finished < params.steps:
-                save_checkpoint(work_dir, {"step": finished, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                save_checkpoint(work_dir, {"step": finished, "model": _changing_state(model, parameters), "optimizer": optimizer.state_dict(),
                                            "task": task.state_dict(), "curve": curve})
             if stop_after is not None and done >= stop_after:
                 break
@@ -145,3 +148,11 @@ def train(
 def _outputs(model: nn.Module, ids: torch.Tensor, hidden: bool) -> Outputs:
     out = model(input_ids=ids, output_hidden_states=hidden, use_cache=False)
     return Outputs(out.logits, tuple(out.hidden_states[1:]) if hidden else None)
+
+
+def _changing_state(model: nn.Module, parameters: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """What of the model a checkpoint must hold: the trained parameters and the buffers. A frozen base
+    (adapter training) is loaded again from the stage's input, so it is not written every checkpoint."""
+    trained = {id(p) for p in parameters}
+    names = {name for name, p in model.named_parameters() if id(p) in trained} | {name for name, _ in model.named_buffers()}
+    return {name: value for name, value in model.state_dict().items() if name in names}
