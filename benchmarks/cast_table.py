@@ -3,7 +3,8 @@ docs/training.md.
 
 Rows: the dense model as shipped and after the same continued training (no sparsity); Wanda and
 SparseGPT 2:4 one-shot; Wanda 2:4 then fixed-mask fine-tuning (same budget, same distillation); CAST
-2:4 and its ablations (no weight scaling, no distillation). Every training row sees the same tokens
+2:4 and its ablations (no weight scaling, no distillation), and CAST with the activation-aware mask
+score (ours). Every training row sees the same tokens
 (steps x batch x seqlen from the same text, same seed) and learning-rate schedule.
 
     python benchmarks/cast_table.py --model ../shared/models/shakespeare-llama-7m \
@@ -37,6 +38,7 @@ def rows(args: argparse.Namespace) -> dict[str, list[dict]]:
         "dense + same budget": [{"method": "finetune", **budget, **distill}],
         "cast 2:4, no weight scaling": [{**cast, "weight_scaling": False}],
         "cast 2:4, no distillation": [{**cast, "kl_weight": 0.0, "ce_weight": 1.0}],
+        "cast 2:4, activation score": [{**cast, "mask_score": "activation"}],
     }
     return {name: stages for name, stages in table.items() if not args.only or name in args.only}
 
@@ -52,11 +54,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--decay", type=float, default=1e-2)
     parser.add_argument("--only", nargs="*", help="run only these rows (their names as printed)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the export's verify step (on a GPU it compiles kernels for minutes)")
     parser.add_argument("--json", help="append one JSON line per row to this file")
     args = parser.parse_args()
     base = {"calibration": {"text": [args.train_text], "seqlen": args.seqlen, "nsamples": 128},
             "evaluate": {"text": args.eval_text, "seqlen": args.seqlen, "layer_error": False},
-            "output": {"onnx": False}}
+            "output": {"onnx": False, "verify": not args.no_verify}}
     tokens = args.steps * args.batch_size * args.seqlen
     print(f"{'row':<40} {'tokens':>10} {'ppl':>9} {'kl':>7} {'sparsity':>8} {'seconds':>8}")
     with tempfile.TemporaryDirectory() as scratch:

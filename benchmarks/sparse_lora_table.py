@@ -2,7 +2,8 @@
 docs/training.md.
 
 Rows: Wanda pruned only; + sparse LoRA trained on CE; + sparse LoRA on CE + SquareHead (the default);
-+ SoRA; peft's own merge of the same adapter (the sparsity it loses); the dense model + the same LoRA
++ SoRA; the CE + SquareHead adapter trained over an NF4 base;
+peft's own merge of the same adapter (the sparsity it loses); the dense model + the same LoRA
 budget (the reference).
 
     python benchmarks/sparse_lora_table.py --model ../shared/models/shakespeare-llama-7m --sparsity 0.7 \
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--sora-lambda", type=float, default=10.0)
+    parser.add_argument("--only", nargs="*", help="run only these rows (their names as printed)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the export's verify step (on a GPU it compiles kernels for minutes)")
     parser.add_argument("--json")
     args = parser.parse_args()
     prune = {"method": "wanda", "pattern": args.sparsity} if ":" in args.sparsity else {"method": "wanda", "sparsity": float(args.sparsity)}
@@ -57,10 +60,12 @@ def main() -> None:
         "+ sparse LoRA (CE)": [prune, {**lora, "feature_weight": 0.0}],
         "+ sparse LoRA (CE + SquareHead)": [prune, lora],
         "+ SoRA (CE + SquareHead)": [prune, {**lora, "sora": True, "sora_lambda": args.sora_lambda}],
+        "+ sparse LoRA (CE + SquareHead), NF4 base": [prune, {**lora, "base_quantization": "nf4"}],
         "dense + the same LoRA budget": [{**lora, "feature_weight": 0.0}],
     }
     base = {"calibration": {"text": [args.train_text], "seqlen": args.seqlen, "nsamples": 128},
             "evaluate": {"text": args.eval_text, "seqlen": args.seqlen, "layer_error": False}, "output": {"onnx": False}}
+    rows = {name: stages for name, stages in rows.items() if not args.only or name in args.only or name == "pruned only"}
     tokens = args.steps * args.batch_size * args.seqlen
     print(f"{'row':<36} {'tokens':>9} {'ppl':>9} {'sparsity':>9} {'seconds':>8}")
     with tempfile.TemporaryDirectory() as scratch:
@@ -68,7 +73,8 @@ def main() -> None:
         for name, stages in rows.items():
             started = time.perf_counter()
             out = Path(scratch) / f"row{len(outs)}"
-            recipe = {"name": f"lora-{len(outs)}", **base, "stages": stages, "output": {"onnx": False, "hf": name == "pruned only"}}
+            output = {"onnx": False, "hf": name == "pruned only", "verify": not args.no_verify}
+            recipe = {"name": f"lora-{len(outs)}", **base, "stages": stages, "output": output}
             report = compress.run(recipe, model=args.model, out=out, track=False)
             outs[name] = out
             metrics = report["metrics"]
@@ -78,6 +84,8 @@ def main() -> None:
                    "adapter": [s.get("adapter") for s in report["stages"] if s.get("adapter")], "training": trained,
                    "seconds": time.perf_counter() - started, "stages": stages}
             _emit(row, args.json)
+        if "+ sparse LoRA (CE + SquareHead)" not in outs:
+            return
         lost = peft_merge_sparsity(outs["pruned only"] / "model", outs["+ sparse LoRA (CE + SquareHead)"] / "adapter")
         _emit({"row": "peft's own merge of the CE + SquareHead adapter", "sparsity_target": args.sparsity, "tokens": tokens,
                "perplexity": None, "sparsity": lost}, args.json)

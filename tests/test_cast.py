@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import compress
 from compress.errors import CompressError
 from compress.methods.adams import AdamS, adams_update
-from compress.methods.cast import CastParams
+from compress.methods.cast import CastParams, CastTask
 from compress.pipeline.engine import run
 from compress.pipeline.store import StepStore
 from compress.recipe import validate_recipe
@@ -62,6 +62,31 @@ def test_cast_params_check_what_they_can():
     with pytest.raises(ValueError, match="multiple of M=8"):
         CastParams(pattern="2:8", scale_group_size=12)
     assert CastParams().kl_weight == pytest.approx(1 / 3) and CastParams().mask_interval == 10
+
+
+def test_the_activation_score_keeps_the_weights_of_loud_input_columns():
+    """|W| alone would keep columns 2 and 3 of every group of four (the larger weights); column 0 sees
+    inputs 100x louder, so |W| x RMS(x) keeps it."""
+    from compress.model.targets import Target
+    from compress.state import CompressionState
+
+    layer = torch.nn.Linear(8, 3, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]).repeat(3, 2))
+    target = Target("layer", layer, "weight", 0)
+    for score, kept in (("magnitude", [2, 3]), ("activation", [0, 3])):
+        task = CastTask([target], CastParams(mask_score=score, weight_scaling=False), CompressionState())
+        x = torch.ones(16, 8)
+        x[:, 0::4] *= 100.0
+        layer.train()
+        layer(x)
+        state = CompressionState()
+        task.finish(state)
+        mask = state.mask("layer")
+        assert mask.view(3, 2, 4).sum(-1).eq(2).all()  # exactly 2:4
+        assert mask.view(3, 2, 4)[..., kept].all(), score
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]).repeat(3, 2))
 
 
 def test_a_cast_stage_ends_exactly_2_of_4_with_folded_scales_and_later_stages_keep_it(tmp_path):

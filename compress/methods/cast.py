@@ -9,12 +9,16 @@ slides into the pattern instead of being cut. Weight scaling: a learnable scale 
 to 1, makes up for the magnitude the pull takes. Distillation from the dense model: by default
 1/3 KL(teacher || student) + 2/3 CE (eta = 1/3). At the end the scales are folded into the weights,
 the final mask is applied exactly and handed to the state, so later stages keep it.
+
+`mask_score: activation` (ours, not the paper's) ranks the weights of each N:M group by |W| times the
+root mean square of their input column over the training batches so far (Wanda's score, Sun et al.
+2023) instead of |W| alone; the statistics come from forward hooks on the training passes.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
@@ -41,6 +45,7 @@ class CastParams(TrainingParams):
     decay: PositiveFloat = 1e-2
     weight_scaling: bool = True
     scale_group_size: PositiveInt = 64
+    mask_score: Literal["magnitude", "activation"] = "magnitude"
     ce_weight: float = Field(default=2 / 3, ge=0)
     kl_weight: float = Field(default=1 / 3, ge=0)
 
@@ -84,6 +89,12 @@ class CastTask(TrainingTask):
         self.masks: dict[str, torch.Tensor] = {}
         self.flipped = 0.0
         self.optimizer_: AdamS | None = None
+        self.input_square_sums: dict[str, torch.Tensor] = {}  # per target: sum of x^2 per input column, and the row count
+        self.input_rows: dict[str, float] = {}
+        self.hooks = []
+        if params.mask_score == "activation":
+            for target in targets:
+                self.hooks.append(target.module.register_forward_pre_hook(self._count_inputs(target.name)))
         if params.weight_scaling:
             for target in targets:
                 scale = GroupScale(*target.weight.shape, params.scale_group_size, target.weight.device)
@@ -98,11 +109,30 @@ class CastTask(TrainingTask):
         self.optimizer_ = AdamS(parameters, lr=params.lr, betas=params.betas, weight_decay=params.weight_decay, decay=self.params.decay)
         return self.optimizer_
 
+    def _count_inputs(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if module.training:
+                with torch.no_grad():
+                    x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                    total = self.input_square_sums.get(name)
+                    squares = x.pow(2).sum(dim=0)
+                    self.input_square_sums[name] = squares if total is None else total + squares
+                    self.input_rows[name] = self.input_rows.get(name, 0.0) + x.shape[0]
+        return hook
+
+    def score(self, target: Target, weight: torch.Tensor) -> torch.Tensor:
+        """What the mask keeps the largest of in each N:M group: |W|, or |W| times the input column's
+        RMS (before any batch was seen: |W|)."""
+        squares = self.input_square_sums.get(target.name)
+        if squares is None:
+            return weight.abs()
+        return weight.abs() * (squares / self.input_rows[target.name]).sqrt().to(weight.device)
+
     def _update_masks(self) -> None:
         changed = total = 0
         for target in self.targets:
             weight = self.weight(target).detach()
-            mask = prune_mask(weight.abs(), 0.0, self.params.pattern, _on(self.earlier[target.name], weight))
+            mask = prune_mask(self.score(target, weight), 0.0, self.params.pattern, _on(self.earlier[target.name], weight))
             previous = self.masks.get(target.name)
             if previous is not None:
                 changed += int((previous != mask).sum())
@@ -120,11 +150,14 @@ class CastTask(TrainingTask):
         return {"mask_flipped": self.flipped, "decay_strength": self.optimizer_.strength}
 
     def state_dict(self) -> dict[str, object]:
-        return {"masks": {name: mask.cpu() for name, mask in self.masks.items()}, "flipped": self.flipped}
+        return {"masks": {name: mask.cpu() for name, mask in self.masks.items()}, "flipped": self.flipped,
+                "input_square_sums": {name: sums.cpu() for name, sums in self.input_square_sums.items()}, "input_rows": dict(self.input_rows)}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         masks: dict[str, torch.Tensor] = state["masks"]  # type: ignore[assignment]
         self.flipped = float(state["flipped"])  # type: ignore[arg-type]
+        self.input_square_sums = dict(state.get("input_square_sums", {}))  # type: ignore[arg-type]
+        self.input_rows = dict(state.get("input_rows", {}))  # type: ignore[arg-type]
         for target in self.targets:
             self.masks[target.name] = masks[target.name].to(self.weight(target).device)
             self.optimizer_.pruned[self.weight(target)] = ~self.masks[target.name]
@@ -132,11 +165,13 @@ class CastTask(TrainingTask):
     @torch.no_grad()
     def finish(self, state: CompressionState) -> None:
         """Fold the scales, prune exactly with the final mask, hand the masks to the state."""
+        for hook in self.hooks:
+            hook.remove()
         for target in self.targets:
             if parametrize.is_parametrized(target.module, "weight"):
                 parametrize.remove_parametrizations(target.module, "weight", leave_parametrized=True)
             weight = target.weight
-            mask = prune_mask(weight.abs(), 0.0, self.params.pattern, _on(self.earlier[target.name], weight))
+            mask = prune_mask(self.score(target, weight), 0.0, self.params.pattern, _on(self.earlier[target.name], weight))
             weight.mul_(mask)
             state.get(target.name).mask = mask.cpu()
 
