@@ -157,6 +157,7 @@ def test_bitmap_float16_tiles_and_empty(path, tile_rows):
     empty = torch.zeros(rows, cols)
     packed = bitmap.pack(empty, empty != 0, tile_rows=tile_rows)  # no value at all
     assert torch.equal(cpu.packed_matmul(torch.randn(3, cols), packed, path), torch.zeros(3, rows))
+    assert torch.equal(cpu.packed_matmul(torch.randn(3, cols).bfloat16(), packed, path), torch.zeros(3, rows, dtype=torch.bfloat16))
 
 
 # -- sparse + quant -------------------------------------------------------------------------------------

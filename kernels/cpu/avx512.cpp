@@ -462,26 +462,51 @@ void scaled_row1(const GQArgs& A, __m512 ctab, int64_t r, int64_t b0, const floa
 
 // -- bitmap --------------------------------------------------------------------------------------------
 
-// 16 columns a step: the packed values permuted to their set lanes (vexpandps is slow on some CPUs).
-// Words [j0, j1) of row r's bitmask, its values from p on (p advances past them).
+// The hardware prefetchers fall behind the two streams of a bitmap row (bitmask words and the values,
+// which advance at the data's own pace): ask for both ahead (this alone made the kernels ~2x faster
+// with the weights coming from memory).
+inline void prefetch_ahead(const uint16_t* values, const uint32_t* words) {
+  _mm_prefetch(reinterpret_cast<const char*>(values + 768), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(words + 256), _MM_HINT_T0);
+}
+
+// 32 columns (one bitmask word) a step, two halves of 16: each half's packed values loaded as 16 and
+// expanded to their set lanes (vexpandps; a permute through an index table was 1.6x slower on Zen 5).
+// Words [j0, j1) of row r's bitmask, its values from p on (p advances past them). Loads read 16
+// values from where a half's start; while a whole span's worth lies before the end of the values no
+// load needs its bounds checked.
 template <int NB, bool FP16, int U>
 inline void bitmap_span(const BitmapArgs& A, const Expand& e, int64_t r, const float* x, int64_t j0, int64_t j1, const uint16_t*& p,
                         __m512 (&acc)[U][NB]) {
+  (void)e;
   const uint16_t* end = A.values + A.nnz;
   const uint32_t* bm = A.bitmask + r * A.bwords;
   const int64_t ld = A.a.ld;
   const uint16_t* q = p;  // a local: the compiler keeps it in a register
-  chunks<U>(j0, j1, 1, CK_LAMBDA(j) {
-    CK_SET;
-    const uint32_t m = bm[j];
-    if (!m) return;
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t mh = (m >> (16 * h)) & 0xFFFFu;
-      const __m512 w = _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(mh), expand_index(e, mh), load_halves<FP16>(q, end));
-      q += __builtin_popcount(mh);
-      fma_x<NB>(acc[u_], w, x + 32 * j + 16 * h, ld);
-    }
-  });
+  if (q + 32 * (j1 - j0) + 16 <= end) {
+    chunks<U>(j0, j1, 1, CK_LAMBDA(j) {
+      CK_SET;
+      if (u_ == 0) prefetch_ahead(q, bm + j);
+      const uint32_t m = bm[j];
+      const uint16_t* q1 = q + __builtin_popcount(m & 0xFFFFu);
+      const __m512 w0 = _mm512_maskz_expand_ps(static_cast<__mmask16>(m), load_halves<FP16>(q));
+      const __m512 w1 = _mm512_maskz_expand_ps(static_cast<__mmask16>(m >> 16), load_halves<FP16>(q1));
+      q += __builtin_popcount(m);
+      fma_x<NB>(acc[u_], w0, x + 32 * j, ld);
+      fma_x<NB>(acc[u_], w1, x + 32 * j + 16, ld);
+    });
+  } else {  // near the end of the values: every load checked
+    chunks<U>(j0, j1, 1, CK_LAMBDA(j) {
+      CK_SET;
+      const uint32_t m = bm[j];
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t mh = (m >> (16 * h)) & 0xFFFFu;
+        const __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(mh), load_halves<FP16>(q, end));
+        q += __builtin_popcount(mh);
+        fma_x<NB>(acc[u_], w, x + 32 * j + 16 * h, ld);
+      }
+    });
+  }
   p = q;
 }
 

@@ -260,9 +260,11 @@ CK_DECLARE_ISA(scalar)
 CK_DECLARE_ISA(avx2)
 CK_DECLARE_ISA(avx512)
 
-// bfloat16 activations times bfloat16 values on AVX512_BF16 (N:M with a permute window)
+// bfloat16 activations times bfloat16 values on AVX512_BF16 (N:M with a permute window; bitmap with
+// AVX512_VBMI2 as well)
 namespace avx512bf16 {
 void nm_rows(const NMArgs& A, int64_t r0, int64_t r1, float* scratch);
+void bitmap_tiles(const BitmapArgs& A, int64_t t0, int64_t t1);
 }  // namespace avx512bf16
 
 }  // namespace ck

@@ -14,7 +14,8 @@
 namespace ck {
 namespace {
 
-enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };  // bit 3: the BF16 kernels inside avx512
+// bit 3: the BF16 kernels inside avx512; bit 4: those of them that also need AVX512_VBMI2
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAvx512Vbmi2 = 4 };
 
 int64_t isa_support() {
   int64_t bits = 1 << kScalar;
@@ -26,6 +27,7 @@ int64_t isa_support() {
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     bits |= 1 << kAvx512;
   if ((bits & (1 << kAvx512)) && __builtin_cpu_supports("avx512bf16")) bits |= 1 << kAvx512Bf16;
+  if ((bits & (1 << kAvx512Bf16)) && __builtin_cpu_supports("avx512vbmi2")) bits |= 1 << kAvx512Vbmi2;
 #endif
   return bits;
 }
@@ -241,10 +243,12 @@ at::Tensor bitmap_matmul(const at::Tensor& x, const at::Tensor& bitmask, const a
   BitmapArgs A{{}, bitmask.size(1), tile_rows, values.numel(), words(bitmask), halves(values, "values"), nullptr, nullptr,
                values.scalar_type() == at::kHalf};
   offsets(tile_offsets, tiles, A.off32, A.off64);
-  Input in = prepare(x, N);
+  const bool bf16 = use_bf16(isa, x, values) && (isa_support() & (1 << kAvx512Vbmi2));
+  Input in = prepare(x, N, bf16);
   return run(x, in, tiles, std::max<int64_t>(1, row_grain(K) / tile_rows), [&](const Act& a, int64_t t0, int64_t t1) {
     BitmapArgs args = A;
     args.a = a;
+    if (bf16) return avx512bf16::bitmap_tiles(args, t0, t1);
     std::unique_ptr<float[]> scratch(new float[scratch_floats(0)]);
     CK_ISA_CALL(isa, bitmap_tiles, args, t0, t1, scratch.get());
   });
