@@ -638,6 +638,10 @@ int64_t sq_bitmap_row(const SQArgs& A, const Tab& t, const Expand& e, int64_t r,
   int32_t table_group = -1;
   chunks<U>(0, A.bwords, 1, CK_LAMBDA(j) {
     CK_SET;
+    if (u_ == 0) {  // ahead of the bitmask and code streams (as bitmap_span)
+      _mm_prefetch(reinterpret_cast<const char*>(A.codes + start + static_cast<int64_t>((static_cast<uint64_t>(q) * inv) >> 32) + 192), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(bm + j + 256), _MM_HINT_T0);
+    }
     const uint32_t m = bm[j];
     if (!m) return;
     for (int h = 0; h < 2; ++h) {
@@ -953,6 +957,10 @@ int64_t lut_bitmap_row(const SQArgs& A, const Tab& t, const Expand& e, int64_t r
   int64_t q = 0;
   chunks<U>(0, A.bwords, 1, CK_LAMBDA(j) {
     CK_SET;
+    if (u_ == 0) {  // ahead of the bitmask and code streams (as bitmap_span)
+      _mm_prefetch(reinterpret_cast<const char*>(A.codes + start + static_cast<int64_t>((static_cast<uint64_t>(q) * inv) >> 32) + 192), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(bm + j + 256), _MM_HINT_T0);
+    }
     const uint32_t m = bm[j];
     if (!m) return;
     for (int h = 0; h < 2; ++h) {
