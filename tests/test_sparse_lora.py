@@ -55,6 +55,23 @@ def test_the_unmerged_adapter_loads_with_peft_on_the_pruned_model(tmp_path):
             torch.testing.assert_close(masked.float(), adapted[name].float(), rtol=0.02, atol=2e-3)  # ... ours is it, masked
 
 
+def test_on_an_unpruned_model_peft_with_the_adapter_gives_the_merged_models_logits(tmp_path):
+    """No mask: our merge is peft's merge, so the exported model and the original model with the
+    adapter loaded by peft compute the same logits."""
+    compress.run(fast_recipe({"method": "sparse_lora", **TRAIN}, output={"hf": True}, **QUIET), out=tmp_path / "out", track=False)
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "model"), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(compress.embedded_model()), dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(tmp_path / "out" / "adapter"))
+    ids = torch.randint(0, base.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, peft_logits = merged(ids).logits, adapted(ids).logits
+        with adapted.disable_adapter():
+            before = adapted(ids).logits
+    scale = before.abs().max()
+    assert (peft_logits - before).abs().max() > 0.05 * scale  # the adapter changes the model (by more than the tolerance) ...
+    torch.testing.assert_close(ours, peft_logits, rtol=0, atol=0.01 * float(scale))  # ... and both routes agree
+
+
 def test_sora_drops_the_closed_ranks_and_folds_the_gate_into_b(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(compress.embedded_model()), dtype=torch.float32)
     targets = [t for t in discover(model).targets if t.name.endswith("mlp.up_proj")]
