@@ -59,8 +59,8 @@ def measure(name: str, model: torch.nn.Module, task: TrainingTask, params: Train
     result = train(model, task, params, data=data, teacher=lambda: teacher)
     later = [p["tokens_per_second"] for p in result.curve[1:]]  # the first interval holds the warm-up
     peak = torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    row = {"row": name, "tokens_per_second": sum(later) / len(later), "final_loss": result.final_loss, "peak_gib": peak / 2**30, "resident_gib": resident,
-           "peak_kind": "cuda allocator" if on_gpu else "process resident set"}
+    row = {"row": name, "tokens_per_second": sum(later) / len(later), "final_loss": result.final_loss, "peak_gib": peak / 2**30,
+           "resident_gib": resident, "peak_kind": "cuda allocator" if on_gpu else "process resident set"}
     held = f", {resident:.2f} GiB before the first step" if resident is not None else ""
     print(f"{name:<20} {row['tokens_per_second']:>12,.0f} tok/s   peak {row['peak_gib']:.2f} GiB{held}", flush=True)
     return row

@@ -174,7 +174,7 @@ def test_sparse_quant(path, rows, cols, pattern):
     else:
         mask = torch.rand(rows, cols, generator=_gen(10)) < 0.4
         mask[0] = False
-    for bits, group_size in ((4, 128), (3, 16), (8, 24)) if rows < 256 else ((3, 16),):
+    for bits, group_size in ((4, 128), (3, 16), (8, 24), (8, 32)) if rows < 256 else ((3, 16), (8, 64)):  # 8-bit, whole words a group: its own kernel
         codes = torch.randint(0, 2**bits, (rows, cols), generator=_gen(bits))
         scale, zero = _statistics(rows, cols, group_size, bits)
         _check(sparse_quant.pack(mask, codes, scale, zero, bits, group_size, pattern=pattern), path,

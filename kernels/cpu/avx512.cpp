@@ -676,6 +676,61 @@ int64_t sq_bitmap_row(const SQArgs& A, const Tab& t, const Expand& e, int64_t r,
   return q;
 }
 
+// 8-bit codes of the unstructured form, groups of whole bitmask words (gs % 32 == 0), on a CPU with
+// AVX512_VBMI2: 32 columns a step, the row's next codes (bytes) expanded to their set lanes by one
+// vpexpandb, widened to floats and multiplied by x as they are; the group's zero point and scale are
+// applied once per group: s * (sum c x - z * sum_kept x). A third of the generic row's instructions.
+// No lambdas here: the target attribute does not reach into them.
+__attribute__((noinline, cold)) __m256i copy32b(const uint8_t* p, const uint8_t* end) {
+  alignas(32) uint8_t buf[32] = {};
+  for (int i = 0; p + i < end && i < 32; ++i) buf[i] = p[i];
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+}
+
+template <int NB>
+__attribute__((target("avx512vbmi2"))) int64_t sq_bitmap_row8(const SQArgs& A, int64_t r, int64_t b0, int64_t start, const float* s,
+                                                               const float* z) {
+  const Act& a = A.a;
+  const float* x = a.x + b0 * a.ld;
+  const uint32_t* bm = A.bitmask + r * A.bwords;
+  const uint8_t* codes = reinterpret_cast<const uint8_t*>(A.codes + start);
+  const uint8_t* end = reinterpret_cast<const uint8_t*>(A.codes + A.total_words);
+  const int64_t per_group = A.st.gs / 32;
+  __m512 acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
+  int64_t q = 0;
+  for (int64_t g0 = 0, g = 0; g0 < A.bwords; g0 += per_group, ++g) {
+    __m512 cx[2][NB], xs[NB];  // sum c * x (two chains: low and high half of a word) and sum of the kept x
+    for (int b = 0; b < NB; ++b) cx[0][b] = cx[1][b] = xs[b] = _mm512_setzero_ps();
+    const int64_t g1 = g0 + per_group < A.bwords ? g0 + per_group : A.bwords;
+    for (int64_t j = g0; j < g1; ++j) {
+      const uint32_t m = bm[j];
+      const uint8_t* c = codes + q;
+      const __m256i packed = c + 32 <= end ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)) : copy32b(c, end);
+      const __m256i expanded = _mm256_maskz_expand_epi8(m, packed);
+      q += __builtin_popcount(m);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(expanded)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(expanded, 1)));
+      for (int b = 0; b < NB; ++b) {
+        const __m512 xl = _mm512_loadu_ps(x + b * a.ld + 32 * j), xh = _mm512_loadu_ps(x + b * a.ld + 32 * j + 16);
+        cx[0][b] = _mm512_fmadd_ps(lo, xl, cx[0][b]);
+        cx[1][b] = _mm512_fmadd_ps(hi, xh, cx[1][b]);
+        xs[b] = _mm512_mask_add_ps(xs[b], static_cast<__mmask16>(m), xs[b], xl);
+        xs[b] = _mm512_mask_add_ps(xs[b], static_cast<__mmask16>(m >> 16), xs[b], xh);
+      }
+    }
+    const __m512 sv = _mm512_set1_ps(s[g]), zv = _mm512_set1_ps(z[g]);
+    for (int b = 0; b < NB; ++b) acc[b] = _mm512_fmadd_ps(sv, _mm512_fnmadd_ps(zv, xs[b], _mm512_add_ps(cx[0][b], cx[1][b])), acc[b]);
+  }
+  for (int b = 0; b < NB; ++b) a.out[(b0 + b) * a.N + r] = _mm512_reduce_add_ps(acc[b]);
+  return q;
+}
+
+inline bool has_vbmi2() {
+  static const bool yes = __builtin_cpu_supports("avx512vbmi2");
+  return yes;
+}
+
 // A pass covers NB activation rows: 1..8 or 16 (16 fp32 accumulators fit in the 32 registers).
 inline int pass_rows(int64_t left) { return left >= 16 ? 16 : left >= 8 ? 8 : static_cast<int>(left); }
 
@@ -859,16 +914,22 @@ void sq_rows(const SQArgs& A, int64_t u0, int64_t u1, float* scratch) {
     }
     return;
   }
-  const bool uniform = A.st.gs % 16 == 0;
+  const bool uniform = A.st.gs % 16 == 0, bytes = A.bits == 8 && A.st.gs % 32 == 0 && has_vbmi2();
   const Expand& e = expand_table();
   for (int64_t tile = u0; tile < u1; ++tile) {
     int64_t start = tile_offset(A.off32, A.off64, tile), kept = 0;
     const int64_t rend = (tile + 1) * A.tile_rows < A.a.N ? (tile + 1) * A.tile_rows : A.a.N;
     for (int64_t r = tile * A.tile_rows; r < rend; ++r) {
       row_stats(A.st, A.bits, r, s, z);
-#define CK_CALL(NB) kept = uniform ? sq_bitmap_row<NB, true>(A, tc, e, r, b0, start, s, z) : sq_bitmap_row<NB, false>(A, tc, e, r, b0, start, s, z)
-      CK_PASSES(CK_CALL)
+      if (bytes) {
+#define CK_CALL(NB) kept = sq_bitmap_row8<NB>(A, r, b0, start, s, z)
+        CK_PASSES(CK_CALL)
 #undef CK_CALL
+      } else {
+#define CK_CALL(NB) kept = uniform ? sq_bitmap_row<NB, true>(A, tc, e, r, b0, start, s, z) : sq_bitmap_row<NB, false>(A, tc, e, r, b0, start, s, z)
+        CK_PASSES(CK_CALL)
+#undef CK_CALL
+      }
       start += (kept + tc.per - 1) / tc.per;
     }
   }
