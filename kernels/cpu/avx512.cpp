@@ -921,8 +921,10 @@ void sq_rows(const SQArgs& A, int64_t u0, int64_t u1, float* scratch) {
     const int64_t rend = (tile + 1) * A.tile_rows < A.a.N ? (tile + 1) * A.tile_rows : A.a.N;
     for (int64_t r = tile * A.tile_rows; r < rend; ++r) {
       row_stats(A.st, A.bits, r, s, z);
-      if (bytes) {
-#define CK_CALL(NB) kept = sq_bitmap_row8<NB>(A, r, b0, start, s, z)
+      if (bytes) {  // up to 4 activation rows a pass (more would spill its accumulators: the generic row then)
+#define CK_CALL(NB)                                                                                   \
+  kept = NB <= 4 ? sq_bitmap_row8<(NB <= 4 ? NB : 1)>(A, r, b0, start, s, z)                          \
+                 : sq_bitmap_row<NB, true>(A, tc, e, r, b0, start, s, z)
         CK_PASSES(CK_CALL)
 #undef CK_CALL
       } else {
