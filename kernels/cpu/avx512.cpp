@@ -405,7 +405,7 @@ inline void stream_row(const uint32_t* w, int64_t nw, int64_t full, const float*
   const int64_t safe = nw / 8 < steps ? nw / 8 : steps;  // steps with 8 whole words readable
   int64_t k0 = 0;
   for (int64_t i = 0; i < safe; ++i, k0 += STEP) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + 8 * i) + 512, _MM_HINT_T0);  // ahead of the code stream (past the row: the next row's)
+    _mm_prefetch(reinterpret_cast<const char*>(w + 8 * i) + 2048, _MM_HINT_T0);  // ahead of the code stream (past the row: the next row's)
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * i));
 #pragma GCC unroll 8
     for (int j = 0; j < S; ++j) chunk(words, j, k0 + 16 * j);
