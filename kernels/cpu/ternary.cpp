@@ -188,7 +188,7 @@ at::Tensor ternary_dict_matmul(const at::Tensor& x, const at::Tensor& codes, con
     const uint16_t* c = reinterpret_cast<const uint16_t*>(codes.data_ptr());
     uint16_t top = 0;
     for (int64_t i = 0; i < codes.numel(); ++i) top = std::max(top, c[i]);
-    TORCH_CHECK(codes.numel() == 0 || top < entries, "code ", top, " is outside the dictionary of ", entries, " codewords");
+    TORCH_CHECK(codes.numel() == 0 || top < entries, "code ", static_cast<int64_t>(top), " is outside the dictionary of ", entries, " codewords");
   }
 
   at::Tensor out = at::empty({B, N}, x.options().dtype(at::kFloat));  // every entry is written
