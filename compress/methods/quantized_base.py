@@ -10,13 +10,29 @@ memory: the device holds ~0.5 byte a frozen weight instead of 4.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from compress.errors import CompressError
 
 
+def _not_the_hub_kernel_notice(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
+def quiet_hub_kernel_notice() -> None:
+    """On a CPU with AVX512-BF16, importing bitsandbytes (peft does, for any adapter) tries to fetch an
+    optional kernel from the Hugging Face hub and warns to `pip install kernels` when it cannot; its
+    built-in CPU path, the one used and tested here, works without it. Drop that one notice."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _not_the_hub_kernel_notice not in logger.filters:
+        logger.addFilter(_not_the_hub_kernel_notice)
+
+
 def _bitsandbytes():
+    quiet_hub_kernel_notice()
     try:
         import bitsandbytes
     except ImportError:

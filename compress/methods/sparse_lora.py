@@ -56,6 +56,9 @@ class SparseLoraParams(TrainingParams):
 
 class LoraTask(TrainingTask):
     def __init__(self, model: nn.Module, targets: list[Target], params: SparseLoraParams) -> None:
+        from compress.methods.quantized_base import quiet_hub_kernel_notice
+
+        quiet_hub_kernel_notice()  # before peft imports bitsandbytes
         from peft import LoraConfig, inject_adapter_in_model
 
         self.targets, self.params = targets, params
@@ -158,6 +161,9 @@ class SparseLora(TrainingMethod):
     linear_only = "adapts"
 
     def apply(self, model: nn.Module, state: CompressionState, data: CalibrationData) -> CompressionState:
+        from compress.methods.quantized_base import quiet_hub_kernel_notice
+
+        quiet_hub_kernel_notice()  # before peft imports bitsandbytes
         try:
             import peft  # noqa: F401
         except ImportError:
