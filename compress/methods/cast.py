@@ -89,8 +89,7 @@ class CastTask(TrainingTask):
         self.masks: dict[str, torch.Tensor] = {}
         self.flipped = 0.0
         self.optimizer_: AdamS | None = None
-        self.input_square_sums: dict[str, torch.Tensor] = {}  # per target: sum of x^2 per input column, and the row count
-        self.input_rows: dict[str, float] = {}
+        self.input_square_sums: dict[str, torch.Tensor] = {}  # per target: sum of x^2 per input column
         self.hooks = []
         if params.mask_score == "activation":
             for target in targets:
@@ -113,20 +112,19 @@ class CastTask(TrainingTask):
         def hook(module: nn.Module, args: tuple) -> None:
             if module.training:
                 with torch.no_grad():
-                    x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                    squares = args[0].detach().float().reshape(-1, args[0].shape[-1]).pow(2).sum(dim=0)
                     total = self.input_square_sums.get(name)
-                    squares = x.pow(2).sum(dim=0)
                     self.input_square_sums[name] = squares if total is None else total + squares
-                    self.input_rows[name] = self.input_rows.get(name, 0.0) + x.shape[0]
         return hook
 
     def score(self, target: Target, weight: torch.Tensor) -> torch.Tensor:
         """What the mask keeps the largest of in each N:M group: |W|, or |W| times the input column's
-        RMS (before any batch was seen: |W|)."""
+        norm over the batches so far (its RMS up to a factor common to the whole target, which ranks alike;
+        before any batch was seen: |W|)."""
         squares = self.input_square_sums.get(target.name)
         if squares is None:
             return weight.abs()
-        return weight.abs() * (squares / self.input_rows[target.name]).sqrt().to(weight.device)
+        return weight.abs() * squares.sqrt().to(weight.device)
 
     def _update_masks(self) -> None:
         changed = total = 0
@@ -151,13 +149,12 @@ class CastTask(TrainingTask):
 
     def state_dict(self) -> dict[str, object]:
         return {"masks": {name: mask.cpu() for name, mask in self.masks.items()}, "flipped": self.flipped,
-                "input_square_sums": {name: sums.cpu() for name, sums in self.input_square_sums.items()}, "input_rows": dict(self.input_rows)}
+                "input_square_sums": {name: sums.cpu() for name, sums in self.input_square_sums.items()}}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         masks: dict[str, torch.Tensor] = state["masks"]  # type: ignore[assignment]
         self.flipped = float(state["flipped"])  # type: ignore[arg-type]
         self.input_square_sums = dict(state.get("input_square_sums", {}))  # type: ignore[arg-type]
-        self.input_rows = dict(state.get("input_rows", {}))  # type: ignore[arg-type]
         for target in self.targets:
             self.masks[target.name] = masks[target.name].to(self.weight(target).device)
             self.optimizer_.pruned[self.weight(target)] = ~self.masks[target.name]

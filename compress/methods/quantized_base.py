@@ -42,7 +42,7 @@ def _bitsandbytes():
 
 def to_nf4(linear: nn.Linear) -> nn.Module:
     """An NF4 `Linear4bit` with `linear`'s weight and bias, on its device, to stand in its place while
-    adapters train. `linear` keeps its full-precision weight, moved to the CPU (`restore` brings it back)."""
+    adapters train. `linear` keeps its full-precision weight, moved to the CPU (the merge puts it back)."""
     bnb = _bitsandbytes()
     weight = linear.weight.detach()
     device = weight.device
@@ -62,8 +62,3 @@ def nf4_weight(module: nn.Module) -> torch.Tensor:
     bnb = _bitsandbytes()
     return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
 
-
-def restore(linear: nn.Linear, quantized: nn.Module, weight: torch.Tensor) -> nn.Linear:
-    """`linear` (replaced by `quantized`, see `to_nf4`) back on the device with `weight`."""
-    linear.weight.data = weight.to(device=quantized.weight.device, dtype=linear.weight.dtype)
-    return linear

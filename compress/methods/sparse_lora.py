@@ -59,7 +59,10 @@ class LoraTask(TrainingTask):
         from compress.methods.quantized_base import quiet_hub_kernel_notice
 
         quiet_hub_kernel_notice()  # before peft imports bitsandbytes
-        from peft import LoraConfig, inject_adapter_in_model
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise CompressError("sparse_lora needs the `peft` package: pip install peft") from None
 
         self.targets, self.params = targets, params
         self.full_precision: dict[str, nn.Linear] = {}  # with an NF4 base: the layers it replaced, their weights on the CPU
@@ -135,9 +138,8 @@ class LoraTask(TrainingTask):
             if full is None:
                 base.weight.copy_(merged.to(base.weight.dtype))
             else:  # the NF4 base gives way to the full-precision layer, now holding the merged weight
-                from compress.methods.quantized_base import restore
-
-                base = restore(full, base, merged)
+                full.weight.data = merged.to(full.weight.dtype)
+                base = full
             parent, _, child = target.name.rpartition(".")
             setattr(model.get_submodule(parent), child, base)
             if a.shape[0]:  # a target whose every rank closed has no adapter left
@@ -161,13 +163,6 @@ class SparseLora(TrainingMethod):
     linear_only = "adapts"
 
     def apply(self, model: nn.Module, state: CompressionState, data: CalibrationData) -> CompressionState:
-        from compress.methods.quantized_base import quiet_hub_kernel_notice
-
-        quiet_hub_kernel_notice()  # before peft imports bitsandbytes
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            raise CompressError("sparse_lora needs the `peft` package: pip install peft") from None
         task = LoraTask(model, self.targets, self.params)
         result = data.train(model, task, self.params)
         data.info["adapter"] = task.finish(model, state, data.output_dir / ADAPTER_DIR if data.output_dir else None)

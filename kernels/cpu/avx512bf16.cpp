@@ -174,7 +174,7 @@ __attribute__((target("avx512vbmi2"))) const uint16_t* bitmap_row(const BitmapAr
 }  // namespace
 
 void bitmap_tiles(const BitmapArgs& A, int64_t t0, int64_t t1) {
-  const int64_t rbegin = t0 * A.tile_rows, rend = t1 * A.tile_rows < A.a.N ? t1 * A.tile_rows : A.a.N;
+  const int64_t rend = t1 * A.tile_rows < A.a.N ? t1 * A.tile_rows : A.a.N;
   for (int64_t b0 = 0; b0 < A.a.B;) {
     const int nb = pass_rows(A.a.B - b0);
     for (int64_t tile = t0; tile < t1; ++tile) {
@@ -194,7 +194,6 @@ void bitmap_tiles(const BitmapArgs& A, int64_t t0, int64_t t1) {
         }
       }
     }
-    (void)rbegin;
     b0 += nb;
   }
 }
