@@ -4,7 +4,9 @@
 // Chosen by ops.cpp inside the "avx512" path when the CPU has AVX512_BF16; compiled for it by the
 // pragma below alone. Also bitmap rows with bfloat16 values: 32 columns a step, the values expanded to
 // their set lanes by one vpexpandw (AVX512_VBMI2, compiled per function: a CPU may have BF16 without
-// it) and multiplied by x in bfloat16 by one vdpbf16ps: a third of the fp32 kernel's instructions.
+// it) and multiplied by x in bfloat16 by one vdpbf16ps: a third of the fp32 kernel's instructions. And
+// 2/4-bit group-quant rows and 4-bit N:M sparse + quant rows: their codes turned into exact bfloat16 in
+// registers (see below), then vdpbf16ps: half the fp32 kernels' instructions a weight.
 #if defined(__x86_64__)
 #include <immintrin.h>
 
@@ -171,6 +173,147 @@ __attribute__((target("avx512vbmi2"))) const uint16_t* bitmap_row(const BitmapAr
   return p;
 }
 
+
+// -- group quant, 2 or 4 bits ---------------------------------------------------------------------------
+
+// A code c (< 128) as the bfloat16 0x4300 | c, which is exactly 128 + c: one vpternlogd turns 32 codes into
+// bfloat16 and one vdpbf16ps multiplies them by x. A group then adds s * (sum (128 + c) x - (128 + z) sum x):
+// the sum of x once a call (xsum), the factor s (128 + z) once a row (coef), so the loop does no per-weight
+// scale or zero: a 32-byte step (64 codes of 4 bits, 128 of 2) is a load, 2-4 logic ops and 2-4 dot products
+// a row of x, half the fp32 kernel's instructions. Products are exact in fp32, the sums fp32.
+
+// Row r's scales, zero points and s * (128 + z) into s, z, coef [groups padded to 16, zero past them].
+inline void row_coef(const Stats& st, int bits, int64_t r, float* s, float* z, float* coef) {
+  const int per = 32 / bits;  // a power of two here
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t g0 = 0; g0 < st.groups; g0 += 16) {
+    const __mmask16 m = st.groups - g0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (st.groups - g0)) - 1u);
+    const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, st.scale + r * st.groups + g0));
+    __m512 zv;
+    if (st.zint) {
+      const __m512i g = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(g0)));
+      const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, _mm512_srli_epi32(g, __builtin_ctz(per)), st.zint + r * st.zwords, 4);
+      zv = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(w, _mm512_mullo_epi32(_mm512_and_si512(g, _mm512_set1_epi32(per - 1)),
+                                                                                          _mm512_set1_epi32(bits))),
+                                               _mm512_set1_epi32((1 << bits) - 1)));
+    } else {
+      zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, st.zhalf + r * st.groups + g0));
+    }
+    _mm512_storeu_ps(s + g0, sv);
+    _mm512_storeu_ps(z + g0, zv);
+    _mm512_storeu_ps(coef + g0, _mm512_maskz_mul_ps(m, sv, _mm512_add_ps(zv, _mm512_set1_ps(128.0f))));
+  }
+}
+
+template <int NB, int BITS>
+void gq_row(const GQArgs& A, int64_t r, int64_t b0, const float* s, const float* z, const float* coef) {
+  constexpr int Q = 8 / BITS, STEP = 32 * Q;
+  const Act& a = A.a;
+  const uint16_t* x = a.xh + b0 * a.ld;
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(A.codes + r * A.cwords);
+  const int64_t ld = a.ld, gs = A.st.gs, full = a.K / STEP * STEP;
+  const __m512i bias = _mm512_set1_epi16(0x4300), fmask = _mm512_set1_epi16((1 << BITS) - 1);
+  __m512 acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
+  for (int64_t g0 = 0, g = 0; g0 < full; g0 += gs, ++g) {
+    const int64_t end = g0 + gs < full ? g0 + gs : full;
+    __m512 part[2][NB];  // two chains a row (alternate fields): the dot products' latency overlaps
+    for (int b = 0; b < NB; ++b) part[0][b] = part[1][b] = _mm512_setzero_ps();
+    for (int64_t k0 = g0; k0 < end; k0 += STEP) {
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + k0 / Q)));
+      for (int j = 0; j < Q; ++j) {
+        const __m512i c = BITS == 4 && j == 1 ? _mm512_or_si512(_mm512_srli_epi16(v, 4), bias)
+                                              : _mm512_ternarylogic_epi32(j ? _mm512_srli_epi16(v, j * BITS) : v, fmask, bias, 0xEA);
+        for (int b = 0; b < NB; ++b)
+          part[j & 1][b] = _mm512_dpbf16_ps(part[j & 1][b], (__m512bh)c, (__m512bh)_mm512_loadu_si512(x + b * ld + k0 + 32 * j));
+      }
+    }
+    const __m512 sv = _mm512_set1_ps(s[g]);
+    for (int b = 0; b < NB; ++b) acc[b] = _mm512_fmadd_ps(sv, _mm512_add_ps(part[0][b], part[1][b]), acc[b]);
+  }
+  const int64_t gp = (A.st.groups + 15) & ~int64_t(15);
+  const uint32_t* w = A.codes + r * A.cwords;
+  for (int b = 0; b < NB; ++b) {
+    const float* xs = A.xsum + (a.first + b0 + b) * A.xsum_ld;
+    __m512 corr = _mm512_setzero_ps();
+    for (int64_t g = 0; g < gp; g += 16) corr = _mm512_fmadd_ps(_mm512_loadu_ps(coef + g), _mm512_loadu_ps(xs + g), corr);
+    float tail = 0.0f;  // columns past the last whole step, as the reference computes them
+    for (int64_t k = full; k < a.K; ++k) {
+      const int64_t g = k / gs;
+      tail += (static_cast<float>(field(w, BITS, k)) - z[g]) * s[g] * bf16_to_float(x[b * ld + k]);
+    }
+    a.out[(b0 + b) * a.N + r] = _mm512_reduce_add_ps(acc[b]) - _mm512_reduce_add_ps(corr) + tail;
+  }
+}
+
+
+// -- sparse + quant N:M, 4-bit codes with integer zero points ----------------------------------------------
+
+// A step is 32 kept values (16 code bytes, one 64-column permute window). The bytes widened to 16-bit lanes,
+// then their high nibbles shifted into lanes 16-31: lane w holds value v(w) = 2w (w < 16) or 2(w - 16) + 1.
+// One vpermw turns the 32 codes into bfloat16 (code - zero) from the group's table (32 entries: the low 5 bits
+// of a lane index it, the table repeating every 16), exact for integer zero points; the indices are put in
+// the same lane order. Then as nm_span: x gathered by vpermt2w, one vdpbf16ps a row of x.
+inline int lane_value(int w) { return w < 16 ? 2 * w : 2 * (w - 16) + 1; }
+
+template <int NB, bool TWO_BIT>
+void sq_nm_row(const SQArgs& A, const Tab& ti, int64_t r, int64_t b0, const float* s, const float* z) {
+  alignas(64) uint16_t sel[32], pat[32];
+  for (int w = 0; w < 32; ++w) {
+    const int v = lane_value(w);
+    sel[w] = static_cast<uint16_t>(v < 16 ? 2 * v : 32 + 2 * (v - 16));
+    pat[w] = static_cast<uint16_t>((v / A.n) * A.m);
+  }
+  const __m512i select = _mm512_load_si512(sel), pattern = _mm512_load_si512(pat);
+  const Act& a = A.a;
+  const uint16_t* x = a.xh + b0 * a.ld;
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(A.codes + r * A.cwords);
+  Seq d(ti, A.indices + r * A.iwords, A.iwords);
+  const int64_t ld = a.ld, step = 32 / A.n * A.m, full = A.count & ~int64_t(31), per_group = A.st.gs / step * 32;
+  const __m512i sh2 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), three = _mm512_set1_epi32(3);
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
+  for (int64_t v0 = 0, g = 0; v0 < full; v0 += per_group, ++g) {
+    const __m256i half = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(lanes, _mm512_set1_ps(z[g])));
+    const __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
+    __m512 part[2][NB];
+    for (int b = 0; b < NB; ++b) part[0][b] = part[1][b] = _mm512_setzero_ps();
+    const int64_t end = v0 + per_group < full ? v0 + per_group : full;
+    for (int64_t k0 = v0; k0 < end; k0 += 32) {
+      const __m256i by = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + k0 / 2)));
+      const __m512i w = _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(by), _mm256_srli_epi16(by, 4), 1), table);
+      __m512i lo, hi;
+      if (TWO_BIT) {  // one index word for 16 values
+        lo = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d.w[k0 >> 4])), sh2), three);
+        hi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d.w[(k0 >> 4) + 1])), sh2), three);
+      } else {
+        lo = d.next();
+        hi = d.next();
+      }
+      const __m512i rel = _mm512_add_epi16(pattern, _mm512_permutex2var_epi16(lo, select, hi));
+      const int64_t c0 = (k0 >> 5) * step;
+      const int p = static_cast<int>((k0 >> 5) & 1);
+      for (int b = 0; b < NB; ++b) {
+        const uint16_t* xb = x + b * ld + c0;
+        const __m512i xv = _mm512_permutex2var_epi16(_mm512_loadu_si512(xb), rel, _mm512_loadu_si512(xb + 32));
+        part[p][b] = _mm512_dpbf16_ps(part[p][b], (__m512bh)w, (__m512bh)xv);
+      }
+    }
+    const __m512 sv = _mm512_set1_ps(s[g]);
+    for (int b = 0; b < NB; ++b) acc[b] = _mm512_fmadd_ps(sv, _mm512_add_ps(part[0][b], part[1][b]), acc[b]);
+  }
+  for (int b = 0; b < NB; ++b) {
+    float tail = 0.0f;  // values past the last whole step, as the reference computes them
+    for (int64_t k = full; k < A.count; ++k) {
+      const int64_t col = A.colbase[k] + field(A.indices + r * A.iwords, A.ibits, k);
+      const int32_t g = A.st.gidx[col];
+      tail += (static_cast<float>(field(A.codes + r * A.cwords, 4, k)) - z[g]) * s[g] * bf16_to_float(x[b * ld + col]);
+    }
+    a.out[(b0 + b) * a.N + r] = _mm512_reduce_add_ps(acc[b]) + tail;
+  }
+}
+
 }  // namespace
 
 void bitmap_tiles(const BitmapArgs& A, int64_t t0, int64_t t1) {
@@ -232,6 +375,57 @@ void nm_rows(const NMArgs& A, int64_t r0, int64_t r1, float* scratch) {
   }
 }
 
+
+void gq_rows(const GQArgs& A, int64_t r0, int64_t r1, float* scratch) {
+  const int64_t gp = (A.st.groups + 15) & ~int64_t(15);
+  float *s = scratch, *z = scratch + gp, *coef = scratch + 2 * gp;
+  for (int64_t r = r0; r < r1; ++r) {
+    row_coef(A.st, A.bits, r, s, z, coef);
+    for (int64_t b0 = 0; b0 < A.a.B;) {  // up to 8 rows a pass (two dot chains each: 24 accumulators)
+      const int nb = A.a.B - b0 >= 8 ? 8 : static_cast<int>(A.a.B - b0);
+#define CK_CALL(NB) A.bits == 4 ? gq_row<NB, 4>(A, r, b0, s, z, coef) : gq_row<NB, 2>(A, r, b0, s, z, coef)
+      switch (nb) {
+        case 1: CK_CALL(1); break;
+        case 2: CK_CALL(2); break;
+        case 3: CK_CALL(3); break;
+        case 4: CK_CALL(4); break;
+        case 5: CK_CALL(5); break;
+        case 6: CK_CALL(6); break;
+        case 7: CK_CALL(7); break;
+        default: CK_CALL(8); break;
+      }
+#undef CK_CALL
+      b0 += nb;
+    }
+  }
+}
+
+
+void sq_nm_rows(const SQArgs& A, int64_t r0, int64_t r1, float* scratch) {
+  const Tab ti(A.ibits);
+  const int64_t gp = (A.st.groups + 15) & ~int64_t(15);
+  float *s = scratch, *z = scratch + gp, *coef = scratch + 2 * gp;
+  for (int64_t r = r0; r < r1; ++r) {
+    row_coef(A.st, A.bits, r, s, z, coef);
+    for (int64_t b0 = 0; b0 < A.a.B;) {  // up to 8 rows a pass, as gq_rows
+      const int nb = A.a.B - b0 >= 8 ? 8 : static_cast<int>(A.a.B - b0);
+#define CK_CALL(NB) A.ibits == 2 ? sq_nm_row<NB, true>(A, ti, r, b0, s, z) : sq_nm_row<NB, false>(A, ti, r, b0, s, z)
+      switch (nb) {
+        case 1: CK_CALL(1); break;
+        case 2: CK_CALL(2); break;
+        case 3: CK_CALL(3); break;
+        case 4: CK_CALL(4); break;
+        case 5: CK_CALL(5); break;
+        case 6: CK_CALL(6); break;
+        case 7: CK_CALL(7); break;
+        default: CK_CALL(8); break;
+      }
+#undef CK_CALL
+      b0 += nb;
+    }
+  }
+}
+
 }  // namespace avx512bf16
 }  // namespace ck
 #else  // not x86-64: never called (isa_support reports scalar only)
@@ -240,6 +434,8 @@ namespace ck {
 namespace avx512bf16 {
 void nm_rows(const NMArgs&, int64_t, int64_t, float*) {}
 void bitmap_tiles(const BitmapArgs&, int64_t, int64_t) {}
+void gq_rows(const GQArgs&, int64_t, int64_t, float*) {}
+void sq_nm_rows(const SQArgs&, int64_t, int64_t, float*) {}
 }  // namespace avx512bf16
 }  // namespace ck
 #endif

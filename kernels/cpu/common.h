@@ -17,6 +17,7 @@ struct Act {
   int64_t N;
   int64_t K;
   const uint16_t* xh;  // x in bfloat16, same layout (the AVX512-BF16 kernels; null when x is not bfloat16)
+  int64_t first = 0;   // the call's activation row that is row 0 here (a call runs in slices of at most 16 rows)
 };
 
 // Group statistics, shared by group_quant and sparse_quant: scale fp16 [N][groups]; zero points
@@ -48,6 +49,8 @@ struct GQArgs {
   const uint32_t* codes;    // [N][cwords]
   Stats st;
   bool planar;              // 2/4/8 bits, group size a multiple of the step: x permuted to the byte order (ops.cpp)
+  const float* xsum = nullptr;  // the bfloat16 kernel: [call rows][xsum_ld], each group's sum of x over its whole steps
+  int64_t xsum_ld = 0;
 };
 
 struct BitmapArgs {
@@ -265,6 +268,8 @@ CK_DECLARE_ISA(avx512)
 namespace avx512bf16 {
 void nm_rows(const NMArgs& A, int64_t r0, int64_t r1, float* scratch);
 void bitmap_tiles(const BitmapArgs& A, int64_t t0, int64_t t1);
+void gq_rows(const GQArgs& A, int64_t r0, int64_t r1, float* scratch);  // 2 or 4 bits, planar, x and xsum in bfloat16 order
+void sq_nm_rows(const SQArgs& A, int64_t r0, int64_t r1, float* scratch);  // N:M with a window, 4 bits, integer zeros, whole steps a group
 }  // namespace avx512bf16
 
 }  // namespace ck

@@ -61,7 +61,7 @@ at::Tensor run(const at::Tensor& x, Input& in, int64_t units, int64_t grain, F b
   for (int64_t b0 = 0; b0 < in.B; b0 += kMaxBatch) {
     Act a{in.x32.defined() ? in.x32.data_ptr<float>() + b0 * in.ld : nullptr, in.ld, std::min(kMaxBatch, in.B - b0),
           in.out.data_ptr<float>() + b0 * in.out.size(1), in.out.size(1), in.K,
-          in.xh.defined() ? reinterpret_cast<const uint16_t*>(in.xh.data_ptr()) + b0 * in.ld : nullptr};
+          in.xh.defined() ? reinterpret_cast<const uint16_t*>(in.xh.data_ptr()) + b0 * in.ld : nullptr, b0};
     // blocks of units handed out as threads ask (not one fixed share each): on a busy machine a thread that
     // was descheduled does less, instead of holding everyone up
     const int64_t threads = std::min<int64_t>(at::get_num_threads(), (units + grain - 1) / std::max<int64_t>(grain, 1));
@@ -92,17 +92,41 @@ int planar_step(int64_t isa, int64_t bits, int64_t gs) {
   return gs % step == 0 ? static_cast<int>(step) : 0;
 }
 
-void planar_order(Input& in, int step, int64_t bits) {
-  const int64_t q = 8 / bits, lanes = step / q, full = in.K / step * step;
+template <typename T>
+void planar_order(T* data, int64_t B, int64_t K, int64_t ld, int step, int64_t bits) {
+  const int64_t q = 8 / bits, lanes = step / q, full = K / step * step;
   if (q == 1 || full == 0) return;
-  std::vector<float> row(full);
-  for (int64_t b = 0; b < in.B; ++b) {
-    float* x = in.x32.data_ptr<float>() + b * in.ld;
+  std::vector<T> row(full);
+  for (int64_t b = 0; b < B; ++b) {
+    T* x = data + b * ld;
     std::copy(x, x + full, row.begin());
     for (int64_t c0 = 0; c0 < full; c0 += step)
       for (int64_t j = 0; j < q; ++j)
         for (int64_t i = 0; i < lanes; ++i) x[c0 + j * lanes + i] = row[c0 + q * i + j];
   }
+}
+
+void planar_order(Input& in, int step, int64_t bits) {
+  if (in.xh.defined()) planar_order(reinterpret_cast<uint16_t*>(in.xh.data_ptr()), in.B, in.K, in.ld, step, bits);
+  else planar_order(in.x32.data_ptr<float>(), in.B, in.K, in.ld, step, bits);
+}
+
+// The bfloat16 group-quant kernel (avx512bf16::gq_rows): 2 or 4 bits, AVX512_BF16, bf16 x, whole 32-byte
+// steps in a group; its x is permuted by 32-lane steps. 0 when it does not apply.
+int bf16_planar_step(int64_t isa, const at::Tensor& x, int64_t bits, int64_t gs) {
+  if (isa != kAvx512 || !(isa_support() & (1 << kAvx512Bf16)) || x.scalar_type() != at::kBFloat16 || (bits != 2 && bits != 4)) return 0;
+  const int64_t step = 32 * 8 / bits;
+  return gs % step == 0 ? static_cast<int>(step) : 0;
+}
+
+// Each group's sum of x (bfloat16 as fp32) over the columns of its whole steps: [B][groups padded to 16].
+std::vector<float> group_sums(const Input& in, int64_t gs, int64_t groups, int step) {
+  const int64_t gp = (groups + 15) / 16 * 16, full = in.K / step * step;
+  std::vector<float> sums(in.B * gp, 0.0f);
+  const uint16_t* xh = reinterpret_cast<const uint16_t*>(in.xh.data_ptr());
+  for (int64_t b = 0; b < in.B; ++b)
+    for (int64_t k = 0; k < full; ++k) sums[b * gp + k / gs] += bf16_to_float(xh[b * in.ld + k]);
+  return sums;
 }
 
 int64_t row_grain(int64_t K) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)); }
@@ -211,16 +235,24 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   check(codes, at::kInt, "codes");
   TORCH_CHECK(codes.dim() == 2 && codes.size(1) == words_for(K, static_cast<int>(bits)), "codes must be [out, words]");
   const std::vector<int32_t> gidx = group_index(K, group_size);
-  Input in = prepare(x, N);
-  const int step = planar_step(isa, bits, group_size);
+  const int bf16_step = bf16_planar_step(isa, x, bits, group_size);
+  Input in = prepare(x, N, bf16_step != 0);
+  const int step = bf16_step ? bf16_step : planar_step(isa, bits, group_size);
   if (step) planar_order(in, step, bits);
   GQArgs A{{}, static_cast<int>(bits), codes.size(1), words(codes), stats(scale, zero, N, groups, static_cast<int>(bits), group_size, gidx.data()),
            step != 0};
+  std::vector<float> sums;
+  if (bf16_step) {
+    sums = group_sums(in, group_size, groups, bf16_step);
+    A.xsum = sums.data();
+    A.xsum_ld = (groups + 15) / 16 * 16;
+  }
   return run(x, in, N, row_grain(K), [&](const Act& a, int64_t r0, int64_t r1) {
     GQArgs args = A;
     args.a = a;
     std::unique_ptr<float[]> scratch(new float[scratch_floats(groups)]);
-    CK_ISA_CALL(isa, gq_rows, args, r0, r1, scratch.get());
+    if (bf16_step) avx512bf16::gq_rows(args, r0, r1, scratch.get());
+    else CK_ISA_CALL(isa, gq_rows, args, r0, r1, scratch.get());
   });
 }
 
@@ -298,12 +330,16 @@ at::Tensor sparse_quant_matmul(const at::Tensor& x, const at::Tensor& codes, con
     grain = std::max<int64_t>(1, grain / tile_rows);
     offsets(*code_offsets, units, A.off32, A.off64);
   }
-  Input in = prepare(x, N);
+  // the bfloat16 kernel: N:M in a permute window, 4-bit codes, integer zero points, whole 32-value steps a group
+  const bool bf16 = n > 0 && A.window && bits == 4 && A.st.zint && group_size % (32 / n * m) == 0 && isa == kAvx512 &&
+                    (isa_support() & (1 << kAvx512Bf16)) && x.scalar_type() == at::kBFloat16;
+  Input in = prepare(x, N, bf16);
   return run(x, in, units, grain, [&](const Act& a, int64_t u0, int64_t u1) {
     SQArgs args = A;
     args.a = a;
     std::unique_ptr<float[]> scratch(new float[scratch_floats(groups)]);
-    CK_ISA_CALL(isa, sq_rows, args, u0, u1, scratch.get());
+    if (bf16) avx512bf16::sq_nm_rows(args, u0, u1, scratch.get());
+    else CK_ISA_CALL(isa, sq_rows, args, u0, u1, scratch.get());
   });
 }
 
