@@ -386,6 +386,7 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=None, help="time spent per measurement (default 0.3, --quick 0.1)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's, all cores)")
     parser.add_argument("--only", nargs="*", default=None, help="these formats (and their peers) only")
+    parser.add_argument("--shapes", default=None, help="comma-separated OUTxIN shapes instead of the three defaults, e.g. 4096x11008")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -394,6 +395,8 @@ def main() -> None:
     if not build.kernels_available():
         print(f"note: the compiled kernels are unavailable ({build.unavailable_reason()}): ours run the torch reference", file=sys.stderr)
     shapes, batches = (SHAPES[:1], [1]) if args.quick else (SHAPES, [1, 16])
+    if args.shapes:
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
     run(shapes, batches, args.min_seconds or (0.1 if args.quick else 0.3), args.json, set(args.only) if args.only else None)
 
 

@@ -127,7 +127,7 @@ def cpu_features() -> str:
     paths = cpu_paths()
     if paths == ["torch"]:
         return f"plain torch ({unavailable_reason()})"
-    best = paths[0] + (" + AVX512-BF16 (bf16 x bf16 N:M)" if paths[0] == "avx512" and _state.get("bf16") else "")
+    best = paths[0] + (" + AVX512-BF16 (bf16 activations: N:M, bitmap, 2/4-bit codes)" if paths[0] == "avx512" and _state.get("bf16") else "")
     return f"{best}; available: {', '.join(paths)}"
 
 

@@ -205,7 +205,10 @@ inline void row_coef(const Stats& st, int bits, int64_t r, float* s, float* z, f
   }
 }
 
-template <int NB, int BITS>
+// FAR: rows of x past ~12 KiB. They do not stay in L1 beside the code stream (one row of x: 26 GB/s at
+// 8 KiB, 15 GB/s at 22 KiB, 10 at 32, one thread), unless the codes come in by non-temporal prefetches
+// (18.6 and 15.5 GB/s there); below that size the prefetches cost a little.
+template <int NB, int BITS, bool FAR>
 void gq_row(const GQArgs& A, int64_t r, int64_t b0, const float* s, const float* z, const float* coef) {
   constexpr int Q = 8 / BITS, STEP = 32 * Q;
   const Act& a = A.a;
@@ -220,6 +223,7 @@ void gq_row(const GQArgs& A, int64_t r, int64_t b0, const float* s, const float*
     __m512 part[2][NB];  // two chains a row (alternate fields): the dot products' latency overlaps
     for (int b = 0; b < NB; ++b) part[0][b] = part[1][b] = _mm512_setzero_ps();
     for (int64_t k0 = g0; k0 < end; k0 += STEP) {
+      if (FAR) _mm_prefetch(reinterpret_cast<const char*>(bytes + k0 / Q) + 2048, _MM_HINT_NTA);
       const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + k0 / Q)));
       for (int j = 0; j < Q; ++j) {
         const __m512i c = BITS == 4 && j == 1 ? _mm512_or_si512(_mm512_srli_epi16(v, 4), bias)
@@ -383,7 +387,9 @@ void gq_rows(const GQArgs& A, int64_t r0, int64_t r1, float* scratch) {
     row_coef(A.st, A.bits, r, s, z, coef);
     for (int64_t b0 = 0; b0 < A.a.B;) {  // up to 8 rows a pass (two dot chains each: 24 accumulators)
       const int nb = A.a.B - b0 >= 8 ? 8 : static_cast<int>(A.a.B - b0);
-#define CK_CALL(NB) A.bits == 4 ? gq_row<NB, 4>(A, r, b0, s, z, coef) : gq_row<NB, 2>(A, r, b0, s, z, coef)
+#define CK_CALL(NB)                                                                               \
+  if (NB * A.a.K * 2 > 12 * 1024) A.bits == 4 ? gq_row<NB, 4, true>(A, r, b0, s, z, coef) : gq_row<NB, 2, true>(A, r, b0, s, z, coef); \
+  else A.bits == 4 ? gq_row<NB, 4, false>(A, r, b0, s, z, coef) : gq_row<NB, 2, false>(A, r, b0, s, z, coef)
       switch (nb) {
         case 1: CK_CALL(1); break;
         case 2: CK_CALL(2); break;
