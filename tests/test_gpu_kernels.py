@@ -174,14 +174,32 @@ def test_default_config_interpreted(batch):
         ref = REFERENCE[type(packed)](x.float(), packed)
         assert out.shape == (batch, 2, 9) and out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
-    assert tc.default_config(1, make_group_quant(9, 256, 4, 128), torch.device("cpu")).kernel == "fma"
+    # batch 1: int2/4/8 take the split-K GEMV, int3 the FMA GEMV (4 rows); batch 4: the dot kernel
+    assert tc.default_config(1, make_group_quant(9, 256, 4, 128), torch.device("cpu")).kernel == "splitk"
+    assert tc.default_config(4, make_group_quant(9, 256, 4, 128), torch.device("cpu")).kernel == "dot"
     assert tc.default_config(16, make_group_quant(9, 256, 4, 128), torch.device("cpu")).kernel == "dot"
-    # >= 64 rows a multiprocessor (4 "SMs" on CPU): int4 batch 1 takes the 16-row dot tile, int3 the FMA GEMV (4 rows)
     tall = make_group_quant(300, 256, 4, 128)
-    assert tc.default_config(1, tall, torch.device("cpu")) == tk.Config(1, 16, 512, 1, 1, 3, "dot")
+    assert tc.default_config(1, tall, torch.device("cpu")) == tk.Config(1, 4, 2048, 1, 2, 1, "splitk")
     assert tc.default_config(1, make_group_quant(300, 256, 3, 128), torch.device("cpu")).block_n == 4
     if batch == 1:
         check(tall, 1, torch.bfloat16)
+
+
+SPLITK = [tk.Config(4, 4, 0, 1, 1, 1, "splitk"), tk.Config(2, 8, 0, 3, 1, 2, "splitk")]  # 4 / 2 batch rows a program, split 1 / 3
+
+
+@interpret
+@pytest.mark.parametrize("config", SPLITK, ids=["bm4-split1", "bm2-split3"])
+def test_splitk_kernel_interpreted(config):
+    # int2/4/8, integer and fp16 zero points, a partial last group (1100 = 8 x 128 + 76), rows not a multiple of the
+    # tile, groups of 2 words (int4 g16: 2 words a lane), batch 1-4 and 16 (4 programs along the batch)
+    cases = [make_group_quant(13, 1100, 4, 128), make_group_quant(7, 520, 2, 64, "float16"), make_group_quant(9, 300, 8, 32),
+             make_group_quant(5, 96, 4, 16, "float16"), make_group_quant(6, 256, 4, 32)]
+    for i, packed in enumerate(cases):
+        assert plan(packed, 1, config)["kernel"] == "splitk"
+        for batch in ((1, 4) if i % 2 else (2, 3)) + ((16,) if i == 0 else ()):
+            check(packed, batch, torch.bfloat16 if (i + batch) % 2 else torch.float32, config=config)
+    assert plan(make_group_quant(5, 100, 3, 128), 1, config)["kernel"] == "fma"  # int3: no split-K GEMV
 
 
 def test_out_of_shared_memory_retries_with_fewer_stages(monkeypatch):
@@ -240,7 +258,8 @@ def test_cuda_all_formats(fmt, dtype):
 @cuda
 @pytest.mark.parametrize("config", FMA + DOT + [tk.Config(1, 8, 1024, 1, 1, 4, "fma"), tk.Config(2, 16, 2048, 1, 2, 3, "fma"),
                                                 tk.Config(16, 64, 128, 1, 4, 4, "dot"), tk.Config(32, 32, 256, 3, 4, 3, "dot"),
-                                                tk.Config(1, 16, 512, 1, 1, 3, "dot"), tk.Config(4, 16, 512, 1, 1, 3, "dot")])
+                                                tk.Config(1, 16, 512, 1, 1, 3, "dot"), tk.Config(4, 16, 512, 1, 1, 3, "dot"), *SPLITK,
+                                                tk.Config(1, 4, 2048, 1, 2, 1, "splitk")])
 def test_cuda_kernels_configs(config):
     # every kernel and a few sweep-like tiles (the benchmark's --sweep runs more) on every format, compiled
     for packed in (make_group_quant(300, 1024, 4, 128), make_group_quant(70, 640, 3, 128), make_group_quant(64, 512, 2, 64),

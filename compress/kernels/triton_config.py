@@ -16,7 +16,7 @@ from compress.formats.words import codes_per_word
 FMA_MAX_BATCH = 1  # batches up to this take the FMA (CUDA-core GEMV) kernel by default, larger ones the dot kernel
 FMT_GROUP_QUANT, FMT_NM, FMT_SPARSE_QUANT = 0, 1, 2
 SUPPORTED = (group_quant.GroupQuantWeight, nm.NMWeight, sparse_quant.SparseQuantWeight)
-KERNELS = ("auto", "fma", "dot")
+KERNELS = ("auto", "fma", "dot", "splitk")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ def default_config(batch: int, packed, device: torch.device) -> Config:
     4096-row choices, the 4096x14336 runs of the earlier sweep); the other shapes follow the same rules unmeasured."""
     rows, cols = packed.shape
     args = format_args(packed, cols)
+    if batch == 1 and splitk_ok(args):  # the split-K GEMV (triton_splitk.py): 4 rows, 2 warps, plain loads (gpu_gemv_probe, 2026-12-03)
+        return Config(1, 4, 64 * 4 * args["PER"], 1, 2, 1, "splitk")
     narrow = args["FMT"] == FMT_GROUP_QUANT and args["PER"] & (args["PER"] - 1) == 0  # int2/4/8: the 16-row dot tile
     if batch <= FMA_MAX_BATCH and fma_ok(args) and not (narrow and rows >= 64 * sm_count(device)):
         # one warp a program, lanes along K (32 lanes x 4 words / 1 index word a step)
@@ -145,6 +147,24 @@ def fma_ok(args: dict) -> bool:
                                       args["GROUP"] % (args["IPER"] // args["NN"] * args["MM"]) == 0)
 
 
+def splitk_ok(args: dict) -> bool:
+    """The split-K GEMV takes group_quant with 2, 4 or 8 bits (a power of two codes a word) and groups of whole words."""
+    return args["FMT"] == FMT_GROUP_QUANT and args["PER"] in (4, 8, 16) and args["GROUP"] % args["PER"] == 0
+
+
+def splitk_plan(args: dict, cols: int, block_k: int, split_k: int, batch: int, block_m: int, num_warps: int, x_size: int) -> dict:
+    """Split-K GEMV: words a lane V (<= 4, inside one group), lanes L (32 a warp, more when block_k asks), K steps, splits."""
+    per, group_words = args["PER"], args["GROUP"] // args["PER"]
+    v = min(4, group_words & -group_words)
+    lanes = max(32 * num_warps, pow2(max(1, block_k // (per * v))))
+    step = lanes * v
+    k_tiles = -(-args["WPR"] // step)
+    split, k_iters = _splits(k_tiles, split_k)
+    masked = not (cols == args["WPR"] * per and args["WPR"] % step == 0 and k_tiles % k_iters == 0)
+    return dict(kernel="splitk", v=v, lanes=lanes, k_iters=k_iters, split=split, masked=masked, ch=min(per, 16 // x_size),
+                block_m=min(4, block_m, pow2(batch)))
+
+
 def _splits(k_tiles: int, split_k: int) -> tuple[int, int]:
     split = max(1, min(split_k, k_tiles))
     k_iters = -(-k_tiles // split)
@@ -158,11 +178,15 @@ def launch_plan(args: dict, cfg: Config, batch: int, rows: int, cols: int, x_siz
     gq = args["FMT"] == FMT_GROUP_QUANT
     per, group = args["PER"], args["GROUP"]
     kernel = cfg.kernel if cfg.kernel != "auto" else "fma" if batch <= FMA_MAX_BATCH else "dot"
+    if kernel == "splitk" and not splitk_ok(args):
+        kernel = "fma" if batch <= 4 else "dot"  # the split-K GEMV takes int2/4/8 group_quant only
     if kernel == "fma" and not fma_ok(args):
         kernel = "dot"  # this N:M pattern has no FMA kernel: the dot kernel takes any batch
     plan = dict(kernel=kernel, fmask=(1 << args["BITS"]) - 1 if args["BITS"] > 1 else 3,
                 i64=max(rows * max(args["WPR"], args["KC"]), batch * cols, rows * args["GROUPS"], batch * rows) >= 2**31,
                 s32=all(t.dtype != torch.float16 or (t.numel() % 2 == 0 and t.data_ptr() % 4 == 0) for t in (args["scale"], args["zero"])))
+    if kernel == "splitk":
+        return {**plan, **splitk_plan(args, cols, cfg.block_k, cfg.split_k, batch, cfg.block_m, cfg.num_warps, x_size)}
     if kernel == "fma":
         plan["block_m"] = min(4, pow2(min(cfg.block_m, batch)))
         if gq:  # a lane: 4 words (4 * per columns) of every row, a step
