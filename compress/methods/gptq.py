@@ -80,6 +80,23 @@ class GPTQRule:
         value = round_to_grid(block[:, j : j + 1], self.grid).squeeze(1)
         return value if self.keep is None else value * self.keep[:, at]
 
+    def fused_spec(self, start: int, block: torch.Tensor) -> dict | None:
+        """The block for obs_fused: its groups must lie inside it (else, and for static groups, the column loop)."""
+        width = block.shape[1]
+        straddles = self.group_size and (start % self.group_size or (width % self.group_size and start + width < self.weight.shape[1]))
+        if self.static is not None or straddles:
+            return None
+        keep = None if self.keep is None else self.keep[:, start : start + width]
+        spec = dict(mode="grid", group=self.group_size or 0, maxq=2**self.bits - 1, symmetric=self.symmetric, keep=keep)
+        if not self.group_size:
+            spec.update(scale=self.grid.scale, zero=self.grid.zero)
+        return spec
+
+    def fused_result(self, start: int, spec: dict) -> None:
+        for g in range(spec["scales"].shape[1] if spec["group"] else 0):
+            self.grid = Grid(spec["scales"][:, g : g + 1].clone(), spec["zeros"][:, g : g + 1].clone(), 2**self.bits - 1)
+            self.grids.append(self.grid)
+
 
 def gptq_quantize(
     weight: torch.Tensor,

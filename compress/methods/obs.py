@@ -11,6 +11,8 @@ batch" updates). What differs between methods is only how a column's new value i
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,13 +84,22 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 4)
     )
 
 
-def obs_sweep(weight: torch.Tensor, inverse: InverseHessian, rule: ColumnRule, block_size: int = 128) -> torch.Tensor:
+def fused_available(weight: torch.Tensor) -> bool:
+    """Whether obs_sweep runs its blocks as one Triton kernel each (obs_fused): a CUDA weight, Triton
+    installed, and COMPRESS_FUSED_SWEEP not "0" (the column loop in torch, e.g. to compare)."""
+    return weight.is_cuda and os.environ.get("COMPRESS_FUSED_SWEEP") != "0" and importlib.util.find_spec("triton") is not None
+
+
+def obs_sweep(weight: torch.Tensor, inverse: InverseHessian, rule: ColumnRule, block_size: int = 128, fused: bool | None = None) -> torch.Tensor:
     """Fix every column of `weight` ([out, in], float32, modified in place) by `rule`, compensating
     each column's error on the columns after it. Returns the per-row OBS loss sum (w - q)^2 / d^2 / 2.
     A batch of weights [..., out, in] with one inverse Hessian each ([..., in, in]) is swept together,
-    the rule then fixing [..., out] values a column: the experts of one layer in one pass."""
+    the rule then fixing [..., out] values a column: the experts of one layer in one pass.
+    `fused` (default: fused_available): a block whose rule has a `fused_spec` for it runs as one Triton
+    kernel (obs_fused.sweep_block) instead of the column loop; the same results up to float rounding."""
     if weight.dtype != torch.float32:
         raise TypeError("obs_sweep works on float32 weights")
+    fused = (fused_available(weight) if fused is None else fused) and weight.dim() == 2 and hasattr(rule, "fused_spec")
     columns = weight.shape[-1]
     hinv = inverse.factor
     weight.masked_fill_(inverse.dead.unsqueeze(-2), 0)
@@ -100,7 +111,13 @@ def obs_sweep(weight: torch.Tensor, inverse: InverseHessian, rule: ColumnRule, b
         errors = torch.zeros_like(block)
         hinv_block = hinv[..., start:end, start:end]
         rule.begin_block(start, block, hinv_block)
-        for j in range(end - start):
+        spec = rule.fused_spec(start, block) if fused else None
+        if spec is not None:
+            from compress.methods import obs_fused
+
+            obs_fused.sweep_block(block, hinv_block, fixed, errors, spec)
+            rule.fused_result(start, spec)
+        for j in range(end - start if spec is None else 0):
             value = rule.column(start, j, block, hinv_block)
             fixed[..., j] = value
             error = (block[..., j] - value) / hinv_block[..., j, j].unsqueeze(-1)

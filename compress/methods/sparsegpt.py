@@ -62,6 +62,19 @@ class _SparseGPTRule:
             self.keep[:, at : at + m] = prune_mask(saliency, self.sparsity, self.pattern, self._previous(at, at + m))
         return block[:, j] * self.keep[:, start + j]
 
+    def fused_spec(self, start: int, block: torch.Tensor) -> dict | None:
+        """The block for obs_fused (a previous mask to respect: the column loop)."""
+        width = block.shape[1]
+        if self.previous is not None or (self.group is not None and width % self.group.m):
+            return None
+        if self.group is None:
+            return dict(mode="keep", keep=self.keep[:, start : start + width])
+        return dict(mode="nm", n=self.group.n, m=self.group.m)
+
+    def fused_result(self, start: int, spec: dict) -> None:
+        if spec["mode"] == "nm":
+            self.keep[:, start : start + spec["keep"].shape[1]] = spec["keep"]
+
 
 def sparsegpt_prune(
     weight: torch.Tensor,

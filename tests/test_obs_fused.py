@@ -1,0 +1,77 @@
+"""The fused OBS block kernel (compress/methods/obs_fused.py) against the torch column loop of obs_sweep:
+GPTQ (groups refitted inside a block, symmetric, one grid a row, a keep mask, a last partial group) and
+SparseGPT (unstructured masks, 2:4 and 4:8 chosen in the kernel) give the same weights, grids and masks.
+Runs on CUDA where present, else under TRITON_INTERPRET=1 on CPU tensors (small shapes: the interpreter
+walks the columns in Python)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed (pip install triton): the fused sweep cannot be tested", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported
+
+from compress.methods import gptq, obs, sparsegpt
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def problem():
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 37, 296  # a partial row tile, a last block of 40 columns (a partial group of 40)
+    weight = torch.randn(rows, cols, generator=g)
+    x = torch.randn(512, cols, generator=g)
+    x[:, 5] = 0  # an input that never fires: a dead column
+    keep = torch.rand(rows, cols, generator=g) > 0.5
+    return weight.to(DEVICE), (x.T @ x).to(DEVICE), keep.to(DEVICE)
+
+
+def _both(monkeypatch, module, call):
+    """call() with the torch column loop, then with the fused kernel."""
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(module, "obs_sweep", lambda *a, fused_=fused, **k: obs.obs_sweep(*a, **{**k, "fused": fused_}))
+        results.append(call())
+    return results
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric, with_keep",
+                         [(4, 128, False, False), (3, 64, True, False), (4, None, False, False), (4, 128, False, True), (2, 32, False, False)])
+def test_gptq_fused_equals_column_loop(monkeypatch, problem, bits, group_size, symmetric, with_keep):
+    weight, hessian, keep = problem
+    (w_loop, q_loop), (w_fused, q_fused) = _both(
+        monkeypatch, gptq, lambda: gptq.gptq_quantize(weight, hessian, bits, group_size, symmetric, keep if with_keep else None))
+    assert torch.allclose(w_fused, w_loop, rtol=0, atol=1e-5)
+    assert (w_fused != w_loop).float().mean() < 0.01  # the same grid points but for float-rounding ties
+    assert torch.equal(q_fused.scale, q_loop.scale)
+    if with_keep:
+        assert not w_fused[~keep].any()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_sparsegpt_fused_equals_column_loop(monkeypatch, problem, pattern):
+    weight, hessian, _ = problem
+    (w_loop, keep_loop), (w_fused, keep_fused) = _both(monkeypatch, sparsegpt, lambda: sparsegpt.sparsegpt_prune(weight, hessian, 0.5, pattern))
+    assert torch.equal(keep_fused, keep_loop)
+    assert torch.allclose(w_fused, w_loop, rtol=1e-5, atol=1e-5)
+    if pattern != "unstructured":
+        n, m = map(int, pattern.split(":"))
+        assert (keep_fused.reshape(weight.shape[0], -1, m).sum(-1) == n).all()
+
+
+def test_rules_fall_back_where_the_kernel_does_not_apply(problem):
+    weight, hessian, _ = problem
+    rule = gptq.GPTQRule(weight.clone(), 4, 96, False, None)  # groups of 96 straddle 128-column blocks
+    assert rule.fused_spec(0, weight[:, :128]) is None
+    static = gptq.GPTQRule(weight.clone(), 4, 128, False, None, static_groups=True)
+    assert static.fused_spec(0, weight[:, :128]) is None
+    previous = sparsegpt._SparseGPTRule(0.5, "unstructured", torch.ones_like(weight, dtype=torch.bool), weight.shape, weight.device)
+    assert previous.fused_spec(0, weight[:, :128]) is None
+    assert not obs.fused_available(torch.zeros(1))  # a CPU weight: the column loop by default
