@@ -21,8 +21,8 @@ import triton.language as tl
 
 from compress.formats.quantized import SMALLEST_SCALE
 
-MODE_GRID, MODE_KEEP, MODE_NM = 0, 1, 2
-MODES = {"grid": MODE_GRID, "keep": MODE_KEEP, "nm": MODE_NM}  # a rule's fused_spec names its mode
+MODES = {"grid": 0, "keep": 1, "nm": 2}  # a rule's fused_spec names its mode
+MODE_GRID, MODE_KEEP, MODE_NM = (tl.constexpr(MODES[name]) for name in ("grid", "keep", "nm"))  # constexpr: read inside kernels
 BLOCK_ROWS = 16
 SMALLEST = tl.constexpr(SMALLEST_SCALE)
 ROUNDER = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + it) - it rounds x half to even, for |x| <= 2^22
@@ -85,7 +85,9 @@ def _block(w_ptr, h_ptr, q_ptr, e_ptr, keep_ptr, scale_ptr, zero_ptr, rows, widt
     in_block = c < width
     tile = r_ok[:, None] & in_block[None, :]
     w = tl.load(w_ptr + r[:, None] * ld_w + c[None, :], mask=tile, other=0.0)
-    keep = tl.load(keep_ptr + r[:, None] * ld_w + c[None, :], mask=tile, other=0.0) if (MODE == MODE_KEEP or HAS_KEEP) else w * 0.0
+    keep = w * 0.0
+    if MODE == MODE_KEEP or HAS_KEEP:
+        keep = tl.load(keep_ptr + r[:, None] * ld_w + c[None, :], mask=tile, other=0.0)
     hdiag = tl.load(h_ptr + c * ld_h + c, mask=in_block, other=1.0)
     scale = tl.load(scale_ptr + r * ld_g, mask=r_ok, other=1.0)  # GROUP 0: the row's one grid
     zero = tl.load(zero_ptr + r * ld_g, mask=r_ok, other=0.0)
@@ -126,9 +128,9 @@ def sweep_block(block: torch.Tensor, hinv_block: torch.Tensor, fixed: torch.Tens
     "keep": float [rows, width] or None} -> fills spec["scales"], spec["zeros"] [rows, groups]; or
     {"mode": "keep", "keep"}; or {"mode": "nm", "n", "m"} -> fills spec["keep"]."""
     rows, width = block.shape
-    mode, group = MODES[spec["mode"]], spec.get("group", 0)
+    kind, group = spec["mode"], spec.get("group", 0)
     groups = max(1, -(-width // group)) if group else 1
-    if mode == MODE_GRID and not group:
+    if kind == "grid" and not group:
         scales, zeros = spec["scale"].reshape(rows, 1).float().contiguous(), spec["zero"].reshape(rows, 1).float().contiguous()
     else:
         scales = torch.empty(rows, groups, device=block.device)
@@ -142,11 +144,11 @@ def sweep_block(block: torch.Tensor, hinv_block: torch.Tensor, fixed: torch.Tens
     bw = max(16, triton.next_power_of_2(width))
     _block[(triton.cdiv(rows, BLOCK_ROWS),)](
         block, hinv_block, q, e, keep, scales, zeros, rows, width, width, hinv_block.shape[1], scales.shape[1],
-        MODE=mode, GROUP=group, MAXQ=spec.get("maxq", 1), SYM=spec.get("symmetric", False), HAS_KEEP=spec.get("keep") is not None,
+        MODE=MODES[kind], GROUP=group, MAXQ=spec.get("maxq", 1), SYM=spec.get("symmetric", False), HAS_KEEP=spec.get("keep") is not None,
         N=spec.get("n", 1), M=spec.get("m", 1), BLOCK_R=BLOCK_ROWS, BW=bw, num_warps=4)
     fixed.copy_(q)
     errors.copy_(e)
-    if mode == MODE_GRID and group:
+    if kind == "grid" and group:
         spec["scales"], spec["zeros"] = scales, zeros
-    if mode == MODE_NM:
+    if kind == "nm":
         spec["keep"] = keep > 0
