@@ -191,3 +191,20 @@ def test_wanda_uses_the_activation_norm_where_it_reverses_magnitude():
     designed = masks["wanda"]["layers.0.designed"]
     assert designed[:, :4].all() and not designed[:, 4:].any()  # the active, small-weight columns are kept
     assert torch.equal(masks["magnitude"]["layers.0.designed"], ~designed)  # magnitude drops exactly those
+
+
+def test_hessian_of_half_precision_inputs_is_exact_in_tensor_cores():
+    """On CUDA, X^T X of bf16 / fp16 inputs runs on TF32 tensor cores: exact products (the inputs keep all
+    their bits in TF32), fp32 sums, so it equals the float64 result to fp32 rounding; the global matmul
+    precision is left as it was. On CPU the fp32 path (the same assertion)."""
+    from compress.calibration.statistics import Hessian
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    before = torch.backends.cuda.matmul.fp32_precision
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(4096, 96, generator=torch.Generator().manual_seed(0)).to(dtype)
+        hessian = Hessian(96, device)
+        hessian.update(x.to(device))
+        exact = x.double().T @ x.double()
+        assert torch.allclose(hessian.value().double().cpu(), exact, rtol=0, atol=2e-6 * float(exact.abs().max()))
+    assert torch.backends.cuda.matmul.fp32_precision == before

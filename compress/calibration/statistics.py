@@ -75,6 +75,24 @@ class InputVariance(Statistic):
         return (self.sum_sq / count - mean.pow(2)).clamp_min(0).float()
 
 
+@contextmanager
+def _tensor_core_fp32() -> Iterator[None]:
+    """fp32 matmuls on TF32 tensor cores for this block only. For inputs that were bf16 or fp16 this is
+    exact: their values keep all their bits in TF32 (10 mantissa bits), each product is exact in fp32 and
+    the sums are fp32, so X^T X is the fp32 result up to summation order (~8x faster on an H200)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+    except (AttributeError, RuntimeError):  # an older torch, or precision set through the legacy flags: left as it is
+        before = None
+    try:
+        yield
+    finally:
+        if before is not None:
+            matmul.fp32_precision = before
+
+
 class Hessian(Statistic):
     """X^T X over the calibration tokens ([in, in], fp32): the layer-wise reconstruction Hessian
     of SparseGPT, GPTQ, SpQR (up to the factor 2/n, which their relative damping cancels)."""
@@ -84,7 +102,11 @@ class Hessian(Statistic):
 
     def update(self, inputs: torch.Tensor) -> None:
         x = inputs.float()
-        self.total.addmm_(x.T, x)
+        if inputs.is_cuda and inputs.dtype in (torch.bfloat16, torch.float16):
+            with _tensor_core_fp32():
+                self.total.addmm_(x.T, x)
+        else:
+            self.total.addmm_(x.T, x)
 
     def value(self) -> torch.Tensor:
         return self.total
