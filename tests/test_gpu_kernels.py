@@ -200,6 +200,12 @@ def test_splitk_kernel_interpreted(config):
         for batch in ((1, 4) if i % 2 else (2, 3)) + ((16,) if i == 0 else ()):
             check(packed, batch, torch.bfloat16 if (i + batch) % 2 else torch.float32, config=config)
     assert plan(make_group_quant(5, 100, 3, 128), 1, config)["kernel"] == "fma"  # int3: no split-K GEMV
+    # 2:4 with bf16 and fp16 values: a partial last index word (1000 columns: 500 kept values, 31.25 words), K splits
+    for packed in (make_nm(13, 1000, 2, 4), make_nm(6, 256, 2, 4, torch.float16), make_nm(9, 4096, 2, 4)):
+        assert plan(packed, 1, config)["kernel"] == "splitk"
+        for batch in (1, 3):
+            check(packed, batch, torch.float32 if batch == 1 else torch.bfloat16, config=config)
+    assert plan(make_nm(5, 64, 4, 8), 1, config)["kernel"] == "dot"  # 4:8: no split-K GEMV (nor an FMA one)
 
 
 def test_out_of_shared_memory_retries_with_fewer_stages(monkeypatch):

@@ -33,6 +33,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from compress.kernels import triton_gemv as tg
+from compress.kernels import triton_nm_splitk as tns
 from compress.kernels import triton_splitk as ts
 from compress.kernels.triton_config import (
     FMT_GROUP_QUANT,
@@ -231,7 +232,9 @@ def _launch(x2: torch.Tensor, out: torch.Tensor, args: dict, plan: dict, cfg: Co
     fmt = dict(BITS=args["BITS"], PER=args["PER"], GROUP=args["GROUP"], ZERO_INT=args["ZERO_INT"])
     grid = (-(-rows // cfg.block_n), plan["split"], -(-batch // plan["block_m"]))
     runtime = (args["GROUPS"], args["ZWPR"], plan["k_iters"])
-    if plan["kernel"] == "splitk":
+    if plan["kernel"] == "splitk" and args["FMT"] == FMT_NM:
+        tns.launch_nm24(x2, out, args, plan, cfg.block_n, cfg.num_warps, cfg.num_stages, plan["i64"], _interpret())
+    elif plan["kernel"] == "splitk":
         ts.launch_splitk(x2, out, args, plan, cfg.block_n, cfg.num_warps, cfg.num_stages, plan["i64"], _interpret())
     elif plan["kernel"] == "fma" and args["FMT"] == FMT_GROUP_QUANT:
         tg._gq_gemv_kernel[grid](x2, out, args["a"], args["scale"], args["zero"], batch, rows, cols, args["WPR"], *runtime, plan["k_full"],
