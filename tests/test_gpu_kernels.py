@@ -200,11 +200,15 @@ def test_splitk_kernel_interpreted(config):
         for batch in ((1, 4) if i % 2 else (2, 3)) + ((16,) if i == 0 else ()):
             check(packed, batch, torch.bfloat16 if (i + batch) % 2 else torch.float32, config=config)
     assert plan(make_group_quant(5, 100, 3, 128), 1, config)["kernel"] == "fma"  # int3: no split-K GEMV
-    # 2:4 with bf16 and fp16 values: a partial last index word (1000 columns: 500 kept values, 31.25 words), K splits
-    for packed in (make_nm(13, 1000, 2, 4), make_nm(6, 256, 2, 4, torch.float16), make_nm(9, 4096, 2, 4)):
+    # 2:4 with bf16 and fp16 values, 2:4 + int4 (integer and fp16 zero points, groups of 32 to 128 columns): a partial
+    # last index word (1000 columns: 500 kept values, 31.25 words), K splits
+    for packed in (make_nm(13, 1000, 2, 4), make_nm(6, 256, 2, 4, torch.float16), make_nm(9, 4096, 2, 4), make_sparse_quant(13, 1000, 4, 128),
+                   make_sparse_quant(7, 384, 4, 96, zero_kind="float16"), make_sparse_quant(5, 256, 4, 32)):
         assert plan(packed, 1, config)["kernel"] == "splitk"
         for batch in (1, 3):
             check(packed, batch, torch.float32 if batch == 1 else torch.bfloat16, config=config)
+        default = tc.default_config(1, packed, torch.device("cpu")).kernel
+        assert default == ("fma" if isinstance(packed, sparse_quant.SparseQuantWeight) else "splitk")  # 2:4 + int4: not timed yet
     assert plan(make_nm(5, 64, 4, 8), 1, config)["kernel"] == "dot"  # 4:8: no split-K GEMV (nor an FMA one)
 
 

@@ -232,7 +232,7 @@ def _launch(x2: torch.Tensor, out: torch.Tensor, args: dict, plan: dict, cfg: Co
     fmt = dict(BITS=args["BITS"], PER=args["PER"], GROUP=args["GROUP"], ZERO_INT=args["ZERO_INT"])
     grid = (-(-rows // cfg.block_n), plan["split"], -(-batch // plan["block_m"]))
     runtime = (args["GROUPS"], args["ZWPR"], plan["k_iters"])
-    if plan["kernel"] == "splitk" and args["FMT"] == FMT_NM:
+    if plan["kernel"] == "splitk" and args["FMT"] != FMT_GROUP_QUANT:
         tns.launch_nm24(x2, out, args, plan, cfg.block_n, cfg.num_warps, cfg.num_stages, plan["i64"], _interpret())
     elif plan["kernel"] == "splitk":
         ts.launch_splitk(x2, out, args, plan, cfg.block_n, cfg.num_warps, cfg.num_stages, plan["i64"], _interpret())
