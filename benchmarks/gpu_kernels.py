@@ -206,6 +206,9 @@ def candidates(packed, batch: int) -> list:
     generic = tc.launch_plan(args, C(16, 64, 256, 1, 4, 3, "dot"), batch, *packed.shape, 2)["fast"] != 1  # slow to compile: fewer
     for bn, warps, step, stages in (small if batch <= 4 else big)[::2 if generic else 1]:
         out.append(C(16 if batch > 4 else tc.pow2(batch), bn, step, 1, warps, stages, "dot"))
+    if batch == 1 and tc.splitk_ok(args):  # the split-K GEMVs: rows a program, lanes (block_k), warps
+        step = 2048 if args["FMT"] != tc.FMT_GROUP_QUANT else 256 * args["PER"]
+        out += [C(1, bn, step * k, 1, warps, 1, "splitk") for bn, k, warps in ((4, 1, 2), (8, 1, 2), (4, 2, 4), (8, 2, 4), (2, 1, 2))]
     few = [(bn, w, split) for bn, w, split in ((64, 4, 2), (128, 4, 4)) if -(-packed.shape[0] // bn) < tc.sm_count(torch.device("cuda"))]
     return out + [C(16, bn, 256, split, w, 3, "dot") for bn, w, split in few if batch > 4]
 
