@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from compress.calibration.capture import BlockInputs, block_outputs, capture_block_inputs, run_block
+from compress.calibration.distributed import total_over_processes, world_size
 from compress.calibration.expert_batches import expert_batches
 from compress.calibration.statistics import STATISTICS, gather
+from compress.errors import CompressError
 from compress.methods.base import TargetMethod, TargetResult
 from compress.model.targets import ModelLayout, Target
 from compress.progress import bar
@@ -168,6 +170,9 @@ def run_layerwise(
     `handler`: where blocks come from and go (default: all in memory); every block passes through
     it, those after the last target's too, so a streamed checkpoint is written whole."""
     handler = handler or BlockHandler()
+    if world_size() > 1 and any(stage.model_statistics is not None for stage in stages):
+        names = ", ".join(stage.method.name for stage in stages if stage.model_statistics is not None)
+        raise CompressError(f"{names}: whole-model statistics (a gradient pass) are not summed over processes yet: run it in one process")
     outcomes = [StageOutcome() for _ in stages]
     run = RunOutcome(outcomes)
     per_stage_block = [layout.by_block(stage.targets) for stage in stages]
@@ -176,7 +181,7 @@ def run_layerwise(
     context = BlockContext(
         layout=layout, stages=stages, per_stage_block=per_stage_block, outcomes=outcomes, state=state, device=device,
         needs_data=needs_data, measure_error=measure_error, last_block=used_blocks[-1] if used_blocks else -1,
-        sequences=sum(batch.shape[0] for batch in batches),
+        sequences=total_over_processes(sum(batch.shape[0] for batch in batches)),
         wanted=[tuple(name for name in dict.fromkeys((*stage.method.statistics, *(("hessian",) if measure_error else ())))
                       if name in STATISTICS) for stage in stages],
     )
@@ -246,6 +251,8 @@ def _compress_block(index: int, ctx: BlockContext) -> float:
         if names:
             with gather(targets, names) as collected:
                 run_block(block, ctx.inputs)
+            for target in targets:  # a data-parallel run: the sums of every process's batches (no-op in one process)
+                collected[target.name].sum_over_processes()
             for target in targets:
                 gathered = collected[target.name]
                 outcome.tokens[target.name] = gathered.tokens

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from compress.calibration.distributed import sum_over_processes, total_over_processes
 from compress.errors import CompressError
 from compress.model.targets import Target
 
@@ -23,6 +24,10 @@ class Statistic:
         raise NotImplementedError
 
     def value(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def totals(self) -> list[torch.Tensor]:
+        """The running sums, in a fixed order: a data-parallel run adds them up over its processes."""
         raise NotImplementedError
 
 
@@ -38,20 +43,26 @@ class InputSqNorm(Statistic):
     def value(self) -> torch.Tensor:
         return self.total
 
+    def totals(self) -> list[torch.Tensor]:
+        return [self.total]
+
 
 class InputMean(Statistic):
     """Mean of each input feature over the calibration tokens (DSnoT's E[X_j]); float64 sums."""
 
     def __init__(self, in_features: int, device: torch.device) -> None:
         self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.count = 0
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
 
     def update(self, inputs: torch.Tensor) -> None:
         self.sum += inputs.double().sum(dim=0)
         self.count += inputs.shape[0]
 
     def value(self) -> torch.Tensor:
-        return (self.sum / max(self.count, 1)).float()
+        return (self.sum / self.count.clamp_min(1)).float()
+
+    def totals(self) -> list[torch.Tensor]:
+        return [self.sum, self.count]
 
 
 class InputVariance(Statistic):
@@ -61,7 +72,7 @@ class InputVariance(Statistic):
     def __init__(self, in_features: int, device: torch.device) -> None:
         self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.count = 0
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
 
     def update(self, inputs: torch.Tensor) -> None:
         x = inputs.double()
@@ -70,9 +81,12 @@ class InputVariance(Statistic):
         self.count += inputs.shape[0]
 
     def value(self) -> torch.Tensor:
-        count = max(self.count, 1)
+        count = self.count.clamp_min(1)
         mean = self.sum / count
         return (self.sum_sq / count - mean.pow(2)).clamp_min(0).float()
+
+    def totals(self) -> list[torch.Tensor]:
+        return [self.sum, self.sum_sq, self.count]
 
 
 @contextmanager
@@ -111,6 +125,9 @@ class Hessian(Statistic):
     def value(self) -> torch.Tensor:
         return self.total
 
+    def totals(self) -> list[torch.Tensor]:
+        return [self.total]
+
 
 STATISTICS: dict[str, type[Statistic]] = {
     "input_sq_norm": InputSqNorm,
@@ -137,6 +154,12 @@ class TargetStatistics:
         self.tokens += inputs.shape[0]
         for statistic in self.parts.values():
             statistic.update(inputs)
+
+    def sum_over_processes(self) -> None:
+        """A data-parallel run: the token count and the sums become those of every process's batches."""
+        self.tokens = total_over_processes(self.tokens)
+        if self.same_as is None:
+            sum_over_processes([total for statistic in self.parts.values() for total in statistic.totals()])
 
     def values(self) -> dict[str, torch.Tensor]:
         """Empty when no token reached the target (an expert the router never chose)."""
