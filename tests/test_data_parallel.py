@@ -34,7 +34,6 @@ def _batches() -> list[torch.Tensor]:
 
 
 def _compress(method: str, params: dict, batches: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    torch.set_num_threads(1)
     model = _model()
     layout = discover(model)
     method_class = get_method(method)
@@ -45,6 +44,7 @@ def _compress(method: str, params: dict, batches: list[torch.Tensor]) -> tuple[d
 
 
 def _worker(rank: int, world: int, store: str, method: str, params: dict, out: str) -> None:
+    torch.set_num_threads(1)  # two processes on the CI's two cores (never in the test process: later tests compare thread-bound results)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         weights, tokens = _compress(method, params, _batches()[rank::world])

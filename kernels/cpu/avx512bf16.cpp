@@ -10,6 +10,8 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "common.h"
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt")
@@ -45,6 +47,20 @@ inline __m512i pattern32(int n, int m) {  // (l / n) * m for 32 16-bit lanes
   return _mm512_load_si512(v);
 }
 
+// The indices of values k0 .. k0 + 31 as two vectors of 16 dwords (values k0 .. k0 + 15, then the next 16): 2-bit
+// indices (TWO_BIT) read a word a 16 values straight, wider ones from the row's decoder in order.
+template <bool TWO_BIT>
+inline void indices32(Seq& d, int64_t k0, __m512i& lo, __m512i& hi) {
+  if (TWO_BIT) {
+    const __m512i sh2 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), three = _mm512_set1_epi32(3);
+    lo = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d.w[k0 >> 4])), sh2), three);
+    hi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d.w[(k0 >> 4) + 1])), sh2), three);
+  } else {
+    lo = d.next();
+    hi = d.next();
+  }
+}
+
 // Values [v0, v1) of row r (multiples of 32 and of 16 * t.P) into acc.
 template <int NB, bool TWO_BIT, int U>
 inline void nm_span(const NMArgs& A, const Tab& t, __m512i pattern, int64_t r, const uint16_t* x, int64_t v0, int64_t v1, __m512 (&acc)[U][NB]) {
@@ -54,19 +70,12 @@ inline void nm_span(const NMArgs& A, const Tab& t, __m512i pattern, int64_t r, c
   // the low 16 bits of the 16 dwords of a, then of b
   const __m512i low_halves = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32,
                                               30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i sh2 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), three = _mm512_set1_epi32(3);
   chunks<U>(v0, v1, 32, CK_LAMBDA(k0) {
     CK_SET;
     const int64_t c0 = (k0 >> 5) * step;
     const __m512i w = _mm512_loadu_si512(v + k0);
     __m512i lo, hi;
-    if (TWO_BIT) {  // one index word for 16 values
-      lo = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d.w[k0 >> 4])), sh2), three);
-      hi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d.w[(k0 >> 4) + 1])), sh2), three);
-    } else {
-      lo = d.next();
-      hi = d.next();
-    }
+    indices32<TWO_BIT>(d, k0, lo, hi);
     const __m512i rel = _mm512_add_epi16(pattern, _mm512_permutex2var_epi16(lo, low_halves, hi));
     for (int b = 0; b < NB; ++b) {
       const uint16_t* xb = x + b * ld + c0;
@@ -274,7 +283,6 @@ void sq_nm_row(const SQArgs& A, const Tab& ti, int64_t r, int64_t b0, const floa
   const uint8_t* bytes = reinterpret_cast<const uint8_t*>(A.codes + r * A.cwords);
   Seq d(ti, A.indices + r * A.iwords, A.iwords);
   const int64_t ld = a.ld, step = 32 / A.n * A.m, full = A.count & ~int64_t(31), per_group = A.st.gs / step * 32;
-  const __m512i sh2 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), three = _mm512_set1_epi32(3);
   const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 acc[NB];
   for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
@@ -288,13 +296,7 @@ void sq_nm_row(const SQArgs& A, const Tab& ti, int64_t r, int64_t b0, const floa
       const __m256i by = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + k0 / 2)));
       const __m512i w = _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(by), _mm256_srli_epi16(by, 4), 1), table);
       __m512i lo, hi;
-      if (TWO_BIT) {  // one index word for 16 values
-        lo = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d.w[k0 >> 4])), sh2), three);
-        hi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d.w[(k0 >> 4) + 1])), sh2), three);
-      } else {
-        lo = d.next();
-        hi = d.next();
-      }
+      indices32<TWO_BIT>(d, k0, lo, hi);
       const __m512i rel = _mm512_add_epi16(pattern, _mm512_permutex2var_epi16(lo, select, hi));
       const int64_t c0 = (k0 >> 5) * step;
       const int p = static_cast<int>((k0 >> 5) & 1);
@@ -380,56 +382,49 @@ void nm_rows(const NMArgs& A, int64_t r0, int64_t r1, float* scratch) {
 }
 
 
-void gq_rows(const GQArgs& A, int64_t r0, int64_t r1, float* scratch) {
+namespace {
+
+// Rows [r0, r1) of a code kernel: each row's statistics (row_coef), then its activation rows in passes of up to
+// 8 (two dot chains each: 24 accumulators); pass(std::integral_constant<int, NB>, r, b0, s, z, coef) runs one.
+template <typename Args, typename Pass>
+void code_rows(const Args& A, int64_t r0, int64_t r1, float* scratch, Pass pass) {
   const int64_t gp = (A.st.groups + 15) & ~int64_t(15);
   float *s = scratch, *z = scratch + gp, *coef = scratch + 2 * gp;
   for (int64_t r = r0; r < r1; ++r) {
     row_coef(A.st, A.bits, r, s, z, coef);
-    for (int64_t b0 = 0; b0 < A.a.B;) {  // up to 8 rows a pass (two dot chains each: 24 accumulators)
+    for (int64_t b0 = 0; b0 < A.a.B;) {
       const int nb = A.a.B - b0 >= 8 ? 8 : static_cast<int>(A.a.B - b0);
-#define CK_CALL(NB)                                                                               \
-  if (NB * A.a.K * 2 > 12 * 1024) A.bits == 4 ? gq_row<NB, 4, true>(A, r, b0, s, z, coef) : gq_row<NB, 2, true>(A, r, b0, s, z, coef); \
-  else A.bits == 4 ? gq_row<NB, 4, false>(A, r, b0, s, z, coef) : gq_row<NB, 2, false>(A, r, b0, s, z, coef)
       switch (nb) {
-        case 1: CK_CALL(1); break;
-        case 2: CK_CALL(2); break;
-        case 3: CK_CALL(3); break;
-        case 4: CK_CALL(4); break;
-        case 5: CK_CALL(5); break;
-        case 6: CK_CALL(6); break;
-        case 7: CK_CALL(7); break;
-        default: CK_CALL(8); break;
+        case 1: pass(std::integral_constant<int, 1>(), r, b0, s, z, coef); break;
+        case 2: pass(std::integral_constant<int, 2>(), r, b0, s, z, coef); break;
+        case 3: pass(std::integral_constant<int, 3>(), r, b0, s, z, coef); break;
+        case 4: pass(std::integral_constant<int, 4>(), r, b0, s, z, coef); break;
+        case 5: pass(std::integral_constant<int, 5>(), r, b0, s, z, coef); break;
+        case 6: pass(std::integral_constant<int, 6>(), r, b0, s, z, coef); break;
+        case 7: pass(std::integral_constant<int, 7>(), r, b0, s, z, coef); break;
+        default: pass(std::integral_constant<int, 8>(), r, b0, s, z, coef); break;
       }
-#undef CK_CALL
       b0 += nb;
     }
   }
 }
 
+}  // namespace
+
+void gq_rows(const GQArgs& A, int64_t r0, int64_t r1, float* scratch) {
+  code_rows(A, r0, r1, scratch, [&](auto n, int64_t r, int64_t b0, const float* s, const float* z, const float* coef) {
+    constexpr int NB = decltype(n)::value;
+    if (NB * A.a.K * 2 > 12 * 1024) A.bits == 4 ? gq_row<NB, 4, true>(A, r, b0, s, z, coef) : gq_row<NB, 2, true>(A, r, b0, s, z, coef);
+    else A.bits == 4 ? gq_row<NB, 4, false>(A, r, b0, s, z, coef) : gq_row<NB, 2, false>(A, r, b0, s, z, coef);
+  });
+}
 
 void sq_nm_rows(const SQArgs& A, int64_t r0, int64_t r1, float* scratch) {
   const Tab ti(A.ibits);
-  const int64_t gp = (A.st.groups + 15) & ~int64_t(15);
-  float *s = scratch, *z = scratch + gp, *coef = scratch + 2 * gp;
-  for (int64_t r = r0; r < r1; ++r) {
-    row_coef(A.st, A.bits, r, s, z, coef);
-    for (int64_t b0 = 0; b0 < A.a.B;) {  // up to 8 rows a pass, as gq_rows
-      const int nb = A.a.B - b0 >= 8 ? 8 : static_cast<int>(A.a.B - b0);
-#define CK_CALL(NB) A.ibits == 2 ? sq_nm_row<NB, true>(A, ti, r, b0, s, z) : sq_nm_row<NB, false>(A, ti, r, b0, s, z)
-      switch (nb) {
-        case 1: CK_CALL(1); break;
-        case 2: CK_CALL(2); break;
-        case 3: CK_CALL(3); break;
-        case 4: CK_CALL(4); break;
-        case 5: CK_CALL(5); break;
-        case 6: CK_CALL(6); break;
-        case 7: CK_CALL(7); break;
-        default: CK_CALL(8); break;
-      }
-#undef CK_CALL
-      b0 += nb;
-    }
-  }
+  code_rows(A, r0, r1, scratch, [&](auto n, int64_t r, int64_t b0, const float* s, const float* z, const float*) {
+    constexpr int NB = decltype(n)::value;
+    A.ibits == 2 ? sq_nm_row<NB, true>(A, ti, r, b0, s, z) : sq_nm_row<NB, false>(A, ti, r, b0, s, z);
+  });
 }
 
 }  // namespace avx512bf16
