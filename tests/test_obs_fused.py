@@ -17,7 +17,7 @@ if importlib.util.find_spec("triton") is None:
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported
 
-from compress.methods import gptq, obs, sparsegpt
+from compress.methods import gptq, obs, qmoe, sparsegpt
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -64,6 +64,23 @@ def test_sparsegpt_fused_equals_column_loop(monkeypatch, problem, pattern):
     if pattern != "unstructured":
         n, m = map(int, pattern.split(":"))
         assert (keep_fused.reshape(weight.shape[0], -1, m).sum(-1) == n).all()
+
+
+@pytest.mark.parametrize("experts, with_keep", [(0, False), (3, True)])
+def test_qmoe_ternary_fused_equals_column_loop(monkeypatch, problem, experts, with_keep):
+    """QMoE's ternary rule, on one weight and on a batch of experts swept together (one launch an expert a block)."""
+    weight, hessian, keep = problem
+    if experts:
+        g = torch.Generator().manual_seed(3)
+        weight = torch.randn(experts, *weight.shape, generator=g).to(DEVICE)
+        x = torch.randn(experts, 256, weight.shape[-1], generator=g).to(DEVICE)
+        hessian = x.transpose(1, 2) @ x
+        keep = keep.expand(experts, -1, -1)
+    kept = keep if with_keep else None
+    (q_loop, low, high), (q_fused, _, _) = _both(monkeypatch, qmoe, lambda: qmoe.ternary_sweep(weight, hessian, kept, 0.1, 128))
+    assert torch.equal(q_fused, q_loop)
+    values = torch.cat([torch.zeros_like(low), low, high], dim=-1)  # [..., rows, 3]
+    assert ((q_fused.unsqueeze(-1) == values.unsqueeze(-2)).any(-1)).all()  # every weight is its row's min, 0 or max
 
 
 def test_rules_fall_back_where_the_kernel_does_not_apply(problem):

@@ -99,7 +99,7 @@ def obs_sweep(weight: torch.Tensor, inverse: InverseHessian, rule: ColumnRule, b
     kernel (obs_fused.sweep_block) instead of the column loop; the same results up to float rounding."""
     if weight.dtype != torch.float32:
         raise TypeError("obs_sweep works on float32 weights")
-    fused = (fused_available(weight) if fused is None else fused) and weight.dim() == 2 and hasattr(rule, "fused_spec")
+    fused = (fused_available(weight) if fused is None else fused) and weight.dim() in (2, 3) and hasattr(rule, "fused_spec")
     columns = weight.shape[-1]
     hinv = inverse.factor
     weight.masked_fill_(inverse.dead.unsqueeze(-2), 0)

@@ -21,8 +21,8 @@ import triton.language as tl
 
 from compress.formats.quantized import SMALLEST_SCALE
 
-MODES = {"grid": 0, "keep": 1, "nm": 2}  # a rule's fused_spec names its mode
-MODE_GRID, MODE_KEEP, MODE_NM = (tl.constexpr(MODES[name]) for name in ("grid", "keep", "nm"))  # constexpr: read inside kernels
+MODES = {"grid": 0, "keep": 1, "nm": 2, "ternary": 3}  # a rule's fused_spec names its mode
+MODE_GRID, MODE_KEEP, MODE_NM, MODE_TERNARY = (tl.constexpr(MODES[name]) for name in MODES)  # constexpr: read inside kernels
 BLOCK_ROWS = 16
 SMALLEST = tl.constexpr(SMALLEST_SCALE)
 ROUNDER = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + it) - it rounds x half to even, for |x| <= 2^22
@@ -108,6 +108,10 @@ def _block(w_ptr, h_ptr, q_ptr, e_ptr, keep_ptr, scale_ptr, zero_ptr, rows, widt
             q = scale * (tl.minimum(tl.maximum(code, 0.0), MAXQ) - zero)
             if HAS_KEEP:
                 q = q * _column(keep, c, j)
+        elif MODE == MODE_TERNARY:  # the row's max above max / 2, its min below min / 2, else 0 (scale: min, zero: max)
+            q = tl.where(col > zero / 2, zero, tl.where(col < scale / 2, scale, 0.0))
+            if HAS_KEEP:
+                q = q * _column(keep, c, j)
         else:
             q = col * _column(keep, c, j)
         d = tl.load(h_ptr + j * ld_h + j)
@@ -126,11 +130,20 @@ def sweep_block(block: torch.Tensor, hinv_block: torch.Tensor, fixed: torch.Tens
     `errors` (both [rows, width]) as obs_sweep's column loop would with the rule `spec` describes:
     {"mode": "grid", "group": columns a refit (0: "scale"/"zero" [rows] given), "maxq", "symmetric",
     "keep": float [rows, width] or None} -> fills spec["scales"], spec["zeros"] [rows, groups]; or
-    {"mode": "keep", "keep"}; or {"mode": "nm", "n", "m"} -> fills spec["keep"]."""
+    {"mode": "keep", "keep"}; or {"mode": "nm", "n", "m"} -> fills spec["keep"]; or {"mode": "ternary", "low", "high"
+    [rows], "keep"}. A batch [E, rows, width] (experts; "ternary" only) goes expert by expert."""
+    if block.dim() == 3:  # a batch of experts: one launch each, with its slices of the spec's tensors
+        if spec["mode"] != "ternary":
+            raise ValueError("a batch of weights takes only the ternary mode (it returns nothing per expert)")
+        for e in range(block.shape[0]):
+            sweep_block(block[e], hinv_block[e], fixed[e], errors[e], {k: (v[e] if isinstance(v, torch.Tensor) else v) for k, v in spec.items()})
+        return
     rows, width = block.shape
     kind, group = spec["mode"], spec.get("group", 0)
     groups = max(1, -(-width // group)) if group else 1
-    if kind == "grid" and not group:
+    if kind == "ternary":  # the rows' min and max, through the grid's scale / zero slots
+        scales, zeros = spec["low"].reshape(rows, 1).float().contiguous(), spec["high"].reshape(rows, 1).float().contiguous()
+    elif kind == "grid" and not group:
         scales, zeros = spec["scale"].reshape(rows, 1).float().contiguous(), spec["zero"].reshape(rows, 1).float().contiguous()
     else:
         scales = torch.empty(rows, groups, device=block.device)

@@ -74,6 +74,14 @@ class TernaryRule:
             codes = codes * self.keep[..., start + j]
         return self.table.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
 
+    def fused_spec(self, start: int, block: torch.Tensor) -> dict:
+        """The block for obs_fused (one weight, or a batch of experts)."""
+        keep = None if self.keep is None else self.keep[..., start : start + block.shape[-1]]
+        return dict(mode="ternary", low=self.low, high=self.high, keep=keep)
+
+    def fused_result(self, start: int, spec: dict) -> None:
+        pass
+
 
 def ternary_weight(quantized: torch.Tensor, low: torch.Tensor, high: torch.Tensor, keep: torch.Tensor | None) -> QuantizedWeight:
     """The packed form of a weight whose every value is its row's min, 0 or max: a per-row table
