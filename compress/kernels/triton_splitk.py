@@ -18,18 +18,7 @@ import triton
 import triton.language as tl
 
 from compress.kernels.triton_config import splitk_ok, splitk_plan  # noqa: F401 (the launch rules live there)
-from compress.kernels.triton_gemv import _split4
-
-
-@triton.jit
-def _codes(word, pp, FMASK, MAGIC, BITS: tl.constexpr, z):
-    """Fields pp ([1, 1, CH]) of the words [BN, L] as [BN, L, CH] fp32 codes minus z ([BN, L, 1]), exactly for an integer z."""
-    high = pp * BITS + BITS > 23
-    a = tl.where(high, pp * BITS - 16, pp * BITS)
-    w3 = word[:, :, None]
-    src = tl.where(high, w3 >> 16, w3)
-    cf = ((src & (FMASK << a)) | ((MAGIC - a) << 23)).to(tl.float32, bitcast=True)
-    return cf - (((150 - a) << 23).to(tl.float32, bitcast=True) + z)
+from compress.kernels.triton_gemv import _codes, _split4
 
 
 @triton.jit
@@ -45,7 +34,7 @@ def _row(acc, w_0, w_1, w_2, w_3, wcol, x_ptr, xrow, m_ok, K, s, z, zc, FMASK, M
             pp = h * CH + tl.arange(0, CH)[None, None, :]
             col = (wcol[:, :, None] + j) * PER + pp
             x = tl.load(x_ptr + xrow + col, mask=(col < K) & m_ok if MASKED else m_ok, other=0.0).to(tl.float32)   # [1, L, CH]
-            p += _codes(w, pp, FMASK, MAGIC, BITS, zc[:, :, None]) * x
+            p += _codes(w, pp, BITS, FMASK, MAGIC, zc[:, :, None]) * x  # code - z, exact for an integer z
             if not ZINT:
                 xs += x
     if ZINT:
