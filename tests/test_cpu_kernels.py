@@ -136,8 +136,8 @@ def test_group_quant_float16_zero_and_partial_groups(path, bits, group_size):
     _check(packed, path, batches=(1, 16))
 
 
-@pytest.mark.parametrize("bits, group_size, pattern", [(4, 128, None), (4, 64, None), (2, 128, None), (4, 128, "2:4"), (4, 64, "2:4"),
-                                                       (4, 128, "4:8")])
+@pytest.mark.parametrize("bits, group_size, pattern", [(4, 128, None), (4, 64, None), (2, 128, None), (8, 128, None), (8, 32, None),
+                                                       (4, 128, "2:4"), (4, 64, "2:4"), (4, 128, "4:8")])
 def test_bfloat16_code_kernels(path, bits, group_size, pattern):
     """The bfloat16-activation kernels (codes turned into bfloat16 in registers): several groups of whole
     steps, a last group partial with a column tail, batches that take 8 + 1 rows a pass."""

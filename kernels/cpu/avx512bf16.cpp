@@ -183,15 +183,18 @@ __attribute__((target("avx512vbmi2"))) const uint16_t* bitmap_row(const BitmapAr
 }
 
 
-// -- group quant, 2 or 4 bits ---------------------------------------------------------------------------
+// -- group quant, 2, 4 or 8 bits ------------------------------------------------------------------------
 
 // A code c (< 128) as the bfloat16 0x4300 | c, which is exactly 128 + c: one vpternlogd turns 32 codes into
 // bfloat16 and one vdpbf16ps multiplies them by x. A group then adds s * (sum (128 + c) x - (128 + z) sum x):
 // the sum of x once a call (xsum), the factor s (128 + z) once a row (coef), so the loop does no per-weight
 // scale or zero: a 32-byte step (64 codes of 4 bits, 128 of 2) is a load, 2-4 logic ops and 2-4 dot products
-// a row of x, half the fp32 kernel's instructions. Products are exact in fp32, the sums fp32.
+// a row of x, half the fp32 kernel's instructions. Products are exact in fp32, the sums fp32. An 8-bit code has
+// no such form (128 + c needs 9 bits); as 16 h + l it is two: 0x4300 | l (128 + l) and 0x4500 | h (16 (128 + h)),
+// both dotted with the same x, the offset 2176.
 
-// Row r's scales, zero points and s * (128 + z) into s, z, coef [groups padded to 16, zero past them].
+// Row r's scales, zero points and s * (offset + z) into s, z, coef [groups padded to 16, zero past them]; the
+// offset is what the bfloat16 form adds to each code: 128, or 2176 = 16 * 128 + 128 for 8-bit codes.
 inline void row_coef(const Stats& st, int bits, int64_t r, float* s, float* z, float* coef) {
   const int per = 32 / bits;  // a power of two here
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -210,7 +213,7 @@ inline void row_coef(const Stats& st, int bits, int64_t r, float* s, float* z, f
     }
     _mm512_storeu_ps(s + g0, sv);
     _mm512_storeu_ps(z + g0, zv);
-    _mm512_storeu_ps(coef + g0, _mm512_maskz_mul_ps(m, sv, _mm512_add_ps(zv, _mm512_set1_ps(128.0f))));
+    _mm512_storeu_ps(coef + g0, _mm512_maskz_mul_ps(m, sv, _mm512_add_ps(zv, _mm512_set1_ps(bits == 8 ? 2176.0f : 128.0f))));
   }
 }
 
@@ -234,6 +237,16 @@ void gq_row(const GQArgs& A, int64_t r, int64_t b0, const float* s, const float*
     for (int64_t k0 = g0; k0 < end; k0 += STEP) {
       if (FAR) _mm_prefetch(reinterpret_cast<const char*>(bytes + k0 / Q) + 2048, _MM_HINT_NTA);
       const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + k0 / Q)));
+      if (BITS == 8) {  // c = 16 h + l: bf16 0x4300 | l is 128 + l, 0x4500 | h is 16 (128 + h); both against the same x
+        const __m512i lo = _mm512_ternarylogic_epi32(v, _mm512_set1_epi16(15), bias, 0xEA);
+        const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi16(0x4500));
+        for (int b = 0; b < NB; ++b) {
+          const __m512i xv = _mm512_loadu_si512(x + b * ld + k0);
+          part[0][b] = _mm512_dpbf16_ps(part[0][b], (__m512bh)lo, (__m512bh)xv);
+          part[1][b] = _mm512_dpbf16_ps(part[1][b], (__m512bh)hi, (__m512bh)xv);
+        }
+        continue;
+      }
       for (int j = 0; j < Q; ++j) {
         const __m512i c = BITS == 4 && j == 1 ? _mm512_or_si512(_mm512_srli_epi16(v, 4), bias)
                                               : _mm512_ternarylogic_epi32(j ? _mm512_srli_epi16(v, j * BITS) : v, fmask, bias, 0xEA);
@@ -414,8 +427,11 @@ void code_rows(const Args& A, int64_t r0, int64_t r1, float* scratch, Pass pass)
 void gq_rows(const GQArgs& A, int64_t r0, int64_t r1, float* scratch) {
   code_rows(A, r0, r1, scratch, [&](auto n, int64_t r, int64_t b0, const float* s, const float* z, const float* coef) {
     constexpr int NB = decltype(n)::value;
-    if (NB * A.a.K * 2 > 12 * 1024) A.bits == 4 ? gq_row<NB, 4, true>(A, r, b0, s, z, coef) : gq_row<NB, 2, true>(A, r, b0, s, z, coef);
-    else A.bits == 4 ? gq_row<NB, 4, false>(A, r, b0, s, z, coef) : gq_row<NB, 2, false>(A, r, b0, s, z, coef);
+    if (NB * A.a.K * 2 > 12 * 1024) {
+      A.bits == 4 ? gq_row<NB, 4, true>(A, r, b0, s, z, coef) : A.bits == 2 ? gq_row<NB, 2, true>(A, r, b0, s, z, coef) : gq_row<NB, 8, true>(A, r, b0, s, z, coef);
+    } else {
+      A.bits == 4 ? gq_row<NB, 4, false>(A, r, b0, s, z, coef) : A.bits == 2 ? gq_row<NB, 2, false>(A, r, b0, s, z, coef) : gq_row<NB, 8, false>(A, r, b0, s, z, coef);
+    }
   });
 }
 

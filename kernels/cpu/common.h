@@ -268,7 +268,7 @@ CK_DECLARE_ISA(avx512)
 namespace avx512bf16 {
 void nm_rows(const NMArgs& A, int64_t r0, int64_t r1, float* scratch);
 void bitmap_tiles(const BitmapArgs& A, int64_t t0, int64_t t1);
-void gq_rows(const GQArgs& A, int64_t r0, int64_t r1, float* scratch);  // 2 or 4 bits, planar, x and xsum in bfloat16 order
+void gq_rows(const GQArgs& A, int64_t r0, int64_t r1, float* scratch);  // 2, 4 or 8 bits, planar, x and xsum in bfloat16 order
 void sq_nm_rows(const SQArgs& A, int64_t r0, int64_t r1, float* scratch);  // N:M with a window, 4 bits, integer zeros, whole steps a group
 }  // namespace avx512bf16
 

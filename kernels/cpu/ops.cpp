@@ -111,10 +111,11 @@ void planar_order(Input& in, int step, int64_t bits) {
   else planar_order(in.x32.data_ptr<float>(), in.B, in.K, in.ld, step, bits);
 }
 
-// The bfloat16 group-quant kernel (avx512bf16::gq_rows): 2 or 4 bits, AVX512_BF16, bf16 x, whole 32-byte
+// The bfloat16 group-quant kernel (avx512bf16::gq_rows): 2, 4 or 8 bits, AVX512_BF16, bf16 x, whole 32-byte
 // steps in a group; its x is permuted by 32-lane steps. 0 when it does not apply.
 int bf16_planar_step(int64_t isa, const at::Tensor& x, int64_t bits, int64_t gs) {
-  if (isa != kAvx512 || !(isa_support() & (1 << kAvx512Bf16)) || x.scalar_type() != at::kBFloat16 || (bits != 2 && bits != 4)) return 0;
+  if (isa != kAvx512 || !(isa_support() & (1 << kAvx512Bf16)) || x.scalar_type() != at::kBFloat16 || (bits != 2 && bits != 4 && bits != 8))
+    return 0;
   const int64_t step = 32 * 8 / bits;
   return gs % step == 0 ? static_cast<int>(step) : 0;
 }
