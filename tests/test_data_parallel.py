@@ -50,6 +50,7 @@ def _worker(rank: int, world: int, store: str, method: str, params: dict, out: s
         weights, tokens = _compress(method, params, _batches()[rank::world])
         if rank == 0:
             torch.save((weights, tokens), out)
+        dist.barrier()  # both ranks done before the group is torn down (gloo aborts a rank torn down mid-exchange)
     finally:
         dist.destroy_process_group()
 
