@@ -251,7 +251,9 @@ def _compress_block(index: int, ctx: BlockContext) -> float:
         if names:
             with gather(targets, names) as collected:
                 run_block(block, ctx.inputs)
-            for target in targets:  # a data-parallel run: the sums of every process's batches (no-op in one process)
+            # a data-parallel run: the sums of every process's batches (no-op in one process), all of them before any
+            # is read (a sibling reading a shared input takes its statistics from the target that gathered them)
+            for target in targets:
                 collected[target.name].sum_over_processes()
             for target in targets:
                 gathered = collected[target.name]

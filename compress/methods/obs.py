@@ -117,12 +117,13 @@ def obs_sweep(weight: torch.Tensor, inverse: InverseHessian, rule: ColumnRule, b
 
             obs_fused.sweep_block(block, hinv_block, fixed, errors, spec)
             rule.fused_result(start, spec)
-        for j in range(end - start if spec is None else 0):
-            value = rule.column(start, j, block, hinv_block)
-            fixed[..., j] = value
-            error = (block[..., j] - value) / hinv_block[..., j, j].unsqueeze(-1)
-            block[..., j:].sub_(error.unsqueeze(-1) * hinv_block[..., j, j:].unsqueeze(-2))
-            errors[..., j] = error
+        else:
+            for j in range(end - start):
+                value = rule.column(start, j, block, hinv_block)
+                fixed[..., j] = value
+                error = (block[..., j] - value) / hinv_block[..., j, j].unsqueeze(-1)
+                block[..., j:].sub_(error.unsqueeze(-1) * hinv_block[..., j, j:].unsqueeze(-2))
+                errors[..., j] = error
         losses += errors.pow(2).sum(dim=-1) / 2  # (w - q)^2 / d^2 / 2, summed per row
         weight[..., start:end] = fixed
         weight[..., end:] -= errors @ hinv[..., start:end, end:]
