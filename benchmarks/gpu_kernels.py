@@ -1,6 +1,8 @@
-"""GPU kernels (compress/kernels/triton_kernels.py, triton_gemv.py) vs dense bf16 F.linear and the peers torch
-ships: `torch._weight_int4pack_mm` (tinygemm, int4 g128) and cuSPARSELt 2:4 (`torch._cslt_sparse_mm` after its
-algorithm search); a peer that fails is skipped with the reason printed.
+"""GPU kernels (compress/kernels/triton_*.py) vs dense bf16 F.linear and the peers: those torch ships,
+`torch._weight_int4pack_mm` (tinygemm, int4 g128) and cuSPARSELt 2:4 (`torch._cslt_sparse_mm` after its
+algorithm search), and where installed humming-kernels (int4/3/2/8 g128) and bitsandbytes NF4
+(benchmarks/gpu_peers.py; not in a --sweep, or with --no-extra-peers); a peer that fails is skipped with the
+reason printed.
 
     python benchmarks/gpu_kernels.py [--shapes 4096x4096,...] [--batches 1,4,16,64] [--formats ...] [--json out.jsonl]
     python benchmarks/gpu_kernels.py --sweep [--shapes ...] [--formats ...] [--sweep-batches 1,16] [--json sweep.jsonl]
@@ -8,7 +10,8 @@ algorithm search); a peer that fails is skipped with the reason printed.
 Shapes: out x in (y = x @ W.T), activations bf16. A timing is one call: a CUDA graph calling the op on each of
 R weight copies (> 3x the L2: weights come from HBM), replayed; the median replay / R. GB/s counts packed weight,
 x and y. The default run checks each format against its dequantized weight, then records per (format, shape,
-batch): us, gbps, ratio_vs_dense, ratio_vs_best_peer (fastest of dense and the peers), config. `--sweep` (default
+batch): us, gbps, ratio_vs_dense, ratio_vs_best_peer (fastest of dense and the peers), ratio_vs_same_bits_peer
+(fastest peer storing the same weight bits, named in same_bits_peer), config. `--sweep` (default
 shapes SWEEP_SHAPES) times a grid of candidates (kernel, tiles, warps, stages, split-K) per format, shape and sweep
 batch, compiled up front in parallel; it records the best beside the default (best_us, best_config, default_us,
 all: every candidate's time) and tabulates the winners by (format, batch) to set triton_config.py's defaults from."""
@@ -28,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gpu_peers
 
 from compress.formats import group_quant, nm, sparse_quant
 from compress.formats.words import tensor_bytes
@@ -137,8 +142,9 @@ def emit(record: dict, env: dict, out, records: list) -> None:
         out.write(json.dumps({**record, **env}) + "\n") and out.flush()
 
 
-def peer_times(rows: int, cols: int, batches: list, env: dict, out, records: list) -> dict:
-    """Dense bf16 and the peers at every batch: {name: {batch: us}}, each recorded."""
+def peer_times(rows: int, cols: int, batches: list, env: dict, out, records: list, extra_peers: bool = True) -> dict:
+    """Dense bf16 and the peers at every batch: {name: {batch: us}}, each recorded. `extra_peers`: also the
+    separately installed ones (benchmarks/gpu_peers.py: humming-kernels, bitsandbytes NF4)."""
     dense_w = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) * 0.02
     dense_copies = [dense_w] + [dense_w.clone() for _ in range(copies_for(dense_w.numel() * 2) - 1)]
     peers: dict[str, dict[int, float]] = {"dense_bf16": {}, "torch_int4pack_g128": {}, "cusparselt_2:4": {}}
@@ -148,6 +154,9 @@ def peer_times(rows: int, cols: int, batches: list, env: dict, out, records: lis
             made[name] = build()
         except Exception as error:
             print(f"{name} unavailable: {type(error).__name__}: {error}", flush=True)
+    packaged = gpu_peers.build_all(dense_w, copies_for) if extra_peers else {}
+    for name, (_, _, size) in packaged.items():
+        peers[name], nbytes[name] = {}, size
     for batch in batches:
         xs = [torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16) for _ in range(len(dense_copies))]
         peers["dense_bf16"][batch] = time_op(F.linear, list(zip(xs, dense_copies)))
@@ -164,12 +173,27 @@ def peer_times(rows: int, cols: int, batches: list, env: dict, out, records: lis
                                                  [(c, xt[i % 2]) for i, c in enumerate(pc)])
             except Exception as error:
                 print(f"{name} failed at batch {batch}: {type(error).__name__}: {error}", flush=True)
+        for name, (op, copies, _) in packaged.items():
+            try:
+                peers[name][batch] = time_op(op, [(xs[i % len(xs)], c) for i, c in enumerate(copies)])
+            except Exception as error:
+                print(f"{name} failed at batch {batch}: {type(error).__name__}: {str(error)[:300]}", flush=True)
         for name, times in peers.items():
             if batch in times:
                 emit({"format": name, "peer": True, "shape": [rows, cols], "batch": batch, "us": round(times[batch], 2),
                       "gbps": round((nbytes[name] + 2 * batch * (rows + cols)) / times[batch] / 1e3),
+                      "bytes_per_weight": round(nbytes[name] / (rows * cols), 4),
                       "ratio_vs_dense": round(peers["dense_bf16"][batch] / times[batch], 3)}, env, out, records)
     return peers
+
+
+def same_bits_peer(fmt: str, peers: dict, batch: int) -> tuple[str, float] | None:
+    """The fastest peer storing the format's weight bits (int4: tinygemm, humming, NF4; int3/2/8: humming;
+    2:4 bf16: cuSPARSELt): (name, us), or None."""
+    bits = int(fmt[3]) if fmt.startswith("int") else None
+    names = ["cusparselt_2:4"] if fmt == "nm_2:4_bf16" else [n for n in peers if bits is not None and gpu_peers.bits_of(n) == bits]
+    timed = [(n, peers[n][batch]) for n in names if batch in peers.get(n, {})]
+    return min(timed, key=lambda t: t[1]) if timed else None
 
 
 def weight_copies(fmt: str, rows: int, cols: int, check: bool, batches=()):
@@ -242,10 +266,12 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
         total = nbytes + 2 * batch * (rows + cols)
         if not sweep:
             us = time_op(tk.packed_matmul, arg_list)
+            same = same_bits_peer(fmt, peers, batch)
             emit({"format": fmt, "shape": [rows, cols], "batch": batch, "us": round(us, 2), "gbps": round(total / us / 1e3),
                   "pct_copy_bw": round(100 * total / us / 1e3 / bandwidth, 1), "bytes_per_weight": round(nbytes / (rows * cols), 4),
-                  "ratio_vs_dense": round(dense / us, 3), "ratio_vs_best_peer": round(best_peer / us, 3), "config": str(default)},
-                 env, out, records)
+                  "ratio_vs_dense": round(dense / us, 3), "ratio_vs_best_peer": round(best_peer / us, 3),
+                  **({"same_bits_peer": same[0], "ratio_vs_same_bits_peer": round(same[1] / us, 3)} if same else {}),
+                  "config": str(default)}, env, out, records)
             continue
         configs = [default] + [c for c in candidates(copies[0], batch) if c != default]
         precompile([(xs[0], c) for c in configs], copies[0])
@@ -272,6 +298,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep", action="store_true", help="time a grid of configurations per format, shape and sweep batch")
     parser.add_argument("--sweep-batches", default="1,16")
     parser.add_argument("--json", help="write one JSON record per (format, shape, batch) to this file")
+    parser.add_argument("--no-extra-peers", action="store_true", help="skip humming-kernels and bitsandbytes")
     args = parser.parse_args(argv)
     import triton
     props = torch.cuda.get_device_properties(0)
@@ -286,14 +313,15 @@ def main(argv=None) -> None:
     start = time.time()
     out = open(args.json, "w") if args.json else None  # noqa: SIM115 - written record by record, so a cut-off run keeps its part
     for rows, cols in (tuple(int(v) for v in shape.split("x")) for shape in shapes.split(",")):
-        peers = peer_times(rows, cols, batches, env, out, records)
+        peers = peer_times(rows, cols, batches, env, out, records, extra_peers=not (args.sweep or args.no_extra_peers))
         for fmt in args.formats.split(","):
             run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, args.sweep)
     print(f"\n{env['gpu']}, torch {env['torch']}, triton {env['triton']}, copy {env['copy_gbps']} GB/s")
-    print(f"{'format':22} {'shape':>11} {'batch':>5} {'us':>8} {'GB/s':>6} {'x dense':>8} {'x peer':>7} {'default us':>10}  best config")
+    print(f"{'format':22} {'shape':>11} {'batch':>5} {'us':>8} {'GB/s':>6} {'x dense':>8} {'x peer':>7} {'x bits':>7} {'default us':>10}  best")
     for r in sorted(records, key=lambda r: (r["format"], r["batch"])) if args.sweep else records:  # sweep: by (format, batch)
         print(f"{r['format']:22} {r['shape'][0]:>5}x{r['shape'][1]:<5} {r['batch']:>5} {r['us']:>8.2f} {r['gbps']:>6} {r['ratio_vs_dense']:>8.2f} "
-              f"{r.get('ratio_vs_best_peer', float('nan')):>7.2f} {r.get('default_us', float('nan')):>10.2f}  {r.get('best_config', '')}")
+              f"{r.get('ratio_vs_best_peer', float('nan')):>7.2f} {r.get('ratio_vs_same_bits_peer', float('nan')):>7.2f} "
+              f"{r.get('default_us', float('nan')):>10.2f}  {r.get('best_config', '')}")
     print(f"{time.time() - start:.0f} s", flush=True)
     if out:
         out.close()
