@@ -1,6 +1,7 @@
 """End-to-end decoding on a GPU: a random-weight LLaMA-shaped model (~1B or 7B widths) generating N tokens
 greedily at batch 1 and 16, dense bf16 against the same model with every decoder Linear replaced by a
-kernel-backed module of a packed format (2:4, int4 g128, 2:4 + int4 g128; `compress.kernels.modules`, the
+kernel-backed module of a packed format (2:4, int4 g128, 2:4 + int4 g128, SpQR 3-bit g16 with 3-bit statistics
+and 1% outliers; `compress.kernels.modules`, the
 modules `compress.load(out, device="cuda")` builds), both under CUDA graphs.
 
 Decoding: transformers' model with a static KV cache; the prompt runs eagerly, then one decode step (forward,
@@ -12,7 +13,7 @@ Same weights, same tokens: each packed model is compared with its dense equivale
 target's weight replaced by the packed weight decoded to bf16, the same graph decode): `same_tokens` and the
 first position where the greedy tokens differ (bf16 activations, fp32 accumulation in both, different summation
 order: on random weights a near-tie may flip late). Compression is direct (no calibration: 2:4 by magnitude,
-RTN int4 g128), as benchmarks/end_to_end.py does on CPU.
+RTN int4 g128, spqr_target's grids), as benchmarks/end_to_end.py does on CPU.
 
     python3 benchmarks/gpu_decode.py --models 1b,7b --batches 1,16 --new-tokens 128 --json out.json
     python3 benchmarks/gpu_decode.py --models 1b,7b:8            # 7B widths, 8 of the 32 decoder layers
@@ -38,7 +39,7 @@ MODELS = {
     "1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
 }
-FORMS = ("2:4", "int4_g128", "2:4+int4_g128")
+FORMS = ("2:4", "int4_g128", "2:4+int4_g128", "spqr3_g16")
 PROMPT_TOKENS = 16
 
 
@@ -126,6 +127,34 @@ def decode(model, prompt: torch.Tensor, new_tokens: int, repeats: int, graphs: b
     return record
 
 
+def spqr_target(weight: torch.Tensor, bits: int = 3, group: int = 16, outlier_fraction: float = 0.01):
+    """(None, QuantizedWeight, dense-equivalent fp32) of a SpQR-shaped weight without calibration: a random
+    column permutation (as act-order leaves), min/max grids per group of 16 columns whose scales and zero points
+    are themselves quantized to 3 bits in groups of 16 rows (`methods.spqr.quantize_statistic`), and the 1% of
+    weights the grid rounds worst kept as float16 outliers."""
+    from compress.formats.quantized import Outliers, QuantizedStatistic, QuantizedWeight
+    from compress.methods.spqr import quantize_statistic
+
+    rows, cols = weight.shape
+    perm = torch.randperm(cols, generator=torch.Generator().manual_seed(rows + cols)).to(weight.device)
+    w = weight.float()[:, perm]
+    grouped = w.view(rows, cols // group, group)
+    low, high = grouped.amin(-1), grouped.amax(-1)
+    scale = ((high - low) / (2**bits - 1)).clamp_min(1e-8)
+    stats = []
+    for values in (scale, -low / scale):
+        parts = [quantize_statistic(values[:, j].contiguous(), 3, 16) for j in range(values.shape[1])]
+        stats.append(QuantizedStatistic(torch.cat([p.codes for p in parts], 1), 3, 16, torch.cat([p.step for p in parts], 1),
+                                        torch.cat([p.low for p in parts], 1)))
+    s, z = stats[0].values()[..., None], stats[1].values()[..., None]
+    codes = torch.clamp(torch.round(grouped / s + z), 0, 2**bits - 1)
+    error = (grouped - s * (codes - z)).abs().view(rows, cols)
+    where = error >= error.flatten().kthvalue(int(error.numel() * (1 - outlier_fraction))).values
+    q = QuantizedWeight((rows, cols), bits, group, codes.view(rows, cols).to(torch.uint8), stats[0], stats[1], Outliers.from_mask(w, where),
+                        perm=perm)
+    return None, q, q.dequantize()
+
+
 def pack_all(model, targets: list[str], form: str) -> tuple[dict, dict, int]:
     """({target: kernel-backed module}, {target: dense-equivalent bf16 weight}, packed bytes) for one form."""
     from compress.formats.choose import pack_target
@@ -133,18 +162,19 @@ def pack_all(model, targets: list[str], form: str) -> tuple[dict, dict, int]:
     from compress.kernels.modules import from_packed
 
     modules, equivalents, nbytes = {}, {}, 0
+    compress = (lambda weight, _: spqr_target(weight)) if form.startswith("spqr") else compress_target
     where = None  # the packing device: the weight's, or the CPU where a packing step takes only CPU tensors
     for name in tqdm(targets, desc=f"packing {form}", file=sys.stderr, mininterval=5):
         linear = model.get_submodule(name)
         if where is None:
             try:
-                mask, quantized, equivalent = compress_target(linear.weight, form)
+                mask, quantized, equivalent = compress(linear.weight, form)
                 packed, why = pack_target(equivalent.to(torch.bfloat16), mask, quantized)
                 where = linear.weight.device
             except (RuntimeError, TypeError) as error:
                 say(f"  packing on {linear.weight.device} failed ({type(error).__name__}: {str(error)[:200]}): packing on the CPU")
                 where = torch.device("cpu")
-        mask, quantized, equivalent = compress_target(linear.weight.to(where), form)
+        mask, quantized, equivalent = compress(linear.weight.to(where), form)
         stored = equivalent.to(torch.bfloat16)
         packed, why = pack_target(stored, mask, quantized)
         if packed is None:

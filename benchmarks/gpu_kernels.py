@@ -40,7 +40,8 @@ from compress.kernels import triton_config as tc
 from compress.kernels import triton_gemv as tg
 from compress.kernels import triton_kernels as tk
 
-FORMATS = ("int4_g128", "int3_g128", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128")
+FORMATS = ("int4_g128", "int3_g128", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128", "2:4+int4_g128@splitk")
+FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: that kernel at batch 1 (not yet the default)
 SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"
 
 
@@ -216,6 +217,16 @@ def weight_copies(fmt: str, rows: int, cols: int, check: bool, batches=()):
                        for _ in range(copies_for(nbytes) - 1)], nbytes
 
 
+def check_forced(packed, config) -> None:
+    """The forced kernel against the dequantized weight at batch 1 (bf16 and fp32 activations)."""
+    w = unpack(packed)
+    x = torch.randn(1, w.shape[1], device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ w.double().T
+    err = ((tk.packed_matmul(x, packed, config).double() - ref).norm() / ref.norm()).item()
+    err32 = ((tk.packed_matmul(x.float(), packed, config).double() - ref).norm() / ref.norm()).item()
+    print(f"check {config.kernel} batch 1: rel err bf16 {err:.1e} fp32 {err32:.1e} {'ok' if err < 1e-2 and err32 < 1e-4 else 'FAILED'}", flush=True)
+
+
 def candidates(packed, batch: int) -> list:
     """The sweep's grid for one weight and batch: FMA tiles at batch <= 4 (a lane: 4 code words / an index word a step, so
     block_k follows num_warps), dot tiles (BLOCK_N x warps, K step, stages; batch <= 4: N unpadded) and split-K where few programs."""
@@ -256,7 +267,13 @@ def precompile(calls: list, packed) -> None:
 
 
 def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep: bool) -> None:
+    fmt, _, forced = fmt.partition("@")
+    if forced and sweep:
+        return  # the sweep's grid holds the forced kernel already
     copies, nbytes = weight_copies(fmt, rows, cols, not sweep, batches)
+    if forced:
+        check_forced(copies[0], FORCED[forced])
+        fmt, batches = f"{fmt}@{forced}", [1]
     for batch in batches:
         xs = [torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         arg_list = [(xs[i % 4], p) for i, p in enumerate(copies)]
@@ -265,7 +282,8 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
         best_peer = min(t[batch] for t in peers.values() if batch in t)
         total = nbytes + 2 * batch * (rows + cols)
         if not sweep:
-            us = time_op(tk.packed_matmul, arg_list)
+            default = FORCED[forced] if forced else default
+            us = time_op(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]) if forced else tk.packed_matmul(x, p), arg_list)
             same = same_bits_peer(fmt, peers, batch)
             emit({"format": fmt, "shape": [rows, cols], "batch": batch, "us": round(us, 2), "gbps": round(total / us / 1e3),
                   "pct_copy_bw": round(100 * total / us / 1e3 / bandwidth, 1), "bytes_per_weight": round(nbytes / (rows * cols), 4),

@@ -1,0 +1,136 @@
+"""SpQR on the GPU kernels (compress/kernels/spqr_view.py): a SpQR weight without a keep mask runs as its
+group-quant view plus outlier corrections. Checked against the format's plain-torch reference: with the
+view's dense part computed by the group-quant reference (no Triton needed), by the Triton kernels (under
+TRITON_INTERPRET=1 on CPU tensors where there is no GPU) and, where CUDA exists, through the module on the GPU
+inside a captured CUDA graph."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from compress.formats import group_quant, spqr
+from compress.formats.quantized import Outliers, QuantizedStatistic, QuantizedWeight
+from compress.kernels import spqr_view
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON and not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # chosen when a kernel is defined: before the kernel module is imported
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _statistic(rows: int, groups: int, low: float, high: float, seed: int) -> QuantizedStatistic:
+    """Second-level (3-bit, groups of 16 rows or fewer) statistics between low and high."""
+    group_size = next(g for g in (16, 11, 3, 1) if rows % g == 0)
+    step = ((torch.rand(rows // group_size, groups, generator=_gen(seed)) + 0.5) * (high - low) / 8).half()
+    base = (torch.rand(rows // group_size, groups, generator=_gen(seed + 1)) * 0.1 + low).half()
+    return QuantizedStatistic(torch.randint(0, 8, (rows, groups), generator=_gen(seed + 2)), 3, group_size, step, base)
+
+
+def make(rows: int, cols: int, bits: int = 3, group_size: int = 16, second_level: bool = True, outliers: bool = True,
+         perm: bool = True, keep: bool = False, seed: int = 0) -> spqr.SpQRWeight:
+    groups = -(-cols // group_size)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=_gen(seed))
+    if second_level:
+        scale, zero = _statistic(rows, groups, 1e-3, 0.05, seed + 1), _statistic(rows, groups, 0.0, 2**bits - 1, seed + 4)
+    else:
+        scale = (torch.rand(rows, groups, generator=_gen(seed + 1)) * 0.05 + 1e-3).half()
+        zero = (torch.rand(rows, groups, generator=_gen(seed + 2)) * 2**bits).half()
+    q = QuantizedWeight((rows, cols), bits, group_size, codes, scale, zero)
+    if outliers:
+        where = torch.rand(rows, cols, generator=_gen(seed + 7)) < 0.02
+        where[0, -1] = True  # one in the last column; none in the last row
+        where[-1] = False
+        q.outliers = Outliers.from_mask(torch.randn(rows, cols, generator=_gen(seed + 8)) * 3, where)
+    if perm:
+        q.perm = torch.randperm(cols, generator=_gen(seed + 9))
+    if keep:
+        q.keep = torch.rand(rows, cols, generator=_gen(seed + 10)) < 0.6
+    return spqr.from_quantized(q)
+
+
+CASES = {  # (rows, cols, bits, group size, second level, outliers, perm)
+    "3b-g16-second-level-outliers-perm": (37, 200, 3, 16, True, True, True),
+    "4b-g24-fp16-statistics-perm": (20, 100, 4, 24, False, False, True),
+    "2b-g32-outliers": (33, 130, 2, 32, True, True, False),
+    "8b-g16-fp16-outliers": (16, 70, 8, 16, False, True, False),
+}
+
+
+def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_view_equals_reference(case):
+    rows, cols, bits, group_size, second_level, outliers, perm = CASES[case]
+    packed = make(rows, cols, bits, group_size, second_level, outliers, perm)
+    view = spqr_view.build(packed)
+    assert view.dense.codes is packed.codes  # the code words are shared, not copied
+    assert (view.delta is not None) == outliers and (view.perm is not None) == perm
+    for batch in (1, 3):
+        x = torch.randn(batch, cols, generator=_gen(batch))
+        ref = spqr.reference_matmul(x, packed)
+        error = _relative_error(spqr_view.matmul(x, view, group_quant.reference_matmul), ref)
+        # float16 statistics are exact; second-level ones are rounded to float16 (a relative 2^-12 on average)
+        assert error < (2e-3 if second_level else 1e-5), (batch, error)
+        assert error > 0 or not second_level  # the rounding is real: a test that cannot fail would hide it
+
+
+def test_unsupported_weights_refused():
+    with pytest.raises(ValueError, match="keep mask"):
+        spqr_view.build(make(16, 64, keep=True))
+    with pytest.raises(ValueError, match="5-bit"):
+        spqr_view.build(make(16, 64, bits=5))
+    assert not spqr_view.supported(make(16, 64, keep=True)) and spqr_view.supported(make(16, 64))
+
+
+def test_cached_view_follows_the_codes():
+    packed = make(16, 64)
+    view = spqr_view.cached(packed)
+    assert spqr_view.cached(packed) is view
+    moved = spqr.SpQRWeight(**{**vars(packed), "codes": packed.codes.clone()})
+    assert spqr_view.cached(moved) is not view
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("case", ["3b-g16-second-level-outliers-perm", "2b-g32-outliers"])
+def test_view_on_triton_kernels(case):
+    from compress.kernels import triton_kernels as tk
+
+    rows, cols, bits, group_size, second_level, outliers, perm = CASES[case]
+    packed = make(rows, cols, bits, group_size, second_level, outliers, perm)
+    device = "cuda" if HAS_CUDA else "cpu"
+    packed = spqr.SpQRWeight(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
+    view = spqr_view.build(packed)
+    for batch, dtype in ((1, torch.float32), (3, torch.float32), (1, torch.bfloat16)):
+        x = torch.randn(batch, cols, generator=_gen(batch)).to(device, dtype)
+        ref = spqr.reference_matmul(x.float(), packed)
+        error = _relative_error(spqr_view.matmul(x, view, tk.packed_matmul), ref)
+        assert error < (2e-3 if dtype == torch.float32 else 1e-2), (batch, dtype, error)
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="no CUDA device")
+def test_cuda_module_in_a_graph():
+    from compress.kernels import dispatch
+    from compress.kernels.modules import from_packed
+
+    packed = make(256, 1024)
+    module = from_packed(packed).cuda()
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    assert dispatch.kernel_for(x, module.packed) == "triton"
+    assert dispatch.kernel_for(x, from_packed(make(16, 64, keep=True)).cuda().packed) == "torch"
+    module(x)  # builds the view, compiles the kernel
+    graph, out = torch.cuda.CUDAGraph(), None
+    with torch.cuda.graph(graph):
+        out = module(x)
+    graph.replay()
+    ref = spqr.reference_matmul(x.float(), module.packed)
+    assert _relative_error(out, ref) < 1e-2
