@@ -39,9 +39,11 @@ from compress.formats.words import tensor_bytes
 from compress.kernels import triton_config as tc
 from compress.kernels import triton_gemv as tg
 from compress.kernels import triton_kernels as tk
+from compress.kernels import views
 
-FORMATS = ("int4_g128", "int3_g128", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128", "2:4+int4_g128@splitk")
+FORMATS = ("int4_g128", "int3_g128", "int3_g128@widened", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128", "2:4+int4_g128@splitk")
 FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: that kernel at batch 1 (not yet the default)
+# FORMAT@widened: the 3-bit codes read as 4-bit words (views.widen, what dispatch gives a module); bytes: the widened form's
 SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"
 
 
@@ -271,7 +273,10 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
     if forced and sweep:
         return  # the sweep's grid holds the forced kernel already
     copies, nbytes = weight_copies(fmt, rows, cols, not sweep, batches)
-    if forced:
+    if forced == "widened":
+        copies = [views.widen(c) for c in copies]
+        nbytes, fmt, forced = packed_bytes(copies[0]), f"{fmt}@widened", ""
+    elif forced:
         check_forced(copies[0], FORCED[forced])
         fmt, batches = f"{fmt}@{forced}", [1]
     for batch in batches:

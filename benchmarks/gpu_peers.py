@@ -1,5 +1,5 @@
 """Low-bit GEMM peers for benchmarks/gpu_kernels.py that are separate packages: humming-kernels (Marlin-class
-int4 / int3 / int2 / int8 group kernels for Hopper, JIT-compiled on first use) and bitsandbytes NF4 (blocks of
+int4 / int3 / int2 group kernels for Hopper, JIT-compiled on first use) and bitsandbytes NF4 (blocks of
 64; its batch-1 GEMV kernel, a dequantize + matmul above). Each builder returns (op, copies, bytes) where
 op(x, copy) runs y = x @ W.T on one weight copy; a peer that is not installed or fails raises, and the benchmark
 skips it with the reason. Bytes are counted from the peer's own tensors, not from a formula."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-HUMMING_BITS = (4, 3, 2, 8)
+HUMMING_BITS = (4, 3, 2)  # the bits the targets compare at (each width JIT-compiles its own kernels: int8 left out for time)
 
 
 def _tensor_bytes(tensors) -> int:

@@ -14,7 +14,7 @@ import torch
 
 from compress.formats import group_quant, spqr
 from compress.formats.quantized import Outliers, QuantizedStatistic, QuantizedWeight
-from compress.kernels import spqr_view
+from compress.kernels import spqr_view, views
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -73,7 +73,10 @@ def test_view_equals_reference(case):
     rows, cols, bits, group_size, second_level, outliers, perm = CASES[case]
     packed = make(rows, cols, bits, group_size, second_level, outliers, perm)
     view = spqr_view.build(packed)
-    assert view.dense.codes is packed.codes  # the code words are shared, not copied
+    if bits == 3:  # read as 4-bit words by the fast kernels
+        assert view.dense.bits == 4 and view.dense.codes.shape[1] == -(-cols // 8)
+    else:
+        assert view.dense.codes is packed.codes  # the code words are shared, not copied
     assert (view.delta is not None) == outliers and (view.perm is not None) == perm
     for batch in (1, 3):
         x = torch.randn(batch, cols, generator=_gen(batch))
@@ -82,6 +85,25 @@ def test_view_equals_reference(case):
         # float16 statistics are exact; second-level ones are rounded to float16 (a relative 2^-12 on average)
         assert error < (2e-3 if second_level else 1e-5), (batch, error)
         assert error > 0 or not second_level  # the rounding is real: a test that cannot fail would hide it
+
+
+@pytest.mark.parametrize("zero_kind", ["integer", "float16"])
+@pytest.mark.parametrize("cols, group_size", [(1000, 128), (45, 16), (130, 24)])
+def test_widened_int3_is_the_same_weight(cols, group_size, zero_kind):
+    rows, groups = 7, -(-cols // group_size)
+    codes = torch.randint(0, 8, (rows, cols), generator=_gen(1))
+    scale = (torch.rand(rows, groups, generator=_gen(2)) * 0.1 + 0.01).half().float()
+    zero = torch.randint(0, 8, (rows, groups), generator=_gen(3)).float() if zero_kind == "integer" else \
+        (torch.rand(rows, groups, generator=_gen(3)) * 7).half().float()
+    packed = group_quant.pack(codes, scale, zero, 3, group_size, zero_kind)
+    wide = views.widen(packed)
+    assert wide.bits == 4 and wide.zero_kind == zero_kind and wide.scale is packed.scale
+    assert torch.equal(group_quant.unpack(wide), group_quant.unpack(packed))
+    assert views.kernel_form(packed) is views.kernel_form(packed)  # built once, then looked up
+    four = views.widen(packed)
+    assert views.kernel_form(four) is four  # other widths are read as stored
+    with pytest.raises(ValueError, match="3-bit"):
+        views.widen(four)
 
 
 def test_unsupported_weights_refused():

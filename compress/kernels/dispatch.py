@@ -2,8 +2,8 @@
 
 CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton kernels
 (triton_kernels.py), SpQR weights without a keep mask to the same kernels through their group-quant view
-(spqr_view.py), ternary_dict weights to triton_ternary.py, all imported on first use only, so
-`import compress` and every CPU path stay free of Triton; every other format or device, and every
+(spqr_view.py; 3-bit codes of either read as 4-bit words, views.py), ternary_dict weights to triton_ternary.py,
+all imported on first use only, so `import compress` and every CPU path stay free of Triton; every other format or device, and every
 device when Triton is missing, takes the format's plain-torch reference_matmul. COMPRESS_GPU_KERNEL=torch
 forces the reference (COMPRESS_GPU_KERNEL=triton makes a missing Triton an error instead of a silent
 fallback). CPU tensors never come here: cpu.py keeps its own paths."""
@@ -83,7 +83,9 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
             from compress.kernels import spqr_view
 
             return spqr_view.matmul(x, spqr_view.cached(packed), _triton_kernels().packed_matmul)
-        return _triton_kernels().packed_matmul(x, packed)
+        from compress.kernels import views
+
+        return _triton_kernels().packed_matmul(x, views.kernel_form(packed))
     try:
         return REFERENCE[type(packed)](x, packed)
     except KeyError:

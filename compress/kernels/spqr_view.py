@@ -1,8 +1,9 @@
 """SpQR on a GPU through the group-quant kernels: a SpQR weight without a keep mask is a group-quantized weight
 (the same code words) plus a few outliers and a column permutation. Its view, built once per weight on its
-device: the code words shared, not copied; the statistics decoded from their stored forms (second-level codes
-included) to float16 scale and zero point per group, as the group-quant kernels read them; every outlier as a
-correction, its value minus what the dense part computes at its position. Then
+device: the code words shared, not copied (3-bit codes: widened to 4-bit words once, views.widen); the
+statistics decoded from their stored forms (second-level codes included) to float16 scale and zero point per
+group, as the group-quant kernels read them; every outlier as a correction, its value minus what the dense part
+computes at its position. Then
 
     y = group_quant_matmul(x[:, perm], dense) + sum over outliers of x[:, perm][:, col] * delta   (into row)
 
@@ -15,7 +16,6 @@ a keep mask, or with codes of 5-7 bits (no group-quant kernel), stays on the ref
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,13 +23,14 @@ import torch
 
 from compress.formats import group_quant, row_extras, spqr
 from compress.formats.words import codes_per_word
+from compress.kernels import views
 
 KERNEL_BITS = (2, 3, 4, 8)  # the group-quant kernels' code widths
 
 
 @dataclass
 class SpQRView:
-    dense: group_quant.GroupQuantWeight  # codes shared with the SpQR weight, float16 statistics
+    dense: group_quant.GroupQuantWeight  # codes shared with the SpQR weight (3-bit: widened), float16 statistics
     perm: torch.Tensor | None  # int64 [in]: x[:, perm] is x in the stored column order
     rows: torch.Tensor | None  # int64 [outliers], the output row of each outlier
     cols: torch.Tensor | None  # int64 [outliers], its stored column
@@ -48,7 +49,7 @@ def build(packed: spqr.SpQRWeight) -> SpQRView:
     dense = group_quant.GroupQuantWeight(packed.shape, packed.bits, packed.group_size, packed.codes, scale.half(), zero.half(), "float16")
     perm = None if packed.perm is None else row_extras.unsigned16(packed.perm)
     if packed.outlier_values is None or packed.outlier_values.numel() == 0:
-        return SpQRView(dense, perm, None, None, None)
+        return SpQRView(_kernel_dense(dense), perm, None, None, None)
     counts = (packed.outlier_row_ptr[1:] - packed.outlier_row_ptr[:-1]).to(torch.int64)
     rows = torch.repeat_interleave(torch.arange(packed.shape[0], device=counts.device), counts)
     cols = row_extras.unsigned16(packed.outlier_cols)
@@ -57,7 +58,7 @@ def build(packed: spqr.SpQRWeight) -> SpQRView:
     codes = ((words >> ((cols % per) * packed.bits)) & ((1 << packed.bits) - 1)).float()
     group = cols // packed.group_size
     grid = dense.scale[rows, group].float() * (codes - dense.zero[rows, group].float())  # what the kernel computes there
-    return SpQRView(dense, perm, rows, cols, packed.outlier_values.float() - grid)
+    return SpQRView(_kernel_dense(dense), perm, rows, cols, packed.outlier_values.float() - grid)
 
 
 def matmul(x: torch.Tensor, view: SpQRView, dense_matmul: Callable) -> torch.Tensor:
@@ -71,18 +72,10 @@ def matmul(x: torch.Tensor, view: SpQRView, dense_matmul: Callable) -> torch.Ten
     return y.reshape(*x.shape[:-1], view.dense.shape[0])
 
 
-_VIEWS: dict[int, tuple[weakref.ref, SpQRView]] = {}
+def _kernel_dense(dense: group_quant.GroupQuantWeight) -> group_quant.GroupQuantWeight:
+    return views.widen(dense) if dense.bits == 3 else dense  # 3-bit codes: the 4-bit words the fast kernels read
 
 
 def cached(packed: spqr.SpQRWeight) -> SpQRView:
-    """The view of this weight, built on its first call and kept while its code tensor lives (a module's
-    buffers: every later call, e.g. in a captured CUDA graph, only looks it up)."""
-    key = id(packed.codes)
-    hit = _VIEWS.get(key)
-    if hit is not None and hit[0]() is packed.codes and hit[1].dense.codes is packed.codes:
-        return hit[1]
-    for stale in [k for k, (ref, _) in _VIEWS.items() if ref() is None]:
-        del _VIEWS[stale]
-    view = build(packed)
-    _VIEWS[key] = (weakref.ref(packed.codes), view)
-    return view
+    """The view of this weight, built on its first call and kept while its code tensor lives."""
+    return views.cached(packed.codes, "spqr", lambda: build(packed))

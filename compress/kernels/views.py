@@ -1,0 +1,52 @@
+"""Device views of packed weights: forms a GPU kernel reads faster than the stored one, built once per weight on
+its device and kept while the weight's tensors live (a module's buffers), so every later call, e.g. one replayed
+in a CUDA graph, only looks the view up.
+
+`widen`: 3-bit group-quant codes (10 a 32-bit word) re-packed as 4-bit codes (8 a word), the form the split-K
+GEMV and the 16-row dot tiles read (triton_splitk.py: a power of two codes a word, groups of whole words). The
+view's code words are a third larger than the stored ones (4 bits a weight against 3.2), the result is the
+same weight exactly (the same codes, scales and zero points)."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from compress.formats import group_quant
+from compress.formats.words import pack_fields, read_fields
+
+View = TypeVar("View")
+_CACHE: dict[tuple[int, str], tuple[weakref.ref, object]] = {}
+
+
+def cached(key: torch.Tensor, kind: str, build: Callable[[], View]) -> View:
+    """The `kind` view keyed by one of the weight's tensors (its code words): built on the first call, then looked up
+    while that tensor lives (a new tensor, e.g. after .to(device), gets a new view)."""
+    hit = _CACHE.get((id(key), kind))
+    if hit is not None and hit[0]() is key:
+        return hit[1]
+    for stale in [k for k, (ref, _) in _CACHE.items() if ref() is None]:
+        del _CACHE[stale]
+    view = build()
+    _CACHE[(id(key), kind)] = (weakref.ref(key), view)
+    return view
+
+
+def widen(packed: group_quant.GroupQuantWeight) -> group_quant.GroupQuantWeight:
+    """A 3-bit group-quant weight as the same weight with 4-bit code words (integer zero points re-packed alike)."""
+    if packed.bits != 3:
+        raise ValueError(f"widen takes 3-bit codes, got {packed.bits}-bit")
+    rows, cols = packed.shape
+    codes = pack_fields(read_fields(packed.codes, 3, cols), 4)
+    zero = pack_fields(read_fields(packed.zero, 3, packed.groups), 4) if packed.zero_kind == "integer" else packed.zero
+    return group_quant.GroupQuantWeight(packed.shape, 4, packed.group_size, codes, packed.scale, zero, packed.zero_kind)
+
+
+def kernel_form(packed):
+    """What the Triton kernels should read for this weight: its widened view for 3-bit group-quant codes, else itself."""
+    if isinstance(packed, group_quant.GroupQuantWeight) and packed.bits == 3:
+        return cached(packed.codes, "widen", lambda: widen(packed))
+    return packed
