@@ -8,7 +8,8 @@ under a temporary name and renamed into place:
   resume/state-i/                  the masks and packed weights of block i's targets (which leave
                                    memory then; when the stage ends the masks come back and the
                                    packed weights are copied, bytes only, into its packed file)
-  resume/hidden.safetensors        the calibration hidden states feeding block i + 1
+  resume/hidden.safetensors        the calibration hidden states feeding block i + 1 (in a data-parallel
+                                   run, every process's, by batch number: process 0 keeps them)
   resume/progress.json             written last: the next block to run and the outcomes so far
 A restarted stage captures the other block arguments afresh (positions, masks: cheap and the same),
 takes the hidden states and outcomes from the checkpoint and continues at the next block, so its
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from compress.calibration.distributed import from_leader, gather_batches, scatter_batches
 from compress.calibration.layerwise import BlockHandler, BlockInputs, StageOutcome
 from compress.calibration.streaming import BlockwiseModel
 from compress.model.checkpoint import CheckpointWriter, replace_file
@@ -50,6 +52,14 @@ class StageBlocks(BlockHandler):
         return [t.name for t in self.model.layout.targets if t.block == index]
 
     def resume(self, outcomes: list[StageOutcome], state: CompressionState) -> tuple[int, list[torch.Tensor] | None]:
+        first, hidden = self._saved_progress(outcomes)
+        # a data-parallel run: the other processes start where this one does, each with its batches' hidden states
+        first = from_leader(first)
+        self.resumed_at = first
+        return first, scatter_batches(hidden) if from_leader(int(hidden is not None)) else None
+
+    def _saved_progress(self, outcomes: list[StageOutcome]) -> tuple[int, dict[int, torch.Tensor] | None]:
+        """(next block, hidden states by batch number) of the checkpoints here; restores `outcomes`."""
         path = self.resume_dir / PROGRESS_FILE
         if not path.is_file():
             return 0, None
@@ -58,16 +68,14 @@ class StageBlocks(BlockHandler):
             shutil.rmtree(self.resume_dir)
             self.resume_dir.mkdir()
             return 0, None
-        first = progress["next_block"]
         for outcome, saved in zip(outcomes, progress["outcomes"], strict=True):
             for name, value in saved.items():
                 setattr(outcome, name, value)
         hidden = None
         if progress["hidden"]:
             stored = load_file(str(self.resume_dir / HIDDEN_FILE))
-            hidden = [stored[str(i)] for i in range(len(stored))]
-        self.resumed_at = first
-        return first, hidden
+            hidden = {int(i): tensor for i, tensor in stored.items()}
+        return progress["next_block"], hidden
 
     def fetch(self, index: int) -> None:
         self.model.fetch(index)
@@ -86,8 +94,10 @@ class StageBlocks(BlockHandler):
             partial.rename(folder)
             for name in names:  # on disk now; `close` brings them back (a 7B model's masks are 0.8 GB)
                 del state.targets[name]
-        if inputs:
-            tensors = {str(i): item.hidden.detach().cpu().contiguous() for i, item in enumerate(inputs)}
+        if inputs:  # every process's, by batch number (one process: its own)
+            gathered = gather_batches([item.hidden for item in inputs])
+            assert gathered is not None
+            tensors = {str(i): tensor for i, tensor in gathered.items()}
             replace_file(self.resume_dir / HIDDEN_FILE, lambda p: save_file(tensors, str(p)))
         progress = {"fingerprint": self.fingerprint, "next_block": index + 1, "hidden": bool(inputs),
                     "outcomes": [asdict(outcome) for outcome in outcomes]}
@@ -105,3 +115,27 @@ class StageBlocks(BlockHandler):
         self.writer.write(0, self.model.outside_tensors())
         self.writer.finish(self.model.source)
         shutil.rmtree(self.resume_dir)
+
+
+class FollowerBlocks(BlockHandler):
+    """A data-parallel run's other processes (not process 0): blocks streamed in and released as
+    StageBlocks does, nothing written; their hidden states go to process 0's checkpoint, and a
+    resumed stage starts at process 0's block with its hidden states from there."""
+
+    def __init__(self, model: BlockwiseModel) -> None:
+        self.model = model
+
+    def resume(self, outcomes: list[StageOutcome], state: CompressionState) -> tuple[int, list[torch.Tensor] | None]:
+        first = from_leader(0)
+        return first, scatter_batches(None) if from_leader(0) else None
+
+    def fetch(self, index: int) -> None:
+        self.model.fetch(index)
+
+    def finish(self, index: int, inputs: list[BlockInputs], outcomes: list[StageOutcome], state: CompressionState) -> None:
+        if inputs:
+            gather_batches([item.hidden for item in inputs])
+        self.model.release(index)
+        for target in self.model.layout.targets:  # process 0 keeps the state; here it would only take memory
+            if target.block == index:
+                state.targets.pop(target.name, None)

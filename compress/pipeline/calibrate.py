@@ -10,6 +10,8 @@ import torch
 
 from compress import __version__
 from compress.calibration.data import batches, calibration_tokens
+from compress.calibration.distributed import share, world_size
+from compress.errors import CompressError
 from compress.methods import get_method
 from compress.pipeline.store import StepResult, StepStore, digest, file_digests, load_tokens, save_tokens
 from compress.recipe import Recipe
@@ -42,5 +44,10 @@ def calibrate_step(store: StepStore, recipe: Recipe, load: StepResult) -> StepRe
 
 
 def calibration_batches(calibration: StepResult, recipe: Recipe) -> list[torch.Tensor]:
-    """The stored calibration tokens in the recipe's batches."""
-    return batches(load_tokens(calibration.path / TOKENS_FILE), recipe.calibration.batch_size)
+    """The stored calibration tokens in the recipe's batches; in a data-parallel run, this process's
+    share of them (batches[rank::world]: the statistics are summed over the processes)."""
+    every = batches(load_tokens(calibration.path / TOKENS_FILE), recipe.calibration.batch_size)
+    if len(every) < world_size():
+        raise CompressError(f"{len(every)} calibration batches cannot be shared by {world_size()} processes: "
+                            "raise calibration.nsamples or lower calibration.batch_size")
+    return share(every)

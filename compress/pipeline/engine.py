@@ -19,12 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from compress.calibration.distributed import world_size
 from compress.pipeline.audit import audit_step
 from compress.pipeline.calibrate import calibrate_step
 from compress.pipeline.evaluate import evaluate_step
 from compress.pipeline.export import export_step
 from compress.pipeline.load import load_step
 from compress.pipeline.output import output_lock, resolve_output_dir
+from compress.pipeline.parallel import check_data_parallel
 from compress.pipeline.stage import stage_step
 from compress.pipeline.store import StepResult, StepStore
 from compress.recipe import Recipe
@@ -51,10 +53,17 @@ def run(
         return _run(recipe, out, store, runner, overwrite)
 
 
-def _run(recipe: Recipe, out: str | Path | None, store: StepStore | None, runner: Runner, overwrite: bool) -> dict[str, Any]:
-    started = time.perf_counter()
-    out_dir = resolve_output_dir(recipe, out, overwrite)
-    store = store or StepStore.default()
+def follow(recipe: Recipe, store: StepStore | None = None) -> None:
+    """What a data-parallel run's processes other than 0 do (compress/calibration/distributed.py): the
+    steps all of them take together, load, calibrate and the stages, with their share of the batches;
+    process 0 stores each step, evaluates and exports."""
+    _compress(recipe, store or StepStore.default(), run_directly)
+
+
+def _compress(recipe: Recipe, store: StepStore, runner: Runner) -> tuple[StepResult, StepResult, list[StepResult]]:
+    """The load, calibrate and stage steps: (load, calibration, each stage's result)."""
+    if world_size() > 1:
+        check_data_parallel(recipe, world_size())
     load = runner("load", load_step, recipe)
     calibration = runner("calibrate", calibrate_step, store, recipe, load)
     checkpoints: list[StepResult] = [load]  # what each stage starts from, then the last stage's output
@@ -63,8 +72,15 @@ def _run(recipe: Recipe, out: str | Path | None, store: StepStore | None, runner
         reference = checkpoints[refines] if refines is not None else None
         checkpoints.append(runner(f"stage {index} ({stage.method})", stage_step, store, recipe, index, checkpoints[-1], calibration, reference,
                                   load))
-    stages = checkpoints[1:]
-    evaluation = runner("evaluate", evaluate_step, store, recipe, load, checkpoints[-1])
+    return load, calibration, checkpoints[1:]
+
+
+def _run(recipe: Recipe, out: str | Path | None, store: StepStore | None, runner: Runner, overwrite: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    out_dir = resolve_output_dir(recipe, out, overwrite)
+    store = store or StepStore.default()
+    load, calibration, stages = _compress(recipe, store, runner)
+    evaluation = runner("evaluate", evaluate_step, store, recipe, load, stages[-1] if stages else load)
     steps = [load, calibration, *stages, evaluation]
     with output_lock(out_dir):  # from writing the folder to reading it back (and, in the flow, registering it)
         runner("export", export_step, out_dir, recipe, load, calibration, stages, evaluation, steps, started)

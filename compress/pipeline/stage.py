@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from compress import __version__
+from compress.calibration.distributed import is_follower, world_size
 from compress.calibration.layerwise import PlannedStage, StageOutcome, run_layerwise
 from compress.calibration.model_statistics import MODEL_STATISTICS, ShelvedStatistics
-from compress.calibration.resume import StageBlocks
+from compress.calibration.resume import FollowerBlocks, StageBlocks
 from compress.calibration.shelf import TensorShelf
 from compress.calibration.streaming import BlockwiseModel, open_blockwise, reference_weights
 from compress.errors import CompressError
@@ -54,6 +55,7 @@ def stage_step(
     key = digest(
         "stage", __version__, stage.describe(), previous.key, calibration.key if uses_data else None,
         reference.key if reference else None, compute_settings(recipe.model), measure_error, text, original.key if text and original else None,
+        *((("processes", world_size()),) if world_size() > 1 else ()),  # summed in another order: other bits, another step
     )
 
     def compute(folder: Path) -> dict[str, Any]:
@@ -78,6 +80,9 @@ def _layerwise(
                if name in MODEL_STATISTICS and model.loaded.kind in MODEL_STATISTICS[name].kinds}
     if shelves:  # in the work folder: a resumed stage finds them there
         planned.model_statistics = _model_statistics(shelves, previous, recipe, planned, calib)
+    if is_follower():  # a data-parallel run's other process: its share of the statistics, nothing written
+        run_layerwise(model.loaded.model, layout, [planned], state, calib, model.loaded.device, recipe.evaluate.layer_error, FollowerBlocks(model))
+        return {}
     blocks = StageBlocks(model, folder, folder / MODEL_DIR, key)
     outcome = run_layerwise(model.loaded.model, layout, [planned], state, calib, model.loaded.device, recipe.evaluate.layer_error, blocks)
     result = outcome.stages[0]

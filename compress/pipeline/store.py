@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compress import __version__
+from compress.calibration.distributed import barrier, from_leader, is_follower, world_size
 from compress.cleanup import undo_on_abort
 from compress.errors import CompressError
 from compress.settings import compress_home
@@ -40,6 +42,9 @@ log = logging.getLogger("compress")
 
 STEP_FILE = "step.json"
 MODEL_DIR = "model"
+# The steps every process of a data-parallel run goes through together (compress/calibration/distributed.py),
+# and whether the processes other than 0 compute them too (a stage: their share of the statistics).
+SHARED_STEPS = {"calibrate": False, "stage": True}
 
 
 def digest(*parts: Any) -> str:
@@ -111,13 +116,42 @@ class StepStore:
         step.json. Two runs computing the same step at once both finish; the first rename wins.
         `resumable`: the work folder is named by the key alone and kept when the step fails or is
         killed, so the next run of the same step finds what `compute` checkpointed there (one run at
-        a time holds it, by a lock; another computes in a folder of its own).
+        a time holds it, by a lock; another computes in a folder of its own). In a data-parallel run
+        the calibrate and stage steps are taken by every process together (`_run_together`).
         """
+        if world_size() > 1 and kind in SHARED_STEPS:
+            return self._run_together(kind, key, compute, resumable)
         started = time.perf_counter()
         found = self.lookup(kind, key)
         if found is not None:
             found.seconds = time.perf_counter() - started
             return found
+        return self._compute(kind, key, compute, resumable, started)
+
+    def _run_together(self, kind: str, key: str, compute: Callable[[Path], dict[str, Any]], resumable: bool) -> StepResult:
+        """A step of a data-parallel run: process 0 looks it up and, if it is not stored, computes and
+        stores it while the others compute alongside (a stage: their share of its statistics, written
+        nowhere) or wait (SHARED_STEPS); then every process reads what process 0 stored."""
+        started = time.perf_counter()
+        found = None if is_follower() else self.lookup(kind, key)
+        if from_leader(int(found is not None)):
+            result = found or self.lookup(kind, key)
+        else:
+            if not is_follower():
+                self._compute(kind, key, compute, resumable, started)
+            elif SHARED_STEPS[kind]:
+                with tempfile.TemporaryDirectory(prefix="compress-follower-") as scratch:
+                    compute(Path(scratch))
+            barrier()  # process 0's folder is in place
+            result = self.lookup(kind, key)
+            if result is None:
+                raise CompressError(f"the {kind} step process 0 stored is not in {self.root}: every process needs the same COMPRESS_HOME")
+            result.cached = False
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _compute(self, kind: str, key: str, compute: Callable[[Path], dict[str, Any]], resumable: bool, started: float) -> StepResult:
+        """Compute the step into a fresh folder and store it (see `run`)."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.folder(kind, key)
         with _work_folder(self.root, final.name, resumable) as (partial, keep_on_failure):
