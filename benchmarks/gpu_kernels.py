@@ -32,16 +32,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import gpu_decode
 import gpu_peers
 
-from compress.formats import group_quant, nm, sparse_quant
+from compress.formats import group_quant, lut, nm, sparse_quant, spqr
+from compress.formats.quantized import Outliers, QuantizedWeight
 from compress.formats.words import tensor_bytes
+from compress.kernels import dispatch, extras_view, views
 from compress.kernels import triton_config as tc
 from compress.kernels import triton_gemv as tg
 from compress.kernels import triton_kernels as tk
-from compress.kernels import views
 
-FORMATS = ("int4_g128", "int3_g128", "int3_g128@widened", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128", "2:4+int4_g128@splitk")
+FORMATS = ("int4_g128", "int3_g128", "int3_g128@widened", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128", "2:4+int4_g128@splitk",
+           "spqr3_g16", "lut3")
+VIEW_FORMATS = ("spqr3_g16", "lut3")  # through their kernel views (extras_view.py), timed as a module calls them: dispatch.device_matmul
 FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: that kernel at batch 1 (not yet the default)
 # FORMAT@widened: the 3-bit codes read as 4-bit words (views.widen, what dispatch gives a module); bytes: the widened form's
 SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"
@@ -55,7 +59,16 @@ def make(fmt: str, rows: int, cols: int, device: str):
     scale = (torch.rand(rows, groups, generator=g) * 0.02 + 0.001).half().float()
     zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
     mask = (torch.rand(rows, cols // 4, 4, generator=g).argsort(-1) < 2).reshape(rows, cols)
-    if fmt.startswith("int"):
+    if fmt == "spqr3_g16":  # 3-bit g16, 3-bit statistics, 1% outliers, a permutation (gpu_decode.spqr_target's grids)
+        _, quantized, _ = gpu_decode.spqr_target(torch.randn(rows, cols, generator=g) * 0.02)
+        packed = spqr.from_quantized(quantized)
+    elif fmt == "lut3":  # 3-bit codes into per-row tables, 1% outliers, a permutation
+        quantized = QuantizedWeight((rows, cols), 3, cols, torch.randint(0, 8, (rows, cols), generator=g), None, None,
+                                    lut=(torch.randn(rows, 8, generator=g) * 0.02).half(),
+                                    perm=torch.randperm(cols, generator=g))
+        quantized.outliers = Outliers.from_mask(torch.randn(rows, cols, generator=g) * 0.1, torch.rand(rows, cols, generator=g) < 0.01)
+        packed = lut.from_quantized(quantized)
+    elif fmt.startswith("int"):
         packed = group_quant.pack(codes, scale, zero, bits, 128)
     elif fmt.startswith("nm"):
         packed = nm.pack(torch.randn(rows, cols, generator=g).bfloat16().float() * mask, mask, 2, 4, torch.bfloat16)
@@ -65,8 +78,13 @@ def make(fmt: str, rows: int, cols: int, device: str):
 
 
 def unpack(packed) -> torch.Tensor:
-    return {group_quant.GroupQuantWeight: group_quant.unpack, nm.NMWeight: nm.unpack,
-            sparse_quant.SparseQuantWeight: sparse_quant.unpack}[type(packed)](packed)
+    return {group_quant.GroupQuantWeight: group_quant.unpack, nm.NMWeight: nm.unpack, sparse_quant.SparseQuantWeight: sparse_quant.unpack,
+            spqr.SpQRWeight: spqr.unpack, lut.LUTWeight: lut.unpack}[type(packed)](packed)
+
+
+def op_for(packed):
+    """What a module calls for this weight: the Triton kernel, or the view path of SpQR / LUT weights."""
+    return dispatch.device_matmul if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)) else tk.packed_matmul
 
 
 def packed_bytes(packed) -> int:
@@ -200,23 +218,31 @@ def same_bits_peer(fmt: str, peers: dict, batch: int) -> tuple[str, float] | Non
 
 
 def weight_copies(fmt: str, rows: int, cols: int, check: bool, batches=()):
-    """R copies of a random packed weight (`check`: its kernels for `batches` compiled in parallel, then checked)."""
+    """R copies of a random packed weight (`check`: its kernels for `batches` compiled in parallel, then checked;
+    SpQR / LUT: every copy's view built up front, outside the graph capture)."""
     packed = make(fmt, rows, cols, "cuda")
+    op = op_for(packed)
     if check:
-        precompile([(torch.randn(b, cols, device="cuda", dtype=dt), None) for b in {*batches, 1, 4, 16} for dt in (torch.bfloat16, torch.float32)],
-                   packed)
+        if op is tk.packed_matmul:
+            precompile([(torch.randn(b, cols, device="cuda", dtype=dt), None) for b in {*batches, 1, 4, 16}
+                        for dt in (torch.bfloat16, torch.float32)], packed)
         w = unpack(packed)
+        bound = 2e-3 if isinstance(packed, spqr.SpQRWeight) else 1e-4  # SpQR's view rounds second-level statistics to fp16
         for batch in (1, 4, 16):
             x = torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16)
             ref = x.double() @ w.double().T
-            err = ((tk.packed_matmul(x, packed).double() - ref).norm() / ref.norm()).item()
-            err32 = ((tk.packed_matmul(x.float(), packed).double() - ref).norm() / ref.norm()).item()
-            status = "ok" if err < 1e-2 and err32 < 1e-4 else "FAILED"
+            err = ((op(x, packed).double() - ref).norm() / ref.norm()).item()
+            err32 = ((op(x.float(), packed).double() - ref).norm() / ref.norm()).item()
+            status = "ok" if err < 1e-2 and err32 < bound else "FAILED"
             print(f"check {fmt} {rows}x{cols} batch {batch}: rel err bf16 {err:.1e} fp32 {err32:.1e} {status}", flush=True)
         del w
     nbytes = packed_bytes(packed)
-    return [packed] + [type(packed)(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
-                       for _ in range(copies_for(nbytes) - 1)], nbytes
+    copies = [packed] + [type(packed)(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
+                         for _ in range(copies_for(nbytes) - 1)]
+    if op is not tk.packed_matmul:
+        for copy in copies:
+            extras_view.cached(copy)
+    return copies, nbytes
 
 
 def check_forced(packed, config) -> None:
@@ -270,8 +296,8 @@ def precompile(calls: list, packed) -> None:
 
 def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep: bool) -> None:
     fmt, _, forced = fmt.partition("@")
-    if forced and sweep:
-        return  # the sweep's grid holds the forced kernel already
+    if (forced or fmt in VIEW_FORMATS) and sweep:
+        return  # the sweep's grid holds the forced kernel already; the views' kernels are swept as their own formats
     copies, nbytes = weight_copies(fmt, rows, cols, not sweep, batches)
     if forced == "widened":
         copies = [views.widen(c) for c in copies]
@@ -288,7 +314,7 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
         total = nbytes + 2 * batch * (rows + cols)
         if not sweep:
             default = FORCED[forced] if forced else default
-            us = time_op(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]) if forced else tk.packed_matmul(x, p), arg_list)
+            us = time_op(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]) if forced else op_for(p)(x, p), arg_list)
             same = same_bits_peer(fmt, peers, batch)
             emit({"format": fmt, "shape": [rows, cols], "batch": batch, "us": round(us, 2), "gbps": round(total / us / 1e3),
                   "pct_copy_bw": round(100 * total / us / 1e3 / bandwidth, 1), "bytes_per_weight": round(nbytes / (rows * cols), 4),

@@ -1,8 +1,8 @@
 """Which kernel computes y = x @ W.T for a packed weight off the CPU.
 
 CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton kernels
-(triton_kernels.py), SpQR weights without a keep mask to the same kernels through their group-quant view
-(spqr_view.py; 3-bit codes of either read as 4-bit words, views.py), ternary_dict weights to triton_ternary.py,
+(triton_kernels.py), SpQR and LUT weights without a keep mask to the same kernels through their views
+(extras_view.py; 3-bit codes read as 4-bit words, views.py), ternary_dict weights to triton_ternary.py,
 all imported on first use only, so `import compress` and every CPU path stay free of Triton; every other format or device, and every
 device when Triton is missing, takes the format's plain-torch reference_matmul. COMPRESS_GPU_KERNEL=torch
 forces the reference (COMPRESS_GPU_KERNEL=triton makes a missing Triton an error instead of a silent
@@ -64,10 +64,10 @@ def kernel_for(x: torch.Tensor, packed) -> str:
         return "torch"
     if isinstance(packed, ternary_dict.TernaryDictWeight):
         return "triton"
-    if isinstance(packed, spqr.SpQRWeight):
-        from compress.kernels import spqr_view
+    if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
+        from compress.kernels import extras_view
 
-        return "triton" if spqr_view.supported(packed) else "torch"
+        return "triton" if extras_view.supported(packed) else "torch"
     return "triton" if _triton_kernels().supports(packed) else "torch"
 
 
@@ -79,10 +79,10 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
     if kernel_for(x, packed) == "triton":
         if isinstance(packed, ternary_dict.TernaryDictWeight):
             return _triton_ternary().ternary_dict_matmul(x, packed, table)
-        if isinstance(packed, spqr.SpQRWeight):
-            from compress.kernels import spqr_view
+        if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
+            from compress.kernels import extras_view
 
-            return spqr_view.matmul(x, spqr_view.cached(packed), _triton_kernels().packed_matmul)
+            return extras_view.matmul(x, extras_view.cached(packed), _triton_kernels().packed_matmul)
         from compress.kernels import views
 
         return _triton_kernels().packed_matmul(x, views.kernel_form(packed))

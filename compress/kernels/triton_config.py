@@ -12,10 +12,11 @@ import torch
 
 from compress.formats import group_quant, nm, sparse_quant
 from compress.formats.words import codes_per_word
+from compress.kernels.views import LUTCodes
 
 FMA_MAX_BATCH = 1  # batches up to this take the FMA (CUDA-core GEMV) kernel by default, larger ones the dot kernel
 FMT_GROUP_QUANT, FMT_NM, FMT_SPARSE_QUANT = 0, 1, 2
-SUPPORTED = (group_quant.GroupQuantWeight, nm.NMWeight, sparse_quant.SparseQuantWeight)
+SUPPORTED = (group_quant.GroupQuantWeight, nm.NMWeight, sparse_quant.SparseQuantWeight, LUTCodes)
 KERNELS = ("auto", "fma", "dot", "splitk")
 
 
@@ -72,6 +73,9 @@ def default_config(batch: int, packed, device: torch.device) -> Config:
     4096-row choices, the 4096x14336 runs of the earlier sweep); the other shapes follow the same rules unmeasured."""
     rows, cols = packed.shape
     args = format_args(packed, cols)
+    if args.get("LUT"):  # tables: the split-K GEMV at every batch; 4 rows x 1, 2 x 2 or 1 x 4 activation rows a program
+        block_m = min(4, pow2(batch))  # (more of either spills registers: compiled for sm_90, 2026-12-03)
+        return Config(block_m, 4 // block_m, 64 * 4 * args["PER"], 1, 2, 1, "splitk")
     # the split-K GEMVs: 4 rows, 2 warps, plain loads (gpu_gemv_probe, 2026-12-03); 2:4 + int4's one is not yet timed on
     # a GPU, so it runs only when a Config asks for it
     if batch == 1 and splitk_ok(args) and args["FMT"] != FMT_SPARSE_QUANT:
@@ -121,6 +125,11 @@ def format_args(packed, cols: int) -> dict:
                     ZERO_INT=packed.zero_kind == "integer", KC=cols // m * n, WPR=packed.codes.shape[1],
                     IWPR=packed.indices.shape[1], GROUPS=packed.groups,
                     ZWPR=packed.zero.shape[1] if packed.zero_kind == "integer" else 1)
+    if isinstance(packed, LUTCodes):  # the split-K GEMV's table mode: "groups" of 4 words only pace the lanes (no statistics)
+        per = codes_per_word(packed.bits)
+        return dict(FMT=FMT_GROUP_QUANT, LUT=True, a=packed.codes, b=packed.codes, scale=packed.table, zero=packed.table, BITS=packed.bits,
+                    PER=per, IBITS=1, IPER=32, NN=1, MM=1, GROUP=4 * per, ZERO_INT=True, KC=cols, WPR=packed.codes.shape[1], IWPR=1,
+                    GROUPS=-(-cols // (4 * per)), ZWPR=1)
     raise TypeError(f"no Triton kernel for {type(packed).__name__}")
 
 
@@ -191,6 +200,8 @@ def launch_plan(args: dict, cfg: Config, batch: int, rows: int, cols: int, x_siz
     gq = args["FMT"] == FMT_GROUP_QUANT
     per, group = args["PER"], args["GROUP"]
     kernel = cfg.kernel if cfg.kernel != "auto" else "fma" if batch <= FMA_MAX_BATCH else "dot"
+    if args.get("LUT"):
+        kernel = "splitk"  # the only kernel with a table mode
     if kernel == "splitk" and not splitk_ok(args):
         kernel = "fma" if batch <= 4 else "dot"  # the split-K GEMVs take int2/4/8 group_quant and 2:4 (+ int4) only
     if kernel == "fma" and not fma_ok(args):

@@ -1,5 +1,6 @@
-"""SpQR on the GPU kernels (compress/kernels/spqr_view.py): a SpQR weight without a keep mask runs as its
-group-quant view plus outlier corrections. Checked against the format's plain-torch reference: with the
+"""SpQR and LUT weights on the GPU kernels (compress/kernels/extras_view.py): without a keep mask such a weight
+runs as its view (SpQR: group-quant; LUT: codes and fp32 tables for the split-K table mode) plus outlier
+corrections. Checked against the format's plain-torch reference: with the
 view's dense part computed by the group-quant reference (no Triton needed), by the Triton kernels (under
 TRITON_INTERPRET=1 on CPU tensors where there is no GPU) and, where CUDA exists, through the module on the GPU
 inside a captured CUDA graph."""
@@ -12,9 +13,9 @@ import os
 import pytest
 import torch
 
-from compress.formats import group_quant, spqr
+from compress.formats import group_quant, lut, spqr
 from compress.formats.quantized import Outliers, QuantizedStatistic, QuantizedWeight
-from compress.kernels import spqr_view, views
+from compress.kernels import extras_view, views
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -34,16 +35,8 @@ def _statistic(rows: int, groups: int, low: float, high: float, seed: int) -> Qu
     return QuantizedStatistic(torch.randint(0, 8, (rows, groups), generator=_gen(seed + 2)), 3, group_size, step, base)
 
 
-def make(rows: int, cols: int, bits: int = 3, group_size: int = 16, second_level: bool = True, outliers: bool = True,
-         perm: bool = True, keep: bool = False, seed: int = 0) -> spqr.SpQRWeight:
-    groups = -(-cols // group_size)
-    codes = torch.randint(0, 2**bits, (rows, cols), generator=_gen(seed))
-    if second_level:
-        scale, zero = _statistic(rows, groups, 1e-3, 0.05, seed + 1), _statistic(rows, groups, 0.0, 2**bits - 1, seed + 4)
-    else:
-        scale = (torch.rand(rows, groups, generator=_gen(seed + 1)) * 0.05 + 1e-3).half()
-        zero = (torch.rand(rows, groups, generator=_gen(seed + 2)) * 2**bits).half()
-    q = QuantizedWeight((rows, cols), bits, group_size, codes, scale, zero)
+def _extras(q: QuantizedWeight, outliers: bool, perm: bool, keep: bool, seed: int) -> QuantizedWeight:
+    rows, cols = q.shape
     if outliers:
         where = torch.rand(rows, cols, generator=_gen(seed + 7)) < 0.02
         where[0, -1] = True  # one in the last column; none in the last row
@@ -53,6 +46,25 @@ def make(rows: int, cols: int, bits: int = 3, group_size: int = 16, second_level
         q.perm = torch.randperm(cols, generator=_gen(seed + 9))
     if keep:
         q.keep = torch.rand(rows, cols, generator=_gen(seed + 10)) < 0.6
+    return q
+
+
+def make_lut(rows: int, cols: int, bits: int = 3, outliers: bool = True, perm: bool = True, keep: bool = False, seed: int = 20) -> lut.LUTWeight:
+    table = (torch.randn(rows, 2**bits, generator=_gen(seed)) * 0.05).half()
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=_gen(seed + 1))
+    return lut.from_quantized(_extras(QuantizedWeight((rows, cols), bits, cols, codes, None, None, lut=table), outliers, perm, keep, seed))
+
+
+def make(rows: int, cols: int, bits: int = 3, group_size: int = 16, second_level: bool = True, outliers: bool = True,
+         perm: bool = True, keep: bool = False, seed: int = 0) -> spqr.SpQRWeight:
+    groups = -(-cols // group_size)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=_gen(seed))
+    if second_level:
+        scale, zero = _statistic(rows, groups, 1e-3, 0.05, seed + 1), _statistic(rows, groups, 0.0, 2**bits - 1, seed + 4)
+    else:
+        scale = (torch.rand(rows, groups, generator=_gen(seed + 1)) * 0.05 + 1e-3).half()
+        zero = (torch.rand(rows, groups, generator=_gen(seed + 2)) * 2**bits).half()
+    q = _extras(QuantizedWeight((rows, cols), bits, group_size, codes, scale, zero), outliers, perm, keep, seed)
     return spqr.from_quantized(q)
 
 
@@ -72,7 +84,7 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 def test_view_equals_reference(case):
     rows, cols, bits, group_size, second_level, outliers, perm = CASES[case]
     packed = make(rows, cols, bits, group_size, second_level, outliers, perm)
-    view = spqr_view.build(packed)
+    view = extras_view.build(packed)
     if bits == 3:  # read as 4-bit words by the fast kernels
         assert view.dense.bits == 4 and view.dense.codes.shape[1] == -(-cols // 8)
     else:
@@ -81,7 +93,7 @@ def test_view_equals_reference(case):
     for batch in (1, 3):
         x = torch.randn(batch, cols, generator=_gen(batch))
         ref = spqr.reference_matmul(x, packed)
-        error = _relative_error(spqr_view.matmul(x, view, group_quant.reference_matmul), ref)
+        error = _relative_error(extras_view.matmul(x, view, extras_view.reference_dense), ref)
         # float16 statistics are exact; second-level ones are rounded to float16 (a relative 2^-12 on average)
         assert error < (2e-3 if second_level else 1e-5), (batch, error)
         assert error > 0 or not second_level  # the rounding is real: a test that cannot fail would hide it
@@ -106,37 +118,63 @@ def test_widened_int3_is_the_same_weight(cols, group_size, zero_kind):
         views.widen(four)
 
 
+LUT_CASES = {"3b-outliers-perm": (37, 200, 3, True, True), "4b": (20, 64, 4, False, False), "2b-outliers": (33, 130, 2, True, False),
+             "6b-perm": (16, 70, 6, False, True), "8b-outliers-perm": (9, 45, 8, True, True)}
+
+
+@pytest.mark.parametrize("case", LUT_CASES)
+def test_lut_view_equals_reference(case):
+    rows, cols, bits, outliers, perm = LUT_CASES[case]
+    packed = make_lut(rows, cols, bits, outliers, perm)
+    view = extras_view.build(packed)
+    assert view.dense.bits == (4 if bits <= 4 else 8) and view.dense.table.shape == (rows, 2**view.dense.bits)
+    for batch in (1, 3):
+        x = torch.randn(batch, cols, generator=_gen(batch))
+        error = _relative_error(extras_view.matmul(x, view, extras_view.reference_dense), lut.reference_matmul(x, packed))
+        assert error < 1e-6, (batch, error)  # the table and outliers are exact: only the summation order differs
+
+
 def test_unsupported_weights_refused():
     with pytest.raises(ValueError, match="keep mask"):
-        spqr_view.build(make(16, 64, keep=True))
+        extras_view.build(make(16, 64, keep=True))
     with pytest.raises(ValueError, match="5-bit"):
-        spqr_view.build(make(16, 64, bits=5))
-    assert not spqr_view.supported(make(16, 64, keep=True)) and spqr_view.supported(make(16, 64))
+        extras_view.build(make(16, 64, bits=5))
+    assert not extras_view.supported(make(16, 64, keep=True)) and extras_view.supported(make(16, 64))
+    with pytest.raises(ValueError, match="keep mask"):
+        extras_view.build(make_lut(16, 64, keep=True))
 
 
 def test_cached_view_follows_the_codes():
     packed = make(16, 64)
-    view = spqr_view.cached(packed)
-    assert spqr_view.cached(packed) is view
+    view = extras_view.cached(packed)
+    assert extras_view.cached(packed) is view
     moved = spqr.SpQRWeight(**{**vars(packed), "codes": packed.codes.clone()})
-    assert spqr_view.cached(moved) is not view
+    assert extras_view.cached(moved) is not view
+
+
+TRITON_CASES = {"spqr-3b-g16-second-level-outliers-perm": lambda: make(37, 200, 3, 16, True, True, True),
+                "spqr-2b-g32-outliers": lambda: make(33, 130, 2, 32, True, True, False),
+                "lut-3b-outliers-perm": lambda: make_lut(37, 200, 3), "lut-4b-odd": lambda: make_lut(9, 45, 4, False, False),
+                "lut-8b-outliers": lambda: make_lut(20, 100, 8, True, False)}
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-@pytest.mark.parametrize("case", ["3b-g16-second-level-outliers-perm", "2b-g32-outliers"])
+@pytest.mark.parametrize("case", TRITON_CASES)
 def test_view_on_triton_kernels(case):
+    """The views on the Triton kernels (SpQR: the group-quant kernels; LUT: the split-K GEMV's table mode, up to
+    4 activation rows a program: batch 5 takes two batch tiles)."""
     from compress.kernels import triton_kernels as tk
 
-    rows, cols, bits, group_size, second_level, outliers, perm = CASES[case]
-    packed = make(rows, cols, bits, group_size, second_level, outliers, perm)
+    packed = TRITON_CASES[case]()
     device = "cuda" if HAS_CUDA else "cpu"
-    packed = spqr.SpQRWeight(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
-    view = spqr_view.build(packed)
-    for batch, dtype in ((1, torch.float32), (3, torch.float32), (1, torch.bfloat16)):
-        x = torch.randn(batch, cols, generator=_gen(batch)).to(device, dtype)
-        ref = spqr.reference_matmul(x.float(), packed)
-        error = _relative_error(spqr_view.matmul(x, view, tk.packed_matmul), ref)
-        assert error < (2e-3 if dtype == torch.float32 else 1e-2), (batch, dtype, error)
+    packed = type(packed)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
+    view = extras_view.build(packed)
+    reference = spqr.reference_matmul if isinstance(packed, spqr.SpQRWeight) else lut.reference_matmul
+    exact = isinstance(packed, lut.LUTWeight)
+    for batch, dtype in ((1, torch.float32), (5, torch.float32), (1, torch.bfloat16)):
+        x = torch.randn(batch, packed.shape[1], generator=_gen(batch)).to(device, dtype)
+        error = _relative_error(extras_view.matmul(x, view, tk.packed_matmul), reference(x.float(), packed))
+        assert error < ((1e-6 if exact else 2e-3) if dtype == torch.float32 else 1e-2), (batch, dtype, error)
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="no CUDA device")

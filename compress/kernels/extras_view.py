@@ -1,0 +1,99 @@
+"""SpQR and SqueezeLLM (LUT) weights on a GPU through the split-K / group-quant Triton kernels. Without a keep
+mask, such a weight is a dense code grid plus a few outliers and a column permutation. Its view, built once per
+weight on its device (views.cached):
+- SpQR: a group-quant weight, the code words shared (3-bit codes widened to 4-bit words once, views.widen), the
+  statistics decoded from their stored forms (second-level codes included) to float16 scale and zero point a
+  group, as the group-quant kernels read them;
+- LUT: views.LUTCodes, the codes in 4-bit (8-bit) words and each row's table in fp32, for the split-K GEMV's
+  table mode;
+- every outlier as a correction, its value minus what the dense part computes at its position. Then
+
+    y = dense_matmul(x[:, perm], dense) + sum over outliers of x[:, perm][:, col] * delta   (into row)
+
+with the corrections added in fp32 by index_add_ (every step a device op: CUDA-graph safe, no host sync).
+
+SpQR's decoded statistics cost 2 x 16 bits a group beside the stored form (2 bits a weight at groups of 16), and
+quantized (second-level) statistics are rounded to float16 (a relative 2^-12 on average, far below bfloat16
+activations' 2^-9): the GPU result equals the reference to that rounding, not bit for bit; LUT views are exact.
+A weight with a keep mask, or SpQR codes of 5-7 bits (no group-quant kernel), stays on the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from compress.formats import group_quant, lut, row_extras, spqr
+from compress.formats.words import codes_per_word, read_fields
+from compress.kernels import views
+
+SPQR_BITS = (2, 3, 4, 8)  # the group-quant kernels' code widths
+
+
+@dataclass
+class ExtrasView:
+    dense: group_quant.GroupQuantWeight | views.LUTCodes  # the code grid in a form the kernels read
+    perm: torch.Tensor | None  # int64 [in]: x[:, perm] is x in the stored column order
+    rows: torch.Tensor | None  # int64 [outliers], the output row of each outlier
+    cols: torch.Tensor | None  # int64 [outliers], its stored column
+    delta: torch.Tensor | None  # float32 [outliers]: outlier value - the dense part's weight there
+
+
+def supported(packed) -> bool:
+    if isinstance(packed, spqr.SpQRWeight):
+        return packed.bitmask is None and packed.bits in SPQR_BITS
+    return isinstance(packed, lut.LUTWeight) and packed.bitmask is None
+
+
+def build(packed: spqr.SpQRWeight | lut.LUTWeight) -> ExtrasView:
+    """The view of a SpQR or LUT weight without a keep mask (SpQR: 2/3/4/8-bit codes), on the weight's device."""
+    if not supported(packed):
+        why = "a keep mask" if packed.bitmask is not None else f"{packed.bits}-bit codes"
+        raise ValueError(f"no kernel view of a {type(packed).__name__} with {why}")
+    rows_total, cols_total = packed.shape
+    if isinstance(packed, spqr.SpQRWeight):
+        scale, zero = spqr.statistic_values(packed)
+        grid = group_quant.GroupQuantWeight(packed.shape, packed.bits, packed.group_size, packed.codes, scale.half(), zero.half(), "float16")
+        dense = views.widen(grid) if grid.bits == 3 else grid
+    else:
+        dense = views.lut_codes(packed.codes, packed.lut, packed.shape, packed.bits)
+    perm = None if packed.perm is None else row_extras.unsigned16(packed.perm)
+    if packed.outlier_values is None or packed.outlier_values.numel() == 0:
+        return ExtrasView(dense, perm, None, None, None)
+    counts = (packed.outlier_row_ptr[1:] - packed.outlier_row_ptr[:-1]).to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(rows_total, device=counts.device), counts)
+    cols = row_extras.unsigned16(packed.outlier_cols)
+    per = codes_per_word(packed.bits)
+    words = packed.codes[rows, cols // per].to(torch.int64) & 0xFFFFFFFF
+    codes = (words >> ((cols % per) * packed.bits)) & ((1 << packed.bits) - 1)
+    if isinstance(packed, spqr.SpQRWeight):  # what the kernel computes there
+        group = cols // packed.group_size
+        value = dense.scale[rows, group].float() * (codes.float() - dense.zero[rows, group].float())
+    else:
+        value = dense.table[rows, codes]
+    return ExtrasView(dense, perm, rows, cols, packed.outlier_values.float() - value)
+
+
+def matmul(x: torch.Tensor, view: ExtrasView, dense_matmul: Callable) -> torch.Tensor:
+    """x [..., in] @ W.T in x's dtype; dense_matmul(x2, view.dense) computes the grid part."""
+    cols = view.dense.shape[1]
+    x2 = x.reshape(-1, cols)
+    stored = x2 if view.perm is None else x2.index_select(1, view.perm)
+    y = dense_matmul(stored, view.dense)
+    if view.delta is not None:
+        y = y.float().index_add_(1, view.rows, stored.index_select(1, view.cols).float() * view.delta).to(x.dtype)
+    return y.reshape(*x.shape[:-1], view.dense.shape[0])
+
+
+def cached(packed: spqr.SpQRWeight | lut.LUTWeight) -> ExtrasView:
+    """The view of this weight, built on its first call and kept while its code tensor lives."""
+    return views.cached(packed.codes, "extras", lambda: build(packed))
+
+
+def reference_dense(x: torch.Tensor, dense: group_quant.GroupQuantWeight | views.LUTCodes) -> torch.Tensor:
+    """The dense part in plain torch (tests; no Triton): x @ grid.T, fp32 accumulation, x's dtype."""
+    if isinstance(dense, group_quant.GroupQuantWeight):
+        return group_quant.reference_matmul(x, dense)
+    codes = read_fields(dense.codes, dense.bits, dense.shape[1])
+    return (x.float() @ dense.table.gather(1, codes).T).to(x.dtype)
