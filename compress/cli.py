@@ -2,7 +2,7 @@
 
     compress validate RECIPE [--model M] [--set key=value ...]   check a recipe, print it resolved
     compress plan RECIPE [--json]                                every target of every stage, left-outs, estimates
-    compress run RECIPE [--out DIR] [--no-track]                 run it here (the Prefect flow, tracked)
+    compress run RECIPE [--out DIR] [--no-track] [--nproc N]     run it here (the Prefect flow, tracked), in N processes
     compress serve [--limit N]                                   serve the flow for submissions
     compress submit RECIPE [--wait]                              send a recipe to the served flow
     compress runs | compress compare ID ID [--figure [P]] [--log] read runs back from MLflow (a figure when asked)
@@ -18,14 +18,10 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import sys
 from typing import Any
 
-from compress.errors import CompressError
-
-EXIT_RUN_FAILED = 1
-EXIT_INPUT_ERROR = 2
+from compress.errors import EXIT_INPUT_ERROR, EXIT_RUN_FAILED, CompressError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="replace an earlier output of another recipe or model (never a folder compress did not write)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--no-track", action="store_true", help="plain run: no Prefect, no MLflow (same steps, same output)")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="calibrate in N processes on this machine, each on its share of the batches (CPU, or one GPU each)")
     submit = recipe_command("submit", "send a recipe to the served flow (`compress serve`); prints the run ids")
     submit.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 if it failed")
     serve = commands.add_parser("serve", help="serve the flow as a Prefect deployment that accepts submissions")
@@ -84,21 +82,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         print(json.dumps(recipe.describe(), indent=2))
         return 0
-    from compress.api import execute, prepare
-    from compress.pipeline.store import StepStore
-    from compress.stopping import run_interruptible
-    from compress.summary import run_header, run_summary
+    from compress.run_command import run_command
 
-    track = not args.no_track
-    out, plan = prepare(recipe, args.out, overwrite=args.overwrite, track=track)
-    print(run_header(recipe, plan), file=sys.stderr)
-    for warning in plan.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    again = shlex.join(["compress", *(args.argv or sys.argv[1:])])
-    report = run_interruptible(lambda: execute(recipe, out, track=track, overwrite=args.overwrite),
-                               f"finished steps and blocks are kept in {StepStore.default().root}; resume with: {again}")
-    print(run_summary(report, str(out)))
-    return 0
+    return run_command(args, recipe)
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -28,9 +28,10 @@ T = TypeVar("T")
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def run_interruptible(work: Callable[[], T], stopped_message: str) -> T:
+def run_interruptible(work: Callable[[], T], stopped_message: str, announce: bool = True) -> T:
     """`work()` in a worker thread; its result, or its exception re-raised here. On SIGINT/SIGTERM:
-    undo, stop child processes, print `interrupted (SIGINT): <stopped_message>`, exit 128 + signal."""
+    undo, stop child processes, print `interrupted (SIGINT): <stopped_message>` (unless not `announce`:
+    one process of several says it), exit 128 + signal."""
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -44,8 +45,9 @@ def run_interruptible(work: Callable[[], T], stopped_message: str) -> T:
             signal.signal(sig, signal.SIG_IGN)
         run_abort_actions()
         stop_children()
-        start = "\n" if sys.stderr.isatty() else ""  # below a progress bar
-        print(f"{start}interrupted ({signal.Signals(signum).name}): {stopped_message}", file=sys.stderr, flush=True)
+        if announce:
+            start = "\n" if sys.stderr.isatty() else ""  # below a progress bar
+            print(f"{start}interrupted ({signal.Signals(signum).name}): {stopped_message}", file=sys.stderr, flush=True)
         os._exit(128 + signum)
 
     worker = threading.Thread(target=target, name="compress-run", daemon=True)

@@ -66,8 +66,8 @@ def test_no_import_cycles():
 
 
 def test_lower_layers_never_import_higher_ones():
-    order = ["errors", "settings", "cleanup", "leftovers", "stopping", "progress", "runlog", "formats", "model", "methods", "recipe", "state",
-             "calibration", "kernels", "train", "deploy", "pipeline", "service", "api", "summary", "cli", "__main__"]
+    order = ["errors", "settings", "cleanup", "leftovers", "stopping", "launch", "progress", "runlog", "formats", "model", "methods", "recipe",
+             "state", "calibration", "kernels", "train", "deploy", "pipeline", "service", "api", "summary", "run_command", "cli", "__main__"]
     def layer(module: str) -> int:
         parts = module.split(".")
         return order.index(parts[1]) if len(parts) > 1 else len(order)
