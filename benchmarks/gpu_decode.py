@@ -39,7 +39,7 @@ MODELS = {
     "1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
 }
-FORMS = ("2:4", "int4_g128", "2:4+int4_g128", "spqr3_g16")
+FORMS = ("int4_g128", "2:4", "2:4+int4_g128", "spqr3_g16")
 PROMPT_TOKENS = 16
 
 
@@ -197,7 +197,8 @@ def swap(model, modules: dict) -> dict:
 
 
 @torch.no_grad()
-def run_model(spec: str, args, env: dict) -> list[dict]:
+def run_model(spec: str, args, env: dict, rows: list, save) -> None:
+    """Dense and every form of one model, each record appended to `rows` and saved (save()) as it is made."""
     device = torch.device(args.device)
     started = time.perf_counter()
     name, _, layers = spec.partition(":")
@@ -207,11 +208,11 @@ def run_model(spec: str, args, env: dict) -> list[dict]:
     layers = model.config.num_hidden_layers
     say(f"{name}: {layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters ({time.perf_counter() - started:.0f} s)")
     base = {**env, "model": name, "layers": layers, "new_tokens": args.new_tokens}
-    rows = []
     for batch in args.batches:
         prompt = torch.randint(3, 32000, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(batch)).to(device)
         dense = decode(model, prompt, args.new_tokens, args.repeats, not args.eager)
         rows.append({**base, "form": "dense_bf16", "batch": batch, "target_bytes": dense_bytes, **without_tokens(dense)})
+        save()
         say(f"  batch {batch} dense: {dense['tokens_per_s']} tok/s (graphs {dense['graphs']})")
     for form in args.forms:
         started = time.perf_counter()
@@ -230,7 +231,7 @@ def run_model(spec: str, args, env: dict) -> list[dict]:
                 packed = decode(model, prompt, args.new_tokens, args.repeats, not args.eager)
             finally:
                 swap(model, linears)
-            dense_row = next(r for r in rows if r["form"] == "dense_bf16" and r["batch"] == batch)
+            dense_row = next(r for r in rows if r["model"] == name and r["form"] == "dense_bf16" and r["batch"] == batch)
             diffs = [first_difference(a, b) for a, b in zip(packed["tokens"], equivalent["tokens"])]
             differing = [d for d in diffs if d is not None]
             row = {**base, "form": form, "batch": batch, "target_bytes": nbytes, **without_tokens(packed),
@@ -239,12 +240,12 @@ def run_model(spec: str, args, env: dict) -> list[dict]:
                    "same_tokens": not differing, "sequences_differing": len(differing),
                    "first_difference": min(differing) if differing else None}
             rows.append(row)
+            save()
             say(f"  batch {batch} {form}: {packed['tokens_per_s']} tok/s, {row['ratio_vs_dense']}x dense, same tokens {row['same_tokens']}"
                 f"{'' if not differing else f' ({len(differing)} of {batch} differ, first at {min(differing)})'}")
         del modules, equivalents, originals
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
     return rows
 
 
@@ -273,11 +274,14 @@ def main(argv=None) -> None:
            "triton": triton.__version__, "transformers": transformers.__version__,
            "python": platform.python_version(), "command": " ".join(["python3", *sys.argv])}
     print(json.dumps(env), flush=True)
-    rows = []
-    for name in args.models.split(","):
-        rows += run_model(name, args, env)
+    rows: list[dict] = []
+
+    def save() -> None:  # after every record: a run cut off by a time limit keeps what it measured
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
+
+    for name in args.models.split(","):
+        run_model(name, args, env, rows, save)
     print(f"{'model':5} {'form':15} {'batch':>5} {'tok/s':>9} {'x dense':>8} {'graphs':>6}  same tokens")
     for r in rows:
         print(f"{r['model']:5} {r['form']:15} {r['batch']:>5} {r['tokens_per_s']:>9} {r.get('ratio_vs_dense', 1.0):>8} {str(r['graphs']):>6}  "
