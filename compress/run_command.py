@@ -169,8 +169,8 @@ def _lead(args: argparse.Namespace, recipe: Recipe, device: int | None) -> int:
     track = not args.no_track
     try:
         out, plan = prepare(recipe, args.out, overwrite=args.overwrite, track=track)
-    except CompressError as error:
-        _word_of_leader(str(error))
+    except Exception as error:  # the others would wait for its word
+        _word_of_leader(f"{type(error).__name__}: {error}")
         raise
     _word_of_leader(None)
     print(run_header(recipe, plan), file=sys.stderr)
@@ -191,7 +191,7 @@ def _follow(recipe: Recipe, device: int | None) -> int:
     from compress.pipeline.engine import follow
     from compress.stopping import run_interruptible
 
-    if _word_of_leader(None) is not None:  # process 0 printed why
+    if _word_of_leader(None) is not None:  # process 0 refused the run and says why
         return EXIT_INPUT_ERROR
     try:
         run_interruptible(_on_device(device, lambda: follow(recipe)), "", announce=False)
