@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -33,7 +34,7 @@ int64_t isa_support() {
 }
 
 void check_isa(int64_t isa) {
-  TORCH_CHECK(isa >= kScalar && isa <= kAvx512, "unknown kernel ISA ", isa);
+  TORCH_CHECK(isa >= kScalar && isa <= kAvx512, "unknown kernel ISA ", std::to_string(isa));  // text: see ternary.cpp
   TORCH_CHECK(isa_support() & (1 << isa), "this CPU cannot run the ", isa == kAvx512 ? "avx512" : "avx2", " kernels");
 }
 

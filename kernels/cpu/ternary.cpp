@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <string>
 
 #include "common.h"
 
@@ -168,7 +169,10 @@ void parallel_rows(int64_t N, int64_t grain, F body) {
 
 at::Tensor ternary_dict_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& row_offsets, const at::Tensor& minmax,
                                const at::Tensor& kernel_table, int64_t isa) {
-  TORCH_CHECK(isa >= kScalar && isa <= kAvx512, "unknown kernel ISA ", isa);
+  // Messages take integers as std::to_string text: on one machine (GCC 13.3, Intel Xeon) streaming an int64 into a
+  // TORCH_CHECK message from this file crashed in std::ostream::_M_insert<long> instead of raising (2026-12-03, a
+  // cuda-gdb backtrace); text is streamed by the library's own instantiation.
+  TORCH_CHECK(isa >= kScalar && isa <= kAvx512, "unknown kernel ISA ", std::to_string(isa));
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.is_floating_point(), "x must be a 2-D floating CPU tensor");
   check(codes, at::kShort, "codes");
   check(row_offsets, at::kInt, "row_offsets");
@@ -179,16 +183,17 @@ at::Tensor ternary_dict_matmul(const at::Tensor& x, const at::Tensor& codes, con
   TORCH_CHECK(row_offsets.dim() == 1 && row_offsets.size(0) == N + 1, "row_offsets must be [out + 1]");
   TORCH_CHECK(kernel_table.dim() == 2 && kernel_table.size(1) == 3, "kernel_table must be [codewords, 3]");
   const int64_t entries = kernel_table.size(0);
-  TORCH_CHECK(entries >= 1 && entries <= kTableRows, "kernel_table must have 1 to 65536 codewords, got ", entries);
+  TORCH_CHECK(entries >= 1 && entries <= kTableRows, "kernel_table must have 1 to 65536 codewords, got ", std::to_string(entries));
   const int32_t* off = row_offsets.data_ptr<int32_t>();
   bool ok = off[0] >= 0 && off[N] <= codes.numel();  // branch-free (vectorized), the message below
   for (int64_t r = 0; r < N; ++r) ok &= off[r] <= off[r + 1];
-  TORCH_CHECK(ok, "row_offsets must not decrease and must lie in [0, ", codes.numel(), "]");
+  TORCH_CHECK(ok, "row_offsets must not decrease and must lie in [0, ", std::to_string(codes.numel()), "]");
   if (entries < kTableRows) {  // a smaller dictionary: every code must index it (a 65536-row table takes any uint16)
     const uint16_t* c = reinterpret_cast<const uint16_t*>(codes.data_ptr());
     uint16_t top = 0;
     for (int64_t i = 0; i < codes.numel(); ++i) top = std::max(top, c[i]);
-    TORCH_CHECK(codes.numel() == 0 || top < entries, "code ", static_cast<int64_t>(top), " is outside the dictionary of ", entries, " codewords");
+    TORCH_CHECK(codes.numel() == 0 || top < entries, "code ", std::to_string(top), " is outside the dictionary of ",
+                std::to_string(entries), " codewords");
   }
 
   at::Tensor out = at::empty({B, N}, x.options().dtype(at::kFloat));  // every entry is written
