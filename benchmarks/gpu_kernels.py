@@ -308,7 +308,8 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
     for batch in batches:
         xs = [torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         arg_list = [(xs[i % 4], p) for i, p in enumerate(copies)]
-        default = tc.default_config(batch, copies[0], torch.device("cuda"))
+        kernel_weight = extras_view.cached(copies[0]).dense if fmt in VIEW_FORMATS else copies[0]  # the view's grid: its kernel
+        default = tc.default_config(batch, kernel_weight, torch.device("cuda"))
         dense = peers["dense_bf16"][batch]
         best_peer = min(t[batch] for t in peers.values() if batch in t)
         total = nbytes + 2 * batch * (rows + cols)
