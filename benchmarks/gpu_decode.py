@@ -11,8 +11,11 @@ same first token). A model whose step cannot be captured is timed eagerly and sa
 
 Same weights, same tokens: each packed model is compared with its dense equivalent (the dense model with every
 target's weight replaced by the packed weight decoded to bf16, the same graph decode): `same_tokens` and the
-first position where the greedy tokens differ (bf16 activations, fp32 accumulation in both, different summation
-order: on random weights a near-tie may flip late). Compression is direct (no calibration: 2:4 by magnitude,
+first position where the greedy tokens differ; then both models read the dense equivalent's sequence in one
+forward (teacher forcing): the share of positions whose next-token argmax agrees, and how many disagreements lie
+within the numerical noise (top-2 logit gap no larger than the largest logit difference at that position). Both
+compute bf16 activations with fp32 accumulation in a different summation order: on random weights, whose
+next-token distributions are nearly flat, a near-tie may flip. Compression is direct (no calibration: 2:4 by magnitude,
 RTN int4 g128, spqr_target's grids), as benchmarks/end_to_end.py does on CPU.
 
     python3 benchmarks/gpu_decode.py --models 1b,7b --batches 1,16 --new-tokens 128 --json out.json
@@ -155,6 +158,25 @@ def spqr_target(weight: torch.Tensor, bits: int = 3, group: int = 16, outlier_fr
     return None, q, q.dequantize()
 
 
+@torch.inference_mode()
+def teacher_forced(model, sequence: torch.Tensor) -> torch.Tensor:
+    """fp32 logits at the positions that predict the generated tokens, [batch, new_tokens, vocab] (one forward)."""
+    return model(sequence, use_cache=False).logits[:, PROMPT_TOKENS - 1 : -1].float()
+
+
+def compare_logits(packed: torch.Tensor, reference: torch.Tensor) -> dict:
+    """How the packed model's next-token choices compare with its dense equivalent's on the same (the dense
+    equivalent's) tokens: the share of positions whose argmax agrees, and whether every disagreement lies within
+    the numerical noise (the reference's top-2 gap there no larger than the largest logit difference there)."""
+    top2 = reference.topk(2, dim=-1).values
+    gap = top2[..., 0] - top2[..., 1]
+    difference = (packed - reference).abs().amax(-1)
+    disagree = packed.argmax(-1) != reference.argmax(-1)
+    return {"teacher_forced_agreement": round(1 - disagree.float().mean().item(), 4), "disagreements": int(disagree.sum()),
+            "disagreements_within_noise": int((disagree & (gap <= difference)).sum()),
+            "median_top2_gap": round(gap.median().item(), 5), "median_max_logit_difference": round(difference.median().item(), 5)}
+
+
 def pack_all(model, targets: list[str], form: str) -> tuple[dict, dict, int]:
     """({target: kernel-backed module}, {target: dense-equivalent bf16 weight}, packed bytes) for one form."""
     from compress.formats.choose import pack_target
@@ -224,13 +246,17 @@ def run_model(spec: str, args, env: dict, rows: list, save) -> None:
             for t in targets:
                 model.get_submodule(t).weight.copy_(equivalents[t])
             equivalent = decode(model, prompt, args.new_tokens, 1, not args.eager)
+            sequence = torch.cat([prompt, torch.tensor(equivalent["tokens"], device=device)], 1)
+            reference_logits = teacher_forced(model, sequence)
             for t in targets:
                 model.get_submodule(t).weight.copy_(originals[t])
             linears = swap(model, modules)
             try:
                 packed = decode(model, prompt, args.new_tokens, args.repeats, not args.eager)
+                agreement = compare_logits(teacher_forced(model, sequence), reference_logits)
             finally:
                 swap(model, linears)
+            del reference_logits
             dense_row = next(r for r in rows if r["model"] == name and r["form"] == "dense_bf16" and r["batch"] == batch)
             diffs = [first_difference(a, b) for a, b in zip(packed["tokens"], equivalent["tokens"])]
             differing = [d for d in diffs if d is not None]
@@ -238,15 +264,14 @@ def run_model(spec: str, args, env: dict, rows: list, save) -> None:
                    "dense_equivalent_tokens_per_s": equivalent["tokens_per_s"],
                    "ratio_vs_dense": round(packed["tokens_per_s"] / dense_row["tokens_per_s"], 3),
                    "same_tokens": not differing, "sequences_differing": len(differing),
-                   "first_difference": min(differing) if differing else None}
+                   "first_difference": min(differing) if differing else None, **agreement}
             rows.append(row)
             save()
             say(f"  batch {batch} {form}: {packed['tokens_per_s']} tok/s, {row['ratio_vs_dense']}x dense, same tokens {row['same_tokens']}"
-                f"{'' if not differing else f' ({len(differing)} of {batch} differ, first at {min(differing)})'}")
+                f"{'' if not differing else f' ({len(differing)} of {batch} differ, first at {min(differing)})'}; teacher-forced {agreement}")
         del modules, equivalents, originals
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
 
 
 def without_tokens(record: dict) -> dict:
