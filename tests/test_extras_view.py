@@ -7,8 +7,10 @@ inside a captured CUDA graph."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
+import weakref
 
 import pytest
 import torch
@@ -88,7 +90,7 @@ def test_view_equals_reference(case):
     if bits == 3:  # read as 4-bit words by the fast kernels
         assert view.dense.bits == 4 and view.dense.codes.shape[1] == -(-cols // 8)
     else:
-        assert view.dense.codes is packed.codes  # the code words are shared, not copied
+        assert view.dense.codes.data_ptr() == packed.codes.data_ptr()  # the code words are shared, not copied
     assert (view.delta is not None) == outliers and (view.perm is not None) == perm
     for batch in (1, 3):
         x = torch.randn(batch, cols, generator=_gen(batch))
@@ -145,11 +147,15 @@ def test_unsupported_weights_refused():
 
 
 def test_cached_view_follows_the_codes():
-    packed = make(16, 64)
+    packed = make(16, 64, bits=4)  # 4-bit codes: the view shares the code tensor it is keyed by
     view = extras_view.cached(packed)
-    assert extras_view.cached(packed) is view
+    assert extras_view.cached(packed) is view and view.dense.codes.data_ptr() == packed.codes.data_ptr()
     moved = spqr.SpQRWeight(**{**vars(packed), "codes": packed.codes.clone()})
     assert extras_view.cached(moved) is not view
+    gone = weakref.ref(packed.codes)
+    del packed, view, moved
+    gc.collect()
+    assert gone() is None  # the cache keeps neither the weight nor its view alive
 
 
 TRITON_CASES = {"spqr-3b-g16-second-level-outliers-perm": lambda: make(37, 200, 3, 16, True, True, True),

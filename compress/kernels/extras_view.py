@@ -54,7 +54,8 @@ def build(packed: spqr.SpQRWeight | lut.LUTWeight) -> ExtrasView:
     rows_total, cols_total = packed.shape
     if isinstance(packed, spqr.SpQRWeight):
         scale, zero = spqr.statistic_values(packed)
-        grid = group_quant.GroupQuantWeight(packed.shape, packed.bits, packed.group_size, packed.codes, scale.half(), zero.half(), "float16")
+        grid = group_quant.GroupQuantWeight(packed.shape, packed.bits, packed.group_size, packed.codes.detach(), scale.half(), zero.half(),
+                                            "float16")  # the codes shared through an alias (views.cached)
         dense = views.widen(grid) if grid.bits == 3 else grid
     else:
         dense = views.lut_codes(packed.codes, packed.lut, packed.shape, packed.bits)

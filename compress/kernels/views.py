@@ -23,20 +23,19 @@ from compress.formats import group_quant
 from compress.formats.words import pack_fields, read_fields
 
 View = TypeVar("View")
-_CACHE: dict[tuple[int, str], tuple[weakref.ref, object]] = {}
+_CACHE: dict[tuple[int, str], object] = {}
 
 
 def cached(key: torch.Tensor, kind: str, build: Callable[[], View]) -> View:
     """The `kind` view keyed by one of the weight's tensors (its code words): built on the first call, then looked up
-    while that tensor lives (a new tensor, e.g. after .to(device), gets a new view)."""
-    hit = _CACHE.get((id(key), kind))
-    if hit is not None and hit[0]() is key:
-        return hit[1]
-    for stale in [k for k, (ref, _) in _CACHE.items() if ref() is None]:
-        del _CACHE[stale]
-    view = build()
-    _CACHE[(id(key), kind)] = (weakref.ref(key), view)
-    return view
+    while that tensor lives (a new tensor, e.g. after .to(device), gets a new view); the entry goes when the tensor
+    goes. A view must not hold the key tensor object itself (it would keep it alive): one that shares its data holds
+    an alias (`key.detach()`). Nothing is attached to the tensor, so torch.save / deepcopy of a module see no views."""
+    entry = (id(key), kind)
+    if entry not in _CACHE:
+        _CACHE[entry] = build()
+        weakref.finalize(key, _CACHE.pop, entry, None)
+    return _CACHE[entry]
 
 
 def widen(packed: group_quant.GroupQuantWeight) -> group_quant.GroupQuantWeight:
@@ -62,7 +61,7 @@ def lut_codes(codes: torch.Tensor, table: torch.Tensor, shape: tuple[int, int], 
     width = 4 if bits <= 4 else 8
     rows, cols = shape
     fields = read_fields(codes, bits, cols)
-    wide = codes if bits == width else pack_fields(fields, width)
+    wide = codes.detach() if bits == width else pack_fields(fields, width)  # an alias: see cached
     padded = torch.zeros(rows, 1 << width, dtype=torch.float32, device=table.device)
     padded[:, : table.shape[1]] = table.float()
     return LUTCodes(shape, width, wide, padded)
