@@ -4,6 +4,7 @@
     compress plan RECIPE [--json]                                every target of every stage, left-outs, estimates
     compress run RECIPE [--out DIR] [--no-track] [--nproc N]     run it here (the Prefect flow, tracked), in N processes
     compress serve [--limit N]                                   serve the flow for submissions
+    compress workers --gpus 0,1 | --count N                      one worker per GPU on a Prefect work pool
     compress submit RECIPE [--wait]                              send a recipe to the served flow
     compress runs | compress compare ID ID [--figure [P]] [--log] read runs back from MLflow (a figure when asked)
     compress ui [--port P]                                       the MLflow UI on 127.0.0.1
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from typing import Any
 
@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 if it failed")
     serve = commands.add_parser("serve", help="serve the flow as a Prefect deployment that accepts submissions")
     serve.add_argument("--limit", type=int, default=4, help="flow runs at once (default 4)")
+    workers = commands.add_parser("workers", help="one worker per GPU on a Prefect work pool, each taking one submission at a time")
+    chosen = workers.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--gpus", help="GPU indices, e.g. 0,1,2,3: one worker each, pinned with CUDA_VISIBLE_DEVICES")
+    chosen.add_argument("--count", type=int, help="N workers without a GPU (CUDA_VISIBLE_DEVICES empty)")
+    workers.add_argument("--pool", default="compress", help="the work pool (default compress; created if missing)")
     runs = commands.add_parser("runs", help="the latest runs, from MLflow")
     runs.add_argument("--limit", type=int, default=20)
     compare = commands.add_parser("compare", help="two or more runs side by side (ids or id prefixes)")
@@ -111,33 +116,22 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from compress.service.prefect import api_is_up, prefect_api_url, serving_notes, start_prefect_server
-    from compress.settings import compress_home
+    from compress.service.prefect import start_service, stop_server
 
-    url = prefect_api_url()
-    server = None
-    if not api_is_up(url):
-        print(f"starting a Prefect server at {url} (log: {compress_home() / 'prefect-server.log'})", file=sys.stderr)
-        server = start_prefect_server(url, compress_home() / "prefect-server.log")
-    os.environ["PREFECT_API_URL"] = url
-    os.environ["COMPRESS_SERVED"] = "1"  # every flow run this worker starts is a submission, confined (docs/security.md)
-    for note in serving_notes():
-        print(note, file=sys.stderr)
-    from compress.service.tracking import client, ensure_experiment
-
-    # Create the tracking store now: flow runs starting at once on a new sqlite store race to
-    # create its tables ("table ... already exists"); once it exists they share it fine.
-    ensure_experiment(client())
+    server = start_service("serving compress-recipe/compress")  # before prefect is imported: it reads PREFECT_API_URL then
     try:
         from flows.compress_flow import DEPLOYMENT_NAME, compress_recipe
 
-        print(f"serving {compress_recipe.name}/{DEPLOYMENT_NAME} at {url}; submit with `compress submit RECIPE`", file=sys.stderr)
         compress_recipe.serve(name=DEPLOYMENT_NAME, limit=args.limit, print_starting_message=False)
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+        stop_server(server)
     return 0
+
+
+def _workers(args: argparse.Namespace) -> int:
+    from compress.service.workers import run_workers, worker_devices
+
+    return run_workers(worker_devices(args.gpus, args.count), args.pool)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -254,8 +248,8 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"validate": _run, "plan": _plan, "run": _run, "serve": _serve, "submit": _submit, "runs": _runs, "compare": _compare,
-             "ui": _ui, "cache": _cache, "audit": _audit}
+_COMMANDS = {"validate": _run, "plan": _plan, "run": _run, "serve": _serve, "workers": _workers, "submit": _submit, "runs": _runs,
+             "compare": _compare, "ui": _ui, "cache": _cache, "audit": _audit}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     from compress.service.prefect import configure_prefect_home
 
     configure_prefect_home()
-    if args.command in ("run", "serve", "ui"):
+    if args.command in ("run", "serve", "workers", "ui"):
         from compress.leftovers import claim_children
 
         claim_children()  # processes this command starts are stopped by the next one if this one is killed

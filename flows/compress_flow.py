@@ -83,6 +83,15 @@ def _stage_table(result: Any) -> dict[str, list[Any]] | None:
             "seconds": [round(seconds.get(name, 0.0), 4) for name in errors]}
 
 
+def worker_tags(environ: Any) -> dict[str, str]:
+    """The worker that runs a submission and the GPUs it sees, as MLflow tags: runs from several
+    workers side by side say where each ran."""
+    tags = {"compress.worker": environ.get("COMPRESS_WORKER_NAME")}
+    if "COMPRESS_WORKER_NAME" in environ:
+        tags["compress.cuda_visible_devices"] = environ.get("CUDA_VISIBLE_DEVICES", "")
+    return {tag: value for tag, value in tags.items() if value is not None}
+
+
 def default_output_dir(recipe: Recipe, run_id: str) -> Path:
     return compress_home() / "outputs" / f"{recipe.name}-{model_label(recipe)}-{run_id[:8]}"
 
@@ -139,6 +148,8 @@ def compress_recipe(
     try:
         if served:
             tracker.client.set_tag(tracker.run_id, "compress.submitter", owner)
+            for tag, value in worker_tags(os.environ).items():  # which worker and GPU ran it (`compress workers`)
+                tracker.client.set_tag(tracker.run_id, tag, value)
             out_dir = output_folder(parsed, roots, tracker.run_id)
         else:
             out_dir = Path(out) if out else (Path(parsed.output.dir) if parsed.output.dir else default_output_dir(parsed, tracker.run_id))

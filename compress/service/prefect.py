@@ -85,6 +85,36 @@ def start_prefect_server(url: str, log_path: Path, wait: float = 120.0) -> subpr
     raise CompressError(f"the Prefect server did not answer at {url} within {wait:.0f} s; see {log_path}")
 
 
+def start_service(what: str) -> subprocess.Popen | None:
+    """What `compress serve` and `compress workers` do before they take submissions: a Prefect
+    server if none answers (returned, for the caller to stop), their flow runs marked as submissions
+    (confined), the roots and warnings printed, and the tracking store created."""
+    url = prefect_api_url()
+    server = None
+    if not api_is_up(url):
+        log = compress_home() / "prefect-server.log"
+        print(f"starting a Prefect server at {url} (log: {log})", file=sys.stderr)
+        server = start_prefect_server(url, log)
+    os.environ["PREFECT_API_URL"] = url
+    os.environ["COMPRESS_SERVED"] = "1"  # every flow run this worker starts is a submission, confined (docs/security.md)
+    for note in serving_notes():
+        print(note, file=sys.stderr)
+    from compress.service.tracking import client, ensure_experiment
+
+    # Create the tracking store now: flow runs starting at once on a new sqlite store race to
+    # create its tables ("table ... already exists"); once it exists they share it fine.
+    ensure_experiment(client())
+    print(f"{what} at {url}; submit with `compress submit RECIPE`", file=sys.stderr)
+    return server
+
+
+def stop_server(server: subprocess.Popen | None) -> None:
+    """Stop the Prefect server `start_service` started, if it did."""
+    if server is not None and server.poll() is None:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def submit(recipe_data: dict[str, Any], wait: bool, poll: float = 2.0, submitter: str | None = None,
            accept_timeout: float = 120.0) -> dict[str, Any]:
     """Start a flow run of the deployment with the recipe; return its id, the MLflow run the worker
