@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from test_workflow import FAST_SETS, REPO, _cli, _free_port, _mlflow_server, _start, _stop, _submitted, _wait_for_deployment, _wait_http
 
+from compress.errors import CompressError
 from compress.service.workers import Slot, worker_devices
 
 
@@ -24,7 +25,7 @@ def test_worker_slots_from_gpus_or_count():
     assert worker_devices("0,1", None, host="h") == [Slot("h-gpu0", "0"), Slot("h-gpu1", "1")]
     assert worker_devices(None, 2, host="h") == [Slot("h-cpu0", ""), Slot("h-cpu1", "")]
     for bad in ("", "0,0", "a", "1;2"):
-        with pytest.raises(Exception, match="--gpus"):
+        with pytest.raises(CompressError, match="--gpus"):
             worker_devices(bad, None)
 
 
