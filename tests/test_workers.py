@@ -49,6 +49,21 @@ def _hostile_submission(env: dict[str, str], evil: Path) -> tuple[str, str | Non
     return str(flow_run.id), state if state == "COMPLETED" else f"{state}: {message}"
 
 
+def _touch(path: str) -> None:
+    Path(path).touch()
+
+
+def _foreign_flow_run(env: dict[str, str], evil: Path) -> str:
+    """A flow run of another deployment in the same pool, as anyone who reaches the API can make: its id."""
+    from prefect import flow
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        flow(name="foreign")(_touch).to_deployment(name="foreign").apply(work_pool_name="compress")
+        return str(run_deployment("foreign/foreign", parameters={"path": str(evil / "foreign")}, timeout=0).id)
+
+
 def test_two_workers_take_two_submissions_side_by_side(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -66,6 +81,7 @@ def test_two_workers_take_two_submissions_side_by_side(tmp_path, monkeypatch):
         _wait_for_deployment(env, workers, log, timeout=180)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
         monkeypatch.setenv("COMPRESS_HOME", str(home))
+        foreign_id = _foreign_flow_run(env, evil)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             submitted = pool.submit(_cli, ["submit", "recipes/wanda-50.yaml", "--wait", *FAST_SETS], env)
             time.sleep(2)
@@ -85,6 +101,11 @@ def test_two_workers_take_two_submissions_side_by_side(tmp_path, monkeypatch):
         assert {r.data.tags["compress.cuda_visible_devices"] for r in parents} == {"0", "1"}  # each its own GPU, never "7"
         assert {r.data.tags["compress.submitter"] for r in parents} == {"mallory", parents[0].data.tags["compress.submitter"]}
         assert sorted(p.name for p in evil.iterdir()) == []  # no command, folder, output root or tracking store of the submission's
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as prefect_client:
+            assert prefect_client.read_flow_run(foreign_id).state.type.value == "SCHEDULED"  # another deployment's run: not taken
         assert len(list((home / "outputs").iterdir())) == 2  # both outputs under the worker's output root
 
         workers.send_signal(signal.SIGINT)  # Ctrl-C: the workers and the Prefect server it started stop
