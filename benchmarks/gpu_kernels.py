@@ -226,16 +226,8 @@ def weight_copies(fmt: str, rows: int, cols: int, check: bool, batches=()):
         if op is tk.packed_matmul:
             precompile([(torch.randn(b, cols, device="cuda", dtype=dt), None) for b in {*batches, 1, 4, 16}
                         for dt in (torch.bfloat16, torch.float32)], packed)
-        w = unpack(packed)
         bound = 2e-3 if isinstance(packed, spqr.SpQRWeight) else 1e-4  # SpQR's view rounds second-level statistics to fp16
-        for batch in (1, 4, 16):
-            x = torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16)
-            ref = x.double() @ w.double().T
-            err = ((op(x, packed).double() - ref).norm() / ref.norm()).item()
-            err32 = ((op(x.float(), packed).double() - ref).norm() / ref.norm()).item()
-            status = "ok" if err < 1e-2 and err32 < bound else "FAILED"
-            print(f"check {fmt} {rows}x{cols} batch {batch}: rel err bf16 {err:.1e} fp32 {err32:.1e} {status}", flush=True)
-        del w
+        check(op, packed, (1, 4, 16), f"{fmt} {rows}x{cols}", bound)
     nbytes = packed_bytes(packed)
     copies = [packed] + [type(packed)(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
                          for _ in range(copies_for(nbytes) - 1)]
@@ -245,14 +237,16 @@ def weight_copies(fmt: str, rows: int, cols: int, check: bool, batches=()):
     return copies, nbytes
 
 
-def check_forced(packed, config) -> None:
-    """The forced kernel against the dequantized weight at batch 1 (bf16 and fp32 activations)."""
+def check(op, packed, batches, label: str, bound: float = 1e-4) -> None:
+    """op(x, packed) against the dequantized weight: relative error with bf16 (< 1e-2) and fp32 (< bound) activations."""
     w = unpack(packed)
-    x = torch.randn(1, w.shape[1], device="cuda", dtype=torch.bfloat16)
-    ref = x.double() @ w.double().T
-    err = ((tk.packed_matmul(x, packed, config).double() - ref).norm() / ref.norm()).item()
-    err32 = ((tk.packed_matmul(x.float(), packed, config).double() - ref).norm() / ref.norm()).item()
-    print(f"check {config.kernel} batch 1: rel err bf16 {err:.1e} fp32 {err32:.1e} {'ok' if err < 1e-2 and err32 < 1e-4 else 'FAILED'}", flush=True)
+    for batch in batches:
+        x = torch.randn(batch, w.shape[1], device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ w.double().T
+        err = ((op(x, packed).double() - ref).norm() / ref.norm()).item()
+        err32 = ((op(x.float(), packed).double() - ref).norm() / ref.norm()).item()
+        status = "ok" if err < 1e-2 and err32 < bound else "FAILED"
+        print(f"check {label} batch {batch}: rel err bf16 {err:.1e} fp32 {err32:.1e} {status}", flush=True)
 
 
 def candidates(packed, batch: int) -> list:
@@ -303,7 +297,7 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
         copies = [views.widen(c) for c in copies]
         nbytes, fmt, forced = packed_bytes(copies[0]), f"{fmt}@widened", ""
     elif forced:
-        check_forced(copies[0], FORCED[forced])
+        check(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]), copies[0], (1,), FORCED[forced].kernel)
         fmt, batches = f"{fmt}@{forced}", [1]
     for batch in batches:
         xs = [torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16) for _ in range(4)]

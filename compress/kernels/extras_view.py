@@ -51,7 +51,6 @@ def build(packed: spqr.SpQRWeight | lut.LUTWeight) -> ExtrasView:
     if not supported(packed):
         why = "a keep mask" if packed.bitmask is not None else f"{packed.bits}-bit codes"
         raise ValueError(f"no kernel view of a {type(packed).__name__} with {why}")
-    rows_total, cols_total = packed.shape
     if isinstance(packed, spqr.SpQRWeight):
         scale, zero = spqr.statistic_values(packed)
         grid = group_quant.GroupQuantWeight(packed.shape, packed.bits, packed.group_size, packed.codes.detach(), scale.half(), zero.half(),
@@ -63,7 +62,7 @@ def build(packed: spqr.SpQRWeight | lut.LUTWeight) -> ExtrasView:
     if packed.outlier_values is None or packed.outlier_values.numel() == 0:
         return ExtrasView(dense, perm, None, None, None)
     counts = (packed.outlier_row_ptr[1:] - packed.outlier_row_ptr[:-1]).to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(rows_total, device=counts.device), counts)
+    rows = torch.repeat_interleave(torch.arange(packed.shape[0], device=counts.device), counts)
     cols = row_extras.unsigned16(packed.outlier_cols)
     per = codes_per_word(packed.bits)
     words = packed.codes[rows, cols // per].to(torch.int64) & 0xFFFFFFFF

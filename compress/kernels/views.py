@@ -42,8 +42,7 @@ def widen(packed: group_quant.GroupQuantWeight) -> group_quant.GroupQuantWeight:
     """A 3-bit group-quant weight as the same weight with 4-bit code words (integer zero points re-packed alike)."""
     if packed.bits != 3:
         raise ValueError(f"widen takes 3-bit codes, got {packed.bits}-bit")
-    rows, cols = packed.shape
-    codes = pack_fields(read_fields(packed.codes, 3, cols), 4)
+    codes = pack_fields(read_fields(packed.codes, 3, packed.shape[1]), 4)
     zero = pack_fields(read_fields(packed.zero, 3, packed.groups), 4) if packed.zero_kind == "integer" else packed.zero
     return group_quant.GroupQuantWeight(packed.shape, 4, packed.group_size, codes, packed.scale, zero, packed.zero_kind)
 
@@ -60,8 +59,7 @@ def lut_codes(codes: torch.Tensor, table: torch.Tensor, shape: tuple[int, int], 
     """A LUT weight's dense part (its `codes` words of `bits`-bit fields and float16 `table` [out, 2^bits])."""
     width = 4 if bits <= 4 else 8
     rows, cols = shape
-    fields = read_fields(codes, bits, cols)
-    wide = codes.detach() if bits == width else pack_fields(fields, width)  # an alias: see cached
+    wide = codes.detach() if bits == width else pack_fields(read_fields(codes, bits, cols), width)  # the alias: see cached
     padded = torch.zeros(rows, 1 << width, dtype=torch.float32, device=table.device)
     padded[:, : table.shape[1]] = table.float()
     return LUTCodes(shape, width, wide, padded)
