@@ -47,15 +47,21 @@ class TargetState:
     @property
     def mask(self) -> torch.Tensor | None:
         """bool [out, in], True where a weight is kept; None when no stage pruned the target."""
-        if self.packed_mask is None:
-            return None
-        rows, cols = self.shape
-        return unpack_bits(self.packed_mask, 1, rows * cols, torch.bool).view(rows, cols)
+        return self.mask_on(torch.device("cpu"))
 
     @mask.setter
     def mask(self, value: torch.Tensor | None) -> None:
-        self.packed_mask = None if value is None else pack_bits(value.cpu(), 1)
+        # packed where the mask lies, then moved: on a GPU that moves 1 bit a weight, not a byte, and
+        # the packing is not left to the host (a 7B block's masks are 200 MB as bools)
+        self.packed_mask = None if value is None else pack_bits(value, 1).cpu()
         self.shape = None if value is None else tuple(value.shape)
+
+    def mask_on(self, device: torch.device) -> torch.Tensor | None:
+        """The mask unpacked on `device` (only its packed bits cross to it)."""
+        if self.packed_mask is None:
+            return None
+        rows, cols = self.shape
+        return unpack_bits(self.packed_mask.to(device), 1, rows * cols, torch.bool).view(rows, cols)
 
 
 @dataclass
@@ -65,9 +71,10 @@ class CompressionState:
     def get(self, name: str) -> TargetState:
         return self.targets.setdefault(name, TargetState())
 
-    def mask(self, name: str) -> torch.Tensor | None:
+    def mask(self, name: str, device: torch.device | None = None) -> torch.Tensor | None:
+        """The target's mask (on the CPU, or unpacked on `device`), None if no stage pruned it."""
         entry = self.targets.get(name)
-        return None if entry is None else entry.mask
+        return None if entry is None else entry.mask_on(device or torch.device("cpu"))
 
     def subset(self, names: list[str]) -> CompressionState:
         return CompressionState({name: self.targets[name] for name in names if name in self.targets})

@@ -32,7 +32,7 @@ def expert_batches(method: TargetMethod, targets: list[Target], statistics: dict
         per_batch = max(1, HESSIAN_BYTES // (4 * group[0].in_features ** 2))
         for first in range(0, len(group), per_batch):
             batch = group[first : first + per_batch]
-            masks = [state.mask(t.name) for t in batch]
+            masks = [state.mask(t.name, t.weight.device) for t in batch]
             if len(batch) < 2 or len({m is None for m in masks}) > 1:  # one expert, or masked and unmasked mixed
                 continue
             start = time.perf_counter()

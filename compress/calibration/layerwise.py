@@ -22,6 +22,7 @@ from torch import nn
 from compress.calibration.capture import BlockInputs, block_outputs, capture_block_inputs, run_block
 from compress.calibration.distributed import total_over_processes, world_size
 from compress.calibration.expert_batches import expert_batches
+from compress.calibration.placement import BlockPlacement
 from compress.calibration.statistics import STATISTICS, gather
 from compress.errors import CompressError
 from compress.methods.base import TargetMethod, TargetResult
@@ -69,6 +70,7 @@ class StageOutcome:
 class RunOutcome:
     stages: list[StageOutcome]
     forward_seconds: float = 0.0  # capturing block 0's inputs and carrying them from block to block
+    placement: str = "in place"  # where the blocks were worked on (compress.calibration.placement)
 
 
 def _fingerprint(weight: torch.Tensor) -> tuple[int, float]:
@@ -87,17 +89,16 @@ def apply_to_target(
     """Apply the method's pure core to one target (or take its `result`, computed with other experts)
     and record its mask in the state (and in `fallbacks`, what the method did instead of its own work,
     if it had to); True if the target's weights changed."""
-    previous = state.mask(target.name)
     weight = target.weight
+    previous = state.mask(target.name, weight.device)
     before = _fingerprint(weight)
-    previous = None if previous is None else previous.to(weight.device)
     dense = None if dense is None else dense.to(weight.device, torch.float32)
     if result is None:
         result = method.compress_target(weight.float(), statistics, previous, dense)
     weight.copy_(result.weight.to(weight.dtype))
     entry = state.get(target.name)
     if result.mask is not None:
-        entry.mask = result.mask.cpu()
+        entry.mask = result.mask
     entry.quantized = None if result.quantized is None else result.quantized.to("cpu")  # a later stage's change voids it
     entry.stages.append(method.name)
     if result.fallback is not None and fallbacks is not None:
@@ -193,15 +194,24 @@ def run_layerwise(
     if hidden is not None:
         for item, saved in zip(context.inputs, hidden, strict=True):
             item.hidden = saved.to(item.hidden.device, item.hidden.dtype)
+    context.placement = BlockPlacement(layout.blocks, device, moves=needs_data)
+    run.placement = context.placement.mode
+    # blocks from the default handler are all in memory already, so the next one can be uploaded early
+    look_ahead = type(handler) is BlockHandler
     progress = bar(total=len(layout.blocks), initial=first, desc=" + ".join(s.label or s.method.name for s in stages), unit="block")
-    with torch.no_grad():
-        for index in range(first, len(layout.blocks)):
-            handler.fetch(index)
-            if index <= context.last_block:
-                run.forward_seconds += _compress_block(index, context)
-            handler.finish(index, context.inputs, outcomes, state)
-            progress.update(1)
-    progress.close()
+    try:
+        with torch.no_grad():
+            for index in range(first, len(layout.blocks)):
+                handler.fetch(index)
+                if index <= context.last_block:
+                    if look_ahead and index < context.last_block:
+                        context.placement.prefetch(index + 1)
+                    run.forward_seconds += _compress_block(index, context)
+                handler.finish(index, context.inputs, outcomes, state)
+                progress.update(1)
+    finally:
+        context.placement.close()
+        progress.close()
     return run
 
 
@@ -221,6 +231,7 @@ class BlockContext:
     last_block: int  # the last block holding a target; later blocks are only passed through
     sequences: int  # calibration sequences in all
     inputs: list[BlockInputs] = field(default_factory=list)  # the current block's calibration inputs
+    placement: BlockPlacement | None = None
 
     @property
     def keeps_originals(self) -> bool:
@@ -230,9 +241,7 @@ class BlockContext:
 def _compress_block(index: int, ctx: BlockContext) -> float:
     """Every stage's targets in block `index`, then (if a later block needs them) its outputs; returns
     the seconds that last forward pass took."""
-    layout = ctx.layout
-    home = next(layout.blocks[index].parameters()).device
-    block = layout.blocks[index].to(ctx.device) if ctx.needs_data else layout.blocks[index]
+    block = ctx.placement.fetch(index)
     # a refining stage (DSnoT) needs the weights from before the first stage: one block's worth
     originals = {}
     if ctx.keeps_originals:
@@ -272,6 +281,5 @@ def _compress_block(index: int, ctx: BlockContext) -> float:
     start = time.perf_counter()
     if ctx.needs_data and index < ctx.last_block:
         block_outputs(block, ctx.inputs)
-    if ctx.needs_data:
-        layout.blocks[index].to(home)
+    ctx.placement.release(index)
     return time.perf_counter() - start

@@ -82,7 +82,7 @@ def export_step(
                 "fallbacks": step.info.get("fallbacks", {}),
                 "layer_error_max": max(step.info["layer_error"].values(), default=None),
                 "cached": step.cached,
-                **{key: step.info[key] for key in ("training", "adapter") if key in step.info},  # training stages
+                **{key: step.info[key] for key in ("training", "adapter", "placement") if key in step.info},  # training stages; layer-wise ones
             }
             for index, step in enumerate(stages)
         ],

@@ -1,0 +1,95 @@
+"""Where blocks are worked on: in place when they already live on the compute device, else copied up
+one at a time and written back into the very host tensors they came from; masks packed where they lie."""
+
+import pytest
+import torch
+
+from compress.calibration.data import batches, calibration_tokens
+from compress.calibration.layerwise import PlannedStage, run_layerwise
+from compress.calibration.placement import BlockPlacement
+from compress.methods.gptq import GPTQ
+from compress.methods.magnitude import Magnitude
+from compress.methods.wanda import Wanda
+from compress.model.load import load_model
+from compress.model.targets import discover
+from compress.recipe import CalibrationSpec, ModelSpec
+from compress.state import CompressionState, TargetState
+
+CALIBRATION = CalibrationSpec(nsamples=8, seqlen=64, batch_size=4)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _run(model, tokenizer, device, stages_of):
+    layout = discover(model)
+    tokens, _ = calibration_tokens(CALIBRATION, tokenizer)
+    state = CompressionState()
+    outcome = run_layerwise(model, layout, stages_of(layout), state, batches(tokens, 4), device)
+    return state, outcome
+
+
+def _wanda_then_gptq(layout):
+    return [PlannedStage(Wanda(Wanda.Params(sparsity=0.5)), layout.targets),
+            PlannedStage(GPTQ(GPTQ.Params(bits=4, group_size=32)), layout.targets)]
+
+
+def test_blocks_on_the_compute_device_stay_where_they_are():
+    loaded = load_model(ModelSpec(device="cpu"))
+    pointers = {name: p.data_ptr() for name, p in loaded.model.named_parameters()}
+    _, outcome = _run(loaded.model, loaded.tokenizer, torch.device("cpu"), _wanda_then_gptq)
+    assert outcome.placement == "resident"
+    assert pointers == {name: p.data_ptr() for name, p in loaded.model.named_parameters()}
+    _, outcome = _run(loaded.model, loaded.tokenizer, torch.device("cpu"),
+                      lambda layout: [PlannedStage(Magnitude(Magnitude.Params(sparsity=0.5)), layout.targets)])
+    assert outcome.placement == "in place"  # no calibration data: nothing runs, nothing moves
+
+
+def test_mask_packed_on_its_device_reads_back_bit_for_bit():
+    mask = torch.rand(37, 53, generator=torch.Generator().manual_seed(0)) > 0.4
+    entry = TargetState()
+    entry.mask = mask
+    assert entry.packed_mask.device.type == "cpu" and entry.packed_mask.numel() == (37 * 53 + 7) // 8
+    assert torch.equal(entry.mask, mask) and torch.equal(entry.mask_on(torch.device("cpu")), mask)
+
+
+@cuda
+def test_blocks_streamed_to_the_gpu_give_the_resident_result_and_come_home_in_place():
+    """A host-resident model compressed on the GPU block by block (each next block uploaded ahead on a
+    side stream) gives the masks and weights of the same model kept on the GPU throughout, and its
+    weights are written back into their original host tensors."""
+    device = torch.device("cuda")
+    streamed = load_model(ModelSpec(device="cuda"))
+    streamed.model.to(torch.bfloat16)
+    resident = load_model(ModelSpec(device="cuda"))
+    resident.model.to(device, torch.bfloat16)
+    pointers = {name: p.data_ptr() for name, p in streamed.model.named_parameters()}
+    state_s, outcome_s = _run(streamed.model, streamed.tokenizer, device, _wanda_then_gptq)
+    state_r, outcome_r = _run(resident.model, resident.tokenizer, device, _wanda_then_gptq)
+    assert (outcome_s.placement, outcome_r.placement) == ("block by block", "resident")
+    assert pointers == {name: p.data_ptr() for name, p in streamed.model.named_parameters()}
+    assert all(p.device.type == "cpu" for p in streamed.model.parameters())
+    for name in state_r.targets:
+        assert torch.equal(state_s.mask(name), state_r.mask(name)), name
+        assert torch.equal(state_s.mask(name, device), state_r.mask(name).to(device)), name
+    for (name, a), b in zip(streamed.model.named_parameters(), resident.model.parameters(), strict=True):
+        assert torch.equal(a, b.cpu()), name
+
+
+@cuda
+def test_placement_uploads_ahead_and_releases_into_host_memory():
+    blocks = torch.nn.ModuleList([torch.nn.Linear(64, 32) for _ in range(3)])
+    hosts = [{n: p.data for n, p in b.named_parameters()} for b in blocks]
+    placement = BlockPlacement(blocks, torch.device("cuda"), moves=True)
+    try:
+        placement.prefetch(1)
+        for index in range(3):
+            block = placement.fetch(index)
+            if index + 1 < 3:
+                placement.prefetch(index + 1)
+            assert block.weight.is_cuda
+            with torch.no_grad():
+                block.weight.mul_(2)
+            placement.release(index)
+            assert not block.weight.is_cuda and block.weight.data_ptr() == hosts[index]["weight"].data_ptr()
+    finally:
+        placement.close()
+    assert all(torch.equal(b.weight, hosts[i]["weight"]) for i, b in enumerate(blocks))
