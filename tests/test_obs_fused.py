@@ -17,7 +17,7 @@ if importlib.util.find_spec("triton") is None:
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported
 
-from compress.methods import gptq, obs, qmoe, sparsegpt
+from compress.methods import gptq, obs, qmoe, sparsegpt, spqr
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -81,6 +81,53 @@ def test_qmoe_ternary_fused_equals_column_loop(monkeypatch, problem, experts, wi
     assert torch.equal(q_fused, q_loop)
     values = torch.cat([torch.zeros_like(low), low, high], dim=-1)  # [..., rows, 3]
     assert ((q_fused.unsqueeze(-1) == values.unsqueeze(-2)).any(-1)).all()  # every weight is its row's min, 0 or max
+
+
+@pytest.mark.parametrize("update, with_keep", [
+    ({}, False),  # the reference configuration: beta1 = beta2 = 16, 3-bit statistics, leave-one-out outliers, act-order
+    ({"bits": 4, "qq_scale_bits": None, "qq_zero_bits": None, "permutation_order": "identity"}, True),  # float16 statistics, a mask
+    ({"outlier_threshold": float("inf")}, False),  # outliers off
+    ({"simplified_outliers": True, "qq_zero_bits": 4}, False),
+])
+def test_spqr_fused_equals_column_loop(monkeypatch, update, with_keep):
+    """SpQR's rule in the kernel: the same codes, statistics (both levels) and outliers as the torch loop
+    but for criteria within float rounding of the threshold (leave-one-out sums in another order)."""
+    g = torch.Generator().manual_seed(1)
+    rows, cols = 48, 296  # three second-level row groups; a last block of 40 columns ends in a group of 8
+    weight = torch.randn(rows, cols, generator=g)
+    weight[3, 7] = 9.0  # an outlier the threshold must catch
+    x = torch.randn(384, cols, generator=g)
+    x[:, 11] = 0
+    keep = (torch.rand(rows, cols, generator=g) > 0.3).to(DEVICE) if with_keep else None
+    params = spqr.SpQRParams(bits=3).model_copy(update=update)
+    weight, hessian = weight.to(DEVICE), (x.T @ x).to(DEVICE)
+    (w_loop, p_loop), (w_fused, p_fused) = _both(monkeypatch, spqr, lambda: spqr.spqr_quantize(weight, hessian, params, keep))
+    if DEVICE == "cpu":  # the interpreter sums in numpy's order, as torch on the CPU: bit for bit here
+        assert torch.equal(p_fused.codes, p_loop.codes) and torch.equal(w_fused, w_loop)
+    assert (p_fused.codes != p_loop.codes).float().mean() < 0.01
+    assert (w_fused != w_loop).float().mean() < 0.01 and torch.allclose(w_fused, w_loop, rtol=0, atol=0.05)
+    for name in ("scale", "zero"):
+        found, expected = getattr(p_fused, name), getattr(p_loop, name)
+        if isinstance(expected, torch.Tensor):
+            assert (found != expected).float().mean() < 0.02, name
+        else:
+            assert (found.codes != expected.codes).float().mean() < 0.02 and (found.step != expected.step).float().mean() < 0.05, name
+    loop_outliers, fused_outliers = (_outlier_mask(packed, rows, cols) for packed in (p_loop, p_fused))
+    assert (fused_outliers ^ loop_outliers).sum() <= max(2, loop_outliers.sum() // 20)
+    if update.get("outlier_threshold") == float("inf"):
+        assert not fused_outliers.any()
+    else:
+        assert loop_outliers.any() and fused_outliers.any()
+    if with_keep:
+        assert not w_fused[~keep].any()
+
+
+def _outlier_mask(packed, rows: int, cols: int) -> torch.Tensor:
+    found = torch.zeros(rows, cols, dtype=torch.bool)
+    if packed.outliers is not None:
+        r, c = packed.outliers.positions()
+        found[r.cpu(), c.cpu()] = True
+    return found
 
 
 def test_rules_fall_back_where_the_kernel_does_not_apply(problem):

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from compress.formats.quantized import SMALLEST_SCALE
 
-MODES = {"grid": 0, "keep": 1, "nm": 2, "ternary": 3}  # a rule's fused_spec names its mode
+MODES = {"grid": 0, "keep": 1, "nm": 2, "ternary": 3}  # a rule's fused_spec names its mode (or "spqr": spqr_fused)
 MODE_GRID, MODE_KEEP, MODE_NM, MODE_TERNARY = (tl.constexpr(MODES[name]) for name in MODES)  # constexpr: read inside kernels
 BLOCK_ROWS = 16
 SMALLEST = tl.constexpr(SMALLEST_SCALE)
@@ -76,6 +76,18 @@ def _nm_keep(w, c, j, hdiag, in_block, N: tl.constexpr, M: tl.constexpr):
 
 
 @triton.jit
+def _spread(w, col, q, c, j, h_ptr, q_ptr, e_ptr, r, r_ok, in_block, ld_w, ld_h):
+    """Column j fixed to q: store q and its scaled error (col - q) / d, and spread that error over the tile
+    by row j of the inverse Hessian's factor (zero left of the diagonal); returns the updated tile."""
+    d = tl.load(h_ptr + j * ld_h + j)
+    h_row = tl.load(h_ptr + j * ld_h + c, mask=in_block & (c >= j), other=0.0)
+    err = tl.math.div_rn(col - q, tl.full(col.shape, 1.0, tl.float32) * d)
+    tl.store(q_ptr + r * ld_w + j, q, mask=r_ok)
+    tl.store(e_ptr + r * ld_w + j, err, mask=r_ok)
+    return w - err[:, None] * h_row[None, :]
+
+
+@triton.jit
 def _block(w_ptr, h_ptr, q_ptr, e_ptr, keep_ptr, scale_ptr, zero_ptr, rows, width, ld_w, ld_h, ld_g,
            MODE: tl.constexpr, GROUP: tl.constexpr, MAXQ: tl.constexpr, SYM: tl.constexpr, HAS_KEEP: tl.constexpr,
            N: tl.constexpr, M: tl.constexpr, BLOCK_R: tl.constexpr, BW: tl.constexpr):
@@ -114,12 +126,7 @@ def _block(w_ptr, h_ptr, q_ptr, e_ptr, keep_ptr, scale_ptr, zero_ptr, rows, widt
                 q = q * _column(keep, c, j)
         else:
             q = col * _column(keep, c, j)
-        d = tl.load(h_ptr + j * ld_h + j)
-        h_row = tl.load(h_ptr + j * ld_h + c, mask=in_block & (c >= j), other=0.0)
-        err = tl.math.div_rn(col - q, tl.full(col.shape, 1.0, tl.float32) * d)
-        w = w - err[:, None] * h_row[None, :]
-        tl.store(q_ptr + r * ld_w + j, q, mask=r_ok)
-        tl.store(e_ptr + r * ld_w + j, err, mask=r_ok)
+        w = _spread(w, col, q, c, j, h_ptr, q_ptr, e_ptr, r, r_ok, in_block, ld_w, ld_h)
         j += 1
     if MODE == MODE_NM:
         tl.store(keep_ptr + r[:, None] * ld_w + c[None, :], keep, mask=tile)
@@ -131,7 +138,13 @@ def sweep_block(block: torch.Tensor, hinv_block: torch.Tensor, fixed: torch.Tens
     {"mode": "grid", "group": columns a refit (0: "scale"/"zero" [rows] given), "maxq", "symmetric",
     "keep": float [rows, width] or None} -> fills spec["scales"], spec["zeros"] [rows, groups]; or
     {"mode": "keep", "keep"}; or {"mode": "nm", "n", "m"} -> fills spec["keep"]; or {"mode": "ternary", "low", "high"
-    [rows], "keep"}. A batch [E, rows, width] (experts; "ternary" only) goes expert by expert."""
+    [rows], "keep"}. A batch [E, rows, width] (experts; "ternary" only) goes expert by expert.
+    {"mode": "spqr", ...}: spqr_fused.sweep_block."""
+    if spec["mode"] == "spqr":
+        from compress.methods import spqr_fused  # it builds on this module's helpers
+
+        spqr_fused.sweep_block(block, hinv_block, fixed, errors, spec)
+        return
     if block.dim() == 3:  # a batch of experts: one launch each, with its slices of the spec's tensors
         if spec["mode"] != "ternary":
             raise ValueError("a batch of weights takes only the ternary mode (it returns nothing per expert)")

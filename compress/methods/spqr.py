@@ -157,6 +157,33 @@ class SpQRRule:
         return value
 
 
+    def fused_spec(self, start: int, block: torch.Tensor) -> dict | None:
+        """The block for the fused kernel (spqr_fused): its programs hold 16 rows, so with second-level
+        statistics the rows must form groups of exactly 16 (beta2 = 16, the default); else the column loop."""
+        from compress.methods.obs_fused import BLOCK_ROWS
+
+        p = self.p
+        second_level = p.qq_scale_bits is not None or p.qq_zero_bits is not None
+        if block.shape[0] % BLOCK_ROWS or (second_level and p.qq_groupsize != BLOCK_ROWS):
+            return None
+        keep = None if self.keep is None else self.keep[:, start : start + block.shape[1]]
+        return dict(mode="spqr", group=p.group_size, bits=p.bits, qq_scale_bits=p.qq_scale_bits, qq_zero_bits=p.qq_zero_bits,
+                    threshold=self.threshold, leave_one_out=self.threshold != float("inf") and not p.simplified_outliers, keep=keep)
+
+    def fused_result(self, start: int, spec: dict) -> None:
+        width = spec["codes"].shape[1]
+        self.codes[:, start : start + width] = spec["codes"].to(self.codes.dtype)
+        self.outlier[:, start : start + width] = spec["outliers"]
+        for g in range(-(-width // self.p.group_size)):
+            for name, found, bits in (("scale", self.scales, self.p.qq_scale_bits), ("zero", self.zeros, self.p.qq_zero_bits)):
+                if bits is None:
+                    found.append(spec[name][:, g : g + 1].half())
+                else:
+                    codes, step, low = spec[name]
+                    found.append(QuantizedStatistic(codes[:, g : g + 1], bits, self.p.qq_groupsize,
+                                                    step[:, g : g + 1].half(), low[:, g : g + 1].half()))
+
+
 def _stack(statistics: list[QuantizedStatistic] | list[torch.Tensor]) -> QuantizedStatistic | torch.Tensor:
     first = statistics[0]
     if isinstance(first, torch.Tensor):
