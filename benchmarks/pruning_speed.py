@@ -30,12 +30,24 @@ from compress.recipe import ModelSpec
 from compress.state import CompressionState
 
 
-def random_llama_7b(device: torch.device) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(layers: int = 32, hidden: int = 4096, intermediate: int = 11008, heads: int = 32, vocab: int = 32000):
+    """A LlamaConfig of LLaMA-7B's shape by default (32 x 4096, MLP 11008, 32 heads, vocabulary 32000)."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096)
+
+
+def random_llama_7b(device: torch.device, config=None, seed: int | None = None) -> torch.nn.Module:
+    """A LLaMA with random bf16 weights in host memory: LLaMA-7B's shape unless `config` (llama_config)
+    says otherwise. The weights are drawn on the GPU when `device` is one (faster), after
+    torch.manual_seed(seed) when a seed is given."""
+    from transformers import LlamaForCausalLM
+
+    config = config if config is not None else llama_config()
     init_device = device if device.type == "cuda" else torch.device("cpu")
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.device(init_device):
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     return model.eval().to("cpu")  # home is host memory: the engine moves one block at a time
