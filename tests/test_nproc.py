@@ -28,7 +28,6 @@ TESTS = Path(__file__).parent
 CLI = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_nproc; test_nproc.register_rank_faults(); " \
       "from compress.cli import main; sys.exit(main())"
 KILL_AT = "COMPRESS_TEST_KILL_RANK0_AT"
-TARGETS_PER_BLOCK = 7  # the embedded LLaMA: q, k, v, o, gate, up, down
 UNCOMPARED = {"seconds", "output_bytes", "verify_max_abs_diff"}  # times, and a difference of logits near zero
 
 
@@ -54,6 +53,20 @@ def register_rank_faults() -> None:
     for name, parent, core in (("wanda-fails-on-rank-1", wanda, fail_on_rank_1), ("gptq-killed-on-rank-0", gptq, kill_rank_0)):
         if name not in _METHODS:
             register(type(name.title().replace("-", ""), (parent,), {"name": name, "compress_target": core}))
+
+
+def _rank0_targets_per_block(method: str, params: dict) -> int:
+    """How many of a block's targets process 0 of 2 compresses itself (the blocks of the embedded LLaMA are alike)."""
+    from compress.calibration.target_split import assign, unit_work, work_units
+    from compress.methods import get_method
+    from compress.model.load import embedded_model_path, load_model
+    from compress.model.targets import discover
+    from compress.recipe import ModelSpec
+
+    layout = discover(load_model(ModelSpec(source=str(embedded_model_path()), device="cpu")).model)
+    method = get_method(method)(get_method(method).Params(**params))
+    units = work_units(method, layout.by_block(layout.targets)[0])
+    return sum(len(unit) for unit, owner in zip(units, assign([unit_work(method, u, {}) for u in units], 2)) if owner == 0)
 
 
 def _compress(tmp_path: Path, name: str, stage: dict, out: Path, nproc: int, **env: str) -> subprocess.CompletedProcess:
@@ -102,7 +115,8 @@ def test_killed_process_then_resume_with_the_same_command(tmp_path):
     """gptq 4-bit: process 0 SIGKILLed during block 2; the same command resumes at block 2 (both processes)
     and ends where one process ends (a few weights one grid step apart: float summation order)."""
     stage, home = {"method": "gptq-killed-on-rank-0", "bits": 4, "group_size": 32}, tmp_path / "home"
-    killed = _compress(tmp_path, "gptq-4bit", stage, tmp_path / "two", 2, COMPRESS_HOME=str(home), **{KILL_AT: str(2 * TARGETS_PER_BLOCK + 3)})
+    kill_at = 2 * _rank0_targets_per_block("gptq", {"bits": 4, "group_size": 32}) + 1  # process 0's first target of block 2
+    killed = _compress(tmp_path, "gptq-4bit", stage, tmp_path / "two", 2, COMPRESS_HOME=str(home), **{KILL_AT: str(kill_at)})
     assert killed.returncode == 1, killed.stderr[-2000:]
     assert "error: rank 0 of 2 was killed (SIGKILL)" in killed.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "two").exists() and not list(tmp_path.glob(".two.*"))

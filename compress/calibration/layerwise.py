@@ -24,6 +24,7 @@ from compress.calibration.distributed import total_over_processes, world_size
 from compress.calibration.expert_batches import expert_batches
 from compress.calibration.placement import BlockPlacement
 from compress.calibration.statistics import STATISTICS, gather
+from compress.calibration.target_split import TargetSplit
 from compress.errors import CompressError
 from compress.methods.base import TargetMethod, TargetResult
 from compress.model.targets import ModelLayout, Target
@@ -122,8 +123,10 @@ def _compress_targets(
     outcome: StageOutcome,
     measure_error: bool,
 ) -> None:
-    batched, batch_seconds = expert_batches(stage.method, targets, statistics, state)
-    for target in targets:
+    split = TargetSplit.plan(stage.method, targets, outcome.tokens, state)  # with --nproc N: this process's share of the targets
+    batched, batch_seconds = expert_batches(stage.method, split.mine, statistics, state)
+    changed: dict[str, bool] = {}
+    for target in split.mine:
         dense = originals.get(target.name) if stage.method.refines_mask else None
         stats = statistics.get(target.name, {})
         hessian = stats.get("hessian") if measure_error else None
@@ -131,12 +134,14 @@ def _compress_targets(
             hessian = hessian.clone()  # the method may damp it in place
         before = target.weight.float().clone() if hessian is not None else None
         start = time.perf_counter()
-        outcome.changed += apply_to_target(stage.method, target, stats, state, dense, outcome.fallbacks, batched.get(target.name))
+        changed[target.name] = apply_to_target(stage.method, target, stats, state, dense, outcome.fallbacks, batched.get(target.name))
         outcome.target_seconds[target.name] = time.perf_counter() - start + batch_seconds.get(target.name, 0.0)
         if hessian is not None:
             outcome.errors[target.name] = relative_output_error(before, target.weight, hessian)
-        outcome.zeros += int((target.weight == 0).sum())
-        outcome.numel += target.numel
+    split.share(state, changed, outcome)  # the other processes' results, here
+    outcome.changed += sum(changed.values())
+    outcome.zeros += sum(int((target.weight == 0).sum()) for target in targets)
+    outcome.numel += sum(target.numel for target in targets)
 
 
 class BlockHandler:
