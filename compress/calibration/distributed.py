@@ -1,8 +1,9 @@
 """Data-parallel calibration: several processes (torch.distributed; gloo on CPU, NCCL on GPUs) each run the
 same block on their own slice of the calibration batches; the statistics a method reads are sums over
 tokens (input norms, X^T X, per-expert routed sums, token counts), so summing them over the processes with
-one all-reduce gives every process the statistics of all the batches. Every process then compresses the
-block from the same sums (deterministic: the same weights everywhere) and runs its own slice through it.
+one all-reduce gives every process the statistics of all the batches. The processes then compress the
+block's targets from the same sums, each its share, and send each other the results (target_split.py):
+the same weights everywhere; then each runs its own slice through the block.
 
 Process 0 leads: it alone writes (stored steps, a stage's block checkpoints, the output) and decides
 (whether a step is already stored, where a resumed stage starts); the others follow its word. Batch i
