@@ -113,9 +113,10 @@ def obs_sweep(weight: torch.Tensor, inverse: InverseHessian, rule: ColumnRule, b
         rule.begin_block(start, block, hinv_block)
         spec = rule.fused_spec(start, block) if fused else None
         if spec is not None:
-            from compress.methods import obs_fused
+            from compress.methods import obs_fused, spqr_fused
 
-            obs_fused.sweep_block(block, hinv_block, fixed, errors, spec)
+            kernel = spqr_fused if spec["mode"] == "spqr" else obs_fused
+            kernel.sweep_block(block, hinv_block, fixed, errors, spec)
             rule.fused_result(start, spec)
         else:
             for j in range(end - start):

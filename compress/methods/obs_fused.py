@@ -21,7 +21,7 @@ import triton.language as tl
 
 from compress.formats.quantized import SMALLEST_SCALE
 
-MODES = {"grid": 0, "keep": 1, "nm": 2, "ternary": 3}  # a rule's fused_spec names its mode (or "spqr": spqr_fused)
+MODES = {"grid": 0, "keep": 1, "nm": 2, "ternary": 3}  # a rule's fused_spec names its mode ("spqr": spqr_fused)
 MODE_GRID, MODE_KEEP, MODE_NM, MODE_TERNARY = (tl.constexpr(MODES[name]) for name in MODES)  # constexpr: read inside kernels
 BLOCK_ROWS = 16
 SMALLEST = tl.constexpr(SMALLEST_SCALE)
@@ -138,13 +138,7 @@ def sweep_block(block: torch.Tensor, hinv_block: torch.Tensor, fixed: torch.Tens
     {"mode": "grid", "group": columns a refit (0: "scale"/"zero" [rows] given), "maxq", "symmetric",
     "keep": float [rows, width] or None} -> fills spec["scales"], spec["zeros"] [rows, groups]; or
     {"mode": "keep", "keep"}; or {"mode": "nm", "n", "m"} -> fills spec["keep"]; or {"mode": "ternary", "low", "high"
-    [rows], "keep"}. A batch [E, rows, width] (experts; "ternary" only) goes expert by expert.
-    {"mode": "spqr", ...}: spqr_fused.sweep_block."""
-    if spec["mode"] == "spqr":
-        from compress.methods import spqr_fused  # it builds on this module's helpers
-
-        spqr_fused.sweep_block(block, hinv_block, fixed, errors, spec)
-        return
+    [rows], "keep"}. A batch [E, rows, width] (experts; "ternary" only) goes expert by expert."""
     if block.dim() == 3:  # a batch of experts: one launch each, with its slices of the spec's tensors
         if spec["mode"] != "ternary":
             raise ValueError("a batch of weights takes only the ternary mode (it returns nothing per expert)")
