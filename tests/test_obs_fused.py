@@ -86,8 +86,7 @@ def test_qmoe_ternary_fused_equals_column_loop(monkeypatch, problem, experts, wi
 @pytest.mark.parametrize("update, with_keep", [
     ({}, False),  # the reference configuration: beta1 = beta2 = 16, 3-bit statistics, leave-one-out outliers, act-order
     ({"bits": 4, "qq_scale_bits": None, "qq_zero_bits": None, "permutation_order": "identity"}, True),  # float16 statistics, a mask
-    ({"outlier_threshold": float("inf")}, False),  # outliers off
-    ({"simplified_outliers": True, "qq_zero_bits": 4}, False),
+    ({"simplified_outliers": True, "qq_zero_bits": 4, "outlier_threshold": float("inf")}, False),  # no leave-one-out; outliers off
 ])
 def test_spqr_fused_equals_column_loop(monkeypatch, update, with_keep):
     """SpQR's rule in the kernel: the same codes, statistics (both levels) and outliers as the torch loop

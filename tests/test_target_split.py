@@ -234,7 +234,7 @@ def _command(tmp_path: Path, name: str, processes: int) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["gptq", "spqr"])
+@pytest.mark.parametrize("name", ["spqr"])  # end to end once (outliers, both statistic levels); Wanda, GPTQ, QMoE: engine level above
 def test_command_line_two_processes_write_what_one_writes(tmp_path, name):
     """`compress run --nproc 2` (the split on, as by default) against one process: the very bytes of the packed
     model, the same report metrics to 4 digits and the same per-target table (seconds aside)."""
