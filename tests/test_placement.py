@@ -6,7 +6,7 @@ import torch
 
 from compress.calibration.data import batches, calibration_tokens
 from compress.calibration.layerwise import PlannedStage, run_layerwise
-from compress.calibration.placement import BlockPlacement
+from compress.calibration.placement import BlockPlacement, _tensors
 from compress.methods.gptq import GPTQ
 from compress.methods.magnitude import Magnitude
 from compress.methods.wanda import Wanda
@@ -49,6 +49,26 @@ def test_mask_packed_on_its_device_reads_back_bit_for_bit():
     entry.mask = mask
     assert entry.packed_mask.device.type == "cpu" and entry.packed_mask.numel() == (37 * 53 + 7) // 8
     assert torch.equal(entry.mask, mask) and torch.equal(entry.mask_on(torch.device("cpu")), mask)
+
+
+def test_release_writes_into_the_home_tensors_and_points_back_at_them(monkeypatch):
+    """The swap logic on the CPU: an upload that copies (as one to a GPU does), a change on the copy,
+    then the release: the change lands in the very tensors the block started with."""
+    blocks = torch.nn.ModuleList([torch.nn.Linear(8, 4) for _ in range(2)])
+    home = [{n: (p.data, p.data_ptr()) for n, p in b.named_parameters()} for b in blocks]
+    placement = BlockPlacement(blocks, torch.device("cpu"), moves=True)
+    placement.moves = True  # as if the device were elsewhere
+    monkeypatch.setattr(placement, "_upload", lambda index: ({n: t.clone() for n, t in _tensors(blocks[index]).items()}, None))
+    for index, block in enumerate(blocks):
+        placement.fetch(index)
+        assert block.weight.data_ptr() != home[index]["weight"][1]  # working on the copy
+        with torch.no_grad():
+            block.weight.add_(1.0)
+        placement.release(index)
+        for name, parameter in block.named_parameters():
+            tensor, pointer = home[index][name]
+            assert parameter.data_ptr() == pointer and torch.equal(parameter, tensor)
+        assert (block.weight != 0).all()
 
 
 @cuda

@@ -23,13 +23,14 @@ _Uploaded = tuple[dict[str, torch.Tensor], "torch.cuda.Event | None"]
 
 
 def _tensors(block: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by name, each tensor once (a tied one under its first name)."""
+    """The data of the block's parameters and buffers by name, each once (a tied one under its first
+    name): plain tensors, not the Parameter objects, whose data the swap replaces."""
     found: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
         if id(tensor) not in seen and not tensor.is_meta:
             seen.add(id(tensor))
-            found[name] = tensor
+            found[name] = tensor.data
     return found
 
 
