@@ -71,6 +71,17 @@ def test_release_writes_into_the_home_tensors_and_points_back_at_them(monkeypatc
         assert (block.weight != 0).all()
 
 
+def test_a_device_named_with_or_without_its_index_is_one_device():
+    from compress.calibration.placement import _same_device
+
+    assert _same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not _same_device(torch.device("cpu"), torch.device("meta"))
+    if torch.cuda.is_available():
+        current = torch.cuda.current_device()
+        assert _same_device(torch.device("cuda"), torch.device("cuda", current))
+        assert not _same_device(torch.device("cuda"), torch.device("cpu"))
+
+
 @cuda
 def test_blocks_streamed_to_the_gpu_give_the_resident_result_and_come_home_in_place():
     """A host-resident model compressed on the GPU block by block (each next block uploaded ahead on a

@@ -34,6 +34,15 @@ def _tensors(block: nn.Module) -> dict[str, torch.Tensor]:
     return found
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """"cuda" and "cuda:0" are one device when 0 is the current one (torch.device compares them unequal)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return a.index == b.index or None in (a.index, b.index)
+    return (a.index if a.index is not None else torch.cuda.current_device()) == (b.index if b.index is not None else torch.cuda.current_device())
+
+
 class BlockPlacement:
     """Moves blocks between their home and the compute device (see the module docstring)."""
 
@@ -42,7 +51,7 @@ class BlockPlacement:
         self.device = device
         first = next((t for b in blocks for t in _tensors(b).values()), None)
         home = first.device if first is not None else device
-        self.moves = moves and home != device
+        self.moves = moves and not _same_device(home, device)
         self.mode = "block by block" if self.moves else ("resident" if moves else "in place")
         self._host: dict[int, dict[str, torch.Tensor]] = {}
         self._pending: dict[int, Future[_Uploaded]] = {}
