@@ -62,6 +62,7 @@ from peer_common import (  # first: it sets the offline switches before torch is
     layer_linear_names,
     load_calib_tokens,
 )
+from peer_common import run_oneshot as run_peer_oneshot  # run_oneshot here: the same, on a token tensor
 
 METHODS = ("wanda", "sparsegpt", "gptq")
 SPARSITY = 0.5
@@ -144,29 +145,7 @@ def modifier_settings(modifier, method: str) -> dict:
 
 def run_oneshot(model, tokenizer, tokens: torch.Tensor, modifier, batch_size: int, layer_classes: list[str], cuda: bool):
     """oneshot on exactly these rows, in order; (model, seconds), the seconds between CUDA synchronizes."""
-    from llmcompressor import oneshot
-
-    dataset = calibration_dataset(tokens)
-    nsamples, seqlen = tokens.shape
-    if cuda:
-        torch.cuda.synchronize()
-    begin = time.perf_counter()
-    model = oneshot(
-        model=model,
-        tokenizer=tokenizer,
-        dataset=dataset,
-        recipe=modifier,
-        num_calibration_samples=nsamples,
-        max_seq_length=seqlen,
-        shuffle_calibration_samples=False,
-        batch_size=batch_size,
-        sequential_targets=layer_classes,
-        output_dir=None,
-        log_dir=None,
-    )
-    if cuda:
-        torch.cuda.synchronize()
-    return model, time.perf_counter() - begin
+    return run_peer_oneshot(model, tokenizer, calibration_dataset(tokens), modifier, tokens, layer_classes, batch_size, cuda)
 
 
 def warm_up(args, tokens: torch.Tensor, tokenizer, layer_classes: list[str]) -> float:

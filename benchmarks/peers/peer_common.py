@@ -145,11 +145,14 @@ def calibration_dataset(tokens: torch.Tensor):
     })
 
 
-def run_oneshot(model, tokenizer, ds, modifier, tokens, layer_classes):
-    """llm-compressor's oneshot on exactly the rows of ``ds`` in order; (model, seconds)."""
+def run_oneshot(model, tokenizer, ds, modifier, tokens, layer_classes, batch_size: int = 1, cuda: bool = False):
+    """llm-compressor's oneshot on exactly the rows of ``ds`` in order; (model, seconds), the seconds
+    between CUDA synchronizes when ``cuda``."""
     from llmcompressor import oneshot
 
     nsamples, seqlen = tokens.shape
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     model = oneshot(
         model=model,
@@ -160,11 +163,13 @@ def run_oneshot(model, tokenizer, ds, modifier, tokens, layer_classes):
         max_seq_length=seqlen,
         shuffle_calibration_samples=False,
         pad_to_max_length=False,
-        batch_size=1,
+        batch_size=batch_size,
         sequential_targets=layer_classes,
         output_dir=None,  # we save ourselves (dense format)
         log_dir=None,
     )
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     print(f"oneshot seconds: {seconds:.3f}", flush=True)
     return model, seconds
