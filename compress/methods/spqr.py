@@ -68,7 +68,9 @@ def _minmax_grid(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     low, high = values.min(dim=-1, keepdim=True).values, values.max(dim=-1, keepdim=True).values
     flat = low == high  # as the reference: a constant row gets the range (-1, 1)
     low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)
-    scale = (high - low) / maxq
+    # a tensor divisor: torch on CUDA divides by a Python number as a multiply by its reciprocal (1 ulp
+    # off the IEEE quotient), and an fp32 scale one ulp off flips codes (the fused kernel divides exactly)
+    scale = (high - low) / torch.full_like(high, maxq)
     return scale, -low / scale
 
 
