@@ -185,3 +185,11 @@ def register_slow_method(base: str = "gptq") -> str:
 
         register(type(f"{parent.__name__}Slow", (parent,), {"name": name, "compress_target": compress_target}))
     return name
+
+
+def sibling_statistics(block: list) -> dict[str, dict[str, torch.Tensor]]:
+    """Statistics of a LLaMA block's targets as far as they tell siblings apart: one Hessian tensor for the targets
+    that read the same input (q/k/v of the attention, gate/up of the MLP), as the engine gathers them."""
+    shared: dict[str, torch.Tensor] = {}
+    inputs = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp"}
+    return {t.name: {"hessian": shared.setdefault(inputs.get(t.name.rsplit(".", 1)[-1], t.name), torch.empty(0))} for t in block}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import exported_tensors, fast_recipe
+from conftest import exported_tensors, fast_recipe, sibling_statistics
 
 from compress.cli import main
 from compress.pipeline.engine import run
@@ -44,19 +44,28 @@ def register_rank_faults() -> None:
             raise RuntimeError("injected fault on rank 1")
         return wanda.compress_target(self, weight, statistics, mask, dense)
 
-    def kill_rank_0(self, weight, statistics, mask, dense=None):
+    def kill_rank_0_at_call():
         calls[0] += 1
         if os.environ.get("RANK") == "0" and os.environ.get(KILL_AT) == str(calls[0]):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def kill_rank_0(self, weight, statistics, mask, dense=None):
+        kill_rank_0_at_call()
         return gptq.compress_target(self, weight, statistics, mask, dense)
 
-    for name, parent, core in (("wanda-fails-on-rank-1", wanda, fail_on_rank_1), ("gptq-killed-on-rank-0", gptq, kill_rank_0)):
+    def kill_rank_0_siblings(self, weights, statistics, masks):
+        kill_rank_0_at_call()
+        return gptq.compress_siblings(self, weights, statistics, masks)
+
+    for name, parent, cores in (("wanda-fails-on-rank-1", wanda, {"compress_target": fail_on_rank_1}),
+                                ("gptq-killed-on-rank-0", gptq, {"compress_target": kill_rank_0, "compress_siblings": kill_rank_0_siblings})):
         if name not in _METHODS:
-            register(type(name.title().replace("-", ""), (parent,), {"name": name, "compress_target": core}))
+            register(type(name.title().replace("-", ""), (parent,), {"name": name, **cores}))
 
 
-def _rank0_targets_per_block(method: str, params: dict) -> int:
-    """How many of a block's targets process 0 of 2 compresses itself (the blocks of the embedded LLaMA are alike)."""
+def _rank0_calls_per_block(method: str, params: dict) -> int:
+    """How many compress calls (a target, or siblings together) of a block process 0 of 2 makes itself (the blocks of
+    the embedded LLaMA are alike)."""
     from compress.calibration.target_split import assign, unit_work, work_units
     from compress.methods import get_method
     from compress.model.load import embedded_model_path, load_model
@@ -65,8 +74,9 @@ def _rank0_targets_per_block(method: str, params: dict) -> int:
 
     layout = discover(load_model(ModelSpec(source=str(embedded_model_path()), device="cpu")).model)
     method = get_method(method)(get_method(method).Params(**params))
-    units = work_units(method, layout.by_block(layout.targets)[0])
-    return sum(len(unit) for unit, owner in zip(units, assign([unit_work(method, u, {}) for u in units], 2)) if owner == 0)
+    block = layout.by_block(layout.targets)[0]
+    units = work_units(method, block, sibling_statistics(block))
+    return sum(1 for unit, owner in zip(units, assign([unit_work(method, u, {}) for u in units], 2)) if owner == 0)
 
 
 def _compress(tmp_path: Path, name: str, stage: dict, out: Path, nproc: int, **env: str) -> subprocess.CompletedProcess:
@@ -115,7 +125,7 @@ def test_killed_process_then_resume_with_the_same_command(tmp_path):
     """gptq 4-bit: process 0 SIGKILLed during block 2; the same command resumes at block 2 (both processes)
     and ends where one process ends (a few weights one grid step apart: float summation order)."""
     stage, home = {"method": "gptq-killed-on-rank-0", "bits": 4, "group_size": 32}, tmp_path / "home"
-    kill_at = 2 * _rank0_targets_per_block("gptq", {"bits": 4, "group_size": 32}) + 1  # process 0's first target of block 2
+    kill_at = 2 * _rank0_calls_per_block("gptq", {"bits": 4, "group_size": 32}) + 1  # process 0's first call in block 2
     killed = _compress(tmp_path, "gptq-4bit", stage, tmp_path / "two", 2, COMPRESS_HOME=str(home), **{KILL_AT: str(kill_at)})
     assert killed.returncode == 1, killed.stderr[-2000:]
     assert "error: rank 0 of 2 was killed (SIGKILL)" in killed.stderr.strip().splitlines()[-1]

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import sibling_statistics
 
 from compress.calibration.expert_batches import expert_groups
 from compress.calibration.target_split import SPLIT_VARIABLE, assign, unit_work, work_units
@@ -60,7 +61,7 @@ def _compress(name: str, mixtral: str, batches: list[torch.Tensor]) -> dict:
     model, layout = _load(CASES[name][0], mixtral)
     method = _method(name)
     counted = [0]
-    core, experts = method.compress_target, method.compress_experts
+    core, experts, siblings = method.compress_target, method.compress_experts, method.compress_siblings
 
     def compress_target(*args, **kwargs):
         counted[0] += 1
@@ -71,7 +72,12 @@ def _compress(name: str, mixtral: str, batches: list[torch.Tensor]) -> dict:
         counted[0] += 0 if found is None else weights.shape[0]
         return found
 
-    method.compress_target, method.compress_experts = compress_target, compress_experts
+    def compress_siblings(weights, *args):
+        found = siblings(weights, *args)
+        counted[0] += 0 if found is None else len(weights)
+        return found
+
+    method.compress_target, method.compress_experts, method.compress_siblings = compress_target, compress_experts, compress_siblings
     state = CompressionState()
     stage = PlannedStage(method, method.restrict_targets(layout.targets), label=name)
     outcome = run_layerwise(model, layout, [stage], state, batches, torch.device("cpu"), measure_error=True).stages[0]
@@ -154,8 +160,8 @@ def test_two_processes_hold_what_one_computes(runs, name):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_each_process_computes_its_share(runs, name, tiny_mixtral):
-    """compress_target (and compress_experts) ran for every target once in all: each process's share, as
-    `assign` deals them out."""
+    """compress_target (and compress_experts, compress_siblings) ran for every target once in all: each process's
+    share, as `assign` deals them out (siblings, the targets that read one input, go together)."""
     from compress.model.load import load_model
     from compress.model.targets import discover
     from compress.recipe import ModelSpec
@@ -167,7 +173,7 @@ def test_each_process_computes_its_share(runs, name, tiny_mixtral):
     targets = method.restrict_targets(layout.targets)
     expected = [0, 0]
     for block in layout.by_block(targets):
-        units = work_units(method, block)
+        units = work_units(method, block, sibling_statistics(block))
         for unit, owner in zip(units, assign([unit_work(method, u, {}) for u in units], 2)):
             expected[owner] += len(unit)
     assert [runs[r][name]["computed"] for r in range(2)] == expected and min(expected) > 0 and sum(expected) == len(targets)

@@ -1,10 +1,15 @@
-"""The experts of one fused MoE parameter compressed together, for a method that can (`compress_experts`,
-e.g. QMoE's batched ternary sweep): one pass over [E, out, in] instead of E passes, so a GPU runs
-large kernels and the per-column Python overhead is paid once. Each expert keeps its own statistics
-and mask; the engine records the results target by target as if they had come one at a time."""
+"""Targets compressed together, for a method that can, so a GPU runs large kernels and the per-column
+Python overhead is paid once:
+- the experts of one fused MoE parameter (`compress_experts`, e.g. QMoE's batched ternary sweep): one pass
+  over [E, out, in] instead of E passes, each expert with its own statistics;
+- siblings, the targets that read the same input (q/k/v of one attention, gate/up of one MLP) and so share
+  one Hessian (`compress_siblings`, GPTQ and SparseGPT): one factorization and one sweep over their rows.
+Each target keeps its own mask; the engine records the results target by target as if they had come one at
+a time."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -33,23 +38,47 @@ def expert_groups(method: TargetMethod, targets: list[Target]) -> list[list[Targ
     return [batch for batch in batches if len(batch) > 1]
 
 
-def expert_batches(method: TargetMethod, targets: list[Target], statistics: dict[str, dict[str, torch.Tensor]],
-                   state: CompressionState) -> tuple[dict[str, TargetResult], dict[str, float]]:
-    """({target: its result}, {target: seconds, its share of its batch}) for the experts the method took
-    in batches; the other targets (and every target of a method without compress_experts) are absent."""
+def sibling_groups(method: TargetMethod, targets: list[Target], statistics: dict[str, dict[str, torch.Tensor]]) -> list[list[Target]]:
+    """The targets (not experts) whose Hessian is one tensor, two at least (the statistics pass gives siblings that read
+    the same input the same one), in target order; none for a method without compress_siblings or
+    COMPRESS_JOINT_SIBLINGS=0 (one target at a time, e.g. to compare)."""
+    if type(method).compress_siblings is TargetMethod.compress_siblings or os.environ.get("COMPRESS_JOINT_SIBLINGS") == "0":
+        return []
+    groups: dict[int, list[Target]] = {}
+    for target in targets:
+        hessian = statistics.get(target.name, {}).get("hessian")
+        if hessian is not None and not target.is_expert:
+            groups.setdefault(id(hessian), []).append(target)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def joint_groups(method: TargetMethod, targets: list[Target], statistics: dict[str, dict[str, torch.Tensor]]) -> list[list[Target]]:
+    """Every batch of targets the engine offers the method at once: expert batches and sibling groups."""
+    return expert_groups(method, targets) + sibling_groups(method, targets, statistics)
+
+
+def joint_results(method: TargetMethod, targets: list[Target], statistics: dict[str, dict[str, torch.Tensor]],
+                  state: CompressionState) -> tuple[dict[str, TargetResult], dict[str, float]]:
+    """({target: its result}, {target: seconds, its share of its batch}) for the targets the method took
+    together; the others (and every target of a method that takes none together) are absent."""
     results: dict[str, TargetResult] = {}
     seconds: dict[str, float] = {}
-    for batch in expert_groups(method, targets):
+    tagged = [(True, batch) for batch in expert_groups(method, targets)]
+    tagged += [(False, batch) for batch in sibling_groups(method, targets, statistics)]
+    for experts, batch in tagged:
         masks = [state.mask(t.name, t.weight.device) for t in batch]
-        if len({m is None for m in masks}) > 1:  # masked and unmasked mixed
-            continue
         start = time.perf_counter()
-        weights = torch.stack([t.weight.float() for t in batch])
-        stacked = None if masks[0] is None else torch.stack(masks).to(weights.device)
-        found = method.compress_experts(weights, [statistics.get(t.name, {}) for t in batch], stacked)
+        if experts:
+            if len({m is None for m in masks}) > 1:  # masked and unmasked mixed
+                continue
+            weights = torch.stack([t.weight.float() for t in batch])
+            stacked = None if masks[0] is None else torch.stack(masks).to(weights.device)
+            found = method.compress_experts(weights, [statistics.get(t.name, {}) for t in batch], stacked)
+        else:
+            found = method.compress_siblings([t.weight.float() for t in batch], statistics[batch[0].name], masks)
         if found is None:
             continue
         share = (time.perf_counter() - start) / len(batch)
-        for target, result in zip(batch, found):
+        for target, result in zip(batch, found, strict=True):
             results[target.name], seconds[target.name] = result, share
     return results, seconds

@@ -21,7 +21,7 @@ from torch import nn
 
 from compress.calibration.capture import BlockInputs, block_outputs, capture_block_inputs, run_block
 from compress.calibration.distributed import total_over_processes, world_size
-from compress.calibration.expert_batches import expert_batches
+from compress.calibration.expert_batches import joint_results
 from compress.calibration.placement import BlockPlacement
 from compress.calibration.statistics import STATISTICS, gather
 from compress.calibration.target_split import TargetSplit
@@ -123,8 +123,8 @@ def _compress_targets(
     outcome: StageOutcome,
     measure_error: bool,
 ) -> None:
-    split = TargetSplit.plan(stage.method, targets, outcome.tokens, state)  # with --nproc N: this process's share of the targets
-    batched, batch_seconds = expert_batches(stage.method, split.mine, statistics, state)
+    split = TargetSplit.plan(stage.method, targets, outcome.tokens, state, statistics)  # with --nproc N: this process's share
+    batched, batch_seconds = joint_results(stage.method, split.mine, statistics, state)  # experts and siblings taken together
     changed: dict[str, bool] = {}
     for target in split.mine:
         dense = originals.get(target.name) if stage.method.refines_mask else None

@@ -9,8 +9,8 @@ and what the report reads (fallback, relative error, seconds, whether the weight
 process holds what one process compressing every target would hold, bit for bit (the methods are
 deterministic: the same inputs give the same result on every process).
 
-A unit of work is one target, or the experts the engine compresses together in one batch (`expert_groups`):
-those go to one process whole. Units are balanced by their work (`Method.flops`, which defaults to the
+A unit of work is one target, or the targets the engine compresses together (`joint_groups`: a batch of
+experts, siblings sharing one input): those go to one process whole. Units are balanced by their work (`Method.flops`, which defaults to the
 weight's size): the largest first, each to the least loaded process (the lowest rank on a tie). Every
 process computes the same assignment without a word exchanged, and no process ends up with more than the
 largest unit above another.
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from compress.calibration.distributed import _device, from_leader, rank, world_size
-from compress.calibration.expert_batches import expert_groups
+from compress.calibration.expert_batches import joint_groups
 from compress.methods.base import TargetMethod
 from compress.model.targets import Target
 from compress.state import CompressionState
@@ -51,10 +51,11 @@ def split_enabled() -> bool:
     return bool(from_leader(int(os.environ.get(SPLIT_VARIABLE, "1").strip().lower() not in ("0", "false", "no", "off"))))
 
 
-def work_units(method: TargetMethod, targets: list[Target]) -> list[list[Target]]:
-    """The targets as units of work, in target order (a unit at its first target): each expert batch
-    the engine would compress together is one unit, every other target a unit of its own."""
-    batch_of = {t.name: batch for batch in expert_groups(method, targets) for t in batch}
+def work_units(method: TargetMethod, targets: list[Target], statistics: dict[str, dict[str, torch.Tensor]] | None = None
+               ) -> list[list[Target]]:
+    """The targets as units of work, in target order (a unit at its first target): each batch the engine
+    would compress together (experts, siblings: joint_groups) is one unit, every other target a unit of its own."""
+    batch_of = {t.name: batch for batch in joint_groups(method, targets, statistics or {}) for t in batch}
     units, seen = [], set()
     for target in targets:
         unit = batch_of.get(target.name, [target])
@@ -95,14 +96,16 @@ class TargetSplit:
     active: bool  # False: one process, or the split off: every target is this process's, nothing is shared
 
     @classmethod
-    def plan(cls, method: TargetMethod, targets: list[Target], tokens: dict[str, int], state: CompressionState) -> TargetSplit:
-        """The owner of each target (`tokens`: calibration tokens by target, for the work estimate); `state`
-        gets an entry for each target now, in target order, as one process compressing them in turn would."""
+    def plan(cls, method: TargetMethod, targets: list[Target], tokens: dict[str, int], state: CompressionState,
+             statistics: dict[str, dict[str, torch.Tensor]] | None = None) -> TargetSplit:
+        """The owner of each target (`tokens`: calibration tokens by target, for the work estimate; `statistics`:
+        theirs, which tell the siblings); `state` gets an entry for each target now, in target order, as one
+        process compressing them in turn would."""
         if not split_enabled():
             return cls(targets, {t.name: rank() for t in targets}, False)
         for target in targets:
             state.get(target.name)
-        units = work_units(method, targets)
+        units = work_units(method, targets, statistics)
         owners = assign([unit_work(method, unit, tokens) for unit in units], world_size())
         return cls(targets, {t.name: owner for unit, owner in zip(units, owners) for t in unit}, True)
 

@@ -123,6 +123,29 @@ class TargetMethod(Method):
         in] or None), as compress_target would one by one; None to have them taken one by one (the default)."""
         return None
 
+    def compress_siblings(self, weights: list[torch.Tensor], statistics: dict[str, torch.Tensor], masks: list[torch.Tensor | None]
+                          ) -> list[TargetResult] | None:
+        """Targets that read the same input (q/k/v of one attention, gate/up of one MLP) at once, as
+        compress_target would one by one: weights [out_i, in] (fp32), their shared statistics (one Hessian),
+        each one's mask or None; None to have them taken one by one (the default)."""
+        return None
+
+
+def row_slices(weights: list[torch.Tensor]) -> list[slice]:
+    """Where each weight's rows lie once the weights are concatenated along their rows."""
+    bounds, start = [], 0
+    for weight in weights:
+        bounds.append(slice(start, start + weight.shape[0]))
+        start += weight.shape[0]
+    return bounds
+
+
+def joint_mask(weights: list[torch.Tensor], masks: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The masks of weights concatenated along their rows (all kept where a weight has none); None if none has one."""
+    if all(mask is None for mask in masks):
+        return None
+    return torch.cat([torch.ones_like(w, dtype=torch.bool) if m is None else m.to(w.device) for w, m in zip(weights, masks)])
+
 
 @dataclass
 class CalibrationData:

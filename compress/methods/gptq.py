@@ -14,7 +14,7 @@ import torch
 from pydantic import Field, model_validator
 
 from compress.formats.quantized import QuantizedWeight
-from compress.methods.base import TargetMethod, TargetResult
+from compress.methods.base import TargetMethod, TargetResult, joint_mask, row_slices
 from compress.methods.obs import HessianNotPositiveDefinite, hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
 from compress.methods.quantization import (
     Grid,
@@ -98,7 +98,7 @@ class GPTQRule:
             self.grids.append(self.grid)
 
 
-def gptq_quantize(
+def gptq_sweep(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     bits: int,
@@ -109,8 +109,9 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
-) -> tuple[torch.Tensor, QuantizedWeight]:
-    """(quantized [out, in] weight, its packed form) for a weight and its X^T X.
+) -> tuple[torch.Tensor, list[Grid], torch.Tensor | None]:
+    """(the quantized weight in sweep order, its grids in that order, the column permutation or None).
+    Every row is swept on its own (the grids are per row), so siblings' rows can be swept together.
 
     act_order: sweep the columns by descending Hessian diagonal (the reference's `--act-order`);
     groups are then consecutive in that order, and the packed form keeps the permutation.
@@ -123,8 +124,34 @@ def gptq_quantize(
     inverse = inverse_hessian_factor(hessian, damp)
     rule = GPTQRule(quantized, bits, group_size, symmetric, keep, static_groups)
     obs_sweep(quantized, inverse, rule, block_size)
-    packed = packed_weight(quantized, rule.grids, bits, group_size, keep)
+    return quantized, rule.grids, perm
+
+
+def packed_rows(quantized: torch.Tensor, grids: list[Grid], perm: torch.Tensor | None, rows: slice, bits: int,
+                group_size: int | None, keep: torch.Tensor | None) -> QuantizedWeight:
+    """The packed form of `rows` of a gptq_sweep result (`keep`: those rows' mask in column order, or None)."""
+    if perm is not None and keep is not None:
+        keep = keep[:, perm]
+    packed = packed_weight(quantized[rows], [Grid(g.scale[rows], g.zero[rows], g.maxq) for g in grids], bits, group_size, keep)
     packed.perm = perm
+    return packed
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int | None = 128,
+    symmetric: bool = False,
+    keep: torch.Tensor | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> tuple[torch.Tensor, QuantizedWeight]:
+    """(quantized [out, in] weight, its packed form) for a weight and its X^T X (gptq_sweep, then packed)."""
+    quantized, grids, perm = gptq_sweep(weight, hessian, bits, group_size, symmetric, keep, block_size, damp, act_order, static_groups)
+    packed = packed_rows(quantized, grids, perm, slice(None), bits, group_size, keep)
     return packed.dequantize(), packed
 
 
@@ -155,3 +182,19 @@ class GPTQ(TargetMethod):
             result.fallback = f"round-to-nearest ({error})"
             return result
         return TargetResult(weight=quantized, mask=mask, quantized=packed)
+
+    def compress_siblings(self, weights: list[torch.Tensor], statistics: dict[str, torch.Tensor], masks: list[torch.Tensor | None]
+                          ) -> list[TargetResult] | None:
+        """One sweep over the siblings' rows concatenated (one factorization of their shared Hessian); every
+        row's result is what its own target's sweep gives, up to the matrix products' summation order."""
+        p = self.params
+        try:
+            quantized, grids, perm = gptq_sweep(torch.cat(weights), hessian_or_identity(statistics, weights[0]), p.bits, p.group_size,
+                                                p.symmetric, joint_mask(weights, masks), p.block_size, p.damp, p.act_order, p.static_groups)
+        except HessianNotPositiveDefinite:
+            return None  # one by one: each falls back as compress_target does
+        results = []
+        for rows, mask in zip(row_slices(weights), masks):
+            packed = packed_rows(quantized, grids, perm, rows, p.bits, p.group_size, mask)
+            results.append(TargetResult(weight=packed.dequantize(), mask=mask, quantized=packed))
+        return results

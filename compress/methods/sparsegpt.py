@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from compress.methods.base import TargetResult
+from compress.methods.base import TargetResult, joint_mask, row_slices
 from compress.methods.magnitude import Magnitude
 from compress.methods.obs import HessianNotPositiveDefinite, hessian_or_identity, inverse_hessian_factor, obs_flops, obs_sweep
 from compress.methods.registry import register
@@ -38,8 +38,10 @@ class SparseGPTParams(PruningParams):
 class _SparseGPTRule:
     """Chooses the mask of each block (unstructured) or group (N:M) as the sweep reaches it."""
 
-    def __init__(self, sparsity: float, pattern: str, previous_mask: torch.Tensor | None, shape: torch.Size, device: torch.device) -> None:
+    def __init__(self, sparsity: float, pattern: str, previous_mask: torch.Tensor | None, shape: torch.Size, device: torch.device,
+                 targets: list[slice] | None = None) -> None:
         self.sparsity = sparsity
+        self.targets = targets or [slice(None)]  # the rows of each target (siblings swept together): each its own unstructured choice
         self.pattern = pattern
         self.group: NM | None = parse_pattern(pattern)
         self.previous = previous_mask
@@ -52,7 +54,10 @@ class _SparseGPTRule:
         if self.group is None:
             end = start + block.shape[1]
             saliency = block.pow(2) / torch.diag(hinv_block).pow(2).unsqueeze(0)
-            self.keep[:, start:end] = prune_mask(saliency, self.sparsity, "unstructured", self._previous(start, end), scope="layer")
+            previous = self._previous(start, end)
+            for rows in self.targets:
+                self.keep[rows, start:end] = prune_mask(saliency[rows], self.sparsity, "unstructured",
+                                                        None if previous is None else previous[rows], scope="layer")
 
     def column(self, start: int, j: int, block: torch.Tensor, hinv_block: torch.Tensor) -> torch.Tensor:
         if self.group is not None and j % self.group.m == 0:
@@ -84,11 +89,14 @@ def sparsegpt_prune(
     previous_mask: torch.Tensor | None = None,
     block_size: int = 128,
     damp: float = 0.01,
+    targets: list[slice] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pruned and reconstructed weight, keep mask) for one [out, in] weight and its Hessian X^T X."""
+    """(pruned and reconstructed weight, keep mask) for one [out, in] weight and its Hessian X^T X.
+    `targets`: the rows of each target when siblings' weights are swept together (concatenated rows):
+    an unstructured block's mask is chosen within each target's rows, as its own sweep would."""
     pruned = weight.float().clone()
     inverse = inverse_hessian_factor(hessian, damp)
-    rule = _SparseGPTRule(sparsity, pattern, previous_mask, pruned.shape, pruned.device)
+    rule = _SparseGPTRule(sparsity, pattern, previous_mask, pruned.shape, pruned.device, targets)
     obs_sweep(pruned, inverse, rule, block_size)
     return pruned * rule.keep, rule.keep
 
@@ -118,3 +126,16 @@ class SparseGPT(PruningMethod):
             result.fallback = f"magnitude pruning ({error})"
             return result
         return TargetResult(weight=pruned, mask=keep)
+
+    def compress_siblings(self, weights: list[torch.Tensor], statistics: dict[str, torch.Tensor], masks: list[torch.Tensor | None]
+                          ) -> list[TargetResult] | None:
+        """One sweep over the siblings' rows concatenated (one factorization of their shared Hessian); each
+        target's mask is chosen within its own rows, so the result is its own sweep's up to summation order."""
+        p = self.params
+        targets = row_slices(weights)
+        try:
+            pruned, keep = sparsegpt_prune(torch.cat(weights), hessian_or_identity(statistics, weights[0]), p.sparsity, p.pattern,
+                                           joint_mask(weights, masks), p.block_size, p.damp, targets)
+        except HessianNotPositiveDefinite:
+            return None  # one by one: each falls back as compress_target does
+        return [TargetResult(weight=pruned[rows], mask=keep[rows]) for rows in targets]
