@@ -31,8 +31,11 @@ def _one_by_one(method, weights, hessian, masks) -> list[TargetResult]:
     return [method.compress_target(w.clone(), {"hessian": hessian}, m) for w, m in zip(weights, masks)]
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
 def _close(one: torch.Tensor, other: torch.Tensor) -> None:
-    torch.testing.assert_close(one, other, rtol=0, atol=1e-5)
+    torch.testing.assert_close(one, other, rtol=0, atol=1e-5 if one.device.type == "cpu" else 1e-4)
 
 
 @pytest.mark.parametrize("params", [
@@ -40,9 +43,11 @@ def _close(one: torch.Tensor, other: torch.Tensor) -> None:
     dict(bits=3, group_size=None, act_order=True),
     dict(bits=4, group_size=32, act_order=True, symmetric=True),
 ])
-def test_gptq_siblings_give_each_target_its_own_sweep(params):
-    hessian, weights = _shared_hessian(96), _siblings([48, 16, 32], 96)
-    masks = [None, torch.rand(16, 96, generator=torch.Generator().manual_seed(2)) > 0.5, None]  # one target pruned before
+@pytest.mark.parametrize("device", DEVICES)
+def test_gptq_siblings_give_each_target_its_own_sweep(params, device):
+    """On CUDA the blocks run as the fused kernel (16 rows a program: the 48 + 16 + 32 rows concatenated are 6 programs)."""
+    hessian, weights = _shared_hessian(96).to(device), [w.to(device) for w in _siblings([48, 16, 32], 96)]
+    masks = [None, (torch.rand(16, 96, generator=torch.Generator().manual_seed(2)) > 0.5).to(device), None]  # one target pruned before
     method = _method("gptq", **params)
     together = method.compress_siblings([w.clone() for w in weights], {"hessian": hessian}, masks)
     alone = _one_by_one(method, weights, hessian, masks)
@@ -59,8 +64,9 @@ def test_gptq_siblings_give_each_target_its_own_sweep(params):
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_sparsegpt_siblings_choose_each_mask_within_its_target(pattern):
-    hessian, weights = _shared_hessian(64, seed=3), _siblings([32, 8], 64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparsegpt_siblings_choose_each_mask_within_its_target(pattern, device):
+    hessian, weights = _shared_hessian(64, seed=3).to(device), [w.to(device) for w in _siblings([32, 8], 64)]
     weights[1] *= 10  # a sibling whose weights are all larger: a joint choice would prune mostly the other one
     method = _method("sparsegpt", sparsity=0.5, pattern=pattern, block_size=32)
     together = method.compress_siblings([w.clone() for w in weights], {"hessian": hessian}, [None, None])
