@@ -154,13 +154,26 @@ def register_kill_method(base: str = "gptq") -> str:
         parent = get_method(base)
         calls = [0]
 
-        def compress_target(self, weight, statistics, mask, dense=None):
+        def count_target():
             calls[0] += 1
             if os.environ.get(KILL_AT) == str(calls[0]):
                 os.kill(os.getpid(), signal.SIGKILL)
+
+        def compress_target(self, weight, statistics, mask, dense=None):
+            count_target()
             return parent.compress_target(self, weight, statistics, mask, dense)
 
-        register(type(f"{parent.__name__}WithKill", (parent,), {"name": name, "compress_target": compress_target}))
+        def compress_siblings(self, weights, statistics, masks):  # siblings taken together count one target each
+            for _ in weights:
+                count_target()
+            return parent.compress_siblings(self, weights, statistics, masks)
+
+        from compress.methods.base import TargetMethod
+
+        cores = {"compress_target": compress_target}
+        if parent.compress_siblings is not TargetMethod.compress_siblings:
+            cores["compress_siblings"] = compress_siblings
+        register(type(f"{parent.__name__}WithKill", (parent,), {"name": name, **cores}))
     return name
 
 

@@ -6,7 +6,7 @@ import torch
 
 from compress.calibration.data import batches, calibration_tokens
 from compress.calibration.layerwise import PlannedStage, run_layerwise
-from compress.calibration.placement import BlockPlacement, _tensors
+from compress.calibration.placement import BlockPlacement, module_tensors
 from compress.methods.gptq import GPTQ
 from compress.methods.magnitude import Magnitude
 from compress.methods.wanda import Wanda
@@ -57,8 +57,8 @@ def test_release_writes_into_the_home_tensors_and_points_back_at_them(monkeypatc
     blocks = torch.nn.ModuleList([torch.nn.Linear(8, 4) for _ in range(2)])
     home = [{n: (p.data, p.data_ptr()) for n, p in b.named_parameters()} for b in blocks]
     placement = BlockPlacement(blocks, torch.device("cpu"), moves=True)
-    placement.moves = True  # as if the device were elsewhere
-    monkeypatch.setattr(placement, "_upload", lambda index: ({n: t.clone() for n, t in _tensors(blocks[index]).items()}, None))
+    monkeypatch.setattr(placement, "_elsewhere", lambda index: True)  # as if the device were elsewhere
+    monkeypatch.setattr(placement, "_upload", lambda index: ({n: t.clone() for n, t in module_tensors(blocks[index]).items()}, None))
     for index, block in enumerate(blocks):
         placement.fetch(index)
         assert block.weight.data_ptr() != home[index]["weight"][1]  # working on the copy
@@ -69,6 +69,38 @@ def test_release_writes_into_the_home_tensors_and_points_back_at_them(monkeypatc
             tensor, pointer = home[index][name]
             assert parameter.data_ptr() == pointer and torch.equal(parameter, tensor)
         assert (block.weight != 0).all()
+
+
+def test_a_block_read_after_the_start_is_moved_when_its_turn_comes(monkeypatch):
+    """A streamed model's blocks lie on meta until read (onto the host) at their turn: whether a block moves is
+    decided then, block by block, not from where the blocks were when the pass began."""
+    with torch.device("meta"):
+        blocks = torch.nn.ModuleList([torch.nn.Linear(8, 4) for _ in range(2)])
+    placement = BlockPlacement(blocks, torch.device("meta"), moves=True)  # "meta" stands for a device elsewhere
+    assert placement.mode == "resident"  # nothing read, nothing moved yet
+    uploads = []
+    monkeypatch.setattr(placement, "_upload", lambda index: uploads.append(index) or ({}, None))
+    blocks[0].to_empty(device="cpu")  # the handler reads block 0 onto the host
+    placement.fetch(0)
+    assert uploads == [0] and placement.mode == "block by block"
+    resident = BlockPlacement(torch.nn.ModuleList([torch.nn.Linear(8, 4)]), torch.device("cpu"), moves=True)
+    resident.fetch(0)
+    assert resident.mode == "resident" and not resident._host
+
+
+def test_capture_points_the_modules_outside_the_blocks_back_at_their_own_tensors(monkeypatch):
+    """The capture's move of the modules outside the blocks copies them (as one to a GPU does); afterwards they
+    point at their own tensors again, not at copies in fresh memory."""
+    from compress.calibration import capture
+
+    loaded = load_model(ModelSpec(device="cpu"))
+    layout = discover(loaded.model)
+    pointers = {name: p.data_ptr() for name, p in loaded.model.named_parameters()}
+    monkeypatch.setattr(capture, "move_loaded", lambda model, device: model._apply(lambda t: t.clone()))
+    tokens, _ = calibration_tokens(CALIBRATION, loaded.tokenizer)
+    captured = capture.capture_block_inputs(loaded.model, layout, batches(tokens, 4), torch.device("cpu"))
+    assert len(captured) == 2
+    assert pointers == {name: p.data_ptr() for name, p in loaded.model.named_parameters()}
 
 
 def test_a_device_named_with_or_without_its_index_is_one_device():

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.calibration.placement import module_tensors, point_at
 from compress.model.targets import ModelLayout
 
 
@@ -63,13 +64,14 @@ def capture_block_inputs(
     """Run the model up to block 0 on each batch of token ids and keep what block 0 receives.
 
     The blocks are swapped out for the capture, so only the modules outside them (embeddings,
-    rotary tables) move to `device`, and back afterwards.
+    rotary tables) move to `device`; afterwards they point at their own tensors again (nothing is
+    copied back: the capture changes none, and a copy into fresh host memory is slow).
     """
     captured: list[BlockInputs] = []
-    home = next(p for p in model.parameters() if not p.is_meta).device
     stand_in = nn.ModuleList([_Catcher(layout.blocks[0], captured)])
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     with _blocks_replaced(model, layout, stand_in), torch.no_grad():
+        home_tensors = module_tensors(model)
         move_loaded(model, device)
         try:
             for batch in batches:
@@ -79,7 +81,7 @@ def capture_block_inputs(
                 except _StopForward:
                     pass
         finally:
-            move_loaded(model, home)
+            point_at(model, home_tensors)
     return captured
 
 

@@ -200,7 +200,6 @@ def run_layerwise(
         for item, saved in zip(context.inputs, hidden, strict=True):
             item.hidden = saved.to(item.hidden.device, item.hidden.dtype)
     context.placement = BlockPlacement(layout.blocks, device, moves=needs_data)
-    run.placement = context.placement.mode
     # blocks from the default handler are all in memory already, so the next one can be uploaded early
     look_ahead = type(handler) is BlockHandler
     progress = bar(total=len(layout.blocks), initial=first, desc=" + ".join(s.label or s.method.name for s in stages), unit="block")
@@ -217,6 +216,7 @@ def run_layerwise(
     finally:
         context.placement.close()
         progress.close()
+    run.placement = context.placement.mode  # known once the blocks were seen (a streamed one is read when its turn comes)
     return run
 
 

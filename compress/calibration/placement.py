@@ -22,7 +22,7 @@ from torch import nn
 _Uploaded = tuple[dict[str, torch.Tensor], "torch.cuda.Event | None"]
 
 
-def _tensors(block: nn.Module) -> dict[str, torch.Tensor]:
+def module_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
     """The data of the block's parameters and buffers by name, each once (a tied one under its first
     name): plain tensors, not the Parameter objects, whose data the swap replaces."""
     found: dict[str, torch.Tensor] = {}
@@ -32,6 +32,17 @@ def _tensors(block: nn.Module) -> dict[str, torch.Tensor]:
             seen.add(id(tensor))
             found[name] = tensor.data
     return found
+
+
+def point_at(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Point the module's parameters (their data) and buffers, by name, at `tensors`."""
+    for name, tensor in tensors.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if leaf in owner._parameters:
+            owner._parameters[leaf].data = tensor
+        else:
+            owner._buffers[leaf] = tensor
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -49,18 +60,25 @@ class BlockPlacement:
     def __init__(self, blocks: nn.ModuleList, device: torch.device, moves: bool) -> None:
         self.blocks = blocks
         self.device = device
-        first = next((t for b in blocks for t in _tensors(b).values()), None)
-        home = first.device if first is not None else device
-        self.moves = moves and not _same_device(home, device)
-        self.mode = "block by block" if self.moves else ("resident" if moves else "in place")
+        self.moves = moves
+        self.moved = False  # some block was copied up (decided block by block: a streamed block is read when its turn comes)
         self._host: dict[int, dict[str, torch.Tensor]] = {}
         self._pending: dict[int, Future[_Uploaded]] = {}
-        overlap = self.moves and device.type == "cuda"
+        overlap = moves and device.type == "cuda"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-upload") if overlap else None
         self._stream = torch.cuda.Stream(device) if overlap else None
 
+    @property
+    def mode(self) -> str:
+        """Where the blocks were worked on so far (the module docstring)."""
+        return "in place" if not self.moves else ("block by block" if self.moved else "resident")
+
+    def _elsewhere(self, index: int) -> bool:
+        """Whether block `index` has tensors off the device (a block not read yet, still on meta, has none)."""
+        return any(not _same_device(t.device, self.device) for t in module_tensors(self.blocks[index]).values())
+
     def _upload(self, index: int) -> _Uploaded:
-        tensors = _tensors(self.blocks[index])
+        tensors = module_tensors(self.blocks[index])
         if self._stream is None:
             return {name: t.to(self.device) for name, t in tensors.items()}, None
         with torch.cuda.stream(self._stream):
@@ -71,23 +89,25 @@ class BlockPlacement:
 
     def prefetch(self, index: int) -> None:
         """Start copying block `index` to the device (a no-op unless blocks stream to a GPU)."""
-        if self._pool is not None and 0 <= index < len(self.blocks) and index not in self._pending and index not in self._host:
+        if (self._pool is not None and 0 <= index < len(self.blocks) and index not in self._pending and index not in self._host
+                and self._elsewhere(index)):
             self._pending[index] = self._pool.submit(self._upload, index)
 
     def fetch(self, index: int) -> nn.Module:
         """Block `index` with its tensors on the device."""
         block = self.blocks[index]
-        if not self.moves or index in self._host:
-            return block
         pending = self._pending.pop(index, None)
+        if not self.moves or index in self._host or (pending is None and not self._elsewhere(index)):
+            return block
+        self.moved = True
         uploaded, done = pending.result() if pending is not None else self._upload(index)
         if done is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(done)
             for tensor in uploaded.values():
                 tensor.record_stream(current)  # allocated on the side stream, used and freed on this one
-        self._host[index] = _tensors(block)
-        self._swap(block, uploaded)
+        self._host[index] = module_tensors(block)
+        point_at(block, uploaded)
         return block
 
     def release(self, index: int) -> None:
@@ -96,22 +116,12 @@ class BlockPlacement:
         if host is None:
             return
         block = self.blocks[index]
-        for name, tensor in _tensors(block).items():
+        for name, tensor in module_tensors(block).items():
             host[name].copy_(tensor)
-        self._swap(block, host)
+        point_at(block, host)
 
     def close(self) -> None:
         for index in list(self._pending):
             self._pending.pop(index).result()  # let uploads finish; their copies are dropped
         if self._pool is not None:
             self._pool.shutdown()
-
-    @staticmethod
-    def _swap(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        for name, tensor in tensors.items():
-            owner_name, _, leaf = name.rpartition(".")
-            owner = block.get_submodule(owner_name) if owner_name else block
-            if leaf in owner._parameters:
-                owner._parameters[leaf].data = tensor
-            else:
-                owner._buffers[leaf] = tensor
