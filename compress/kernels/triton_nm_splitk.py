@@ -6,7 +6,11 @@ A lane owns one index word of every row a step: 16 kept values (8 words of bf16 
 and coalesced) covering 32 dense columns, whose activations it loads as 8 vectors of 4. Each kept value
 takes its activation among its group's 4 columns by two selects on its index bits (no gathers), is
 widened to fp32 exactly (a bf16 is the high half of its fp32; an fp16 is converted) and multiplied into
-a per-thread fp32 sum, reduced once at the end. The grid is (row tiles, K splits, activation rows); with
+a per-thread fp32 sum, reduced once at the end. With 16-bit values the index word is loaded once beside each of
+the lane's 8 value words (the same address 8 times, from L1): loaded once, its coalesced layout differs from the
+words', and the compiler then moved each select's predicates through shared memory (32 conversions a step; for
+sm_90 1312 SASS instructions with 142 shared stores, 142 loads and 77 barriers, against 992 with 14, 15 and 15).
+The grid is (row tiles, K splits, activation rows); with
 several K splits the rows are fp32 atomics into a zeroed buffer (the caller casts)."""
 
 from __future__ import annotations
@@ -47,10 +51,15 @@ def _nm24_step(acc, t, x_ptr, xrow, m_ok, v_ptr, i_ptr, scale_ptr, zero_ptr, row
     """One K step: every lane's 16 kept values of every row. SQ: 4-bit codes (2 words a lane, one group's scale and
     zero point: the group holds whole 32-column lanes), else 16-bit values (8 words a lane)."""
     lane = t * L + tl.arange(0, L)[None, :]                                       # each lane's index word, [1, L]
-    iw = tl.load(i_ptr + rows * IWPR + lane, mask=n_mask[:, None] & (lane < IWPR) if MASKED else n_mask[:, None], other=0)
     W: tl.constexpr = 2 if SQ else 8                                              # value words a lane
     ww = t * (L * W) + tl.arange(0, L * W)[None, :]                               # the step's value words, flat
-    words = tl.load(v_ptr + rows * VW + ww, mask=n_mask[:, None] & (ww < VW) if MASKED else n_mask[:, None], other=0)
+    wmask = n_mask[:, None] & (ww < VW) if MASKED else n_mask[:, None]
+    words = tl.load(v_ptr + rows * VW + ww, mask=wmask, other=0)
+    if not SQ:  # the index word once beside each value word, so it lies in the words' layout (see the module docstring)
+        beside = tl.load(i_ptr + rows * IWPR + ww // W, mask=wmask, other=0)
+        iw, _, _, _ = _split4(tl.split(tl.reshape(beside, [rows.shape[0], L, 4, 2]))[0])
+    else:
+        iw = tl.load(i_ptr + rows * IWPR + lane, mask=n_mask[:, None] & (lane < IWPR) if MASKED else n_mask[:, None], other=0)
     if SQ:
         c_lo, c_hi = tl.split(tl.reshape(words, [rows.shape[0], L, 2]))          # codes of values 0-7 and 8-15
         g = lane * 32 // GROUP                                                    # the lane's quantization group
