@@ -217,12 +217,12 @@ def same_bits_peer(fmt: str, peers: dict, batch: int) -> tuple[str, float] | Non
     return min(timed, key=lambda t: t[1]) if timed else None
 
 
-def weight_copies(fmt: str, rows: int, cols: int, check: bool, batches=()):
-    """R copies of a random packed weight (`check`: its kernels for `batches` compiled in parallel, then checked;
+def weight_copies(fmt: str, rows: int, cols: int, checked: bool, batches=()):
+    """R copies of a random packed weight (`checked`: its kernels for `batches` compiled in parallel, then checked;
     SpQR / LUT: every copy's view built up front, outside the graph capture)."""
     packed = make(fmt, rows, cols, "cuda")
     op = op_for(packed)
-    if check:
+    if checked:
         if op is tk.packed_matmul:
             precompile([(torch.randn(b, cols, device="cuda", dtype=dt), None) for b in {*batches, 1, 4, 16}
                         for dt in (torch.bfloat16, torch.float32)], packed)
