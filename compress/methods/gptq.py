@@ -10,6 +10,8 @@ other column's, so masks survive and the rest of the row absorbs the change.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pydantic import Field, model_validator
 
@@ -138,19 +140,12 @@ def packed_rows(quantized: torch.Tensor, grids: list[Grid], perm: torch.Tensor |
 
 
 def gptq_quantize(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    bits: int,
-    group_size: int | None = 128,
-    symmetric: bool = False,
-    keep: torch.Tensor | None = None,
-    block_size: int = 128,
-    damp: float = 0.01,
-    act_order: bool = False,
-    static_groups: bool = False,
+    weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = 128, symmetric: bool = False,
+    keep: torch.Tensor | None = None, **sweep: Any,
 ) -> tuple[torch.Tensor, QuantizedWeight]:
-    """(quantized [out, in] weight, its packed form) for a weight and its X^T X (gptq_sweep, then packed)."""
-    quantized, grids, perm = gptq_sweep(weight, hessian, bits, group_size, symmetric, keep, block_size, damp, act_order, static_groups)
+    """(quantized [out, in] weight, its packed form) for a weight and its X^T X: gptq_sweep (`sweep`: its block_size,
+    damp, act_order, static_groups), then packed."""
+    quantized, grids, perm = gptq_sweep(weight, hessian, bits, group_size, symmetric, keep, **sweep)
     packed = packed_rows(quantized, grids, perm, slice(None), bits, group_size, keep)
     return packed.dequantize(), packed
 
@@ -174,9 +169,8 @@ class GPTQ(TargetMethod):
         hessian = hessian_or_identity(statistics, weight)
         p = self.params
         try:
-            quantized, packed = gptq_quantize(
-                weight, hessian, p.bits, p.group_size, p.symmetric, mask, p.block_size, p.damp, p.act_order, p.static_groups
-            )
+            quantized, packed = gptq_quantize(weight, hessian, p.bits, p.group_size, p.symmetric, mask, block_size=p.block_size,
+                                              damp=p.damp, act_order=p.act_order, static_groups=p.static_groups)
         except HessianNotPositiveDefinite as error:  # round to nearest on the same grids, in column order
             result = RTN(p).compress_target(weight, {}, mask)
             result.fallback = f"round-to-nearest ({error})"
