@@ -10,10 +10,10 @@ process holds what one process compressing every target would hold, bit for bit 
 deterministic: the same inputs give the same result on every process).
 
 A unit of work is one target, or the targets the engine compresses together (`joint_groups`: a batch of
-experts, siblings sharing one input): those go to one process whole. Units are balanced by their work (`Method.flops`, which defaults to the
-weight's size): the largest first, each to the least loaded process (the lowest rank on a tie). Every
-process computes the same assignment without a word exchanged, and no process ends up with more than the
-largest unit above another.
+experts, siblings sharing one input): those go to one process whole. Units are balanced by their work
+(`Method.flops`, which defaults to the weight's size): the largest first, each to the least loaded process
+(the lowest rank on a tie). Every process computes the same assignment without a word exchanged, and no
+process ends up with more than the largest unit above another.
 
 Off with COMPRESS_SPLIT_TARGETS=0 (process 0's setting counts): every process compresses every target, as
 before. In one process (or with the split off) nothing here communicates and every target is this process's.
