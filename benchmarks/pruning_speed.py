@@ -23,6 +23,7 @@ from quant_table import parse_config
 
 from compress.calibration.data import batches
 from compress.calibration.layerwise import PlannedStage, run_layerwise
+from compress.calibration.model_statistics import MODEL_STATISTICS
 from compress.methods import get_method
 from compress.model.load import load_model
 from compress.model.targets import discover
@@ -69,6 +70,28 @@ def plan(chain: str, pattern: str, layout) -> list[PlannedStage]:
     return stages
 
 
+def whole_model_statistics(model: torch.nn.Module, stages: list[PlannedStage], calibration: list[torch.Tensor], device: torch.device) -> float | None:
+    """Compute the whole-model statistics the stages name (SqueezeLLM's Fisher diagonal: gradients through every
+    block, the whole model on `device`), kept in memory for the pass as the stage step keeps them on disk; the
+    model goes back home afterwards, outside the time returned (None: no stage names one)."""
+    home = next(model.parameters()).device
+    begin, computed = time.perf_counter(), False
+    for stage in stages:
+        values: dict[str, dict[str, torch.Tensor]] = {}
+        for name in (n for n in stage.method.statistics if n in MODEL_STATISTICS):
+            for target, tensor in MODEL_STATISTICS[name].compute(model, stage.targets, calibration, device).items():
+                values.setdefault(target, {})[name] = tensor
+            computed = True
+        stage.model_statistics = values or None
+    if not computed:
+        return None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = round(time.perf_counter() - begin, 2)
+    model.to(home)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -108,11 +131,15 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         begin = time.perf_counter()
+        model_statistics_seconds = whole_model_statistics(model, stages, batches(tokens, args.batch_size), device)
         outcome = run_layerwise(model, layout, stages, CompressionState(), batches(tokens, args.batch_size), device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         runs[chain] = {
             "seconds": round(time.perf_counter() - begin, 2),
+            "model_statistics_seconds": model_statistics_seconds,
+            "placement": outcome.placement,
+            "forward_group": outcome.forward_group,
             "stage_seconds": [round(result.seconds, 2) for result in outcome.stages],
             "forward_seconds": round(outcome.forward_seconds, 2),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,

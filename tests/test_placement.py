@@ -156,3 +156,27 @@ def test_placement_uploads_ahead_and_releases_into_host_memory():
     finally:
         placement.close()
     assert all(torch.equal(b.weight, hosts[i]["weight"]) for i, b in enumerate(blocks))
+
+
+@cuda
+def test_write_behind_points_a_block_home_once_its_copy_is_done():
+    """With write_behind a released block keeps its device tensors (same values) until the next release or
+    close, which point it back at its host tensors, filled with what was computed on the device."""
+    blocks = torch.nn.ModuleList([torch.nn.Linear(256, 128) for _ in range(3)])
+    hosts = [b.weight.data for b in blocks]
+    expected = [b.weight.detach().clone() * 3 for b in blocks]
+    placement = BlockPlacement(blocks, torch.device("cuda"), moves=True, write_behind=True)
+    try:
+        for index, block in enumerate(blocks):
+            placement.fetch(index)
+            with torch.no_grad():
+                block.weight.mul_(3)
+            placement.release(index)
+            assert block.weight.is_cuda  # its copy home may still be running
+            if index:
+                previous = blocks[index - 1].weight
+                assert not previous.is_cuda and previous.data_ptr() == hosts[index - 1].data_ptr()
+    finally:
+        placement.close()
+    for block, host, value in zip(blocks, hosts, expected, strict=True):
+        assert block.weight.data_ptr() == host.data_ptr() and torch.equal(block.weight, value)

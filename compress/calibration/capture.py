@@ -89,15 +89,3 @@ def move_loaded(model: nn.Module, device: torch.device) -> None:
     """model.to(device) for the tensors that are loaded; a streamed model's unread ones (an untied
     head, compress/streaming.py) stay on meta."""
     model._apply(lambda tensor: tensor if tensor.is_meta else tensor.to(device))
-
-
-def run_block(block: nn.Module, inputs: list[BlockInputs]) -> None:
-    for item in inputs:
-        block(item.hidden, *item.args, **item.kwargs)
-
-
-def block_outputs(block: nn.Module, inputs: list[BlockInputs]) -> None:
-    """Replace each batch's hidden states by the block's output (the next block's input)."""
-    for item in inputs:
-        out = block(item.hidden, *item.args, **item.kwargs)
-        item.hidden = out[0] if isinstance(out, (tuple, list)) else out

@@ -16,9 +16,12 @@ parameter at a time, so with experts among the targets each backward holds one s
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
+from compress.calibration.statistics import tensor_core_fp32
 from compress.errors import CompressError
 from compress.model.targets import Target
 from compress.progress import bar
@@ -63,8 +66,15 @@ def fisher_diagonal(
 
     def add_linear(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
         x, g = x.reshape(sequences, -1, x.shape[-1]), g.reshape(sequences, -1, g.shape[-1])
-        for s in range(sequences):  # one [out, in] gradient at a time
-            sums[name] += (g[s].float().T @ x[s].float()).square().to(store)
+        # bf16/fp16 factors are exact in TF32, so tensor cores give the fp32 product (statistics.tensor_core_fp32)
+        exact = tensor_core_fp32() if x.dtype in (torch.bfloat16, torch.float16) and g.dtype == x.dtype else nullcontext()
+        with exact:
+            for s in range(sequences):  # one [out, in] gradient at a time
+                gradient = g[s].float().T @ x[s].float()
+                if gradient.device == store:
+                    sums[name].addcmul_(gradient, gradient)
+                else:
+                    sums[name] += gradient.square().to(store)
 
     def expert_hook(param: nn.Parameter) -> None:
         for target in of_param[id(param)]:

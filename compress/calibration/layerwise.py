@@ -6,8 +6,7 @@ as it stands (hooks), then compresses those targets; a last forward pass through
 gives the inputs of block i+1. So every stage sees, at every block, the inputs the fully compressed
 model will give it, and a stage that refines an earlier one (DSnoT after Wanda) sees that stage's
 result on the same block. Only the current block needs to sit on the accelerator; the rest of the
-model stays where it was loaded (the embeddings and other small modules outside the blocks move with
-the inputs).
+model stays where it was loaded (the small modules outside the blocks move with the inputs).
 """
 
 from __future__ import annotations
@@ -19,9 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compress.calibration.capture import BlockInputs, block_outputs, capture_block_inputs, run_block
+from compress.calibration.capture import BlockInputs, capture_block_inputs
 from compress.calibration.distributed import total_over_processes, world_size
 from compress.calibration.expert_batches import joint_results
+from compress.calibration.forward_batches import block_group, block_outputs, run_block
 from compress.calibration.placement import BlockPlacement
 from compress.calibration.statistics import STATISTICS, gather
 from compress.calibration.target_split import TargetSplit
@@ -72,6 +72,7 @@ class RunOutcome:
     stages: list[StageOutcome]
     forward_seconds: float = 0.0  # capturing block 0's inputs and carrying them from block to block
     placement: str = "in place"  # where the blocks were worked on (compress.calibration.placement)
+    forward_group: int = 1  # calibration batches a forward through a block took (compress.calibration.forward_batches)
 
 
 def _fingerprint(weight: torch.Tensor) -> tuple[int, float]:
@@ -170,11 +171,13 @@ def run_layerwise(
     device: torch.device,
     measure_error: bool = False,
     handler: BlockHandler | None = None,
+    forward_group: int | None = None,
 ) -> RunOutcome:
     """Run the stages block by block on calibration token batches (see the module docstring).
     `measure_error`: also gather X^T X for every target and record each one's relative output error.
     `handler`: where blocks come from and go (default: all in memory); every block passes through
-    it, those after the last target's too, so a streamed checkpoint is written whole."""
+    it, those after the last target's too, so a streamed checkpoint is written whole. `forward_group`: batches
+    a forward takes (default: compress.calibration.forward_batches.forward_group)."""
     handler = handler or BlockHandler()
     if world_size() > 1 and any(stage.model_statistics is not None for stage in stages):
         names = ", ".join(stage.method.name for stage in stages if stage.model_statistics is not None)
@@ -190,6 +193,7 @@ def run_layerwise(
         sequences=total_over_processes(sum(batch.shape[0] for batch in batches)),
         wanted=[tuple(name for name in dict.fromkeys((*stage.method.statistics, *(("hessian",) if measure_error else ())))
                       if name in STATISTICS) for stage in stages],
+        forward_group=forward_group,
     )
     if needs_data:
         start = time.perf_counter()
@@ -199,9 +203,10 @@ def run_layerwise(
     if hidden is not None:
         for item, saved in zip(context.inputs, hidden, strict=True):
             item.hidden = saved.to(item.hidden.device, item.hidden.dtype)
-    context.placement = BlockPlacement(layout.blocks, device, moves=needs_data)
-    # blocks from the default handler are all in memory already, so the next one can be uploaded early
+    # blocks from the default handler are all in memory already, so the next one can be uploaded early, and
+    # nobody reads a finished one before the pass ends, so it can go home in the background
     look_ahead = type(handler) is BlockHandler
+    context.placement = BlockPlacement(layout.blocks, device, moves=needs_data, write_behind=look_ahead)
     progress = bar(total=len(layout.blocks), initial=first, desc=" + ".join(s.label or s.method.name for s in stages), unit="block")
     try:
         with torch.no_grad():
@@ -217,6 +222,7 @@ def run_layerwise(
         context.placement.close()
         progress.close()
     run.placement = context.placement.mode  # known once the blocks were seen (a streamed one is read when its turn comes)
+    run.forward_group = context.forward_group or 1
     return run
 
 
@@ -237,6 +243,7 @@ class BlockContext:
     sequences: int  # calibration sequences in all
     inputs: list[BlockInputs] = field(default_factory=list)  # the current block's calibration inputs
     placement: BlockPlacement | None = None
+    forward_group: int | None = None  # batches a forward takes; None: chosen at the first block that runs on data
 
     @property
     def keeps_originals(self) -> bool:
@@ -247,6 +254,9 @@ def _compress_block(index: int, ctx: BlockContext) -> float:
     """Every stage's targets in block `index`, then (if a later block needs them) its outputs; returns
     the seconds that last forward pass took."""
     block = ctx.placement.fetch(index)
+    if ctx.forward_group is None and ctx.needs_data:  # measured with the first statistics hooks that will run
+        ctx.forward_group = block_group(block, ctx.inputs, ctx.device, *next(
+            ((blocks[index], names) for blocks, names in zip(ctx.per_stage_block, ctx.wanted) if blocks[index] and names), ([], ())))
     # a refining stage (DSnoT) needs the weights from before the first stage: one block's worth
     originals = {}
     if ctx.keeps_originals:
@@ -264,7 +274,7 @@ def _compress_block(index: int, ctx: BlockContext) -> float:
         statistics: dict[str, dict[str, torch.Tensor]] = {}
         if names:
             with gather(targets, names) as collected:
-                run_block(block, ctx.inputs)
+                run_block(block, ctx.inputs, ctx.forward_group or 1)
             # a data-parallel run: the sums of every process's batches (no-op in one process), all of them before any
             # is read (a sibling reading a shared input takes its statistics from the target that gathered them)
             for target in targets:
@@ -285,6 +295,6 @@ def _compress_block(index: int, ctx: BlockContext) -> float:
     del originals
     start = time.perf_counter()
     if ctx.needs_data and index < ctx.last_block:
-        block_outputs(block, ctx.inputs)
+        block_outputs(block, ctx.inputs, ctx.forward_group or 1)
     ctx.placement.release(index)
     return time.perf_counter() - start

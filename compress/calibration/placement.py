@@ -5,7 +5,10 @@ compressed is copied onto the compute device and, when done, copied back into th
 it came from. `module.to("cpu")` would allocate fresh host memory for every block instead, and a copy
 into freshly allocated pageable memory runs about ten times slower than into memory already touched
 (measured on an H200 host: 1.1 against 13 GB/s). While block i runs, block i+1 is already being
-copied up by a side thread on its own CUDA stream, so the upload overlaps the GPU work.
+copied up by a side thread on its own CUDA stream, so the upload overlaps the GPU work; and with
+`write_behind`, block i-1 is copied back by another thread on another stream (the GPU's other copy
+engine) while block i runs: the block keeps pointing at its device tensors, which hold the same values,
+until that copy is done, and is pointed back at its host tensors then (at the next release, or at close).
 
 `mode` says which of these ran: "resident" (the blocks already live on the device: nothing moves),
 "block by block" (blocks cross to the device one at a time), or "in place" (no calibration data: blocks are
@@ -57,16 +60,22 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 class BlockPlacement:
     """Moves blocks between their home and the compute device (see the module docstring)."""
 
-    def __init__(self, blocks: nn.ModuleList, device: torch.device, moves: bool) -> None:
+    def __init__(self, blocks: nn.ModuleList, device: torch.device, moves: bool, write_behind: bool = False) -> None:
+        """`write_behind`: copy released blocks back in the background (module docstring); only for blocks
+        nobody reads from their host tensors before `close` (a streamed stage writes each to disk at once)."""
         self.blocks = blocks
         self.device = device
         self.moves = moves
         self.moved = False  # some block was copied up (decided block by block: a streamed block is read when its turn comes)
         self._host: dict[int, dict[str, torch.Tensor]] = {}
         self._pending: dict[int, Future[_Uploaded]] = {}
+        self._writing: dict[int, tuple[Future[None], dict[str, torch.Tensor]]] = {}  # block -> its copy home, its home tensors
         overlap = moves and device.type == "cuda"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-upload") if overlap else None
         self._stream = torch.cuda.Stream(device) if overlap else None
+        behind = overlap and write_behind
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-write-back") if behind else None
+        self._write_stream = torch.cuda.Stream(device) if behind else None
 
     @property
     def mode(self) -> str:
@@ -111,17 +120,41 @@ class BlockPlacement:
         return block
 
     def release(self, index: int) -> None:
-        """Copy block `index` back into its home tensors and point the block at them again."""
+        """Copy block `index` back into its home tensors and point the block at them again (with
+        `write_behind`: start that copy; the block is pointed home when it is done)."""
+        self._finish_writes()  # the previous block's copy ran while this block was worked on
         host = self._host.pop(index, None)
         if host is None:
             return
         block = self.blocks[index]
-        for name, tensor in module_tensors(block).items():
-            host[name].copy_(tensor)
-        point_at(block, host)
+        if self._writer is None:
+            for name, tensor in module_tensors(block).items():
+                host[name].copy_(tensor)
+            point_at(block, host)
+            return
+        computed = torch.cuda.Event()
+        computed.record(torch.cuda.current_stream(self.device))  # the block's last use on this stream
+        self._writing[index] = self._writer.submit(self._write_back, module_tensors(block), host, computed), host
+
+    def _write_back(self, tensors: dict[str, torch.Tensor], host: dict[str, torch.Tensor], computed: torch.cuda.Event) -> None:
+        assert self._write_stream is not None
+        with torch.cuda.stream(self._write_stream):
+            self._write_stream.wait_event(computed)
+            for name, tensor in tensors.items():
+                host[name].copy_(tensor, non_blocking=host[name].is_pinned())
+        # done before the device tensors may go: they are only dropped after this returns
+        self._write_stream.synchronize()
+
+    def _finish_writes(self) -> None:
+        for index in list(self._writing):
+            written, host = self._writing.pop(index)
+            written.result()
+            point_at(self.blocks[index], host)
 
     def close(self) -> None:
         for index in list(self._pending):
             self._pending.pop(index).result()  # let uploads finish; their copies are dropped
-        if self._pool is not None:
-            self._pool.shutdown()
+        self._finish_writes()
+        for pool in (self._pool, self._writer):
+            if pool is not None:
+                pool.shutdown()

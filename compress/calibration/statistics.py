@@ -90,7 +90,7 @@ class InputVariance(Statistic):
 
 
 @contextmanager
-def _tensor_core_fp32() -> Iterator[None]:
+def tensor_core_fp32() -> Iterator[None]:
     """fp32 matmuls on TF32 tensor cores for this block only. For inputs that were bf16 or fp16 this is
     exact: their values keep all their bits in TF32 (10 mantissa bits), each product is exact in fp32 and
     the sums are fp32, so X^T X is the fp32 result up to summation order (~8x faster on an H200)."""
@@ -117,7 +117,7 @@ class Hessian(Statistic):
     def update(self, inputs: torch.Tensor) -> None:
         x = inputs.float()
         if inputs.is_cuda and inputs.dtype in (torch.bfloat16, torch.float16):
-            with _tensor_core_fp32():
+            with tensor_core_fp32():
                 self.total.addmm_(x.T, x)
         else:
             self.total.addmm_(x.T, x)

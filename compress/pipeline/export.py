@@ -82,7 +82,8 @@ def export_step(
                 "fallbacks": step.info.get("fallbacks", {}),
                 "layer_error_max": max(step.info["layer_error"].values(), default=None),
                 "cached": step.cached,
-                **{key: step.info[key] for key in ("training", "adapter", "placement") if key in step.info},  # training stages; layer-wise ones
+                # training stages; layer-wise ones
+                **{key: step.info[key] for key in ("training", "adapter", "placement", "forward_group") if key in step.info},
             }
             for index, step in enumerate(stages)
         ],

@@ -100,9 +100,10 @@ def _layerwise(
     blocks.close(state, folder)
     if blocks.resumed_at:
         log.info("%s: resumed at block %d of %d", planned.label, blocks.resumed_at, len(layout.blocks))
-    log.info("%s: %d targets, sparsity %.4f, %.2f s (blocks: %s)", planned.label, len(planned.targets), result.sparsity, result.seconds,
-             outcome.placement)
-    return {**_stage_info(planned, result, outcome.forward_seconds, blocks.resumed_at, model.streamed), "placement": outcome.placement}
+    log.info("%s: %d targets, sparsity %.4f, %.2f s (blocks: %s, %d calibration batches a forward)", planned.label, len(planned.targets),
+             result.sparsity, result.seconds, outcome.placement, outcome.forward_group)
+    return {**_stage_info(planned, result, outcome.forward_seconds, blocks.resumed_at, model.streamed), "placement": outcome.placement,
+            "forward_group": outcome.forward_group}
 
 
 def _model_statistics(
