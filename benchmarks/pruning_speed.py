@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--pattern", default="unstructured")
     parser.add_argument("--blocks", type=int, help="compress only the first N blocks (time per block x all blocks estimates the whole)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--forward-groups", default="auto",
+                        help="calibration batches a forward takes, comma-separated to run each chain with each: 'auto,1'")
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -120,7 +122,9 @@ def main() -> None:
     layout = discover(model)
     tokens = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     runs = {}
-    for chain in args.methods.split(";"):
+    groups = [None if g == "auto" else int(g) for g in args.forward_groups.split(",")]
+    for chain, group in ((c, g) for c in args.methods.split(";") for g in groups):
+        label = chain if len(groups) == 1 else f"{chain} (forward group {group or 'auto'})"
         model.load_state_dict(dense)
         stages = plan(chain, args.pattern, layout)
         if args.blocks:
@@ -132,10 +136,10 @@ def main() -> None:
             torch.cuda.synchronize()
         begin = time.perf_counter()
         model_statistics_seconds = whole_model_statistics(model, stages, batches(tokens, args.batch_size), device)
-        outcome = run_layerwise(model, layout, stages, CompressionState(), batches(tokens, args.batch_size), device)
+        outcome = run_layerwise(model, layout, stages, CompressionState(), batches(tokens, args.batch_size), device, forward_group=group)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        runs[chain] = {
+        runs[label] = {
             "seconds": round(time.perf_counter() - begin, 2),
             "model_statistics_seconds": model_statistics_seconds,
             "placement": outcome.placement,
@@ -144,7 +148,7 @@ def main() -> None:
             "forward_seconds": round(outcome.forward_seconds, 2),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         }
-        print(chain, json.dumps(runs[chain]), flush=True)
+        print(label, json.dumps(runs[label]), flush=True)
     if "wanda" in runs and "wanda+dsnot" in runs:
         runs["dsnot_overhead_over_wanda"] = round(runs["wanda+dsnot"]["seconds"] / runs["wanda"]["seconds"], 3)
     result = {
