@@ -86,9 +86,13 @@ def test_batches_whose_arguments_differ_run_one_at_a_time():
     assert calls == [2, 2] and [float(item.hidden[0, 0, 0]) for item in differ] == [2.0, 3.0]
 
 
-def test_the_group_is_one_off_the_gpu_and_bounded_by_the_batches():
-    assert forward_group(lambda: None, 16, torch.device("cpu")) == 1
+def test_small_batches_are_joined_on_the_gpu_only_up_to_enough_tokens():
+    from compress.calibration.forward_batches import ENOUGH_TOKENS
+
+    assert forward_group(lambda: None, 16, 128, torch.device("cpu")) == 1
     if torch.cuda.is_available():
         device = torch.device("cuda")
-        assert forward_group(lambda: torch.empty(2**20, device=device), 16, device) == 16  # 4 MiB a batch: all fit
-        assert forward_group(lambda: None, 1, device) == 1
+        probe = lambda: torch.empty(2**20, device=device)  # noqa: E731  (4 MiB a batch: all fit)
+        assert forward_group(probe, 64, ENOUGH_TOKENS // 8, device) == 8
+        assert forward_group(probe, 4, ENOUGH_TOKENS // 8, device) == 4
+        assert forward_group(probe, 16, ENOUGH_TOKENS, device) == 1
