@@ -63,6 +63,8 @@ def compress_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("compress-home")
     previous = os.environ.get("COMPRESS_HOME")
     os.environ["COMPRESS_HOME"] = str(home)
+    # a resume point after every block, as the resume tests expect (a user's default is one a minute)
+    os.environ.setdefault("COMPRESS_CHECKPOINT_SECONDS", "0")
     yield home
     if previous is None:
         os.environ.pop("COMPRESS_HOME", None)

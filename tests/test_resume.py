@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import KILL_AT, fast_recipe, output_bytes, register_kill_method
 
@@ -65,6 +66,36 @@ def test_sigkill_mid_stage_then_resume_is_bit_identical(tmp_path):
     assert resumed["targets"] == fresh["targets"] | {
         name: {**t, "seconds": resumed["targets"][name]["seconds"]} for name, t in fresh["targets"].items()
     }
+
+
+def test_resume_points_are_spaced_in_time_and_blocks_are_still_written(tmp_path, monkeypatch):
+    """With an hour between resume points none is written in a short stage: a run killed during block 2 has
+    written blocks 0 and 1 (shards and states, which are its output) but no hidden states, and starts again
+    at block 0 with the same result."""
+    monkeypatch.setenv("COMPRESS_CHECKPOINT_SECONDS", "3600")
+    recipe = _recipe()
+    store = tmp_path / "steps"
+    killed = _run_killed(recipe, tmp_path / "out", store, kill_at=2 * TARGETS_PER_BLOCK + 3)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resume = _resume_folder(store) / "resume"
+    assert not (resume / "progress.json").exists() and not (resume / "hidden.safetensors").exists()
+    assert (resume / "state-1").is_dir()
+    run(validate_recipe(recipe), tmp_path / "out", store=StepStore(store))
+    assert json.loads(next(store.glob("stage-*/step.json")).read_text())["resumed_at_block"] == 0
+    run(validate_recipe(recipe), tmp_path / "fresh", store=StepStore(tmp_path / "fresh-steps"))
+    assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "fresh")
+
+
+def test_a_checkpoint_interval_that_is_not_a_number_of_seconds_is_refused(monkeypatch):
+    from compress.calibration.resume import checkpoint_seconds
+    from compress.errors import CompressError
+
+    for value in ("soon", "-1", "nan"):
+        monkeypatch.setenv("COMPRESS_CHECKPOINT_SECONDS", value)
+        with pytest.raises(CompressError, match="COMPRESS_CHECKPOINT_SECONDS"):
+            checkpoint_seconds()
+    monkeypatch.setenv("COMPRESS_CHECKPOINT_SECONDS", "0")
+    assert checkpoint_seconds() == 0
 
 
 def test_changed_fingerprint_starts_clean(tmp_path):
