@@ -123,7 +123,9 @@ def test_a_failing_process_fails_the_run_by_name(tmp_path):
 
 def test_killed_process_then_resume_with_the_same_command(tmp_path):
     """gptq 4-bit: process 0 SIGKILLed during block 2; the same command resumes at block 2 (both processes)
-    and ends where one process ends (a few weights one grid step apart: float summation order)."""
+    and ends exactly where an uninterrupted run of two processes ends. (Against one process, GPTQ's grids can
+    round the other way where the Hessian's sums are added in another order, which may move the metrics at
+    the 4th digit: the 4-digit equality with one process is checked on Wanda above.)"""
     stage, home = {"method": "gptq-killed-on-rank-0", "bits": 4, "group_size": 32}, tmp_path / "home"
     kill_at = 2 * _rank0_calls_per_block("gptq", {"bits": 4, "group_size": 32}) + 1  # process 0's first call in block 2
     killed = _compress(tmp_path, "gptq-4bit", stage, tmp_path / "two", 2, COMPRESS_HOME=str(home), **{KILL_AT: str(kill_at)})
@@ -134,14 +136,14 @@ def test_killed_process_then_resume_with_the_same_command(tmp_path):
     assert json.loads(progress.read_text())["next_block"] == 2
 
     resumed = _compress(tmp_path, "gptq-4bit", stage, tmp_path / "two", 2, COMPRESS_HOME=str(home))
-    single = _compress(tmp_path, "gptq-4bit", stage, tmp_path / "one", 1, COMPRESS_HOME=str(tmp_path / "home-one"))
-    assert resumed.returncode == 0 and single.returncode == 0, resumed.stderr[-2000:] + single.stderr[-2000:]
+    whole = _compress(tmp_path, "gptq-4bit", stage, tmp_path / "whole", 2, COMPRESS_HOME=str(tmp_path / "home-whole"))
+    assert resumed.returncode == 0 and whole.returncode == 0, resumed.stderr[-2000:] + whole.stderr[-2000:]
     assert json.loads(next(home.glob("steps/stage-*/step.json")).read_text())["resumed_at_block"] == 2
     assert not any(p.name.startswith(".") for p in (home / "steps").iterdir())
-    _same_metrics(_report(tmp_path / "one")["metrics"], _report(tmp_path / "two")["metrics"])
-    one, two = exported_tensors(tmp_path / "one"), exported_tensors(tmp_path / "two")
-    apart = sum(int(((weight.float() - two[name].float()).abs() > 1e-5).sum()) for name, weight in one.items())
-    assert apart < 1e-4 * sum(weight.numel() for weight in one.values()), apart
+    resumed_metrics, whole_metrics = _report(tmp_path / "two")["metrics"], _report(tmp_path / "whole")["metrics"]
+    assert {k: v for k, v in resumed_metrics.items() if k not in UNCOMPARED} == {k: v for k, v in whole_metrics.items() if k not in UNCOMPARED}
+    one, two = exported_tensors(tmp_path / "whole"), exported_tensors(tmp_path / "two")
+    assert one.keys() == two.keys() and all(torch.equal(weight, two[name]) for name, weight in one.items())
 
 
 @pytest.mark.parametrize("recipe, arguments, message", [
