@@ -154,8 +154,6 @@ class FollowerBlocks(BlockHandler):
 
     def __init__(self, model: BlockwiseModel) -> None:
         self.model = model
-        self.interval = checkpoint_seconds()
-        self.last_point = time.monotonic()
 
     def resume(self, outcomes: list[StageOutcome], state: CompressionState) -> tuple[int, list[torch.Tensor] | None]:
         first = from_leader(0)
@@ -165,8 +163,7 @@ class FollowerBlocks(BlockHandler):
         self.model.fetch(index)
 
     def finish(self, index: int, inputs: list[BlockInputs], outcomes: list[StageOutcome], state: CompressionState) -> None:
-        if resume_point_due(self.last_point, self.interval) and inputs:  # process 0 decides; the call is collective
-            self.last_point = time.monotonic()
+        if from_leader(0) and inputs:  # whether process 0 writes a resume point now (resume_point_due): a collective
             gather_batches([item.hidden for item in inputs])
         self.model.release(index)
         for target in self.model.layout.targets:  # process 0 keeps the state; here it would only take memory
