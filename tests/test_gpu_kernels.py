@@ -212,16 +212,6 @@ def test_splitk_kernel_interpreted(config):
     assert plan(make_nm(5, 64, 4, 8), 1, config)["kernel"] == "dot"  # 4:8: no split-K GEMV (nor an FMA one)
 
 
-@interpret
-def test_splitk_one_field_at_a_time_equals_the_reference(monkeypatch):
-    # the 2D form of the split-K step (COMPRESS_SPLITK_FIELDS=2d, not the default until timed): int2/4/8, integer and
-    # fp16 zero points, a partial last group, K splits, 4 batch rows a program
-    monkeypatch.setenv("COMPRESS_SPLITK_FIELDS", "2d")
-    for config in SPLITK:
-        for i, packed in enumerate([make_group_quant(13, 1100, 4, 128), make_group_quant(7, 520, 2, 64, "float16"), make_group_quant(9, 300, 8, 32)]):
-            check(packed, 1 if i else 3, torch.bfloat16 if i % 2 else torch.float32, config=config)
-
-
 def test_out_of_shared_memory_retries_with_fewer_stages(monkeypatch):
     # a tile past the device's shared memory (OutOfResources before the kernel runs) is retried with one stage
     # fewer and the stages that fit are remembered; generic tiles take 128-column steps at most

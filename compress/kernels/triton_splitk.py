@@ -15,26 +15,19 @@ Measured (benchmarks/gpu_gemv_probe.py, H200, int4 g128, batch 1): 7.3-18.6 us, 
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
 from compress.kernels.triton_config import splitk_ok, splitk_plan  # noqa: F401 (the launch rules live there)
 from compress.kernels.triton_gemv import _codes, _split4
 
-FIELDS_VARIABLE = "COMPRESS_SPLITK_FIELDS"  # "2d": _row_fields (fewer instructions for sm_90; not timed yet)
-
 
 @triton.jit
 def _row(acc, w_0, w_1, w_2, w_3, wcol, x_ptr, xrow, m_ok, K, s, z, zc, FMASK, MAGIC, table_ptr, r3, BITS: tl.constexpr,
-         PER: tl.constexpr, CH: tl.constexpr, V: tl.constexpr, ZINT: tl.constexpr, MASKED: tl.constexpr, LUT: tl.constexpr,
-         FIELDS2D: tl.constexpr):
+         PER: tl.constexpr, CH: tl.constexpr, V: tl.constexpr, ZINT: tl.constexpr, MASKED: tl.constexpr, LUT: tl.constexpr):
     """acc [BN, L] += s * (one batch row's products with the lanes' V words of every row): per-thread FMAs into
     p [BN, L, CH], reduced once a step (and sum x for fp16 zero points). LUT: each field indexes its row's fp32
     table (2^BITS entries at table_ptr + row * 2^BITS; s = 1)."""
-    if FIELDS2D and not LUT:
-        return _row_fields(acc, w_0, w_1, w_2, w_3, wcol, x_ptr, xrow, m_ok, K, s, z, zc, FMASK, MAGIC, BITS, PER, V, ZINT, MASKED)
     p = tl.zeros([w_0.shape[0], w_0.shape[1], CH], dtype=tl.float32)
     xs = tl.zeros([1, w_0.shape[1], CH], dtype=tl.float32)
     for j in tl.static_range(V):
@@ -53,32 +46,6 @@ def _row(acc, w_0, w_1, w_2, w_3, wcol, x_ptr, xrow, m_ok, K, s, z, zc, FMASK, M
     if ZINT:
         return acc + s * tl.sum(p, axis=2)
     return acc + s * (tl.sum(p, axis=2) - z * tl.sum(xs, axis=2))
-
-
-@triton.jit
-def _row_fields(acc, w_0, w_1, w_2, w_3, wcol, x_ptr, xrow, m_ok, K, s, z, zc, FMASK, MAGIC, BITS: tl.constexpr, PER: tl.constexpr,
-                V: tl.constexpr, ZINT: tl.constexpr, MASKED: tl.constexpr):
-    """_row one field at a time, every tensor [BN, L] in the words' own layout (no [BN, L, CH] tensor, so no reduction
-    across threads): for sm_90, 815 instructions a step for 128 weights a thread against 1373 (benchmarks/sass_probe.py,
-    int4, 4 rows, 64 lanes, 4 words a lane, 2 warps). Not timed on a GPU yet: on only with COMPRESS_SPLITK_FIELDS=2d."""
-    p = tl.zeros([w_0.shape[0], w_0.shape[1]], dtype=tl.float32)
-    xs = tl.zeros([1, w_0.shape[1]], dtype=tl.float32)
-    for f in tl.static_range(PER):
-        a = f * BITS - 16 if f * BITS + BITS > 23 else f * BITS  # fields above bit 23 from word >> 16
-        magic = tl.full([1, 1], (150 - a) << 23, tl.int32).to(tl.float32, bitcast=True)
-        zm = magic + zc  # 2^(23 - a) + z, once per field for the V words
-        for j in tl.static_range(V):
-            w = w_0 if j == 0 else (w_1 if j == 1 else (w_2 if j == 2 else w_3))
-            src = w >> 16 if f * BITS + BITS > 23 else w
-            cf = ((src & (FMASK << a)) | ((MAGIC - a) << 23)).to(tl.float32, bitcast=True)  # 2^(23 - a) + code
-            col = (wcol + j) * PER + f
-            x = tl.load(x_ptr + xrow + col, mask=(col < K) & m_ok if MASKED else m_ok, other=0.0).to(tl.float32)  # [1, L]
-            p += (cf - zm) * x
-            if not ZINT:
-                xs += x
-    if ZINT:
-        return acc + s * p
-    return acc + s * (p - z * xs)
 
 
 @triton.jit
@@ -108,7 +75,7 @@ def _words(words, V: tl.constexpr):
 @triton.jit
 def _step(acc0, acc1, acc2, acc3, t, x_ptr, codes_ptr, scale_ptr, zero_ptr, rows, n_mask, m0, M, K, WPR, GROUPS, ZWPR, FMASK, MAGIC,
           BITS: tl.constexpr, PER: tl.constexpr, CH: tl.constexpr, GROUP: tl.constexpr, ZERO_INT: tl.constexpr, BLOCK_M: tl.constexpr,
-          L: tl.constexpr, V: tl.constexpr, MASKED: tl.constexpr, LUT: tl.constexpr, FIELDS2D: tl.constexpr):
+          L: tl.constexpr, V: tl.constexpr, MASKED: tl.constexpr, LUT: tl.constexpr):
     """K step t: V words a lane (L lanes) of every row, for BLOCK_M (1, 2 or 4) batch rows."""
     wcol = t * (L * V) + tl.arange(0, L)[None, :] * V                            # each lane's first word, [1, L]
     ww = t * (L * V) + tl.arange(0, L * V)[None, :]                             # the step's words, loaded flat (coalesced)
@@ -133,15 +100,15 @@ def _step(acc0, acc1, acc2, acc3, t, x_ptr, codes_ptr, scale_ptr, zero_ptr, rows
     w_0, w_1, w_2, w_3 = _words(words, V)
     rt = tl.where(n_mask[:, None, None], r3, 0)  # the table row (masked rows read row 0's table: their codes are 0)
     acc0 = _row(acc0, w_0, w_1, w_2, w_3, wcol, x_ptr, m0 * K, m0 < M, K, s, z, zc, FMASK, MAGIC, scale_ptr, rt, BITS, PER, CH, V, ZERO_INT,
-                MASKED, LUT, FIELDS2D)
+                MASKED, LUT)
     if BLOCK_M > 1:
         acc1 = _row(acc1, w_0, w_1, w_2, w_3, wcol, x_ptr, (m0 + 1) * K, m0 + 1 < M, K, s, z, zc, FMASK, MAGIC, scale_ptr, rt, BITS,
-                    PER, CH, V, ZERO_INT, MASKED, LUT, FIELDS2D)
+                    PER, CH, V, ZERO_INT, MASKED, LUT)
     if BLOCK_M > 2:
         acc2 = _row(acc2, w_0, w_1, w_2, w_3, wcol, x_ptr, (m0 + 2) * K, m0 + 2 < M, K, s, z, zc, FMASK, MAGIC, scale_ptr, rt, BITS,
-                    PER, CH, V, ZERO_INT, MASKED, LUT, FIELDS2D)
+                    PER, CH, V, ZERO_INT, MASKED, LUT)
         acc3 = _row(acc3, w_0, w_1, w_2, w_3, wcol, x_ptr, (m0 + 3) * K, m0 + 3 < M, K, s, z, zc, FMASK, MAGIC, scale_ptr, rt, BITS,
-                    PER, CH, V, ZERO_INT, MASKED, LUT, FIELDS2D)
+                    PER, CH, V, ZERO_INT, MASKED, LUT)
     return acc0, acc1, acc2, acc3
 
 
@@ -149,8 +116,7 @@ def _step(acc0, acc1, acc2, acc3, t, x_ptr, codes_ptr, scale_ptr, zero_ptr, rows
 def _gq_splitk_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, zero_ptr, M, N, K, WPR, GROUPS, ZWPR, k_iters, FMASK, MAGIC,
                       BITS: tl.constexpr, PER: tl.constexpr, CH: tl.constexpr, GROUP: tl.constexpr, ZERO_INT: tl.constexpr,
                       ATOMIC: tl.constexpr, I64: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      L: tl.constexpr, V: tl.constexpr, STAGES: tl.constexpr, INTERPRET: tl.constexpr, LUT: tl.constexpr,
-                      FIELDS2D: tl.constexpr = False):
+                      L: tl.constexpr, V: tl.constexpr, STAGES: tl.constexpr, INTERPRET: tl.constexpr, LUT: tl.constexpr):
     """Program (n, k, m): rows [n * BLOCK_N, ...), K steps [k * k_iters, ...), batch rows [m * BLOCK_M, ...)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -164,8 +130,7 @@ def _gq_splitk_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, zero_ptr, M, N, K, W
     while it < (k_iters if INTERPRET else 1):  # interpreted: the loop (NumPy 2 takes no run-time range bound)
         for i in tl.range(0, 1 if INTERPRET else k_iters, num_stages=STAGES):  # compiled: the pipelined loop
             acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, t0 + it + i, x_ptr, codes_ptr, scale_ptr, zero_ptr, rows, n_mask, m0,
-                                           M, K, WPR, GROUPS, ZWPR, FMASK, MAGIC, BITS, PER, CH, GROUP, ZERO_INT, BLOCK_M, L, V, MASKED, LUT,
-                                           FIELDS2D)
+                                           M, K, WPR, GROUPS, ZWPR, FMASK, MAGIC, BITS, PER, CH, GROUP, ZERO_INT, BLOCK_M, L, V, MASKED, LUT)
         it += 1
     _out(out_ptr, acc0, offs_n, n_mask, m0, M, N, ATOMIC)
     if BLOCK_M > 1:
@@ -183,6 +148,5 @@ def launch_splitk(x2, out, args: dict, plan: dict, block_n: int, num_warps: int,
                             plan["k_iters"], (1 << args["BITS"]) - 1, 150, BITS=args["BITS"], PER=args["PER"], CH=plan["ch"],
                             GROUP=args["GROUP"], ZERO_INT=args["ZERO_INT"], ATOMIC=plan["split"] > 1, I64=i64, MASKED=plan["masked"],
                             BLOCK_M=plan["block_m"], BLOCK_N=block_n, L=plan["lanes"], V=plan["v"], STAGES=num_stages,
-                            INTERPRET=interpret, LUT=args.get("LUT", False), FIELDS2D=os.environ.get(FIELDS_VARIABLE) == "2d",
-                            num_warps=num_warps, num_stages=num_stages)
+                            INTERPRET=interpret, LUT=args.get("LUT", False), num_warps=num_warps, num_stages=num_stages)
 
