@@ -21,6 +21,7 @@ for batch in batches:
     for fmt in fmts:
         if fmt == "qmoe":
             import qmoe_kernels as qk
+
             from compress.kernels import triton_ternary
 
             for shape in ((rows, cols), (cols, rows)):

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_kernels import copies_for, time_op
 
 from compress.formats import ternary_dict
-from compress.kernels import triton_ternary
+from compress.kernels import cuda_ternary, triton_ternary
 
 SHAPES = {  # out x in of one expert's projection
     "mixtral-8x7b w1/w3": (14336, 4096), "mixtral-8x7b w2": (4096, 14336),
@@ -84,6 +84,27 @@ def sweep(name: str, packed_copies: list, cols: int, batch: int, dense_us: float
     return {"shape": name, "batch": batch, "sweep": True, "dense_us": round(dense_us, 2), "best_us": timed[0][0], "best_tile": timed[0][1],
             "best_ratio_vs_dense": round(dense_us / timed[0][0], 3), "default_tile": list(auto), "default_us": round(auto_us, 2),
             "codes_per_row": round(packed_copies[0].codes.numel() / packed_copies[0].shape[0], 1), "all": timed}
+
+
+def cuda_variants(x: torch.Tensor, packed_copies: list) -> tuple[dict, str]:
+    """The CUDA kernel (compress/kernels/cuda_ternary.py) at batch 1: its default, and the dictionary in shared or
+    global memory at several block sizes, each checked against the Triton kernel first. ({}, "triton") where it
+    does not take the weight."""
+    first = packed_copies[0]
+    if not cuda_ternary.supported(x, first):
+        return {}, "triton"
+    want = triton_ternary.ternary_dict_matmul(x, first).float()
+    timed = {}
+    for label, shared, warps in [("cuda default", None, None)] + [(f"cuda {'shared' if s else 'global'} {w} warps", s, w)
+                                                                   for s, ws in ((True, (8, 16, 32)), (False, (4, 8, 16))) for w in ws]:
+        got = cuda_ternary.ternary_matmul(x, first, shared, warps).float()
+        error = float((got - want).norm() / want.norm().clamp_min(1e-30))
+        if error > 1e-2:
+            print(f"  {label}: relative error {error:.2e} against the Triton kernel", flush=True)
+            continue
+        timed[label] = round(time_op(lambda a, p, s=shared, w=warps: cuda_ternary.ternary_matmul(a, p, s, w), [(x, p) for p in packed_copies]), 2)
+    chosen = "shared" if cuda_ternary.table_in_shared(first, x.device) else "global"
+    return timed, f"cuda ({chosen} dictionary)"
 
 
 def ternary_expert(rows: int, cols: int, seed: int) -> ternary_dict.TernaryDictWeight:
@@ -139,12 +160,15 @@ def main() -> None:
                 if out:
                     out.write(json.dumps(records[-1]) + "\n") and out.flush()
                 continue
-            ours_us = time_op(triton_ternary.ternary_dict_matmul, [(xb, p) for p in packed_copies])
+            triton_us = time_op(triton_ternary.ternary_dict_matmul, [(xb, p) for p in packed_copies])
+            variants, kernel = cuda_variants(xb, packed_copies) if batch == 1 else ({}, "triton")
+            ours_us = variants.get("cuda default", triton_us)
             io = 2 * batch * (rows + cols)
             record = {"shape": name, "out_x_in": f"{rows}x{cols}", "batch": batch, "zero_share": round(zeros, 4),
-                      "bits_per_param": round(8 * stored / (rows * cols), 4), "rel_error": error,
+                      "bits_per_param": round(8 * stored / (rows * cols), 4), "rel_error": error, "kernel": kernel,
                       "dense_us": round(dense_us, 2), "us": round(ours_us, 2), "ratio_vs_dense": round(dense_us / ours_us, 3),
-                      "gbps": round((stored + io) / ours_us / 1e3, 1), "dense_gbps": round((rows * cols * 2 + io) / dense_us / 1e3, 1)}
+                      "gbps": round((stored + io) / ours_us / 1e3, 1), "dense_gbps": round((rows * cols * 2 + io) / dense_us / 1e3, 1),
+                      "triton_us": round(triton_us, 2), "triton_ratio_vs_dense": round(dense_us / triton_us, 3), "cuda_variants": variants}
             records.append(record)
             print(json.dumps(record), flush=True)
             if out:

@@ -15,7 +15,7 @@ import torch
 
 from compress.formats import ternary_dict as td
 from compress.formats import tunstall
-from compress.kernels import build, cpu, dispatch, modules
+from compress.kernels import build, cpu, cuda_ternary, dispatch, modules
 
 PATHS = ("avx512", "avx2", "scalar", "torch")
 SHAPES = [(1, 1), (3, 7), (17, 130), (17, 131), (64, 257), (300, 2048)]
@@ -192,6 +192,65 @@ def test_cuda_dispatch_and_module():
     assert layer.kernel_table.is_cuda
     x = torch.randn(3, 257, generator=_gen(11))
     assert torch.allclose(layer(x.cuda()).cpu(), td.reference_matmul(x, packed), rtol=1e-5, atol=1e-5)
+
+
+
+# -- the CUDA kernel (batch 1, dictionary and x in shared memory) --------------------------------------
+
+
+def test_cuda_kernel_dictionary_packing_round_trips():
+    """The 3-byte entries the CUDA kernel reads hold every codeword of the static, an adaptive and a smaller
+    dictionary exactly, except those of more than 3 nonzero weights: flagged, their masks left to the kernel table."""
+    lanes = torch.arange(32)
+    flagged = 0
+    for packed in (_packed(3, 7), _packed(64, 257, "adaptive"), _small_dictionary()):
+        table = td.dictionary_of(packed).kernel_table
+        data = cuda_ternary.packed_table(table)
+        assert data.dtype == torch.uint8 and data.numel() % 16 == 0 and data.numel() - 3 * len(table) < 16
+        unpacked = cuda_ternary.unpack_table(data, len(table))
+        overflow = ((((table[:, :1] | table[:, 1:2]).long()) >> lanes) & 1).sum(1) > 3
+        assert torch.equal(unpacked[:, 3].bool(), overflow) and torch.equal(unpacked[:, 2], table[:, 2])
+        assert torch.equal(unpacked[~overflow, :2], table[~overflow, :2]) and not unpacked[overflow, :2].any()
+        flagged += int(overflow.sum())
+    assert flagged > 0  # the adaptive dictionary of 64 x 257 holds codewords of 4 and 5 nonzero weights
+
+
+needs_cuda_kernel = pytest.mark.skipif(not cuda_ternary.available(), reason="needs CUDA and NVRTC")
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("shared", [True, False])
+def test_cuda_kernel(shared):
+    for packed in (_packed(1, 1), _packed(17, 131, "adaptive"), _packed(64, 257, "adaptive"), _packed(300, 2048), _padded_with_max(33, 129),
+                   _small_dictionary()):  # 64 x 257 adaptive: codewords of 4 and 5 nonzero weights (read from the kernel table)
+        for warps in (1, 8, 32):
+            _check(lambda x, p, w=warps: cuda_ternary.ternary_matmul(x, p, shared, w), packed, batches=(1,),
+                   dtypes=(torch.bfloat16, torch.float16), device="cuda")
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    packed = _to(_packed(300, 2048), "cuda")
+    assert cuda_ternary.supported(x, packed) and not cuda_ternary.supported(x.float(), packed)
+    assert not cuda_ternary.supported(torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16), packed)
+    expected = cuda_ternary.ternary_matmul(x, packed, shared)
+    graph, static_x = torch.cuda.CUDAGraph(), x.clone()
+    with torch.cuda.graph(graph):
+        out = cuda_ternary.ternary_matmul(static_x, packed, shared)
+    static_x.copy_(x)
+    graph.replay()
+    assert torch.equal(out, expected)
+
+
+@needs_cuda_kernel
+def test_cuda_dispatch_takes_the_cuda_kernel_at_batch_1(monkeypatch):
+    packed = _to(_packed(300, 2048), "cuda")
+    calls = []
+    original = cuda_ternary.ternary_matmul
+    monkeypatch.setattr(cuda_ternary, "ternary_matmul", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(dispatch.device_matmul(x, packed), original(x, packed)) and calls == [1]
+    dispatch.device_matmul(torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16), packed)  # batch 4: Triton
+    monkeypatch.setenv("COMPRESS_GPU_KERNEL", "triton")
+    dispatch.device_matmul(x, packed)
+    assert calls == [1]
 
 
 # -- the module -----------------------------------------------------------------------------------------

@@ -1,0 +1,241 @@
+"""CUDA kernel for QMoE's dictionary-coded ternary weights at batch 1 (compress.formats.ternary_dict), compiled at
+first use through NVRTC (torch.cuda._compile_kernel: no nvcc needed), with the activations and, where it fits, the
+whole dictionary in shared memory.
+
+Why not Triton alone: decoding is a gather per code (the codeword's entry in a 65536-word dictionary) and one per
+nonzero weight (x at its column). From global memory each gathered lane costs an L1 wavefront; the Triton kernel
+(triton_ternary.py) is bound there (Nsight Compute on the H200: L1 75% busy, 14336x4096 in 26 us). Triton has no
+shared memory of a program's own, and its gather stores the source to shared memory at every call. Here x and a
+3-byte-a-codeword form of the dictionary (192 KiB for 65536 codewords) are copied into shared memory once a block,
+so both gathers are bank accesses.
+
+Layout of the work: a warp takes one row at a time, 32 codes a step (one code a lane, a coalesced 64-byte load),
+places each code's run by a warp prefix sum of the run lengths, and adds x at the code's at most 3 nonzero weights
+to the lane's min or max sum; a warp reduction gives y[r] = min_r * sum_min + max_r * sum_max (fp32). Dictionaries
+codewords of more than 3 nonzero weights (rare, except in less sparse experts' dictionaries) are read whole from the
+int32 kernel table in global memory. Batches above 1, float32 activations and widths whose x does not fit in shared
+memory go to the Triton kernel (`supported`).
+
+Packed dictionary entry (24 bits, `packed_table`): bits 0-14 three 5-bit column offsets in the run (31 = no weight),
+bits 15-17 whether each of those weights is the row's max, bits 18-21 the run's length in pairs, bit 22 set when the
+codeword holds more nonzero weights than 3 (its masks are then read from the kernel table). Stored as two
+planes, the low 16 bits of every codeword then the high 8 bits, so the copy into shared memory is a plain copy.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from compress.formats import ternary_dict
+
+MAX_NONZEROS = 3  # nonzero weights a packed entry holds; a codeword with more is flagged (OVERFLOW)
+OVERFLOW = 1 << 22
+EMPTY_SLOT = 31
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
+_TABLES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+SOURCE = r"""
+__device__ __forceinline__ float to_float_bf16(unsigned short v) { return __uint_as_float(((unsigned)v) << 16); }
+__device__ __forceinline__ float to_float_f16(unsigned short v) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f; }
+__device__ __forceinline__ unsigned short from_float_bf16(float f) { unsigned short v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
+__device__ __forceinline__ unsigned short from_float_f16(float f) { unsigned short v; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
+
+template <bool TABLE_SHARED, bool BF16>
+__device__ __forceinline__ void ternary_rows(const unsigned short* __restrict__ x, const unsigned short* __restrict__ codes,
+    const int* __restrict__ offsets, const unsigned short* __restrict__ minmax, const unsigned char* __restrict__ table,
+    const int* __restrict__ masks, unsigned short* __restrict__ y, int N, int K, int entries) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+  // shared memory: [table: low planes 2 * entries bytes, high plane entries bytes, padded to 16] [x: K halves]
+  const int table_bytes = TABLE_SHARED ? ((3 * entries + 15) & ~15) : 0;
+  unsigned short* xs = (unsigned short*)(smem + table_bytes);
+  if (TABLE_SHARED) {
+    const int words = table_bytes >> 4;
+    const uint4* src = (const uint4*)table;
+    uint4* dst = (uint4*)smem;
+    for (int i = tid; i < words; i += blockDim.x) dst[i] = src[i];
+  }
+  for (int i = tid; i < K; i += blockDim.x) xs[i] = x[i];
+  __syncthreads();
+  const unsigned short* low = TABLE_SHARED ? (const unsigned short*)smem : (const unsigned short*)table;
+  const unsigned char* high = (TABLE_SHARED ? (const unsigned char*)smem : table) + 2 * entries;
+  const unsigned FULL = 0xffffffffu;
+  for (int row = blockIdx.x * warps + warp; row < N; row += gridDim.x * warps) {
+    const int start = offsets[row], count = offsets[row + 1] - start;
+    float sum_min = 0.f, sum_max = 0.f;
+    int base = 0;
+    unsigned code = lane < count ? codes[start + lane] : 0u;
+    for (int j = 0; j < count; j += 32) {
+      const int k = j + lane;
+      const unsigned next = k + 32 < count ? codes[start + k + 32] : 0u;  // the next step's code, loaded early
+      unsigned entry = 0x7fffu;  // past the row's end: no weights, length 0
+      if (k < count) entry = (unsigned)low[code] | ((unsigned)high[code] << 16);
+      const int length = ((entry >> 18) & 15) * 2;
+      int inclusive = length;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int t = __shfl_up_sync(FULL, inclusive, d);
+        if (lane >= d) inclusive += t;
+      }
+      const int first = base + inclusive - length;
+      base += __shfl_sync(FULL, inclusive, 31);
+#pragma unroll
+      for (int s = 0; s < 3; s++) {
+        const int offset = (entry >> (5 * s)) & 31;
+        const int col = first + offset;
+        if (offset != 31 && col < K) {
+          const float v = BF16 ? to_float_bf16(xs[col]) : to_float_f16(xs[col]);
+          if ((entry >> (15 + s)) & 1) sum_max += v; else sum_min += v;
+        }
+      }
+      if (entry & (1u << 22)) {  // more than 3 nonzero weights: the codeword's masks from the kernel table
+        const unsigned at_max = (unsigned)masks[3 * code + 1];
+        for (unsigned m = (unsigned)masks[3 * code] | at_max; m; m &= m - 1) {
+          const int bit = __ffs(m) - 1, col = first + bit;
+          if (col < K) {
+            const float v = BF16 ? to_float_bf16(xs[col]) : to_float_f16(xs[col]);
+            if ((at_max >> bit) & 1) sum_max += v; else sum_min += v;
+          }
+        }
+      }
+      code = next;
+    }
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) {
+      sum_min += __shfl_xor_sync(FULL, sum_min, d);
+      sum_max += __shfl_xor_sync(FULL, sum_max, d);
+    }
+    if (lane == 0) {
+      const float out = to_float_f16(minmax[2 * row]) * sum_min + to_float_f16(minmax[2 * row + 1]) * sum_max;
+      y[row] = BF16 ? from_float_bf16(out) : from_float_f16(out);
+    }
+  }
+}
+
+#define TERNARY_KERNEL(NAME, SHARED, IS_BF16) \
+extern "C" __global__ void __launch_bounds__(1024) NAME(const unsigned short* x, const unsigned short* codes, const int* offsets, \
+    const unsigned short* minmax, const unsigned char* table, const int* masks, unsigned short* y, int N, int K, int entries) { \
+  ternary_rows<SHARED, IS_BF16>(x, codes, offsets, minmax, table, masks, y, N, K, entries); }
+TERNARY_KERNEL(ternary_shared_bf16, true, true)
+TERNARY_KERNEL(ternary_shared_f16, true, false)
+TERNARY_KERNEL(ternary_global_bf16, false, true)
+TERNARY_KERNEL(ternary_global_f16, false, false)
+"""
+
+
+def packed_table(kernel_table: torch.Tensor) -> torch.Tensor:
+    """The dictionary (int32 [codewords, 3] = min_mask, max_mask, length in weights) as the kernel reads it: uint8
+    [3 * codewords] (low 16 bits of every entry, little-endian, then the high 8 bits), padded to 16 bytes. A codeword
+    of more than MAX_NONZEROS nonzero weights gets OVERFLOW and no slots."""
+    table = kernel_table.to(torch.int64)
+    lanes = torch.arange(32)
+    is_max = (table[:, 1:2] >> lanes) & 1
+    nonzero = (((table[:, 0:1] | table[:, 1:2]) >> lanes) & 1).bool()
+    overflow = nonzero.sum(1) > MAX_NONZEROS
+    nonzero &= ~overflow[:, None]
+    order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :MAX_NONZEROS]  # nonzero lanes first, in order
+    present = nonzero.gather(1, order)
+    offsets = torch.where(present, order, EMPTY_SLOT)
+    maxes = is_max.gather(1, order) & present
+    entry = (offsets[:, 0] | offsets[:, 1] << 5 | offsets[:, 2] << 10 | maxes[:, 0] << 15 | maxes[:, 1] << 16 | maxes[:, 2] << 17
+             | (table[:, 2] // 2) << 18 | overflow.to(torch.int64) * OVERFLOW)
+    planes = torch.cat([(entry & 0xFF), (entry >> 8) & 0xFF], 0).reshape(2, -1).T.reshape(-1)  # low 16 bits, little-endian
+    data = torch.cat([planes, (entry >> 16) & 0xFF]).to(torch.uint8)
+    return torch.cat([data, data.new_zeros(-data.numel() % 16)])
+
+
+def unpack_table(data: torch.Tensor, codewords: int) -> torch.Tensor:
+    """packed_table's inverse, for tests: int32 [codewords, 4] (min_mask, max_mask, length, overflow); an overflow
+    codeword's masks are 0 (the kernel reads them from the kernel table)."""
+    raw = data[: 3 * codewords].to(torch.int64)
+    entry = raw[0 : 2 * codewords : 2] | raw[1 : 2 * codewords : 2] << 8 | raw[2 * codewords :] << 16
+    min_mask, max_mask = torch.zeros_like(entry), torch.zeros_like(entry)
+    for slot in range(MAX_NONZEROS):
+        offset = (entry >> (5 * slot)) & 31
+        bit = torch.where(offset == EMPTY_SLOT, 0, 1 << offset.clamp(max=30))
+        is_max = (entry >> (15 + slot)) & 1
+        max_mask |= bit * is_max
+        min_mask |= bit * (1 - is_max)
+    return torch.stack([min_mask, max_mask, ((entry >> 18) & 15) * 2, (entry >> 22) & 1], 1).to(torch.int32)
+
+
+@functools.cache
+def _kernel(name: str):
+    return torch.cuda._compile_kernel(SOURCE, name)
+
+
+@functools.cache
+def available() -> bool:
+    """CUDA present and the kernel compiles (NVRTC through torch); else the Triton kernel takes every call."""
+    if not (torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")):
+        return False
+    try:
+        _kernel("ternary_shared_bf16")
+    except Exception as error:  # e.g. no CUDA headers for NVRTC: the Triton kernel still works
+        warnings.warn(f"QMoE CUDA kernel unavailable, using the Triton kernel: {type(error).__name__}: {str(error)[:300]}", stacklevel=2)
+        return False
+    return True
+
+
+def device_tables(packed: ternary_dict.TernaryDictWeight, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed_table, the int32 kernel table) of the weight's dictionary on `device`, built once per dictionary and device."""
+    host = ternary_dict.dictionary_of(packed).kernel_table
+    key = (id(host), str(device))
+    hit = _TABLES.get(key)
+    if hit is None or hit[0] is not host:
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        hit = _TABLES[key] = (host, packed_table(host.cpu()).to(device), host.to(device, torch.int32).contiguous())
+    return hit[1], hit[2]
+
+
+def _shared_limit(device: torch.device) -> int:
+    return int(getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 48 * 1024))
+
+
+def supported(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight) -> bool:
+    """Batch 1, bf16/fp16 activations on CUDA, x fits in shared memory."""
+    cols = packed.shape[1]
+    if not available() or x.device.type != "cuda" or x.dtype not in DTYPES or x.numel() != cols:
+        return False
+    return 2 * cols + 16 <= _shared_limit(x.device)
+
+
+def table_in_shared(packed: ternary_dict.TernaryDictWeight, device: torch.device) -> bool:
+    """The whole dictionary in shared memory when it fits beside x and the weight has enough codes to pay for the
+    copy (each block copies 192 KiB for 65536 codewords; from benchmarks/qmoe_kernels.py on the H200)."""
+    table_bytes = -(-3 * packed.codewords // 16) * 16
+    return table_bytes + 2 * packed.shape[1] <= _shared_limit(device) and packed.codes.numel() >= SHARED_TABLE_MIN_CODES
+
+
+SHARED_TABLE_MIN_CODES = 0  # set from the benchmark
+
+
+def ternary_matmul(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight, shared_table: bool | None = None,
+                   warps: int | None = None) -> torch.Tensor:
+    """x [..., in] with one row of activations (bfloat16 / float16, CUDA) @ W.T -> [..., out] in x's dtype, fp32
+    accumulation. `shared_table`: the dictionary in shared memory (None: table_in_shared); `warps` a block (None: 32
+    with the table in shared memory, one block a multiprocessor; 8 otherwise). Callers check `supported` first."""
+    rows, cols = packed.shape
+    device = x.device
+    if not supported(x, packed):
+        raise ValueError("this weight or input is not for the CUDA ternary kernel (see cuda_ternary.supported)")
+    table, masks = device_tables(packed, device)
+    shared_table = table_in_shared(packed, device) if shared_table is None else shared_table
+    warps = (32 if shared_table else 8) if warps is None else warps
+    codes, offsets, minmax = (t.to(device).contiguous() for t in (packed.codes, packed.row_offsets, packed.minmax))
+    x1 = x.reshape(cols).contiguous()
+    y = torch.empty(rows, dtype=x.dtype, device=device)
+    smem = 2 * cols + (-(-3 * packed.codewords // 16) * 16 if shared_table else 0)
+    kernel = _kernel(f"ternary_{'shared' if shared_table else 'global'}_{DTYPES[x.dtype]}")
+    if smem >= 48 * 1024 and kernel._max_shared_mem_bytes < smem:
+        kernel.set_shared_memory_config(_shared_limit(device))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    blocks = min(-(-rows // warps), sms if shared_table else 8 * sms)
+    if rows:
+        kernel(grid=(blocks, 1, 1), block=(32 * warps, 1, 1), args=[x1, codes, offsets, minmax, table, masks, y, rows, cols, packed.codewords],
+               shared_mem=smem)
+    return y.reshape(*x.shape[:-1], rows)
