@@ -96,7 +96,7 @@ def cuda_variants(x: torch.Tensor, packed_copies: list) -> tuple[dict, str]:
     want = triton_ternary.ternary_dict_matmul(x, first).float()
     timed = {}
     for label, shared, warps in [("cuda default", None, None)] + [(f"cuda {'shared' if s else 'global'} {w} warps", s, w)
-                                                                   for s, ws in ((True, (8, 16, 32)), (False, (4, 8, 16))) for w in ws]:
+                                                                   for s, ws in ((True, (16, 32)), (False, (8, 16, 32))) for w in ws]:
         got = cuda_ternary.ternary_matmul(x, first, shared, warps).float()
         error = float((got - want).norm() / want.norm().clamp_min(1e-30))
         if error > 1e-2:

@@ -35,7 +35,7 @@ MAX_NONZEROS = 3  # nonzero weights a packed entry holds; a codeword with more i
 OVERFLOW = 1 << 22
 EMPTY_SLOT = 31
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
-_TABLES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_TABLES: dict[tuple[int, str], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
 SOURCE = r"""
 __device__ __forceinline__ float to_float_bf16(unsigned short v) { return __uint_as_float(((unsigned)v) << 16); }
@@ -43,65 +43,93 @@ __device__ __forceinline__ float to_float_f16(unsigned short v) { float f; asm("
 __device__ __forceinline__ unsigned short from_float_bf16(float f) { unsigned short v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
 __device__ __forceinline__ unsigned short from_float_f16(float f) { unsigned short v; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
 
+// Copy `words` 16-byte words with 8 loads in flight a thread (one at a time pays the memory latency each time).
+__device__ __forceinline__ void copy_words(uint4* __restrict__ dst, const uint4* __restrict__ src, int words) {
+  for (int i0 = threadIdx.x; i0 < words; i0 += 8 * blockDim.x) {
+    uint4 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; u++) { const int i = i0 + u * blockDim.x; if (i < words) v[u] = src[i]; }
+#pragma unroll
+    for (int u = 0; u < 8; u++) { const int i = i0 + u * blockDim.x; if (i < words) dst[i] = v[u]; }
+  }
+}
+
+#define STEPS 4  // 32-code steps whose codes are loaded a group ahead
+
 template <bool TABLE_SHARED, bool BF16>
 __device__ __forceinline__ void ternary_rows(const unsigned short* __restrict__ x, const unsigned short* __restrict__ codes,
     const int* __restrict__ offsets, const unsigned short* __restrict__ minmax, const unsigned char* __restrict__ table,
-    const int* __restrict__ masks, unsigned short* __restrict__ y, int N, int K, int entries) {
+    const unsigned* __restrict__ entries32, const int* __restrict__ masks, unsigned short* __restrict__ y, int N, int K, int entries) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
-  // shared memory: [table: low planes 2 * entries bytes, high plane entries bytes, padded to 16] [x: K halves]
+  // shared memory: [dictionary: 2 * entries bytes of low halves, entries bytes of high bytes, padded to 16] [x: K halves]
   const int table_bytes = TABLE_SHARED ? ((3 * entries + 15) & ~15) : 0;
   unsigned short* xs = (unsigned short*)(smem + table_bytes);
-  if (TABLE_SHARED) {
-    const int words = table_bytes >> 4;
-    const uint4* src = (const uint4*)table;
-    uint4* dst = (uint4*)smem;
-    for (int i = tid; i < words; i += blockDim.x) dst[i] = src[i];
-  }
-  for (int i = tid; i < K; i += blockDim.x) xs[i] = x[i];
+  if (TABLE_SHARED) copy_words((uint4*)smem, (const uint4*)table, table_bytes >> 4);
+  copy_words((uint4*)xs, (const uint4*)x, K >> 3);  // x is 16-byte aligned (the caller checks)
+  for (int i = (K & ~7) + tid; i < K; i += blockDim.x) xs[i] = x[i];
   __syncthreads();
-  const unsigned short* low = TABLE_SHARED ? (const unsigned short*)smem : (const unsigned short*)table;
-  const unsigned char* high = (TABLE_SHARED ? (const unsigned char*)smem : table) + 2 * entries;
+  const unsigned short* low = (const unsigned short*)smem;
+  const unsigned char* high = smem + 2 * entries;
   const unsigned FULL = 0xffffffffu;
-  for (int row = blockIdx.x * warps + warp; row < N; row += gridDim.x * warps) {
-    const int start = offsets[row], count = offsets[row + 1] - start;
+  const int stride = gridDim.x * warps;
+  int row = blockIdx.x * warps + warp;
+  int start = 0, count = 0;
+  if (row < N) { start = offsets[row]; count = offsets[row + 1] - start; }
+  unsigned cur[STEPS];
+#pragma unroll
+  for (int u = 0; u < STEPS; u++) cur[u] = 32 * u + lane < count ? codes[start + 32 * u + lane] : 0u;
+  while (row < N) {
+    const int next_row = row + stride;
+    int next_start = 0, next_count = 0;
+    if (next_row < N) { next_start = offsets[next_row]; next_count = offsets[next_row + 1] - next_start; }
     float sum_min = 0.f, sum_max = 0.f;
     int base = 0;
-    unsigned code = lane < count ? codes[start + lane] : 0u;
-    for (int j = 0; j < count; j += 32) {
-      const int k = j + lane;
-      const unsigned next = k + 32 < count ? codes[start + k + 32] : 0u;  // the next step's code, loaded early
-      unsigned entry = 0x7fffu;  // past the row's end: no weights, length 0
-      if (k < count) entry = (unsigned)low[code] | ((unsigned)high[code] << 16);
-      const int length = ((entry >> 18) & 15) * 2;
-      int inclusive = length;
+    for (int j = 0; j < count || j == 0; j += 32 * STEPS) {
+      // the following group's codes (this row's, or the next row's first), loaded before this group's work
+      int following = j + 32 * STEPS, from = start, upto = count;
+      if (following >= count) { following = 0; from = next_start; upto = next_count; }
+      unsigned nxt[STEPS];
 #pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int t = __shfl_up_sync(FULL, inclusive, d);
-        if (lane >= d) inclusive += t;
-      }
-      const int first = base + inclusive - length;
-      base += __shfl_sync(FULL, inclusive, 31);
+      for (int u = 0; u < STEPS; u++) nxt[u] = following + 32 * u + lane < upto ? codes[from + following + 32 * u + lane] : 0u;
 #pragma unroll
-      for (int s = 0; s < 3; s++) {
-        const int offset = (entry >> (5 * s)) & 31;
-        const int col = first + offset;
-        if (offset != 31 && col < K) {
-          const float v = BF16 ? to_float_bf16(xs[col]) : to_float_f16(xs[col]);
-          if ((entry >> (15 + s)) & 1) sum_max += v; else sum_min += v;
+      for (int u = 0; u < STEPS; u++) {
+        const int k = j + 32 * u + lane;
+        const unsigned code = cur[u];
+        unsigned entry = 0x7fffu;  // past the row's end: no weights, length 0
+        if (k < count) entry = TABLE_SHARED ? ((unsigned)low[code] | ((unsigned)high[code] << 16)) : entries32[code];
+        const int length = ((entry >> 18) & 15) * 2;
+        int inclusive = length;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+          const int t = __shfl_up_sync(FULL, inclusive, d);
+          if (lane >= d) inclusive += t;
         }
-      }
-      if (entry & (1u << 22)) {  // more than 3 nonzero weights: the codeword's masks from the kernel table
-        const unsigned at_max = (unsigned)masks[3 * code + 1];
-        for (unsigned m = (unsigned)masks[3 * code] | at_max; m; m &= m - 1) {
-          const int bit = __ffs(m) - 1, col = first + bit;
-          if (col < K) {
+        const int first = base + inclusive - length;
+        base += __shfl_sync(FULL, inclusive, 31);
+#pragma unroll
+        for (int s = 0; s < 3; s++) {
+          const int offset = (entry >> (5 * s)) & 31;
+          const int col = first + offset;
+          if (offset != 31 && col < K) {
             const float v = BF16 ? to_float_bf16(xs[col]) : to_float_f16(xs[col]);
-            if ((at_max >> bit) & 1) sum_max += v; else sum_min += v;
+            if ((entry >> (15 + s)) & 1) sum_max += v; else sum_min += v;
+          }
+        }
+        if (entry & (1u << 22)) {  // more than 3 nonzero weights: the codeword's masks from the kernel table
+          const unsigned at_max = (unsigned)masks[3 * code + 1];
+          for (unsigned m = (unsigned)masks[3 * code] | at_max; m; m &= m - 1) {
+            const int bit = __ffs(m) - 1, col = first + bit;
+            if (col < K) {
+              const float v = BF16 ? to_float_bf16(xs[col]) : to_float_f16(xs[col]);
+              if ((at_max >> bit) & 1) sum_max += v; else sum_min += v;
+            }
           }
         }
       }
-      code = next;
+#pragma unroll
+      for (int u = 0; u < STEPS; u++) cur[u] = nxt[u];
+      if (following == 0) break;  // the next row's codes are in cur
     }
 #pragma unroll
     for (int d = 16; d > 0; d >>= 1) {
@@ -112,13 +140,15 @@ __device__ __forceinline__ void ternary_rows(const unsigned short* __restrict__ 
       const float out = to_float_f16(minmax[2 * row]) * sum_min + to_float_f16(minmax[2 * row + 1]) * sum_max;
       y[row] = BF16 ? from_float_bf16(out) : from_float_f16(out);
     }
+    row = next_row; start = next_start; count = next_count;
   }
 }
 
 #define TERNARY_KERNEL(NAME, SHARED, IS_BF16) \
 extern "C" __global__ void __launch_bounds__(1024) NAME(const unsigned short* x, const unsigned short* codes, const int* offsets, \
-    const unsigned short* minmax, const unsigned char* table, const int* masks, unsigned short* y, int N, int K, int entries) { \
-  ternary_rows<SHARED, IS_BF16>(x, codes, offsets, minmax, table, masks, y, N, K, entries); }
+    const unsigned short* minmax, const unsigned char* table, const unsigned* entries32, const int* masks, unsigned short* y, \
+    int N, int K, int entries) { \
+  ternary_rows<SHARED, IS_BF16>(x, codes, offsets, minmax, table, entries32, masks, y, N, K, entries); }
 TERNARY_KERNEL(ternary_shared_bf16, true, true)
 TERNARY_KERNEL(ternary_shared_f16, true, false)
 TERNARY_KERNEL(ternary_global_bf16, false, true)
@@ -126,10 +156,9 @@ TERNARY_KERNEL(ternary_global_f16, false, false)
 """
 
 
-def packed_table(kernel_table: torch.Tensor) -> torch.Tensor:
-    """The dictionary (int32 [codewords, 3] = min_mask, max_mask, length in weights) as the kernel reads it: uint8
-    [3 * codewords] (low 16 bits of every entry, little-endian, then the high 8 bits), padded to 16 bytes. A codeword
-    of more than MAX_NONZEROS nonzero weights gets OVERFLOW and no slots."""
+def packed_entries(kernel_table: torch.Tensor) -> torch.Tensor:
+    """Each codeword of the dictionary (int32 [codewords, 3] = min_mask, max_mask, length in weights) as one 24-bit
+    entry (int64 [codewords]); a codeword of more than MAX_NONZEROS nonzero weights gets OVERFLOW and no slots."""
     table = kernel_table.to(torch.int64)
     lanes = torch.arange(32)
     is_max = (table[:, 1:2] >> lanes) & 1
@@ -142,6 +171,13 @@ def packed_table(kernel_table: torch.Tensor) -> torch.Tensor:
     maxes = is_max.gather(1, order) & present
     entry = (offsets[:, 0] | offsets[:, 1] << 5 | offsets[:, 2] << 10 | maxes[:, 0] << 15 | maxes[:, 1] << 16 | maxes[:, 2] << 17
              | (table[:, 2] // 2) << 18 | overflow.to(torch.int64) * OVERFLOW)
+    return entry
+
+
+def packed_table(kernel_table: torch.Tensor) -> torch.Tensor:
+    """packed_entries as the kernel copies them into shared memory: uint8 [3 * codewords] (low 16 bits of every entry,
+    little-endian, then the high 8 bits), padded to 16 bytes."""
+    entry = packed_entries(kernel_table)
     planes = torch.cat([(entry & 0xFF), (entry >> 8) & 0xFF], 0).reshape(2, -1).T.reshape(-1)  # low 16 bits, little-endian
     data = torch.cat([planes, (entry >> 16) & 0xFF]).to(torch.uint8)
     return torch.cat([data, data.new_zeros(-data.numel() % 16)])
@@ -180,16 +216,19 @@ def available() -> bool:
     return True
 
 
-def device_tables(packed: ternary_dict.TernaryDictWeight, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed_table, the int32 kernel table) of the weight's dictionary on `device`, built once per dictionary and device."""
+def device_tables(packed: ternary_dict.TernaryDictWeight, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed_table, packed_entries as int32, the int32 kernel table) of the weight's dictionary on `device`, built once
+    per dictionary and device: the kernel reads the first in shared memory, else the second, and the third for the
+    codewords of more than MAX_NONZEROS weights."""
     host = ternary_dict.dictionary_of(packed).kernel_table
     key = (id(host), str(device))
     hit = _TABLES.get(key)
     if hit is None or hit[0] is not host:
         if len(_TABLES) >= 64:
             _TABLES.clear()
-        hit = _TABLES[key] = (host, packed_table(host.cpu()).to(device), host.to(device, torch.int32).contiguous())
-    return hit[1], hit[2]
+        entries = packed_entries(host.cpu()).to(torch.int32)
+        hit = _TABLES[key] = (host, (packed_table(host.cpu()).to(device), entries.to(device), host.to(device, torch.int32).contiguous()))
+    return hit[1]
 
 
 def _shared_limit(device: torch.device) -> int:
@@ -211,7 +250,7 @@ def table_in_shared(packed: ternary_dict.TernaryDictWeight, device: torch.device
     return table_bytes + 2 * packed.shape[1] <= _shared_limit(device) and packed.codes.numel() >= SHARED_TABLE_MIN_CODES
 
 
-SHARED_TABLE_MIN_CODES = 0  # set from the benchmark
+SHARED_TABLE_MIN_CODES = 1 << 20  # provisional, to be set from the benchmark
 
 
 def ternary_matmul(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight, shared_table: bool | None = None,
@@ -223,19 +262,23 @@ def ternary_matmul(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight, shar
     device = x.device
     if not supported(x, packed):
         raise ValueError("this weight or input is not for the CUDA ternary kernel (see cuda_ternary.supported)")
-    table, masks = device_tables(packed, device)
+    table, entries, masks = device_tables(packed, device)
     shared_table = table_in_shared(packed, device) if shared_table is None else shared_table
-    warps = (32 if shared_table else 8) if warps is None else warps
+    warps = (32 if shared_table else 16) if warps is None else warps
     codes, offsets, minmax = (t.to(device).contiguous() for t in (packed.codes, packed.row_offsets, packed.minmax))
     x1 = x.reshape(cols).contiguous()
+    if x1.data_ptr() % 16:  # the kernel copies x in 16-byte words
+        x1 = x1.clone()
     y = torch.empty(rows, dtype=x.dtype, device=device)
     smem = 2 * cols + (-(-3 * packed.codewords // 16) * 16 if shared_table else 0)
     kernel = _kernel(f"ternary_{'shared' if shared_table else 'global'}_{DTYPES[x.dtype]}")
     if smem >= 48 * 1024 and kernel._max_shared_mem_bytes < smem:
         kernel.set_shared_memory_config(_shared_limit(device))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    blocks = min(-(-rows // warps), sms if shared_table else 8 * sms)
+    # one wave of blocks (the dictionary's copy allows one a multiprocessor; else 64 warps a multiprocessor), each
+    # warp walking rows until they are done, so x (and the dictionary) are copied once a block
+    blocks = min(-(-rows // warps), sms if shared_table else sms * max(1, 64 // warps))
     if rows:
-        kernel(grid=(blocks, 1, 1), block=(32 * warps, 1, 1), args=[x1, codes, offsets, minmax, table, masks, y, rows, cols, packed.codewords],
-               shared_mem=smem)
+        kernel(grid=(blocks, 1, 1), block=(32 * warps, 1, 1), shared_mem=smem,
+               args=[x1, codes, offsets, minmax, table, entries, masks, y, rows, cols, packed.codewords])
     return y.reshape(*x.shape[:-1], rows)
