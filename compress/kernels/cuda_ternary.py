@@ -83,43 +83,65 @@ __device__ __forceinline__ void ternary_rows(const unsigned short* __restrict__ 
     const int next_row = row + stride;
     int next_start = 0, next_count = 0;
     if (next_row < N) { next_start = offsets[next_row]; next_count = offsets[next_row + 1] - next_start; }
+    const unsigned lo_hi = lane == 0 ? *(const unsigned*)(minmax + 2 * row) : 0u;  // loaded now, used at the row's end
     float sum_min = 0.f, sum_max = 0.f;
     int base = 0;
     for (int j = 0; j < count || j == 0; j += 32 * STEPS) {
       // the following group's codes (this row's, or the next row's first), loaded before this group's work
       int following = j + 32 * STEPS, from = start, upto = count;
       if (following >= count) { following = 0; from = next_start; upto = next_count; }
-      unsigned nxt[STEPS];
+      unsigned nxt[STEPS], entry[STEPS];
+      int first[STEPS];
 #pragma unroll
       for (int u = 0; u < STEPS; u++) nxt[u] = following + 32 * u + lane < upto ? codes[from + following + 32 * u + lane] : 0u;
+      // the group's steps side by side (independent until the running column), so their latencies overlap; steps
+      // wholly past the row's end are skipped (warp-uniform)
+      const int steps = min(STEPS, (count - j + 31) >> 5);
 #pragma unroll
       for (int u = 0; u < STEPS; u++) {
-        const int k = j + 32 * u + lane;
         const unsigned code = cur[u];
-        unsigned entry = 0x7fffu;  // past the row's end: no weights, length 0
-        if (k < count) entry = TABLE_SHARED ? ((unsigned)low[code] | ((unsigned)high[code] << 16)) : entries32[code];
-        const int length = ((entry >> 18) & 15) * 2;
-        int inclusive = length;
+        entry[u] = 0x7fffu;  // past the row's end: no weights, length 0
+        if (j + 32 * u + lane < count) entry[u] = TABLE_SHARED ? ((unsigned)low[code] | ((unsigned)high[code] << 16)) : entries32[code];
+        first[u] = ((entry[u] >> 18) & 15) * 2;  // the run's length, then its inclusive prefix sum
+      }
 #pragma unroll
-        for (int d = 1; d < 32; d <<= 1) {
-          const int t = __shfl_up_sync(FULL, inclusive, d);
-          if (lane >= d) inclusive += t;
+      for (int d = 1; d < 32; d <<= 1) {
+#pragma unroll
+        for (int u = 0; u < STEPS; u++) {
+          if (u >= steps) break;
+          const int t = __shfl_up_sync(FULL, first[u], d);
+          if (lane >= d) first[u] += t;
         }
-        const int first = base + inclusive - length;
-        base += __shfl_sync(FULL, inclusive, 31);
+      }
+#pragma unroll
+      for (int u = 0; u < STEPS; u++) {
+        if (u >= steps) break;
+        const int total = __shfl_sync(FULL, first[u], 31);
+        first[u] += base - (int)(((entry[u] >> 18) & 15) * 2);  // the run's first column
+        base += total;
+      }
+      unsigned overflow = 0;
+#pragma unroll
+      for (int u = 0; u < STEPS; u++) {
+        if (u >= steps) break;
 #pragma unroll
         for (int s = 0; s < 3; s++) {
-          const int offset = (entry >> (5 * s)) & 31;
-          const int col = first + offset;
+          const int offset = (entry[u] >> (5 * s)) & 31;
+          const int col = first[u] + offset;
           if (offset != 31 && col < K) {
             const float v = BF16 ? to_float_bf16(xs[col]) : to_float_f16(xs[col]);
-            if ((entry >> (15 + s)) & 1) sum_max += v; else sum_min += v;
+            if ((entry[u] >> (15 + s)) & 1) sum_max += v; else sum_min += v;
           }
         }
-        if (entry & (1u << 22)) {  // more than 3 nonzero weights: the codeword's masks from the kernel table
-          const unsigned at_max = (unsigned)masks[3 * code + 1];
-          for (unsigned m = (unsigned)masks[3 * code] | at_max; m; m &= m - 1) {
-            const int bit = __ffs(m) - 1, col = first + bit;
+        overflow |= entry[u] & (1u << 22);
+      }
+      if (__any_sync(FULL, overflow)) {  // codewords of more than 3 nonzero weights: their masks from the kernel table
+#pragma unroll
+        for (int u = 0; u < STEPS; u++) {
+          if (!(entry[u] & (1u << 22))) continue;
+          const unsigned at_max = (unsigned)masks[3 * cur[u] + 1];
+          for (unsigned m = (unsigned)masks[3 * cur[u]] | at_max; m; m &= m - 1) {
+            const int bit = __ffs(m) - 1, col = first[u] + bit;
             if (col < K) {
               const float v = BF16 ? to_float_bf16(xs[col]) : to_float_f16(xs[col]);
               if ((at_max >> bit) & 1) sum_max += v; else sum_min += v;
@@ -137,7 +159,7 @@ __device__ __forceinline__ void ternary_rows(const unsigned short* __restrict__ 
       sum_max += __shfl_xor_sync(FULL, sum_max, d);
     }
     if (lane == 0) {
-      const float out = to_float_f16(minmax[2 * row]) * sum_min + to_float_f16(minmax[2 * row + 1]) * sum_max;
+      const float out = to_float_f16((unsigned short)(lo_hi & 0xffffu)) * sum_min + to_float_f16((unsigned short)(lo_hi >> 16)) * sum_max;
       y[row] = BF16 ? from_float_bf16(out) : from_float_f16(out);
     }
     row = next_row; start = next_start; count = next_count;
