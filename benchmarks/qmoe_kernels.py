@@ -95,14 +95,16 @@ def cuda_variants(x: torch.Tensor, packed_copies: list) -> tuple[dict, str]:
         return {}, "triton"
     want = triton_ternary.ternary_dict_matmul(x, first).float()
     timed = {}
-    for label, shared, warps in [("cuda default", None, None)] + [(f"cuda {'shared' if s else 'global'} {w} warps", s, w)
-                                                                   for s, ws in ((True, (16, 32)), (False, (8, 16, 32))) for w in ws]:
-        got = cuda_ternary.ternary_matmul(x, first, shared, warps).float()
+    variants = [("cuda default", None, None, None)] + [(f"cuda {'shared' if s else 'global'} {w} warps {c} a lane", s, w, c)
+                                                        for s, ws in ((True, (16, 32)), (False, (8, 16))) for w in ws for c in (1, 2, 4)]
+    for label, shared, warps, per_lane in variants:
+        got = cuda_ternary.ternary_matmul(x, first, shared, warps, per_lane).float()
         error = float((got - want).norm() / want.norm().clamp_min(1e-30))
         if error > 1e-2:
             print(f"  {label}: relative error {error:.2e} against the Triton kernel", flush=True)
             continue
-        timed[label] = round(time_op(lambda a, p, s=shared, w=warps: cuda_ternary.ternary_matmul(a, p, s, w), [(x, p) for p in packed_copies]), 2)
+        timed[label] = round(time_op(lambda a, p, s=shared, w=warps, c=per_lane: cuda_ternary.ternary_matmul(a, p, s, w, c),
+                                     [(x, p) for p in packed_copies]), 2)
     chosen = "shared" if cuda_ternary.table_in_shared(first, x.device) else "global"
     return timed, f"cuda ({chosen} dictionary)"
 

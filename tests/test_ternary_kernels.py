@@ -223,8 +223,8 @@ needs_cuda_kernel = pytest.mark.skipif(not cuda_ternary.available(), reason="nee
 def test_cuda_kernel(shared):
     for packed in (_packed(1, 1), _packed(17, 131, "adaptive"), _packed(64, 257, "adaptive"), _packed(300, 2048), _padded_with_max(33, 129),
                    _small_dictionary()):  # 64 x 257 adaptive: codewords of 4 and 5 nonzero weights (read from the kernel table)
-        for warps in (1, 8, 32):
-            _check(lambda x, p, w=warps: cuda_ternary.ternary_matmul(x, p, shared, w), packed, batches=(1,),
+        for warps, per_lane in ((1, 1), (8, 2), (32, 4), (4, 8)):
+            _check(lambda x, p, w=warps, c=per_lane: cuda_ternary.ternary_matmul(x, p, shared, w, c), packed, batches=(1,),
                    dtypes=(torch.bfloat16, torch.float16), device="cuda")
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
     packed = _to(_packed(300, 2048), "cuda")

@@ -33,6 +33,8 @@ from compress.formats import ternary_dict
 
 MAX_NONZEROS = 3  # nonzero weights a packed entry holds; a codeword with more is flagged (OVERFLOW)
 OVERFLOW = 1 << 22
+X_PAD = 48  # as in SOURCE
+CODES_PER_LANE = (1, 2, 4, 8)  # the kernels SOURCE instantiates
 EMPTY_SLOT = 31
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 _TABLES: dict[tuple[int, str], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -54,20 +56,23 @@ __device__ __forceinline__ void copy_words(uint4* __restrict__ dst, const uint4*
   }
 }
 
-#define STEPS 4  // 32-code steps whose codes are loaded a group ahead
+#define X_PAD 48  // halves after x: a row's last code may cover one padding column, an empty slot reads up to 31 past a run
 
-template <bool TABLE_SHARED, bool BF16>
+// A warp takes a row at a time, 32 * C codes a step: lane l decodes codes C*l .. C*l + C - 1 of the step one after
+// another (their runs placed by a running sum inside the lane), and one warp prefix sum of the lanes' run totals
+// places the lanes. The next step's codes (this row's or the next row's first) are loaded before this step's work.
+template <bool TABLE_SHARED, bool BF16, int C>
 __device__ __forceinline__ void ternary_rows(const unsigned short* __restrict__ x, const unsigned short* __restrict__ codes,
     const int* __restrict__ offsets, const unsigned short* __restrict__ minmax, const unsigned char* __restrict__ table,
     const unsigned* __restrict__ entries32, const int* __restrict__ masks, unsigned short* __restrict__ y, int N, int K, int entries) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
-  // shared memory: [dictionary: 2 * entries bytes of low halves, entries bytes of high bytes, padded to 16] [x: K halves]
+  // shared memory: [dictionary: 2 * entries bytes of low halves, entries bytes of high bytes, padded to 16] [x, X_PAD zeros]
   const int table_bytes = TABLE_SHARED ? ((3 * entries + 15) & ~15) : 0;
   unsigned short* xs = (unsigned short*)(smem + table_bytes);
   if (TABLE_SHARED) copy_words((uint4*)smem, (const uint4*)table, table_bytes >> 4);
   copy_words((uint4*)xs, (const uint4*)x, K >> 3);  // x is 16-byte aligned (the caller checks)
-  for (int i = (K & ~7) + tid; i < K; i += blockDim.x) xs[i] = x[i];
+  for (int i = (K & ~7) + tid; i < K + X_PAD; i += blockDim.x) xs[i] = i < K ? x[i] : (unsigned short)0;
   __syncthreads();
   const unsigned short* low = (const unsigned short*)smem;
   const unsigned char* high = smem + 2 * entries;
@@ -76,9 +81,9 @@ __device__ __forceinline__ void ternary_rows(const unsigned short* __restrict__ 
   int row = blockIdx.x * warps + warp;
   int start = 0, count = 0;
   if (row < N) { start = offsets[row]; count = offsets[row + 1] - start; }
-  unsigned cur[STEPS];
+  unsigned cur[C];
 #pragma unroll
-  for (int u = 0; u < STEPS; u++) cur[u] = 32 * u + lane < count ? codes[start + 32 * u + lane] : 0u;
+  for (int c = 0; c < C; c++) cur[c] = C * lane + c < count ? codes[start + C * lane + c] : 0u;
   while (row < N) {
     const int next_row = row + stride;
     int next_start = 0, next_count = 0;
@@ -86,71 +91,59 @@ __device__ __forceinline__ void ternary_rows(const unsigned short* __restrict__ 
     const unsigned lo_hi = lane == 0 ? *(const unsigned*)(minmax + 2 * row) : 0u;  // loaded now, used at the row's end
     float sum_min = 0.f, sum_max = 0.f;
     int base = 0;
-    for (int j = 0; j < count || j == 0; j += 32 * STEPS) {
-      // the following group's codes (this row's, or the next row's first), loaded before this group's work
-      int following = j + 32 * STEPS, from = start, upto = count;
+    for (int j = 0;; j += 32 * C) {
+      int following = j + 32 * C, from = start, upto = count;
       if (following >= count) { following = 0; from = next_start; upto = next_count; }
-      unsigned nxt[STEPS], entry[STEPS];
-      int first[STEPS];
+      unsigned nxt[C], entry[C];
+      int before[C];
 #pragma unroll
-      for (int u = 0; u < STEPS; u++) nxt[u] = following + 32 * u + lane < upto ? codes[from + following + 32 * u + lane] : 0u;
-      // the group's steps side by side (independent until the running column), so their latencies overlap; steps
-      // wholly past the row's end are skipped (warp-uniform)
-      const int steps = min(STEPS, (count - j + 31) >> 5);
+      for (int c = 0; c < C; c++) nxt[c] = following + C * lane + c < upto ? codes[from + following + C * lane + c] : 0u;
+      int lane_total = 0;
 #pragma unroll
-      for (int u = 0; u < STEPS; u++) {
-        const unsigned code = cur[u];
-        entry[u] = 0x7fffu;  // past the row's end: no weights, length 0
-        if (j + 32 * u + lane < count) entry[u] = TABLE_SHARED ? ((unsigned)low[code] | ((unsigned)high[code] << 16)) : entries32[code];
-        first[u] = ((entry[u] >> 18) & 15) * 2;  // the run's length, then its inclusive prefix sum
+      for (int c = 0; c < C; c++) {
+        const unsigned code = cur[c];
+        entry[c] = 0x7fffu;  // past the row's end: no weights, length 0
+        if (j + C * lane + c < count) entry[c] = TABLE_SHARED ? ((unsigned)low[code] | ((unsigned)high[code] << 16)) : entries32[code];
+        before[c] = lane_total;
+        lane_total += ((entry[c] >> 18) & 15) * 2;
       }
+      int inclusive = lane_total;
 #pragma unroll
       for (int d = 1; d < 32; d <<= 1) {
-#pragma unroll
-        for (int u = 0; u < STEPS; u++) {
-          if (u >= steps) break;
-          const int t = __shfl_up_sync(FULL, first[u], d);
-          if (lane >= d) first[u] += t;
-        }
+        const int t = __shfl_up_sync(FULL, inclusive, d);
+        if (lane >= d) inclusive += t;
       }
-#pragma unroll
-      for (int u = 0; u < STEPS; u++) {
-        if (u >= steps) break;
-        const int total = __shfl_sync(FULL, first[u], 31);
-        first[u] += base - (int)(((entry[u] >> 18) & 15) * 2);  // the run's first column
-        base += total;
-      }
+      const int lane_first = base + inclusive - lane_total;
+      base += __shfl_sync(FULL, inclusive, 31);
       unsigned overflow = 0;
 #pragma unroll
-      for (int u = 0; u < STEPS; u++) {
-        if (u >= steps) break;
+      for (int c = 0; c < C; c++) {
+        const int first = lane_first + before[c];
 #pragma unroll
-        for (int s = 0; s < 3; s++) {
-          const int offset = (entry[u] >> (5 * s)) & 31;
-          const int col = first[u] + offset;
-          if (offset != 31 && col < K) {
-            const float v = BF16 ? to_float_bf16(xs[col]) : to_float_f16(xs[col]);
-            if ((entry[u] >> (15 + s)) & 1) sum_max += v; else sum_min += v;
-          }
+        for (int s = 0; s < 3; s++) {  // branch-free: an empty slot (31) reads x inside the padding and adds 0
+          const unsigned offset = (entry[c] >> (5 * s)) & 31;
+          const unsigned short raw = xs[first + offset];
+          const float v = offset != 31 ? (BF16 ? to_float_bf16(raw) : to_float_f16(raw)) : 0.f;
+          const bool at_max = (entry[c] >> (15 + s)) & 1;
+          sum_max += at_max ? v : 0.f;
+          sum_min += at_max ? 0.f : v;
         }
-        overflow |= entry[u] & (1u << 22);
+        overflow |= entry[c] & (1u << 22);
       }
       if (__any_sync(FULL, overflow)) {  // codewords of more than 3 nonzero weights: their masks from the kernel table
 #pragma unroll
-        for (int u = 0; u < STEPS; u++) {
-          if (!(entry[u] & (1u << 22))) continue;
-          const unsigned at_max = (unsigned)masks[3 * cur[u] + 1];
-          for (unsigned m = (unsigned)masks[3 * cur[u]] | at_max; m; m &= m - 1) {
-            const int bit = __ffs(m) - 1, col = first[u] + bit;
-            if (col < K) {
-              const float v = BF16 ? to_float_bf16(xs[col]) : to_float_f16(xs[col]);
-              if ((at_max >> bit) & 1) sum_max += v; else sum_min += v;
-            }
+        for (int c = 0; c < C; c++) {
+          if (!(entry[c] & (1u << 22))) continue;
+          const unsigned at_max = (unsigned)masks[3 * cur[c] + 1];
+          for (unsigned m = (unsigned)masks[3 * cur[c]] | at_max; m; m &= m - 1) {
+            const int bit = __ffs(m) - 1;
+            const float v = BF16 ? to_float_bf16(xs[lane_first + before[c] + bit]) : to_float_f16(xs[lane_first + before[c] + bit]);
+            if ((at_max >> bit) & 1) sum_max += v; else sum_min += v;
           }
         }
       }
 #pragma unroll
-      for (int u = 0; u < STEPS; u++) cur[u] = nxt[u];
+      for (int c = 0; c < C; c++) cur[c] = nxt[c];
       if (following == 0) break;  // the next row's codes are in cur
     }
 #pragma unroll
@@ -166,15 +159,20 @@ __device__ __forceinline__ void ternary_rows(const unsigned short* __restrict__ 
   }
 }
 
-#define TERNARY_KERNEL(NAME, SHARED, IS_BF16) \
+#define TERNARY_KERNEL(NAME, SHARED, IS_BF16, CODES) \
 extern "C" __global__ void __launch_bounds__(1024) NAME(const unsigned short* x, const unsigned short* codes, const int* offsets, \
     const unsigned short* minmax, const unsigned char* table, const unsigned* entries32, const int* masks, unsigned short* y, \
     int N, int K, int entries) { \
-  ternary_rows<SHARED, IS_BF16>(x, codes, offsets, minmax, table, entries32, masks, y, N, K, entries); }
-TERNARY_KERNEL(ternary_shared_bf16, true, true)
-TERNARY_KERNEL(ternary_shared_f16, true, false)
-TERNARY_KERNEL(ternary_global_bf16, false, true)
-TERNARY_KERNEL(ternary_global_f16, false, false)
+  ternary_rows<SHARED, IS_BF16, CODES>(x, codes, offsets, minmax, table, entries32, masks, y, N, K, entries); }
+#define TERNARY_KERNELS(CODES) \
+TERNARY_KERNEL(ternary_shared_bf16_##CODES, true, true, CODES) \
+TERNARY_KERNEL(ternary_shared_f16_##CODES, true, false, CODES) \
+TERNARY_KERNEL(ternary_global_bf16_##CODES, false, true, CODES) \
+TERNARY_KERNEL(ternary_global_f16_##CODES, false, false, CODES)
+TERNARY_KERNELS(1)
+TERNARY_KERNELS(2)
+TERNARY_KERNELS(4)
+TERNARY_KERNELS(8)
 """
 
 
@@ -231,7 +229,7 @@ def available() -> bool:
     if not (torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")):
         return False
     try:
-        _kernel("ternary_shared_bf16")
+        _kernel("ternary_shared_bf16_1")
     except Exception as error:  # e.g. no CUDA headers for NVRTC: the Triton kernel still works
         warnings.warn(f"QMoE CUDA kernel unavailable, using the Triton kernel: {type(error).__name__}: {str(error)[:300]}", stacklevel=2)
         return False
@@ -262,24 +260,36 @@ def supported(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight) -> bool:
     cols = packed.shape[1]
     if not available() or x.device.type != "cuda" or x.dtype not in DTYPES or x.numel() != cols:
         return False
-    return 2 * cols + 16 <= _shared_limit(x.device)
+    return _x_bytes(cols) <= _shared_limit(x.device)
+
+
+def _x_bytes(cols: int) -> int:
+    return -(-2 * (cols + X_PAD) // 16) * 16
+
+
+def codes_per_lane(packed: ternary_dict.TernaryDictWeight) -> int:
+    """Codes a lane decodes a step (CODES_PER_LANE): a row's codes fill about 2.5 steps or more, so the last, partly
+    empty step of each row wastes little."""
+    per_row = packed.codes.numel() / max(1, packed.shape[0])
+    return max(c for c in CODES_PER_LANE if c == 1 or per_row >= 80 * c)
 
 
 def table_in_shared(packed: ternary_dict.TernaryDictWeight, device: torch.device) -> bool:
     """The whole dictionary in shared memory when it fits beside x and the weight has enough codes to pay for the
     copy (each block copies 192 KiB for 65536 codewords; from benchmarks/qmoe_kernels.py on the H200)."""
     table_bytes = -(-3 * packed.codewords // 16) * 16
-    return table_bytes + 2 * packed.shape[1] <= _shared_limit(device) and packed.codes.numel() >= SHARED_TABLE_MIN_CODES
+    return table_bytes + _x_bytes(packed.shape[1]) <= _shared_limit(device) and packed.codes.numel() >= SHARED_TABLE_MIN_CODES
 
 
 SHARED_TABLE_MIN_CODES = 1 << 20  # provisional, to be set from the benchmark
 
 
 def ternary_matmul(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight, shared_table: bool | None = None,
-                   warps: int | None = None) -> torch.Tensor:
+                   warps: int | None = None, per_lane: int | None = None) -> torch.Tensor:
     """x [..., in] with one row of activations (bfloat16 / float16, CUDA) @ W.T -> [..., out] in x's dtype, fp32
     accumulation. `shared_table`: the dictionary in shared memory (None: table_in_shared); `warps` a block (None: 32
-    with the table in shared memory, one block a multiprocessor; 8 otherwise). Callers check `supported` first."""
+    with the table in shared memory, one block a multiprocessor; 16 otherwise); `per_lane`: codes a lane decodes a step
+    (None: codes_per_lane). Callers check `supported` first."""
     rows, cols = packed.shape
     device = x.device
     if not supported(x, packed):
@@ -292,8 +302,11 @@ def ternary_matmul(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight, shar
     if x1.data_ptr() % 16:  # the kernel copies x in 16-byte words
         x1 = x1.clone()
     y = torch.empty(rows, dtype=x.dtype, device=device)
-    smem = 2 * cols + (-(-3 * packed.codewords // 16) * 16 if shared_table else 0)
-    kernel = _kernel(f"ternary_{'shared' if shared_table else 'global'}_{DTYPES[x.dtype]}")
+    per_lane = codes_per_lane(packed) if per_lane is None else per_lane
+    if per_lane not in CODES_PER_LANE:
+        raise ValueError(f"per_lane must be one of {CODES_PER_LANE}, got {per_lane}")
+    smem = _x_bytes(cols) + (-(-3 * packed.codewords // 16) * 16 if shared_table else 0)
+    kernel = _kernel(f"ternary_{'shared' if shared_table else 'global'}_{DTYPES[x.dtype]}_{per_lane}")
     if smem >= 48 * 1024 and kernel._max_shared_mem_bytes < smem:
         kernel.set_shared_memory_config(_shared_limit(device))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
