@@ -1,5 +1,5 @@
-"""QMoE's decode-matvec on a GPU: the Triton kernel over dictionary-coded ternary experts
-(compress/kernels/triton_ternary.py) against dense bf16 F.linear on MoE expert shapes.
+"""QMoE's decode-matvec on a GPU: the kernels over dictionary-coded ternary experts (compress/kernels/cuda_ternary.py
+at batch 1, triton_ternary.py) against dense bf16 F.linear on MoE expert shapes.
 
     python benchmarks/qmoe_kernels.py [--batches 1,4,16] [--json out.jsonl]
     python benchmarks/qmoe_kernels.py --sweep [--sweep-batches 1,16] [--json sweep.jsonl]
@@ -9,7 +9,9 @@ baseline rounding: about 90% zeros) and coded with its own adaptive dictionary, 
 it. Timing as benchmarks/gpu_kernels.py: a CUDA graph calling the op on each of R copies of the weights
 (R copies > 3x the L2, so every call reads its weights from HBM), median replay / R. GB/s counts the
 stored bytes (codes, row offsets, min/max; the dictionary's table stays in L2) plus x and y.
-Correctness first: the kernel's output against F.linear on the decoded weight (relative error).
+Correctness first: the Triton kernel's output against F.linear on the decoded weight (relative error), the CUDA
+kernel's against the Triton one. At batch 1 a record holds the CUDA kernel's variants, the Triton time, and as
+`us` the time of the kernel the dispatcher picks (`kernel`).
 `--sweep` times every tile of TILE_GRID (block_rows, chunk, num_warps; compiled up front in parallel) per
 shape and sweep batch beside the default tiles (triton_ternary.tiles), to set that rule from.
 """
@@ -87,26 +89,22 @@ def sweep(name: str, packed_copies: list, cols: int, batch: int, dense_us: float
 
 
 def cuda_variants(x: torch.Tensor, packed_copies: list) -> tuple[dict, str]:
-    """The CUDA kernel (compress/kernels/cuda_ternary.py) at batch 1: its default, and the dictionary in shared or
-    global memory at several block sizes, each checked against the Triton kernel first. ({}, "triton") where it
-    does not take the weight."""
+    """The CUDA kernel (compress/kernels/cuda_ternary.py) at batch 1: its default and other block sizes and codes a
+    lane, each checked against the Triton kernel first, and which kernel the dispatcher picks. ({}, "triton")
+    where it does not take the weight."""
     first = packed_copies[0]
     if not cuda_ternary.supported(x, first):
         return {}, "triton"
     want = triton_ternary.ternary_dict_matmul(x, first).float()
     timed = {}
-    variants = [("cuda default", None, None, None)] + [(f"cuda {'shared' if s else 'global'} {w} warps {c} a lane", s, w, c)
-                                                        for s, ws in ((True, (16, 32)), (False, (8, 16))) for w in ws for c in (1, 2, 4)]
-    for label, shared, warps, per_lane in variants:
-        got = cuda_ternary.ternary_matmul(x, first, shared, warps, per_lane).float()
+    for label, warps, per_lane in [("cuda default", None, 2)] + [(f"cuda {w} warps {c} a lane", w, c) for w in (8, 16) for c in (1, 2, 4)]:
+        got = cuda_ternary.ternary_matmul(x, first, warps, per_lane).float()
         error = float((got - want).norm() / want.norm().clamp_min(1e-30))
         if error > 1e-2:
             print(f"  {label}: relative error {error:.2e} against the Triton kernel", flush=True)
             continue
-        timed[label] = round(time_op(lambda a, p, s=shared, w=warps, c=per_lane: cuda_ternary.ternary_matmul(a, p, s, w, c),
-                                     [(x, p) for p in packed_copies]), 2)
-    chosen = "shared" if cuda_ternary.table_in_shared(first, x.device) else "global"
-    return timed, f"cuda ({chosen} dictionary)"
+        timed[label] = round(time_op(lambda a, p, w=warps, c=per_lane: cuda_ternary.ternary_matmul(a, p, w, c), [(x, p) for p in packed_copies]), 2)
+    return timed, "cuda" if cuda_ternary.preferred(x, first) else "triton"
 
 
 def ternary_expert(rows: int, cols: int, seed: int) -> ternary_dict.TernaryDictWeight:
@@ -164,7 +162,7 @@ def main() -> None:
                 continue
             triton_us = time_op(triton_ternary.ternary_dict_matmul, [(xb, p) for p in packed_copies])
             variants, kernel = cuda_variants(xb, packed_copies) if batch == 1 else ({}, "triton")
-            ours_us = variants.get("cuda default", triton_us)
+            ours_us = variants["cuda default"] if kernel == "cuda" else triton_us  # what the dispatcher runs
             io = 2 * batch * (rows + cols)
             record = {"shape": name, "out_x_in": f"{rows}x{cols}", "batch": batch, "zero_share": round(zeros, 4),
                       "bits_per_param": round(8 * stored / (rows * cols), 4), "rel_error": error, "kernel": kernel,

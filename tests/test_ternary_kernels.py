@@ -198,16 +198,16 @@ def test_cuda_dispatch_and_module():
 # -- the CUDA kernel (batch 1, dictionary and x in shared memory) --------------------------------------
 
 
-def test_cuda_kernel_dictionary_packing_round_trips():
-    """The 3-byte entries the CUDA kernel reads hold every codeword of the static, an adaptive and a smaller
-    dictionary exactly, except those of more than 3 nonzero weights: flagged, their masks left to the kernel table."""
+def test_cuda_kernel_dictionary_entries_round_trip():
+    """The entries the CUDA kernel reads hold every codeword of the static, an adaptive and a smaller dictionary
+    exactly, except those of more than 3 nonzero weights: flagged, their masks left to the kernel table."""
     lanes = torch.arange(32)
     flagged = 0
     for packed in (_packed(3, 7), _packed(64, 257, "adaptive"), _small_dictionary()):
         table = td.dictionary_of(packed).kernel_table
-        data = cuda_ternary.packed_table(table)
-        assert data.dtype == torch.uint8 and data.numel() % 16 == 0 and data.numel() - 3 * len(table) < 16
-        unpacked = cuda_ternary.unpack_table(data, len(table))
+        entries = cuda_ternary.packed_entries(table)
+        assert entries.shape == (len(table),) and int(entries.max()) < 2**23
+        unpacked = cuda_ternary.unpack_entries(entries)
         overflow = ((((table[:, :1] | table[:, 1:2]).long()) >> lanes) & 1).sum(1) > 3
         assert torch.equal(unpacked[:, 3].bool(), overflow) and torch.equal(unpacked[:, 2], table[:, 2])
         assert torch.equal(unpacked[~overflow, :2], table[~overflow, :2]) and not unpacked[overflow, :2].any()
@@ -219,21 +219,22 @@ needs_cuda_kernel = pytest.mark.skipif(not cuda_ternary.available(), reason="nee
 
 
 @needs_cuda_kernel
-@pytest.mark.parametrize("shared", [True, False])
-def test_cuda_kernel(shared):
+def test_cuda_kernel():
     for packed in (_packed(1, 1), _packed(17, 131, "adaptive"), _packed(64, 257, "adaptive"), _packed(300, 2048), _padded_with_max(33, 129),
                    _small_dictionary()):  # 64 x 257 adaptive: codewords of 4 and 5 nonzero weights (read from the kernel table)
         for warps, per_lane in ((1, 1), (8, 2), (32, 4), (4, 8)):
-            _check(lambda x, p, w=warps, c=per_lane: cuda_ternary.ternary_matmul(x, p, shared, w, c), packed, batches=(1,),
+            _check(lambda x, p, w=warps, c=per_lane: cuda_ternary.ternary_matmul(x, p, w, c), packed, batches=(1,),
                    dtypes=(torch.bfloat16, torch.float16), device="cuda")
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
     packed = _to(_packed(300, 2048), "cuda")
     assert cuda_ternary.supported(x, packed) and not cuda_ternary.supported(x.float(), packed)
     assert not cuda_ternary.supported(torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16), packed)
-    expected = cuda_ternary.ternary_matmul(x, packed, shared)
+    with pytest.raises(ValueError, match="per_lane"):
+        cuda_ternary.ternary_matmul(x, packed, per_lane=3)
+    expected = cuda_ternary.ternary_matmul(x, packed)
     graph, static_x = torch.cuda.CUDAGraph(), x.clone()
     with torch.cuda.graph(graph):
-        out = cuda_ternary.ternary_matmul(static_x, packed, shared)
+        out = cuda_ternary.ternary_matmul(static_x, packed)
     static_x.copy_(x)
     graph.replay()
     assert torch.equal(out, expected)
@@ -241,17 +242,17 @@ def test_cuda_kernel(shared):
 
 @needs_cuda_kernel
 def test_cuda_dispatch_takes_the_cuda_kernel_at_batch_1(monkeypatch):
-    packed = _to(_packed(300, 2048), "cuda")
+    packed = _to(_packed(300, 2048), "cuda")  # 2048 columns at 88% zeros: about 80 codes a row
     calls = []
     original = cuda_ternary.ternary_matmul
     monkeypatch.setattr(cuda_ternary, "ternary_matmul", lambda *a, **k: calls.append(1) or original(*a, **k))
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(dispatch.device_matmul(x, packed), original(x, packed)) and calls == [1]
     dispatch.device_matmul(torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16), packed)  # batch 4: Triton
+    dispatch.device_matmul(torch.randn(1, 131, device="cuda", dtype=torch.bfloat16), _to(_packed(17, 131), "cuda"))  # short rows: Triton
     monkeypatch.setenv("COMPRESS_GPU_KERNEL", "triton")
     dispatch.device_matmul(x, packed)
     assert calls == [1]
-
 
 # -- the module -----------------------------------------------------------------------------------------
 

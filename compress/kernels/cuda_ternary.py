@@ -1,25 +1,26 @@
 """CUDA kernel for QMoE's dictionary-coded ternary weights at batch 1 (compress.formats.ternary_dict), compiled at
-first use through NVRTC (torch.cuda._compile_kernel: no nvcc needed), with the activations and, where it fits, the
-whole dictionary in shared memory.
+first use through NVRTC (torch.cuda._compile_kernel: no nvcc needed), with the activations in shared memory.
 
 Why not Triton alone: decoding is a gather per code (the codeword's entry in a 65536-word dictionary) and one per
 nonzero weight (x at its column). From global memory each gathered lane costs an L1 wavefront; the Triton kernel
 (triton_ternary.py) is bound there (Nsight Compute on the H200: L1 75% busy, 14336x4096 in 26 us). Triton has no
-shared memory of a program's own, and its gather stores the source to shared memory at every call. Here x and a
-3-byte-a-codeword form of the dictionary (192 KiB for 65536 codewords) are copied into shared memory once a block,
-so both gathers are bank accesses.
+shared memory a program can keep, and its gather stores the source to shared memory at every call. Here x is
+copied into shared memory once a block (one wave of blocks, each warp walking rows), so the x gathers are bank
+accesses, and each codeword is one 4-byte entry (256 KiB for 65536 codewords, mostly L1/L2 hits).
+The whole dictionary in shared memory too (3 bytes a codeword, 192 KiB) was measured: copying it into every block
+cost more than it saved (docs/qmoe.md).
 
-Layout of the work: a warp takes one row at a time, 32 codes a step (one code a lane, a coalesced 64-byte load),
-places each code's run by a warp prefix sum of the run lengths, and adds x at the code's at most 3 nonzero weights
-to the lane's min or max sum; a warp reduction gives y[r] = min_r * sum_min + max_r * sum_max (fp32). Dictionaries
-codewords of more than 3 nonzero weights (rare, except in less sparse experts' dictionaries) are read whole from the
-int32 kernel table in global memory. Batches above 1, float32 activations and widths whose x does not fit in shared
-memory go to the Triton kernel (`supported`).
+Layout of the work: a warp takes one row at a time, 32 * C codes a step. Lane l decodes codes C*l .. C*l + C - 1 of
+the step one after another (their runs placed by a running sum inside the lane); one warp prefix sum of the lanes'
+run totals places the lanes. x at each code's at most 3 nonzero weights goes to the lane's min or max sum; a warp
+reduction gives y[r] = min_r * sum_min + max_r * sum_max (fp32). The next step's codes (this row's, or the next
+row's first) are loaded before this step's work. Codewords of more than 3 nonzero weights (rare, except in less
+sparse experts' dictionaries) are read whole from the int32 kernel table. Batches above 1, float32 activations and
+widths whose x does not fit in shared memory go to the Triton kernel (`supported`).
 
-Packed dictionary entry (24 bits, `packed_table`): bits 0-14 three 5-bit column offsets in the run (31 = no weight),
-bits 15-17 whether each of those weights is the row's max, bits 18-21 the run's length in pairs, bit 22 set when the
-codeword holds more nonzero weights than 3 (its masks are then read from the kernel table). Stored as two
-planes, the low 16 bits of every codeword then the high 8 bits, so the copy into shared memory is a plain copy.
+Dictionary entry (`packed_entries`): bits 0-14 three 5-bit column offsets in the run (31 = no weight), bits 15-17
+whether each of those weights is the row's max, bits 18-21 the run's length in pairs, bit 22 set when the codeword
+holds more nonzero weights than 3 (its masks are then read from the kernel table).
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ import torch
 
 from compress.formats import ternary_dict
 
-MAX_NONZEROS = 3  # nonzero weights a packed entry holds; a codeword with more is flagged (OVERFLOW)
+MAX_NONZEROS = 3  # nonzero weights an entry holds; a codeword with more is flagged (OVERFLOW)
 OVERFLOW = 1 << 22
+EMPTY_SLOT = 31
 X_PAD = 48  # as in SOURCE
 CODES_PER_LANE = (1, 2, 4, 8)  # the kernels SOURCE instantiates
-EMPTY_SLOT = 31
+MIN_CODES_PER_ROW = 48  # shorter rows run faster on the Triton kernel (benchmarks/qmoe_kernels.py on the H200)
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
-_TABLES: dict[tuple[int, str], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+_TABLES: dict[tuple[int, str], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
 
 SOURCE = r"""
 __device__ __forceinline__ float to_float_bf16(unsigned short v) { return __uint_as_float(((unsigned)v) << 16); }
@@ -61,21 +63,15 @@ __device__ __forceinline__ void copy_words(uint4* __restrict__ dst, const uint4*
 // A warp takes a row at a time, 32 * C codes a step: lane l decodes codes C*l .. C*l + C - 1 of the step one after
 // another (their runs placed by a running sum inside the lane), and one warp prefix sum of the lanes' run totals
 // places the lanes. The next step's codes (this row's or the next row's first) are loaded before this step's work.
-template <bool TABLE_SHARED, bool BF16, int C>
+template <bool BF16, int C>
 __device__ __forceinline__ void ternary_rows(const unsigned short* __restrict__ x, const unsigned short* __restrict__ codes,
-    const int* __restrict__ offsets, const unsigned short* __restrict__ minmax, const unsigned char* __restrict__ table,
-    const unsigned* __restrict__ entries32, const int* __restrict__ masks, unsigned short* __restrict__ y, int N, int K, int entries) {
-  extern __shared__ __align__(16) unsigned char smem[];
+    const int* __restrict__ offsets, const unsigned short* __restrict__ minmax, const unsigned* __restrict__ entries,
+    const int* __restrict__ masks, unsigned short* __restrict__ y, int N, int K) {
+  extern __shared__ __align__(16) unsigned short xs[];  // x, then X_PAD zeros
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
-  // shared memory: [dictionary: 2 * entries bytes of low halves, entries bytes of high bytes, padded to 16] [x, X_PAD zeros]
-  const int table_bytes = TABLE_SHARED ? ((3 * entries + 15) & ~15) : 0;
-  unsigned short* xs = (unsigned short*)(smem + table_bytes);
-  if (TABLE_SHARED) copy_words((uint4*)smem, (const uint4*)table, table_bytes >> 4);
   copy_words((uint4*)xs, (const uint4*)x, K >> 3);  // x is 16-byte aligned (the caller checks)
   for (int i = (K & ~7) + tid; i < K + X_PAD; i += blockDim.x) xs[i] = i < K ? x[i] : (unsigned short)0;
   __syncthreads();
-  const unsigned short* low = (const unsigned short*)smem;
-  const unsigned char* high = smem + 2 * entries;
   const unsigned FULL = 0xffffffffu;
   const int stride = gridDim.x * warps;
   int row = blockIdx.x * warps + warp;
@@ -103,7 +99,7 @@ __device__ __forceinline__ void ternary_rows(const unsigned short* __restrict__ 
       for (int c = 0; c < C; c++) {
         const unsigned code = cur[c];
         entry[c] = 0x7fffu;  // past the row's end: no weights, length 0
-        if (j + C * lane + c < count) entry[c] = TABLE_SHARED ? ((unsigned)low[code] | ((unsigned)high[code] << 16)) : entries32[code];
+        if (j + C * lane + c < count) entry[c] = entries[code];
         before[c] = lane_total;
         lane_total += ((entry[c] >> 18) & 15) * 2;
       }
@@ -159,16 +155,11 @@ __device__ __forceinline__ void ternary_rows(const unsigned short* __restrict__ 
   }
 }
 
-#define TERNARY_KERNEL(NAME, SHARED, IS_BF16, CODES) \
+#define TERNARY_KERNEL(NAME, IS_BF16, CODES) \
 extern "C" __global__ void __launch_bounds__(1024) NAME(const unsigned short* x, const unsigned short* codes, const int* offsets, \
-    const unsigned short* minmax, const unsigned char* table, const unsigned* entries32, const int* masks, unsigned short* y, \
-    int N, int K, int entries) { \
-  ternary_rows<SHARED, IS_BF16, CODES>(x, codes, offsets, minmax, table, entries32, masks, y, N, K, entries); }
-#define TERNARY_KERNELS(CODES) \
-TERNARY_KERNEL(ternary_shared_bf16_##CODES, true, true, CODES) \
-TERNARY_KERNEL(ternary_shared_f16_##CODES, true, false, CODES) \
-TERNARY_KERNEL(ternary_global_bf16_##CODES, false, true, CODES) \
-TERNARY_KERNEL(ternary_global_f16_##CODES, false, false, CODES)
+    const unsigned short* minmax, const unsigned* entries, const int* masks, unsigned short* y, int N, int K) { \
+  ternary_rows<IS_BF16, CODES>(x, codes, offsets, minmax, entries, masks, y, N, K); }
+#define TERNARY_KERNELS(CODES) TERNARY_KERNEL(ternary_bf16_##CODES, true, CODES) TERNARY_KERNEL(ternary_f16_##CODES, false, CODES)
 TERNARY_KERNELS(1)
 TERNARY_KERNELS(2)
 TERNARY_KERNELS(4)
@@ -177,7 +168,7 @@ TERNARY_KERNELS(8)
 
 
 def packed_entries(kernel_table: torch.Tensor) -> torch.Tensor:
-    """Each codeword of the dictionary (int32 [codewords, 3] = min_mask, max_mask, length in weights) as one 24-bit
+    """Each codeword of the dictionary (int32 [codewords, 3] = min_mask, max_mask, length in weights) as one 23-bit
     entry (int64 [codewords]); a codeword of more than MAX_NONZEROS nonzero weights gets OVERFLOW and no slots."""
     table = kernel_table.to(torch.int64)
     lanes = torch.arange(32)
@@ -189,25 +180,14 @@ def packed_entries(kernel_table: torch.Tensor) -> torch.Tensor:
     present = nonzero.gather(1, order)
     offsets = torch.where(present, order, EMPTY_SLOT)
     maxes = is_max.gather(1, order) & present
-    entry = (offsets[:, 0] | offsets[:, 1] << 5 | offsets[:, 2] << 10 | maxes[:, 0] << 15 | maxes[:, 1] << 16 | maxes[:, 2] << 17
-             | (table[:, 2] // 2) << 18 | overflow.to(torch.int64) * OVERFLOW)
-    return entry
+    return (offsets[:, 0] | offsets[:, 1] << 5 | offsets[:, 2] << 10 | maxes[:, 0] << 15 | maxes[:, 1] << 16 | maxes[:, 2] << 17
+            | (table[:, 2] // 2) << 18 | overflow.to(torch.int64) * OVERFLOW)
 
 
-def packed_table(kernel_table: torch.Tensor) -> torch.Tensor:
-    """packed_entries as the kernel copies them into shared memory: uint8 [3 * codewords] (low 16 bits of every entry,
-    little-endian, then the high 8 bits), padded to 16 bytes."""
-    entry = packed_entries(kernel_table)
-    planes = torch.cat([(entry & 0xFF), (entry >> 8) & 0xFF], 0).reshape(2, -1).T.reshape(-1)  # low 16 bits, little-endian
-    data = torch.cat([planes, (entry >> 16) & 0xFF]).to(torch.uint8)
-    return torch.cat([data, data.new_zeros(-data.numel() % 16)])
-
-
-def unpack_table(data: torch.Tensor, codewords: int) -> torch.Tensor:
-    """packed_table's inverse, for tests: int32 [codewords, 4] (min_mask, max_mask, length, overflow); an overflow
+def unpack_entries(entry: torch.Tensor) -> torch.Tensor:
+    """packed_entries' inverse, for tests: int32 [codewords, 4] (min_mask, max_mask, length, overflow); an overflow
     codeword's masks are 0 (the kernel reads them from the kernel table)."""
-    raw = data[: 3 * codewords].to(torch.int64)
-    entry = raw[0 : 2 * codewords : 2] | raw[1 : 2 * codewords : 2] << 8 | raw[2 * codewords :] << 16
+    entry = entry.to(torch.int64)
     min_mask, max_mask = torch.zeros_like(entry), torch.zeros_like(entry)
     for slot in range(MAX_NONZEROS):
         offset = (entry >> (5 * slot)) & 31
@@ -229,17 +209,16 @@ def available() -> bool:
     if not (torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")):
         return False
     try:
-        _kernel("ternary_shared_bf16_1")
+        _kernel("ternary_bf16_2")
     except Exception as error:  # e.g. no CUDA headers for NVRTC: the Triton kernel still works
         warnings.warn(f"QMoE CUDA kernel unavailable, using the Triton kernel: {type(error).__name__}: {str(error)[:300]}", stacklevel=2)
         return False
     return True
 
 
-def device_tables(packed: ternary_dict.TernaryDictWeight, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed_table, packed_entries as int32, the int32 kernel table) of the weight's dictionary on `device`, built once
-    per dictionary and device: the kernel reads the first in shared memory, else the second, and the third for the
-    codewords of more than MAX_NONZEROS weights."""
+def device_tables(packed: ternary_dict.TernaryDictWeight, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed_entries as int32, the int32 kernel table) of the weight's dictionary on `device`, built once per
+    dictionary and device; the kernel reads the second only for codewords of more than MAX_NONZEROS weights."""
     host = ternary_dict.dictionary_of(packed).kernel_table
     key = (id(host), str(device))
     hit = _TABLES.get(key)
@@ -247,12 +226,12 @@ def device_tables(packed: ternary_dict.TernaryDictWeight, device: torch.device) 
         if len(_TABLES) >= 64:
             _TABLES.clear()
         entries = packed_entries(host.cpu()).to(torch.int32)
-        hit = _TABLES[key] = (host, (packed_table(host.cpu()).to(device), entries.to(device), host.to(device, torch.int32).contiguous()))
+        hit = _TABLES[key] = (host, (entries.to(device), host.to(device, torch.int32).contiguous()))
     return hit[1]
 
 
-def _shared_limit(device: torch.device) -> int:
-    return int(getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 48 * 1024))
+def _x_bytes(cols: int) -> int:
+    return -(-2 * (cols + X_PAD) // 16) * 16
 
 
 def supported(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight) -> bool:
@@ -260,60 +239,40 @@ def supported(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight) -> bool:
     cols = packed.shape[1]
     if not available() or x.device.type != "cuda" or x.dtype not in DTYPES or x.numel() != cols:
         return False
-    return _x_bytes(cols) <= _shared_limit(x.device)
+    limit = int(getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 48 * 1024))
+    return _x_bytes(cols) <= limit
 
 
-def _x_bytes(cols: int) -> int:
-    return -(-2 * (cols + X_PAD) // 16) * 16
+def preferred(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight) -> bool:
+    """`supported`, and rows long enough for this kernel to beat the Triton one (MIN_CODES_PER_ROW)."""
+    return supported(x, packed) and packed.codes.numel() >= MIN_CODES_PER_ROW * packed.shape[0]
 
 
-def codes_per_lane(packed: ternary_dict.TernaryDictWeight) -> int:
-    """Codes a lane decodes a step (CODES_PER_LANE): a row's codes fill about 2.5 steps or more, so the last, partly
-    empty step of each row wastes little."""
-    per_row = packed.codes.numel() / max(1, packed.shape[0])
-    return max(c for c in CODES_PER_LANE if c == 1 or per_row >= 80 * c)
-
-
-def table_in_shared(packed: ternary_dict.TernaryDictWeight, device: torch.device) -> bool:
-    """The whole dictionary in shared memory when it fits beside x and the weight has enough codes to pay for the
-    copy (each block copies 192 KiB for 65536 codewords; from benchmarks/qmoe_kernels.py on the H200)."""
-    table_bytes = -(-3 * packed.codewords // 16) * 16
-    return table_bytes + _x_bytes(packed.shape[1]) <= _shared_limit(device) and packed.codes.numel() >= SHARED_TABLE_MIN_CODES
-
-
-SHARED_TABLE_MIN_CODES = 1 << 20  # provisional, to be set from the benchmark
-
-
-def ternary_matmul(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight, shared_table: bool | None = None,
-                   warps: int | None = None, per_lane: int | None = None) -> torch.Tensor:
+def ternary_matmul(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight, warps: int | None = None,
+                   per_lane: int = 2) -> torch.Tensor:
     """x [..., in] with one row of activations (bfloat16 / float16, CUDA) @ W.T -> [..., out] in x's dtype, fp32
-    accumulation. `shared_table`: the dictionary in shared memory (None: table_in_shared); `warps` a block (None: 32
-    with the table in shared memory, one block a multiprocessor; 16 otherwise); `per_lane`: codes a lane decodes a step
-    (None: codes_per_lane). Callers check `supported` first."""
+    accumulation. `warps` a block (None: 8 up to 4096 columns, else 16); `per_lane`: codes a lane decodes a step (2
+    was the fastest on every expert shape measured). Callers check `supported` first."""
     rows, cols = packed.shape
     device = x.device
     if not supported(x, packed):
         raise ValueError("this weight or input is not for the CUDA ternary kernel (see cuda_ternary.supported)")
-    table, entries, masks = device_tables(packed, device)
-    shared_table = table_in_shared(packed, device) if shared_table is None else shared_table
-    warps = (32 if shared_table else 16) if warps is None else warps
+    if per_lane not in CODES_PER_LANE:
+        raise ValueError(f"per_lane must be one of {CODES_PER_LANE}, got {per_lane}")
+    warps = (8 if cols <= 4096 else 16) if warps is None else warps
+    entries, masks = device_tables(packed, device)
     codes, offsets, minmax = (t.to(device).contiguous() for t in (packed.codes, packed.row_offsets, packed.minmax))
     x1 = x.reshape(cols).contiguous()
     if x1.data_ptr() % 16:  # the kernel copies x in 16-byte words
         x1 = x1.clone()
     y = torch.empty(rows, dtype=x.dtype, device=device)
-    per_lane = codes_per_lane(packed) if per_lane is None else per_lane
-    if per_lane not in CODES_PER_LANE:
-        raise ValueError(f"per_lane must be one of {CODES_PER_LANE}, got {per_lane}")
-    smem = _x_bytes(cols) + (-(-3 * packed.codewords // 16) * 16 if shared_table else 0)
-    kernel = _kernel(f"ternary_{'shared' if shared_table else 'global'}_{DTYPES[x.dtype]}_{per_lane}")
+    smem = _x_bytes(cols)
+    kernel = _kernel(f"ternary_{DTYPES[x.dtype]}_{per_lane}")
     if smem >= 48 * 1024 and kernel._max_shared_mem_bytes < smem:
-        kernel.set_shared_memory_config(_shared_limit(device))
+        kernel.set_shared_memory_config(smem)
+    # one wave of blocks (64 warps a multiprocessor), each warp walking rows until they are done: x is copied once a block
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    # one wave of blocks (the dictionary's copy allows one a multiprocessor; else 64 warps a multiprocessor), each
-    # warp walking rows until they are done, so x (and the dictionary) are copied once a block
-    blocks = min(-(-rows // warps), sms if shared_table else sms * max(1, 64 // warps))
+    blocks = min(-(-rows // warps), sms * max(1, 64 // warps))
     if rows:
-        kernel(grid=(blocks, 1, 1), block=(32 * warps, 1, 1), shared_mem=smem,
-               args=[x1, codes, offsets, minmax, table, entries, masks, y, rows, cols, packed.codewords])
+        kernel(grid=(blocks, 1, 1), block=(32 * warps, 1, 1), shared_mem=smem, args=[x1, codes, offsets, minmax, entries, masks, y, rows, cols])
     return y.reshape(*x.shape[:-1], rows)

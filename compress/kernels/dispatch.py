@@ -3,7 +3,7 @@
 CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton kernels
 (triton_kernels.py), SpQR and LUT weights without a keep mask to the same kernels through their views
 (extras_view.py; 3-bit codes read as 4-bit words, views.py), ternary_dict weights to triton_ternary.py (at batch 1 to the
-CUDA kernel of cuda_ternary.py where it takes the weight: COMPRESS_GPU_KERNEL=triton keeps them on Triton),
+CUDA kernel of cuda_ternary.py where it is the faster: COMPRESS_GPU_KERNEL=triton keeps them on Triton),
 all imported on first use only, so `import compress` and every CPU path stay free of Triton; every other format or device, and every
 device when Triton is missing, takes the format's plain-torch reference_matmul. COMPRESS_GPU_KERNEL=torch
 forces the reference (COMPRESS_GPU_KERNEL=triton makes a missing Triton an error instead of a silent
@@ -85,7 +85,7 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
         raise ValueError(f"input has {x.shape[-1]} features, the weight takes {packed.shape[1]}")
     if kernel_for(x, packed) == "triton":
         if isinstance(packed, ternary_dict.TernaryDictWeight):
-            if _choice() == "auto" and _cuda_ternary().supported(x, packed):
+            if _choice() == "auto" and _cuda_ternary().preferred(x, packed):
                 return _cuda_ternary().ternary_matmul(x, packed)
             return _triton_ternary().ternary_dict_matmul(x, packed, table)
         if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
