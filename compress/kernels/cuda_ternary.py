@@ -5,7 +5,7 @@ Why not Triton alone: decoding is a gather per code (the codeword's entry in a 6
 nonzero weight (x at its column). From global memory each gathered lane costs an L1 wavefront; the Triton kernel
 (triton_ternary.py) is bound there (Nsight Compute on the H200: L1 75% busy, 14336x4096 in 26 us). Triton has no
 shared memory a program can keep, and its gather stores the source to shared memory at every call. Here x is
-copied into shared memory once a block (one wave of blocks, each warp walking rows), so the x gathers are bank
+copied into shared memory once a block (about one wave of blocks, each warp walking rows), so the x gathers are bank
 accesses, and each codeword is one 4-byte entry (256 KiB for 65536 codewords, mostly L1/L2 hits).
 The whole dictionary in shared memory too (3 bytes a codeword, 192 KiB) was measured: copying it into every block
 cost more than it saved (docs/qmoe.md).
@@ -270,7 +270,8 @@ def ternary_matmul(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight, warp
     kernel = _kernel(f"ternary_{DTYPES[x.dtype]}_{per_lane}")
     if smem >= 48 * 1024 and kernel._max_shared_mem_bytes < smem:
         kernel.set_shared_memory_config(smem)
-    # one wave of blocks (64 warps a multiprocessor), each warp walking rows until they are done: x is copied once a block
+    # about one wave of blocks (up to 64 warps a multiprocessor; 40 fit at 44 registers a thread, and an exact one-wave
+    # grid timed no faster), each warp walking rows until they are done: x is copied once a block
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     blocks = min(-(-rows // warps), sms * max(1, 64 // warps))
     if rows:
