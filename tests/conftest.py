@@ -210,25 +210,17 @@ def sibling_statistics(block: list) -> dict[str, dict[str, torch.Tensor]]:
     return {t.name: {"hessian": shared.setdefault(inputs.get(t.name.rsplit(".", 1)[-1], t.name), torch.empty(0))} for t in block}
 
 
-# Modules whose module-scoped fixtures are expensive (servers, compressed runs, spawned processes): under
-# pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup) each runs whole on one worker, so its fixture is
-# built once, not once per worker; the other tests are handed out one by one to whichever worker is free.
-SHARED_FIXTURE_MODULES = {"test_deploy", "test_mlflow_view", "test_onnx", "test_partial_groups", "test_pipeline",
-                          "test_target_split", "test_targets_gates", "test_workflow"}
-# Modules of minute-long tests (services, subprocess runs, resumes): handed out first (xdist hands out the groups,
-# largest first, then the single tests in collection order), so that none of them starts last while the other
-# worker has nothing left to do.
+# Under pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup) each test is handed out on its own to whichever
+# worker is free, in collection order. (xdist_group marks would not keep a module on one worker here: xdist 3.8
+# names a test's group through item._nodeid, which pytest 9.2 no longer reads; so module-scoped fixtures may be
+# built once per worker.) The modules of minute-long tests (services, subprocess runs, resumes) are put first,
+# so that none of them starts last while the other worker has nothing left to do.
 SLOW_MODULES = ["test_interrupt", "test_workers", "test_nproc", "test_api", "test_ui_browser", "test_output_race", "test_cast",
                 "test_qmoe", "test_resume", "test_obs_fused"]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which names each test's group from these marks
 def pytest_collection_modifyitems(config, items):
     if not config.pluginmanager.hasplugin("xdist"):
         return
-    for item in items:
-        module = item.path.stem
-        if module in SHARED_FIXTURE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
     rank = {module: i for i, module in enumerate(SLOW_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(SLOW_MODULES)))  # stable: the rest as collected
