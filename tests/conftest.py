@@ -208,19 +208,3 @@ def sibling_statistics(block: list) -> dict[str, dict[str, torch.Tensor]]:
     shared: dict[str, torch.Tensor] = {}
     inputs = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp"}
     return {t.name: {"hessian": shared.setdefault(inputs.get(t.name.rsplit(".", 1)[-1], t.name), torch.empty(0))} for t in block}
-
-
-# Under pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup) each test is handed out on its own to whichever
-# worker is free, in collection order. (xdist_group marks would not keep a module on one worker here: xdist 3.8
-# names a test's group through item._nodeid, which pytest 9.2 no longer reads; so module-scoped fixtures may be
-# built once per worker.) The modules of minute-long tests (services, subprocess runs, resumes) are put first,
-# so that none of them starts last while the other worker has nothing left to do.
-SLOW_MODULES = ["test_interrupt", "test_workers", "test_nproc", "test_api", "test_ui_browser", "test_output_race", "test_cast",
-                "test_qmoe", "test_resume", "test_obs_fused"]
-
-
-def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    rank = {module: i for i, module in enumerate(SLOW_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(SLOW_MODULES)))  # stable: the rest as collected
