@@ -164,6 +164,17 @@ def expert_bits(packed: TernaryDictWeight) -> dict[str, float]:
     return bits | {"total": 8 * nbytes(packed) / params}
 
 
+def codeword_nonzeros(kernel_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each codeword's nonzero weights in column order, the form the GPU kernels lay their dictionaries out from:
+    (positions int64 [codewords, 32]: the nonzero lanes first, then the rest; is_max int64 [codewords, 32] at those
+    positions; count int64 [codewords]: how many are nonzero)."""
+    table = kernel_table.to(torch.int64)
+    lanes = torch.arange(32)
+    nonzero = (((table[:, 0:1] | table[:, 1:2]) >> lanes) & 1).bool()
+    order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)
+    return order, (table[:, 1:2] >> order) & 1, nonzero.sum(1)
+
+
 def reference_matmul(x: torch.Tensor, packed: TernaryDictWeight) -> torch.Tensor:
     """x @ W.T, MATMUL_ROWS rows at a time: decode the rows' codes to symbols, then
     y[r] = min_r * sum(x at min positions) + max_r * sum(x at max positions) (fp32 accumulation, x's dtype out)."""

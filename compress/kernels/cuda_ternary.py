@@ -31,6 +31,7 @@ import warnings
 import torch
 
 from compress.formats import ternary_dict
+from compress.kernels import views
 
 MAX_NONZEROS = 3  # nonzero weights an entry holds; a codeword with more is flagged (OVERFLOW)
 OVERFLOW = 1 << 22
@@ -39,7 +40,6 @@ X_PAD = 48  # as in SOURCE
 CODES_PER_LANE = (1, 2, 4, 8)  # the kernels SOURCE instantiates
 MIN_CODES_PER_ROW = 48  # shorter rows run faster on the Triton kernel (benchmarks/qmoe_kernels.py on the H200)
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
-_TABLES: dict[tuple[int, str], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
 
 SOURCE = r"""
 __device__ __forceinline__ float to_float_bf16(unsigned short v) { return __uint_as_float(((unsigned)v) << 16); }
@@ -170,18 +170,13 @@ TERNARY_KERNELS(8)
 def packed_entries(kernel_table: torch.Tensor) -> torch.Tensor:
     """Each codeword of the dictionary (int32 [codewords, 3] = min_mask, max_mask, length in weights) as one 23-bit
     entry (int64 [codewords]); a codeword of more than MAX_NONZEROS nonzero weights gets OVERFLOW and no slots."""
-    table = kernel_table.to(torch.int64)
-    lanes = torch.arange(32)
-    is_max = (table[:, 1:2] >> lanes) & 1
-    nonzero = (((table[:, 0:1] | table[:, 1:2]) >> lanes) & 1).bool()
-    overflow = nonzero.sum(1) > MAX_NONZEROS
-    nonzero &= ~overflow[:, None]
-    order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :MAX_NONZEROS]  # nonzero lanes first, in order
-    present = nonzero.gather(1, order)
-    offsets = torch.where(present, order, EMPTY_SLOT)
-    maxes = is_max.gather(1, order) & present
+    order, is_max, count = ternary_dict.codeword_nonzeros(kernel_table)
+    overflow = count > MAX_NONZEROS
+    present = (torch.arange(MAX_NONZEROS) < count[:, None]) & ~overflow[:, None]
+    offsets = torch.where(present, order[:, :MAX_NONZEROS], EMPTY_SLOT)
+    maxes = is_max[:, :MAX_NONZEROS] & present
     return (offsets[:, 0] | offsets[:, 1] << 5 | offsets[:, 2] << 10 | maxes[:, 0] << 15 | maxes[:, 1] << 16 | maxes[:, 2] << 17
-            | (table[:, 2] // 2) << 18 | overflow.to(torch.int64) * OVERFLOW)
+            | (kernel_table[:, 2].to(torch.int64) // 2) << 18 | overflow.to(torch.int64) * OVERFLOW)
 
 
 def unpack_entries(entry: torch.Tensor) -> torch.Tensor:
@@ -218,16 +213,11 @@ def available() -> bool:
 
 def device_tables(packed: ternary_dict.TernaryDictWeight, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed_entries as int32, the int32 kernel table) of the weight's dictionary on `device`, built once per
-    dictionary and device; the kernel reads the second only for codewords of more than MAX_NONZEROS weights."""
+    dictionary and device (views.cached, keyed by the dictionary's kernel table); the kernel reads the second only
+    for codewords of more than MAX_NONZEROS weights."""
     host = ternary_dict.dictionary_of(packed).kernel_table
-    key = (id(host), str(device))
-    hit = _TABLES.get(key)
-    if hit is None or hit[0] is not host:
-        if len(_TABLES) >= 64:
-            _TABLES.clear()
-        entries = packed_entries(host.cpu()).to(torch.int32)
-        hit = _TABLES[key] = (host, (entries.to(device), host.to(device, torch.int32).contiguous()))
-    return hit[1]
+    return views.cached(host, f"cuda_ternary_entries:{device}", lambda: (packed_entries(host.cpu()).to(device, torch.int32),
+                                                                          host.to(device, torch.int32).contiguous()))
 
 
 def _x_bytes(cols: int) -> int:

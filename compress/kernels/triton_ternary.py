@@ -88,16 +88,11 @@ def slot_table(kernel_table: torch.Tensor) -> torch.Tensor:
     OR-ed with length << LENGTH_SHIFT; S the most nonzeros any codeword has (rounded up to a power of two).
     A codeword covers up to 28 weights but holds few nonzeros (2-3 at QMoE's sparsity), so the kernel touches
     S lanes a code (one 16-byte load for S = 4), not 32."""
-    lanes = torch.arange(32, dtype=torch.int32)
-    table = kernel_table.to(torch.int32)
-    is_min = (table[:, :1] >> lanes) & 1
-    is_max = (table[:, 1:2] >> lanes) & 1
-    nonzero = (is_min | is_max).bool()
-    width = triton.next_power_of_2(max(1, int(nonzero.sum(1).max())))
-    order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :width]  # nonzero lanes first, in column order
-    entry = (order + 32 * is_max.gather(1, order) + NONZERO).to(torch.int32)
-    entry[~nonzero.gather(1, order)] = 0
-    return (entry | (table[:, 2:3] << LENGTH_SHIFT)).contiguous()
+    order, is_max, count = ternary_dict.codeword_nonzeros(kernel_table)
+    width = triton.next_power_of_2(max(1, int(count.max())))
+    entry = (order[:, :width] + 32 * is_max[:, :width] + NONZERO).to(torch.int32)
+    entry[torch.arange(width) >= count[:, None]] = 0
+    return (entry | (kernel_table[:, 2:3].to(torch.int32) << LENGTH_SHIFT)).contiguous()
 
 
 def device_table(packed: ternary_dict.TernaryDictWeight, device: torch.device, kernel_table: torch.Tensor | None = None) -> torch.Tensor:
