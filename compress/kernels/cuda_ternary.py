@@ -32,6 +32,7 @@ import torch
 
 from compress.formats import ternary_dict
 from compress.kernels import views
+from compress.kernels.cuda_source import CONVERSIONS
 
 MAX_NONZEROS = 3  # nonzero weights an entry holds; a codeword with more is flagged (OVERFLOW)
 OVERFLOW = 1 << 22
@@ -41,12 +42,7 @@ CODES_PER_LANE = (1, 2, 4, 8)  # the kernels SOURCE instantiates
 MIN_CODES_PER_ROW = 48  # shorter rows run faster on the Triton kernel (benchmarks/qmoe_kernels.py on the H200)
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 
-SOURCE = r"""
-__device__ __forceinline__ float to_float_bf16(unsigned short v) { return __uint_as_float(((unsigned)v) << 16); }
-__device__ __forceinline__ float to_float_f16(unsigned short v) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f; }
-__device__ __forceinline__ unsigned short from_float_bf16(float f) { unsigned short v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
-__device__ __forceinline__ unsigned short from_float_f16(float f) { unsigned short v; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
-
+SOURCE = CONVERSIONS + r"""
 // Copy `words` 16-byte words with 8 loads in flight a thread (one at a time pays the memory latency each time).
 __device__ __forceinline__ void copy_words(uint4* __restrict__ dst, const uint4* __restrict__ src, int words) {
   for (int i0 = threadIdx.x; i0 < words; i0 += 8 * blockDim.x) {
