@@ -18,6 +18,55 @@ import torch
 
 from compress.recipe import validate_recipe
 
+SHARED_PREFECT = "COMPRESS_TEST_PREFECT"  # "temporary": no shared server; every process starts Prefect's own
+_SERVER = pytest.StashKey[tuple]()
+
+
+def pytest_configure(config):
+    """One Prefect server for the whole session, before anything imports Prefect: every `compress run`
+    in a subprocess would otherwise start Prefect's temporary server (about 25 s of a 45 s run on 2
+    cores). The first-command test (test_pipeline.py) still runs without it."""
+    if os.environ.get("PREFECT_API_URL") or os.environ.get(SHARED_PREFECT) == "temporary":
+        return
+    import socket
+    import tempfile
+    import warnings
+
+    from compress.errors import CompressError
+    from compress.service.prefect import start_prefect_server
+
+    root = Path(tempfile.mkdtemp(prefix="compress-tests-prefect-"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    server_env = {"PREFECT_HOME": str(root / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    (root / "home").mkdir()
+    try:
+        server = start_prefect_server(url, root / "server.log", wait=180, extra_env=server_env)
+    except CompressError as error:  # the tests still run, each process with its own temporary server
+        warnings.warn(f"no shared Prefect server for the tests: {error}", stacklevel=1)
+        return
+    os.environ["PREFECT_API_URL"] = url
+    config.stash[_SERVER] = (server, root)
+
+
+def pytest_unconfigure(config):
+    import shutil
+    import signal
+
+    server, root = config.stash.get(_SERVER, (None, None))
+    if server is None:
+        return
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)  # it runs in a session of its own
+        try:
+            server.wait(timeout=30)
+        except Exception:
+            os.killpg(server.pid, signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 FAST = {
     "calibration": {"nsamples": 16, "seqlen": 128, "seed": 0, "batch_size": 8},
     "evaluate": {"seqlen": 128, "max_windows": 16, "batch_size": 8},

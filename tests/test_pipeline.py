@@ -1,6 +1,7 @@
 """End to end through `compress.pipeline.engine.run` and the CLI, on the embedded model."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -155,6 +156,19 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path, capsys):
     code, err = _cli(["run", "recipes/magnitude-50.yaml", "--out", str(tmp_path)], capsys)
     assert code == 2 and "not empty" in err[0]
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_the_first_command_runs_with_no_server_configured(tmp_path):
+    """What a new user runs first (the README's `compress run recipes/wanda-50.yaml`), in a fresh process with
+    no Prefect or MLflow server configured: Prefect's temporary server and a local sqlite store."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "MLFLOW_"))}
+    env["COMPRESS_HOME"] = str(tmp_path / "home")
+    result = subprocess.run([sys.executable, "-m", "compress", "run", "recipes/wanda-50.yaml", "--out", str(tmp_path / "out"),
+                             "--set", "calibration.nsamples=16", "--set", "calibration.seqlen=128", "--set", "evaluate.max_windows=8"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mlflow run" in result.stdout and (tmp_path / "home" / "mlflow.db").is_file()
+    assert (tmp_path / "out" / "report.json").is_file() and list((tmp_path / "out" / "packed").glob("*.safetensors"))
 
 
 def test_cli_process_exit_code(tmp_path):

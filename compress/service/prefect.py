@@ -62,8 +62,8 @@ def api_is_up(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def start_prefect_server(url: str, log_path: Path, wait: float = 120.0) -> subprocess.Popen:
-    """Start `prefect server start` for a loopback URL and wait until it answers."""
+def start_prefect_server(url: str, log_path: Path, wait: float = 120.0, extra_env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start `prefect server start` for a loopback URL (its environment: ours, plus `extra_env`) and wait until it answers."""
     from urllib.parse import urlparse
 
     parsed = urlparse(url)
@@ -71,7 +71,7 @@ def start_prefect_server(url: str, log_path: Path, wait: float = 120.0) -> subpr
         raise CompressError(f"PREFECT_API_URL={url} does not answer, and compress only starts a server on loopback")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", parsed.hostname, "--port", str(parsed.port or 4200)]
-    env = {**os.environ, "PREFECT_API_URL": url}
+    env = {**os.environ, **(extra_env or {}), "PREFECT_API_URL": url}
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + wait
