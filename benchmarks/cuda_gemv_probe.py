@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import copies_for, make, packed_bytes, time_op
+from gpu_kernels import copies_for, time_op, weight_copies
 
 from compress.formats import group_quant
 from compress.kernels import cuda_gemv
@@ -57,10 +57,8 @@ def main(argv=None) -> None:
         dense_us = time_op(F.linear, [(xs[i % 4], w) for i, w in enumerate(dense_w)], reps=15)
         del dense_w
         for bits in map(int, args.bits.split(",")):
-            packed = make(f"int{bits}_g128", rows, cols, "cuda")
-            nbytes = packed_bytes(packed)
-            copies = [packed] + [type(packed)(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
-                                 for _ in range(copies_for(nbytes) - 1)]
+            copies, nbytes = weight_copies(f"int{bits}_g128", rows, cols, checked=False)
+            packed = copies[0]
             calls = [(xs[i % 4], p) for i, p in enumerate(copies)]
             ref = group_quant.reference_matmul(xs[0].float(), packed).double()
             record = {"shape": [rows, cols], "bits": bits, "batch": 1, "read_only": args.read_only, "dense_us": round(dense_us, 2),

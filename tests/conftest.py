@@ -89,6 +89,21 @@ def output_bytes(out: Path) -> dict[str, bytes]:
     return {str(f.relative_to(out)): f.read_bytes() for f in files if f.exists()}
 
 
+def make_group_quant(rows: int, cols: int, bits: int, group_size: int, zero_kind: str = "integer", seed: int = 0):
+    """A random group_quant weight: uniform codes, fp16-exact scales and zero points (integer or float16)."""
+    from compress.formats import group_quant
+
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-cols // group_size)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
+    scale = (torch.rand(rows, groups, generator=g) * 0.1 + 0.01).half().float()
+    if zero_kind == "integer":
+        zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
+    else:
+        zero = (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float()
+    return group_quant.pack(codes, scale, zero, bits, group_size, zero_kind)
+
+
 def exported_tensors(out: Path) -> dict[str, torch.Tensor]:
     """The weights an output's packed model computes with, dense (packed targets unpacked)."""
     from compress.deploy.packed_model import dense_tensors

@@ -4,6 +4,7 @@ words and groups, both zero-point kinds, every rows-a-warp and team size."""
 
 import pytest
 import torch
+from conftest import make_group_quant
 
 from compress.formats import group_quant
 from compress.kernels import cuda_gemv
@@ -12,15 +13,7 @@ CUDA = torch.cuda.is_available() and cuda_gemv.available()
 
 
 def random_weight(rows: int, cols: int, bits: int, group: int, zero_kind: str = "integer", seed: int = 0, device: str = "cpu"):
-    g = torch.Generator().manual_seed(seed)
-    groups = -(-cols // group)
-    codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
-    scale = (torch.rand(rows, groups, generator=g) * 0.02 + 0.001).half().float()
-    if zero_kind == "integer":
-        zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
-    else:
-        zero = (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float()
-    packed = group_quant.pack(codes, scale, zero, bits, group, zero_kind=zero_kind)
+    packed = make_group_quant(rows, cols, bits, group, zero_kind, seed)
     return type(packed)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
 
 

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from conftest import make_group_quant
 
 from compress.formats import group_quant, nm, sparse_quant
 
@@ -25,18 +26,6 @@ if not HAS_CUDA:
 from compress.kernels import dispatch  # noqa: E402
 from compress.kernels import triton_config as tc  # noqa: E402
 from compress.kernels import triton_kernels as tk  # noqa: E402
-
-
-def make_group_quant(rows, cols, bits, group_size, zero_kind="integer", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    groups = -(-cols // group_size)
-    codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
-    scale = (torch.rand(rows, groups, generator=g) * 0.1 + 0.01).half().float()
-    if zero_kind == "integer":
-        zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
-    else:
-        zero = (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float()
-    return group_quant.pack(codes, scale, zero, bits, group_size, zero_kind)
 
 
 def nm_mask(rows, cols, n, m, g):
