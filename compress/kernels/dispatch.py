@@ -1,7 +1,8 @@
 """Which kernel computes y = x @ W.T for a packed weight off the CPU.
 
 CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton kernels
-(triton_kernels.py), SpQR and LUT weights without a keep mask to the same kernels through their views
+(triton_kernels.py), group_quant weights with 2-4-bit codes and integer zero points at batch 1 to 16 of bf16/fp16
+activations to the tensor-core kernel of cuda_mma.py (COMPRESS_GPU_KERNEL=triton keeps them on Triton), SpQR and LUT weights without a keep mask to the same kernels through their views
 (extras_view.py; 3-bit codes read as 4-bit words, views.py), ternary_dict weights to triton_ternary.py (at batch 1 to the
 CUDA kernel of cuda_ternary.py where it is the faster: COMPRESS_GPU_KERNEL=triton keeps them on Triton),
 all imported on first use only, so `import compress` and every CPU path stay free of Triton; every other format or device, and every
@@ -51,6 +52,12 @@ def _cuda_ternary():
     return cuda_ternary
 
 
+def _cuda_mma():
+    from compress.kernels import cuda_mma
+
+    return cuda_mma
+
+
 def _choice() -> str:
     choice = os.environ.get(ENV, "auto").lower() or "auto"
     if choice not in CHOICES:
@@ -92,6 +99,8 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
             from compress.kernels import extras_view
 
             return extras_view.matmul(x, extras_view.cached(packed), _triton_kernels().packed_matmul)
+        if isinstance(packed, group_quant.GroupQuantWeight) and _choice() == "auto" and _cuda_mma().supported(x, packed):
+            return _cuda_mma().matmul(x, packed)
         from compress.kernels import views
 
         return _triton_kernels().packed_matmul(x, views.kernel_form(packed))

@@ -1,0 +1,101 @@
+"""The tensor-core group-quant kernel (compress/kernels/cuda_mma.py) against dense bf16 F.linear, the Triton kernels
+the modules ran before it and humming-kernels at the same bits, on the issue's shapes and batches; every (row tiles
+a block, warps a block) pair of the kernel, the plan's choice marked.
+
+    python benchmarks/cuda_mma_probe.py [--shapes 14336x4096,...] [--bits 4,2] [--batches 1,4,16] [--json out.jsonl]
+
+Timing as benchmarks/gpu_kernels.py (a CUDA graph over R copies of the weight, R copies > 3x the L2, median replay
+/ R). Every configuration is checked against the format's reference first (relative error < 4e-3 with bf16 x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_kernels import copies_for, time_op, unpack, weight_copies
+
+from compress.formats import group_quant
+from compress.kernels import cuda_mma, views
+from compress.kernels import triton_kernels as tk
+
+SHAPES = "14336x4096,4096x14336,4096x4096,8192x8192,11008x4096"
+GRID = [(r, w) for r in (1, 2) for w in (1, 2, 4, 8, 16)]
+
+
+def humming_op(dense_w: torch.Tensor, bits: int):
+    """(op, layers) of humming-kernels at these bits, or None where it is not installed."""
+    try:
+        from gpu_peers import humming_sized
+
+        op, layers, _ = humming_sized(dense_w, bits, copies_for)
+    except Exception as error:  # not installed here
+        print(f"humming int{bits} unavailable: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        return None
+    return op, layers
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=SHAPES, help="out x in, comma-separated")
+    parser.add_argument("--bits", default="4,2")
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--no-humming", action="store_true")
+    parser.add_argument("--json", help="write one JSON record per (shape, bits, batch) to this file")
+    args = parser.parse_args(argv)
+    env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv)}
+    batches = [int(b) for b in args.batches.split(",")]
+    records = []
+    for shape in args.shapes.split(","):
+        rows, cols = map(int, shape.split("x"))
+        dense_w = [torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(rows * cols * 2))]
+        xs = {b: [torch.randn(b, cols, device="cuda", dtype=torch.bfloat16) for _ in range(4)] for b in batches}
+        dense_us = {b: time_op(F.linear, [(xs[b][i % 4], w) for i, w in enumerate(dense_w)], reps=15) for b in batches}
+        del dense_w
+        for bits in map(int, args.bits.split(",")):
+            copies, nbytes = weight_copies(f"int{bits}_g128", rows, cols, checked=False)
+            for copy in copies:
+                cuda_mma.view_of(copy)  # built outside the capture
+            packed = copies[0]
+            peer = None if args.no_humming else humming_op(unpack(views.kernel_form(packed)).bfloat16(), bits)
+            for b in batches:
+                calls = [(xs[b][i % 4], p) for i, p in enumerate(copies)]
+                ref = group_quant.reference_matmul(xs[b][0].float(), packed).double()
+                record = {"shape": [rows, cols], "bits": bits, "batch": b, "dense_us": round(dense_us[b], 2),
+                          "triton_us": round(time_op(tk.packed_matmul, calls, reps=15), 2),
+                          "plan": list(cuda_mma.plan(cuda_mma.view_of(packed), b, packed.codes.device)), "bytes": nbytes}
+                if peer:
+                    op, layers = peer
+                    record["humming_us"] = round(time_op(op, [(xs[b][i % 4], layer) for i, layer in enumerate(layers)], reps=15), 2)
+                for r, w in GRID:
+                    if cuda_mma.view_of(packed).tiles % r or cols // cuda_mma.UNIT < w:
+                        continue
+                    got = cuda_mma.matmul(xs[b][0], packed, r, w).double()
+                    err = ((got - ref).norm() / ref.norm()).item()
+                    if err >= 4e-3:
+                        raise SystemExit(f"{shape} int{bits} batch {b} rows {r} warps {w}: relative error {err:.1e}")
+                    record[f"r{r}w{w}"] = round(time_op(lambda x, p, r=r, w=w: cuda_mma.matmul(x, p, r, w), calls, reps=15), 2)
+                best_us, best = min((v, k) for k, v in record.items() if k[0] == "r" and k[1].isdigit())
+                plan_key = "r{}w{}".format(*record["plan"])
+                record.update(best=best, best_us=best_us, plan_us=record.get(plan_key), ratio_best_vs_dense=round(dense_us[b] / best_us, 3),
+                              ratio_best_vs_triton=round(record["triton_us"] / best_us, 3),
+                              ratio_triton_vs_dense=round(dense_us[b] / record["triton_us"], 3), gbps_best=round(nbytes / best_us / 1e3), **env)
+                if record.get("humming_us"):
+                    record.update(ratio_best_vs_humming=round(record["humming_us"] / best_us, 3),
+                                  ratio_humming_vs_dense=round(dense_us[b] / record["humming_us"], 3))
+                print(json.dumps(record), flush=True)
+                records.append(record)
+    if args.json:
+        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+if __name__ == "__main__":
+    main()

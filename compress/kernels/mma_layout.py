@@ -1,0 +1,101 @@
+"""The re-packed form of a group-quantized int2 / int4 weight that the tensor-core kernel (cuda_mma.py) reads: the same
+codes and statistics, re-ordered so a lane's 16-byte loads hold exactly its mma A fragments.
+
+For 16 output rows (a tile) and 128 columns (a unit) lane (g, t) of a warp holds, for each of the unit's 8 k-tiles j,
+the A fragment of `mma.m16n8k16`: rows g and g + 8, columns c0, c0 + 1, c0 + 2, c0 + 3 with c0 = t * 32 + j * 4. The
+columns are permuted within the unit (the mma's k order is free when A and B agree) so that the activations a lane
+needs are 32 consecutive values. Its 8 codes of a k-tile are one word's field pairs (i, i + per / 2), pair q the A
+register q (rows g, g + 8 alternating, then the next two columns): one shift-and-mask per register. 2-bit words hold
+two k-tiles. Codes: int32 [tiles, units, chunks, 32 lanes, 4 words] (chunks = bits / 2 16-byte loads a lane a unit);
+statistics: int32 [tiles, groups, 8, 2]: the float16 scales of rows g and g + 8 as one word, their zero points as
+two bytes. Row tiles are padded to a multiple of TILE_PAD with zero codes and scales.
+
+`dense` decodes the form with the kernel's own index arithmetic, so the layout is checked on CPU against the
+format's reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from compress.formats import group_quant
+from compress.formats.words import pack_fields, read_fields
+
+BITS = (2, 4)
+UNIT = 128  # columns a lane quad covers per step: 4 lanes x 32 consecutive activations
+TILE_PAD = 2  # row tiles are padded to a multiple of this (the most row tiles a block takes)
+
+
+@dataclasses.dataclass
+class MmaWeight:
+    shape: tuple[int, int]  # (out, in)
+    bits: int  # 2 or 4
+    group_size: int  # a multiple of UNIT
+    codes: torch.Tensor  # int32 [tiles, units, CH, 32, 4]
+    stats: torch.Tensor  # int32 [tiles, groups, 8, 2]: (scale of rows g | g + 8 as float16 bits, zero g | zero g + 8 << 8)
+
+    @property
+    def tiles(self) -> int:
+        return self.codes.shape[0]
+
+
+def shape_ok(packed) -> bool:
+    """What the kernel reads: 2- or 4-bit codes (3-bit through views.widen), integer zero points, groups of whole
+    128-column units and whole units a row."""
+    return (isinstance(packed, group_quant.GroupQuantWeight) and packed.bits in (*BITS, 3) and packed.zero_kind == "integer"
+            and packed.group_size % UNIT == 0 and packed.shape[1] % UNIT == 0)
+
+
+def _tiles(rows: int) -> int:
+    return -(-rows // (16 * TILE_PAD)) * TILE_PAD
+
+
+def pack(packed: group_quant.GroupQuantWeight) -> MmaWeight:
+    """The kernel's form of a 2- or 4-bit group-quant weight (the same codes and statistics, re-ordered)."""
+    if not shape_ok(packed) or packed.bits not in BITS:
+        raise ValueError(f"not a layout the tensor-core kernel reads: {packed.bits}-bit, group {packed.group_size}, {packed.shape}")
+    rows, cols = packed.shape
+    bits, tiles, units = packed.bits, _tiles(rows), cols // UNIT
+    per = 32 // bits
+    chunks, ktiles = bits // 2, per // 8  # 16-byte chunks a lane a unit; k-tiles a word
+    codes = torch.zeros(tiles * 16, cols, dtype=torch.uint8, device=packed.codes.device)
+    codes[:rows] = read_fields(packed.codes, bits, cols).to(torch.uint8)
+    # row = tile*16 + rh*8 + g; column = u*128 + t*32 + (c*4 + v)*T*4 + h*4 + qh*2 + e (k-tile j = (c*4 + v)*T + h)
+    split = codes.view(tiles, 2, 8, units, 4, chunks, 4, ktiles, 2, 2)
+    # -> [tile, u, c, lane = g*4 + t, word v, field = e*P + h*4 + qh*2 + rh]
+    fields = split.permute(0, 3, 5, 2, 4, 6, 9, 7, 8, 1).reshape(-1, per)
+    words = pack_fields(fields, bits).view(tiles, units, chunks, 32, 4)
+    groups = packed.groups
+    scale = torch.zeros(tiles * 16, groups, dtype=torch.float16, device=packed.scale.device)
+    scale[:rows] = packed.scale
+    zero = torch.zeros(tiles * 16, groups, dtype=torch.int32, device=packed.codes.device)
+    zero[:rows] = read_fields(packed.zero, bits, groups).to(torch.int32)
+    scale_pairs = scale.view(tiles, 2, 8, groups).permute(0, 3, 2, 1).contiguous().view(torch.int32)  # [tiles, groups, 8, 1]
+    zp = zero.view(tiles, 2, 8, groups).permute(0, 3, 2, 1)
+    zero_pairs = (zp[..., 0] | (zp[..., 1] << 8)).unsqueeze(-1)
+    stats = torch.cat([scale_pairs, zero_pairs], dim=-1).contiguous()
+    return MmaWeight(packed.shape, bits, packed.group_size, words.contiguous(), stats)
+
+
+def dense(view: MmaWeight) -> torch.Tensor:
+    """float32 [out, in] from the re-packed form, indexed as the kernel indexes it (lane, k-tile, A register, half)."""
+    rows, cols = view.shape
+    bits, per = view.bits, 32 // view.bits
+    ktiles, units = per // 8, cols // UNIT
+    dev = view.codes.device
+    tile, u, lane, j, q, e = torch.meshgrid(*(torch.arange(n, device=dev) for n in (view.tiles, units, 32, 8, 4, 2)), indexing="ij")
+    g, t, wi, h = lane // 4, lane % 4, j // ktiles, j % ktiles
+    word = view.codes.long()[tile, u, wi // 4, lane, wi % 4] & 0xFFFFFFFF
+    code = (word >> ((h * 4 + q + e * (per // 2)) * bits)) & ((1 << bits) - 1)
+    row = tile * 16 + g + 8 * (q % 2)
+    col = u * UNIT + t * 32 + j * 4 + 2 * (q // 2) + e
+    stat = view.stats.long()[tile, col // view.group_size, g]
+    half = (q % 2) * 16
+    bits16 = (stat[..., 0] >> half) & 0xFFFF
+    scale = torch.where(bits16 >= 1 << 15, bits16 - (1 << 16), bits16).to(torch.int16).view(torch.float16).float()
+    zero = (stat[..., 1] >> (half // 2)) & 0xFF
+    out = torch.zeros(view.tiles * 16, cols, dtype=torch.float32, device=dev)
+    out[row.flatten(), col.flatten()] = (scale * (code - zero).float()).flatten()
+    return out[:rows]

@@ -1,0 +1,93 @@
+"""The tensor-core group-quant kernel (compress.kernels.cuda_mma) and its re-packed layout (mma_layout): on CPU, the
+layout decoded with the kernel's own index arithmetic equals the format's reference and the layouts it refuses; on a
+GPU, every (row tiles, warps) configuration at batch 1 to 16 against the reference, odd shapes, 2/3/4 bits, both
+activation dtypes, CUDA-graph capture, and the dispatcher choosing it."""
+
+import pytest
+import torch
+from conftest import make_group_quant
+
+from compress.formats import group_quant
+from compress.kernels import cuda_mma, dispatch, mma_layout
+
+CUDA = torch.cuda.is_available() and cuda_mma.available()
+
+
+def on(packed, device: str):
+    return type(packed)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
+
+
+@pytest.mark.parametrize(("rows", "cols", "bits", "group"), [(37, 1024, 4, 128), (16, 128, 4, 128), (70, 512, 2, 256),
+                                                             (33, 384, 2, 128), (1, 256, 4, 256)])
+def test_layout_decodes_to_the_weight(rows, cols, bits, group):
+    packed = make_group_quant(rows, cols, bits, group, seed=rows + cols)
+    view = mma_layout.pack(packed)
+    assert view.tiles % mma_layout.TILE_PAD == 0 and view.tiles * 16 >= rows
+    assert torch.equal(mma_layout.dense(view), group_quant.unpack(packed))
+
+
+def test_layout_of_3_bit_codes_through_the_widened_view():
+    from compress.kernels import views
+
+    packed = make_group_quant(20, 256, 3, 128, seed=3)
+    assert torch.equal(mma_layout.dense(mma_layout.pack(views.widen(packed))), group_quant.unpack(packed))
+
+
+@pytest.mark.parametrize(("cols", "bits", "group", "zero_kind", "ok"), [
+    (4096, 4, 128, "integer", True), (4096, 3, 128, "integer", True), (4096, 2, 256, "integer", True),
+    (4096, 8, 128, "integer", False),      # 8-bit codes: not exact as bf16 magic numbers
+    (4096, 4, 128, "float16", False),      # float zero points: (code - zero) is not exact in 16 bits
+    (4096, 4, 64, "integer", False),       # a group smaller than the 128-column unit
+    (4000, 4, 128, "integer", False)])     # a partial unit
+def test_layouts_it_takes(cols, bits, group, zero_kind, ok):
+    packed = make_group_quant(3, cols, bits, group, zero_kind)
+    assert mma_layout.shape_ok(packed) is ok
+    if not ok and bits != 3:
+        with pytest.raises(ValueError, match="not a layout"):
+            mma_layout.pack(packed)
+
+
+def test_cpu_inputs_are_refused():
+    packed = make_group_quant(3, 256, 4, 128)
+    assert not cuda_mma.supported(torch.randn(1, 256, dtype=torch.bfloat16), packed)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+@pytest.mark.parametrize(("rows", "cols", "bits", "group"), [(37, 1024, 4, 128), (300, 14336, 4, 128), (70, 512, 2, 256),
+                                                             (1, 128, 4, 128), (129, 640, 3, 128), (64, 4096, 2, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_equals_reference(rows, cols, bits, group, dtype):
+    packed = on(make_group_quant(rows, cols, bits, group, seed=rows + cols), "cuda")
+    for batch in (1, 3, 8, 9, 16):
+        x = torch.randn(batch, cols, device="cuda", dtype=dtype)
+        assert cuda_mma.supported(x, packed)
+        ref = group_quant.reference_matmul(x.float(), packed).double()
+        for row_tiles in (1, 2):
+            for warps in (1, 2, 4, 8, 16):
+                got = cuda_mma.matmul(x, packed, row_tiles, warps).double()
+                # fp32 sums in another order, one rounding to the activations' dtype
+                assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, row_tiles, warps)
+    assert not cuda_mma.supported(torch.randn(17, cols, device="cuda", dtype=dtype), packed)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+def test_strided_and_3d_inputs():
+    packed = on(make_group_quant(48, 512, 4, 128, seed=5), "cuda")
+    x = torch.randn(2, 3, 1024, device="cuda", dtype=torch.bfloat16)[..., ::2]  # not contiguous
+    ref = group_quant.reference_matmul(x.float().reshape(6, 512), packed).reshape(2, 3, 48)
+    got = cuda_mma.matmul(x, packed)
+    assert got.shape == (2, 3, 48) and ((got.double() - ref).norm() / ref.norm()).item() < 4e-3
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+def test_cuda_graph_capture_and_dispatch():
+    packed = on(make_group_quant(256, 4096, 4, 128, seed=1), "cuda")
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = dispatch.device_matmul(x, packed)
+    assert torch.equal(eager, cuda_mma.matmul(x, packed))  # batch 1 bf16 int4 g128: the tensor-core kernel
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = dispatch.device_matmul(x, packed)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager)
