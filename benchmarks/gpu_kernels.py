@@ -38,7 +38,7 @@ import gpu_peers
 from compress.formats import group_quant, lut, nm, sparse_quant, spqr
 from compress.formats.quantized import Outliers, QuantizedWeight
 from compress.formats.words import tensor_bytes
-from compress.kernels import dispatch, extras_view, views
+from compress.kernels import cuda_mma, dispatch, extras_view, views
 from compress.kernels import triton_config as tc
 from compress.kernels import triton_gemv as tg
 from compress.kernels import triton_kernels as tk
@@ -83,8 +83,17 @@ def unpack(packed) -> torch.Tensor:
 
 
 def op_for(packed):
-    """What a module calls for this weight: the Triton kernel, or the view path of SpQR / LUT weights."""
-    return dispatch.device_matmul if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)) else tk.packed_matmul
+    """What a module calls for this weight: the dispatcher's choice for group-quant weights (the tensor-core kernel at
+    batch 1-16 of 16-bit activations, else Triton) and the view path of SpQR / LUT weights, else the Triton kernel."""
+    return dispatch.device_matmul if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight, group_quant.GroupQuantWeight)) else tk.packed_matmul
+
+
+def kernel_name(packed, batch: int) -> str:
+    """The kernel the dispatcher runs for bf16 activations of this batch: "cuda_mma r{row tiles}w{warps}" or "triton"."""
+    x = torch.empty(batch, packed.shape[1], device="cuda", dtype=torch.bfloat16)
+    if isinstance(packed, group_quant.GroupQuantWeight) and cuda_mma.supported(x, packed):
+        return "cuda_mma r{}w{}".format(*cuda_mma.plan(cuda_mma.view_of(packed), batch, x.device))
+    return "triton"
 
 
 def packed_bytes(packed) -> int:
@@ -223,7 +232,7 @@ def weight_copies(fmt: str, rows: int, cols: int, checked: bool, batches=()):
     packed = make(fmt, rows, cols, "cuda")
     op = op_for(packed)
     if checked:
-        if op is tk.packed_matmul:
+        if not isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
             precompile([(torch.randn(b, cols, device="cuda", dtype=dt), None) for b in {*batches, 1, 4, 16}
                         for dt in (torch.bfloat16, torch.float32)], packed)
         bound = 2e-3 if isinstance(packed, spqr.SpQRWeight) else 1e-4  # SpQR's view rounds second-level statistics to fp16
@@ -231,9 +240,11 @@ def weight_copies(fmt: str, rows: int, cols: int, checked: bool, batches=()):
     nbytes = packed_bytes(packed)
     copies = [packed] + [type(packed)(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
                          for _ in range(copies_for(nbytes) - 1)]
-    if op is not tk.packed_matmul:
-        for copy in copies:
+    for copy in copies:  # views built up front, outside the graph capture
+        if isinstance(copy, (spqr.SpQRWeight, lut.LUTWeight)):
             extras_view.cached(copy)
+        elif cuda_mma.shape_ok(copy):
+            cuda_mma.view_of(copy)
     return copies, nbytes
 
 
@@ -295,6 +306,8 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
     copies, nbytes = weight_copies(fmt, rows, cols, not sweep, batches)
     if forced == "widened":
         copies = [views.widen(c) for c in copies]
+        for copy in copies:
+            cuda_mma.view_of(copy)
         nbytes, fmt, forced = packed_bytes(copies[0]), f"{fmt}@widened", ""
     elif forced:
         check(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]), copies[0], (1,), FORCED[forced].kernel)
@@ -315,7 +328,7 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
                   "pct_copy_bw": round(100 * total / us / 1e3 / bandwidth, 1), "bytes_per_weight": round(nbytes / (rows * cols), 4),
                   "ratio_vs_dense": round(dense / us, 3), "ratio_vs_best_peer": round(best_peer / us, 3),
                   **({"same_bits_peer": same[0], "ratio_vs_same_bits_peer": round(same[1] / us, 3)} if same else {}),
-                  "config": str(default)}, env, out, records)
+                  "config": str(default), "kernel": kernel_name(copies[0], batch) if not forced else "triton"}, env, out, records)
             continue
         configs = [default] + [c for c in candidates(copies[0], batch) if c != default]
         precompile([(xs[0], c) for c in configs], copies[0])

@@ -19,6 +19,7 @@ The re-packed form (mma_layout.py) is built once per weight on its device and ca
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -213,14 +214,15 @@ def supported(x: torch.Tensor, packed) -> bool:
 
 
 def plan(view: MmaWeight, batch: int, device: torch.device) -> tuple[int, int]:
-    """(row tiles a block, warps a block): enough warps to keep the GPU's loads in flight, at least 2 units a warp."""
+    """(row tiles a block, warps a block): 2 row tiles (each activation load serves both), and the power of two of warps
+    nearest to about 16 warps a multiprocessor at batch <= 8 and 8 at batch 9-16 (two n-tiles: more registers), at
+    least 2 units a warp: the fastest of the grid measured on the H200 (docs/kernels-gpu.md)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_tiles = 1
-    blocks = view.tiles // row_tiles
-    units = view.shape[1] // UNIT
-    warps = 1
-    while warps < 16 and blocks * warps * 2 <= sms * 32 and units // (warps * 2) >= 2:
-        warps *= 2
+    row_tiles, units = 2, view.shape[1] // UNIT
+    target = sms * (16 if batch <= 8 else 8) / (view.tiles // row_tiles)
+    warps = 1 << max(0, min(4, round(math.log2(max(target, 1.0)))))
+    while warps > 1 and units // warps < 2:
+        warps //= 2
     return row_tiles, warps
 
 

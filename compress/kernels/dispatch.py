@@ -1,14 +1,14 @@
 """Which kernel computes y = x @ W.T for a packed weight off the CPU.
 
-CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton kernels
-(triton_kernels.py), group_quant weights with 2-4-bit codes and integer zero points at batch 1 to 16 of bf16/fp16
-activations to the tensor-core kernel of cuda_mma.py (COMPRESS_GPU_KERNEL=triton keeps them on Triton), SpQR and LUT weights without a keep mask to the same kernels through their views
-(extras_view.py; 3-bit codes read as 4-bit words, views.py), ternary_dict weights to triton_ternary.py (at batch 1 to the
-CUDA kernel of cuda_ternary.py where it is the faster: COMPRESS_GPU_KERNEL=triton keeps them on Triton),
-all imported on first use only, so `import compress` and every CPU path stay free of Triton; every other format or device, and every
-device when Triton is missing, takes the format's plain-torch reference_matmul. COMPRESS_GPU_KERNEL=torch
-forces the reference (COMPRESS_GPU_KERNEL=triton makes a missing Triton an error instead of a silent
-fallback). CPU tensors never come here: cpu.py keeps its own paths."""
+CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton kernels (triton_kernels.py); group_quant
+weights with 2-4-bit codes and integer zero points, at batch 1 to 16 of bf16/fp16 activations, to the tensor-core
+kernel of cuda_mma.py instead (COMPRESS_GPU_KERNEL=triton keeps them on Triton). SpQR and LUT weights without a keep
+mask go to the Triton kernels through their views (extras_view.py; 3-bit codes read as 4-bit words, views.py),
+ternary_dict weights to triton_ternary.py (at batch 1 to the CUDA kernel of cuda_ternary.py where it is the faster:
+COMPRESS_GPU_KERNEL=triton keeps them on Triton), all imported on first use only, so `import compress` and every CPU
+path stay free of Triton; every other format or device, and every device when Triton is missing, takes the format's
+plain-torch reference_matmul. COMPRESS_GPU_KERNEL=torch forces the reference (COMPRESS_GPU_KERNEL=triton makes a
+missing Triton an error instead of a silent fallback). CPU tensors never come here: cpu.py keeps its own paths."""
 
 from __future__ import annotations
 
