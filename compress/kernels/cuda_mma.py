@@ -32,9 +32,12 @@ DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 MAX_BATCH = 16
 
 SOURCE = CONVERSIONS + r"""
+#ifndef GQ_LOAD  // benchmarks may define another form of the code load
+#define GQ_LOAD "ld.global.nc.L1::no_allocate.v4.u32"
+#endif
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // read once: keep it out of L1
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  asm(GQ_LOAD " {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
@@ -188,8 +191,9 @@ def entry_source(name: str) -> str:
 
 
 @functools.cache
-def _kernel(name: str):
-    return torch.cuda._compile_kernel(entry_source(name), name)
+def _kernel(name: str, prefix: str = ""):
+    """The compiled entry point `name`; `prefix`: source put first, e.g. another GQ_LOAD (benchmarks)."""
+    return torch.cuda._compile_kernel(prefix + entry_source(name), name)
 
 
 @functools.cache
