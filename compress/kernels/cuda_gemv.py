@@ -1,7 +1,8 @@
 """A CUDA GEMV for group-quantized int2 / int4 / int8 weights at batch 1 (compress.formats.group_quant), compiled at
 first use through NVRTC (torch.cuda._compile_kernel). Measured, not dispatched: on the H200 it is 5-35% slower than
-the Triton split-K GEMV (triton_splitk.py) on int4, faster only for int2 on 4096x14336 (docs/kernels-gpu.md), so
-modules keep the Triton kernels; benchmarks/cuda_gemv_probe.py times the two side by side.
+the Triton split-K GEMV (triton_splitk.py) on int4, faster only for int2 on 4096x14336 (docs/kernels-gpu.md), and
+the tensor-core kernel (cuda_mma.py) that modules now run at batch 1 is faster than both; benchmarks/cuda_gemv_probe.py
+times it against the Triton GEMV.
 
 The idea it tests: the Triton GEMV issues ~10 instructions a weight, most of them moving a word's fields between
 threads. Here a thread owns whole 16-byte chunks (4 code words, one quantization group) and decodes them in place:
