@@ -1,6 +1,6 @@
 """The tensor-core group-quant kernel (compress/kernels/cuda_mma.py) against dense bf16 F.linear, the Triton kernels
 the modules ran before it and humming-kernels at the same bits, on the issue's shapes and batches; every (row tiles
-a block, warps a block) pair of the kernel, the plan's choice marked.
+a block, warps a block, register ring depth, activations ahead or at use) in --grid, the plan's choice marked.
 
     python benchmarks/cuda_mma_probe.py [--shapes 14336x4096,...] [--bits 4,2] [--batches 1,4,16] [--json out.jsonl]
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from compress.kernels import cuda_mma, views
 from compress.kernels import triton_kernels as tk
 
 SHAPES = "14336x4096,4096x14336,4096x4096,8192x8192,11008x4096"
-GRID = [(1, 8)] + [(2, w) for w in (2, 4, 8, 16)]  # the first run's full grid: R 1 or 2 x W 1-16; R 1 and W 1 never won
+GRID = "r1w8s2a,r2w2s2a,r2w4s2a,r2w8s2a,r2w16s2a"  # the first run's full grid: 1-2 row tiles x 1-16 warps; 1 warp never won
 
 
 def humming_op(dense_w: torch.Tensor, bits: int):
@@ -48,6 +49,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", default=SHAPES, help="out x in, comma-separated")
     parser.add_argument("--bits", default="4,2")
     parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--grid", default=GRID, help="launches: r<row tiles>w<warps>s<stages><a: activations ahead | u: at use>")
     parser.add_argument("--no-humming", action="store_true")
     parser.add_argument("--json", help="write one JSON record per (shape, bits, batch) to this file")
     args = parser.parse_args(argv)
@@ -71,20 +73,22 @@ def main(argv=None) -> None:
                 ref = group_quant.reference_matmul(xs[b][0].float(), packed).double()
                 record = {"shape": [rows, cols], "bits": bits, "batch": b, "dense_us": round(dense_us[b], 2),
                           "triton_us": round(time_op(tk.packed_matmul, calls, reps=15), 2),
-                          "plan": list(cuda_mma.plan(cuda_mma.view_of(packed), b, packed.codes.device)), "bytes": nbytes}
+                          "plan": str(cuda_mma.plan(cuda_mma.view_of(packed), b, packed.codes.device)), "bytes": nbytes}
                 if peer:
                     op, layers = peer
                     record["humming_us"] = round(time_op(op, [(xs[b][i % 4], layer) for i, layer in enumerate(layers)], reps=15), 2)
-                for r, w in GRID:
+                for name in args.grid.split(","):
+                    r, w, stages = (int(v) for v in re.findall(r"\d+", name))
+                    launch = cuda_mma.Launch(r, w, stages, name.endswith("a"))
                     if cuda_mma.view_of(packed).tiles % r or cols // cuda_mma.UNIT < w:
                         continue
-                    got = cuda_mma.matmul(xs[b][0], packed, r, w).double()
+                    got = cuda_mma.matmul(xs[b][0], packed, launch).double()
                     err = ((got - ref).norm() / ref.norm()).item()
                     if err >= 4e-3:
-                        raise SystemExit(f"{shape} int{bits} batch {b} rows {r} warps {w}: relative error {err:.1e}")
-                    record[f"r{r}w{w}"] = round(time_op(lambda x, p, r=r, w=w: cuda_mma.matmul(x, p, r, w), calls, reps=15), 2)
+                        raise SystemExit(f"{shape} int{bits} batch {b} {launch}: relative error {err:.1e}")
+                    record[str(launch)] = round(time_op(lambda x, p, launch=launch: cuda_mma.matmul(x, p, launch), calls, reps=15), 2)
                 best_us, best = min((v, k) for k, v in record.items() if k[0] == "r" and k[1].isdigit())
-                plan_key = "r{}w{}".format(*record["plan"])
+                plan_key = record["plan"]
                 record.update(best=best, best_us=best_us, plan_us=record.get(plan_key), ratio_best_vs_dense=round(dense_us[b] / best_us, 3),
                               ratio_best_vs_triton=round(record["triton_us"] / best_us, 3),
                               ratio_triton_vs_dense=round(dense_us[b] / record["triton_us"], 3), gbps_best=round(nbytes / best_us / 1e3), **env)

@@ -89,10 +89,10 @@ def op_for(packed):
 
 
 def kernel_name(packed, batch: int) -> str:
-    """The kernel the dispatcher runs for bf16 activations of this batch: "cuda_mma r{row tiles}w{warps}" or "triton"."""
+    """The kernel the dispatcher runs for bf16 activations of this batch: "cuda_mma <its launch>" or "triton"."""
     x = torch.empty(batch, packed.shape[1], device="cuda", dtype=torch.bfloat16)
     if isinstance(packed, group_quant.GroupQuantWeight) and cuda_mma.supported(x, packed):
-        return "cuda_mma r{}w{}".format(*cuda_mma.plan(cuda_mma.view_of(packed), batch, x.device))
+        return f"cuda_mma {cuda_mma.plan(cuda_mma.view_of(packed), batch, x.device)}"
     return "triton"
 
 

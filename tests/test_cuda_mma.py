@@ -1,6 +1,6 @@
 """The tensor-core group-quant kernel (compress.kernels.cuda_mma) and its re-packed layout (mma_layout): on CPU, the
 layout decoded with the kernel's own index arithmetic equals the format's reference and the layouts it refuses; on a
-GPU, every (row tiles, warps) configuration at batch 1 to 16 against the reference, odd shapes, 2/3/4 bits, both
+GPU, launch layouts (row tiles, warps, ring depth) at batch 1 to 16 against the reference, odd shapes, 2/3/4 bits, both
 activation dtypes, CUDA-graph capture, and the dispatcher choosing it."""
 
 import pytest
@@ -11,6 +11,9 @@ from compress.formats import group_quant
 from compress.kernels import cuda_mma, dispatch, mma_layout
 
 CUDA = torch.cuda.is_available() and cuda_mma.available()
+# every row-tile and warp count, every ring depth, activations ahead and at use (not every combination: compile time)
+LAUNCHES = [cuda_mma.Launch(r, w, s, a) for r, w, s, a in ((1, 1, 2, True), (1, 2, 1, False), (1, 8, 4, False), (2, 4, 2, True),
+                                                          (2, 16, 3, False), (2, 8, 2, False), (2, 1, 3, True))]
 
 
 def on(packed, device: str):
@@ -62,11 +65,10 @@ def test_cuda_equals_reference(rows, cols, bits, group, dtype):
         x = torch.randn(batch, cols, device="cuda", dtype=dtype)
         assert cuda_mma.supported(x, packed)
         ref = group_quant.reference_matmul(x.float(), packed).double()
-        for row_tiles in (1, 2):
-            for warps in (1, 2, 4, 8, 16):
-                got = cuda_mma.matmul(x, packed, row_tiles, warps).double()
-                # fp32 sums in another order, one rounding to the activations' dtype
-                assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, row_tiles, warps)
+        for launch in LAUNCHES:
+            got = cuda_mma.matmul(x, packed, launch).double()
+            # fp32 sums in another order, one rounding to the activations' dtype
+            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, str(launch))
     assert not cuda_mma.supported(torch.randn(17, cols, device="cuda", dtype=dtype), packed)
 
 

@@ -18,8 +18,10 @@ The re-packed form (mma_layout.py) is built once per weight on its device and ca
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import re
 import warnings
 
 import torch
@@ -64,19 +66,22 @@ template <bool BF16> __device__ __forceinline__ void mma(float* c, const unsigne
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// One unit (128 columns) of the block's RT row tiles: their code chunks and statistics, and the activations of the
-// lane's batch row in each n-tile (nb * 8 + g; past the batch the last row: an mma's result columns are independent
-// and those are not stored). Lane quad position t reads columns t * 32 .. + 31.
-template <int CH, int NB, int RT>
-__device__ __forceinline__ void load_unit(uint4 (&w)[RT][CH], uint2 (&s)[RT], uint4 (&xv)[NB][4], const uint4* __restrict__ codes,
-    const uint2* __restrict__ stats, const unsigned short* __restrict__ x, int ldx, int B, int tile0, int u, int U, int GROUPS,
-    int gshift, int lane) {
+// One unit (128 columns) of the block's RT row tiles: their code chunks and statistics
+template <int CH, int RT>
+__device__ __forceinline__ void load_codes(uint4 (&w)[RT][CH], uint2 (&s)[RT], const uint4* __restrict__ codes,
+    const uint2* __restrict__ stats, int tile0, int u, int U, int GROUPS, int gshift, int lane) {
 #pragma unroll
   for (int r = 0; r < RT; r++) {
 #pragma unroll
     for (int c = 0; c < CH; c++) w[r][c] = load_stream(codes + ((size_t)((size_t)(tile0 + r) * U + u) * CH + c) * 32 + lane);
     s[r] = stats[((size_t)(tile0 + r) * GROUPS + (u >> gshift)) * 8 + (lane >> 2)];
   }
+}
+
+// A unit's activations for the lane's batch row in each n-tile (nb * 8 + g; past the batch the last row: an mma's
+// result columns are independent and those are not stored). Lane quad position t reads columns t * 32 .. + 31.
+template <int NB>
+__device__ __forceinline__ void load_x(uint4 (&xv)[NB][4], const unsigned short* __restrict__ x, int ldx, int B, int u, int lane) {
 #pragma unroll
   for (int nb = 0; nb < NB; nb++) {
     const int b = min(nb * 8 + (lane >> 2), B - 1);
@@ -129,7 +134,7 @@ __device__ __forceinline__ void unit_dot(float (&acc)[RT][NB][4], const uint4 (&
   }
 }
 
-template <int BITS, bool BF16, int NB, int RT, int W>
+template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA>
 __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
     const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift) {
   constexpr int CH = BITS / 2;  // 16-byte chunks a lane a unit
@@ -143,16 +148,29 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
     for (int nb = 0; nb < NB; nb++)
 #pragma unroll
       for (int i = 0; i < 4; i++) acc[r][nb][i] = 0.f;
-  // two register buffers, each unit's loads issued one unit ahead of its decode (ping-pong: no register copies)
-  uint4 w0[RT][CH], x0[NB][4], w1[RT][CH], x1[NB][4];
-  uint2 s0[RT], s1[RT];
-  if (u0 < u1) load_unit<CH, NB, RT>(w0, s0, x0, codes, stats, x, ldx, B, tile0, u0, U, GROUPS, gshift, lane);
-  for (int u = u0; u < u1; u += 2) {
-    if (u + 1 < u1) load_unit<CH, NB, RT>(w1, s1, x1, codes, stats, x, ldx, B, tile0, u + 1, U, GROUPS, gshift, lane);
-    unit_dot<BITS, BF16, NB, RT>(acc, w0, s0, x0);
-    if (u + 1 >= u1) break;
-    if (u + 2 < u1) load_unit<CH, NB, RT>(w0, s0, x0, codes, stats, x, ldx, B, tile0, u + 2, U, GROUPS, gshift, lane);
-    unit_dot<BITS, BF16, NB, RT>(acc, w1, s1, x1);
+  // a ring of S register buffers: unit u's code loads are issued S - 1 units ahead of its decode (the ring unrolled,
+  // so every buffer index is a constant: no register copies); its activations with them (XA) or just before use
+  uint4 w[S][RT][CH], xr[XA ? S : 1][NB][4];
+  uint2 s[S][RT];
+#pragma unroll
+  for (int i = 0; i < S - 1; i++)
+    if (u0 + i < u1) {
+      load_codes<CH, RT>(w[i], s[i], codes, stats, tile0, u0 + i, U, GROUPS, gshift, lane);
+      if (XA) load_x<NB>(xr[XA ? i : 0], x, ldx, B, u0 + i, lane);
+    }
+  for (int u = u0; u < u1; u += S) {
+#pragma unroll
+    for (int i = 0; i < S; i++) {
+      if (u + i < u1) {
+        const int ahead = u + i + S - 1;
+        if (ahead < u1) {
+          load_codes<CH, RT>(w[(i + S - 1) % S], s[(i + S - 1) % S], codes, stats, tile0, ahead, U, GROUPS, gshift, lane);
+          if (XA) load_x<NB>(xr[XA ? (i + S - 1) % S : 0], x, ldx, B, ahead, lane);
+        }
+        if (!XA) load_x<NB>(xr[0], x, ldx, B, u + i, lane);
+        unit_dot<BITS, BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
+      }
+    }
   }
   // the warps' sums: through shared memory when W > 1; lane (g, t) holds rows g, g + 8 and batch columns 2t, 2t + 1
 #pragma unroll
@@ -176,18 +194,34 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
 """
 
 
-def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, row_tiles: int, warps: int) -> str:
-    return f"gqmma_{DTYPES[dtype]}_{bits}_n{n_tiles}_r{row_tiles}_w{warps}"
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How a call is laid out: row tiles a block, warps a block (splitting the columns), code buffers in the register
+    ring (each unit's codes loaded stages - 1 units ahead), and whether the activations come with them (else just
+    before use)."""
+
+    row_tiles: int = 2
+    warps: int = 4
+    stages: int = 2
+    x_ahead: bool = True
+
+    def __str__(self) -> str:
+        return f"r{self.row_tiles}w{self.warps}s{self.stages}{'a' if self.x_ahead else 'u'}"
+
+
+def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch) -> str:
+    return f"gqmma_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch}"
 
 
 def entry_source(name: str) -> str:
     """SOURCE plus one extern "C" entry point for kernel_name's fields (one template instance a compile)."""
-    _, dtype, bits, n_tiles, row_tiles, warps = name.split("_")
+    _, dtype, bits, n_tiles, launch = name.split("_")
+    row_tiles, warps, stages = (int(v) for v in re.findall(r"\d+", launch))
     return SOURCE + (
-        f'extern "C" __global__ void __launch_bounds__({32 * int(warps[1:])}) {name}(const unsigned short* x, int ldx, int B, '
+        f'extern "C" __global__ void __launch_bounds__({32 * warps}) {name}(const unsigned short* x, int ldx, int B, '
         "const uint4* codes, const uint2* stats, unsigned short* y, int ldy, int N, int U, int GROUPS, int gshift) {\n"
-        f"  gq_mma<{bits}, {'true' if dtype == 'bf16' else 'false'}, {n_tiles[1:]}, {row_tiles[1:]}, {warps[1:]}>"
-        "(x, ldx, B, codes, stats, y, ldy, N, U, GROUPS, gshift);\n}\n")
+        f"  gq_mma<{bits}, {'true' if dtype == 'bf16' else 'false'}, {n_tiles[1:]}, {row_tiles}, {warps}, {stages}, "
+        f"{'true' if launch.endswith('a') else 'false'}>(x, ldx, B, codes, stats, y, ldy, N, U, GROUPS, gshift);\n}}\n")
 
 
 @functools.cache
@@ -202,7 +236,7 @@ def available() -> bool:
     if not (torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")) or torch.cuda.get_device_capability()[0] < 8:
         return False
     try:
-        _kernel(kernel_name(torch.bfloat16, 4, 1, 1, 4))
+        _kernel(kernel_name(torch.bfloat16, 4, 1, Launch()))
     except Exception as error:  # e.g. no CUDA headers for NVRTC
         warnings.warn(f"tensor-core group-quant kernel unavailable: {type(error).__name__}: {str(error)[:300]}", stacklevel=2)
         return False
@@ -217,17 +251,18 @@ def supported(x: torch.Tensor, packed) -> bool:
     return 1 <= batch <= MAX_BATCH and available()
 
 
-def plan(view: MmaWeight, batch: int, device: torch.device) -> tuple[int, int]:
-    """(row tiles a block, warps a block): 2 row tiles (each activation load serves both), and the power of two of warps
-    nearest to about 16 warps a multiprocessor at batch <= 8 and 8 at batch 9-16 (two n-tiles: more registers), at
-    least 2 units a warp: the fastest of the grid measured on the H200 (docs/kernels-gpu.md)."""
+def plan(view: MmaWeight, batch: int, device: torch.device) -> Launch:
+    """2 row tiles a block (each activation load serves both), and the power of two of warps a block nearest to about
+    16 warps a multiprocessor at batch <= 8 and 8 at batch 9-16 (two n-tiles: more registers), at least 2 units a warp
+    (the fastest of the first grid measured on the H200); 3 code buffers, the activations loaded at use (more code
+    bytes in flight for the registers: docs/kernels-gpu.md)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     row_tiles, units = 2, view.shape[1] // UNIT
     target = sms * (16 if batch <= 8 else 8) / (view.tiles // row_tiles)
     warps = 1 << max(0, min(4, round(math.log2(max(target, 1.0)))))
     while warps > 1 and units // warps < 2:
         warps //= 2
-    return row_tiles, warps
+    return Launch(row_tiles, warps, stages=3, x_ahead=False)
 
 
 def view_of(packed: group_quant.GroupQuantWeight) -> MmaWeight:
@@ -237,9 +272,9 @@ def view_of(packed: group_quant.GroupQuantWeight) -> MmaWeight:
     return views.cached(packed.codes, "mma", lambda: pack(views.kernel_form(packed)))
 
 
-def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, packed, launch: Launch | None = None) -> torch.Tensor:
     """x [..., in] (bfloat16 / float16, CUDA, 1 to MAX_BATCH rows) @ W.T -> [..., out] in x's dtype, fp32 accumulation.
-    `packed`: a group-quant weight (`supported`) or its MmaWeight; `row_tiles`, `warps`: plan's unless given."""
+    `packed`: a group-quant weight (`supported`) or its MmaWeight; `launch`: plan's unless given."""
     view = packed if isinstance(packed, MmaWeight) else view_of(packed)
     rows, cols = view.shape
     if x.shape[-1] != cols:
@@ -250,14 +285,13 @@ def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | N
         raise ValueError(f"the tensor-core kernel takes 1 to {MAX_BATCH} rows of CUDA bf16/fp16 activations, got {tuple(x.shape)} {x.dtype}")
     if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte activation loads
         x2 = x2.contiguous().clone()
-    chosen = plan(view, batch, x.device)
-    row_tiles, warps = row_tiles or chosen[0], warps or chosen[1]
-    if view.tiles % row_tiles:
-        raise ValueError(f"row_tiles {row_tiles} must divide the view's {view.tiles} tiles")
+    launch = launch or plan(view, batch, x.device)
+    if view.tiles % launch.row_tiles or not 1 <= launch.stages <= 4 or launch.warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"{launch}: row tiles must divide the view's {view.tiles} tiles, 1-4 stages, 1-16 warps (a power of two)")
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
     n_tiles = 1 if batch <= 8 else 2
-    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles, row_tiles, warps))
-    kernel(grid=(view.tiles // row_tiles, 1, 1), block=(32 * warps, 1, 1),
+    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles, launch))
+    kernel(grid=(view.tiles // launch.row_tiles, 1, 1), block=(32 * launch.warps, 1, 1),
            args=[x2, x2.stride(0), batch, view.codes, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],
                  (view.group_size // UNIT).bit_length() - 1])
     return y.reshape(*x.shape[:-1], rows)
