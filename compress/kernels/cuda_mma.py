@@ -254,15 +254,15 @@ def supported(x: torch.Tensor, packed) -> bool:
 def plan(view: MmaWeight, batch: int, device: torch.device) -> Launch:
     """2 row tiles a block (each activation load serves both), and the power of two of warps a block nearest to about
     16 warps a multiprocessor at batch <= 8 and 8 at batch 9-16 (two n-tiles: more registers), at least 2 units a warp
-    (the fastest of the first grid measured on the H200); 3 code buffers, the activations loaded at use (more code
-    bytes in flight for the registers: docs/kernels-gpu.md)."""
+    (the fastest of the first grid measured on the H200); 2 buffers with the activations loaded ahead: deeper rings and
+    activations loaded at use were slower on every measured shape and batch (docs/kernels-gpu.md)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     row_tiles, units = 2, view.shape[1] // UNIT
     target = sms * (16 if batch <= 8 else 8) / (view.tiles // row_tiles)
     warps = 1 << max(0, min(4, round(math.log2(max(target, 1.0)))))
     while warps > 1 and units // warps < 2:
         warps //= 2
-    return Launch(row_tiles, warps, stages=3, x_ahead=False)
+    return Launch(row_tiles, warps, stages=2, x_ahead=True)
 
 
 def view_of(packed: group_quant.GroupQuantWeight) -> MmaWeight:
