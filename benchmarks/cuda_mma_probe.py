@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", default=SHAPES, help="out x in, comma-separated")
     parser.add_argument("--bits", default="4,2")
     parser.add_argument("--batches", default="1,4,16")
-    parser.add_argument("--grid", default=GRID, help="launches: r<row tiles>w<warps>s<stages><a: activations ahead | u: at use>")
+    parser.add_argument("--grid", default=GRID, help="launches: r<row tiles>w<warps>s<stages><a: activations ahead | u: at use>[c: cp.async ring]")
     parser.add_argument("--no-humming", action="store_true")
     parser.add_argument("--json", help="write one JSON record per (shape, bits, batch) to this file")
     args = parser.parse_args(argv)
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
                     record["humming_us"] = round(time_op(op, [(xs[b][i % 4], layer) for i, layer in enumerate(layers)], reps=15), 2)
                 for name in args.grid.split(","):
                     r, w, stages = (int(v) for v in re.findall(r"\d+", name))
-                    launch = cuda_mma.Launch(r, w, stages, name.endswith("a"))
+                    launch = cuda_mma.Launch(r, w, stages, name.rstrip("c").endswith("a"), name.endswith("c"))
                     if cuda_mma.view_of(packed).tiles % r or cols // cuda_mma.UNIT < w:
                         continue
                     got = cuda_mma.matmul(xs[b][0], packed, launch).double()

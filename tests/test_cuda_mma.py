@@ -14,6 +14,7 @@ CUDA = torch.cuda.is_available() and cuda_mma.available()
 # every row-tile and warp count, every ring depth, activations ahead and at use (not every combination: compile time)
 LAUNCHES = [cuda_mma.Launch(r, w, s, a) for r, w, s, a in ((1, 1, 2, True), (1, 2, 1, False), (1, 8, 4, False), (2, 4, 2, True),
                                                           (2, 16, 3, False), (2, 8, 2, False), (2, 1, 3, True))]
+LAUNCHES += [cuda_mma.Launch(r, w, s, True, async_copy=True) for r, w, s in ((1, 1, 2), (2, 4, 4), (2, 16, 3), (1, 8, 3))]
 
 
 def on(packed, device: str):
@@ -48,6 +49,21 @@ def test_layouts_it_takes(cols, bits, group, zero_kind, ok):
     if not ok and bits != 3:
         with pytest.raises(ValueError, match="not a layout"):
             mma_layout.pack(packed)
+
+
+def test_launch_names_and_checks():
+    assert [str(launch) for launch in LAUNCHES[:2]] == ["r1w1s2a", "r1w2s1u"]
+    assert str(cuda_mma.Launch(2, 4, 4, True, async_copy=True)) == "r2w4s4ac"
+    for launch in LAUNCHES:  # every launch the tests run names a kernel whose entry point says the same launch
+        source = cuda_mma.entry_source(cuda_mma.kernel_name(torch.bfloat16, 4, 1, launch))
+        assert ("gq_mma_async<" in source) is launch.async_copy and f"_{launch}(" in source
+    # a stage: 2 row tiles x (2 chunks x 512 bytes + 256 bytes of statistics) a warp, 4 stages, 4 warps
+    assert cuda_mma.Launch(2, 4, 4, True, async_copy=True).shared_bytes(4) == 4 * 4 * 2 * (2 * 512 + 256)
+    assert cuda_mma.Launch(2, 4, 4).shared_bytes(4) == 0
+    for bad in (cuda_mma.Launch(3, 4), cuda_mma.Launch(2, 3), cuda_mma.Launch(2, 4, 5), cuda_mma.Launch(2, 4, 1, True, True),
+                cuda_mma.Launch(2, 4, 3, False, True)):
+        with pytest.raises(ValueError):
+            bad.check(tiles=4)
 
 
 def test_cpu_inputs_are_refused():

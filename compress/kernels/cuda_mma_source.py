@@ -1,0 +1,261 @@
+"""CUDA C++ of the tensor-core group-quant kernel (cuda_mma.py compiles one template instance a launch layout)."""
+
+from compress.kernels.cuda_source import CONVERSIONS
+
+SOURCE = CONVERSIONS + r"""
+#ifndef GQ_LOAD  // benchmarks may define another form of the code load
+#define GQ_LOAD "ld.global.nc.L1::no_allocate.v4.u32"
+#endif
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {  // read once: keep it out of L1
+  uint4 v;
+  asm(GQ_LOAD " {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// (a & b) | c in one instruction (the compiler splits it in two when b and c are immediates)
+template <unsigned B, unsigned C> __device__ __forceinline__ unsigned and_or(unsigned a) {
+  unsigned d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "n"(B), "n"(C));
+  return d;
+}
+
+template <bool BF16> __device__ __forceinline__ unsigned fma2(unsigned a, unsigned b, unsigned c) {
+  unsigned d;
+  if (BF16) asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  else asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+template <bool BF16> __device__ __forceinline__ void mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+  if (BF16)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One unit (128 columns) of the block's RT row tiles: their code chunks and statistics
+template <int CH, int RT>
+__device__ __forceinline__ void load_codes(uint4 (&w)[RT][CH], uint2 (&s)[RT], const uint4* __restrict__ codes,
+    const uint2* __restrict__ stats, int tile0, int u, int U, int GROUPS, int gshift, int lane) {
+#pragma unroll
+  for (int r = 0; r < RT; r++) {
+#pragma unroll
+    for (int c = 0; c < CH; c++) w[r][c] = load_stream(codes + ((size_t)((size_t)(tile0 + r) * U + u) * CH + c) * 32 + lane);
+    s[r] = stats[((size_t)(tile0 + r) * GROUPS + (u >> gshift)) * 8 + (lane >> 2)];
+  }
+}
+
+// A unit's activations for the lane's batch row in each n-tile (nb * 8 + g; past the batch the last row: an mma's
+// result columns are independent and those are not stored). Lane quad position t reads columns t * 32 .. + 31.
+template <int NB>
+__device__ __forceinline__ void load_x(uint4 (&xv)[NB][4], const unsigned short* __restrict__ x, int ldx, int B, int u, int lane) {
+#pragma unroll
+  for (int nb = 0; nb < NB; nb++) {
+    const int b = min(nb * 8 + (lane >> 2), B - 1);
+    const uint4* xp = (const uint4*)(x + (size_t)b * ldx + u * 128 + (lane & 3) * 32);
+#pragma unroll
+    for (int m = 0; m < 4; m++) xv[nb][m] = xp[m];
+  }
+}
+
+// acc += one unit of the RT row tiles: per k-tile, the lane's 8 codes decoded to code - zero as 16-bit floats (exact)
+// into the A fragment, the mma against the activations' B fragment; each group's fp32 sums scaled once.
+template <int BITS, bool BF16, int NB, int RT>
+__device__ __forceinline__ void unit_dot(float (&acc)[RT][NB][4], const uint4 (&w)[RT][BITS / 2], const uint2 (&s)[RT],
+                                         const uint4 (&xv)[NB][4]) {
+  constexpr int T = 32 / BITS / 8;  // k-tiles a word (field pair i: bits i * BITS and + 16)
+  constexpr unsigned MASK = ((1u << BITS) - 1u) * 0x10001u, MAGIC = BF16 ? 0x43004300u : 0x64006400u;
+  constexpr unsigned NEG = BF16 ? 0xC300C300u : 0xE400E400u, ONE = BF16 ? 0x3F803F80u : 0x3C003C00u;
+#pragma unroll
+  for (int r = 0; r < RT; r++) {
+    // -(M + zero) for rows g (A registers 0, 2) and g + 8 (registers 1, 3), both halves
+    const unsigned neg[2] = {__byte_perm(s[r].y, 0u, 0x4040) | NEG, __byte_perm(s[r].y, 0u, 0x4141) | NEG};
+    float part_sum[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) part_sum[nb][i] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {  // the unit's 8 k-tiles of 16 columns
+      const int wi = j / T, h = j % T;
+      const uint4 q4 = w[r][wi / 4];
+      const unsigned word = wi % 4 == 0 ? q4.x : (wi % 4 == 1 ? q4.y : (wi % 4 == 2 ? q4.z : q4.w));
+      unsigned a[4];
+#pragma unroll
+      for (int q = 0; q < 4; q++) a[q] = fma2<BF16>(and_or<MASK, MAGIC>(word >> ((h * 4 + q) * BITS)), ONE, neg[q & 1]);
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++) {
+        const uint4 xq = xv[nb][j / 2];
+        mma<BF16>(part_sum[nb], a, j & 1 ? xq.z : xq.x, j & 1 ? xq.w : xq.y);
+      }
+    }
+    const float s_lo = to_float_f16((unsigned short)(s[r].x & 0xffffu));
+    const float s_hi = to_float_f16((unsigned short)(s[r].x >> 16));
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+      acc[r][nb][0] = fmaf(s_lo, part_sum[nb][0], acc[r][nb][0]);
+      acc[r][nb][1] = fmaf(s_lo, part_sum[nb][1], acc[r][nb][1]);
+      acc[r][nb][2] = fmaf(s_hi, part_sum[nb][2], acc[r][nb][2]);
+      acc[r][nb][3] = fmaf(s_hi, part_sum[nb][3], acc[r][nb][3]);
+    }
+  }
+}
+
+// The warps' sums through shared memory (part: [W][RT * NB * 128]); lane (g, t) holds rows g, g + 8 and batch columns
+// 2t, 2t + 1 of each row tile and n-tile. Every thread of the block calls it once.
+template <bool BF16, int NB, int RT, int W>
+__device__ __forceinline__ void store_sums(const float (&acc)[RT][NB][4], float (*part)[RT * NB * 128], unsigned short* __restrict__ y,
+                                           int ldy, int N, int B, int tile0) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int r = 0; r < RT; r++)
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) part[warp][((r * NB + nb) * 32 + lane) * 4 + i] = acc[r][nb][i];
+  __syncthreads();
+  for (int e = threadIdx.x; e < RT * NB * 128; e += 32 * W) {
+    const int i = e & 3, l = (e >> 2) & 31, nb = (e >> 7) % NB, r = (e >> 7) / NB;
+    const int row = (tile0 + r) * 16 + (l >> 2) + 8 * (i >> 1), b = nb * 8 + 2 * (l & 3) + (i & 1);
+    if (row < N && b < B) {
+      float v = 0.f;
+#pragma unroll
+      for (int k = 0; k < W; k++) v += part[k][e];
+      y[(size_t)b * ldy + row] = BF16 ? from_float_bf16(v) : from_float_f16(v);
+    }
+  }
+}
+
+template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA>
+__device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
+    const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift) {
+  constexpr int CH = BITS / 2;  // 16-byte chunks a lane a unit
+  __shared__ float part[W][RT * NB * 128];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tile0 = blockIdx.x * RT;
+  const int u0 = warp * U / W, u1 = (warp + 1) * U / W;
+  float acc[RT][NB][4];
+#pragma unroll
+  for (int r = 0; r < RT; r++)
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) acc[r][nb][i] = 0.f;
+  // a ring of S register buffers: unit u's code loads are issued S - 1 units ahead of its decode (the ring unrolled,
+  // so every buffer index is a constant: no register copies); its activations with them (XA) or just before use
+  uint4 w[S][RT][CH], xr[XA ? S : 1][NB][4];
+  uint2 s[S][RT];
+#pragma unroll
+  for (int i = 0; i < S - 1; i++)
+    if (u0 + i < u1) {
+      load_codes<CH, RT>(w[i], s[i], codes, stats, tile0, u0 + i, U, GROUPS, gshift, lane);
+      if (XA) load_x<NB>(xr[XA ? i : 0], x, ldx, B, u0 + i, lane);
+    }
+  for (int u = u0; u < u1; u += S) {
+#pragma unroll
+    for (int i = 0; i < S; i++) {
+      if (u + i < u1) {
+        const int ahead = u + i + S - 1;
+        if (ahead < u1) {
+          load_codes<CH, RT>(w[(i + S - 1) % S], s[(i + S - 1) % S], codes, stats, tile0, ahead, U, GROUPS, gshift, lane);
+          if (XA) load_x<NB>(xr[XA ? (i + S - 1) % S : 0], x, ldx, B, ahead, lane);
+        }
+        if (!XA) load_x<NB>(xr[0], x, ldx, B, u + i, lane);
+        unit_dot<BITS, BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
+      }
+    }
+  }
+  store_sums<BF16, NB, RT, W>(acc, part, y, ldy, N, B, tile0);
+}
+
+// -- the cp.async form: a warp's code chunks and statistics go through a private ring of S shared-memory stages, so
+// S - 1 units are in flight without holding registers; the activations stay one unit ahead in registers.
+
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+__device__ __forceinline__ void copy_async(unsigned dst, const void* src, int bytes16) {  // 16 or 8 bytes
+  if (bytes16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
+  else asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(dst), "l"(src) : "memory");
+}
+
+// One stage of a lane: [RT][CH] 16-byte chunks, then [RT] statistics, lanes interleaved (no bank conflicts)
+template <int CH, int RT> __host__ __device__ constexpr int stage_bytes() { return RT * CH * 512 + RT * 256; }
+
+template <int CH, int RT>
+__device__ __forceinline__ void copy_codes(unsigned stage, const uint4* __restrict__ codes, const uint2* __restrict__ stats,
+    int tile0, int u, int U, int GROUPS, int gshift, int lane) {
+#pragma unroll
+  for (int r = 0; r < RT; r++) {
+#pragma unroll
+    for (int c = 0; c < CH; c++)
+      copy_async(stage + ((r * CH + c) * 32 + lane) * 16, codes + ((size_t)((size_t)(tile0 + r) * U + u) * CH + c) * 32 + lane, 1);
+    copy_async(stage + RT * CH * 512 + (r * 32 + lane) * 8, stats + ((size_t)(tile0 + r) * GROUPS + (u >> gshift)) * 8 + (lane >> 2), 0);
+  }
+}
+
+template <int CH, int RT>
+__device__ __forceinline__ void read_codes(uint4 (&w)[RT][CH], uint2 (&s)[RT], const unsigned char* stage, int lane) {
+#pragma unroll
+  for (int r = 0; r < RT; r++) {
+#pragma unroll
+    for (int c = 0; c < CH; c++) w[r][c] = ((const uint4*)stage)[(r * CH + c) * 32 + lane];
+    s[r] = ((const uint2*)(stage + RT * CH * 512))[r * 32 + lane];
+  }
+}
+
+// unit u: start the copy of unit u + S - 1 (one commit group a unit, empty past the end), wait for unit u's group,
+// read it, load the next unit's activations into xn, decode and multiply with xc
+template <int BITS, bool BF16, int NB, int RT, int S>
+__device__ __forceinline__ void async_unit(float (&acc)[RT][NB][4], const uint4 (&xc)[NB][4], uint4 (&xn)[NB][4],
+    const unsigned char* ring, unsigned ring_address, const unsigned short* __restrict__ x, int ldx, int B,
+    const uint4* __restrict__ codes, const uint2* __restrict__ stats, int tile0, int u, int u0, int u1, int U, int GROUPS,
+    int gshift, int lane) {
+  constexpr int CH = BITS / 2, STAGE = stage_bytes<CH, RT>();
+  if (u + S - 1 < u1) copy_codes<CH, RT>(ring_address + ((u + S - 1 - u0) % S) * STAGE, codes, stats, tile0, u + S - 1, U, GROUPS, gshift, lane);
+  asm volatile("cp.async.commit_group;" ::: "memory");
+  asm volatile("cp.async.wait_group %0;" :: "n"(S - 1) : "memory");
+  uint4 w[RT][CH];
+  uint2 s[RT];
+  read_codes<CH, RT>(w, s, ring + ((u - u0) % S) * STAGE, lane);
+  if (u + 1 < u1) load_x<NB>(xn, x, ldx, B, u + 1, lane);
+  unit_dot<BITS, BF16, NB, RT>(acc, w, s, xc);
+}
+
+template <int BITS, bool BF16, int NB, int RT, int W, int S>
+__device__ __forceinline__ void gq_mma_async(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
+    const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift) {
+  constexpr int CH = BITS / 2, STAGE = stage_bytes<CH, RT>();
+  __shared__ float part[W][RT * NB * 128];
+  extern __shared__ __align__(16) unsigned char rings[];  // [W][S][STAGE]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tile0 = blockIdx.x * RT;
+  const int u0 = warp * U / W, u1 = (warp + 1) * U / W;
+  const unsigned char* ring = rings + warp * S * STAGE;
+  const unsigned ring_address = shared_address(ring);
+  float acc[RT][NB][4];
+#pragma unroll
+  for (int r = 0; r < RT; r++)
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) acc[r][nb][i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < S - 1; i++) {
+    if (u0 + i < u1) copy_codes<CH, RT>(ring_address + i * STAGE, codes, stats, tile0, u0 + i, U, GROUPS, gshift, lane);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  }
+  uint4 x0[NB][4], x1[NB][4];  // ping-pong: no register copies
+  if (u0 < u1) load_x<NB>(x0, x, ldx, B, u0, lane);
+  for (int u = u0; u < u1; u += 2) {
+    async_unit<BITS, BF16, NB, RT, S>(acc, x0, x1, ring, ring_address, x, ldx, B, codes, stats, tile0, u, u0, u1, U, GROUPS, gshift, lane);
+    if (u + 1 >= u1) break;
+    async_unit<BITS, BF16, NB, RT, S>(acc, x1, x0, ring, ring_address, x, ldx, B, codes, stats, tile0, u + 1, u0, u1, U, GROUPS, gshift, lane);
+  }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  store_sums<BF16, NB, RT, W>(acc, part, y, ldy, N, B, tile0);
+}
+"""
