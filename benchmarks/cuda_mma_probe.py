@@ -3,6 +3,7 @@ the modules ran before it and humming-kernels at the same bits, on the issue's s
 a block, warps a block, register ring depth, activations ahead or at use) in --grid, the plan's choice marked.
 
     python benchmarks/cuda_mma_probe.py [--shapes 14336x4096,...] [--bits 4,2] [--batches 1,4,16] [--json out.jsonl]
+    python benchmarks/cuda_mma_probe.py --sparse ...   # 2:4 + int4 g128 on the sparse tensor-core kernel
 
 Timing as benchmarks/gpu_kernels.py (a CUDA graph over R copies of the weight, R copies > 3x the L2, median replay
 / R). Every configuration is checked against the format's reference first (relative error < 4e-3 with bf16 x).
@@ -11,9 +12,11 @@ Timing as benchmarks/gpu_kernels.py (a CUDA graph over R copies of the weight, R
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,12 +27,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_kernels import copies_for, time_op, unpack, weight_copies
 
-from compress.formats import group_quant
-from compress.kernels import cuda_mma, views
+from compress.formats import group_quant, sparse_quant
+from compress.kernels import cuda_mma, cuda_mma_sparse, views
 from compress.kernels import triton_kernels as tk
 
 SHAPES = "14336x4096,4096x14336,4096x4096,8192x8192,11008x4096"
 GRID = "r1w8s2a,r2w2s2a,r2w4s2a,r2w8s2a,r2w16s2a"  # the first run's full grid: 1-2 row tiles x 1-16 warps; 1 warp never won
+
+
+@dataclasses.dataclass
+class Kernel:
+    view_of: Callable
+    reference: Callable
+    run: Callable  # (x, packed, launch)
+
+
+DENSE = Kernel(cuda_mma.view_of, group_quant.reference_matmul, cuda_mma.matmul)
+SPARSE = Kernel(cuda_mma_sparse.view_of, sparse_quant.reference_matmul,
+                lambda x, p, launch: cuda_mma_sparse.matmul(x, p, launch.row_tiles, launch.warps))
 
 
 def humming_op(dense_w: torch.Tensor, bits: int):
@@ -51,6 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--grid", default=GRID, help="launches: r<row tiles>w<warps>s<stages><a: activations ahead | u: at use>[c: cp.async ring]")
     parser.add_argument("--no-humming", action="store_true")
+    parser.add_argument("--sparse", action="store_true", help="2:4 + int4 g128 weights on the sparse tensor-core kernel (--bits ignored)")
     parser.add_argument("--json", help="write one JSON record per (shape, bits, batch) to this file")
     args = parser.parse_args(argv)
     env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv)}
@@ -62,31 +78,32 @@ def main(argv=None) -> None:
         xs = {b: [torch.randn(b, cols, device="cuda", dtype=torch.bfloat16) for _ in range(4)] for b in batches}
         dense_us = {b: time_op(F.linear, [(xs[b][i % 4], w) for i, w in enumerate(dense_w)], reps=15) for b in batches}
         del dense_w
-        for bits in map(int, args.bits.split(",")):
-            copies, nbytes = weight_copies(f"int{bits}_g128", rows, cols, checked=False)
+        for bits in [4] if args.sparse else map(int, args.bits.split(",")):
+            kernel = SPARSE if args.sparse else DENSE
+            copies, nbytes = weight_copies("2:4+int4_g128" if args.sparse else f"int{bits}_g128", rows, cols, checked=False)
             for copy in copies:
-                cuda_mma.view_of(copy)  # built outside the capture
+                kernel.view_of(copy)  # built outside the capture
             packed = copies[0]
-            peer = None if args.no_humming else humming_op(unpack(views.kernel_form(packed)).bfloat16(), bits)
+            peer = None if args.no_humming or args.sparse else humming_op(unpack(views.kernel_form(packed)).bfloat16(), bits)
             for b in batches:
                 calls = [(xs[b][i % 4], p) for i, p in enumerate(copies)]
-                ref = group_quant.reference_matmul(xs[b][0].float(), packed).double()
-                record = {"shape": [rows, cols], "bits": bits, "batch": b, "dense_us": round(dense_us[b], 2),
+                ref = kernel.reference(xs[b][0].float(), packed).double()
+                record = {"shape": [rows, cols], "bits": bits, "sparse": args.sparse, "batch": b, "dense_us": round(dense_us[b], 2),
                           "triton_us": round(time_op(tk.packed_matmul, calls, reps=15), 2),
-                          "plan": str(cuda_mma.plan(cuda_mma.view_of(packed), b, packed.codes.device)), "bytes": nbytes}
+                          "plan": str(cuda_mma.plan(kernel.view_of(packed), b, packed.codes.device)), "bytes": nbytes}
                 if peer:
                     op, layers = peer
                     record["humming_us"] = round(time_op(op, [(xs[b][i % 4], layer) for i, layer in enumerate(layers)], reps=15), 2)
                 for name in args.grid.split(","):
                     r, w, stages = (int(v) for v in re.findall(r"\d+", name))
                     launch = cuda_mma.Launch(r, w, stages, name.rstrip("c").endswith("a"), name.endswith("c"))
-                    if cuda_mma.view_of(packed).tiles % r or cols // cuda_mma.UNIT < w:
-                        continue
-                    got = cuda_mma.matmul(xs[b][0], packed, launch).double()
+                    if kernel.view_of(packed).tiles % r or cols // cuda_mma.UNIT < w or (args.sparse and str(launch)[-2:] != "2a"):
+                        continue  # the sparse kernel: 2 register buffers, activations ahead
+                    got = kernel.run(xs[b][0], packed, launch).double()
                     err = ((got - ref).norm() / ref.norm()).item()
                     if err >= 4e-3:
                         raise SystemExit(f"{shape} int{bits} batch {b} {launch}: relative error {err:.1e}")
-                    record[str(launch)] = round(time_op(lambda x, p, launch=launch: cuda_mma.matmul(x, p, launch), calls, reps=15), 2)
+                    record[str(launch)] = round(time_op(lambda x, p, launch=launch, run=kernel.run: run(x, p, launch), calls, reps=15), 2)
                 best_us, best = min((v, k) for k, v in record.items() if k[0] == "r" and k[1].isdigit())
                 plan_key = record["plan"]
                 record.update(best=best, best_us=best_us, plan_us=record.get(plan_key), ratio_best_vs_dense=round(dense_us[b] / best_us, 3),

@@ -1,5 +1,5 @@
 """Which bits of which lane's metadata register place which kept values in the sparse tensor-core instruction
-`mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32` (sparsity selector 0): measured, for a 2:4 kernel's layout.
+`mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32` (sparsity selector 0): measured, for a 2:4 kernel's layout.
 
 The compressed A (16 x 16 kept values, the dense m16n8k16 A fragment layout) holds distinct integers; B picks 8
 columns of the decompressed A at a time (B[k][n] = 1 where k = base + n), so D shows A as the instruction expanded it.
@@ -43,7 +43,7 @@ extern "C" __global__ void mma_sp_probe(float* out) {
   unsigned meta = 0x44444444u;
   if (experiment > 0 && lane == e_lane) meta = (meta & ~(0xFu << (4 * e_nibble))) | (0xEu << (4 * e_nibble));
   float d[4] = {0.f, 0.f, 0.f, 0.f};
-  asm volatile("mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, "
+  asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, "
                "{%0, %1, %2, %3}, %12, 0x0;"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(meta));

@@ -67,16 +67,7 @@ def pack(packed: group_quant.GroupQuantWeight) -> MmaWeight:
     # -> [tile, u, c, lane = g*4 + t, word v, field = e*P + h*4 + qh*2 + rh]
     fields = split.permute(0, 3, 5, 2, 4, 6, 9, 7, 8, 1).reshape(-1, per)
     words = pack_fields(fields, bits).view(tiles, units, chunks, 32, 4)
-    groups = packed.groups
-    scale = torch.zeros(tiles * 16, groups, dtype=torch.float16, device=packed.scale.device)
-    scale[:rows] = packed.scale
-    zero = torch.zeros(tiles * 16, groups, dtype=torch.int32, device=packed.codes.device)
-    zero[:rows] = read_fields(packed.zero, bits, groups).to(torch.int32)
-    scale_pairs = scale.view(tiles, 2, 8, groups).permute(0, 3, 2, 1).contiguous().view(torch.int32)  # [tiles, groups, 8, 1]
-    zp = zero.view(tiles, 2, 8, groups).permute(0, 3, 2, 1)
-    zero_pairs = (zp[..., 0] | (zp[..., 1] << 8)).unsqueeze(-1)
-    stats = torch.cat([scale_pairs, zero_pairs], dim=-1).contiguous()
-    return MmaWeight(packed.shape, bits, packed.group_size, words.contiguous(), stats)
+    return MmaWeight(packed.shape, bits, packed.group_size, words.contiguous(), statistics(packed.scale, packed.zero, bits, rows, tiles))
 
 
 def dense(view: MmaWeight) -> torch.Tensor:
@@ -99,3 +90,16 @@ def dense(view: MmaWeight) -> torch.Tensor:
     out = torch.zeros(view.tiles * 16, cols, dtype=torch.float32, device=dev)
     out[row.flatten(), col.flatten()] = (scale * (code - zero).float()).flatten()
     return out[:rows]
+
+
+def statistics(scale: torch.Tensor, zero: torch.Tensor, bits: int, rows: int, tiles: int) -> torch.Tensor:
+    """int32 [tiles, groups, 8, 2] from float16 scales [rows, groups] and integer zero points packed in `bits`-bit fields:
+    for lane group g the scales of rows g and g + 8 as one word (float16 bits), their zero points as two bytes."""
+    groups = scale.shape[1]
+    padded_scale = torch.zeros(tiles * 16, groups, dtype=torch.float16, device=scale.device)
+    padded_scale[:rows] = scale
+    padded_zero = torch.zeros(tiles * 16, groups, dtype=torch.int32, device=scale.device)
+    padded_zero[:rows] = read_fields(zero, bits, groups).to(torch.int32)
+    scale_pairs = padded_scale.view(tiles, 2, 8, groups).permute(0, 3, 2, 1).contiguous().view(torch.int32)  # [tiles, groups, 8, 1]
+    zp = padded_zero.view(tiles, 2, 8, groups).permute(0, 3, 2, 1)
+    return torch.cat([scale_pairs, (zp[..., 0] | (zp[..., 1] << 8)).unsqueeze(-1)], dim=-1).contiguous()

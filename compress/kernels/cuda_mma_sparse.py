@@ -1,0 +1,197 @@
+"""Sparse tensor-core GEMM for 2:4 sparse, group-quantized int4 weights (sparse_quant, pattern 2:4) at batch 1 to 16:
+`mma.sp.sync.m16n8k32` takes the kept values and their 2-bit positions (mma_sparse_layout.py), so a warp reads a
+quarter byte of codes and an eighth of a byte of positions a weight, decodes only the kept codes (as cuda_mma.py
+does, 1.4 instructions a kept weight) and one instruction covers 32 columns of 16 rows.
+
+Built and compiled for sm_90 offline; **not run on a GPU yet**: the metadata layout it assumes is to be measured
+(benchmarks/mma_sp_layout_probe.py), then tests/test_cuda_mma_sparse.py checks it against the format's reference.
+The dispatcher does not use it until then.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from compress.formats import sparse_quant
+from compress.kernels import cuda_mma
+from compress.kernels.cuda_mma_source import SOURCE
+from compress.kernels.mma_layout import UNIT
+from compress.kernels.mma_sparse_layout import SparseMmaWeight, pack, shape_ok
+
+SPARSE_SOURCE = SOURCE + r"""
+template <bool BF16> __device__ __forceinline__ void mma_sp(float* c, const unsigned* a, const unsigned* b, unsigned meta) {
+  if (BF16)
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, "
+        "{%0, %1, %2, %3}, %12, 0x0;"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(meta));
+  else
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, "
+        "{%0, %1, %2, %3}, %12, 0x0;"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(meta));
+}
+
+__device__ __forceinline__ unsigned word_of(const uint4& v, int i) { return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w)); }
+
+// A unit of the RT row tiles: a word of kept codes an instruction (uint4), the positions (lanes t and t ^ 2 read the
+// same), the statistics; the activations of the lane's batch row: pair P = t >> 1, half h = t & 1 reads columns
+// P * 64 + j * 16 + h * 8 .. + 7 for instruction j
+template <int NB, int RT>
+__device__ __forceinline__ void load_unit_sp(uint4 (&w)[RT], uint4 (&m)[RT], uint2 (&s)[RT], uint4 (&xv)[NB][4],
+    const uint4* __restrict__ codes, const uint4* __restrict__ positions, const uint2* __restrict__ stats,
+    const unsigned short* __restrict__ x, int ldx, int B, int tile0, int u, int U, int GROUPS, int gshift, int lane) {
+#pragma unroll
+  for (int r = 0; r < RT; r++) {
+    const size_t tu = (size_t)(tile0 + r) * U + u;
+    w[r] = load_stream(codes + tu * 32 + lane);
+    m[r] = load_stream(positions + (tu * 8 + (lane >> 2)) * 2 + (lane & 1));
+    s[r] = stats[((size_t)(tile0 + r) * GROUPS + (u >> gshift)) * 8 + (lane >> 2)];
+  }
+#pragma unroll
+  for (int nb = 0; nb < NB; nb++) {
+    const int b = min(nb * 8 + (lane >> 2), B - 1);
+    const unsigned short* xp = x + (size_t)b * ldx + u * 128 + ((lane & 3) >> 1) * 64 + (lane & 1) * 8;
+#pragma unroll
+    for (int j = 0; j < 4; j++) xv[nb][j] = *(const uint4*)(xp + j * 16);
+  }
+}
+
+template <bool BF16, int NB, int RT>
+__device__ __forceinline__ void unit_dot_sp(float (&acc)[RT][NB][4], const uint4 (&w)[RT], const uint4 (&m)[RT], const uint2 (&s)[RT],
+                                            const uint4 (&xv)[NB][4], int lane) {
+  constexpr unsigned MASK = 0x000F000Fu, MAGIC = BF16 ? 0x43004300u : 0x64006400u;
+  constexpr unsigned NEG = BF16 ? 0xC300C300u : 0xE400E400u, ONE = BF16 ? 0x3F803F80u : 0x3C003C00u;
+  const bool odd = lane & 1;
+  unsigned neg[RT][2];
+  float part_sum[RT][NB][4];
+#pragma unroll
+  for (int r = 0; r < RT; r++) {
+    neg[r][0] = __byte_perm(s[r].y, 0u, 0x4040) | NEG;
+    neg[r][1] = __byte_perm(s[r].y, 0u, 0x4141) | NEG;
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) part_sum[r][nb][i] = 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    // B: the even lane of a pair holds columns 0-7 of its 16, the odd one 8-15; each needs two words of the other's
+    unsigned b[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+      const uint4 mine = xv[nb][j];
+      const unsigned v1 = __shfl_xor_sync(0xffffffffu, odd ? mine.x : mine.y, 1);
+      const unsigned v2 = __shfl_xor_sync(0xffffffffu, odd ? mine.z : mine.w, 1);
+      b[nb][0] = odd ? v1 : mine.x;
+      b[nb][1] = odd ? v2 : mine.z;
+      b[nb][2] = odd ? mine.y : v1;
+      b[nb][3] = odd ? mine.w : v2;
+    }
+#pragma unroll
+    for (int r = 0; r < RT; r++) {
+      const unsigned word = word_of(w[r], j);
+      unsigned a[4];
+#pragma unroll
+      for (int q = 0; q < 4; q++) a[q] = fma2<BF16>(and_or<MASK, MAGIC>(word >> (q * 4)), ONE, neg[r][q & 1]);
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++) mma_sp<BF16>(part_sum[r][nb], a, b[nb], word_of(m[r], j));
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < RT; r++) {
+    const float s_lo = to_float_f16((unsigned short)(s[r].x & 0xffffu)), s_hi = to_float_f16((unsigned short)(s[r].x >> 16));
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+      acc[r][nb][0] = fmaf(s_lo, part_sum[r][nb][0], acc[r][nb][0]);
+      acc[r][nb][1] = fmaf(s_lo, part_sum[r][nb][1], acc[r][nb][1]);
+      acc[r][nb][2] = fmaf(s_hi, part_sum[r][nb][2], acc[r][nb][2]);
+      acc[r][nb][3] = fmaf(s_hi, part_sum[r][nb][3], acc[r][nb][3]);
+    }
+  }
+}
+
+template <bool BF16, int NB, int RT, int W>
+__device__ __forceinline__ void gq_mma_sp(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
+    const uint4* __restrict__ positions, const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U,
+    int GROUPS, int gshift) {
+  __shared__ float part[W][RT * NB * 128];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tile0 = blockIdx.x * RT;
+  const int u0 = warp * U / W, u1 = (warp + 1) * U / W;
+  float acc[RT][NB][4];
+#pragma unroll
+  for (int r = 0; r < RT; r++)
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) acc[r][nb][i] = 0.f;
+  uint4 w0[RT], m0[RT], x0[NB][4], w1[RT], m1[RT], x1[NB][4];  // ping-pong: each unit loaded one unit ahead
+  uint2 s0[RT], s1[RT];
+  if (u0 < u1) load_unit_sp<NB, RT>(w0, m0, s0, x0, codes, positions, stats, x, ldx, B, tile0, u0, U, GROUPS, gshift, lane);
+  for (int u = u0; u < u1; u += 2) {
+    if (u + 1 < u1) load_unit_sp<NB, RT>(w1, m1, s1, x1, codes, positions, stats, x, ldx, B, tile0, u + 1, U, GROUPS, gshift, lane);
+    unit_dot_sp<BF16, NB, RT>(acc, w0, m0, s0, x0, lane);
+    if (u + 1 >= u1) break;
+    if (u + 2 < u1) load_unit_sp<NB, RT>(w0, m0, s0, x0, codes, positions, stats, x, ldx, B, tile0, u + 2, U, GROUPS, gshift, lane);
+    unit_dot_sp<BF16, NB, RT>(acc, w1, m1, s1, x1, lane);
+  }
+  store_sums<BF16, NB, RT, W>(acc, part, y, ldy, N, B, tile0);
+}
+"""
+
+
+def kernel_name(dtype: torch.dtype, n_tiles: int, row_tiles: int, warps: int) -> str:
+    return f"gqmmasp_{cuda_mma.DTYPES[dtype]}_n{n_tiles}_r{row_tiles}_w{warps}"
+
+
+def entry_source(name: str) -> str:
+    _, dtype, n_tiles, row_tiles, warps = name.split("_")
+    return SPARSE_SOURCE + (
+        f'extern "C" __global__ void __launch_bounds__({32 * int(warps[1:])}) {name}(const unsigned short* x, int ldx, int B, '
+        "const uint4* codes, const uint4* positions, const uint2* stats, unsigned short* y, int ldy, int N, int U, int GROUPS, "
+        f"int gshift) {{\n  gq_mma_sp<{'true' if dtype == 'bf16' else 'false'}, {n_tiles[1:]}, {row_tiles[1:]}, {warps[1:]}>"
+        "(x, ldx, B, codes, positions, stats, y, ldy, N, U, GROUPS, gshift);\n}\n")
+
+
+@functools.cache
+def _kernel(name: str):
+    return torch.cuda._compile_kernel(entry_source(name), name)
+
+
+def supported(x: torch.Tensor, packed) -> bool:
+    """CUDA bf16/fp16 activations, 1 to 16 rows, a weight `shape_ok` takes, a GPU with sparse tensor cores (8.0+)."""
+    if not shape_ok(packed) or x.device.type != "cuda" or x.dtype not in cuda_mma.DTYPES or x.shape[-1] != packed.shape[1]:
+        return False
+    return 1 <= x.numel() // max(1, x.shape[-1]) <= cuda_mma.MAX_BATCH and cuda_mma.available()
+
+
+def view_of(packed: sparse_quant.SparseQuantWeight) -> SparseMmaWeight:
+    from compress.kernels import views
+
+    return views.cached(packed.codes, "mma_sparse", lambda: pack(packed))
+
+
+def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | None = None) -> torch.Tensor:
+    """x [..., in] (bfloat16 / float16, CUDA, 1 to 16 rows) @ W.T -> [..., out] in x's dtype, fp32 accumulation.
+    `packed`: a 2:4 int4 sparse_quant weight (`supported`) or its SparseMmaWeight; `row_tiles`, `warps`: as the dense
+    kernel's plan unless given."""
+    view = packed if isinstance(packed, SparseMmaWeight) else view_of(packed)
+    rows, cols = view.shape
+    x2 = x.reshape(-1, cols)
+    batch = x2.shape[0]
+    if not 1 <= batch <= cuda_mma.MAX_BATCH or x.dtype not in cuda_mma.DTYPES or x.device.type != "cuda":
+        raise ValueError(f"the sparse tensor-core kernel takes 1 to {cuda_mma.MAX_BATCH} rows of CUDA bf16/fp16 activations, "
+                         f"got {tuple(x.shape)} {x.dtype}")
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous().clone()
+    chosen = cuda_mma.plan(view, batch, x.device)
+    launch = cuda_mma.Launch(row_tiles or chosen.row_tiles, warps or chosen.warps)
+    launch.check(view.tiles)
+    y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
+    kernel = _kernel(kernel_name(x.dtype, 1 if batch <= 8 else 2, launch.row_tiles, launch.warps))
+    kernel(grid=(view.tiles // launch.row_tiles, 1, 1), block=(32 * launch.warps, 1, 1),
+           args=[x2, x2.stride(0), batch, view.codes, view.positions, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],
+                 (view.group_size // UNIT).bit_length() - 1])
+    return y.reshape(*x.shape[:-1], rows)

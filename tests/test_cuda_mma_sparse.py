@@ -1,0 +1,87 @@
+"""The sparse tensor-core kernel for 2:4 int4 weights (compress.kernels.cuda_mma_sparse) and its re-packed layout
+(mma_sparse_layout): on CPU the layout, decoded with the kernel's index arithmetic and the assumed metadata layout,
+equals the format's reference, and the layouts it refuses; on a GPU the kernel against the reference."""
+
+import pytest
+import torch
+
+from compress.formats import sparse_quant
+from compress.kernels import cuda_mma, cuda_mma_sparse, mma_sparse_layout
+
+CUDA = torch.cuda.is_available() and cuda_mma.available()
+
+
+def make_sparse_quant(rows: int, cols: int, group: int, bits: int = 4, zero_kind: str = "integer", seed: int = 0,
+                      pattern: str = "2:4", device: str = "cpu"):
+    """A random 2:4 sparse, group-quantized weight: uniform codes, a random 2-of-4 mask, fp16-exact statistics."""
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-cols // group)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
+    scale = (torch.rand(rows, groups, generator=g) * 0.1 + 0.01).half().float()
+    zero = (torch.randint(0, 2**bits, (rows, groups), generator=g).float() if zero_kind == "integer"
+            else (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float())
+    mask = (torch.rand(rows, cols // 4, 4, generator=g).argsort(-1) < 2).reshape(rows, cols)
+    packed = sparse_quant.pack(mask, codes, scale, zero, bits, group, pattern, zero_kind=zero_kind)
+    return type(packed)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
+
+
+@pytest.mark.parametrize(("rows", "cols", "group"), [(16, 128, 128), (37, 512, 128), (70, 1024, 256), (5, 256, 256)])
+def test_layout_decodes_to_the_weight(rows, cols, group):
+    packed = make_sparse_quant(rows, cols, group, seed=rows)
+    view = mma_sparse_layout.pack(packed)
+    assert torch.equal(mma_sparse_layout.dense(view), sparse_quant.unpack(packed))
+
+
+def test_every_instruction_chunk_is_one_group_and_positions_ascend():
+    # each (instruction, chunk) of a unit is a distinct group of 4 columns, and a chunk's two positions ascend (the
+    # ordered-metadata form of the instruction requires it)
+    chunks = torch.arange(8).repeat(4)
+    instructions = torch.arange(4).repeat_interleave(8)
+    assert sorted(mma_sparse_layout._chunk_group(chunks, instructions).tolist()) == list(range(32))
+    view = mma_sparse_layout.pack(make_sparse_quant(32, 256, 128, seed=9))
+    meta = view.positions.long() & 0xFFFFFFFF
+    for row_half in range(2):
+        for k in range(4):
+            first = (meta >> mma_sparse_layout.meta_shift(row_half, k, 0)) & 3
+            second = (meta >> mma_sparse_layout.meta_shift(row_half, k, 1)) & 3
+            assert bool((first < second).all())
+
+
+@pytest.mark.parametrize(("bits", "group", "zero_kind", "pattern", "ok"), [
+    (4, 128, "integer", "2:4", True), (4, 256, "integer", "2:4", True),
+    (3, 128, "integer", "2:4", False), (4, 64, "integer", "2:4", False), (4, 128, "float16", "2:4", False),
+    (4, 128, "integer", "unstructured", False)])
+def test_layouts_it_takes(bits, group, zero_kind, pattern, ok):
+    packed = make_sparse_quant(4, 512, group, bits, zero_kind, pattern=pattern)
+    assert mma_sparse_layout.shape_ok(packed) is ok
+    assert not cuda_mma_sparse.supported(torch.randn(1, 512, dtype=torch.bfloat16), packed)  # CPU input
+    if not ok:
+        with pytest.raises(ValueError, match="not a layout"):
+            mma_sparse_layout.pack(packed)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+@pytest.mark.parametrize(("rows", "cols", "group"), [(37, 1024, 128), (300, 4096, 128), (70, 512, 256), (1, 128, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_equals_reference(rows, cols, group, dtype):
+    packed = make_sparse_quant(rows, cols, group, seed=rows + cols, device="cuda")
+    for batch in (1, 3, 8, 9, 16):
+        x = torch.randn(batch, cols, device="cuda", dtype=dtype)
+        assert cuda_mma_sparse.supported(x, packed)
+        ref = sparse_quant.reference_matmul(x.float(), packed).double()
+        for row_tiles, warps in ((1, 1), (2, 4), (2, 16), (1, 8)):
+            got = cuda_mma_sparse.matmul(x, packed, row_tiles, warps).double()
+            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, row_tiles, warps)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+def test_cuda_graph_capture():
+    packed = make_sparse_quant(256, 4096, 128, seed=1, device="cuda")
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = cuda_mma_sparse.matmul(x, packed)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = cuda_mma_sparse.matmul(x, packed)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager)
