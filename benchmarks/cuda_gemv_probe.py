@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.read_only:
         compile_full = cuda_gemv._kernel
-        cuda_gemv._kernel = lambda name: compile_full(name, "#define GQ_READ_ONLY\n")
+        cuda_gemv._kernel = lambda name, device: compile_full(name, device, "#define GQ_READ_ONLY\n")
     env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv)}
     records = []
     for shape in args.shapes.split(","):

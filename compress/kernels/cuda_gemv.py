@@ -28,6 +28,7 @@ import torch
 
 from compress.formats import group_quant
 from compress.formats.words import codes_per_word
+from compress.kernels import nvrtc
 from compress.kernels.cuda_source import CONVERSIONS
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -195,8 +196,7 @@ def kernel_name(dtype: torch.dtype, bits: int, integer_zero: bool, rows: int, te
     return f"gq_{DTYPES[dtype]}_{bits}_{'z' if integer_zero else 'f'}_r{rows}_g{team}"
 
 
-@functools.cache
-def _kernel(name: str, prefix: str = ""):
+def _kernel(name: str, device: int, prefix: str = ""):
     """Compile SOURCE with one entry point, `name` (kernel_name's fields: one template instance a compile); `prefix`:
     source put first, e.g. "#define GQ_READ_ONLY" (benchmarks)."""
     _, dtype, bits, zero, rows, team = name.split("_")
@@ -205,7 +205,7 @@ def _kernel(name: str, prefix: str = ""):
              "int GROUPS, int ZWPR, int gshift, unsigned fmask, unsigned magic) {\n"
              f"  gq_rows<{'true' if dtype == 'bf16' else 'false'}, {bits}, {'true' if zero == 'z' else 'false'}, {rows[1:]}, "
              f"{team[1:]}>(x, codes, scale, zero, y, N, K, WPR, GROUPS, ZWPR, gshift, fmask, magic);\n}}\n")
-    return torch.cuda._compile_kernel(prefix + SOURCE + entry, name)
+    return nvrtc.compile_kernel(prefix + SOURCE + entry, name, device)
 
 
 @functools.cache
@@ -214,7 +214,7 @@ def available() -> bool:
     if not (torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")):
         return False
     try:
-        _kernel(kernel_name(torch.bfloat16, 4, True, 4, 1))
+        _kernel(kernel_name(torch.bfloat16, 4, True, 4, 1), torch.cuda.current_device())
     except Exception as error:  # e.g. no CUDA headers for NVRTC
         warnings.warn(f"CUDA GEMV unavailable: {type(error).__name__}: {str(error)[:300]}", stacklevel=2)
         return False
@@ -280,14 +280,15 @@ def group_quant_matmul(x: torch.Tensor, packed: group_quant.GroupQuantWeight, ro
     blocks = _blocks(device, smem)
     chosen = plan(packed)
     rows, team = rows or chosen[0], team or chosen[1]
-    kernel = _kernel(kernel_name(x.dtype, packed.bits, zint, rows, team))
-    if smem >= 48 * 1024 and kernel._max_shared_mem_bytes < smem:
-        kernel.set_shared_memory_config(smem)
+    kernel = _kernel(kernel_name(x.dtype, packed.bits, zint, rows, team), nvrtc.device_index(device))
     blocks = min(blocks, -(-out_rows // (rows * WARPS // team)))
     if out_rows:
         zero_words = packed.zero.shape[1] if zint else 1
-        kernel(grid=(blocks, 1, 1), block=(32 * WARPS, 1, 1), shared_mem=smem,
-               args=[x1, codes, packed.scale.contiguous(), packed.zero.contiguous(), y, out_rows, cols, codes.shape[1], packed.groups,
-                     zero_words, packed.group_size.bit_length() - 1, (1 << packed.bits) - 1, 150])
+        with nvrtc.on_device(device):
+            if smem >= 48 * 1024 and kernel._max_shared_mem_bytes < smem:
+                kernel.set_shared_memory_config(smem)
+            kernel(grid=(blocks, 1, 1), block=(32 * WARPS, 1, 1), shared_mem=smem,
+                   args=[x1, codes, packed.scale.contiguous(), packed.zero.contiguous(), y, out_rows, cols, codes.shape[1], packed.groups,
+                         zero_words, packed.group_size.bit_length() - 1, (1 << packed.bits) - 1, 150])
     return y.reshape(*x.shape[:-1], out_rows)
 

@@ -29,6 +29,7 @@ import warnings
 import torch
 
 from compress.formats import group_quant
+from compress.kernels import nvrtc
 from compress.kernels.cuda_mma_source import SOURCE
 from compress.kernels.mma_layout import UNIT, MmaWeight, pack, shape_ok
 
@@ -82,10 +83,10 @@ def entry_source(name: str) -> str:
         f"  {body}(x, ldx, B, codes, stats, y, ldy, N, U, GROUPS, gshift);\n}}\n")
 
 
-@functools.cache
-def _kernel(name: str, prefix: str = ""):
-    """The compiled entry point `name`; `prefix`: source put first, e.g. another GQ_LOAD (benchmarks)."""
-    return torch.cuda._compile_kernel(prefix + entry_source(name), name)
+def _kernel(name: str, device: int, prefix: str = ""):
+    """The entry point `name` compiled for CUDA device `device`; `prefix`: source put first, e.g. another GQ_LOAD
+    (benchmarks)."""
+    return nvrtc.compile_kernel(prefix + entry_source(name), name, device)
 
 
 @functools.cache
@@ -94,7 +95,7 @@ def available() -> bool:
     if not (torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")) or torch.cuda.get_device_capability()[0] < 8:
         return False
     try:
-        _kernel(kernel_name(torch.bfloat16, 4, 1, Launch()))
+        _kernel(kernel_name(torch.bfloat16, 4, 1, Launch()), torch.cuda.current_device())
     except Exception as error:  # e.g. no CUDA headers for NVRTC
         warnings.warn(f"tensor-core group-quant kernel unavailable: {type(error).__name__}: {str(error)[:300]}", stacklevel=2)
         return False
@@ -147,11 +148,12 @@ def matmul(x: torch.Tensor, packed, launch: Launch | None = None) -> torch.Tenso
     launch.check(view.tiles)
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
     n_tiles = 1 if batch <= 8 else 2
-    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles, launch))
+    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles, launch), nvrtc.device_index(x.device))
     shared = launch.shared_bytes(view.bits)
-    if shared >= 48 * 1024 and kernel._max_shared_mem_bytes < shared:
-        kernel.set_shared_memory_config(shared)
-    kernel(grid=(view.tiles // launch.row_tiles, 1, 1), block=(32 * launch.warps, 1, 1), shared_mem=shared,
-           args=[x2, x2.stride(0), batch, view.codes, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],
-                 (view.group_size // UNIT).bit_length() - 1])
+    with nvrtc.on_device(x.device):
+        if shared >= 48 * 1024 and kernel._max_shared_mem_bytes < shared:
+            kernel.set_shared_memory_config(shared)
+        kernel(grid=(view.tiles // launch.row_tiles, 1, 1), block=(32 * launch.warps, 1, 1), shared_mem=shared,
+               args=[x2, x2.stride(0), batch, view.codes, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],
+                     (view.group_size // UNIT).bit_length() - 1])
     return y.reshape(*x.shape[:-1], rows)

@@ -10,12 +10,10 @@ The dispatcher does not use it until then.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from compress.formats import sparse_quant
-from compress.kernels import cuda_mma
+from compress.kernels import cuda_mma, nvrtc
 from compress.kernels.cuda_mma_source import SOURCE
 from compress.kernels.mma_layout import UNIT
 from compress.kernels.mma_sparse_layout import SparseMmaWeight, pack, shape_ok
@@ -155,9 +153,8 @@ def entry_source(name: str) -> str:
         "(x, ldx, B, codes, positions, stats, y, ldy, N, U, GROUPS, gshift);\n}\n")
 
 
-@functools.cache
-def _kernel(name: str):
-    return torch.cuda._compile_kernel(entry_source(name), name)
+def _kernel(name: str, device: int):
+    return nvrtc.compile_kernel(entry_source(name), name, device)
 
 
 def supported(x: torch.Tensor, packed) -> bool:
@@ -190,8 +187,9 @@ def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | N
     launch = cuda_mma.Launch(row_tiles or chosen.row_tiles, warps or chosen.warps)
     launch.check(view.tiles)
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
-    kernel = _kernel(kernel_name(x.dtype, 1 if batch <= 8 else 2, launch.row_tiles, launch.warps))
-    kernel(grid=(view.tiles // launch.row_tiles, 1, 1), block=(32 * launch.warps, 1, 1),
-           args=[x2, x2.stride(0), batch, view.codes, view.positions, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],
-                 (view.group_size // UNIT).bit_length() - 1])
+    kernel = _kernel(kernel_name(x.dtype, 1 if batch <= 8 else 2, launch.row_tiles, launch.warps), nvrtc.device_index(x.device))
+    with nvrtc.on_device(x.device):
+        kernel(grid=(view.tiles // launch.row_tiles, 1, 1), block=(32 * launch.warps, 1, 1),
+               args=[x2, x2.stride(0), batch, view.codes, view.positions, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],
+                     (view.group_size // UNIT).bit_length() - 1])
     return y.reshape(*x.shape[:-1], rows)

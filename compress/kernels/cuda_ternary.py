@@ -31,7 +31,7 @@ import warnings
 import torch
 
 from compress.formats import ternary_dict
-from compress.kernels import views
+from compress.kernels import nvrtc, views
 from compress.kernels.cuda_source import CONVERSIONS
 
 MAX_NONZEROS = 3  # nonzero weights an entry holds; a codeword with more is flagged (OVERFLOW)
@@ -189,9 +189,8 @@ def unpack_entries(entry: torch.Tensor) -> torch.Tensor:
     return torch.stack([min_mask, max_mask, ((entry >> 18) & 15) * 2, (entry >> 22) & 1], 1).to(torch.int32)
 
 
-@functools.cache
-def _kernel(name: str):
-    return torch.cuda._compile_kernel(SOURCE, name)
+def _kernel(name: str, device: int):
+    return nvrtc.compile_kernel(SOURCE, name, device)
 
 
 @functools.cache
@@ -200,7 +199,7 @@ def available() -> bool:
     if not (torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")):
         return False
     try:
-        _kernel("ternary_bf16_2")
+        _kernel("ternary_bf16_2", torch.cuda.current_device())
     except Exception as error:  # e.g. no CUDA headers for NVRTC: the Triton kernel still works
         warnings.warn(f"QMoE CUDA kernel unavailable, using the Triton kernel: {type(error).__name__}: {str(error)[:300]}", stacklevel=2)
         return False
@@ -253,13 +252,14 @@ def ternary_matmul(x: torch.Tensor, packed: ternary_dict.TernaryDictWeight, warp
         x1 = x1.clone()
     y = torch.empty(rows, dtype=x.dtype, device=device)
     smem = _x_bytes(cols)
-    kernel = _kernel(f"ternary_{DTYPES[x.dtype]}_{per_lane}")
-    if smem >= 48 * 1024 and kernel._max_shared_mem_bytes < smem:
-        kernel.set_shared_memory_config(smem)
+    kernel = _kernel(f"ternary_{DTYPES[x.dtype]}_{per_lane}", nvrtc.device_index(device))
     # about one wave of blocks (up to 64 warps a multiprocessor; 40 fit at 44 registers a thread, and an exact one-wave
     # grid timed no faster), each warp walking rows until they are done: x is copied once a block
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     blocks = min(-(-rows // warps), sms * max(1, 64 // warps))
     if rows:
-        kernel(grid=(blocks, 1, 1), block=(32 * warps, 1, 1), shared_mem=smem, args=[x1, codes, offsets, minmax, entries, masks, y, rows, cols])
+        with nvrtc.on_device(device):
+            if smem >= 48 * 1024 and kernel._max_shared_mem_bytes < smem:
+                kernel.set_shared_memory_config(smem)
+            kernel(grid=(blocks, 1, 1), block=(32 * warps, 1, 1), shared_mem=smem, args=[x1, codes, offsets, minmax, entries, masks, y, rows, cols])
     return y.reshape(*x.shape[:-1], rows)
