@@ -196,6 +196,7 @@ def kernel_name(dtype: torch.dtype, bits: int, integer_zero: bool, rows: int, te
     return f"gq_{DTYPES[dtype]}_{bits}_{'z' if integer_zero else 'f'}_r{rows}_g{team}"
 
 
+@functools.cache
 def _kernel(name: str, device: int, prefix: str = ""):
     """Compile SOURCE with one entry point, `name` (kernel_name's fields: one template instance a compile); `prefix`:
     source put first, e.g. "#define GQ_READ_ONLY" (benchmarks)."""

@@ -83,6 +83,7 @@ def entry_source(name: str) -> str:
         f"  {body}(x, ldx, B, codes, stats, y, ldy, N, U, GROUPS, gshift);\n}}\n")
 
 
+@functools.cache
 def _kernel(name: str, device: int, prefix: str = ""):
     """The entry point `name` compiled for CUDA device `device`; `prefix`: source put first, e.g. another GQ_LOAD
     (benchmarks)."""

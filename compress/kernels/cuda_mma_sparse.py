@@ -10,6 +10,8 @@ The dispatcher does not use it until then.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from compress.formats import sparse_quant
@@ -153,6 +155,7 @@ def entry_source(name: str) -> str:
         "(x, ldx, B, codes, positions, stats, y, ldy, N, U, GROUPS, gshift);\n}\n")
 
 
+@functools.cache
 def _kernel(name: str, device: int):
     return nvrtc.compile_kernel(entry_source(name), name, device)
 

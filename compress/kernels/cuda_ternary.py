@@ -189,6 +189,7 @@ def unpack_entries(entry: torch.Tensor) -> torch.Tensor:
     return torch.stack([min_mask, max_mask, ((entry >> 18) & 15) * 2, (entry >> 22) & 1], 1).to(torch.int32)
 
 
+@functools.cache
 def _kernel(name: str, device: int):
     return nvrtc.compile_kernel(SOURCE, name, device)
 

@@ -5,14 +5,13 @@ that device current."""
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
 
-@functools.cache
 def compile_kernel(source: str, name: str, device_index: int):
-    """`name` from `source`, compiled for and loaded on CUDA device `device_index`."""
+    """`name` from `source`, compiled for and loaded on CUDA device `device_index` (callers cache the result by name and
+    device)."""
     with torch.cuda.device(device_index):
         return torch.cuda._compile_kernel(source, name)
 
