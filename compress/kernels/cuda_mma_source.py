@@ -35,6 +35,29 @@ template <bool BF16> __device__ __forceinline__ void mma(float* c, const unsigne
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+template <int A, int B> __device__ __forceinline__ void zero(float (&v)[A][B][4]) {
+#pragma unroll
+  for (int a = 0; a < A; a++)
+#pragma unroll
+    for (int b = 0; b < B; b++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) v[a][b][i] = 0.f;
+}
+
+// acc += the group's scales x its fp32 sums (rows g: elements 0, 1; rows g + 8: elements 2, 3); `scales`: the float16
+// scales of rows g (low half) and g + 8
+template <int NB>
+__device__ __forceinline__ void add_scaled(float (&acc)[NB][4], const float (&sums)[NB][4], unsigned scales) {
+  const float s_lo = to_float_f16((unsigned short)(scales & 0xffffu)), s_hi = to_float_f16((unsigned short)(scales >> 16));
+#pragma unroll
+  for (int nb = 0; nb < NB; nb++) {
+    acc[nb][0] = fmaf(s_lo, sums[nb][0], acc[nb][0]);
+    acc[nb][1] = fmaf(s_lo, sums[nb][1], acc[nb][1]);
+    acc[nb][2] = fmaf(s_hi, sums[nb][2], acc[nb][2]);
+    acc[nb][3] = fmaf(s_hi, sums[nb][3], acc[nb][3]);
+  }
+}
+
 // One unit (128 columns) of the block's RT row tiles: their code chunks and statistics
 template <int CH, int RT>
 __device__ __forceinline__ void load_codes(uint4 (&w)[RT][CH], uint2 (&s)[RT], const uint4* __restrict__ codes,
@@ -72,11 +95,8 @@ __device__ __forceinline__ void unit_dot(float (&acc)[RT][NB][4], const uint4 (&
   for (int r = 0; r < RT; r++) {
     // -(M + zero) for rows g (A registers 0, 2) and g + 8 (registers 1, 3), both halves
     const unsigned neg[2] = {__byte_perm(s[r].y, 0u, 0x4040) | NEG, __byte_perm(s[r].y, 0u, 0x4141) | NEG};
-    float part_sum[NB][4];
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-      for (int i = 0; i < 4; i++) part_sum[nb][i] = 0.f;
+    float part_sum[1][NB][4];
+    zero(part_sum);
 #pragma unroll
     for (int j = 0; j < 8; j++) {  // the unit's 8 k-tiles of 16 columns
       const int wi = j / T, h = j % T;
@@ -88,18 +108,10 @@ __device__ __forceinline__ void unit_dot(float (&acc)[RT][NB][4], const uint4 (&
 #pragma unroll
       for (int nb = 0; nb < NB; nb++) {
         const uint4 xq = xv[nb][j / 2];
-        mma<BF16>(part_sum[nb], a, j & 1 ? xq.z : xq.x, j & 1 ? xq.w : xq.y);
+        mma<BF16>(part_sum[0][nb], a, j & 1 ? xq.z : xq.x, j & 1 ? xq.w : xq.y);
       }
     }
-    const float s_lo = to_float_f16((unsigned short)(s[r].x & 0xffffu));
-    const float s_hi = to_float_f16((unsigned short)(s[r].x >> 16));
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++) {
-      acc[r][nb][0] = fmaf(s_lo, part_sum[nb][0], acc[r][nb][0]);
-      acc[r][nb][1] = fmaf(s_lo, part_sum[nb][1], acc[r][nb][1]);
-      acc[r][nb][2] = fmaf(s_hi, part_sum[nb][2], acc[r][nb][2]);
-      acc[r][nb][3] = fmaf(s_hi, part_sum[nb][3], acc[r][nb][3]);
-    }
+    add_scaled<NB>(acc[r], part_sum[0], s[r].x);
   }
 }
 
@@ -136,12 +148,7 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tile0 = blockIdx.x * RT;
   const int u0 = warp * U / W, u1 = (warp + 1) * U / W;
   float acc[RT][NB][4];
-#pragma unroll
-  for (int r = 0; r < RT; r++)
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-      for (int i = 0; i < 4; i++) acc[r][nb][i] = 0.f;
+  zero(acc);
   // a ring of S register buffers: unit u's code loads are issued S - 1 units ahead of its decode (the ring unrolled,
   // so every buffer index is a constant: no register copies); its activations with them (XA) or just before use
   uint4 w[S][RT][CH], xr[XA ? S : 1][NB][4];
@@ -237,12 +244,7 @@ __device__ __forceinline__ void gq_mma_async(const unsigned short* __restrict__ 
   const unsigned char* ring = rings + warp * S * STAGE;
   const unsigned ring_address = shared_address(ring);
   float acc[RT][NB][4];
-#pragma unroll
-  for (int r = 0; r < RT; r++)
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-      for (int i = 0; i < 4; i++) acc[r][nb][i] = 0.f;
+  zero(acc);
 #pragma unroll
   for (int i = 0; i < S - 1; i++) {
     if (u0 + i < u1) copy_codes<CH, RT>(ring_address + i * STAGE, codes, stats, tile0, u0 + i, U, GROUPS, gshift, lane);

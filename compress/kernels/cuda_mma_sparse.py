@@ -67,14 +67,11 @@ __device__ __forceinline__ void unit_dot_sp(float (&acc)[RT][NB][4], const uint4
   const bool odd = lane & 1;
   unsigned neg[RT][2];
   float part_sum[RT][NB][4];
+  zero(part_sum);
 #pragma unroll
   for (int r = 0; r < RT; r++) {
     neg[r][0] = __byte_perm(s[r].y, 0u, 0x4040) | NEG;
     neg[r][1] = __byte_perm(s[r].y, 0u, 0x4141) | NEG;
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-      for (int i = 0; i < 4; i++) part_sum[r][nb][i] = 0.f;
   }
 #pragma unroll
   for (int j = 0; j < 4; j++) {
@@ -101,16 +98,7 @@ __device__ __forceinline__ void unit_dot_sp(float (&acc)[RT][NB][4], const uint4
     }
   }
 #pragma unroll
-  for (int r = 0; r < RT; r++) {
-    const float s_lo = to_float_f16((unsigned short)(s[r].x & 0xffffu)), s_hi = to_float_f16((unsigned short)(s[r].x >> 16));
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++) {
-      acc[r][nb][0] = fmaf(s_lo, part_sum[r][nb][0], acc[r][nb][0]);
-      acc[r][nb][1] = fmaf(s_lo, part_sum[r][nb][1], acc[r][nb][1]);
-      acc[r][nb][2] = fmaf(s_hi, part_sum[r][nb][2], acc[r][nb][2]);
-      acc[r][nb][3] = fmaf(s_hi, part_sum[r][nb][3], acc[r][nb][3]);
-    }
-  }
+  for (int r = 0; r < RT; r++) add_scaled<NB>(acc[r], part_sum[r], s[r].x);
 }
 
 template <bool BF16, int NB, int RT, int W>
@@ -121,12 +109,7 @@ __device__ __forceinline__ void gq_mma_sp(const unsigned short* __restrict__ x, 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tile0 = blockIdx.x * RT;
   const int u0 = warp * U / W, u1 = (warp + 1) * U / W;
   float acc[RT][NB][4];
-#pragma unroll
-  for (int r = 0; r < RT; r++)
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-      for (int i = 0; i < 4; i++) acc[r][nb][i] = 0.f;
+  zero(acc);
   uint4 w0[RT], m0[RT], x0[NB][4], w1[RT], m1[RT], x1[NB][4];  // ping-pong: each unit loaded one unit ahead
   uint2 s0[RT], s1[RT];
   if (u0 < u1) load_unit_sp<NB, RT>(w0, m0, s0, x0, codes, positions, stats, x, ldx, B, tile0, u0, U, GROUPS, gshift, lane);
