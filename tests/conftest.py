@@ -104,6 +104,24 @@ def make_group_quant(rows: int, cols: int, bits: int, group_size: int, zero_kind
     return group_quant.pack(codes, scale, zero, bits, group_size, zero_kind)
 
 
+def make_sparse_quant(rows: int, cols: int, bits: int, group_size: int, n: int = 2, m: int = 4, zero_kind: str = "integer", seed: int = 0,
+                      pattern: str | None = None):
+    """A random N:M (or `pattern`, e.g. "unstructured") sparse, group-quantized weight: N of every M columns kept
+    at random, uniform codes, fp16-exact statistics (integer or float16 zero points)."""
+    from compress.formats import sparse_quant
+
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-cols // group_size)
+    mask = (torch.rand(rows, cols // m, m, generator=g).argsort(-1) < n).reshape(rows, cols)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
+    scale = (torch.rand(rows, groups, generator=g) * 0.1 + 0.01).half().float()
+    if zero_kind == "integer":
+        zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
+    else:
+        zero = (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float()
+    return sparse_quant.pack(mask, codes, scale, zero, bits, group_size, pattern or f"{n}:{m}", zero_kind)
+
+
 def exported_tensors(out: Path) -> dict[str, torch.Tensor]:
     """The weights an output's packed model computes with, dense (packed targets unpacked)."""
     from compress.deploy.packed_model import dense_tensors

@@ -4,6 +4,7 @@ equals the format's reference, and the layouts it refuses; on a GPU the kernel a
 
 import pytest
 import torch
+from conftest import make_sparse_quant
 
 from compress.formats import sparse_quant
 from compress.kernels import cuda_mma, cuda_mma_sparse, mma_sparse_layout
@@ -11,23 +12,13 @@ from compress.kernels import cuda_mma, cuda_mma_sparse, mma_sparse_layout
 CUDA = torch.cuda.is_available() and cuda_mma.available()
 
 
-def make_sparse_quant(rows: int, cols: int, group: int, bits: int = 4, zero_kind: str = "integer", seed: int = 0,
-                      pattern: str = "2:4", device: str = "cpu"):
-    """A random 2:4 sparse, group-quantized weight: uniform codes, a random 2-of-4 mask, fp16-exact statistics."""
-    g = torch.Generator().manual_seed(seed)
-    groups = -(-cols // group)
-    codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
-    scale = (torch.rand(rows, groups, generator=g) * 0.1 + 0.01).half().float()
-    zero = (torch.randint(0, 2**bits, (rows, groups), generator=g).float() if zero_kind == "integer"
-            else (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float())
-    mask = (torch.rand(rows, cols // 4, 4, generator=g).argsort(-1) < 2).reshape(rows, cols)
-    packed = sparse_quant.pack(mask, codes, scale, zero, bits, group, pattern, zero_kind=zero_kind)
+def on(packed, device: str):
     return type(packed)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
 
 
 @pytest.mark.parametrize(("rows", "cols", "group"), [(16, 128, 128), (37, 512, 128), (70, 1024, 256), (5, 256, 256)])
 def test_layout_decodes_to_the_weight(rows, cols, group):
-    packed = make_sparse_quant(rows, cols, group, seed=rows)
+    packed = make_sparse_quant(rows, cols, 4, group, seed=rows)
     view = mma_sparse_layout.pack(packed)
     assert torch.equal(mma_sparse_layout.dense(view), sparse_quant.unpack(packed))
 
@@ -38,7 +29,7 @@ def test_every_instruction_chunk_is_one_group_and_positions_ascend():
     chunks = torch.arange(8).repeat(4)
     instructions = torch.arange(4).repeat_interleave(8)
     assert sorted(mma_sparse_layout._chunk_group(chunks, instructions).tolist()) == list(range(32))
-    view = mma_sparse_layout.pack(make_sparse_quant(32, 256, 128, seed=9))
+    view = mma_sparse_layout.pack(make_sparse_quant(32, 256, 4, 128, seed=9))
     meta = view.positions.long() & 0xFFFFFFFF
     for row_half in range(2):
         for k in range(4):
@@ -52,7 +43,7 @@ def test_every_instruction_chunk_is_one_group_and_positions_ascend():
     (3, 128, "integer", "2:4", False), (4, 64, "integer", "2:4", False), (4, 128, "float16", "2:4", False),
     (4, 128, "integer", "unstructured", False)])
 def test_layouts_it_takes(bits, group, zero_kind, pattern, ok):
-    packed = make_sparse_quant(4, 512, group, bits, zero_kind, pattern=pattern)
+    packed = make_sparse_quant(4, 512, bits, group, zero_kind=zero_kind, pattern=pattern)
     assert mma_sparse_layout.shape_ok(packed) is ok
     assert not cuda_mma_sparse.supported(torch.randn(1, 512, dtype=torch.bfloat16), packed)  # CPU input
     if not ok:
@@ -64,7 +55,7 @@ def test_layouts_it_takes(bits, group, zero_kind, pattern, ok):
 @pytest.mark.parametrize(("rows", "cols", "group"), [(37, 1024, 128), (300, 4096, 128), (70, 512, 256), (1, 128, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_equals_reference(rows, cols, group, dtype):
-    packed = make_sparse_quant(rows, cols, group, seed=rows + cols, device="cuda")
+    packed = on(make_sparse_quant(rows, cols, 4, group, seed=rows + cols), "cuda")
     for batch in (1, 3, 8, 9, 16):
         x = torch.randn(batch, cols, device="cuda", dtype=dtype)
         assert cuda_mma_sparse.supported(x, packed)
@@ -76,7 +67,7 @@ def test_cuda_equals_reference(rows, cols, group, dtype):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
 def test_cuda_graph_capture():
-    packed = make_sparse_quant(256, 4096, 128, seed=1, device="cuda")
+    packed = on(make_sparse_quant(256, 4096, 4, 128, seed=1), "cuda")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     eager = cuda_mma_sparse.matmul(x, packed)
     graph = torch.cuda.CUDAGraph()

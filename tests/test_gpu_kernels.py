@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_group_quant
+from conftest import make_group_quant, make_sparse_quant
 
 from compress.formats import group_quant, nm, sparse_quant
 
@@ -38,19 +38,6 @@ def make_nm(rows, cols, n, m, dtype=torch.bfloat16, seed=0):
     mask = nm_mask(rows, cols, n, m, g)
     weight = (torch.randn(rows, cols, generator=g).to(dtype).float()) * mask
     return nm.pack(weight, mask, n, m, dtype)
-
-
-def make_sparse_quant(rows, cols, bits, group_size, n=2, m=4, zero_kind="integer", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    groups = -(-cols // group_size)
-    mask = nm_mask(rows, cols, n, m, g)
-    codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
-    scale = (torch.rand(rows, groups, generator=g) * 0.1 + 0.01).half().float()
-    if zero_kind == "integer":
-        zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
-    else:
-        zero = (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float()
-    return sparse_quant.pack(mask, codes, scale, zero, bits, group_size, f"{n}:{m}", zero_kind)
 
 
 REFERENCE = {group_quant.GroupQuantWeight: group_quant.reference_matmul, nm.NMWeight: nm.reference_matmul,
