@@ -35,16 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu_decode
 import gpu_peers
 
-from compress.formats import group_quant, lut, nm, sparse_quant, spqr
+from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
 from compress.formats.quantized import Outliers, QuantizedWeight
 from compress.formats.words import tensor_bytes
-from compress.kernels import cuda_mma, dispatch, extras_view, views
+from compress.kernels import cuda_mma, dispatch, extras_view, triton_bitmap, views
 from compress.kernels import triton_config as tc
 from compress.kernels import triton_gemv as tg
 from compress.kernels import triton_kernels as tk
 
 FORMATS = ("int4_g128", "int3_g128", "int3_g128@widened", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128", "2:4+int4_g128@splitk",
-           "spqr3_g16", "lut3")
+           "spqr3_g16", "lut3", "bitmap70_bf16")
 VIEW_FORMATS = ("spqr3_g16", "lut3")  # through their kernel views (extras_view.py), timed as a module calls them: dispatch.device_matmul
 FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: that kernel at batch 1 (not yet the default)
 # FORMAT@widened: the 3-bit codes read as 4-bit words (views.widen, what dispatch gives a module); bytes: the widened form's
@@ -70,6 +70,9 @@ def make(fmt: str, rows: int, cols: int, device: str):
         packed = lut.from_quantized(quantized)
     elif fmt.startswith("int"):
         packed = group_quant.pack(codes, scale, zero, bits, 128)
+    elif fmt.startswith("bitmap"):  # bitmap{sparsity %}_bf16: that share of weights pruned at random
+        keep = torch.rand(rows, cols, generator=g) >= int(fmt[len("bitmap"):].split("_")[0]) / 100
+        packed = bitmap.pack(torch.randn(rows, cols, generator=g).bfloat16().float() * keep, keep, torch.bfloat16)
     elif fmt.startswith("nm"):
         packed = nm.pack(torch.randn(rows, cols, generator=g).bfloat16().float() * mask, mask, 2, 4, torch.bfloat16)
     else:
@@ -78,14 +81,15 @@ def make(fmt: str, rows: int, cols: int, device: str):
 
 
 def unpack(packed) -> torch.Tensor:
-    return {group_quant.GroupQuantWeight: group_quant.unpack, nm.NMWeight: nm.unpack, sparse_quant.SparseQuantWeight: sparse_quant.unpack,
-            spqr.SpQRWeight: spqr.unpack, lut.LUTWeight: lut.unpack}[type(packed)](packed)
+    return {group_quant.GroupQuantWeight: group_quant.unpack, nm.NMWeight: nm.unpack, bitmap.BitmapWeight: bitmap.unpack,
+            sparse_quant.SparseQuantWeight: sparse_quant.unpack, spqr.SpQRWeight: spqr.unpack, lut.LUTWeight: lut.unpack}[type(packed)](packed)
 
 
 def op_for(packed):
     """What a module calls for this weight: the dispatcher's choice for group-quant weights (the tensor-core kernel at
     batch 1-16 of 16-bit activations, else Triton) and the view path of SpQR / LUT weights, else the Triton kernel."""
-    return dispatch.device_matmul if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight, group_quant.GroupQuantWeight)) else tk.packed_matmul
+    return dispatch.device_matmul if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight, group_quant.GroupQuantWeight, bitmap.BitmapWeight)) \
+        else tk.packed_matmul
 
 
 def kernel_name(packed, batch: int) -> str:
@@ -232,7 +236,7 @@ def weight_copies(fmt: str, rows: int, cols: int, checked: bool, batches=()):
     packed = make(fmt, rows, cols, "cuda")
     op = op_for(packed)
     if checked:
-        if not isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
+        if tk.supports(packed):
             precompile([(torch.randn(b, cols, device="cuda", dtype=dt), None) for b in {*batches, 1, 4, 16}
                         for dt in (torch.bfloat16, torch.float32)], packed)
         bound = 2e-3 if isinstance(packed, spqr.SpQRWeight) else 1e-4  # SpQR's view rounds second-level statistics to fp16
@@ -245,6 +249,8 @@ def weight_copies(fmt: str, rows: int, cols: int, checked: bool, batches=()):
             extras_view.cached(copy)
         elif cuda_mma.shape_ok(copy):
             cuda_mma.view_of(copy)
+        elif isinstance(copy, bitmap.BitmapWeight):
+            triton_bitmap.view_of(copy)
     return copies, nbytes
 
 
@@ -301,7 +307,7 @@ def precompile(calls: list, packed) -> None:
 
 def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep: bool) -> None:
     fmt, _, forced = fmt.partition("@")
-    if (forced or fmt in VIEW_FORMATS) and sweep:
+    if (forced or fmt in VIEW_FORMATS or fmt.startswith("bitmap")) and sweep:
         return  # the sweep's grid holds the forced kernel already; the views' kernels are swept as their own formats
     copies, nbytes = weight_copies(fmt, rows, cols, not sweep, batches)
     if forced == "widened":
@@ -316,7 +322,7 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
         xs = [torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         arg_list = [(xs[i % 4], p) for i, p in enumerate(copies)]
         kernel_weight = extras_view.cached(copies[0]).dense if fmt in VIEW_FORMATS else copies[0]  # the view's grid: its kernel
-        default = tc.default_config(batch, kernel_weight, torch.device("cuda"))
+        default = tc.default_config(batch, kernel_weight, torch.device("cuda")) if tk.supports(kernel_weight) else "triton_bitmap"
         dense = peers["dense_bf16"][batch]
         best_peer = min(t[batch] for t in peers.values() if batch in t)
         total = nbytes + 2 * batch * (rows + cols)

@@ -1,4 +1,5 @@
-"""The bitmap (unstructured sparse) GPU kernel (compress/kernels/triton_bitmap.py) against the format's reference:
+"""The bitmap (unstructured sparse) GPU kernel (compress/kernels/triton_bitmap.py), for bitmap values and unstructured
+sparse_quant codes, against the formats' references:
 under Triton's interpreter on CPU tensors without a GPU (odd shapes, partial words and blocks, empty rows, every
 sparsity from none kept to all kept, batches 1-5 and the dense prefill path), and on CUDA where it exists (the
 dispatcher's choice, a CUDA-graph capture)."""
@@ -9,8 +10,9 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import make_sparse_quant
 
-from compress.formats import bitmap
+from compress.formats import bitmap, sparse_quant
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed: the GPU kernels cannot be tested", allow_module_level=True)
@@ -43,6 +45,17 @@ def test_equals_reference(rows, cols, keep, batch):
         got = triton_bitmap.matmul(x, packed)
         assert got.dtype == dtype and got.shape == (batch, rows)
         assert relative_error(got, bitmap.reference_matmul(x, packed)) < bound, (dtype, keep)
+
+
+@pytest.mark.parametrize(("rows", "cols", "bits", "group", "zero_kind", "batch"), [
+    (37, 1000, 4, 128, "integer", 1), (9, 600, 3, 64, "float16", 3), (5, 256, 2, 32, "integer", 5), (6, 300, 8, 100, "integer", 2)])
+def test_sparse_quant_codes_equal_reference(rows, cols, bits, group, zero_kind, batch):
+    # 3 of every 4 columns kept at random, stored unstructured: a row's codes start at a word boundary
+    packed = make_sparse_quant(rows, cols, bits, group, n=3, m=4, zero_kind=zero_kind, pattern="unstructured", seed=rows)
+    packed = type(packed)(**{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
+    x = torch.randn(batch, cols, device=DEVICE)
+    assert relative_error(triton_bitmap.matmul(x, packed), sparse_quant.reference_matmul(x, packed)) < 1e-5
+    assert triton_bitmap.supports(packed) and not triton_bitmap.supports(make_sparse_quant(4, 64, 4, 32))  # N:M: triton_kernels.py
 
 
 def test_nothing_kept_and_prefill():

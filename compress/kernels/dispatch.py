@@ -2,14 +2,14 @@
 
 CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton kernels (triton_kernels.py); group_quant
 weights with 2-4-bit codes and integer zero points, at batch 1 to 16 of bf16/fp16 activations, to the tensor-core
-kernel of cuda_mma.py instead (COMPRESS_GPU_KERNEL=triton keeps them on Triton). Bitmap weights go to triton_bitmap.py;
-SpQR and LUT weights without a keep mask to the Triton kernels through their views (extras_view.py; 3-bit codes read
-as 4-bit words, views.py); ternary_dict weights to triton_ternary.py (at batch 1 to the CUDA kernel of cuda_ternary.py
-where it is the faster: COMPRESS_GPU_KERNEL=triton keeps them on Triton). All are imported on first use only, so
-`import compress` and every CPU path stay free of Triton; every other format or device, and every device when Triton
-is missing, takes the format's plain-torch reference_matmul. COMPRESS_GPU_KERNEL=torch forces the reference
-(COMPRESS_GPU_KERNEL=triton makes a missing Triton an error instead of a silent fallback). CPU tensors never come
-here: cpu.py keeps its own paths."""
+kernel of cuda_mma.py instead (COMPRESS_GPU_KERNEL=triton keeps them on Triton). Bitmap weights and unstructured
+sparse_quant ones go to triton_bitmap.py; SpQR and LUT weights without a keep mask to the Triton kernels through their
+views (extras_view.py; 3-bit codes read as 4-bit words, views.py); ternary_dict weights to triton_ternary.py (at
+batch 1 to the CUDA kernel of cuda_ternary.py where it is the faster: COMPRESS_GPU_KERNEL=triton keeps them on
+Triton). All are imported on first use only, so `import compress` and every CPU path stay free of Triton; every other
+format or device, and every device when Triton is missing, takes the format's plain-torch reference_matmul.
+COMPRESS_GPU_KERNEL=torch forces the reference (COMPRESS_GPU_KERNEL=triton makes a missing Triton an error instead of
+a silent fallback). CPU tensors never come here: cpu.py keeps its own paths."""
 
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ def _cuda_mma():
     return cuda_mma
 
 
+def _bitmask_layout(packed) -> bool:
+    """Bitmap weights and unstructured sparse_quant ones: triton_bitmap.py's kernel."""
+    return isinstance(packed, bitmap.BitmapWeight) or (isinstance(packed, sparse_quant.SparseQuantWeight) and packed.bitmask is not None)
+
+
 def _choice() -> str:
     choice = os.environ.get(ENV, "auto").lower() or "auto"
     if choice not in CHOICES:
@@ -77,7 +82,7 @@ def kernel_for(x: torch.Tensor, packed) -> str:
         if choice == "triton":
             raise RuntimeError(f"{ENV}=triton but Triton is not installed")
         return "torch"
-    if isinstance(packed, (ternary_dict.TernaryDictWeight, bitmap.BitmapWeight)):
+    if isinstance(packed, ternary_dict.TernaryDictWeight) or _bitmask_layout(packed):
         return "triton"
     if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
         from compress.kernels import extras_view
@@ -96,7 +101,7 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
             if _choice() == "auto" and _cuda_ternary().preferred(x, packed):
                 return _cuda_ternary().ternary_matmul(x, packed)
             return _triton_ternary().ternary_dict_matmul(x, packed, table)
-        if isinstance(packed, bitmap.BitmapWeight):
+        if _bitmask_layout(packed):
             from compress.kernels import triton_bitmap
 
             return triton_bitmap.matmul(x, packed)
