@@ -186,7 +186,11 @@ def compress_target(weight: torch.Tensor, form: str):
     from compress.methods.sparsity import prune_mask
 
     weight = weight.float()
-    mask = prune_mask(weight.abs(), 0.5, "2:4") if form.startswith("2:4") else None
+    mask = None
+    if form.startswith("2:4"):
+        mask = prune_mask(weight.abs(), 0.5, "2:4")
+    elif form.startswith("unstructured"):  # unstructured{sparsity %}[+int4_g128]: magnitude, that share pruned
+        mask = prune_mask(weight.abs(), int(form[len("unstructured"):].split("+")[0]) / 100, "unstructured")
     if mask is not None:
         weight = weight * mask
     if "int4" not in form:
