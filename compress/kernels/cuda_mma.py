@@ -129,7 +129,8 @@ def view_of(packed: group_quant.GroupQuantWeight) -> MmaWeight:
     """The cached re-packed form of a weight (3-bit codes through their 4-bit widened view)."""
     from compress.kernels import views
 
-    return views.cached(packed.codes, "mma", lambda: pack(views.kernel_form(packed)))
+    # 3-bit codes widened for the packing only: the Triton kernels cache their own widened view when they need it
+    return views.cached(packed.codes, "mma", lambda: pack(views.widen(packed) if packed.bits == 3 else packed))
 
 
 def matmul(x: torch.Tensor, packed, launch: Launch | None = None) -> torch.Tensor:
