@@ -76,3 +76,24 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, eager)
+
+
+def test_activation_exchange_gives_each_lane_its_b_fragment():
+    # The kernel's activation loads and pair exchange (load_unit_sp, unit_dot_sp), replayed per lane, must put in B
+    # register i of lane (g, t) the activations of mma k = 2t + 8i, +1 (the instruction's B layout), and those k must
+    # be the columns the layout gave instruction j's chunks (chunk k // 4 -> the unit's group, position k % 4).
+    x = torch.arange(128)  # column numbers of one unit stand in for the activations
+    for j in range(4):
+        loaded = {}
+        for t in range(4):  # lane (g, t): pair P = t >> 1 reads columns P * 64 + j * 16 + (t & 1) * 8 .. + 7 as 4 words
+            base = (t >> 1) * 64 + j * 16 + (t & 1) * 8
+            loaded[t] = [(int(x[base + 2 * w]), int(x[base + 2 * w + 1])) for w in range(4)]
+        sent = {t: (loaded[t][0], loaded[t][2]) if t & 1 else (loaded[t][1], loaded[t][3]) for t in range(4)}  # (odd ? x : y), (odd ? z : w)
+        for t in range(4):
+            mine, (v1, v2) = loaded[t], sent[t ^ 1]  # the partner's words arrive by the xor-1 shuffle
+            b = [v1, v2, mine[1], mine[3]] if t & 1 else [mine[0], mine[2], v1, v2]
+            for i in range(4):
+                k = 2 * t + 8 * i
+                chunk, position = k // 4, k % 4
+                group = int(mma_sparse_layout._chunk_group(torch.tensor(chunk), torch.tensor(j)))
+                assert b[i] == (4 * group + position, 4 * group + position + 1), (j, t, i)
