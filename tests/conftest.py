@@ -94,14 +94,16 @@ def make_group_quant(rows: int, cols: int, bits: int, group_size: int, zero_kind
     from compress.formats import group_quant
 
     g = torch.Generator().manual_seed(seed)
-    groups = -(-cols // group_size)
     codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
+    return group_quant.pack(codes, *_random_statistics(g, rows, -(-cols // group_size), bits, zero_kind), bits, group_size, zero_kind)
+
+
+def _random_statistics(g: torch.Generator, rows: int, groups: int, bits: int, zero_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16-exact scales and zero points [rows, groups]: integers in [0, 2^bits) or float16 values in that range."""
     scale = (torch.rand(rows, groups, generator=g) * 0.1 + 0.01).half().float()
     if zero_kind == "integer":
-        zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
-    else:
-        zero = (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float()
-    return group_quant.pack(codes, scale, zero, bits, group_size, zero_kind)
+        return scale, torch.randint(0, 2**bits, (rows, groups), generator=g).float()
+    return scale, (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float()
 
 
 def make_sparse_quant(rows: int, cols: int, bits: int, group_size: int, n: int = 2, m: int = 4, zero_kind: str = "integer", seed: int = 0,
@@ -111,15 +113,25 @@ def make_sparse_quant(rows: int, cols: int, bits: int, group_size: int, n: int =
     from compress.formats import sparse_quant
 
     g = torch.Generator().manual_seed(seed)
-    groups = -(-cols // group_size)
     mask = (torch.rand(rows, cols // m, m, generator=g).argsort(-1) < n).reshape(rows, cols)
     codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
-    scale = (torch.rand(rows, groups, generator=g) * 0.1 + 0.01).half().float()
-    if zero_kind == "integer":
-        zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
-    else:
-        zero = (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float()
+    scale, zero = _random_statistics(g, rows, -(-cols // group_size), bits, zero_kind)
     return sparse_quant.pack(mask, codes, scale, zero, bits, group_size, pattern or f"{n}:{m}", zero_kind)
+
+
+def on_device(packed, device: str):
+    """The same packed weight with its tensors on `device`."""
+    return type(packed)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
+
+
+def graph_replay(call):
+    """call()'s output when captured in a CUDA graph and replayed once (the tensor the graph wrote)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
 
 
 def exported_tensors(out: Path) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ words and groups, both zero-point kinds, every rows-a-warp and team size."""
 
 import pytest
 import torch
-from conftest import make_group_quant
+from conftest import graph_replay, make_group_quant, on_device
 
 from compress.formats import group_quant
 from compress.kernels import cuda_gemv
@@ -14,7 +14,7 @@ CUDA = torch.cuda.is_available() and cuda_gemv.available()
 
 def random_weight(rows: int, cols: int, bits: int, group: int, zero_kind: str = "integer", seed: int = 0, device: str = "cpu"):
     packed = make_group_quant(rows, cols, bits, group, zero_kind, seed)
-    return type(packed)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
+    return on_device(packed, device)
 
 
 @pytest.mark.parametrize(("cols", "bits", "group", "ok"), [
@@ -54,9 +54,4 @@ def test_cuda_graph_capture():
     packed = random_weight(256, 4096, 4, 128, device="cuda")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     eager = cuda_gemv.group_quant_matmul(x, packed)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = cuda_gemv.group_quant_matmul(x, packed)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, eager)
+    assert torch.equal(graph_replay(lambda: cuda_gemv.group_quant_matmul(x, packed)), eager)

@@ -5,7 +5,7 @@ activation dtypes, CUDA-graph capture, and the dispatcher choosing it."""
 
 import pytest
 import torch
-from conftest import make_group_quant
+from conftest import graph_replay, make_group_quant, on_device
 
 from compress.formats import group_quant
 from compress.kernels import cuda_mma, dispatch, mma_layout
@@ -15,10 +15,6 @@ CUDA = torch.cuda.is_available() and cuda_mma.available()
 LAUNCHES = [cuda_mma.Launch(r, w, s, a) for r, w, s, a in ((1, 1, 2, True), (1, 2, 1, False), (1, 8, 4, False), (2, 4, 2, True),
                                                           (2, 16, 3, False), (2, 8, 2, False), (2, 1, 3, True))]
 LAUNCHES += [cuda_mma.Launch(r, w, s, True, async_copy=True) for r, w, s in ((1, 1, 2), (2, 4, 4), (2, 16, 3), (1, 8, 3))]
-
-
-def on(packed, device: str):
-    return type(packed)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
 
 
 @pytest.mark.parametrize(("rows", "cols", "bits", "group"), [(37, 1024, 4, 128), (16, 128, 4, 128), (70, 512, 2, 256),
@@ -76,7 +72,7 @@ def test_cpu_inputs_are_refused():
                                                              (1, 128, 4, 128), (129, 640, 3, 128), (64, 4096, 2, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_equals_reference(rows, cols, bits, group, dtype):
-    packed = on(make_group_quant(rows, cols, bits, group, seed=rows + cols), "cuda")
+    packed = on_device(make_group_quant(rows, cols, bits, group, seed=rows + cols), "cuda")
     for batch in (1, 3, 8, 9, 16):
         x = torch.randn(batch, cols, device="cuda", dtype=dtype)
         assert cuda_mma.supported(x, packed)
@@ -90,7 +86,7 @@ def test_cuda_equals_reference(rows, cols, bits, group, dtype):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
 def test_strided_and_3d_inputs():
-    packed = on(make_group_quant(48, 512, 4, 128, seed=5), "cuda")
+    packed = on_device(make_group_quant(48, 512, 4, 128, seed=5), "cuda")
     x = torch.randn(2, 3, 1024, device="cuda", dtype=torch.bfloat16)[..., ::2]  # not contiguous
     ref = group_quant.reference_matmul(x.float().reshape(6, 512), packed).reshape(2, 3, 48)
     got = cuda_mma.matmul(x, packed)
@@ -99,13 +95,8 @@ def test_strided_and_3d_inputs():
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
 def test_cuda_graph_capture_and_dispatch():
-    packed = on(make_group_quant(256, 4096, 4, 128, seed=1), "cuda")
+    packed = on_device(make_group_quant(256, 4096, 4, 128, seed=1), "cuda")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     eager = dispatch.device_matmul(x, packed)
     assert torch.equal(eager, cuda_mma.matmul(x, packed))  # batch 1 bf16 int4 g128: the tensor-core kernel
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = dispatch.device_matmul(x, packed)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, eager)
+    assert torch.equal(graph_replay(lambda: dispatch.device_matmul(x, packed)), eager)

@@ -4,16 +4,12 @@ equals the format's reference, and the layouts it refuses; on a GPU the kernel a
 
 import pytest
 import torch
-from conftest import make_sparse_quant
+from conftest import graph_replay, make_sparse_quant, on_device
 
 from compress.formats import sparse_quant
 from compress.kernels import cuda_mma, cuda_mma_sparse, mma_sparse_layout
 
 CUDA = torch.cuda.is_available() and cuda_mma.available()
-
-
-def on(packed, device: str):
-    return type(packed)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
 
 
 @pytest.mark.parametrize(("rows", "cols", "group"), [(16, 128, 128), (37, 512, 128), (70, 1024, 256), (5, 256, 256)])
@@ -55,7 +51,7 @@ def test_layouts_it_takes(bits, group, zero_kind, pattern, ok):
 @pytest.mark.parametrize(("rows", "cols", "group"), [(37, 1024, 128), (300, 4096, 128), (70, 512, 256), (1, 128, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_equals_reference(rows, cols, group, dtype):
-    packed = on(make_sparse_quant(rows, cols, 4, group, seed=rows + cols), "cuda")
+    packed = on_device(make_sparse_quant(rows, cols, 4, group, seed=rows + cols), "cuda")
     for batch in (1, 3, 8, 9, 16):
         x = torch.randn(batch, cols, device="cuda", dtype=dtype)
         assert cuda_mma_sparse.supported(x, packed)
@@ -67,15 +63,10 @@ def test_cuda_equals_reference(rows, cols, group, dtype):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
 def test_cuda_graph_capture():
-    packed = on(make_sparse_quant(256, 4096, 4, 128, seed=1), "cuda")
+    packed = on_device(make_sparse_quant(256, 4096, 4, 128, seed=1), "cuda")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     eager = cuda_mma_sparse.matmul(x, packed)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = cuda_mma_sparse.matmul(x, packed)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, eager)
+    assert torch.equal(graph_replay(lambda: cuda_mma_sparse.matmul(x, packed)), eager)
 
 
 def test_activation_exchange_gives_each_lane_its_b_fragment():

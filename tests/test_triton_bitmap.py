@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import make_sparse_quant
+from conftest import graph_replay, make_sparse_quant, on_device
 
 from compress.formats import bitmap, sparse_quant
 
@@ -29,7 +29,7 @@ def make_bitmap(rows: int, cols: int, keep: float, dtype=torch.bfloat16, seed: i
         mask[2] = False  # a row with no kept weight
     weight = torch.randn(rows, cols, generator=g).to(dtype).float() * mask
     packed = bitmap.pack(weight, mask, dtype)
-    return type(packed)(**{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
+    return on_device(packed, DEVICE)
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -52,7 +52,7 @@ def test_equals_reference(rows, cols, keep, batch):
 def test_sparse_quant_codes_equal_reference(rows, cols, bits, group, zero_kind, batch):
     # 3 of every 4 columns kept at random, stored unstructured: a row's codes start at a word boundary
     packed = make_sparse_quant(rows, cols, bits, group, n=3, m=4, zero_kind=zero_kind, pattern="unstructured", seed=rows)
-    packed = type(packed)(**{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
+    packed = on_device(packed, DEVICE)
     x = torch.randn(batch, cols, device=DEVICE)
     assert relative_error(triton_bitmap.matmul(x, packed), sparse_quant.reference_matmul(x, packed)) < 1e-5
     assert triton_bitmap.supports(packed) and not triton_bitmap.supports(make_sparse_quant(4, 64, 4, 32))  # N:M: triton_kernels.py
@@ -86,9 +86,4 @@ def test_cuda_dispatch_and_graph_capture():
     assert dispatch.kernel_for(x, packed) == "triton"
     eager = dispatch.device_matmul(x, packed)
     assert relative_error(eager, bitmap.reference_matmul(x, packed)) < 1e-2
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = dispatch.device_matmul(x, packed)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, eager)
+    assert torch.equal(graph_replay(lambda: dispatch.device_matmul(x, packed)), eager)

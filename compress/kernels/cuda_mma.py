@@ -133,19 +133,26 @@ def view_of(packed: group_quant.GroupQuantWeight) -> MmaWeight:
     return views.cached(packed.codes, "mma", lambda: pack(views.widen(packed) if packed.bits == 3 else packed))
 
 
+def activations(x: torch.Tensor, cols: int) -> torch.Tensor:
+    """x [..., cols] as the [batch, cols] rows the tensor-core kernels read (16-byte aligned rows), or a ValueError
+    saying what they take."""
+    if x.shape[-1] != cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight takes {cols}")
+    x2 = x.reshape(-1, cols)
+    if not 1 <= x2.shape[0] <= MAX_BATCH or x.dtype not in DTYPES or x.device.type != "cuda":
+        raise ValueError(f"the tensor-core kernels take 1 to {MAX_BATCH} rows of CUDA bf16/fp16 activations, got {tuple(x.shape)} {x.dtype}")
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte activation loads
+        x2 = x2.contiguous().clone()
+    return x2
+
+
 def matmul(x: torch.Tensor, packed, launch: Launch | None = None) -> torch.Tensor:
     """x [..., in] (bfloat16 / float16, CUDA, 1 to MAX_BATCH rows) @ W.T -> [..., out] in x's dtype, fp32 accumulation.
     `packed`: a group-quant weight (`supported`) or its MmaWeight; `launch`: plan's unless given."""
     view = packed if isinstance(packed, MmaWeight) else view_of(packed)
     rows, cols = view.shape
-    if x.shape[-1] != cols:
-        raise ValueError(f"input has {x.shape[-1]} features, the weight takes {cols}")
-    x2 = x.reshape(-1, cols)
+    x2 = activations(x, cols)
     batch = x2.shape[0]
-    if not 1 <= batch <= MAX_BATCH or x.dtype not in DTYPES or x.device.type != "cuda":
-        raise ValueError(f"the tensor-core kernel takes 1 to {MAX_BATCH} rows of CUDA bf16/fp16 activations, got {tuple(x.shape)} {x.dtype}")
-    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte activation loads
-        x2 = x2.contiguous().clone()
     launch = launch or plan(view, batch, x.device)
     launch.check(view.tiles)
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)

@@ -162,13 +162,8 @@ def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | N
     kernel's plan unless given."""
     view = packed if isinstance(packed, SparseMmaWeight) else view_of(packed)
     rows, cols = view.shape
-    x2 = x.reshape(-1, cols)
+    x2 = cuda_mma.activations(x, cols)
     batch = x2.shape[0]
-    if not 1 <= batch <= cuda_mma.MAX_BATCH or x.dtype not in cuda_mma.DTYPES or x.device.type != "cuda":
-        raise ValueError(f"the sparse tensor-core kernel takes 1 to {cuda_mma.MAX_BATCH} rows of CUDA bf16/fp16 activations, "
-                         f"got {tuple(x.shape)} {x.dtype}")
-    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
-        x2 = x2.contiguous().clone()
     chosen = cuda_mma.plan(view, batch, x.device)
     launch = cuda_mma.Launch(row_tiles or chosen.row_tiles, warps or chosen.warps)
     launch.check(view.tiles)

@@ -82,14 +82,17 @@ def dense(view: MmaWeight) -> torch.Tensor:
     code = (word >> ((h * 4 + q + e * (per // 2)) * bits)) & ((1 << bits) - 1)
     row = tile * 16 + g + 8 * (q % 2)
     col = u * UNIT + t * 32 + j * 4 + 2 * (q // 2) + e
-    stat = view.stats.long()[tile, col // view.group_size, g]
-    half = (q % 2) * 16
-    bits16 = (stat[..., 0] >> half) & 0xFFFF
-    scale = torch.where(bits16 >= 1 << 15, bits16 - (1 << 16), bits16).to(torch.int16).view(torch.float16).float()
-    zero = (stat[..., 1] >> (half // 2)) & 0xFF
+    scale, zero = statistic_values(view.stats.long()[tile, col // view.group_size, g], q % 2)
     out = torch.zeros(view.tiles * 16, cols, dtype=torch.float32, device=dev)
     out[row.flatten(), col.flatten()] = (scale * (code - zero).float()).flatten()
     return out[:rows]
+
+
+def statistic_values(stat: torch.Tensor, row_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 scales and int64 zero points from `statistics` entries [..., 2] (as int64) of rows g + 8 * row_half."""
+    bits16 = (stat[..., 0] >> (16 * row_half)) & 0xFFFF
+    scale = torch.where(bits16 >= 1 << 15, bits16 - (1 << 16), bits16).to(torch.int16).view(torch.float16).float()
+    return scale, (stat[..., 1] >> (8 * row_half)) & 0xFF
 
 
 def statistics(scale: torch.Tensor, zero: torch.Tensor, bits: int, rows: int, tiles: int) -> torch.Tensor:

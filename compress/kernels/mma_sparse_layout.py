@@ -29,7 +29,7 @@ import torch
 
 from compress.formats import nm, sparse_quant
 from compress.formats.words import pack_fields, read_fields
-from compress.kernels.mma_layout import TILE_PAD, UNIT, statistics
+from compress.kernels.mma_layout import TILE_PAD, UNIT, statistic_values, statistics
 
 
 def meta_shift(row_half, chunk_in_lane, kept):
@@ -105,10 +105,7 @@ def dense(view: SparseMmaWeight) -> torch.Tensor:
     position = (meta >> meta_shift(row_half, chunk % 4, e)) & 3
     row = tile * 16 + g + 8 * row_half
     col = u * UNIT + 4 * _chunk_group(chunk, j) + position
-    stat = view.stats.long()[tile, col // view.group_size, g]
-    bits16 = (stat[..., 0] >> (16 * row_half)) & 0xFFFF
-    scale = torch.where(bits16 >= 1 << 15, bits16 - (1 << 16), bits16).to(torch.int16).view(torch.float16).float()
-    zero = (stat[..., 1] >> (8 * row_half)) & 0xFF
+    scale, zero = statistic_values(view.stats.long()[tile, col // view.group_size, g], row_half)
     out = torch.zeros(view.tiles * 16, cols, dtype=torch.float32, device=dev)
     out[row.flatten(), col.flatten()] = (scale * (code - zero).float()).flatten()
     return out[:rows]
