@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -64,7 +63,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", default=SHAPES, help="out x in, comma-separated")
     parser.add_argument("--bits", default="4,2")
     parser.add_argument("--batches", default="1,4,16")
-    parser.add_argument("--grid", default=GRID, help="launches: r<row tiles>w<warps>s<stages><a: activations ahead | u: at use>[c: cp.async ring]")
+    parser.add_argument("--grid", default=GRID, help="launches: r<row tiles>w<warps>s<stages><a: activations ahead | u: at use>"
+                        "[c: cp.async ring][k<n>: columns split over n blocks]")
     parser.add_argument("--no-humming", action="store_true")
     parser.add_argument("--sparse", action="store_true", help="2:4 + int4 g128 weights on the sparse tensor-core kernel (--bits ignored)")
     parser.add_argument("--json", help="write one JSON record per (shape, bits, batch) to this file")
@@ -95,10 +95,10 @@ def main(argv=None) -> None:
                     op, layers = peer
                     record["humming_us"] = round(time_op(op, [(xs[b][i % 4], layer) for i, layer in enumerate(layers)], reps=15), 2)
                 for name in args.grid.split(","):
-                    r, w, stages = (int(v) for v in re.findall(r"\d+", name))
-                    launch = cuda_mma.Launch(r, w, stages, name.rstrip("c").endswith("a"), name.endswith("c"))
-                    if kernel.view_of(packed).tiles % r or cols // cuda_mma.UNIT < w or (args.sparse and str(launch)[-2:] != "2a"):
-                        continue  # the sparse kernel: 2 register buffers, activations ahead
+                    launch = cuda_mma.Launch.parse(name)
+                    if (kernel.view_of(packed).tiles % launch.row_tiles or cols // cuda_mma.UNIT < launch.warps * launch.slices
+                            or (args.sparse and launch.form()[-3:] != "s2a")):
+                        continue  # the sparse kernel: 2 register buffers, activations ahead, not split
                     got = kernel.run(xs[b][0], packed, launch).double()
                     err = ((got - ref).norm() / ref.norm()).item()
                     if err >= 4e-3:

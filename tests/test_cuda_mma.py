@@ -15,6 +15,8 @@ CUDA = torch.cuda.is_available() and cuda_mma.available()
 LAUNCHES = [cuda_mma.Launch(r, w, s, a) for r, w, s, a in ((1, 1, 2, True), (1, 2, 1, False), (1, 8, 4, False), (2, 4, 2, True),
                                                           (2, 16, 3, False), (2, 8, 2, False), (2, 1, 3, True))]
 LAUNCHES += [cuda_mma.Launch(r, w, s, True, async_copy=True) for r, w, s in ((1, 1, 2), (2, 4, 4), (2, 16, 3), (1, 8, 3))]
+# the columns split over 2-5 blocks (as many as a weight's units allow): both pipelines, slices of uneven unit counts
+SPLITS = [cuda_mma.Launch.parse(name) for name in ("r2w2s2ak2", "r1w4s2ak3", "r2w1s2ak5", "r2w2s3ack2")]
 
 
 @pytest.mark.parametrize(("rows", "cols", "bits", "group"), [(37, 1024, 4, 128), (16, 128, 4, 128), (70, 512, 2, 256),
@@ -57,9 +59,27 @@ def test_launch_names_and_checks():
     assert cuda_mma.Launch(2, 4, 4, True, async_copy=True).shared_bytes(4) == 4 * 4 * 2 * (2 * 512 + 256)
     assert cuda_mma.Launch(2, 4, 4).shared_bytes(4) == 0
     for bad in (cuda_mma.Launch(3, 4), cuda_mma.Launch(2, 3), cuda_mma.Launch(2, 4, 5), cuda_mma.Launch(2, 4, 1, True, True),
-                cuda_mma.Launch(2, 4, 3, False, True)):
+                cuda_mma.Launch(2, 4, 3, False, True), cuda_mma.Launch(slices=17), cuda_mma.Launch(slices=0)):
         with pytest.raises(ValueError):
             bad.check(tiles=4)
+    with pytest.raises(ValueError, match="at most one a 128-column unit"):
+        cuda_mma.Launch(slices=3).check(tiles=4, units=2)
+    cuda_mma.Launch(warps=8).check(tiles=4, units=2)  # more warps than units: some idle, allowed
+
+
+def test_split_launches_are_one_kernel_whatever_the_slice_count():
+    """The slice count is the grid's y size: r2w2s2ak2 and ...k5 run one compiled entry, which takes the slices' sums and
+    the arrival counters; names round-trip through parse."""
+    for launch in LAUNCHES + SPLITS:
+        assert cuda_mma.Launch.parse(str(launch)) == launch
+    two, five = cuda_mma.Launch.parse("r2w2s2ak2"), cuda_mma.Launch.parse("r2w2s2ak5")
+    assert cuda_mma.kernel_name(torch.bfloat16, 4, 1, two) == cuda_mma.kernel_name(torch.bfloat16, 4, 1, five) == "gqmma_bf16_4_n1_r2w2s2ak"
+    source = cuda_mma.entry_source(cuda_mma.kernel_name(torch.float16, 2, 2, five))
+    assert "float* work, unsigned* counters)" in source and "gq_mma<2, false, 2, 2, 2, 2, true, true>" in source
+    plain = cuda_mma.entry_source(cuda_mma.kernel_name(torch.bfloat16, 4, 1, cuda_mma.Launch()))
+    assert "counters" not in plain.split('extern "C"')[1] and "true, false>(" in plain
+    with pytest.raises(ValueError, match="not a launch name"):
+        cuda_mma.Launch.parse("r2w2s2k2")
 
 
 def test_cpu_inputs_are_refused():
@@ -77,7 +97,7 @@ def test_cuda_equals_reference(rows, cols, bits, group, dtype):
         x = torch.randn(batch, cols, device="cuda", dtype=dtype)
         assert cuda_mma.supported(x, packed)
         ref = group_quant.reference_matmul(x.float(), packed).double()
-        for launch in LAUNCHES:
+        for launch in LAUNCHES + [split for split in SPLITS if split.slices <= cols // mma_layout.UNIT]:
             got = cuda_mma.matmul(x, packed, launch).double()
             # fp32 sums in another order, one rounding to the activations' dtype
             assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, str(launch))
@@ -100,3 +120,19 @@ def test_cuda_graph_capture_and_dispatch():
     eager = dispatch.device_matmul(x, packed)
     assert torch.equal(eager, cuda_mma.matmul(x, packed))  # batch 1 bf16 int4 g128: the tensor-core kernel
     assert torch.equal(graph_replay(lambda: dispatch.device_matmul(x, packed)), eager)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+def test_split_launch_replays_in_a_cuda_graph():
+    """A split launch leaves its arrival counters zero: replayed (and run eagerly after), it gives the same bits every
+    time, equal to the reference within fp32 summation order."""
+    packed = on_device(make_group_quant(100, 2048, 4, 128, seed=2), "cuda")
+    x = torch.randn(5, 2048, device="cuda", dtype=torch.bfloat16)
+    launch = cuda_mma.Launch.parse("r2w2s2ak3")
+    eager = cuda_mma.matmul(x, packed, launch)
+    assert torch.equal(graph_replay(lambda: cuda_mma.matmul(x, packed, launch)), eager)
+    assert torch.equal(cuda_mma.matmul(x, packed, launch), eager)
+    view = cuda_mma.view_of(packed)
+    assert not cuda_mma.counters(view.codes, view.tiles).any()
+    ref = group_quant.reference_matmul(x.float(), packed).double()
+    assert ((eager.double() - ref).norm() / ref.norm()).item() < 4e-3

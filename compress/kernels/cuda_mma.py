@@ -13,7 +13,10 @@ a 16x16 tile of weights straight into the A fragment of one `mma.sync.m16n8k16` 
   tensor core multiplies are exact integers and the result equals scale x (code - zero) x x summed in fp32;
 - a block owns RT 16-row tiles, its W warps split the columns and add their sums in shared memory;
 - each warp's codes come through a ring of registers (the plan: 2 buffers) or, `Launch.async_copy`, of shared-memory
-  stages filled by cp.async (built and compiled, not yet measured on a GPU: the plan does not use it).
+  stages filled by cp.async (built and compiled, not yet measured on a GPU: the plan does not use it);
+- `Launch.slices` > 1 splits the columns over that many blocks of the same row tiles (more, smaller blocks to even
+  out the multiprocessors' shares); the last of them to finish adds the slices' fp32 sums (built and compiled, not
+  yet measured on a GPU: the plan does not use it).
 
 The re-packed form (mma_layout.py) is built once per weight on its device and cached with it (views.cached).
 """
@@ -49,15 +52,32 @@ class Launch:
     stages: int = 2
     x_ahead: bool = True
     async_copy: bool = False
+    slices: int = 1  # blocks a row-tile group's columns are split over (their fp32 sums added by the last to finish)
 
     def __str__(self) -> str:
-        return f"r{self.row_tiles}w{self.warps}s{self.stages}{'a' if self.x_ahead else 'u'}{'c' if self.async_copy else ''}"
+        return self.form() + (str(self.slices) if self.slices > 1 else "")
 
-    def check(self, tiles: int) -> None:
+    def form(self) -> str:
+        """What the compiled kernel depends on (the slice count is the grid's y size, not compiled in)."""
+        flags = ("a" if self.x_ahead else "u") + ("c" if self.async_copy else "") + ("k" if self.slices > 1 else "")
+        return f"r{self.row_tiles}w{self.warps}s{self.stages}{flags}"
+
+    @classmethod
+    def parse(cls, name: str) -> Launch:
+        """The launch `str` names, e.g. r2w4s2a, r2w4s4ac, r2w2s2ak2."""
+        match = re.fullmatch(r"r(\d+)w(\d+)s(\d+)([au])(c?)(?:k(\d+))?", name)
+        if not match:
+            raise ValueError(f"not a launch name: {name!r} (r<row tiles>w<warps>s<stages><a|u>[c][k<slices>])")
+        row_tiles, warps, stages, ahead, async_copy, slices = match.groups()
+        return cls(int(row_tiles), int(warps), int(stages), ahead == "a", async_copy == "c", int(slices or 1))
+
+    def check(self, tiles: int, units: int | None = None) -> None:
         if tiles % self.row_tiles or self.warps not in (1, 2, 4, 8, 16) or not 1 <= self.stages <= 4:
             raise ValueError(f"{self}: row tiles must divide the weight's {tiles} tiles, 1-16 warps (a power of two), 1-4 stages")
         if self.async_copy and (self.stages < 2 or not self.x_ahead):
             raise ValueError(f"{self}: the cp.async pipeline takes 2-4 stages with the activations ahead")
+        if not 1 <= self.slices <= 16 or (units is not None and self.slices > max(1, units)):
+            raise ValueError(f"{self}: 1-16 slices, at most one a 128-column unit ({units} units)")
 
     def shared_bytes(self, bits: int) -> int:
         """Dynamic shared memory: the cp.async rings (a stage: the row tiles' code chunks and statistics a lane)."""
@@ -65,22 +85,25 @@ class Launch:
 
 
 def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch) -> str:
-    return f"gqmma_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch}"
+    return f"gqmma_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch.form()}"
 
 
 def entry_source(name: str) -> str:
-    """SOURCE plus one extern "C" entry point for kernel_name's fields (one template instance a compile)."""
-    _, dtype, bits, n_tiles, launch = name.split("_")
-    row_tiles, warps, stages = (int(v) for v in re.findall(r"\d+", launch))
-    bf16 = "true" if dtype == "bf16" else "false"
-    if launch.endswith("c"):
-        body = f"gq_mma_async<{bits}, {bf16}, {n_tiles[1:]}, {row_tiles}, {warps}, {stages}>"
+    """SOURCE plus one extern "C" entry point for kernel_name's fields (one template instance a compile); a split
+    launch's entry also takes the slices' fp32 sums and the row-tile groups' arrival counters."""
+    _, dtype, bits, n_tiles, form = name.split("_")
+    launch = Launch.parse(form + ("2" if form.endswith("k") else ""))
+    bf16, split = ("true" if dtype == "bf16" else "false"), "true" if launch.slices > 1 else "false"
+    if launch.async_copy:
+        body = f"gq_mma_async<{bits}, {bf16}, {n_tiles[1:]}, {launch.row_tiles}, {launch.warps}, {launch.stages}, {split}>"
     else:
-        body = f"gq_mma<{bits}, {bf16}, {n_tiles[1:]}, {row_tiles}, {warps}, {stages}, {'true' if launch.endswith('a') else 'false'}>"
+        body = (f"gq_mma<{bits}, {bf16}, {n_tiles[1:]}, {launch.row_tiles}, {launch.warps}, {launch.stages}, "
+                f"{'true' if launch.x_ahead else 'false'}, {split}>")
+    extra, passed = (", float* work, unsigned* counters", ", work, counters") if launch.slices > 1 else ("", "")
     return SOURCE + (
-        f'extern "C" __global__ void __launch_bounds__({32 * warps}) {name}(const unsigned short* x, int ldx, int B, '
-        "const uint4* codes, const uint2* stats, unsigned short* y, int ldy, int N, int U, int GROUPS, int gshift) {\n"
-        f"  {body}(x, ldx, B, codes, stats, y, ldy, N, U, GROUPS, gshift);\n}}\n")
+        f'extern "C" __global__ void __launch_bounds__({32 * launch.warps}) {name}(const unsigned short* x, int ldx, int B, '
+        f"const uint4* codes, const uint2* stats, unsigned short* y, int ldy, int N, int U, int GROUPS, int gshift{extra}) {{\n"
+        f"  {body}(x, ldx, B, codes, stats, y, ldy, N, U, GROUPS, gshift{passed});\n}}\n")
 
 
 @functools.cache
@@ -133,6 +156,15 @@ def view_of(packed: group_quant.GroupQuantWeight) -> MmaWeight:
     return views.cached(packed.codes, "mma", lambda: pack(views.widen(packed) if packed.bits == 3 else packed))
 
 
+def counters(codes: torch.Tensor, tiles: int) -> torch.Tensor:
+    """The split launches' arrival counters of a weight (one a block of row tiles, at most `tiles`), zero between
+    launches: each launch's last block zeroes its own again. Shared by the weight's launches, which run in stream order
+    (two streams running the same weight's split launches at once would share them)."""
+    from compress.kernels import views
+
+    return views.cached(codes, "mma-counters", lambda: torch.zeros(tiles, dtype=torch.int32, device=codes.device))
+
+
 def activations(x: torch.Tensor, cols: int) -> torch.Tensor:
     """x [..., cols] as the [batch, cols] rows the tensor-core kernels read (16-byte aligned rows), or a ValueError
     saying what they take."""
@@ -154,15 +186,17 @@ def matmul(x: torch.Tensor, packed, launch: Launch | None = None) -> torch.Tenso
     x2 = activations(x, cols)
     batch = x2.shape[0]
     launch = launch or plan(view, batch, x.device)
-    launch.check(view.tiles)
+    launch.check(view.tiles, cols // UNIT)
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
     n_tiles = 1 if batch <= 8 else 2
     kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles, launch), nvrtc.device_index(x.device))
     shared = launch.shared_bytes(view.bits)
+    args = [x2, x2.stride(0), batch, view.codes, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],
+            (view.group_size // UNIT).bit_length() - 1]
+    if launch.slices > 1:  # the slices' sums, and one arrival counter a block of row tiles (left zero by each launch)
+        args += [torch.empty(launch.slices, batch, rows, dtype=torch.float32, device=x.device), counters(view.codes, view.tiles)]
     with nvrtc.on_device(x.device):
         if shared >= 48 * 1024 and kernel._max_shared_mem_bytes < shared:
             kernel.set_shared_memory_config(shared)
-        kernel(grid=(view.tiles // launch.row_tiles, 1, 1), block=(32 * launch.warps, 1, 1), shared_mem=shared,
-               args=[x2, x2.stride(0), batch, view.codes, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],
-                     (view.group_size // UNIT).bit_length() - 1])
+        kernel(grid=(view.tiles // launch.row_tiles, launch.slices, 1), block=(32 * launch.warps, 1, 1), shared_mem=shared, args=args)
     return y.reshape(*x.shape[:-1], rows)

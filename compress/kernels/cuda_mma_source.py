@@ -115,11 +115,21 @@ __device__ __forceinline__ void unit_dot(float (&acc)[RT][NB][4], const uint4 (&
   }
 }
 
+// element e of a block's sums (lane l's accumulator i of n-tile nb, row tile r): its output row and batch column
+template <int NB> __device__ __forceinline__ void sum_position(int e, int tile0, int& row, int& b) {
+  const int i = e & 3, l = (e >> 2) & 31, nb = (e >> 7) % NB, r = (e >> 7) / NB;
+  row = (tile0 + r) * 16 + (l >> 2) + 8 * (i >> 1);
+  b = nb * 8 + 2 * (l & 3) + (i & 1);
+}
+
 // The warps' sums through shared memory (part: [W][RT * NB * 128]); lane (g, t) holds rows g, g + 8 and batch columns
-// 2t, 2t + 1 of each row tile and n-tile. Every thread of the block calls it once.
-template <bool BF16, int NB, int RT, int W>
+// 2t, 2t + 1 of each row tile and n-tile. Every thread of the block calls it once. SPLIT (the columns split over
+// gridDim.y slices): each slice's block sums go to work [slices, B, N] and the last slice of these row tiles to arrive
+// adds them all, in slice order (the same sum whatever the order of arrival), stores y and zeroes its counter again.
+template <bool BF16, int NB, int RT, int W, bool SPLIT = false>
 __device__ __forceinline__ void store_sums(const float (&acc)[RT][NB][4], float (*part)[RT * NB * 128], unsigned short* __restrict__ y,
-                                           int ldy, int N, int B, int tile0) {
+                                           int ldy, int N, int B, int tile0, float* __restrict__ work = nullptr,
+                                           unsigned* __restrict__ counters = nullptr) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int r = 0; r < RT; r++)
@@ -129,24 +139,53 @@ __device__ __forceinline__ void store_sums(const float (&acc)[RT][NB][4], float 
       for (int i = 0; i < 4; i++) part[warp][((r * NB + nb) * 32 + lane) * 4 + i] = acc[r][nb][i];
   __syncthreads();
   for (int e = threadIdx.x; e < RT * NB * 128; e += 32 * W) {
-    const int i = e & 3, l = (e >> 2) & 31, nb = (e >> 7) % NB, r = (e >> 7) / NB;
-    const int row = (tile0 + r) * 16 + (l >> 2) + 8 * (i >> 1), b = nb * 8 + 2 * (l & 3) + (i & 1);
+    int row, b;
+    sum_position<NB>(e, tile0, row, b);
     if (row < N && b < B) {
       float v = 0.f;
 #pragma unroll
       for (int k = 0; k < W; k++) v += part[k][e];
+      if (SPLIT) work[((size_t)blockIdx.y * B + b) * N + row] = v;
+      else y[(size_t)b * ldy + row] = BF16 ? from_float_bf16(v) : from_float_f16(v);
+    }
+  }
+  if (!SPLIT) return;
+  __shared__ unsigned last;
+  __threadfence();  // this thread's sums are visible to every block before the count below says so
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1u) == gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < RT * NB * 128; e += 32 * W) {
+    int row, b;
+    sum_position<NB>(e, tile0, row, b);
+    if (row < N && b < B) {
+      float v = 0.f;
+      for (int k = 0; k < (int)gridDim.y; k++) v += __ldcg(work + ((size_t)k * B + b) * N + row);  // through L2: other blocks wrote them
       y[(size_t)b * ldy + row] = BF16 ? from_float_bf16(v) : from_float_f16(v);
     }
   }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // for the next launch (a CUDA graph replays the same counters)
 }
 
-template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA>
+// The units [u0, u1) warp `warp` of W takes: the block's slice of the U units (blockIdx.y of gridDim.y when SPLIT, else
+// all) split evenly over the warps
+template <int W, bool SPLIT> __device__ __forceinline__ void warp_units(int U, int warp, int& u0, int& u1) {
+  const int a = SPLIT ? (int)((long long)U * blockIdx.y / gridDim.y) : 0, n = (SPLIT ? (int)((long long)U * (blockIdx.y + 1) / gridDim.y) : U) - a;
+  u0 = a + warp * n / W;
+  u1 = a + (warp + 1) * n / W;
+}
+
+template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, bool SPLIT = false>
 __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
-    const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift) {
+    const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift,
+    float* __restrict__ work = nullptr, unsigned* __restrict__ counters = nullptr) {
   constexpr int CH = BITS / 2;  // 16-byte chunks a lane a unit
   __shared__ float part[W][RT * NB * 128];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tile0 = blockIdx.x * RT;
-  const int u0 = warp * U / W, u1 = (warp + 1) * U / W;
+  int u0, u1;
+  warp_units<W, SPLIT>(U, warp, u0, u1);
   float acc[RT][NB][4];
   zero(acc);
   // a ring of S register buffers: unit u's code loads are issued S - 1 units ahead of its decode (the ring unrolled,
@@ -173,7 +212,7 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
       }
     }
   }
-  store_sums<BF16, NB, RT, W>(acc, part, y, ldy, N, B, tile0);
+  store_sums<BF16, NB, RT, W, SPLIT>(acc, part, y, ldy, N, B, tile0, work, counters);
 }
 
 // -- the cp.async form: a warp's code chunks and statistics go through a private ring of S shared-memory stages, so
@@ -233,14 +272,16 @@ __device__ __forceinline__ void async_unit(float (&acc)[RT][NB][4], const uint4 
   unit_dot<BITS, BF16, NB, RT>(acc, w, s, xc);
 }
 
-template <int BITS, bool BF16, int NB, int RT, int W, int S>
+template <int BITS, bool BF16, int NB, int RT, int W, int S, bool SPLIT = false>
 __device__ __forceinline__ void gq_mma_async(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
-    const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift) {
+    const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift,
+    float* __restrict__ work = nullptr, unsigned* __restrict__ counters = nullptr) {
   constexpr int CH = BITS / 2, STAGE = stage_bytes<CH, RT>();
   __shared__ float part[W][RT * NB * 128];
   extern __shared__ __align__(16) unsigned char rings[];  // [W][S][STAGE]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tile0 = blockIdx.x * RT;
-  const int u0 = warp * U / W, u1 = (warp + 1) * U / W;
+  int u0, u1;
+  warp_units<W, SPLIT>(U, warp, u0, u1);
   const unsigned char* ring = rings + warp * S * STAGE;
   const unsigned ring_address = shared_address(ring);
   float acc[RT][NB][4];
@@ -258,6 +299,6 @@ __device__ __forceinline__ void gq_mma_async(const unsigned short* __restrict__ 
     async_unit<BITS, BF16, NB, RT, S>(acc, x1, x0, ring, ring_address, x, ldx, B, codes, stats, tile0, u + 1, u0, u1, U, GROUPS, gshift, lane);
   }
   asm volatile("cp.async.wait_all;" ::: "memory");
-  store_sums<BF16, NB, RT, W>(acc, part, y, ldy, N, B, tile0);
+  store_sums<BF16, NB, RT, W, SPLIT>(acc, part, y, ldy, N, B, tile0, work, counters);
 }
 """
