@@ -41,7 +41,7 @@ class Kernel:
     run: Callable  # (x, packed, launch)
 
 
-DENSE = Kernel(cuda_mma.view_of, group_quant.reference_matmul, cuda_mma.matmul)
+DENSE = Kernel(lambda p: cuda_mma.view_of(p, torch.bfloat16), group_quant.reference_matmul, cuda_mma.matmul)
 SPARSE = Kernel(cuda_mma_sparse.view_of, sparse_quant.reference_matmul,
                 lambda x, p, launch: cuda_mma_sparse.matmul(x, p, launch.row_tiles, launch.warps))
 
@@ -65,6 +65,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--grid", default=GRID, help="launches: r<row tiles>w<warps>s<stages><a: activations ahead | u: at use>"
                         "[c: cp.async ring][k<n>: columns split over n blocks]")
+    parser.add_argument("--group", type=int, default=128, help="group size; 16-64 (or --float-zero) run the scaled form")
+    parser.add_argument("--float-zero", action="store_true", help="float16 zero points (the scaled form)")
     parser.add_argument("--no-humming", action="store_true")
     parser.add_argument("--sparse", action="store_true", help="2:4 + int4 g128 weights on the sparse tensor-core kernel (--bits ignored)")
     parser.add_argument("--json", help="write one JSON record per (shape, bits, batch) to this file")
@@ -80,7 +82,8 @@ def main(argv=None) -> None:
         del dense_w
         for bits in [4] if args.sparse else map(int, args.bits.split(",")):
             kernel = SPARSE if args.sparse else DENSE
-            copies, nbytes = weight_copies("2:4+int4_g128" if args.sparse else f"int{bits}_g128", rows, cols, checked=False)
+            fmt = f"int{bits}_g{args.group}{'f' if args.float_zero else ''}"
+            copies, nbytes = weight_copies("2:4+int4_g128" if args.sparse else fmt, rows, cols, checked=False)
             for copy in copies:
                 kernel.view_of(copy)  # built outside the capture
             packed = copies[0]

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,9 +53,11 @@ SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"
 
 
 def make(fmt: str, rows: int, cols: int, device: str):
-    """A random packed weight of the format (codes, statistics and masks uniform at random, groups of 128)."""
+    """A random packed weight of the format (codes, statistics and masks uniform at random, groups of 128 unless the
+    name says another, e.g. int4_g32; a trailing f: float zero points)."""
     g = torch.Generator(device="cpu").manual_seed(rows * 7 + cols)
-    bits, groups = (int(fmt[3]) if fmt.startswith("int") else 4), -(-cols // 128)
+    group = int(re.search(r"_g(\d+)", fmt).group(1)) if fmt.startswith("int") else 128
+    bits, groups = (int(fmt[3]) if fmt.startswith("int") else 4), -(-cols // group)
     codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
     scale = (torch.rand(rows, groups, generator=g) * 0.02 + 0.001).half().float()
     zero = torch.randint(0, 2**bits, (rows, groups), generator=g).float()
@@ -69,7 +72,9 @@ def make(fmt: str, rows: int, cols: int, device: str):
         quantized.outliers = Outliers.from_mask(torch.randn(rows, cols, generator=g) * 0.1, torch.rand(rows, cols, generator=g) < 0.01)
         packed = lut.from_quantized(quantized)
     elif fmt.startswith("int"):
-        packed = group_quant.pack(codes, scale, zero, bits, 128)
+        float_zero = fmt.endswith("f")
+        zero = (torch.rand(rows, groups, generator=g) * (2**bits - 1)).half().float() if float_zero else zero
+        packed = group_quant.pack(codes, scale, zero, bits, group, "float16" if float_zero else "integer")
     elif fmt.startswith("bitmap"):  # bitmap{sparsity %}_bf16: that share of weights pruned at random
         keep = torch.rand(rows, cols, generator=g) >= int(fmt[len("bitmap"):].split("_")[0]) / 100
         packed = bitmap.pack(torch.randn(rows, cols, generator=g).bfloat16().float() * keep, keep, torch.bfloat16)

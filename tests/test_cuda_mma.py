@@ -28,6 +28,45 @@ def test_layout_decodes_to_the_weight(rows, cols, bits, group):
     assert torch.equal(mma_layout.dense(view), group_quant.unpack(packed))
 
 
+SCALED = [(37, 1024, 4, 16, "float16"), (20, 256, 2, 32, "integer"), (33, 384, 4, 64, "float16"), (5, 256, 4, 128, "float16"),
+          (9, 512, 3, 16, "integer"), (17, 256, 2, 256, "float16")]
+
+
+@pytest.mark.parametrize(("rows", "cols", "bits", "group", "zero_kind"), SCALED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scaled_layout_decodes_to_the_rounded_statistics(rows, cols, bits, group, zero_kind, dtype):
+    """The scaled form, decoded with the kernel's index arithmetic, is scale x code + bias with both statistics rounded
+    to the activations' dtype: exactly that, and within that rounding of the format's weight."""
+    from compress.formats.words import read_fields
+    from compress.kernels import views
+
+    packed = make_group_quant(rows, cols, bits, group, zero_kind, seed=rows)
+    view = mma_layout.pack_scaled(views.widen(packed) if bits == 3 else packed, dtype)
+    assert view.lane_groups == (2 if group == 16 else 1) and view.stats.shape == (view.tiles, cols // 128, 32, 2 * view.lane_groups)
+    scale, bias = mma_layout.scaled_values(packed, dtype)
+    codes = read_fields(packed.codes, bits, cols).float()
+    expected = group_quant.expand(scale, group, cols) * codes + group_quant.expand(bias, group, cols)
+    assert torch.equal(mma_layout.dense(view), expected)
+    weight = group_quant.unpack(packed)
+    step = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11  # a relative rounding of scale and of bias
+    bound = step * (group_quant.expand(packed.scale.float(), group, cols) * (codes + 2**bits)).abs()
+    assert ((expected - weight).abs() <= bound).all()
+
+
+def test_scaled_form_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="scaled tensor-core kernel"):
+        mma_layout.pack_scaled(make_group_quant(4, 256, 4, 8), torch.bfloat16)  # groups of 8: smaller than a k-tile's half
+    with pytest.raises(ValueError, match="scaled tensor-core kernel"):
+        mma_layout.pack_scaled(make_group_quant(4, 256, 8, 32), torch.bfloat16)
+    assert not mma_layout.scaled_shape_ok(make_group_quant(4, 200, 4, 8))
+    with pytest.raises(ValueError, match="no tensor-core form"):
+        cuda_mma.view_of(make_group_quant(4, 256, 4, 32), torch.float32)
+    name = cuda_mma.kernel_name(torch.bfloat16, 4, 1, cuda_mma.Launch(async_copy=True, stages=3), lane_groups=2)
+    with pytest.raises(ValueError, match="register ring only"):
+        cuda_mma.entry_source(name)
+    assert "gq_mma<4, true, 1, 2, 4, 2, true, false, 1>" in cuda_mma.entry_source(cuda_mma.kernel_name(torch.bfloat16, 4, 1, cuda_mma.Launch(), 1))
+
+
 def test_layout_of_3_bit_codes_through_the_widened_view():
     from compress.kernels import views
 
@@ -75,9 +114,9 @@ def test_split_launches_are_one_kernel_whatever_the_slice_count():
     two, five = cuda_mma.Launch.parse("r2w2s2ak2"), cuda_mma.Launch.parse("r2w2s2ak5")
     assert cuda_mma.kernel_name(torch.bfloat16, 4, 1, two) == cuda_mma.kernel_name(torch.bfloat16, 4, 1, five) == "gqmma_bf16_4_n1_r2w2s2ak"
     source = cuda_mma.entry_source(cuda_mma.kernel_name(torch.float16, 2, 2, five))
-    assert "float* work, unsigned* counters)" in source and "gq_mma<2, false, 2, 2, 2, 2, true, true>" in source
+    assert "float* work, unsigned* counters)" in source and "gq_mma<2, false, 2, 2, 2, 2, true, true, 0>" in source
     plain = cuda_mma.entry_source(cuda_mma.kernel_name(torch.bfloat16, 4, 1, cuda_mma.Launch()))
-    assert "counters" not in plain.split('extern "C"')[1] and "true, false>(" in plain
+    assert "counters" not in plain.split('extern "C"')[1] and "true, false, 0>(" in plain
     with pytest.raises(ValueError, match="not a launch name"):
         cuda_mma.Launch.parse("r2w2s2k2")
 
@@ -102,6 +141,25 @@ def test_cuda_equals_reference(rows, cols, bits, group, dtype):
             # fp32 sums in another order, one rounding to the activations' dtype
             assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, str(launch))
     assert not cuda_mma.supported(torch.randn(17, cols, device="cuda", dtype=dtype), packed)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+@pytest.mark.parametrize(("rows", "cols", "bits", "group", "zero_kind"), SCALED + [(300, 4096, 4, 16, "float16")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_scaled_form_equals_its_decoded_weight(rows, cols, bits, group, zero_kind, dtype):
+    """The scaled kernel against x @ (its form's decoded weight).T: the same weights (each rounded once to the dtype by
+    the kernel's FMA, within the decode's own rounding), fp32 sums."""
+    packed = on_device(make_group_quant(rows, cols, bits, group, zero_kind, seed=rows + cols), "cuda")
+    view = cuda_mma.view_of(packed, dtype)
+    weight = mma_layout.dense(view).double()
+    for batch in (1, 3, 9, 16):
+        x = torch.randn(batch, cols, device="cuda", dtype=dtype)
+        ref = x.double() @ weight.T
+        for launch in [cuda_mma.Launch(), cuda_mma.Launch(1, 2, 3, False), cuda_mma.Launch(2, 8, 2, True)] + SPLITS[:3]:
+            if launch.slices > cols // mma_layout.UNIT:
+                continue
+            got = cuda_mma.matmul(x, packed, launch).double()
+            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, str(launch))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")

@@ -34,7 +34,7 @@ import torch
 from compress.formats import group_quant
 from compress.kernels import nvrtc
 from compress.kernels.cuda_mma_source import SOURCE
-from compress.kernels.mma_layout import UNIT, MmaWeight, pack, shape_ok
+from compress.kernels.mma_layout import UNIT, MmaWeight, pack, pack_scaled, scaled_shape_ok, shape_ok
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 MAX_BATCH = 16
@@ -84,21 +84,24 @@ class Launch:
         return self.warps * self.stages * self.row_tiles * (bits // 2 * 512 + 256) if self.async_copy else 0
 
 
-def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch) -> str:
-    return f"gqmma_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch.form()}"
+def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch, lane_groups: int = 0) -> str:
+    """The entry point's name; `lane_groups` 1 or 2: the scaled form's kernel (mma_layout.pack_scaled)."""
+    return f"gqmma{f's{lane_groups}' if lane_groups else ''}_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch.form()}"
 
 
 def entry_source(name: str) -> str:
     """SOURCE plus one extern "C" entry point for kernel_name's fields (one template instance a compile); a split
     launch's entry also takes the slices' fp32 sums and the row-tile groups' arrival counters."""
-    _, dtype, bits, n_tiles, form = name.split("_")
-    launch = Launch.parse(form + ("2" if form.endswith("k") else ""))
+    kind, dtype, bits, n_tiles, form = name.split("_")
+    launch, lane_groups = Launch.parse(form + ("2" if form.endswith("k") else "")), int(kind[len("gqmmas"):] or 0)
     bf16, split = ("true" if dtype == "bf16" else "false"), "true" if launch.slices > 1 else "false"
+    if launch.async_copy and lane_groups:
+        raise ValueError(f"{name}: the scaled form runs the register ring only")
     if launch.async_copy:
         body = f"gq_mma_async<{bits}, {bf16}, {n_tiles[1:]}, {launch.row_tiles}, {launch.warps}, {launch.stages}, {split}>"
     else:
         body = (f"gq_mma<{bits}, {bf16}, {n_tiles[1:]}, {launch.row_tiles}, {launch.warps}, {launch.stages}, "
-                f"{'true' if launch.x_ahead else 'false'}, {split}>")
+                f"{'true' if launch.x_ahead else 'false'}, {split}, {lane_groups}>")
     extra, passed = (", float* work, unsigned* counters", ", work, counters") if launch.slices > 1 else ("", "")
     return SOURCE + (
         f'extern "C" __global__ void __launch_bounds__({32 * launch.warps}) {name}(const unsigned short* x, int ldx, int B, '
@@ -148,12 +151,20 @@ def plan(view: MmaWeight, batch: int, device: torch.device) -> Launch:
     return Launch(row_tiles, warps, stages=2, x_ahead=True)
 
 
-def view_of(packed: group_quant.GroupQuantWeight) -> MmaWeight:
-    """The cached re-packed form of a weight (3-bit codes through their 4-bit widened view)."""
+def view_of(packed: group_quant.GroupQuantWeight, dtype: torch.dtype | None = None) -> MmaWeight:
+    """The cached re-packed form of a weight (3-bit codes through their 4-bit widened view): the exact form where
+    `shape_ok`, else the scaled form for `dtype` activations (groups of 16-64, float zero points; not yet measured on a
+    GPU, so `supported` does not send such weights here)."""
     from compress.kernels import views
 
     # 3-bit codes widened for the packing only: the Triton kernels cache their own widened view when they need it
-    return views.cached(packed.codes, "mma", lambda: pack(views.widen(packed) if packed.bits == 3 else packed))
+    source = (lambda: views.widen(packed)) if packed.bits == 3 else (lambda: packed)
+    if shape_ok(packed):
+        return views.cached(packed.codes, "mma", lambda: pack(source()))
+    if dtype not in DTYPES or not scaled_shape_ok(packed):
+        raise ValueError(f"no tensor-core form of a {packed.bits}-bit weight with groups of {packed.group_size}, {packed.zero_kind} zero "
+                         f"points and {dtype} activations")
+    return views.cached(packed.codes, f"mma-scaled-{DTYPES[dtype]}", lambda: pack_scaled(source(), dtype))
 
 
 def counters(codes: torch.Tensor, tiles: int) -> torch.Tensor:
@@ -181,18 +192,21 @@ def activations(x: torch.Tensor, cols: int) -> torch.Tensor:
 def matmul(x: torch.Tensor, packed, launch: Launch | None = None) -> torch.Tensor:
     """x [..., in] (bfloat16 / float16, CUDA, 1 to MAX_BATCH rows) @ W.T -> [..., out] in x's dtype, fp32 accumulation.
     `packed`: a group-quant weight (`supported`) or its MmaWeight; `launch`: plan's unless given."""
-    view = packed if isinstance(packed, MmaWeight) else view_of(packed)
+    view = packed if isinstance(packed, MmaWeight) else view_of(packed, x.dtype)
     rows, cols = view.shape
     x2 = activations(x, cols)
+    if view.lane_groups and (view.dtype != x.dtype or launch and launch.async_copy):
+        raise ValueError(f"a scaled form for {view.dtype} activations takes those on the register ring, got {x.dtype}, {launch}")
     batch = x2.shape[0]
     launch = launch or plan(view, batch, x.device)
     launch.check(view.tiles, cols // UNIT)
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
     n_tiles = 1 if batch <= 8 else 2
-    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles, launch), nvrtc.device_index(x.device))
+    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles, launch, view.lane_groups), nvrtc.device_index(x.device))
     shared = launch.shared_bytes(view.bits)
+    # the exact form's statistics are per group (groups of 2^gshift units); the scaled form's per unit (GROUPS unused)
     args = [x2, x2.stride(0), batch, view.codes, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],
-            (view.group_size // UNIT).bit_length() - 1]
+            max(0, (view.group_size // UNIT).bit_length() - 1)]
     if launch.slices > 1:  # the slices' sums, and one arrival counter a block of row tiles (left zero by each launch)
         args += [torch.empty(launch.slices, batch, rows, dtype=torch.float32, device=x.device), counters(view.codes, view.tiles)]
     with nvrtc.on_device(x.device):

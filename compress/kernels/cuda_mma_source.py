@@ -12,6 +12,10 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // read once: ke
   return v;
 }
 
+// word i of a vector (i a compile-time constant after unrolling)
+__device__ __forceinline__ unsigned word_of(const uint2& v, int i) { return i == 0 ? v.x : v.y; }
+__device__ __forceinline__ unsigned word_of(const uint4& v, int i) { return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w)); }
+
 // (a & b) | c in one instruction (the compiler splits it in two when b and c are immediates)
 template <unsigned B, unsigned C> __device__ __forceinline__ unsigned and_or(unsigned a) {
   unsigned d;
@@ -58,15 +62,21 @@ __device__ __forceinline__ void add_scaled(float (&acc)[NB][4], const float (&su
   }
 }
 
+// A lane's statistics of a unit: the exact form's (LG 0) uint2 of its lane group, shared by the group's units; the
+// scaled form's words of the lane's groups (LG 1: scale and bias pairs of one group, uint2; LG 2: of two, uint4)
+template <int LG> struct StatOf { using T = uint2; };
+template <> struct StatOf<2> { using T = uint4; };
+
 // One unit (128 columns) of the block's RT row tiles: their code chunks and statistics
-template <int CH, int RT>
-__device__ __forceinline__ void load_codes(uint4 (&w)[RT][CH], uint2 (&s)[RT], const uint4* __restrict__ codes,
+template <int CH, int RT, int LG = 0>
+__device__ __forceinline__ void load_codes(uint4 (&w)[RT][CH], typename StatOf<LG>::T (&s)[RT], const uint4* __restrict__ codes,
     const uint2* __restrict__ stats, int tile0, int u, int U, int GROUPS, int gshift, int lane) {
 #pragma unroll
   for (int r = 0; r < RT; r++) {
 #pragma unroll
     for (int c = 0; c < CH; c++) w[r][c] = load_stream(codes + ((size_t)((size_t)(tile0 + r) * U + u) * CH + c) * 32 + lane);
-    s[r] = stats[((size_t)(tile0 + r) * GROUPS + (u >> gshift)) * 8 + (lane >> 2)];
+    if (LG == 0) s[r] = *(const typename StatOf<LG>::T*)(stats + ((size_t)(tile0 + r) * GROUPS + (u >> gshift)) * 8 + (lane >> 2));
+    else s[r] = ((const typename StatOf<LG>::T*)stats)[((size_t)(tile0 + r) * U + u) * 32 + lane];
   }
 }
 
@@ -100,8 +110,7 @@ __device__ __forceinline__ void unit_dot(float (&acc)[RT][NB][4], const uint4 (&
 #pragma unroll
     for (int j = 0; j < 8; j++) {  // the unit's 8 k-tiles of 16 columns
       const int wi = j / T, h = j % T;
-      const uint4 q4 = w[r][wi / 4];
-      const unsigned word = wi % 4 == 0 ? q4.x : (wi % 4 == 1 ? q4.y : (wi % 4 == 2 ? q4.z : q4.w));
+      const unsigned word = word_of(w[r][wi / 4], wi % 4);
       unsigned a[4];
 #pragma unroll
       for (int q = 0; q < 4; q++) a[q] = fma2<BF16>(and_or<MASK, MAGIC>(word >> ((h * 4 + q) * BITS)), ONE, neg[q & 1]);
@@ -112,6 +121,44 @@ __device__ __forceinline__ void unit_dot(float (&acc)[RT][NB][4], const uint4 (&
       }
     }
     add_scaled<NB>(acc[r], part_sum[0], s[r].x);
+  }
+}
+
+// The scaled form (LG groups a lane): acc += one unit of the RT row tiles, each weight scale x code + bias in 16 bits
+// (one rounding) before the mma: code exact as (M + code) - M, then one packed FMA with its row's scale and bias
+template <int BITS, bool BF16, int NB, int RT, int LG>
+__device__ __forceinline__ void unit_dot_scaled(float (&acc)[RT][NB][4], const uint4 (&w)[RT][BITS / 2],
+                                                const typename StatOf<LG>::T (&s)[RT], const uint4 (&xv)[NB][4]) {
+  constexpr int T = 32 / BITS / 8;
+  constexpr unsigned MASK = ((1u << BITS) - 1u) * 0x10001u, MAGIC = BF16 ? 0x43004300u : 0x64006400u;
+  constexpr unsigned NEG_M = BF16 ? 0xC300C300u : 0xE400E400u, ONE = BF16 ? 0x3F803F80u : 0x3C003C00u;
+#pragma unroll
+  for (int r = 0; r < RT; r++) {
+    // [group][rows g, g + 8]: the 16-bit statistic in both halves of a register
+    unsigned scale[LG][2], bias[LG][2];
+#pragma unroll
+    for (int h = 0; h < LG; h++) {
+      scale[h][0] = __byte_perm(word_of(s[r], 2 * h), 0u, 0x1010);
+      scale[h][1] = __byte_perm(word_of(s[r], 2 * h), 0u, 0x3232);
+      bias[h][0] = __byte_perm(word_of(s[r], 2 * h + 1), 0u, 0x1010);
+      bias[h][1] = __byte_perm(word_of(s[r], 2 * h + 1), 0u, 0x3232);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const int wi = j / T, hw = j % T, h = LG == 2 ? j / 4 : 0;
+      const unsigned word = word_of(w[r][wi / 4], wi % 4);
+      unsigned a[4];
+#pragma unroll
+      for (int q = 0; q < 4; q++) {
+        const unsigned code = fma2<BF16>(and_or<MASK, MAGIC>(word >> ((hw * 4 + q) * BITS)), ONE, NEG_M);
+        a[q] = fma2<BF16>(code, scale[h][q & 1], bias[h][q & 1]);
+      }
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++) {
+        const uint4 xq = xv[nb][j / 2];
+        mma<BF16>(acc[r][nb], a, j & 1 ? xq.z : xq.x, j & 1 ? xq.w : xq.y);
+      }
+    }
   }
 }
 
@@ -177,7 +224,7 @@ template <int W, bool SPLIT> __device__ __forceinline__ void warp_units(int U, i
   u1 = a + (warp + 1) * n / W;
 }
 
-template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, bool SPLIT = false>
+template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, bool SPLIT = false, int LG = 0>
 __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
     const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift,
     float* __restrict__ work = nullptr, unsigned* __restrict__ counters = nullptr) {
@@ -191,11 +238,11 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
   // a ring of S register buffers: unit u's code loads are issued S - 1 units ahead of its decode (the ring unrolled,
   // so every buffer index is a constant: no register copies); its activations with them (XA) or just before use
   uint4 w[S][RT][CH], xr[XA ? S : 1][NB][4];
-  uint2 s[S][RT];
+  typename StatOf<LG>::T s[S][RT];
 #pragma unroll
   for (int i = 0; i < S - 1; i++)
     if (u0 + i < u1) {
-      load_codes<CH, RT>(w[i], s[i], codes, stats, tile0, u0 + i, U, GROUPS, gshift, lane);
+      load_codes<CH, RT, LG>(w[i], s[i], codes, stats, tile0, u0 + i, U, GROUPS, gshift, lane);
       if (XA) load_x<NB>(xr[XA ? i : 0], x, ldx, B, u0 + i, lane);
     }
   for (int u = u0; u < u1; u += S) {
@@ -204,11 +251,12 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
       if (u + i < u1) {
         const int ahead = u + i + S - 1;
         if (ahead < u1) {
-          load_codes<CH, RT>(w[(i + S - 1) % S], s[(i + S - 1) % S], codes, stats, tile0, ahead, U, GROUPS, gshift, lane);
+          load_codes<CH, RT, LG>(w[(i + S - 1) % S], s[(i + S - 1) % S], codes, stats, tile0, ahead, U, GROUPS, gshift, lane);
           if (XA) load_x<NB>(xr[XA ? (i + S - 1) % S : 0], x, ldx, B, ahead, lane);
         }
         if (!XA) load_x<NB>(xr[0], x, ldx, B, u + i, lane);
-        unit_dot<BITS, BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
+        if constexpr (LG == 0) unit_dot<BITS, BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
+        else unit_dot_scaled<BITS, BF16, NB, RT, LG>(acc, w[i], s[i], xr[XA ? i : 0]);
       }
     }
   }

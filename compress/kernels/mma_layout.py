@@ -10,7 +10,13 @@ two k-tiles. Codes: int32 [tiles, units, chunks, 32 lanes, 4 words] (chunks = bi
 statistics: int32 [tiles, groups, 8, 2]: the float16 scales of rows g and g + 8 as one word, their zero points as
 two bytes. Row tiles are padded to a multiple of TILE_PAD with zero codes and scales.
 
-`dense` decodes the form with the kernel's own index arithmetic, so the layout is checked on CPU against the
+The scaled form (`pack_scaled`) takes what the exact one cannot: groups of 16, 32 or 64 columns and float zero points.
+The codes are the same words; each weight is scaled before the mma, w = scale x code + bias with bias = -scale x zero,
+both in the activations' 16-bit dtype (so a weight is rounded to that dtype once, as a dense layer's is). Statistics:
+int32 [tiles, units, 32 lanes, 2 x lane groups]: for each group among the lane's 32 columns (two at groups of 16, else
+one), the scales of rows g | g + 8 as one word, then their biases.
+
+`dense` decodes either form with the kernel's own index arithmetic, so the layout is checked on CPU against the
 format's reference.
 """
 
@@ -24,6 +30,7 @@ from compress.formats import group_quant
 from compress.formats.words import pack_fields, read_fields
 
 BITS = (2, 4)
+SCALED_GROUPS = (16, 32, 64)  # groups within a unit the scaled form takes (and whole units)
 UNIT = 128  # columns a lane quad covers per step: 4 lanes x 32 consecutive activations
 TILE_PAD = 2  # row tiles are padded to a multiple of this (the most row tiles a block takes)
 
@@ -35,6 +42,8 @@ class MmaWeight:
     group_size: int  # a multiple of UNIT
     codes: torch.Tensor  # int32 [tiles, units, CH, 32, 4]
     stats: torch.Tensor  # int32 [tiles, groups, 8, 2]: (scale of rows g | g + 8 as float16 bits, zero g | zero g + 8 << 8)
+    lane_groups: int = 0  # the scaled form: groups a lane's 32 columns span (1 or 2), stats as in the module docstring
+    dtype: torch.dtype | None = None  # the scaled form: the activations' dtype its statistics are in
 
     @property
     def tiles(self) -> int:
@@ -48,6 +57,13 @@ def shape_ok(packed) -> bool:
             and packed.group_size % UNIT == 0 and packed.shape[1] % UNIT == 0)
 
 
+def scaled_shape_ok(packed) -> bool:
+    """What the scaled form takes: 2-, 3- or 4-bit codes with integer or float zero points, groups of 16, 32, 64 or
+    whole units, whole units a row."""
+    return (isinstance(packed, group_quant.GroupQuantWeight) and packed.bits in (*BITS, 3) and packed.shape[1] % UNIT == 0
+            and (packed.group_size in SCALED_GROUPS or packed.group_size % UNIT == 0))
+
+
 def _tiles(rows: int) -> int:
     return -(-rows // (16 * TILE_PAD)) * TILE_PAD
 
@@ -56,6 +72,24 @@ def pack(packed: group_quant.GroupQuantWeight) -> MmaWeight:
     """The kernel's form of a 2- or 4-bit group-quant weight (the same codes and statistics, re-ordered)."""
     if not shape_ok(packed) or packed.bits not in BITS:
         raise ValueError(f"not a layout the tensor-core kernel reads: {packed.bits}-bit, group {packed.group_size}, {packed.shape}")
+    rows, tiles = packed.shape[0], _tiles(packed.shape[0])
+    stats = statistics(packed.scale, packed.zero, packed.bits, rows, tiles)
+    return MmaWeight(packed.shape, packed.bits, packed.group_size, code_words(packed), stats)
+
+
+def pack_scaled(packed: group_quant.GroupQuantWeight, dtype: torch.dtype, codes: torch.Tensor | None = None) -> MmaWeight:
+    """The scaled form of a 2- or 4-bit group-quant weight for `dtype` (bfloat16 / float16) activations; `codes`: its
+    code words when already re-packed (`pack`'s, shared by both forms and both dtypes)."""
+    if not scaled_shape_ok(packed) or packed.bits not in BITS:
+        raise ValueError(f"not a layout the scaled tensor-core kernel reads: {packed.bits}-bit, group {packed.group_size}, {packed.shape}")
+    lane_groups = 2 if packed.group_size == 16 else 1
+    codes = code_words(packed) if codes is None else codes
+    return MmaWeight(packed.shape, packed.bits, packed.group_size, codes, scaled_statistics(packed, dtype, codes.shape[0], lane_groups),
+                     lane_groups, dtype)
+
+
+def code_words(packed: group_quant.GroupQuantWeight) -> torch.Tensor:
+    """int32 [tiles, units, chunks, 32, 4]: the codes of a 2- or 4-bit weight as the lanes load them."""
     rows, cols = packed.shape
     bits, tiles, units = packed.bits, _tiles(rows), cols // UNIT
     per = 32 // bits
@@ -66,8 +100,7 @@ def pack(packed: group_quant.GroupQuantWeight) -> MmaWeight:
     split = codes.view(tiles, 2, 8, units, 4, chunks, 4, ktiles, 2, 2)
     # -> [tile, u, c, lane = g*4 + t, word v, field = e*P + h*4 + qh*2 + rh]
     fields = split.permute(0, 3, 5, 2, 4, 6, 9, 7, 8, 1).reshape(-1, per)
-    words = pack_fields(fields, bits).view(tiles, units, chunks, 32, 4)
-    return MmaWeight(packed.shape, bits, packed.group_size, words.contiguous(), statistics(packed.scale, packed.zero, bits, rows, tiles))
+    return pack_fields(fields, bits).view(tiles, units, chunks, 32, 4).contiguous()
 
 
 def dense(view: MmaWeight) -> torch.Tensor:
@@ -82,17 +115,27 @@ def dense(view: MmaWeight) -> torch.Tensor:
     code = (word >> ((h * 4 + q + e * (per // 2)) * bits)) & ((1 << bits) - 1)
     row = tile * 16 + g + 8 * (q % 2)
     col = u * UNIT + t * 32 + j * 4 + 2 * (q // 2) + e
-    scale, zero = statistic_values(view.stats.long()[tile, col // view.group_size, g], q % 2)
+    if view.lane_groups:  # the lane's group: the k-tile's half of its columns at groups of 16
+        words = view.stats.long()[tile, u, lane, (j // 4 if view.lane_groups == 2 else 0) * 2 + torch.arange(2, device=dev).view(2, *[1] * 6)]
+        scale, bias = (_half(w, q % 2, view.dtype) for w in words)
+        value = scale * code.float() + bias
+    else:
+        scale, zero = statistic_values(view.stats.long()[tile, col // view.group_size, g], q % 2)
+        value = scale * (code - zero).float()
     out = torch.zeros(view.tiles * 16, cols, dtype=torch.float32, device=dev)
-    out[row.flatten(), col.flatten()] = (scale * (code - zero).float()).flatten()
+    out[row.flatten(), col.flatten()] = value.flatten()
     return out[:rows]
+
+
+def _half(words: torch.Tensor, high: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 of the 16-bit `dtype` value in the low (high = 0) or high half of int64 words."""
+    bits16 = (words >> (16 * high)) & 0xFFFF
+    return torch.where(bits16 >= 1 << 15, bits16 - (1 << 16), bits16).to(torch.int16).view(dtype).float()
 
 
 def statistic_values(stat: torch.Tensor, row_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 scales and int64 zero points from `statistics` entries [..., 2] (as int64) of rows g + 8 * row_half."""
-    bits16 = (stat[..., 0] >> (16 * row_half)) & 0xFFFF
-    scale = torch.where(bits16 >= 1 << 15, bits16 - (1 << 16), bits16).to(torch.int16).view(torch.float16).float()
-    return scale, (stat[..., 1] >> (8 * row_half)) & 0xFF
+    return _half(stat[..., 0], row_half, torch.float16), (stat[..., 1] >> (8 * row_half)) & 0xFF
 
 
 def statistics(scale: torch.Tensor, zero: torch.Tensor, bits: int, rows: int, tiles: int) -> torch.Tensor:
@@ -106,3 +149,25 @@ def statistics(scale: torch.Tensor, zero: torch.Tensor, bits: int, rows: int, ti
     scale_pairs = padded_scale.view(tiles, 2, 8, groups).permute(0, 3, 2, 1).contiguous().view(torch.int32)  # [tiles, groups, 8, 1]
     zp = padded_zero.view(tiles, 2, 8, groups).permute(0, 3, 2, 1)
     return torch.cat([scale_pairs, (zp[..., 0] | (zp[..., 1] << 8)).unsqueeze(-1)], dim=-1).contiguous()
+
+
+def scaled_values(packed: group_quant.GroupQuantWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scaled form's statistics as the kernel multiplies them, float32 [out, groups]: scale and bias = -scale x zero,
+    each rounded to `dtype`."""
+    scale = packed.scale.float()
+    zero = read_fields(packed.zero, packed.bits, packed.groups).float() if packed.zero_kind == "integer" else packed.zero.float()
+    return scale.to(dtype).float(), (-scale * zero).to(dtype).float()
+
+
+def scaled_statistics(packed: group_quant.GroupQuantWeight, dtype: torch.dtype, tiles: int, lane_groups: int) -> torch.Tensor:
+    """int32 [tiles, units, 32, 2 x lane_groups]: lane (g, t)'s groups (those of columns t * 32 and, at groups of 16,
+    t * 32 + 16 of each unit): the scales of rows g | g + 8 in `dtype` as one word, then the biases."""
+    rows, cols = packed.shape
+    units = cols // UNIT
+    first = (torch.arange(units).view(-1, 1, 1) * UNIT + torch.arange(4).view(1, -1, 1) * 32 + torch.arange(lane_groups) * 16).flatten()
+    padded = torch.zeros(2, tiles * 16, units * 4 * lane_groups, dtype=dtype, device=packed.scale.device)
+    for k, value in enumerate(scaled_values(packed, dtype)):
+        padded[k, :rows] = value[:, (first // packed.group_size).to(value.device)].to(dtype)
+    # [k, tile, rh, g, u, t, lg] -> [tile, u, g, t, lg, k, rh]: rows g, g + 8 of one statistic in one word
+    arranged = padded.view(2, tiles, 2, 8, units, 4, lane_groups).permute(1, 4, 3, 5, 6, 0, 2).contiguous()
+    return arranged.view(torch.int32).view(tiles, units, 32, 2 * lane_groups)
