@@ -48,6 +48,8 @@ FORMATS = ("int4_g128", "int3_g128", "int3_g128@widened", "int2_g128", "int8_g12
            "spqr3_g16", "lut3", "bitmap70_bf16")
 VIEW_FORMATS = ("spqr3_g16", "lut3")  # through their kernel views (extras_view.py), timed as a module calls them: dispatch.device_matmul
 FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: that kernel at batch 1 (not yet the default)
+# FORMAT@mma: the tensor-core kernel's scaled form at batch 1-16 (groups of 16-64, float zero points; SpQR's grid through
+# its view), not yet what modules run, e.g. int4_g32@mma, int4_g16f@mma, spqr3_g16@mma
 # FORMAT@widened: the 3-bit codes read as 4-bit words (views.widen, what dispatch gives a module); bytes: the widened form's
 SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"
 
@@ -259,14 +261,15 @@ def weight_copies(fmt: str, rows: int, cols: int, checked: bool, batches=()):
     return copies, nbytes
 
 
-def check(op, packed, batches, label: str, bound: float = 1e-4) -> None:
-    """op(x, packed) against the dequantized weight: relative error with bf16 (< 1e-2) and fp32 (< bound) activations."""
+def check(op, packed, batches, label: str, bound: float = 1e-4, fp32: bool = True) -> None:
+    """op(x, packed) against the dequantized weight: relative error with bf16 (< 1e-2) and fp32 (< bound) activations
+    (`fp32`: ops that take them)."""
     w = unpack(packed)
     for batch in batches:
         x = torch.randn(batch, w.shape[1], device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ w.double().T
         err = ((op(x, packed).double() - ref).norm() / ref.norm()).item()
-        err32 = ((op(x.float(), packed).double() - ref).norm() / ref.norm()).item()
+        err32 = ((op(x.float(), packed).double() - ref).norm() / ref.norm()).item() if fp32 else 0.0
         status = "ok" if err < 1e-2 and err32 < bound else "FAILED"
         print(f"check {label} batch {batch}: rel err bf16 {err:.1e} fp32 {err32:.1e} {status}", flush=True)
 
@@ -310,6 +313,13 @@ def precompile(calls: list, packed) -> None:
             k.run = run
 
 
+def mma_op(x: torch.Tensor, packed) -> torch.Tensor:
+    """The tensor-core kernel, its scaled form where the weight needs it (SpQR: the grid part of its view)."""
+    if isinstance(packed, spqr.SpQRWeight):
+        return extras_view.matmul(x, extras_view.cached(packed), cuda_mma.matmul)
+    return cuda_mma.matmul(x, packed)
+
+
 def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep: bool) -> None:
     fmt, _, forced = fmt.partition("@")
     if (forced or fmt in VIEW_FORMATS or fmt.startswith("bitmap")) and sweep:
@@ -320,6 +330,11 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
         for copy in copies:
             cuda_mma.view_of(copy)
         nbytes, fmt, forced = packed_bytes(copies[0]), f"{fmt}@widened", ""
+    elif forced == "mma":
+        for copy in copies:  # the scaled forms built up front, outside the graph capture
+            cuda_mma.view_of(extras_view.cached(copy).dense if fmt in VIEW_FORMATS else copy, torch.bfloat16)
+        check(mma_op, copies[0], (1, 4, 16), f"{fmt}@mma", fp32=False)
+        fmt, batches = f"{fmt}@mma", [b for b in batches if b <= cuda_mma.MAX_BATCH]
     elif forced:
         check(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]), copies[0], (1,), FORCED[forced].kernel)
         fmt, batches = f"{fmt}@{forced}", [1]
@@ -332,14 +347,18 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
         best_peer = min(t[batch] for t in peers.values() if batch in t)
         total = nbytes + 2 * batch * (rows + cols)
         if not sweep:
-            default = FORCED[forced] if forced else default
-            us = time_op(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]) if forced else op_for(p)(x, p), arg_list)
+            default = FORCED.get(forced, default)
+            if forced == "mma":
+                us = time_op(mma_op, arg_list)
+            else:
+                us = time_op(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]) if forced else op_for(p)(x, p), arg_list)
             same = same_bits_peer(fmt, peers, batch)
             emit({"format": fmt, "shape": [rows, cols], "batch": batch, "us": round(us, 2), "gbps": round(total / us / 1e3),
                   "pct_copy_bw": round(100 * total / us / 1e3 / bandwidth, 1), "bytes_per_weight": round(nbytes / (rows * cols), 4),
                   "ratio_vs_dense": round(dense / us, 3), "ratio_vs_best_peer": round(best_peer / us, 3),
                   **({"same_bits_peer": same[0], "ratio_vs_same_bits_peer": round(same[1] / us, 3)} if same else {}),
-                  "config": str(default), "kernel": kernel_name(copies[0], batch) if not forced else "triton"}, env, out, records)
+                  "config": str(default), "kernel": {"": kernel_name(copies[0], batch), "mma": "cuda_mma scaled"}.get(forced, "triton")},
+                 env, out, records)
             continue
         configs = [default] + [c for c in candidates(copies[0], batch) if c != default]
         precompile([(xs[0], c) for c in configs], copies[0])
