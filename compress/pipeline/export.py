@@ -23,7 +23,6 @@ from compress.deploy.packed_model import PACKED_DIR, write_packed_model
 from compress.formats.quantized import QuantizedWeight
 from compress.methods.training import ADAPTER_DIR
 from compress.pipeline.metrics import directory_bytes
-from compress.pipeline.onnx import ONNX_FILE, export_onnx
 from compress.pipeline.output import output_identity, partial_folder, publish
 from compress.pipeline.store import MODEL_DIR, StepResult
 from compress.pipeline.verify import verify_export
@@ -186,6 +185,8 @@ def _export_onnx(dense_dir: Path, partial: Path, report: dict[str, Any], causal:
     """model.onnx beside the packed model (quantized targets as MatMulNBits where they fit), checked in
     onnxruntime. A failure is recorded in the report and leaves every other export in place: the packed
     model is the output, ONNX one more form of it."""
+    from compress.pipeline.onnx import ONNX_FILE, export_onnx  # onnx takes ~1 s to import: only runs that export it pay
+
     quantized = {name: entry.quantized.load() if isinstance(entry.quantized, PackedOnDisk) else entry.quantized
                  for name, entry in state.targets.items() if entry.quantized is not None}
     try:
