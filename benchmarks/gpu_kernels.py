@@ -39,7 +39,7 @@ import gpu_peers
 from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
 from compress.formats.quantized import Outliers, QuantizedWeight
 from compress.formats.words import tensor_bytes
-from compress.kernels import cuda_mma, dispatch, extras_view, triton_bitmap, views
+from compress.kernels import cuda_mma, dispatch, extras_view, triton_bitmap, triton_outliers, views
 from compress.kernels import triton_config as tc
 from compress.kernels import triton_gemv as tg
 from compress.kernels import triton_kernels as tk
@@ -316,7 +316,7 @@ def precompile(calls: list, packed) -> None:
 def mma_op(x: torch.Tensor, packed) -> torch.Tensor:
     """The tensor-core kernel, its scaled form where the weight needs it (SpQR: the grid part of its view)."""
     if isinstance(packed, spqr.SpQRWeight):
-        return extras_view.matmul(x, extras_view.cached(packed), cuda_mma.matmul)
+        return extras_view.matmul(x, extras_view.cached(packed), cuda_mma.matmul, triton_outliers.add_corrections)
     return cuda_mma.matmul(x, packed)
 
 

@@ -170,6 +170,7 @@ def test_view_on_triton_kernels(case):
     """The views on the Triton kernels (SpQR: the group-quant kernels; LUT: the split-K GEMV's table mode, up to
     4 activation rows a program: batch 5 takes two batch tiles)."""
     from compress.kernels import triton_kernels as tk
+    from compress.kernels import triton_outliers
 
     packed = TRITON_CASES[case]()
     device = "cuda" if HAS_CUDA else "cpu"
@@ -179,8 +180,36 @@ def test_view_on_triton_kernels(case):
     exact = isinstance(packed, lut.LUTWeight)
     for batch, dtype in ((1, torch.float32), (5, torch.float32), (1, torch.bfloat16)):
         x = torch.randn(batch, packed.shape[1], generator=_gen(batch)).to(device, dtype)
-        error = _relative_error(extras_view.matmul(x, view, tk.packed_matmul), reference(x.float(), packed))
+        error = _relative_error(extras_view.matmul(x, view, tk.packed_matmul, triton_outliers.add_corrections), reference(x.float(), packed))
         assert error < ((1e-6 if exact else 2e-3) if dtype == torch.float32 else 1e-2), (batch, dtype, error)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("batch", [1, 5, 16, 19])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outlier_kernel_equals_the_plain_corrections(batch, dtype):
+    """One kernel over the row pointers against index_add_: rows with none, one, and more outliers than a step (BLOCK),
+    batches past one program's rows, bf16 and fp32; fp32 sums in another order, then one rounding to y's dtype."""
+    from compress.kernels import triton_outliers
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    packed = make(40, 200, 3, 16, False, True, True, seed=3)
+    counts = packed.outlier_row_ptr[1:] - packed.outlier_row_ptr[:-1]
+    assert (counts == 0).any() and (counts >= 2).any()  # rows without outliers (the last) and rows with several
+    heavy = make(3, 200, 3, 16, False, False, False)  # one row with more outliers than a step
+    heavy.outlier_row_ptr = torch.tensor([0, 0, triton_outliers.BLOCK + 7, triton_outliers.BLOCK + 8], dtype=torch.int32)
+    heavy.outlier_cols = torch.cat([torch.randperm(200, generator=_gen(4))[: triton_outliers.BLOCK + 7].sort().values, torch.tensor([199])]).short()
+    heavy.outlier_values = torch.randn(triton_outliers.BLOCK + 8, generator=_gen(5)).half()
+    for weight in (packed, heavy):
+        weight = type(weight)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(weight).items()})
+        view = extras_view.build(weight)
+        stored = torch.randn(batch, 200, generator=_gen(batch)).to(device, dtype)
+        y = torch.randn(batch, weight.shape[0], generator=_gen(batch + 1)).to(device, dtype)
+        want = extras_view.reference_corrections(y.clone(), stored, view)
+        got = triton_outliers.add_corrections(y.clone(), stored, view.row_ptr, view.cols, view.delta)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance), (batch, (got.float() - want.float()).abs().max())
+        assert not torch.equal(got, y)  # the corrections are there
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="no CUDA device")

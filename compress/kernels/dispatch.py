@@ -106,9 +106,9 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
 
             return triton_bitmap.matmul(x, packed)
         if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
-            from compress.kernels import extras_view
+            from compress.kernels import extras_view, triton_outliers
 
-            return extras_view.matmul(x, extras_view.cached(packed), _triton_kernels().packed_matmul)
+            return extras_view.matmul(x, extras_view.cached(packed), _triton_kernels().packed_matmul, triton_outliers.add_corrections)
         if isinstance(packed, group_quant.GroupQuantWeight) and _choice() == "auto" and _cuda_mma().supported(x, packed):
             return _cuda_mma().matmul(x, packed)
         from compress.kernels import views

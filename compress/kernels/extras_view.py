@@ -10,7 +10,8 @@ weight on its device (views.cached):
 
     y = dense_matmul(x[:, perm], dense) + sum over outliers of x[:, perm][:, col] * delta   (into row)
 
-with the corrections added in fp32 by index_add_ (every step a device op: CUDA-graph safe, no host sync).
+with the corrections added in fp32 (every step a device op: CUDA-graph safe, no host sync): on the GPU by one kernel
+over the format's own row pointers (triton_outliers.py), else by index_add_.
 
 SpQR's decoded statistics cost 2 x 16 bits a group beside the stored form (2 bits a weight at groups of 16), and
 quantized (second-level) statistics are rounded to float16 (a relative 2^-12 on average, far below bfloat16
@@ -36,6 +37,7 @@ class ExtrasView:
     dense: group_quant.GroupQuantWeight | views.LUTCodes  # the code grid in a form the kernels read
     perm: torch.Tensor | None  # int64 [in]: x[:, perm] is x in the stored column order
     rows: torch.Tensor | None  # int64 [outliers], the output row of each outlier
+    row_ptr: torch.Tensor | None  # int32 [out + 1]: row r's outliers are entries row_ptr[r] .. row_ptr[r + 1] - 1
     cols: torch.Tensor | None  # int64 [outliers], its stored column
     delta: torch.Tensor | None  # float32 [outliers]: outlier value - the dense part's weight there
 
@@ -60,7 +62,7 @@ def build(packed: spqr.SpQRWeight | lut.LUTWeight) -> ExtrasView:
         dense = views.lut_codes(packed.codes, packed.lut, packed.shape, packed.bits)
     perm = None if packed.perm is None else row_extras.unsigned16(packed.perm)
     if packed.outlier_values is None or packed.outlier_values.numel() == 0:
-        return ExtrasView(dense, perm, None, None, None)
+        return ExtrasView(dense, perm, None, None, None, None)
     counts = (packed.outlier_row_ptr[1:] - packed.outlier_row_ptr[:-1]).to(torch.int64)
     rows = torch.repeat_interleave(torch.arange(packed.shape[0], device=counts.device), counts)
     cols = row_extras.unsigned16(packed.outlier_cols)
@@ -72,18 +74,26 @@ def build(packed: spqr.SpQRWeight | lut.LUTWeight) -> ExtrasView:
         value = dense.scale[rows, group].float() * (codes.float() - dense.zero[rows, group].float())
     else:
         value = dense.table[rows, codes]
-    return ExtrasView(dense, perm, rows, cols, packed.outlier_values.float() - value)
+    return ExtrasView(dense, perm, rows, packed.outlier_row_ptr, cols, packed.outlier_values.float() - value)
 
 
-def matmul(x: torch.Tensor, view: ExtrasView, dense_matmul: Callable) -> torch.Tensor:
-    """x [..., in] @ W.T in x's dtype; dense_matmul(x2, view.dense) computes the grid part."""
+def matmul(x: torch.Tensor, view: ExtrasView, dense_matmul: Callable, corrections: Callable | None = None) -> torch.Tensor:
+    """x [..., in] @ W.T in x's dtype; dense_matmul(x2, view.dense) computes the grid part, `corrections` (y, x2,
+    row_ptr, cols, delta) adds the outliers' in place (triton_outliers.add_corrections), else `reference_corrections`."""
     cols = view.dense.shape[1]
     x2 = x.reshape(-1, cols)
     stored = x2 if view.perm is None else x2.index_select(1, view.perm)
     y = dense_matmul(stored, view.dense)
-    if view.delta is not None:
-        y = y.float().index_add_(1, view.rows, stored.index_select(1, view.cols).float() * view.delta).to(x.dtype)
+    if view.delta is not None and corrections is not None:
+        y = corrections(y.contiguous(), stored.contiguous(), view.row_ptr, view.cols, view.delta)
+    elif view.delta is not None:
+        y = reference_corrections(y, stored, view)
     return y.reshape(*x.shape[:-1], view.dense.shape[0])
+
+
+def reference_corrections(y: torch.Tensor, stored: torch.Tensor, view: ExtrasView) -> torch.Tensor:
+    """y + the outliers' corrections of the activations in stored column order, summed in fp32 (plain torch)."""
+    return y.float().index_add_(1, view.rows, stored.index_select(1, view.cols).float() * view.delta).to(y.dtype)
 
 
 def cached(packed: spqr.SpQRWeight | lut.LUTWeight) -> ExtrasView:
