@@ -22,6 +22,24 @@ SHARED_PREFECT = "COMPRESS_TEST_PREFECT"  # "temporary": no shared server; every
 _SERVER = pytest.StashKey[tuple]()
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (the default, pyproject.toml): a worker a core, at most 4: many tests start processes of their own
+    (servers, `compress run`), each importing torch and transformers."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+# Modules that start servers or `compress` processes (a minute or more each on 2 cores), collected first: with the
+# suite spread over workers a file at a time, the many short modules then fill the end instead of one long one
+HEAVY_FIRST = ("test_workflow.py", "test_workers.py", "test_nproc.py", "test_interrupt.py", "test_target_split.py", "test_pipeline.py",
+               "test_ui_browser.py", "test_output_race.py", "test_obs_fused.py", "test_gpu_kernels.py", "test_cast.py", "test_resume.py",
+               "test_api.py", "test_qmoe.py", "test_steps.py", "test_deploy.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order kept
+
+
 def pytest_configure(config):
     """One Prefect server for the whole session, before anything imports Prefect: every `compress run`
     in a subprocess would otherwise start Prefect's temporary server (about 25 s of a 45 s run on 2
