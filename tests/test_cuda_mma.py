@@ -67,6 +67,31 @@ def test_scaled_form_refuses_what_it_cannot_read():
     assert "gq_mma<4, true, 1, 2, 4, 2, true, false, 1>" in cuda_mma.entry_source(cuda_mma.kernel_name(torch.bfloat16, 4, 1, cuda_mma.Launch(), 1))
 
 
+def _lut_codes(rows: int, cols: int, bits: int, seed: int = 0):
+    """A LUT weight's codes view (views.lut_codes) of random codes and fp16 tables, with the codes and tables."""
+    from compress.formats.words import pack_fields
+    from compress.kernels import views
+
+    g = torch.Generator().manual_seed(seed)
+    table = (torch.randn(rows, 2**bits, generator=g) * 0.05).half()
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
+    return views.lut_codes(pack_fields(codes, bits), table, (rows, cols), bits), codes, table
+
+
+@pytest.mark.parametrize(("rows", "cols", "bits"), [(37, 256, 3), (9, 128, 2), (64, 512, 3), (1, 384, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_table_layout_decodes_to_the_rounded_table(rows, cols, bits, dtype):
+    """The table form, decoded as the kernel's byte permutes read it, is each code's table entry rounded to the dtype."""
+    from compress.kernels import mma_lut_layout
+
+    codes_view, codes, table = _lut_codes(rows, cols, bits, seed=rows)
+    view = mma_lut_layout.pack_table(codes_view, bits, dtype)
+    assert view.table and view.codes.shape == (view.tiles, cols // 128, 2, 32, 4) and view.stats.shape == (view.tiles, 8, 2, 4)
+    assert torch.equal(mma_lut_layout.dense(view), table.to(dtype).float().gather(1, codes))
+    with pytest.raises(ValueError, match="table kernel"):
+        mma_lut_layout.pack_table(_lut_codes(4, 128, 4)[0], 4, dtype)  # 16 entries: past what one byte permute reaches
+
+
 def test_layout_of_3_bit_codes_through_the_widened_view():
     from compress.kernels import views
 
@@ -159,6 +184,25 @@ def test_cuda_scaled_form_equals_its_decoded_weight(rows, cols, bits, group, zer
             if launch.slices > cols // mma_layout.UNIT:
                 continue
             got = cuda_mma.matmul(x, packed, launch).double()
+            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, str(launch))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+@pytest.mark.parametrize(("rows", "cols", "bits"), [(37, 256, 3), (9, 128, 2), (300, 4096, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_table_form_equals_its_decoded_weight(rows, cols, bits, dtype):
+    from compress.kernels import mma_lut_layout
+
+    codes_view = on_device(_lut_codes(rows, cols, bits, seed=cols)[0], "cuda")
+    view = cuda_mma.table_view_of(codes_view, bits, dtype)
+    weight = mma_lut_layout.dense(view).double()
+    for batch in (1, 3, 9, 16):
+        x = torch.randn(batch, cols, device="cuda", dtype=dtype)
+        ref = x.double() @ weight.T
+        for launch in [cuda_mma.Launch(), cuda_mma.Launch(1, 2, 3, False), cuda_mma.Launch(2, 8, 2, True)] + SPLITS[:2]:
+            if launch.slices > cols // mma_layout.UNIT:
+                continue
+            got = cuda_mma.matmul(x, view, launch).double()
             assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, str(launch))
 
 

@@ -84,19 +84,22 @@ class Launch:
         return self.warps * self.stages * self.row_tiles * (bits // 2 * 512 + 256) if self.async_copy else 0
 
 
-def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch, lane_groups: int = 0) -> str:
-    """The entry point's name; `lane_groups` 1 or 2: the scaled form's kernel (mma_layout.pack_scaled)."""
-    return f"gqmma{f's{lane_groups}' if lane_groups else ''}_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch.form()}"
+def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch, lane_groups: int = 0, table: bool = False) -> str:
+    """The entry point's name; `lane_groups` 1 or 2: the scaled form's kernel (mma_layout.pack_scaled); `table`: the
+    table form's (mma_lut_layout.pack_table)."""
+    kind = "t" if table else f"s{lane_groups}" if lane_groups else ""
+    return f"gqmma{kind}_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch.form()}"
 
 
 def entry_source(name: str) -> str:
     """SOURCE plus one extern "C" entry point for kernel_name's fields (one template instance a compile); a split
     launch's entry also takes the slices' fp32 sums and the row-tile groups' arrival counters."""
     kind, dtype, bits, n_tiles, form = name.split("_")
-    launch, lane_groups = Launch.parse(form + ("2" if form.endswith("k") else "")), int(kind[len("gqmmas"):] or 0)
+    launch = Launch.parse(form + ("2" if form.endswith("k") else ""))
+    lane_groups = 3 if kind == "gqmmat" else int(kind[len("gqmmas"):] or 0)  # the kernel's form: 3 the table one
     bf16, split = ("true" if dtype == "bf16" else "false"), "true" if launch.slices > 1 else "false"
     if launch.async_copy and lane_groups:
-        raise ValueError(f"{name}: the scaled form runs the register ring only")
+        raise ValueError(f"{name}: the scaled and table forms run the register ring only")
     if launch.async_copy:
         body = f"gq_mma_async<{bits}, {bf16}, {n_tiles[1:]}, {launch.row_tiles}, {launch.warps}, {launch.stages}, {split}>"
     else:
@@ -176,6 +179,16 @@ def counters(codes: torch.Tensor, tiles: int) -> torch.Tensor:
     return views.cached(codes, "mma-counters", lambda: torch.zeros(tiles, dtype=torch.int32, device=codes.device))
 
 
+def table_view_of(codes_view, bits: int, dtype: torch.dtype) -> MmaWeight:
+    """The cached table form (mma_lut_layout.py) of a LUT weight's codes view (views.LUTCodes) of `bits`-bit codes, for
+    `dtype` activations (not yet measured on a GPU: modules do not dispatch to it)."""
+    from compress.kernels import mma_lut_layout, views
+
+    if dtype not in DTYPES or not mma_lut_layout.shape_ok(codes_view, bits):
+        raise ValueError(f"no tensor-core table form of {bits}-bit LUT codes of shape {codes_view.shape} for {dtype} activations")
+    return views.cached(codes_view.codes, f"mma-table-{DTYPES[dtype]}", lambda: mma_lut_layout.pack_table(codes_view, bits, dtype))
+
+
 def activations(x: torch.Tensor, cols: int) -> torch.Tensor:
     """x [..., cols] as the [batch, cols] rows the tensor-core kernels read (16-byte aligned rows), or a ValueError
     saying what they take."""
@@ -195,14 +208,14 @@ def matmul(x: torch.Tensor, packed, launch: Launch | None = None) -> torch.Tenso
     view = packed if isinstance(packed, MmaWeight) else view_of(packed, x.dtype)
     rows, cols = view.shape
     x2 = activations(x, cols)
-    if view.lane_groups and (view.dtype != x.dtype or launch and launch.async_copy):
-        raise ValueError(f"a scaled form for {view.dtype} activations takes those on the register ring, got {x.dtype}, {launch}")
+    if (view.lane_groups or view.table) and (view.dtype != x.dtype or launch and launch.async_copy):
+        raise ValueError(f"a scaled or table form for {view.dtype} activations takes those on the register ring, got {x.dtype}, {launch}")
     batch = x2.shape[0]
     launch = launch or plan(view, batch, x.device)
     launch.check(view.tiles, cols // UNIT)
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
     n_tiles = 1 if batch <= 8 else 2
-    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles, launch, view.lane_groups), nvrtc.device_index(x.device))
+    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles, launch, view.lane_groups, view.table), nvrtc.device_index(x.device))
     shared = launch.shared_bytes(view.bits)
     # the exact form's statistics are per group (groups of 2^gshift units); the scaled form's per unit (GROUPS unused)
     args = [x2, x2.stride(0), batch, view.codes, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],

@@ -1,6 +1,7 @@
 """CUDA C++ of the tensor-core group-quant kernel (cuda_mma.py compiles one template instance a launch layout)."""
 
 from compress.kernels.cuda_mma_async_source import ASYNC_SOURCE
+from compress.kernels.cuda_mma_forms_source import FORMS_SOURCE
 from compress.kernels.cuda_source import CONVERSIONS
 
 SOURCE = CONVERSIONS + r"""
@@ -63,8 +64,10 @@ __device__ __forceinline__ void add_scaled(float (&acc)[NB][4], const float (&su
   }
 }
 
-// A lane's statistics of a unit: the exact form's (LG 0) uint2 of its lane group, shared by the group's units; the
-// scaled form's words of the lane's groups (LG 1: scale and bias pairs of one group, uint2; LG 2: of two, uint4)
+// The kernel's forms (LG): 0 the exact one, 1 and 2 the scaled one (groups a lane's columns span), 3 the table one
+// (mma_lut_layout.py). A lane's statistics of a unit: the exact form's uint2 of its lane group, shared by the group's
+// units; the scaled form's words of the lane's groups (scale and bias pairs of one group, uint2, or of two, uint4); the
+// table form has none a unit (its tables are loaded once)
 template <int LG> struct StatOf { using T = uint2; };
 template <> struct StatOf<2> { using T = uint4; };
 
@@ -77,7 +80,7 @@ __device__ __forceinline__ void load_codes(uint4 (&w)[RT][CH], typename StatOf<L
 #pragma unroll
     for (int c = 0; c < CH; c++) w[r][c] = load_stream(codes + ((size_t)((size_t)(tile0 + r) * U + u) * CH + c) * 32 + lane);
     if (LG == 0) s[r] = *(const typename StatOf<LG>::T*)(stats + ((size_t)(tile0 + r) * GROUPS + (u >> gshift)) * 8 + (lane >> 2));
-    else s[r] = ((const typename StatOf<LG>::T*)stats)[((size_t)(tile0 + r) * U + u) * 32 + lane];
+    else if (LG < 3) s[r] = ((const typename StatOf<LG>::T*)stats)[((size_t)(tile0 + r) * U + u) * 32 + lane];
   }
 }
 
@@ -125,44 +128,7 @@ __device__ __forceinline__ void unit_dot(float (&acc)[RT][NB][4], const uint4 (&
   }
 }
 
-// The scaled form (LG groups a lane): acc += one unit of the RT row tiles, each weight scale x code + bias in 16 bits
-// (one rounding) before the mma: code exact as (M + code) - M, then one packed FMA with its row's scale and bias
-template <int BITS, bool BF16, int NB, int RT, int LG>
-__device__ __forceinline__ void unit_dot_scaled(float (&acc)[RT][NB][4], const uint4 (&w)[RT][BITS / 2],
-                                                const typename StatOf<LG>::T (&s)[RT], const uint4 (&xv)[NB][4]) {
-  constexpr int T = 32 / BITS / 8;
-  constexpr unsigned MASK = ((1u << BITS) - 1u) * 0x10001u, MAGIC = BF16 ? 0x43004300u : 0x64006400u;
-  constexpr unsigned NEG_M = BF16 ? 0xC300C300u : 0xE400E400u, ONE = BF16 ? 0x3F803F80u : 0x3C003C00u;
-#pragma unroll
-  for (int r = 0; r < RT; r++) {
-    // [group][rows g, g + 8]: the 16-bit statistic in both halves of a register
-    unsigned scale[LG][2], bias[LG][2];
-#pragma unroll
-    for (int h = 0; h < LG; h++) {
-      scale[h][0] = __byte_perm(word_of(s[r], 2 * h), 0u, 0x1010);
-      scale[h][1] = __byte_perm(word_of(s[r], 2 * h), 0u, 0x3232);
-      bias[h][0] = __byte_perm(word_of(s[r], 2 * h + 1), 0u, 0x1010);
-      bias[h][1] = __byte_perm(word_of(s[r], 2 * h + 1), 0u, 0x3232);
-    }
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-      const int wi = j / T, hw = j % T, h = LG == 2 ? j / 4 : 0;
-      const unsigned word = word_of(w[r][wi / 4], wi % 4);
-      unsigned a[4];
-#pragma unroll
-      for (int q = 0; q < 4; q++) {
-        const unsigned code = fma2<BF16>(and_or<MASK, MAGIC>(word >> ((hw * 4 + q) * BITS)), ONE, NEG_M);
-        a[q] = fma2<BF16>(code, scale[h][q & 1], bias[h][q & 1]);
-      }
-#pragma unroll
-      for (int nb = 0; nb < NB; nb++) {
-        const uint4 xq = xv[nb][j / 2];
-        mma<BF16>(acc[r][nb], a, j & 1 ? xq.z : xq.x, j & 1 ? xq.w : xq.y);
-      }
-    }
-  }
-}
-
+""" + FORMS_SOURCE + r"""
 // element e of a block's sums (lane l's accumulator i of n-tile nb, row tile r): its output row and batch column
 template <int NB> __device__ __forceinline__ void sum_position(int e, int tile0, int& row, int& b) {
   const int i = e & 3, l = (e >> 2) & 31, nb = (e >> 7) % NB, r = (e >> 7) / NB;
@@ -240,6 +206,12 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
   // so every buffer index is a constant: no register copies); its activations with them (XA) or just before use
   uint4 w[S][RT][CH], xr[XA ? S : 1][NB][4];
   typename StatOf<LG>::T s[S][RT];
+  uint4 table[LG == 3 ? RT : 1][2];  // the table form: rows g and g + 8 of each row tile, for the whole call
+  if (LG == 3)
+#pragma unroll
+    for (int r = 0; r < RT; r++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) table[r][h] = ((const uint4*)stats)[((size_t)(tile0 + r) * 8 + (lane >> 2)) * 2 + h];
 #pragma unroll
   for (int i = 0; i < S - 1; i++)
     if (u0 + i < u1) {
@@ -257,6 +229,7 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
         }
         if (!XA) load_x<NB>(xr[0], x, ldx, B, u + i, lane);
         if constexpr (LG == 0) unit_dot<BITS, BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
+        else if constexpr (LG == 3) unit_dot_table<BF16, NB, RT>(acc, w[i], table, xr[XA ? i : 0]);
         else unit_dot_scaled<BITS, BF16, NB, RT, LG>(acc, w[i], s[i], xr[XA ? i : 0]);
       }
     }

@@ -43,7 +43,8 @@ class MmaWeight:
     codes: torch.Tensor  # int32 [tiles, units, CH, 32, 4]
     stats: torch.Tensor  # int32 [tiles, groups, 8, 2]: (scale of rows g | g + 8 as float16 bits, zero g | zero g + 8 << 8)
     lane_groups: int = 0  # the scaled form: groups a lane's 32 columns span (1 or 2), stats as in the module docstring
-    dtype: torch.dtype | None = None  # the scaled form: the activations' dtype its statistics are in
+    dtype: torch.dtype | None = None  # the scaled and table forms: the activations' dtype their statistics are in
+    table: bool = False  # the table form (mma_lut_layout.py): stats are each row's table, codes index it
 
     @property
     def tiles(self) -> int:
