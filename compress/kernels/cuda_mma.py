@@ -140,6 +140,25 @@ def supported(x: torch.Tensor, packed) -> bool:
     return 1 <= batch <= MAX_BATCH and available()
 
 
+def preview_supported(x: torch.Tensor, weight, bits: int | None = None) -> bool:
+    """The forms not yet measured on a GPU (COMPRESS_GPU_KERNEL=preview): the scaled one for a group-quant weight the
+    exact one does not take, the table one for a LUT codes view (views.LUTCodes) of `bits` <= 3-bit codes."""
+    from compress.kernels import mma_lut_layout, views
+
+    if x.device.type != "cuda" or x.dtype not in DTYPES or not 1 <= x.numel() // max(1, x.shape[-1]) <= MAX_BATCH:
+        return False
+    if isinstance(weight, views.LUTCodes):
+        return bits is not None and mma_lut_layout.shape_ok(weight, bits) and available()
+    return not shape_ok(weight) and scaled_shape_ok(weight) and available()
+
+
+def preview_matmul(x: torch.Tensor, weight, bits: int | None = None) -> torch.Tensor:
+    """x @ W.T through the form `preview_supported` names."""
+    from compress.kernels import views
+
+    return matmul(x, table_view_of(weight, bits, x.dtype) if isinstance(weight, views.LUTCodes) else view_of(weight, x.dtype))
+
+
 def plan(view: MmaWeight, batch: int, device: torch.device) -> Launch:
     """2 row tiles a block (each activation load serves both), and the power of two of warps a block nearest to about
     16 warps a multiprocessor at batch <= 8 and 8 at batch 9-16 (two n-tiles: more registers), at least 2 units a warp

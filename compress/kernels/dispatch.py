@@ -9,7 +9,9 @@ batch 1 to the CUDA kernel of cuda_ternary.py where it is the faster: COMPRESS_G
 Triton). All are imported on first use only, so `import compress` and every CPU path stay free of Triton; every other
 format or device, and every device when Triton is missing, takes the format's plain-torch reference_matmul.
 COMPRESS_GPU_KERNEL=torch forces the reference (COMPRESS_GPU_KERNEL=triton makes a missing Triton an error instead of
-a silent fallback). CPU tensors never come here: cpu.py keeps its own paths."""
+a silent fallback); COMPRESS_GPU_KERNEL=preview is auto plus the tensor-core forms not yet measured on a GPU (groups of
+16-64 and float zero points, SpQR's grid, LUT tables of 2-3 bit codes: cuda_mma.preview_supported). CPU tensors never
+come here: cpu.py keeps its own paths."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr, ternary_dict
 
 ENV = "COMPRESS_GPU_KERNEL"
-CHOICES = ("auto", "triton", "torch")
+CHOICES = ("auto", "triton", "torch", "preview")
 REFERENCE = {nm.NMWeight: nm.reference_matmul, group_quant.GroupQuantWeight: group_quant.reference_matmul,
              bitmap.BitmapWeight: bitmap.reference_matmul, sparse_quant.SparseQuantWeight: sparse_quant.reference_matmul,
              spqr.SpQRWeight: spqr.reference_matmul, lut.LUTWeight: lut.reference_matmul,
@@ -71,6 +73,21 @@ def _choice() -> str:
     return choice
 
 
+def _extras_grid(packed):
+    """The grid part's kernel of a SpQR / LUT weight's view: the Triton kernels, or with COMPRESS_GPU_KERNEL=preview the
+    tensor-core forms where they take the grid."""
+    triton = _triton_kernels().packed_matmul
+    if _choice() != "preview":
+        return triton
+    bits = packed.bits if isinstance(packed, lut.LUTWeight) else None
+
+    def grid(x2: torch.Tensor, dense) -> torch.Tensor:
+        mma = _cuda_mma()
+        return mma.preview_matmul(x2, dense, bits) if mma.preview_supported(x2, dense, bits) else triton(x2, dense)
+
+    return grid
+
+
 def kernel_for(x: torch.Tensor, packed) -> str:
     """"cpu" (cpu.py's kernels), "triton" or "torch" (the format's reference) for this input and weight."""
     if x.device.type == "cpu":
@@ -108,9 +125,11 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
         if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
             from compress.kernels import extras_view, triton_outliers
 
-            return extras_view.matmul(x, extras_view.cached(packed), _triton_kernels().packed_matmul, triton_outliers.add_corrections)
-        if isinstance(packed, group_quant.GroupQuantWeight) and _choice() == "auto" and _cuda_mma().supported(x, packed):
+            return extras_view.matmul(x, extras_view.cached(packed), _extras_grid(packed), triton_outliers.add_corrections)
+        if isinstance(packed, group_quant.GroupQuantWeight) and _choice() in ("auto", "preview") and _cuda_mma().supported(x, packed):
             return _cuda_mma().matmul(x, packed)
+        if isinstance(packed, group_quant.GroupQuantWeight) and _choice() == "preview" and _cuda_mma().preview_supported(x, packed):
+            return _cuda_mma().preview_matmul(x, packed)
         from compress.kernels import views
 
         return _triton_kernels().packed_matmul(x, views.kernel_form(packed))
