@@ -176,14 +176,20 @@ def test_cuda_scaled_form_equals_its_decoded_weight(rows, cols, bits, group, zer
     the kernel's FMA, within the decode's own rounding), fp32 sums."""
     packed = on_device(make_group_quant(rows, cols, bits, group, zero_kind, seed=rows + cols), "cuda")
     view = cuda_mma.view_of(packed, dtype)
-    weight = mma_layout.dense(view).double()
+    _equals_decoded_weight(view, mma_layout.dense(view), dtype)
+
+
+def _equals_decoded_weight(view: mma_layout.MmaWeight, weight: torch.Tensor, dtype: torch.dtype) -> None:
+    """The kernel on `view` against x @ weight.T (its form decoded on CPU) at batches 1-16 and several launches, splits
+    included: the same weights, fp32 sums in another order, one rounding to the dtype."""
+    weight = weight.double()
     for batch in (1, 3, 9, 16):
-        x = torch.randn(batch, cols, device="cuda", dtype=dtype)
+        x = torch.randn(batch, view.shape[1], device="cuda", dtype=dtype)
         ref = x.double() @ weight.T
         for launch in [cuda_mma.Launch(), cuda_mma.Launch(1, 2, 3, False), cuda_mma.Launch(2, 8, 2, True)] + SPLITS[:3]:
-            if launch.slices > cols // mma_layout.UNIT:
+            if launch.slices > view.shape[1] // mma_layout.UNIT:
                 continue
-            got = cuda_mma.matmul(x, packed, launch).double()
+            got = cuda_mma.matmul(x, view, launch).double()
             assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, str(launch))
 
 
@@ -195,15 +201,7 @@ def test_cuda_table_form_equals_its_decoded_weight(rows, cols, bits, dtype):
 
     codes_view = on_device(_lut_codes(rows, cols, bits, seed=cols)[0], "cuda")
     view = cuda_mma.table_view_of(codes_view, bits, dtype)
-    weight = mma_lut_layout.dense(view).double()
-    for batch in (1, 3, 9, 16):
-        x = torch.randn(batch, cols, device="cuda", dtype=dtype)
-        ref = x.double() @ weight.T
-        for launch in [cuda_mma.Launch(), cuda_mma.Launch(1, 2, 3, False), cuda_mma.Launch(2, 8, 2, True)] + SPLITS[:2]:
-            if launch.slices > cols // mma_layout.UNIT:
-                continue
-            got = cuda_mma.matmul(x, view, launch).double()
-            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, str(launch))
+    _equals_decoded_weight(view, mma_lut_layout.dense(view), dtype)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")

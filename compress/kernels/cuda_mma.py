@@ -96,15 +96,15 @@ def entry_source(name: str) -> str:
     launch's entry also takes the slices' fp32 sums and the row-tile groups' arrival counters."""
     kind, dtype, bits, n_tiles, form = name.split("_")
     launch = Launch.parse(form + ("2" if form.endswith("k") else ""))
-    lane_groups = 3 if kind == "gqmmat" else int(kind[len("gqmmas"):] or 0)  # the kernel's form: 3 the table one
+    form = 3 if kind == "gqmmat" else int(kind[len("gqmmas"):] or 0)  # the kernel's FORM: EXACT 0, SCALED_1 / _2, TABLE 3
     bf16, split = ("true" if dtype == "bf16" else "false"), "true" if launch.slices > 1 else "false"
-    if launch.async_copy and lane_groups:
+    if launch.async_copy and form:
         raise ValueError(f"{name}: the scaled and table forms run the register ring only")
     if launch.async_copy:
         body = f"gq_mma_async<{bits}, {bf16}, {n_tiles[1:]}, {launch.row_tiles}, {launch.warps}, {launch.stages}, {split}>"
     else:
         body = (f"gq_mma<{bits}, {bf16}, {n_tiles[1:]}, {launch.row_tiles}, {launch.warps}, {launch.stages}, "
-                f"{'true' if launch.x_ahead else 'false'}, {split}, {lane_groups}>")
+                f"{'true' if launch.x_ahead else 'false'}, {split}, {form}>")
     extra, passed = (", float* work, unsigned* counters", ", work, counters") if launch.slices > 1 else ("", "")
     return SOURCE + (
         f'extern "C" __global__ void __launch_bounds__({32 * launch.warps}) {name}(const unsigned short* x, int ldx, int B, '

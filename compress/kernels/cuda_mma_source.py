@@ -64,23 +64,24 @@ __device__ __forceinline__ void add_scaled(float (&acc)[NB][4], const float (&su
   }
 }
 
-// The kernel's forms (LG): 0 the exact one, 1 and 2 the scaled one (groups a lane's columns span), 3 the table one
+// The kernel's weight forms (FORM): EXACT, SCALED_1 and SCALED_2 (the scaled one, groups a lane's columns span), TABLE
 // (mma_lut_layout.py). A lane's statistics of a unit: the exact form's uint2 of its lane group, shared by the group's
 // units; the scaled form's words of the lane's groups (scale and bias pairs of one group, uint2, or of two, uint4); the
 // table form has none a unit (its tables are loaded once)
-template <int LG> struct StatOf { using T = uint2; };
-template <> struct StatOf<2> { using T = uint4; };
+constexpr int EXACT = 0, SCALED_1 = 1, SCALED_2 = 2, TABLE = 3;
+template <int FORM> struct StatOf { using T = uint2; };
+template <> struct StatOf<SCALED_2> { using T = uint4; };
 
 // One unit (128 columns) of the block's RT row tiles: their code chunks and statistics
-template <int CH, int RT, int LG = 0>
-__device__ __forceinline__ void load_codes(uint4 (&w)[RT][CH], typename StatOf<LG>::T (&s)[RT], const uint4* __restrict__ codes,
+template <int CH, int RT, int FORM = EXACT>
+__device__ __forceinline__ void load_codes(uint4 (&w)[RT][CH], typename StatOf<FORM>::T (&s)[RT], const uint4* __restrict__ codes,
     const uint2* __restrict__ stats, int tile0, int u, int U, int GROUPS, int gshift, int lane) {
 #pragma unroll
   for (int r = 0; r < RT; r++) {
 #pragma unroll
     for (int c = 0; c < CH; c++) w[r][c] = load_stream(codes + ((size_t)((size_t)(tile0 + r) * U + u) * CH + c) * 32 + lane);
-    if (LG == 0) s[r] = *(const typename StatOf<LG>::T*)(stats + ((size_t)(tile0 + r) * GROUPS + (u >> gshift)) * 8 + (lane >> 2));
-    else if (LG < 3) s[r] = ((const typename StatOf<LG>::T*)stats)[((size_t)(tile0 + r) * U + u) * 32 + lane];
+    if (FORM == EXACT) s[r] = *(const typename StatOf<FORM>::T*)(stats + ((size_t)(tile0 + r) * GROUPS + (u >> gshift)) * 8 + (lane >> 2));
+    else if (FORM != TABLE) s[r] = ((const typename StatOf<FORM>::T*)stats)[((size_t)(tile0 + r) * U + u) * 32 + lane];
   }
 }
 
@@ -191,7 +192,7 @@ template <int W, bool SPLIT> __device__ __forceinline__ void warp_units(int U, i
   u1 = a + (warp + 1) * n / W;
 }
 
-template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, bool SPLIT = false, int LG = 0>
+template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, bool SPLIT = false, int FORM = EXACT>
 __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
     const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift,
     float* __restrict__ work = nullptr, unsigned* __restrict__ counters = nullptr) {
@@ -205,9 +206,9 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
   // a ring of S register buffers: unit u's code loads are issued S - 1 units ahead of its decode (the ring unrolled,
   // so every buffer index is a constant: no register copies); its activations with them (XA) or just before use
   uint4 w[S][RT][CH], xr[XA ? S : 1][NB][4];
-  typename StatOf<LG>::T s[S][RT];
-  uint4 table[LG == 3 ? RT : 1][2];  // the table form: rows g and g + 8 of each row tile, for the whole call
-  if (LG == 3)
+  typename StatOf<FORM>::T s[S][RT];
+  uint4 table[FORM == TABLE ? RT : 1][2];  // the table form: rows g and g + 8 of each row tile, for the whole call
+  if (FORM == TABLE)
 #pragma unroll
     for (int r = 0; r < RT; r++)
 #pragma unroll
@@ -215,7 +216,7 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
 #pragma unroll
   for (int i = 0; i < S - 1; i++)
     if (u0 + i < u1) {
-      load_codes<CH, RT, LG>(w[i], s[i], codes, stats, tile0, u0 + i, U, GROUPS, gshift, lane);
+      load_codes<CH, RT, FORM>(w[i], s[i], codes, stats, tile0, u0 + i, U, GROUPS, gshift, lane);
       if (XA) load_x<NB>(xr[XA ? i : 0], x, ldx, B, u0 + i, lane);
     }
   for (int u = u0; u < u1; u += S) {
@@ -224,13 +225,13 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
       if (u + i < u1) {
         const int ahead = u + i + S - 1;
         if (ahead < u1) {
-          load_codes<CH, RT, LG>(w[(i + S - 1) % S], s[(i + S - 1) % S], codes, stats, tile0, ahead, U, GROUPS, gshift, lane);
+          load_codes<CH, RT, FORM>(w[(i + S - 1) % S], s[(i + S - 1) % S], codes, stats, tile0, ahead, U, GROUPS, gshift, lane);
           if (XA) load_x<NB>(xr[XA ? (i + S - 1) % S : 0], x, ldx, B, ahead, lane);
         }
         if (!XA) load_x<NB>(xr[0], x, ldx, B, u + i, lane);
-        if constexpr (LG == 0) unit_dot<BITS, BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
-        else if constexpr (LG == 3) unit_dot_table<BF16, NB, RT>(acc, w[i], table, xr[XA ? i : 0]);
-        else unit_dot_scaled<BITS, BF16, NB, RT, LG>(acc, w[i], s[i], xr[XA ? i : 0]);
+        if constexpr (FORM == EXACT) unit_dot<BITS, BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
+        else if constexpr (FORM == TABLE) unit_dot_table<BF16, NB, RT>(acc, w[i], table, xr[XA ? i : 0]);
+        else unit_dot_scaled<BITS, BF16, NB, RT, FORM>(acc, w[i], s[i], xr[XA ? i : 0]);
       }
     }
   }
