@@ -3,8 +3,9 @@ mma_layout.pack_scaled) and the table one (LUT codes; mma_lut_layout.py). cuda_m
 helpers it uses."""
 
 FORMS_SOURCE = r"""
-// The scaled form (LG groups a lane: its FORM, SCALED_1 or SCALED_2): acc += one unit of the RT row tiles, each weight scale x code + bias in 16 bits
-// (one rounding) before the mma: code exact as (M + code) - M, then one packed FMA with its row's scale and bias
+// The scaled form (FORM SCALED_1 or SCALED_2: LG groups a lane): acc += one unit of the RT row tiles, each weight
+// scale x code + bias in 16 bits (one rounding) before the mma: code exact as (M + code) - M, then one packed FMA with
+// its row's scale and bias
 template <int BITS, bool BF16, int NB, int RT, int LG>
 __device__ __forceinline__ void unit_dot_scaled(float (&acc)[RT][NB][4], const uint4 (&w)[RT][BITS / 2],
                                                 const typename StatOf<LG>::T (&s)[RT], const uint4 (&xv)[NB][4]) {

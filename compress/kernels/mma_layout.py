@@ -65,7 +65,8 @@ def scaled_shape_ok(packed) -> bool:
             and (packed.group_size in SCALED_GROUPS or packed.group_size % UNIT == 0))
 
 
-def _tiles(rows: int) -> int:
+def padded_tiles(rows: int) -> int:
+    """Row tiles of 16 a weight of `rows` rows is padded to (a multiple of TILE_PAD)."""
     return -(-rows // (16 * TILE_PAD)) * TILE_PAD
 
 
@@ -73,7 +74,7 @@ def pack(packed: group_quant.GroupQuantWeight) -> MmaWeight:
     """The kernel's form of a 2- or 4-bit group-quant weight (the same codes and statistics, re-ordered)."""
     if not shape_ok(packed) or packed.bits not in BITS:
         raise ValueError(f"not a layout the tensor-core kernel reads: {packed.bits}-bit, group {packed.group_size}, {packed.shape}")
-    rows, tiles = packed.shape[0], _tiles(packed.shape[0])
+    rows, tiles = packed.shape[0], padded_tiles(packed.shape[0])
     stats = statistics(packed.scale, packed.zero, packed.bits, rows, tiles)
     return MmaWeight(packed.shape, packed.bits, packed.group_size, code_words(packed), stats)
 
@@ -92,7 +93,7 @@ def pack_scaled(packed: group_quant.GroupQuantWeight, dtype: torch.dtype, codes:
 def code_words(packed: group_quant.GroupQuantWeight) -> torch.Tensor:
     """int32 [tiles, units, chunks, 32, 4]: the codes of a 2- or 4-bit weight as the lanes load them."""
     rows, cols = packed.shape
-    bits, tiles, units = packed.bits, _tiles(rows), cols // UNIT
+    bits, tiles, units = packed.bits, padded_tiles(rows), cols // UNIT
     per = 32 // bits
     chunks, ktiles = bits // 2, per // 8  # 16-byte chunks a lane a unit; k-tiles a word
     codes = torch.zeros(tiles * 16, cols, dtype=torch.uint8, device=packed.codes.device)
@@ -118,7 +119,7 @@ def dense(view: MmaWeight) -> torch.Tensor:
     col = u * UNIT + t * 32 + j * 4 + 2 * (q // 2) + e
     if view.lane_groups:  # the lane's group: the k-tile's half of its columns at groups of 16
         words = view.stats.long()[tile, u, lane, (j // 4 if view.lane_groups == 2 else 0) * 2 + torch.arange(2, device=dev).view(2, *[1] * 6)]
-        scale, bias = (_half(w, q % 2, view.dtype) for w in words)
+        scale, bias = (half_value(w, q % 2, view.dtype) for w in words)
         value = scale * code.float() + bias
     else:
         scale, zero = statistic_values(view.stats.long()[tile, col // view.group_size, g], q % 2)
@@ -128,7 +129,7 @@ def dense(view: MmaWeight) -> torch.Tensor:
     return out[:rows]
 
 
-def _half(words: torch.Tensor, high: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def half_value(words: torch.Tensor, high: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float32 of the 16-bit `dtype` value in the low (high = 0) or high half of int64 words."""
     bits16 = (words >> (16 * high)) & 0xFFFF
     return torch.where(bits16 >= 1 << 15, bits16 - (1 << 16), bits16).to(torch.int16).view(dtype).float()
@@ -136,7 +137,7 @@ def _half(words: torch.Tensor, high: torch.Tensor, dtype: torch.dtype) -> torch.
 
 def statistic_values(stat: torch.Tensor, row_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 scales and int64 zero points from `statistics` entries [..., 2] (as int64) of rows g + 8 * row_half."""
-    return _half(stat[..., 0], row_half, torch.float16), (stat[..., 1] >> (8 * row_half)) & 0xFF
+    return half_value(stat[..., 0], row_half, torch.float16), (stat[..., 1] >> (8 * row_half)) & 0xFF
 
 
 def statistics(scale: torch.Tensor, zero: torch.Tensor, bits: int, rows: int, tiles: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from compress.formats.words import pack_fields, read_fields
-from compress.kernels.mma_layout import UNIT, MmaWeight, _half, _tiles
+from compress.kernels.mma_layout import UNIT, MmaWeight, half_value, padded_tiles
 from compress.kernels.views import LUTCodes
 
 ENTRIES = 8  # table entries a row the byte permutes reach (codes of 3 bits or fewer)
@@ -35,7 +35,7 @@ def pack_table(view: LUTCodes, bits: int, dtype: torch.dtype) -> MmaWeight:
     if not shape_ok(view, bits):
         raise ValueError(f"not a layout the table kernel reads: {bits}-bit codes, {view.shape}")
     rows, cols = view.shape
-    tiles, units = _tiles(rows), cols // UNIT
+    tiles, units = padded_tiles(rows), cols // UNIT
     codes = torch.zeros(tiles * 16, cols, dtype=torch.uint8, device=view.codes.device)
     codes[:rows] = read_fields(view.codes, view.bits, cols).to(torch.uint8)
     # row = tile*16 + rh*8 + g; column = u*128 + t*32 + (c*4 + v)*4 + e -> [tile, u, c, lane = g*4 + t, word v, nibble rh*4 + e]
@@ -59,7 +59,7 @@ def dense(view: MmaWeight) -> torch.Tensor:
     planes = view.stats.long()[tile, g, rh] & 0xFFFFFFFF  # [..., 4 words]
     low = (planes[..., 0] | (planes[..., 1] << 32)) >> (8 * code) & 0xFF
     high = (planes[..., 2] | (planes[..., 3] << 32)) >> (8 * code) & 0xFF
-    value = _half(low | (high << 8), torch.zeros_like(code), view.dtype)
+    value = half_value(low | (high << 8), torch.zeros_like(code), view.dtype)
     out = torch.zeros(view.tiles * 16, cols, dtype=torch.float32, device=dev)
     out[(tile * 16 + g + 8 * rh).flatten(), (u * UNIT + t * 32 + j * 4 + 2 * (q // 2) + e).flatten()] = value.flatten()
     return out[:rows]

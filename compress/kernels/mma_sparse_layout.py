@@ -29,7 +29,7 @@ import torch
 
 from compress.formats import nm, sparse_quant
 from compress.formats.words import pack_fields, read_fields
-from compress.kernels.mma_layout import TILE_PAD, UNIT, statistic_values, statistics
+from compress.kernels.mma_layout import UNIT, padded_tiles, statistic_values, statistics
 
 
 def meta_shift(row_half, chunk_in_lane, kept):
@@ -67,7 +67,7 @@ def pack(packed: sparse_quant.SparseQuantWeight) -> SparseMmaWeight:
         raise ValueError(f"not a layout the sparse tensor-core kernel reads: {packed.pattern} {packed.bits}-bit, group "
                          f"{packed.group_size}, {packed.zero_kind} zero points, {packed.shape}")
     rows, cols = packed.shape
-    tiles, units, device = -(-rows // (16 * TILE_PAD)) * TILE_PAD, cols // UNIT, packed.codes.device
+    tiles, units, device = padded_tiles(rows), cols // UNIT, packed.codes.device
     kept = cols // 2
     # every row's kept values in column order: 2 a group; their codes and positions inside the group
     position = torch.zeros(tiles * 16, kept, dtype=torch.int64, device=device)
