@@ -183,14 +183,18 @@ def _equals_decoded_weight(view: mma_layout.MmaWeight, weight: torch.Tensor, dty
     """The kernel on `view` against x @ weight.T (its form decoded on CPU) at batches 1-16 and several launches, splits
     included: the same weights, fp32 sums in another order, one rounding to the dtype."""
     weight = weight.double()
+    generator = torch.Generator(device="cuda").manual_seed(view.shape[0])
     for batch in (1, 3, 9, 16):
-        x = torch.randn(batch, view.shape[1], device="cuda", dtype=dtype)
+        x = torch.randn(batch, view.shape[1], device="cuda", dtype=dtype, generator=generator)
         ref = x.double() @ weight.T
+        # against the sums of magnitudes: a few rows' sums can cancel to near zero, where one rounding of the output
+        # is a large part of it (a wrong decode is off by sqrt(in) / in of this, above 6% at 256 columns)
+        scale = (x.double().abs() @ weight.abs().T).norm()
         for launch in [cuda_mma.Launch(), cuda_mma.Launch(1, 2, 3, False), cuda_mma.Launch(2, 8, 2, True)] + SPLITS[:3]:
             if launch.slices > view.shape[1] // mma_layout.UNIT:
                 continue
             got = cuda_mma.matmul(x, view, launch).double()
-            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, str(launch))
+            assert ((got - ref).norm() / scale).item() < 2e-3, (batch, str(launch), ((got - ref).norm() / ref.norm()).item())
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")

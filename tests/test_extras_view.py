@@ -210,6 +210,8 @@ def test_outlier_kernel_equals_the_plain_corrections(batch, dtype):
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2
         assert torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance), (batch, (got.float() - want.float()).abs().max())
         assert not torch.equal(got, y)  # the corrections are there
+        none = weight.outlier_row_ptr[1:] == weight.outlier_row_ptr[:-1]
+        assert torch.equal(got[:, none], y[:, none])  # rows without outliers are left as they were
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="no CUDA device")

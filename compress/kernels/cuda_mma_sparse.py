@@ -34,7 +34,6 @@ template <bool BF16> __device__ __forceinline__ void mma_sp(float* c, const unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(meta));
 }
 
-__device__ __forceinline__ unsigned word_of(const uint4& v, int i) { return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w)); }
 
 // A unit of the RT row tiles: a word of kept codes an instruction (uint4), the positions (lanes t and t ^ 2 read the
 // same), the statistics; the activations of the lane's batch row: pair P = t >> 1, half h = t & 1 reads columns

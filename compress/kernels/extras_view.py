@@ -38,7 +38,7 @@ class ExtrasView:
     perm: torch.Tensor | None  # int64 [in]: x[:, perm] is x in the stored column order
     rows: torch.Tensor | None  # int64 [outliers], the output row of each outlier
     row_ptr: torch.Tensor | None  # int32 [out + 1]: row r's outliers are entries row_ptr[r] .. row_ptr[r + 1] - 1
-    cols: torch.Tensor | None  # int64 [outliers], its stored column
+    cols: torch.Tensor | None  # int32 [outliers], its stored column
     delta: torch.Tensor | None  # float32 [outliers]: outlier value - the dense part's weight there
 
 
@@ -74,7 +74,7 @@ def build(packed: spqr.SpQRWeight | lut.LUTWeight) -> ExtrasView:
         value = dense.scale[rows, group].float() * (codes.float() - dense.zero[rows, group].float())
     else:
         value = dense.table[rows, codes]
-    return ExtrasView(dense, perm, rows, packed.outlier_row_ptr, cols, packed.outlier_values.float() - value)
+    return ExtrasView(dense, perm, rows, packed.outlier_row_ptr, cols.to(torch.int32), packed.outlier_values.float() - value)
 
 
 def matmul(x: torch.Tensor, view: ExtrasView, dense_matmul: Callable, corrections: Callable | None = None) -> torch.Tensor:
