@@ -4,6 +4,7 @@ a block, warps a block, register ring depth, activations ahead or at use) in --g
 
     python benchmarks/cuda_mma_probe.py [--shapes 14336x4096,...] [--bits 4,2] [--batches 1,4,16] [--json out.jsonl]
     python benchmarks/cuda_mma_probe.py --sparse ...   # 2:4 + int4 g128 on the sparse tensor-core kernel
+    python benchmarks/cuda_mma_probe.py --bitmap 70 [--prefetch 0,1,2] ...   # 70% bitmap bf16 on the bitmap kernel
 
 Timing as benchmarks/gpu_kernels.py (a CUDA graph over R copies of the weight, R copies > 3x the L2, median replay
 / R). Every configuration is checked against the format's reference first (relative error < 4e-3 with bf16 x).
@@ -26,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_kernels import copies_for, time_op, unpack, weight_copies
 
-from compress.formats import group_quant, sparse_quant
-from compress.kernels import cuda_mma, cuda_mma_sparse, views
+from compress.formats import bitmap, group_quant, sparse_quant
+from compress.kernels import cuda_mma, cuda_mma_bitmap, cuda_mma_sparse, triton_bitmap, views
 from compress.kernels import triton_kernels as tk
 
 SHAPES = "14336x4096,4096x14336,4096x4096,8192x8192,11008x4096"
@@ -39,11 +40,17 @@ class Kernel:
     view_of: Callable
     reference: Callable
     run: Callable  # (x, packed, launch)
+    triton: Callable = tk.packed_matmul  # what the modules ran before
 
 
 DENSE = Kernel(lambda p: cuda_mma.view_of(p, torch.bfloat16), group_quant.reference_matmul, cuda_mma.matmul)
 SPARSE = Kernel(cuda_mma_sparse.view_of, sparse_quant.reference_matmul,
                 lambda x, p, launch: cuda_mma_sparse.matmul(x, p, launch.row_tiles, launch.warps))
+
+
+def bitmap_kernel(prefetch: int) -> Kernel:
+    return Kernel(lambda p: cuda_mma_bitmap.view_of(p, torch.bfloat16), bitmap.reference_matmul,
+                  lambda x, p, launch: cuda_mma_bitmap.matmul(x, p, launch.row_tiles, launch.warps, prefetch), triton_bitmap.matmul)
 
 
 def humming_op(dense_w: torch.Tensor, bits: int):
@@ -69,6 +76,9 @@ def main(argv=None) -> None:
     parser.add_argument("--float-zero", action="store_true", help="float16 zero points (the scaled form)")
     parser.add_argument("--no-humming", action="store_true")
     parser.add_argument("--sparse", action="store_true", help="2:4 + int4 g128 weights on the sparse tensor-core kernel (--bits ignored)")
+    parser.add_argument("--bitmap", type=int, help="a bitmap bf16 weight with this %% pruned at random, on the bitmap kernel (--bits ignored)")
+    parser.add_argument("--prefetch", default="1", help="--bitmap: the next unit's values prefetched: 0 none, 1 L1, 2 L2 (each a launch "
+                        "named <launch>p<n>)")
     parser.add_argument("--json", help="write one JSON record per (shape, bits, batch) to this file")
     args = parser.parse_args(argv)
     env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv)}
@@ -80,33 +90,39 @@ def main(argv=None) -> None:
         xs = {b: [torch.randn(b, cols, device="cuda", dtype=torch.bfloat16) for _ in range(4)] for b in batches}
         dense_us = {b: time_op(F.linear, [(xs[b][i % 4], w) for i, w in enumerate(dense_w)], reps=15) for b in batches}
         del dense_w
-        for bits in [4] if args.sparse else map(int, args.bits.split(",")):
-            kernel = SPARSE if args.sparse else DENSE
-            fmt = f"int{bits}_g{args.group}{'f' if args.float_zero else ''}"
-            copies, nbytes = weight_copies("2:4+int4_g128" if args.sparse else fmt, rows, cols, checked=False)
+        for bits in [4] if args.sparse or args.bitmap is not None else map(int, args.bits.split(",")):
+            kernels = {"": SPARSE if args.sparse else DENSE}
+            fmt = "2:4+int4_g128" if args.sparse else f"int{bits}_g{args.group}{'f' if args.float_zero else ''}"
+            if args.bitmap is not None:
+                kernels = {f"p{pf}": bitmap_kernel(int(pf)) for pf in args.prefetch.split(",")}
+                fmt = f"bitmap{args.bitmap}_bf16"
+            kernel = next(iter(kernels.values()))
+            copies, nbytes = weight_copies(fmt, rows, cols, checked=False)
             for copy in copies:
                 kernel.view_of(copy)  # built outside the capture
             packed = copies[0]
-            peer = None if args.no_humming or args.sparse else humming_op(unpack(views.kernel_form(packed)).bfloat16(), bits)
+            device = next(v for v in vars(packed).values() if isinstance(v, torch.Tensor)).device
+            peer = None if args.no_humming or fmt[0] != "i" else humming_op(unpack(views.kernel_form(packed)).bfloat16(), bits)
             for b in batches:
                 calls = [(xs[b][i % 4], p) for i, p in enumerate(copies)]
                 ref = kernel.reference(xs[b][0].float(), packed).double()
-                record = {"shape": [rows, cols], "bits": bits, "sparse": args.sparse, "batch": b, "dense_us": round(dense_us[b], 2),
-                          "triton_us": round(time_op(tk.packed_matmul, calls, reps=15), 2),
-                          "plan": str(cuda_mma.plan(kernel.view_of(packed), b, packed.codes.device)), "bytes": nbytes}
+                record = {"shape": [rows, cols], "format": fmt, "bits": bits, "sparse": args.sparse, "batch": b, "dense_us": round(dense_us[b], 2),
+                          "triton_us": round(time_op(kernel.triton, calls, reps=15), 2),
+                          "plan": str(cuda_mma.plan(kernel.view_of(packed), b, device)) + ("p1" if args.bitmap is not None else ""), "bytes": nbytes}
                 if peer:
                     op, layers = peer
                     record["humming_us"] = round(time_op(op, [(xs[b][i % 4], layer) for i, layer in enumerate(layers)], reps=15), 2)
                 for name in args.grid.split(","):
                     launch = cuda_mma.Launch.parse(name)
                     if (kernel.view_of(packed).tiles % launch.row_tiles or cols // cuda_mma.UNIT < launch.warps * launch.slices
-                            or (args.sparse and launch.form()[-3:] != "s2a")):
-                        continue  # the sparse kernel: 2 register buffers, activations ahead, not split
-                    got = kernel.run(xs[b][0], packed, launch).double()
-                    err = ((got - ref).norm() / ref.norm()).item()
-                    if err >= 4e-3:
-                        raise SystemExit(f"{shape} int{bits} batch {b} {launch}: relative error {err:.1e}")
-                    record[str(launch)] = round(time_op(lambda x, p, launch=launch, run=kernel.run: run(x, p, launch), calls, reps=15), 2)
+                            or ((args.sparse or args.bitmap is not None) and launch.form()[-3:] != "s2a")):
+                        continue  # the sparse and bitmap kernels: 2 register buffers, activations ahead, not split
+                    for suffix, kernel in kernels.items():
+                        got = kernel.run(xs[b][0], packed, launch).double()
+                        err = ((got - ref).norm() / ref.norm()).item()
+                        if err >= 4e-3:
+                            raise SystemExit(f"{shape} {fmt} batch {b} {launch}{suffix}: relative error {err:.1e}")
+                        record[f"{launch}{suffix}"] = round(time_op(lambda x, p, launch=launch, run=kernel.run: run(x, p, launch), calls, reps=15), 2)
                 best_us, best = min((v, k) for k, v in record.items() if k[0] == "r" and k[1].isdigit())
                 plan_key = record["plan"]
                 record.update(best=best, best_us=best_us, plan_us=record.get(plan_key), ratio_best_vs_dense=round(dense_us[b] / best_us, 3),

@@ -39,7 +39,7 @@ import gpu_peers
 from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
 from compress.formats.quantized import Outliers, QuantizedWeight
 from compress.formats.words import tensor_bytes
-from compress.kernels import cuda_mma, dispatch, extras_view, triton_bitmap, triton_outliers, views
+from compress.kernels import cuda_mma, cuda_mma_bitmap, dispatch, extras_view, triton_bitmap, triton_outliers, views
 from compress.kernels import triton_config as tc
 from compress.kernels import triton_gemv as tg
 from compress.kernels import triton_kernels as tk
@@ -102,8 +102,18 @@ def op_for(packed):
 def kernel_name(packed, batch: int) -> str:
     """The kernel the dispatcher runs for bf16 activations of this batch: "cuda_mma <its launch>" or "triton"."""
     x = torch.empty(batch, packed.shape[1], device="cuda", dtype=torch.bfloat16)
+    if dispatch._choice() != "auto":
+        return dispatch._choice()
     if isinstance(packed, group_quant.GroupQuantWeight) and cuda_mma.supported(x, packed):
         return f"cuda_mma {cuda_mma.plan(cuda_mma.view_of(packed), batch, x.device)}"
+    if isinstance(packed, group_quant.GroupQuantWeight) and cuda_mma.form_supported(x, packed):
+        return f"cuda_mma scaled {cuda_mma.plan(cuda_mma.view_of(packed, x.dtype), batch, x.device)}"
+    if isinstance(packed, bitmap.BitmapWeight) and cuda_mma_bitmap.supported(x, packed):
+        return f"cuda_mma_bitmap {cuda_mma.plan(cuda_mma_bitmap.view_of(packed, x.dtype), batch, x.device)}"
+    if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
+        grid = extras_view.cached(packed).dense
+        bits = packed.bits if isinstance(packed, lut.LUTWeight) else None
+        return ("cuda_mma " + ("table" if bits else "scaled") if cuda_mma.form_supported(x, grid, bits) else "triton") + " + outliers"
     return "triton"
 
 
@@ -258,6 +268,8 @@ def weight_copies(fmt: str, rows: int, cols: int, checked: bool, batches=()):
             cuda_mma.view_of(copy)
         elif isinstance(copy, bitmap.BitmapWeight):
             triton_bitmap.view_of(copy)
+            if cuda_mma_bitmap.shape_ok(copy):
+                cuda_mma_bitmap.view_of(copy, torch.bfloat16)
     return copies, nbytes
 
 
@@ -326,10 +338,26 @@ def mma_op(x: torch.Tensor, packed) -> torch.Tensor:
 
 
 def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep: bool) -> None:
+    """FORMAT@triton: the format with COMPRESS_GPU_KERNEL=triton (its Triton kernels where the tensor-core ones are the
+    default), side by side in the same run."""
+    if fmt.endswith("@triton"):
+        previous = os.environ.get(dispatch.ENV)
+        os.environ[dispatch.ENV] = "triton"
+        try:
+            return _run_format(fmt[: -len("@triton")], rows, cols, batches, peers, bandwidth, env, out, records, sweep, "@triton")
+        finally:
+            os.environ.pop(dispatch.ENV) if previous is None else os.environ.update({dispatch.ENV: previous})
+    return _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep)
+
+
+def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep: bool, suffix: str = "") -> None:
     fmt, _, forced = fmt.partition("@")
-    if (forced or fmt in VIEW_FORMATS or fmt.startswith("bitmap")) and sweep:
+    if (forced or suffix or fmt in VIEW_FORMATS or fmt.startswith("bitmap")) and sweep:
         return  # the sweep's grid holds the forced kernel already; the views' kernels are swept as their own formats
     copies, nbytes = weight_copies(fmt, rows, cols, not sweep, batches)
+    if isinstance(copies[0], bitmap.BitmapWeight) and max(batches) > triton_bitmap.MAX_BATCH:
+        print(f"{fmt}: batches above {triton_bitmap.MAX_BATCH} decode the weight (not in a CUDA graph): not timed", flush=True)
+        batches = [b for b in batches if b <= triton_bitmap.MAX_BATCH]
     if forced == "widened":
         copies = [views.widen(c) for c in copies]
         for copy in copies:
@@ -361,7 +389,7 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
             else:
                 us = time_op(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]) if forced else op_for(p)(x, p), arg_list)
             same = same_bits_peer(fmt, peers, batch)
-            emit({"format": fmt, "shape": [rows, cols], "batch": batch, "us": round(us, 2), "gbps": round(total / us / 1e3),
+            emit({"format": fmt + suffix, "shape": [rows, cols], "batch": batch, "us": round(us, 2), "gbps": round(total / us / 1e3),
                   "pct_copy_bw": round(100 * total / us / 1e3 / bandwidth, 1), "bytes_per_weight": round(nbytes / (rows * cols), 4),
                   "ratio_vs_dense": round(dense / us, 3), "ratio_vs_best_peer": round(best_peer / us, 3),
                   **({"same_bits_peer": same[0], "ratio_vs_same_bits_peer": round(same[1] / us, 3)} if same else {}),

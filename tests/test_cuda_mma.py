@@ -242,30 +242,28 @@ def test_split_launch_replays_in_a_cuda_graph():
     assert ((eager.double() - ref).norm() / ref.norm()).item() < 4e-3
 
 
-def test_preview_choice_is_accepted_and_needs_cuda(monkeypatch):
-    """COMPRESS_GPU_KERNEL=preview (auto plus the forms not yet measured) is a valid choice; CPU inputs never take them."""
-    monkeypatch.setenv(dispatch.ENV, "preview")
+def test_other_forms_need_cuda_and_choices_are_checked(monkeypatch):
+    """The scaled and table forms never take CPU inputs; a COMPRESS_GPU_KERNEL that is not a choice says which are."""
     packed = make_group_quant(4, 256, 4, 32)
     x = torch.randn(1, 256, dtype=torch.bfloat16)
-    assert dispatch.kernel_for(x, packed) == "cpu" and not cuda_mma.preview_supported(x, packed)
+    assert dispatch.kernel_for(x, packed) == "cpu" and not cuda_mma.form_supported(x, packed)
     monkeypatch.setenv(dispatch.ENV, "nonsense")
-    with pytest.raises(ValueError, match="preview"):
+    with pytest.raises(ValueError, match="auto"):
         dispatch.kernel_for(x.to("meta"), packed)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
-def test_preview_dispatch_of_modules_in_a_graph(monkeypatch):
-    """With COMPRESS_GPU_KERNEL=preview, a g32 group-quant weight, a SpQR weight (its grid) and a 3-bit LUT weight (its
-    tables) run the scaled and table forms, inside a CUDA graph, equal to their references within bf16 rounding."""
+def test_modules_dispatch_to_the_scaled_and_table_forms_in_a_graph():
+    """A g32 group-quant weight, a SpQR weight (its grid) and a 3-bit LUT weight (its tables) run the scaled and table
+    forms, inside a CUDA graph, equal to their references within bf16 rounding."""
     from test_extras_view import make, make_lut
 
     from compress.formats import lut, spqr
 
-    monkeypatch.setenv(dispatch.ENV, "preview")
     weights = [(make_group_quant(200, 1024, 4, 32, "float16", seed=3), group_quant.reference_matmul),
                (make(200, 1024, 3, 16, True, True, True), spqr.reference_matmul), (make_lut(200, 1024, 3), lut.reference_matmul)]
     x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
-    assert cuda_mma.preview_supported(x, on_device(weights[0][0], "cuda"))
+    assert cuda_mma.form_supported(x, on_device(weights[0][0], "cuda"))
     for packed, reference in weights:
         packed = on_device(packed, "cuda")
         eager = dispatch.device_matmul(x, packed)

@@ -140,9 +140,10 @@ def supported(x: torch.Tensor, packed) -> bool:
     return 1 <= batch <= MAX_BATCH and available()
 
 
-def preview_supported(x: torch.Tensor, weight, bits: int | None = None) -> bool:
-    """The forms not yet measured on a GPU (COMPRESS_GPU_KERNEL=preview): the scaled one for a group-quant weight the
-    exact one does not take, the table one for a LUT codes view (views.LUTCodes) of `bits` <= 3-bit codes."""
+def form_supported(x: torch.Tensor, weight, bits: int | None = None) -> bool:
+    """Whether another form than the exact one takes this call: the scaled one for a group-quant weight the exact one
+    does not take (groups of 16-64, float zero points, SpQR's grid), the table one for a LUT codes view
+    (views.LUTCodes) of `bits` <= 3-bit codes."""
     from compress.kernels import mma_lut_layout, views
 
     if x.device.type != "cuda" or x.dtype not in DTYPES or not 1 <= x.numel() // max(1, x.shape[-1]) <= MAX_BATCH:
@@ -152,8 +153,8 @@ def preview_supported(x: torch.Tensor, weight, bits: int | None = None) -> bool:
     return not shape_ok(weight) and scaled_shape_ok(weight) and available()
 
 
-def preview_matmul(x: torch.Tensor, weight, bits: int | None = None) -> torch.Tensor:
-    """x @ W.T through the form `preview_supported` names."""
+def form_matmul(x: torch.Tensor, weight, bits: int | None = None) -> torch.Tensor:
+    """x @ W.T through the form `form_supported` names."""
     from compress.kernels import views
 
     return matmul(x, table_view_of(weight, bits, x.dtype) if isinstance(weight, views.LUTCodes) else view_of(weight, x.dtype))
@@ -175,8 +176,7 @@ def plan(view: MmaWeight, batch: int, device: torch.device) -> Launch:
 
 def view_of(packed: group_quant.GroupQuantWeight, dtype: torch.dtype | None = None) -> MmaWeight:
     """The cached re-packed form of a weight (3-bit codes through their 4-bit widened view): the exact form where
-    `shape_ok`, else the scaled form for `dtype` activations (groups of 16-64, float zero points; not yet measured on a
-    GPU, so `supported` does not send such weights here)."""
+    `shape_ok`, else the scaled form for `dtype` activations (groups of 16-64, float zero points)."""
     from compress.kernels import views
 
     # 3-bit codes widened for the packing only: the Triton kernels cache their own widened view when they need it
@@ -200,7 +200,7 @@ def counters(codes: torch.Tensor, tiles: int) -> torch.Tensor:
 
 def table_view_of(codes_view, bits: int, dtype: torch.dtype) -> MmaWeight:
     """The cached table form (mma_lut_layout.py) of a LUT weight's codes view (views.LUTCodes) of `bits`-bit codes, for
-    `dtype` activations (not yet measured on a GPU: modules do not dispatch to it)."""
+    `dtype` activations."""
     from compress.kernels import mma_lut_layout, views
 
     if dtype not in DTYPES or not mma_lut_layout.shape_ok(codes_view, bits):

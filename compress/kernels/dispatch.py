@@ -1,17 +1,19 @@
 """Which kernel computes y = x @ W.T for a packed weight off the CPU.
 
-CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton kernels (triton_kernels.py); group_quant
-weights with 2-4-bit codes and integer zero points, at batch 1 to 16 of bf16/fp16 activations, to the tensor-core
-kernel of cuda_mma.py instead (COMPRESS_GPU_KERNEL=triton keeps them on Triton). Bitmap weights and unstructured
-sparse_quant ones go to triton_bitmap.py; SpQR and LUT weights without a keep mask to the Triton kernels through their
-views (extras_view.py; 3-bit codes read as 4-bit words, views.py); ternary_dict weights to triton_ternary.py (at
-batch 1 to the CUDA kernel of cuda_ternary.py where it is the faster: COMPRESS_GPU_KERNEL=triton keeps them on
-Triton). All are imported on first use only, so `import compress` and every CPU path stay free of Triton; every other
-format or device, and every device when Triton is missing, takes the format's plain-torch reference_matmul.
-COMPRESS_GPU_KERNEL=torch forces the reference (COMPRESS_GPU_KERNEL=triton makes a missing Triton an error instead of
-a silent fallback); COMPRESS_GPU_KERNEL=preview is auto plus the tensor-core forms not yet measured on a GPU (groups of
-16-64 and float zero points, SpQR's grid, LUT tables of 2-3 bit codes: cuda_mma.preview_supported). CPU tensors never
-come here: cpu.py keeps its own paths."""
+CUDA tensors of group_quant, nm and N:M
+sparse_quant weights go to the Triton kernels (triton_kernels.py); group_quant weights with 2-4-bit codes, at batch 1
+to 16 of bf16/fp16 activations, to the tensor-core kernel of cuda_mma.py instead (its exact form for integer zero
+points and groups of whole 128-column units, its scaled form for groups of 16-64 and float zero points). Bitmap
+weights go to the tensor-core bitmap kernel (cuda_mma_bitmap.py) at batch 1 to 16, else, like unstructured
+sparse_quant ones, to triton_bitmap.py; SpQR and LUT weights without a keep mask through their views (extras_view.py;
+3-bit codes read as 4-bit words, views.py): the grid part on the tensor-core kernel's scaled form (SpQR) or table form
+(LUT codes of 2-3 bits) at batch 1 to 16, else on the Triton kernels, the outliers by triton_outliers.py; ternary_dict
+weights to triton_ternary.py (at batch 1 to the CUDA kernel of cuda_ternary.py where it is the faster).
+COMPRESS_GPU_KERNEL=triton keeps every weight on the Triton kernels. All are imported on first use only, so `import
+compress` and every CPU path stay free of Triton; every other format or device, and every device when Triton is
+missing, takes the format's plain-torch reference_matmul. COMPRESS_GPU_KERNEL=torch forces the reference
+(COMPRESS_GPU_KERNEL=triton makes a missing Triton an error instead of a silent fallback). CPU tensors never come
+here: cpu.py keeps its own paths."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr, ternary_dict
 
 ENV = "COMPRESS_GPU_KERNEL"
-CHOICES = ("auto", "triton", "torch", "preview")
+CHOICES = ("auto", "triton", "torch")
 REFERENCE = {nm.NMWeight: nm.reference_matmul, group_quant.GroupQuantWeight: group_quant.reference_matmul,
              bitmap.BitmapWeight: bitmap.reference_matmul, sparse_quant.SparseQuantWeight: sparse_quant.reference_matmul,
              spqr.SpQRWeight: spqr.reference_matmul, lut.LUTWeight: lut.reference_matmul,
@@ -74,16 +76,16 @@ def _choice() -> str:
 
 
 def _extras_grid(packed):
-    """The grid part's kernel of a SpQR / LUT weight's view: the Triton kernels, or with COMPRESS_GPU_KERNEL=preview the
-    tensor-core forms where they take the grid."""
+    """The grid part's kernel of a SpQR / LUT weight's view: the tensor-core kernel's scaled or table form where it takes
+    the grid (auto), else the Triton kernels."""
     triton = _triton_kernels().packed_matmul
-    if _choice() != "preview":
+    if _choice() != "auto":
         return triton
     bits = packed.bits if isinstance(packed, lut.LUTWeight) else None
 
     def grid(x2: torch.Tensor, dense) -> torch.Tensor:
         mma = _cuda_mma()
-        return mma.preview_matmul(x2, dense, bits) if mma.preview_supported(x2, dense, bits) else triton(x2, dense)
+        return mma.form_matmul(x2, dense, bits) if mma.form_supported(x2, dense, bits) else triton(x2, dense)
 
     return grid
 
@@ -119,17 +121,19 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
                 return _cuda_ternary().ternary_matmul(x, packed)
             return _triton_ternary().ternary_dict_matmul(x, packed, table)
         if _bitmask_layout(packed):
-            from compress.kernels import triton_bitmap
+            from compress.kernels import cuda_mma_bitmap, triton_bitmap
 
+            if _choice() == "auto" and cuda_mma_bitmap.supported(x, packed):
+                return cuda_mma_bitmap.matmul(x, packed)
             return triton_bitmap.matmul(x, packed)
         if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
             from compress.kernels import extras_view, triton_outliers
 
             return extras_view.matmul(x, extras_view.cached(packed), _extras_grid(packed), triton_outliers.add_corrections)
-        if isinstance(packed, group_quant.GroupQuantWeight) and _choice() in ("auto", "preview") and _cuda_mma().supported(x, packed):
+        if isinstance(packed, group_quant.GroupQuantWeight) and _choice() == "auto" and _cuda_mma().supported(x, packed):
             return _cuda_mma().matmul(x, packed)
-        if isinstance(packed, group_quant.GroupQuantWeight) and _choice() == "preview" and _cuda_mma().preview_supported(x, packed):
-            return _cuda_mma().preview_matmul(x, packed)
+        if isinstance(packed, group_quant.GroupQuantWeight) and _choice() == "auto" and _cuda_mma().form_supported(x, packed):
+            return _cuda_mma().form_matmul(x, packed)
         from compress.kernels import views
 
         return _triton_kernels().packed_matmul(x, views.kernel_form(packed))
