@@ -39,7 +39,7 @@ import gpu_peers
 from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
 from compress.formats.quantized import Outliers, QuantizedWeight
 from compress.formats.words import tensor_bytes
-from compress.kernels import cuda_mma, cuda_mma_bitmap, dispatch, extras_view, triton_bitmap, triton_outliers, views
+from compress.kernels import cuda_mma, cuda_mma_bitmap, cuda_mma_sparse, dispatch, extras_view, triton_bitmap, triton_outliers, views
 from compress.kernels import triton_config as tc
 from compress.kernels import triton_gemv as tg
 from compress.kernels import triton_kernels as tk
@@ -93,10 +93,9 @@ def unpack(packed) -> torch.Tensor:
 
 
 def op_for(packed):
-    """What a module calls for this weight: the dispatcher's choice for group-quant weights (the tensor-core kernel at
-    batch 1-16 of 16-bit activations, else Triton) and the view path of SpQR / LUT weights, else the Triton kernel."""
-    return dispatch.device_matmul if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight, group_quant.GroupQuantWeight, bitmap.BitmapWeight)) \
-        else tk.packed_matmul
+    """What a module calls for this weight: the dispatcher's choice (the tensor-core kernels at batch 1-16 of 16-bit
+    activations where one takes the weight, SpQR / LUT through their views, else the Triton kernels)."""
+    return dispatch.device_matmul
 
 
 def kernel_name(packed, batch: int) -> str:
@@ -108,6 +107,8 @@ def kernel_name(packed, batch: int) -> str:
         return f"cuda_mma {cuda_mma.plan(cuda_mma.view_of(packed), batch, x.device)}"
     if isinstance(packed, group_quant.GroupQuantWeight) and cuda_mma.form_supported(x, packed):
         return f"cuda_mma scaled {cuda_mma.plan(cuda_mma.view_of(packed, x.dtype), batch, x.device)}"
+    if isinstance(packed, sparse_quant.SparseQuantWeight) and cuda_mma_sparse.supported(x, packed):
+        return f"cuda_mma_sparse {cuda_mma.plan(cuda_mma_sparse.view_of(packed), batch, x.device)}"
     if isinstance(packed, bitmap.BitmapWeight) and cuda_mma_bitmap.supported(x, packed):
         return f"cuda_mma_bitmap {cuda_mma.plan(cuda_mma_bitmap.view_of(packed, x.dtype), batch, x.device)}"
     if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
@@ -263,9 +264,16 @@ def weight_copies(fmt: str, rows: int, cols: int, checked: bool, batches=()):
                          for _ in range(copies_for(nbytes) - 1)]
     for copy in copies:  # views built up front, outside the graph capture
         if isinstance(copy, (spqr.SpQRWeight, lut.LUTWeight)):
-            extras_view.cached(copy)
+            x = torch.empty(1, cols, device="cuda", dtype=torch.bfloat16)
+            grid, bits = extras_view.cached(copy).dense, copy.bits if isinstance(copy, lut.LUTWeight) else None
+            if cuda_mma.form_supported(x, grid, bits):  # the tensor-core form of its grid the modules run
+                cuda_mma.table_view_of(grid, bits, x.dtype) if bits else cuda_mma.view_of(grid, x.dtype)
         elif cuda_mma.shape_ok(copy):
             cuda_mma.view_of(copy)
+        elif isinstance(copy, group_quant.GroupQuantWeight) and cuda_mma.scaled_shape_ok(copy):
+            cuda_mma.view_of(copy, torch.bfloat16)
+        elif isinstance(copy, sparse_quant.SparseQuantWeight) and cuda_mma_sparse.shape_ok(copy):
+            cuda_mma_sparse.view_of(copy)
         elif isinstance(copy, bitmap.BitmapWeight):
             triton_bitmap.view_of(copy)
             if cuda_mma_bitmap.shape_ok(copy):

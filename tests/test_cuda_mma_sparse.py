@@ -62,11 +62,14 @@ def test_cuda_equals_reference(rows, cols, group, dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
-def test_cuda_graph_capture():
+def test_cuda_graph_capture_through_the_dispatcher():
+    from compress.kernels import dispatch
+
     packed = on_device(make_sparse_quant(256, 4096, 4, 128, seed=1), "cuda")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     eager = cuda_mma_sparse.matmul(x, packed)
-    assert torch.equal(graph_replay(lambda: cuda_mma_sparse.matmul(x, packed)), eager)
+    assert torch.equal(dispatch.device_matmul(x, packed), eager)  # the dispatcher sends 2:4 int4 weights here
+    assert torch.equal(graph_replay(lambda: dispatch.device_matmul(x, packed)), eager)
 
 
 def test_activation_exchange_gives_each_lane_its_b_fragment():
