@@ -48,9 +48,9 @@ SPARSE = Kernel(cuda_mma_sparse.view_of, sparse_quant.reference_matmul,
                 lambda x, p, launch: cuda_mma_sparse.matmul(x, p, launch.row_tiles, launch.warps))
 
 
-def bitmap_kernel(prefetch: int) -> Kernel:
+def bitmap_kernel(prefetch: int, pairs: bool) -> Kernel:
     return Kernel(lambda p: cuda_mma_bitmap.view_of(p, torch.bfloat16), bitmap.reference_matmul,
-                  lambda x, p, launch: cuda_mma_bitmap.matmul(x, p, launch.row_tiles, launch.warps, prefetch), triton_bitmap.matmul)
+                  lambda x, p, launch: cuda_mma_bitmap.matmul(x, p, launch.row_tiles, launch.warps, prefetch, pairs), triton_bitmap.matmul)
 
 
 def humming_op(dense_w: torch.Tensor, bits: int):
@@ -79,6 +79,7 @@ def main(argv=None) -> None:
     parser.add_argument("--bitmap", type=int, help="a bitmap bf16 weight with this %% pruned at random, on the bitmap kernel (--bits ignored)")
     parser.add_argument("--prefetch", default="1", help="--bitmap: the next unit's values prefetched: 0 none, 1 L1, 2 L2 (each a launch "
                         "named <launch>p<n>)")
+    parser.add_argument("--decode", default="0", help="--bitmap: 0 one weight at a time, 1 two (each a launch named <launch>p<n>d<n>)")
     parser.add_argument("--json", help="write one JSON record per (shape, bits, batch) to this file")
     args = parser.parse_args(argv)
     env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv)}
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
             kernels = {"": SPARSE if args.sparse else DENSE}
             fmt = "2:4+int4_g128" if args.sparse else f"int{bits}_g{args.group}{'f' if args.float_zero else ''}"
             if args.bitmap is not None:
-                kernels = {f"p{pf}": bitmap_kernel(int(pf)) for pf in args.prefetch.split(",")}
+                kernels = {f"p{pf}d{d}": bitmap_kernel(int(pf), d == "1") for pf in args.prefetch.split(",") for d in args.decode.split(",")}
                 fmt = f"bitmap{args.bitmap}_bf16"
             kernel = next(iter(kernels.values()))
             copies, nbytes = weight_copies(fmt, rows, cols, checked=False)
@@ -108,7 +109,8 @@ def main(argv=None) -> None:
                 ref = kernel.reference(xs[b][0].float(), packed).double()
                 record = {"shape": [rows, cols], "format": fmt, "bits": bits, "sparse": args.sparse, "batch": b, "dense_us": round(dense_us[b], 2),
                           "triton_us": round(time_op(kernel.triton, calls, reps=15), 2),
-                          "plan": str(cuda_mma.plan(kernel.view_of(packed), b, device)) + ("p1" if args.bitmap is not None else ""), "bytes": nbytes}
+                          "plan": str(cuda_mma.plan(kernel.view_of(packed), b, device)) + ("p1d0" if args.bitmap is not None else ""),
+                          "bytes": nbytes}
                 if peer:
                     op, layers = peer
                     record["humming_us"] = round(time_op(op, [(xs[b][i % 4], layer) for i, layer in enumerate(layers)], reps=15), 2)

@@ -60,11 +60,11 @@ def test_cuda_equals_its_weight(rows, cols, sparsity, dtype):
         assert cuda_mma_bitmap.supported(x, packed)
         ref = x.double() @ weight.T
         scale = (x.double().abs() @ weight.abs().T).norm().clamp_min(1e-30)  # fp32 sums, one rounding to the dtype
-        for row_tiles, warps, prefetch in ((1, 1, 0), (2, 4, 1), (2, 8, 2), (1, 8, 1), (2, 2, 1)):
+        for row_tiles, warps, prefetch, pairs in ((1, 1, 0, False), (2, 4, 1, False), (2, 8, 2, True), (1, 8, 1, True), (2, 2, 1, True)):
             if warps > cols // 128:
                 continue
-            got = cuda_mma_bitmap.matmul(x, packed, row_tiles, warps, prefetch).double()
-            assert ((got - ref).norm() / scale).item() < 2e-3, (batch, row_tiles, warps, prefetch)
+            got = cuda_mma_bitmap.matmul(x, packed, row_tiles, warps, prefetch, pairs).double()
+            assert ((got - ref).norm() / scale).item() < 2e-3, (batch, row_tiles, warps, prefetch, pairs)
             if sparsity == 1.0:
                 assert not got.any()
 

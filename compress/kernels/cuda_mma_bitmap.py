@@ -24,6 +24,7 @@ from compress.kernels.cuda_mma_source import SOURCE
 from compress.kernels.mma_bitmap_layout import UNIT, BitmapMmaWeight, pack, shape_ok
 
 PREFETCH = 1  # the default: the next unit's values into L1
+PAIRS = False  # the default: one weight at a time (the measured form)
 
 BITMAP_SOURCE = SOURCE + r"""
 __device__ __forceinline__ uint2 load_stream2(const uint2* p) {
@@ -82,7 +83,25 @@ __device__ __forceinline__ void prefetch_unit(const int4 (&st)[RT][2], const uns
   }
 }
 
-template <bool BF16, int NB, int RT>
+// A register from two weights' keep bits f (bit 0: the low half) and the lane's next two run values at p (both loaded,
+// the second at an immediate offset): a byte permute whose selector a table picks by f, then p moves past what was
+// taken. About 5.5 instructions a weight slot against 7 one at a time.
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned select) {  // no masking of the selector
+  unsigned d;                                                                       // (__byte_perm adds two)
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(select));
+  return d;
+}
+
+__device__ __forceinline__ unsigned take_pair(const unsigned short*& p, unsigned f) {
+  const unsigned v0 = __ldg(p), v1 = __ldg(p + 1);
+  // selectors by f: 0 -> zero, 1 -> (v0, 0), 2 -> (0, v0), 3 -> (v0, v1) (byte 2 of v0 is zero); the table's bytes
+  // have no sign-replicate bit, so only the low 16 bits of `select` matter
+  const unsigned select = prmt(0x22102222u, 0x54101022u, 0x10u + 0x22u * f);
+  p += (f + 1u) >> 1;
+  return prmt(v0, v1, select);
+}
+
+template <bool BF16, int NB, int RT, bool PAIRS>
 __device__ __forceinline__ void unit_dot_bitmap(float (&acc)[RT][NB][4], const uint2 (&m)[RT], const int4 (&st)[RT][2],
                                                 const uint4 (&xv)[NB][4], const unsigned short* __restrict__ values, int lane) {
 #pragma unroll
@@ -96,6 +115,10 @@ __device__ __forceinline__ void unit_dot_bitmap(float (&acc)[RT][NB][4], const u
       unsigned a[4];
 #pragma unroll
       for (int q = 0; q < 4; q++) {  // register q: elements 2q, 2q + 1
+        if constexpr (PAIRS) {
+          a[q] = take_pair(p, (bits >> (2 * q)) & 3u);
+          continue;
+        }
         unsigned short lo = 0, hi = 0;
         if (bits >> (2 * q) & 1u) lo = __ldg(p);
         p += bits >> (2 * q) & 1u;
@@ -112,7 +135,7 @@ __device__ __forceinline__ void unit_dot_bitmap(float (&acc)[RT][NB][4], const u
   }
 }
 
-template <bool BF16, int NB, int RT, int W, int PF>
+template <bool BF16, int NB, int RT, int W, int PF, bool PAIRS>
 __device__ __forceinline__ void bitmap_mma(const unsigned short* __restrict__ x, int ldx, int B, const uint2* __restrict__ masks,
     const int4* __restrict__ starts, const unsigned short* __restrict__ values, int total, unsigned short* __restrict__ y, int ldy, int N,
     int U) {
@@ -135,31 +158,32 @@ __device__ __forceinline__ void bitmap_mma(const unsigned short* __restrict__ x,
       load_x<NB>(x1, x, ldx, B, u + 1, lane);
       prefetch_unit<PF, RT>(st1, values, total, lane);
     }
-    unit_dot_bitmap<BF16, NB, RT>(acc, m0, st0, x0, values, lane);
+    unit_dot_bitmap<BF16, NB, RT, PAIRS>(acc, m0, st0, x0, values, lane);
     if (u + 1 >= u1) break;
     if (u + 2 < u1) {
       load_bits<RT>(m0, st0, masks, starts, tile0, u + 2, U, lane);
       load_x<NB>(x0, x, ldx, B, u + 2, lane);
       prefetch_unit<PF, RT>(st0, values, total, lane);
     }
-    unit_dot_bitmap<BF16, NB, RT>(acc, m1, st1, x1, values, lane);
+    unit_dot_bitmap<BF16, NB, RT, PAIRS>(acc, m1, st1, x1, values, lane);
   }
   store_sums<BF16, NB, RT, W>(acc, part, y, ldy, N, B, tile0);
 }
 """
 
 
-def kernel_name(dtype: torch.dtype, n_tiles: int, row_tiles: int, warps: int, prefetch: int = PREFETCH) -> str:
-    return f"bmma_{cuda_mma.DTYPES[dtype]}_n{n_tiles}_r{row_tiles}_w{warps}_p{prefetch}"
+def kernel_name(dtype: torch.dtype, n_tiles: int, row_tiles: int, warps: int, prefetch: int = PREFETCH, pairs: bool = PAIRS) -> str:
+    return f"bmma_{cuda_mma.DTYPES[dtype]}_n{n_tiles}_r{row_tiles}_w{warps}_p{prefetch}_d{int(pairs)}"
 
 
 def entry_source(name: str) -> str:
-    _, dtype, n_tiles, row_tiles, warps, prefetch = name.split("_")
+    _, dtype, n_tiles, row_tiles, warps, prefetch, pairs = name.split("_")
+    template = (f"{'true' if dtype == 'bf16' else 'false'}, {n_tiles[1:]}, {row_tiles[1:]}, {warps[1:]}, {prefetch[1:]}, "
+                f"{'true' if pairs == 'd1' else 'false'}")
     return BITMAP_SOURCE + (
         f'extern "C" __global__ void __launch_bounds__({32 * int(warps[1:])}) {name}(const unsigned short* x, int ldx, int B, '
         "const uint2* masks, const int4* starts, const unsigned short* values, int total, unsigned short* y, int ldy, int N, int U) {\n"
-        f"  bitmap_mma<{'true' if dtype == 'bf16' else 'false'}, {n_tiles[1:]}, {row_tiles[1:]}, {warps[1:]}, {prefetch[1:]}>"
-        "(x, ldx, B, masks, starts, values, total, y, ldy, N, U);\n}\n")
+        f"  bitmap_mma<{template}>(x, ldx, B, masks, starts, values, total, y, ldy, N, U);\n}}\n")
 
 
 @functools.cache
@@ -181,10 +205,11 @@ def view_of(packed: bitmap.BitmapWeight, dtype: torch.dtype) -> BitmapMmaWeight:
     return views.cached(packed.bitmask, f"mma-bitmap-{cuda_mma.DTYPES[dtype]}", lambda: pack(packed, dtype))
 
 
-def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | None = None, prefetch: int = PREFETCH) -> torch.Tensor:
+def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | None = None, prefetch: int = PREFETCH,
+           pairs: bool = PAIRS) -> torch.Tensor:
     """x [..., in] (bfloat16 / float16, CUDA, 1 to 16 rows) @ W.T -> [..., out] in x's dtype, fp32 accumulation.
     `packed`: a bitmap weight (`supported`) or its BitmapMmaWeight for x's dtype; `row_tiles`, `warps`: as the
-    group-quant kernel's plan unless given; `prefetch`: 0 none, 1 L1, 2 L2."""
+    group-quant kernel's plan unless given; `prefetch`: 0 none, 1 L1, 2 L2; `pairs`: decode two weights at a time."""
     view = packed if isinstance(packed, BitmapMmaWeight) else view_of(packed, x.dtype)
     rows, cols = view.shape
     x2 = cuda_mma.activations(x, cols)
@@ -197,7 +222,7 @@ def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | N
     if prefetch not in (0, 1, 2):
         raise ValueError(f"prefetch must be 0 (none), 1 (L1) or 2 (L2), got {prefetch}")
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
-    kernel = _kernel(kernel_name(x.dtype, 1 if batch <= 8 else 2, launch.row_tiles, launch.warps, prefetch), nvrtc.device_index(x.device))
+    kernel = _kernel(kernel_name(x.dtype, 1 if batch <= 8 else 2, launch.row_tiles, launch.warps, prefetch, pairs), nvrtc.device_index(x.device))
     with nvrtc.on_device(x.device):
         kernel(grid=(view.tiles // launch.row_tiles, 1, 1), block=(32 * launch.warps, 1, 1),
                args=[x2, x2.stride(0), batch, view.masks, view.starts, view.values, view.values.numel(), y, rows, rows, cols // UNIT])
