@@ -132,12 +132,17 @@ def available() -> bool:
     return True
 
 
-def supported(x: torch.Tensor, packed) -> bool:
-    """CUDA bf16/fp16 activations, 1 to MAX_BATCH rows, a weight `shape_ok` takes."""
-    if not shape_ok(packed) or x.device.type != "cuda" or x.dtype not in DTYPES or x.shape[-1] != packed.shape[1]:
+def call_ok(x: torch.Tensor, cols: int) -> bool:
+    """What every tensor-core kernel here takes: CUDA bf16/fp16 activations of `cols` features, 1 to MAX_BATCH rows, on a
+    GPU where the kernels compile (compute capability 8.0+)."""
+    if x.device.type != "cuda" or x.dtype not in DTYPES or x.shape[-1] != cols:
         return False
-    batch = x.numel() // max(1, x.shape[-1])
-    return 1 <= batch <= MAX_BATCH and available()
+    return 1 <= x.numel() // max(1, x.shape[-1]) <= MAX_BATCH and available()
+
+
+def supported(x: torch.Tensor, packed) -> bool:
+    """A call `call_ok` takes with a weight `shape_ok` takes."""
+    return shape_ok(packed) and call_ok(x, packed.shape[1])
 
 
 def form_supported(x: torch.Tensor, weight, bits: int | None = None) -> bool:

@@ -192,10 +192,8 @@ def _kernel(name: str, device: int):
 
 
 def supported(x: torch.Tensor, packed) -> bool:
-    """CUDA bf16/fp16 activations, 1 to 16 rows, a bitmap weight `shape_ok` takes, tensor cores (8.0+)."""
-    if not shape_ok(packed) or x.device.type != "cuda" or x.dtype not in cuda_mma.DTYPES or x.shape[-1] != packed.shape[1]:
-        return False
-    return 1 <= x.numel() // max(1, x.shape[-1]) <= cuda_mma.MAX_BATCH and cuda_mma.available()
+    """A call cuda_mma.call_ok takes with a bitmap weight `shape_ok` takes."""
+    return shape_ok(packed) and cuda_mma.call_ok(x, packed.shape[1])
 
 
 def view_of(packed: bitmap.BitmapWeight, dtype: torch.dtype) -> BitmapMmaWeight:
