@@ -109,7 +109,8 @@ def main(argv=None) -> None:
                 ref = kernel.reference(xs[b][0].float(), packed).double()
                 record = {"shape": [rows, cols], "format": fmt, "bits": bits, "sparse": args.sparse, "batch": b, "dense_us": round(dense_us[b], 2),
                           "triton_us": round(time_op(kernel.triton, calls, reps=15), 2),
-                          "plan": str(cuda_mma.plan(kernel.view_of(packed), b, device)) + ("p1d0" if args.bitmap is not None else ""),
+                          "plan": (f"{cuda_mma_bitmap.plan(kernel.view_of(packed), b, device)}p1d0" if args.bitmap is not None
+                                   else str(cuda_mma.plan(kernel.view_of(packed), b, device))),
                           "bytes": nbytes}
                 if peer:
                     op, layers = peer

@@ -110,7 +110,7 @@ def kernel_name(packed, batch: int) -> str:
     if isinstance(packed, sparse_quant.SparseQuantWeight) and cuda_mma_sparse.supported(x, packed):
         return f"cuda_mma_sparse {cuda_mma.plan(cuda_mma_sparse.view_of(packed), batch, x.device)}"
     if isinstance(packed, bitmap.BitmapWeight) and cuda_mma_bitmap.supported(x, packed):
-        return f"cuda_mma_bitmap {cuda_mma.plan(cuda_mma_bitmap.view_of(packed, x.dtype), batch, x.device)}"
+        return f"cuda_mma_bitmap {cuda_mma_bitmap.plan(cuda_mma_bitmap.view_of(packed, x.dtype), batch, x.device)}"
     if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
         grid = extras_view.cached(packed).dense
         bits = packed.bits if isinstance(packed, lut.LUTWeight) else None

@@ -203,6 +203,15 @@ def view_of(packed: bitmap.BitmapWeight, dtype: torch.dtype) -> BitmapMmaWeight:
     return views.cached(packed.bitmask, f"mma-bitmap-{cuda_mma.DTYPES[dtype]}", lambda: pack(packed, dtype))
 
 
+def plan(view: BitmapMmaWeight, batch: int, device: torch.device) -> cuda_mma.Launch:
+    """The group-quant kernel's plan at batch 1-8; at 9-16 (two n-tiles, 176 registers at 2 row tiles) one row tile and
+    8 warps a block, which was the fastest measured there on both large shapes (52.5 and 47.1 us against the plan's
+    67.8 and 50.3 on 14336x4096 and 4096x14336: docs/kernels-gpu.md)."""
+    if batch > 8 and view.shape[1] // UNIT >= 8:
+        return cuda_mma.Launch(1, 8)
+    return cuda_mma.plan(view, batch, device)
+
+
 def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | None = None, prefetch: int = PREFETCH,
            pairs: bool = PAIRS) -> torch.Tensor:
     """x [..., in] (bfloat16 / float16, CUDA, 1 to 16 rows) @ W.T -> [..., out] in x's dtype, fp32 accumulation.
@@ -214,7 +223,7 @@ def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | N
     if view.dtype != x.dtype:
         raise ValueError(f"a bitmap form for {view.dtype} activations got {x.dtype}")
     batch = x2.shape[0]
-    chosen = cuda_mma.plan(view, batch, x.device)
+    chosen = plan(view, batch, x.device)
     launch = cuda_mma.Launch(row_tiles or chosen.row_tiles, warps or chosen.warps)
     launch.check(view.tiles, cols // UNIT)
     if prefetch not in (0, 1, 2):
