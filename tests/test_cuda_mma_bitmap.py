@@ -78,3 +78,28 @@ def test_cuda_graph_capture_through_the_dispatcher():
     eager = cuda_mma_bitmap.matmul(x, packed)
     assert torch.equal(dispatch.device_matmul(x, packed), eager)  # the dispatcher sends bitmap weights here
     assert torch.equal(graph_replay(lambda: dispatch.device_matmul(x, packed)), eager)
+
+
+def _prmt(a: int, b: int, select: int) -> int:
+    """PTX prmt.b32 (default mode) on Python ints: result byte i is byte (select >> 4i) & 7 of b:a, sign-replicated
+    where bit 3 of that nibble is set."""
+    source = a | b << 32
+    out = 0
+    for i in range(4):
+        nibble = (select >> (4 * i)) & 0xF
+        byte = (source >> (8 * (nibble & 7))) & 0xFF
+        if nibble & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def test_pair_decode_selectors_place_each_kept_value():
+    # the kernel's take_pair, replayed: for every two keep bits f and run values v0, v1 it must give the A register
+    # (low half: the first weight, high half: the second) and move past the values it took
+    v0, v1 = 0xBEEF, 0x1234
+    want = {0: (0, 0), 1: (v0, 0), 2: (0, v0), 3: (v0, v1)}
+    for f, (lo, hi) in want.items():
+        select = _prmt(0x22102222, 0x54101022, 0x10 + 0x22 * f)
+        assert _prmt(v0, v1, select) == lo | hi << 16, f
+        assert (f + 1) >> 1 == bin(f).count("1")  # the pointer moves past the values taken
