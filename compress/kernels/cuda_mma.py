@@ -13,10 +13,10 @@ a 16x16 tile of weights straight into the A fragment of one `mma.sync.m16n8k16` 
   tensor core multiplies are exact integers and the result equals scale x (code - zero) x x summed in fp32;
 - a block owns RT 16-row tiles, its W warps split the columns and add their sums in shared memory;
 - each warp's codes come through a ring of registers (the plan: 2 buffers) or, `Launch.async_copy`, of shared-memory
-  stages filled by cp.async (built and compiled, not yet measured on a GPU: the plan does not use it);
+  stages filled by cp.async (measured on an H200: no faster than the register ring, so the plan does not use it);
 - `Launch.slices` > 1 splits the columns over that many blocks of the same row tiles (more, smaller blocks to even
-  out the multiprocessors' shares); the last of them to finish adds the slices' fp32 sums (built and compiled, not
-  yet measured on a GPU: the plan does not use it).
+  out the multiprocessors' shares); the last of them to finish adds the slices' fp32 sums (measured: slower than or
+  as fast as the plan's unsplit launches, so the plan does not use it).
 
 The re-packed form (mma_layout.py) is built once per weight on its device and cached with it (views.cached).
 """

@@ -3,9 +3,9 @@
 quarter byte of codes and an eighth of a byte of positions a weight, decodes only the kept codes (as cuda_mma.py
 does, 1.4 instructions a kept weight) and one instruction covers 32 columns of 16 rows.
 
-Built and compiled for sm_90 offline; **not run on a GPU yet**: the metadata layout it assumes is to be measured
-(benchmarks/mma_sp_layout_probe.py), then tests/test_cuda_mma_sparse.py checks it against the format's reference.
-The dispatcher does not use it until then.
+Measured on an H200: the metadata layout it assumes is the instruction's (benchmarks/mma_sp_layout_probe.py), the
+kernel equals the format's reference (tests/test_cuda_mma_sparse.py), and it runs 3.1-3.5x dense bf16 at batch 1 and
+1.8-2.0x at 16 (docs/kernels-gpu.md). The dispatcher sends 2:4 int4 weights here at batch 1 to 16.
 """
 
 from __future__ import annotations

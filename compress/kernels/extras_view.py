@@ -1,4 +1,5 @@
-"""SpQR and SqueezeLLM (LUT) weights on a GPU through the split-K / group-quant Triton kernels. Without a keep
+"""SpQR and SqueezeLLM (LUT) weights on a GPU through the kernels of their grids (the tensor-core kernel's scaled or
+table form at batch 1-16, else the split-K / group-quant Triton kernels: dispatch.py). Without a keep
 mask, such a weight is a dense code grid plus a few outliers and a column permutation. Its view, built once per
 weight on its device (views.cached):
 - SpQR: a group-quant weight, the code words shared (3-bit codes widened to 4-bit words once, views.widen), the

@@ -13,8 +13,8 @@ chunk's two kept values in column order.
 The positions (the instruction's metadata, sparsity selector 0): lanes t = 0 and 1 of a quad give one word an
 instruction; lane (g, t') holds chunks 4 t' .. 4 t' + 3, row g in bits 0-15 and row g + 8 in bits 16-31, chunk k at
 bits 4 k (first kept position) and 4 k + 2 (second). This layout is read from public sparse-MMA code, not from the
-ISA text (which gives it as a figure); `benchmarks/mma_sp_layout_probe.py` measures it, and until that and the GPU
-tests have run, the kernel built on it is not used. `meta_shift` is the one place it lives.
+ISA text (which gives it as a figure); `benchmarks/mma_sp_layout_probe.py` measured it on an H200 and found exactly
+this (benchmarks/results/mma_sp_layout-2026-12-05.json). `meta_shift` is the one place it lives.
 
 Tensors: codes int32 [tiles, units, 32 lanes, 4 instructions]; positions int32 [tiles, units, 8 (g), 2 (t'), 4];
 statistics as mma_layout.py. Row tiles are padded to a multiple of TILE_PAD with zero codes and scales (and valid

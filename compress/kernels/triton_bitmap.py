@@ -10,7 +10,9 @@ expands the rows' words to [BLOCK_N, 256] bits, numbers the kept ones with a run
 their values (consecutive in memory within a row) and dots them with the block's 256 activations in fp32.
 
 Batches above MAX_BATCH (prefill) decode the weight to dense once and call F.linear: "dense on the decoded tile".
-Not yet timed on a GPU (built when no device time was left); tested against the reference under Triton's interpreter.
+Measured on an H200 at 70% sparsity: 0.11x dense bf16 at batch 1, 0.03x at 16; bitmap weights now take the
+tensor-core kernel at batch 1-16 (cuda_mma_bitmap.py), unstructured sparse_quant ones still come here. Tested against
+the reference under Triton's interpreter.
 """
 
 from __future__ import annotations
