@@ -49,7 +49,8 @@ FORMATS = ("int4_g128", "int3_g128", "int3_g128@widened", "int2_g128", "int8_g12
 VIEW_FORMATS = ("spqr3_g16", "lut3")  # through their kernel views (extras_view.py), timed as a module calls them: dispatch.device_matmul
 FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: that kernel at batch 1 (not yet the default)
 # FORMAT@mma: the tensor-core kernel's scaled form at batch 1-16 (groups of 16-64, float zero points; SpQR's grid through
-# its view) or its table form (LUT), not yet what modules run, e.g. int4_g32@mma, int4_g16f@mma, spqr3_g16@mma, lut3@mma
+# its view) or its table form (LUT) forced, e.g. int4_g32@mma, int4_g16f@mma, spqr3_g16@mma, lut3@mma (the dispatcher's
+# choice there too now; FORMAT@triton times the Triton path beside it)
 # FORMAT@widened: the 3-bit codes read as 4-bit words (views.widen, what dispatch gives a module); bytes: the widened form's
 SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"
 
@@ -267,7 +268,7 @@ def weight_copies(fmt: str, rows: int, cols: int, checked: bool, batches=()):
             x = torch.empty(1, cols, device="cuda", dtype=torch.bfloat16)
             grid, bits = extras_view.cached(copy).dense, copy.bits if isinstance(copy, lut.LUTWeight) else None
             if cuda_mma.form_supported(x, grid, bits):  # the tensor-core form of its grid the modules run
-                cuda_mma.table_view_of(grid, bits, x.dtype) if bits else cuda_mma.view_of(grid, x.dtype)
+                cuda_mma.form_view_of(grid, bits, x.dtype)
         elif cuda_mma.shape_ok(copy):
             cuda_mma.view_of(copy)
         elif isinstance(copy, group_quant.GroupQuantWeight) and cuda_mma.scaled_shape_ok(copy):
@@ -339,7 +340,7 @@ def mma_op(x: torch.Tensor, packed) -> torch.Tensor:
         return extras_view.matmul(x, extras_view.cached(packed), cuda_mma.matmul, triton_outliers.add_corrections)
     if isinstance(packed, lut.LUTWeight):  # the table form
         def table(x2: torch.Tensor, codes: views.LUTCodes) -> torch.Tensor:
-            return cuda_mma.matmul(x2, cuda_mma.table_view_of(codes, packed.bits, x2.dtype))
+            return cuda_mma.form_matmul(x2, codes, packed.bits)
 
         return extras_view.matmul(x, extras_view.cached(packed), table, triton_outliers.add_corrections)
     return cuda_mma.matmul(x, packed)
@@ -373,10 +374,8 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
         nbytes, fmt, forced = packed_bytes(copies[0]), f"{fmt}@widened", ""
     elif forced == "mma":
         for copy in copies:  # the scaled and table forms built up front, outside the graph capture
-            if isinstance(copy, lut.LUTWeight):
-                cuda_mma.table_view_of(extras_view.cached(copy).dense, copy.bits, torch.bfloat16)
-            else:
-                cuda_mma.view_of(extras_view.cached(copy).dense if fmt in VIEW_FORMATS else copy, torch.bfloat16)
+            grid = extras_view.cached(copy).dense if fmt in VIEW_FORMATS else copy
+            cuda_mma.form_view_of(grid, copy.bits if isinstance(copy, lut.LUTWeight) else None, torch.bfloat16)
         check(mma_op, copies[0], (1, 4, 16), f"{fmt}@mma", fp32=False)
         fmt, batches = f"{fmt}@mma", [b for b in batches if b <= cuda_mma.MAX_BATCH]
     elif forced:

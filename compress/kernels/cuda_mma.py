@@ -151,18 +151,22 @@ def form_supported(x: torch.Tensor, weight, bits: int | None = None) -> bool:
     (views.LUTCodes) of `bits` <= 3-bit codes."""
     from compress.kernels import mma_lut_layout, views
 
-    if x.device.type != "cuda" or x.dtype not in DTYPES or not 1 <= x.numel() // max(1, x.shape[-1]) <= MAX_BATCH:
-        return False
     if isinstance(weight, views.LUTCodes):
-        return bits is not None and mma_lut_layout.shape_ok(weight, bits) and available()
-    return not shape_ok(weight) and scaled_shape_ok(weight) and available()
+        return bits is not None and mma_lut_layout.shape_ok(weight, bits) and call_ok(x, weight.shape[1])
+    return not shape_ok(weight) and scaled_shape_ok(weight) and call_ok(x, weight.shape[1])
+
+
+def form_view_of(weight, bits: int | None, dtype: torch.dtype) -> MmaWeight:
+    """The cached form `form_supported` names, for `dtype` activations: the table form of a LUT codes view, else the
+    scaled form."""
+    from compress.kernels import views
+
+    return table_view_of(weight, bits, dtype) if isinstance(weight, views.LUTCodes) else view_of(weight, dtype)
 
 
 def form_matmul(x: torch.Tensor, weight, bits: int | None = None) -> torch.Tensor:
     """x @ W.T through the form `form_supported` names."""
-    from compress.kernels import views
-
-    return matmul(x, table_view_of(weight, bits, x.dtype) if isinstance(weight, views.LUTCodes) else view_of(weight, x.dtype))
+    return matmul(x, form_view_of(weight, bits, x.dtype))
 
 
 def plan(view: MmaWeight, batch: int, device: torch.device) -> Launch:

@@ -90,12 +90,6 @@ __device__ __forceinline__ void prefetch_unit(const int4 (&st)[RT][2], const uns
 // A register from two weights' keep bits f (bit 0: the low half) and the lane's next two run values at p (both loaded,
 // the second at an immediate offset): a byte permute whose selector a table picks by f, then p moves past what was
 // taken. About 5.5 instructions a weight slot against 7 one at a time.
-__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned select) {  // no masking of the selector
-  unsigned d;                                                                       // (__byte_perm adds two)
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(select));
-  return d;
-}
-
 __device__ __forceinline__ unsigned take_pair(const unsigned short*& p, unsigned f) {
   const unsigned v0 = __ldg(p), v1 = __ldg(p + 1);
   // selectors by f: 0 -> zero, 1 -> (v0, 0), 2 -> (0, v0), 3 -> (v0, v1) (byte 2 of v0 is zero); the table's bytes

@@ -57,7 +57,8 @@ __device__ __forceinline__ void unit_dot_table(float (&acc)[RT][NB][4], const ui
 #pragma unroll
       for (int h = 0; h < 2; h++) {  // rows g (A registers 0, 2) and g + 8 (1, 3)
         const unsigned select = word_of(w[r][j / 4], j % 4) >> (16 * h);
-        const unsigned low = __byte_perm(table[r][h].x, table[r][h].y, select), high = __byte_perm(table[r][h].z, table[r][h].w, select);
+        // 3-bit codes: no selector nibble has its sign-replicate bit, so prmt needs no masking
+        const unsigned low = prmt(table[r][h].x, table[r][h].y, select), high = prmt(table[r][h].z, table[r][h].w, select);
         a[h] = __byte_perm(low, high, 0x5140);
         a[h + 2] = __byte_perm(low, high, 0x7362);
       }

@@ -18,6 +18,14 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // read once: ke
 __device__ __forceinline__ unsigned word_of(const uint2& v, int i) { return i == 0 ? v.x : v.y; }
 __device__ __forceinline__ unsigned word_of(const uint4& v, int i) { return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w)); }
 
+// bytes of b:a picked by `select` (PTX prmt: the compiler's __byte_perm masks a run-time selector first, two more
+// instructions, where ours never has a nibble's sign-replicate bit set)
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned select) {
+  unsigned d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(select));
+  return d;
+}
+
 // (a & b) | c in one instruction (the compiler splits it in two when b and c are immediates)
 template <unsigned B, unsigned C> __device__ __forceinline__ unsigned and_or(unsigned a) {
   unsigned d;

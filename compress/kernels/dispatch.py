@@ -130,15 +130,16 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
             from compress.kernels import extras_view, triton_outliers
 
             return extras_view.matmul(x, extras_view.cached(packed), _extras_grid(packed), triton_outliers.add_corrections)
-        if isinstance(packed, group_quant.GroupQuantWeight) and _choice() == "auto" and _cuda_mma().supported(x, packed):
-            return _cuda_mma().matmul(x, packed)
+        if isinstance(packed, group_quant.GroupQuantWeight) and _choice() == "auto":
+            if _cuda_mma().supported(x, packed):
+                return _cuda_mma().matmul(x, packed)
+            if _cuda_mma().form_supported(x, packed):
+                return _cuda_mma().form_matmul(x, packed)
         if isinstance(packed, sparse_quant.SparseQuantWeight) and _choice() == "auto":
             from compress.kernels import cuda_mma_sparse
 
             if cuda_mma_sparse.supported(x, packed):
                 return cuda_mma_sparse.matmul(x, packed)
-        if isinstance(packed, group_quant.GroupQuantWeight) and _choice() == "auto" and _cuda_mma().form_supported(x, packed):
-            return _cuda_mma().form_matmul(x, packed)
         from compress.kernels import views
 
         return _triton_kernels().packed_matmul(x, views.kernel_form(packed))
