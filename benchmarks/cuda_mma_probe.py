@@ -4,6 +4,7 @@ a block, warps a block, register ring depth, activations ahead or at use) in --g
 
     python benchmarks/cuda_mma_probe.py [--shapes 14336x4096,...] [--bits 4,2] [--batches 1,4,16] [--json out.jsonl]
     python benchmarks/cuda_mma_probe.py --sparse ...   # 2:4 + int4 g128 on the sparse tensor-core kernel
+    python benchmarks/cuda_mma_probe.py --sparse bf16 ...   # 2:4 bf16 values on the sparse tensor-core kernel
     python benchmarks/cuda_mma_probe.py --bitmap 70 [--prefetch 0,1,2] ...   # 70% bitmap bf16 on the bitmap kernel
 
 Timing as benchmarks/gpu_kernels.py (a CUDA graph over R copies of the weight, R copies > 3x the L2, median replay
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_kernels import copies_for, time_op, unpack, weight_copies
 
-from compress.formats import bitmap, group_quant, sparse_quant
+from compress.formats import bitmap, group_quant, nm, sparse_quant
 from compress.kernels import cuda_mma, cuda_mma_bitmap, cuda_mma_sparse, triton_bitmap, views
 from compress.kernels import triton_kernels as tk
 
@@ -46,6 +47,7 @@ class Kernel:
 DENSE = Kernel(lambda p: cuda_mma.view_of(p, torch.bfloat16), group_quant.reference_matmul, cuda_mma.matmul)
 SPARSE = Kernel(cuda_mma_sparse.view_of, sparse_quant.reference_matmul,
                 lambda x, p, launch: cuda_mma_sparse.matmul(x, p, launch.row_tiles, launch.warps))
+SPARSE_VALUES = dataclasses.replace(SPARSE, view_of=lambda p: cuda_mma_sparse.view_of(p, torch.bfloat16), reference=nm.reference_matmul)
 
 
 def bitmap_kernel(prefetch: int, pairs: bool) -> Kernel:
@@ -75,7 +77,8 @@ def main(argv=None) -> None:
     parser.add_argument("--group", type=int, default=128, help="group size; 16-64 (or --float-zero) run the scaled form")
     parser.add_argument("--float-zero", action="store_true", help="float16 zero points (the scaled form)")
     parser.add_argument("--no-humming", action="store_true")
-    parser.add_argument("--sparse", action="store_true", help="2:4 + int4 g128 weights on the sparse tensor-core kernel (--bits ignored)")
+    parser.add_argument("--sparse", nargs="?", const="int4", choices=("int4", "bf16"),
+                        help="2:4 weights on the sparse tensor-core kernel: int4 g128 codes (the default) or bf16 values (--bits ignored)")
     parser.add_argument("--bitmap", type=int, help="a bitmap bf16 weight with this %% pruned at random, on the bitmap kernel (--bits ignored)")
     parser.add_argument("--prefetch", default="1", help="--bitmap: the next unit's values prefetched: 0 none, 1 L1, 2 L2 (each a launch "
                         "named <launch>p<n>)")
@@ -92,8 +95,8 @@ def main(argv=None) -> None:
         dense_us = {b: time_op(F.linear, [(xs[b][i % 4], w) for i, w in enumerate(dense_w)], reps=15) for b in batches}
         del dense_w
         for bits in [4] if args.sparse or args.bitmap is not None else map(int, args.bits.split(",")):
-            kernels = {"": SPARSE if args.sparse else DENSE}
-            fmt = "2:4+int4_g128" if args.sparse else f"int{bits}_g{args.group}{'f' if args.float_zero else ''}"
+            kernels = {"": {"int4": SPARSE, "bf16": SPARSE_VALUES}[args.sparse] if args.sparse else DENSE}
+            fmt = {"int4": "2:4+int4_g128", "bf16": "nm_2:4_bf16"}.get(args.sparse, f"int{bits}_g{args.group}{'f' if args.float_zero else ''}")
             if args.bitmap is not None:
                 kernels = {f"p{pf}d{d}": bitmap_kernel(int(pf), d == "1") for pf in args.prefetch.split(",") for d in args.decode.split(",")}
                 fmt = f"bitmap{args.bitmap}_bf16"

@@ -1,12 +1,13 @@
-"""The sparse tensor-core kernel for 2:4 int4 weights (compress.kernels.cuda_mma_sparse) and its re-packed layout
-(mma_sparse_layout): on CPU the layout, decoded with the kernel's index arithmetic and the assumed metadata layout,
-equals the format's reference, and the layouts it refuses; on a GPU the kernel against the reference."""
+"""The sparse tensor-core kernel for 2:4 int4 and 2:4 16-bit weights (compress.kernels.cuda_mma_sparse) and its
+re-packed layouts (mma_sparse_layout): on CPU each layout, decoded with the kernel's index arithmetic and the assumed
+metadata layout, equals the format's reference, and the layouts it refuses; on a GPU the kernel against the
+reference."""
 
 import pytest
 import torch
 from conftest import graph_replay, make_sparse_quant, on_device
 
-from compress.formats import sparse_quant
+from compress.formats import nm, sparse_quant
 from compress.kernels import cuda_mma, cuda_mma_sparse, mma_sparse_layout
 
 CUDA = torch.cuda.is_available() and cuda_mma.available()
@@ -17,6 +18,38 @@ def test_layout_decodes_to_the_weight(rows, cols, group):
     packed = make_sparse_quant(rows, cols, 4, group, seed=rows)
     view = mma_sparse_layout.pack(packed)
     assert torch.equal(mma_sparse_layout.dense(view), sparse_quant.unpack(packed))
+
+
+def make_2of4(rows: int, cols: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> nm.NMWeight:
+    """A 2:4 weight of the two largest of every four random values (some rows with a kept exact zero)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=g).to(dtype).float()
+    weight[::5, ::3] = 0.0
+    keep = weight.abs().view(rows, -1, 4).argsort(dim=-1, descending=True, stable=True)[..., :2]
+    mask = torch.zeros(rows, cols // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).view(rows, cols)
+    return nm.pack(weight * mask, mask, 2, 4, dtype)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(16, 128), (37, 512), (5, 256), (70, 1024)])
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activations", [torch.bfloat16, torch.float16])
+def test_values_layout_decodes_to_the_weight(rows, cols, stored, activations):
+    packed = make_2of4(rows, cols, stored, seed=rows)
+    view = mma_sparse_layout.pack_values(packed, activations)
+    assert view.values.shape == (mma_sparse_layout.padded_tiles(rows), cols // 128, 4, 32, 4)
+    assert torch.equal(mma_sparse_layout.dense_values(view), nm.unpack(packed).to(activations).float())
+
+
+@pytest.mark.parametrize(("n", "m", "cols", "ok"), [(2, 4, 512, True), (1, 4, 512, False), (4, 8, 512, False), (2, 4, 260, False)])
+def test_values_layouts_it_takes(n, m, cols, ok):
+    weight = torch.zeros(4, cols)
+    mask = torch.zeros(4, cols // m, m, dtype=torch.bool)
+    mask[..., :n] = True
+    packed = nm.pack(weight, mask.view(4, cols), n, m)
+    assert mma_sparse_layout.values_shape_ok(packed) is ok
+    assert not cuda_mma_sparse.supported(torch.randn(1, cols, dtype=torch.bfloat16), packed)  # CPU input
+    with pytest.raises(ValueError, match="not a layout"):
+        mma_sparse_layout.pack_values(packed, torch.float32 if ok else torch.bfloat16)
 
 
 def test_every_instruction_chunk_is_one_group_and_positions_ascend():
@@ -69,6 +102,31 @@ def test_cuda_graph_capture_through_the_dispatcher():
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     eager = cuda_mma_sparse.matmul(x, packed)
     assert torch.equal(dispatch.device_matmul(x, packed), eager)  # the dispatcher sends 2:4 int4 weights here
+    assert torch.equal(graph_replay(lambda: dispatch.device_matmul(x, packed)), eager)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+@pytest.mark.parametrize(("rows", "cols"), [(37, 1024), (300, 4096), (1, 128), (70, 640)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_values_equal_reference(rows, cols, dtype):
+    packed = on_device(make_2of4(rows, cols, torch.bfloat16, seed=rows + cols), "cuda")
+    for batch in (1, 3, 8, 9, 16):
+        x = torch.randn(batch, cols, device="cuda", dtype=dtype)
+        assert cuda_mma_sparse.supported(x, packed)
+        ref = (x.double() @ nm.unpack(packed).to(dtype).double().T)
+        for row_tiles, warps in ((1, 1), (2, 4), (2, 16), (1, 8)):
+            got = cuda_mma_sparse.matmul(x, packed, row_tiles, warps).double()
+            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, row_tiles, warps)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+def test_cuda_values_graph_capture_through_the_dispatcher():
+    from compress.kernels import dispatch
+
+    packed = on_device(make_2of4(256, 4096, seed=2), "cuda")
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = cuda_mma_sparse.matmul(x, packed)
+    assert torch.equal(dispatch.device_matmul(x, packed), eager)  # the dispatcher sends 2:4 16-bit weights here
     assert torch.equal(graph_replay(lambda: dispatch.device_matmul(x, packed)), eager)
 
 

@@ -3,7 +3,8 @@
 CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton kernels (triton_kernels.py), except at
 batch 1 to 16 of bf16/fp16 activations: group_quant weights with 2-4-bit codes go to the tensor-core kernel of
 cuda_mma.py (its exact form for integer zero points and groups of whole 128-column units, its scaled form for groups
-of 16-64 and float zero points), 2:4 sparse int4 ones to the sparse tensor-core kernel of cuda_mma_sparse.py. Bitmap
+of 16-64 and float zero points), 2:4 sparse int4 and 2:4 nm (16-bit values) ones to the sparse tensor-core kernel
+of cuda_mma_sparse.py. Bitmap
 weights go to the tensor-core bitmap kernel (cuda_mma_bitmap.py) at batch 1 to 16, else, like unstructured
 sparse_quant ones, to triton_bitmap.py; SpQR and LUT weights without a keep mask through their views (extras_view.py;
 3-bit codes read as 4-bit words, views.py): the grid part on the tensor-core kernel's scaled form (SpQR) or table form
@@ -135,7 +136,7 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
                 return _cuda_mma().matmul(x, packed)
             if _cuda_mma().form_supported(x, packed):
                 return _cuda_mma().form_matmul(x, packed)
-        if isinstance(packed, sparse_quant.SparseQuantWeight) and _choice() == "auto":
+        if isinstance(packed, (sparse_quant.SparseQuantWeight, nm.NMWeight)) and _choice() == "auto":
             from compress.kernels import cuda_mma_sparse
 
             if cuda_mma_sparse.supported(x, packed):
