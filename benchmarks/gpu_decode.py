@@ -1,7 +1,7 @@
 """End-to-end decoding on a GPU: a random-weight LLaMA-shaped model (~1B or 7B widths) generating N tokens
 greedily at batch 1 and 16, dense bf16 against the same model with every decoder Linear replaced by a
-kernel-backed module of a packed format (2:4, int4 g128, 2:4 + int4 g128, SpQR 3-bit g16 with 3-bit statistics
-and 1% outliers; `compress.kernels.modules`, the
+kernel-backed module of a packed format (2:4, int4 g128, 2:4 + int4 g128, 50% unstructured + int4 g128, SpQR
+3-bit g16 with 3-bit statistics and 1% outliers; `compress.kernels.modules`, the
 modules `compress.load(out, device="cuda")` builds), both under CUDA graphs.
 
 Decoding: transformers' model with a static KV cache; the prompt runs eagerly, then one decode step (forward,
@@ -15,7 +15,7 @@ first position where the greedy tokens differ; then both models read the dense e
 forward (teacher forcing): the share of positions whose next-token argmax agrees, and how many disagreements lie
 within the numerical noise (top-2 logit gap no larger than the largest logit difference at that position). Both
 compute bf16 activations with fp32 accumulation in a different summation order: on random weights, whose
-next-token distributions are nearly flat, a near-tie may flip. Compression is direct (no calibration: 2:4 by magnitude,
+next-token distributions are nearly flat, a near-tie may flip. Compression is direct (no calibration: 2:4 and 50% by magnitude,
 RTN int4 g128, spqr_target's grids), as benchmarks/end_to_end.py does on CPU.
 
     python3 benchmarks/gpu_decode.py --models 1b,7b --batches 1,16 --new-tokens 128 --json out.json
@@ -42,7 +42,7 @@ MODELS = {
     "1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
 }
-FORMS = ("int4_g128", "2:4", "2:4+int4_g128", "spqr3_g16")
+FORMS = ("int4_g128", "2:4", "2:4+int4_g128", "unstructured50+int4_g128", "spqr3_g16")
 PROMPT_TOKENS = 16
 
 

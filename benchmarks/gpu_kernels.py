@@ -45,7 +45,7 @@ from compress.kernels import triton_gemv as tg
 from compress.kernels import triton_kernels as tk
 
 FORMATS = ("int4_g128", "int3_g128", "int3_g128@widened", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128", "2:4+int4_g128@splitk",
-           "spqr3_g16", "lut3", "bitmap70_bf16")
+           "spqr3_g16", "lut3", "bitmap70_bf16", "sparse50+int4_g128")
 VIEW_FORMATS = ("spqr3_g16", "lut3")  # through their kernel views (extras_view.py), timed as a module calls them: dispatch.device_matmul
 FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: that kernel at batch 1 (not yet the default)
 # FORMAT@mma: the tensor-core kernel's scaled form at batch 1-16 (groups of 16-64, float zero points; SpQR's grid through
@@ -81,6 +81,9 @@ def make(fmt: str, rows: int, cols: int, device: str):
     elif fmt.startswith("bitmap"):  # bitmap{sparsity %}_bf16: that share of weights pruned at random
         keep = torch.rand(rows, cols, generator=g) >= int(fmt[len("bitmap"):].split("_")[0]) / 100
         packed = bitmap.pack(torch.randn(rows, cols, generator=g).bfloat16().float() * keep, keep, torch.bfloat16)
+    elif fmt.startswith("sparse"):  # sparse{%}+int4_g128: that share pruned at random, the rest int4 g128
+        keep = torch.rand(rows, cols, generator=g) >= int(fmt[len("sparse"):].split("+")[0]) / 100
+        packed = sparse_quant.pack(keep, codes, scale, zero, 4, 128, "unstructured")
     elif fmt.startswith("nm"):
         packed = nm.pack(torch.randn(rows, cols, generator=g).bfloat16().float() * mask, mask, 2, 4, torch.bfloat16)
     else:
@@ -108,8 +111,11 @@ def kernel_name(packed, batch: int) -> str:
         return f"cuda_mma {cuda_mma.plan(cuda_mma.view_of(packed), batch, x.device)}"
     if isinstance(packed, group_quant.GroupQuantWeight) and cuda_mma.form_supported(x, packed):
         return f"cuda_mma scaled {cuda_mma.plan(cuda_mma.view_of(packed, x.dtype), batch, x.device)}"
-    if isinstance(packed, sparse_quant.SparseQuantWeight) and cuda_mma_sparse.supported(x, packed):
-        return f"cuda_mma_sparse {cuda_mma.plan(cuda_mma_sparse.view_of(packed), batch, x.device)}"
+    if isinstance(packed, (sparse_quant.SparseQuantWeight, nm.NMWeight)) and cuda_mma_sparse.supported(x, packed):
+        return f"cuda_mma_sparse {cuda_mma.plan(cuda_mma_sparse.view_of(packed, x.dtype), batch, x.device)}"
+    grid = dispatch._sparse_on_grid(x, packed)
+    if grid is not None:
+        return f"{kernel_name(grid, batch)} (grid view)"
     if isinstance(packed, bitmap.BitmapWeight) and cuda_mma_bitmap.supported(x, packed):
         return f"cuda_mma_bitmap {cuda_mma_bitmap.plan(cuda_mma_bitmap.view_of(packed, x.dtype), batch, x.device)}"
     if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
@@ -243,7 +249,7 @@ def peer_times(rows: int, cols: int, batches: list, env: dict, out, records: lis
 def same_bits_peer(fmt: str, peers: dict, batch: int) -> tuple[str, float] | None:
     """The fastest peer storing the format's weight bits (int4: tinygemm, humming, NF4; int3/2/8: humming;
     2:4 bf16: cuSPARSELt): (name, us), or None."""
-    bits = int(fmt[3]) if fmt.startswith("int") else None
+    bits = int(re.search(r"int(\d)", fmt).group(1)) if "int" in fmt else None
     names = ["cusparselt_2:4"] if fmt == "nm_2:4_bf16" else [n for n in peers if bits is not None and gpu_peers.bits_of(n) == bits]
     timed = [(n, peers[n][batch]) for n in names if batch in peers.get(n, {})]
     return min(timed, key=lambda t: t[1]) if timed else None
@@ -275,6 +281,10 @@ def weight_copies(fmt: str, rows: int, cols: int, checked: bool, batches=()):
             cuda_mma.view_of(copy, torch.bfloat16)
         elif isinstance(copy, sparse_quant.SparseQuantWeight) and cuda_mma_sparse.shape_ok(copy):
             cuda_mma_sparse.view_of(copy)
+        elif isinstance(copy, nm.NMWeight) and cuda_mma_sparse.values_shape_ok(copy):
+            cuda_mma_sparse.view_of(copy, torch.bfloat16)
+        elif isinstance(copy, sparse_quant.SparseQuantWeight):  # its grid view (and that view's tensor-core form)
+            dispatch.device_matmul(torch.zeros(1, cols, device="cuda", dtype=torch.bfloat16), copy)
         elif isinstance(copy, bitmap.BitmapWeight):
             triton_bitmap.view_of(copy)
             if cuda_mma_bitmap.shape_ok(copy):

@@ -130,6 +130,26 @@ def test_cuda_values_graph_capture_through_the_dispatcher():
     assert torch.equal(graph_replay(lambda: dispatch.device_matmul(x, packed)), eager)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+@pytest.mark.parametrize(("rows", "cols", "bits", "group", "pattern"), [(129, 1024, 4, 128, "unstructured"), (70, 640, 3, 64, "unstructured"),
+                                                                        (33, 512, 4, 128, "4:8"), (40, 256, 2, 32, "2:4")])
+def test_cuda_sparse_weights_on_their_grid_through_the_dispatcher(rows, cols, bits, group, pattern):
+    # the weights the sparse kernels read slower than the grid: on the group-quant kernels through the grid view
+    from compress.kernels import dispatch
+
+    packed = on_device(make_sparse_quant(rows, cols, bits, group, pattern=pattern, seed=rows), "cuda")
+    w = sparse_quant.unpack(packed).double()
+    for batch in (1, 9, 16, 40):
+        x = torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16)
+        grid = dispatch._sparse_on_grid(x, packed)
+        assert (grid is not None) is (pattern == "unstructured" or batch <= 16)
+        ref = x.double() @ w.T
+        got = dispatch.device_matmul(x, packed).double()
+        assert ((got - ref).norm() / ref.norm()).item() < 4e-3, batch
+    x = torch.randn(1, cols, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(graph_replay(lambda: dispatch.device_matmul(x, packed)), dispatch.device_matmul(x, packed))
+
+
 def test_activation_exchange_gives_each_lane_its_b_fragment():
     # The kernel's activation loads and pair exchange (load_unit_sp, unit_dot_sp), replayed per lane, must put in B
     # register i of lane (g, t) the activations of mma k = 2t + 8i, +1 (the instruction's B layout), and those k must

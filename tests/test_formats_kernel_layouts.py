@@ -265,6 +265,22 @@ def test_sparse_quant_bitmap_round_trips(bits, rows, cols, density, group_size, 
     _check(sparse_quant, packed, weight)
 
 
+@pytest.mark.parametrize("bits", gq.SUPPORTED_BITS)
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_sparse_quant_as_group_quant_is_the_same_weight(bits, pattern):
+    # the grid view the GPU kernels of dense grids read: every pruned weight coded as its group's zero point
+    rows, cols, group_size = 19, 96, 32
+    mask = _random_mask(rows, cols, 0.5) if pattern == "unstructured" else _nm_mask(rows, cols, *map(int, pattern.split(":")))
+    codes, scale, zero, weight = _sparse_case(rows, cols, bits, group_size, mask)
+    packed = sparse_quant.pack(mask, codes, scale, zero, bits, group_size, pattern)
+    grid = sparse_quant.as_group_quant(packed)
+    assert grid.codes.shape == (rows, -(-cols // (32 // bits)))
+    assert torch.equal(gq.unpack(grid), sparse_quant.unpack(packed)) and torch.equal(gq.unpack(grid), weight)
+    float_zero = sparse_quant.pack(mask, codes, scale, zero + 0.5, bits, group_size, pattern, "float16")
+    with pytest.raises(ValueError, match="float zero points"):
+        sparse_quant.as_group_quant(float_zero)
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
 def test_sparse_quant_from_gptq_with_a_mask_is_dequantize(pattern):
     weight = torch.randn(17, 96, generator=_gen(5))

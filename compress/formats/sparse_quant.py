@@ -130,7 +130,8 @@ def _statistics(packed: SparseQuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
     return group_quant.statistic_values(packed.scale, packed.zero, packed.zero_kind, packed.bits, packed.groups)
 
 
-def unpack(packed: SparseQuantWeight) -> torch.Tensor:
+def dense_codes(packed: SparseQuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask bool [out, in], codes int64 [out, in]: the kept weights' codes, 0 where pruned)."""
     rows, cols = packed.shape
     nm_pattern = parse_pattern(packed.pattern)
     if nm_pattern is not None:
@@ -142,6 +143,25 @@ def unpack(packed: SparseQuantWeight) -> torch.Tensor:
         kept = read_rows(packed.codes, mask.sum(1), packed.bits)
     codes = torch.zeros(rows, cols, dtype=torch.int64, device=mask.device)
     codes[mask] = kept
+    return mask, codes
+
+
+def as_group_quant(packed: SparseQuantWeight) -> group_quant.GroupQuantWeight:
+    """The same weight as a group_quant one (integer zero points only): every pruned weight's code is its group's zero
+    point, so scale * (code - zero) is exactly 0 there. A kernel of the dense grid then reads it (bits a weight: the
+    code width, against the sparse form's fewer)."""
+    if packed.zero_kind != "integer":
+        raise ValueError("a sparse weight with float zero points has no exact code for a pruned weight")
+    mask, codes = dense_codes(packed)
+    zero = group_quant.expand(_statistics(packed)[1], packed.group_size, packed.shape[1]).round().long()
+    codes = torch.where(mask, codes, zero)
+    return group_quant.GroupQuantWeight(packed.shape, packed.bits, packed.group_size, pack_fields(codes, packed.bits), packed.scale,
+                                        packed.zero, "integer")
+
+
+def unpack(packed: SparseQuantWeight) -> torch.Tensor:
+    mask, codes = dense_codes(packed)
+    cols = packed.shape[1]
     scale, zero = (group_quant.expand(s, packed.group_size, cols) for s in _statistics(packed))
     weight = scale * (codes.float() - zero)  # the expression of QuantizedWeight.dequantize
     return torch.where(mask, weight, torch.zeros_like(weight))

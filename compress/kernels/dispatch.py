@@ -25,6 +25,7 @@ import os
 import torch
 
 from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr, ternary_dict
+from compress.kernels import views
 
 ENV = "COMPRESS_GPU_KERNEL"
 CHOICES = ("auto", "triton", "torch")
@@ -91,6 +92,24 @@ def _extras_grid(packed):
     return grid
 
 
+def _sparse_on_grid(x: torch.Tensor, packed) -> group_quant.GroupQuantWeight | None:
+    """A sparse + group-quant weight the sparse kernels read slower than its dense grid (auto, integer zero points):
+    unstructured ones at every batch (the bitmap kernel decodes at 0.03-0.11x dense bf16, the grid's kernels at
+    1.5-2.8x), N:M ones other than 2:4 int4 at batch 1 to 16 on the tensor-core kernel; their cached grid view
+    (sparse_quant.as_group_quant), else None."""
+    if not isinstance(packed, sparse_quant.SparseQuantWeight) or packed.zero_kind != "integer" or _choice() != "auto":
+        return None
+    if packed.bitmask is None:
+        from compress.kernels import cuda_mma_sparse
+
+        if cuda_mma_sparse.supported(x, packed) or not _cuda_mma().call_ok(x, packed.shape[1]):
+            return None
+    grid = views.cached(packed.codes, "grid", lambda: sparse_quant.as_group_quant(packed))
+    if packed.bitmask is None and not (_cuda_mma().supported(x, grid) or _cuda_mma().form_supported(x, grid)):
+        return None
+    return grid
+
+
 def kernel_for(x: torch.Tensor, packed) -> str:
     """"cpu" (cpu.py's kernels), "triton" or "torch" (the format's reference) for this input and weight."""
     if x.device.type == "cpu":
@@ -121,6 +140,14 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
             if _choice() == "auto" and _cuda_ternary().preferred(x, packed):
                 return _cuda_ternary().ternary_matmul(x, packed)
             return _triton_ternary().ternary_dict_matmul(x, packed, table)
+        grid = _sparse_on_grid(x, packed)
+        if grid is not None:
+            mma = _cuda_mma()
+            if mma.supported(x, grid):
+                return mma.matmul(x, grid)
+            if mma.form_supported(x, grid):
+                return mma.form_matmul(x, grid)
+            return _triton_kernels().packed_matmul(x, views.kernel_form(grid))
         if _bitmask_layout(packed):
             from compress.kernels import cuda_mma_bitmap, triton_bitmap
 
@@ -141,8 +168,6 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
 
             if cuda_mma_sparse.supported(x, packed):
                 return cuda_mma_sparse.matmul(x, packed)
-        from compress.kernels import views
-
         return _triton_kernels().packed_matmul(x, views.kernel_form(packed))
     try:
         return REFERENCE[type(packed)](x, packed)
