@@ -6,6 +6,7 @@ a block, warps a block, register ring depth, activations ahead or at use) in --g
     python benchmarks/cuda_mma_probe.py --sparse ...   # 2:4 + int4 g128 on the sparse tensor-core kernel
     python benchmarks/cuda_mma_probe.py --sparse bf16 ...   # 2:4 bf16 values on the sparse tensor-core kernel
     python benchmarks/cuda_mma_probe.py --bitmap 70 [--prefetch 0,1,2] ...   # 70% bitmap bf16 on the bitmap kernel
+    python benchmarks/cuda_mma_probe.py --bitmap 70 --scatter 4,8 ...   # and on the scatter kernel at 4 and 8 warps
 
 Timing as benchmarks/gpu_kernels.py (a CUDA graph over R copies of the weight, R copies > 3x the L2, median replay
 / R). Every configuration is checked against the format's reference first (relative error < 4e-3 with bf16 x).
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_kernels import copies_for, time_op, unpack, weight_copies
 
 from compress.formats import bitmap, group_quant, nm, sparse_quant
-from compress.kernels import cuda_mma, cuda_mma_bitmap, cuda_mma_sparse, triton_bitmap, views
+from compress.kernels import cuda_mma, cuda_mma_bitmap, cuda_mma_scatter, cuda_mma_sparse, triton_bitmap, views
 from compress.kernels import triton_kernels as tk
 
 SHAPES = "14336x4096,4096x14336,4096x4096,8192x8192,11008x4096"
@@ -83,6 +84,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prefetch", default="1", help="--bitmap: the next unit's values prefetched: 0 none, 1 L1, 2 L2 (each a launch "
                         "named <launch>p<n>)")
     parser.add_argument("--decode", default="0", help="--bitmap: 0 one weight at a time, 1 two (each a launch named <launch>p<n>d<n>)")
+    parser.add_argument("--scatter", default="", help="--bitmap: also the scatter kernel (cuda_mma_scatter.py) at these warps a block, "
+                        "each with the plan's chunk rounds and one more (launches named r1w<warps>scatter<rounds>)")
     parser.add_argument("--json", help="write one JSON record per (shape, bits, batch) to this file")
     args = parser.parse_args(argv)
     env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv)}
@@ -104,6 +107,8 @@ def main(argv=None) -> None:
             copies, nbytes = weight_copies(fmt, rows, cols, checked=False)
             for copy in copies:
                 kernel.view_of(copy)  # built outside the capture
+                if args.bitmap is not None and args.scatter:
+                    cuda_mma_scatter.view_of(copy, torch.bfloat16)
             packed = copies[0]
             device = next(v for v in vars(packed).values() if isinstance(v, torch.Tensor)).device
             peer = None if args.no_humming or fmt[0] != "i" else humming_op(unpack(views.kernel_form(packed)).bfloat16(), bits)
@@ -129,6 +134,18 @@ def main(argv=None) -> None:
                         if err >= 4e-3:
                             raise SystemExit(f"{shape} {fmt} batch {b} {launch}{suffix}: relative error {err:.1e}")
                         record[f"{launch}{suffix}"] = round(time_op(lambda x, p, launch=launch, run=kernel.run: run(x, p, launch), calls, reps=15), 2)
+                if args.bitmap is not None and args.scatter:
+                    scatter_view = cuda_mma_scatter.view_of(packed, torch.bfloat16)
+                    planned = cuda_mma_scatter.plan(scatter_view, b, device)
+                    record["scatter_plan"] = f"r1w{planned[0]}scatter{planned[1]}"
+                    for warps in map(int, args.scatter.split(",")):
+                        for rounds in sorted({planned[1], min(planned[1] + 1, cuda_mma_scatter.ROUNDS[-1])}):
+                            got = cuda_mma_scatter.matmul(xs[b][0], packed, warps, rounds).double()
+                            err = ((got - ref).norm() / ref.norm()).item()
+                            if err >= 4e-3:
+                                raise SystemExit(f"{shape} {fmt} batch {b} scatter w{warps} c{rounds}: relative error {err:.1e}")
+                            run = lambda x, p, w=warps, r=rounds: cuda_mma_scatter.matmul(x, p, w, r)  # noqa: E731
+                            record[f"r1w{warps}scatter{rounds}"] = round(time_op(run, calls, reps=15), 2)
                 best_us, best = min((v, k) for k, v in record.items() if k[0] == "r" and k[1].isdigit())
                 plan_key = record["plan"]
                 record.update(best=best, best_us=best_us, plan_us=record.get(plan_key), ratio_best_vs_dense=round(dense_us[b] / best_us, 3),

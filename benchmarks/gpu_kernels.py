@@ -39,7 +39,17 @@ import gpu_peers
 from compress.formats import bitmap, group_quant, lut, nm, sparse_quant, spqr
 from compress.formats.quantized import Outliers, QuantizedWeight
 from compress.formats.words import tensor_bytes
-from compress.kernels import cuda_mma, cuda_mma_bitmap, cuda_mma_sparse, dispatch, extras_view, triton_bitmap, triton_outliers, views
+from compress.kernels import (
+    cuda_mma,
+    cuda_mma_bitmap,
+    cuda_mma_scatter,
+    cuda_mma_sparse,
+    dispatch,
+    extras_view,
+    triton_bitmap,
+    triton_outliers,
+    views,
+)
 from compress.kernels import triton_config as tc
 from compress.kernels import triton_gemv as tg
 from compress.kernels import triton_kernels as tk
@@ -47,10 +57,12 @@ from compress.kernels import triton_kernels as tk
 FORMATS = ("int4_g128", "int3_g128", "int3_g128@widened", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128", "2:4+int4_g128@splitk",
            "spqr3_g16", "lut3", "bitmap70_bf16", "sparse50+int4_g128")
 VIEW_FORMATS = ("spqr3_g16", "lut3")  # through their kernel views (extras_view.py), timed as a module calls them: dispatch.device_matmul
+FORCED_KERNELS = {"mma": "cuda_mma scaled", "scatter": "cuda_mma_scatter"}
 FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: that kernel at batch 1 (not yet the default)
 # FORMAT@mma: the tensor-core kernel's scaled form at batch 1-16 (groups of 16-64, float zero points; SpQR's grid through
 # its view) or its table form (LUT) forced, e.g. int4_g32@mma, int4_g16f@mma, spqr3_g16@mma, lut3@mma (the dispatcher's
 # choice there too now; FORMAT@triton times the Triton path beside it)
+# FORMAT@scatter: a bitmap weight on the shared-memory scatter kernel (cuda_mma_scatter.py) at batch 1-16
 # FORMAT@widened: the 3-bit codes read as 4-bit words (views.widen, what dispatch gives a module); bytes: the widened form's
 SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"
 
@@ -356,6 +368,10 @@ def mma_op(x: torch.Tensor, packed) -> torch.Tensor:
     return cuda_mma.matmul(x, packed)
 
 
+def scatter_op(x, packed):
+    return cuda_mma_scatter.matmul(x, packed)
+
+
 def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep: bool) -> None:
     """FORMAT@triton: the format with COMPRESS_GPU_KERNEL=triton (its Triton kernels where the tensor-core ones are the
     default), side by side in the same run."""
@@ -388,6 +404,11 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
             cuda_mma.form_view_of(grid, copy.bits if isinstance(copy, lut.LUTWeight) else None, torch.bfloat16)
         check(mma_op, copies[0], (1, 4, 16), f"{fmt}@mma", fp32=False)
         fmt, batches = f"{fmt}@mma", [b for b in batches if b <= cuda_mma.MAX_BATCH]
+    elif forced == "scatter":  # bitmap weights on the shared-memory scatter kernel
+        for copy in copies:
+            cuda_mma_scatter.view_of(copy, torch.bfloat16)
+        check(scatter_op, copies[0], (1, 4, 16), f"{fmt}@scatter", fp32=False)
+        fmt, batches = f"{fmt}@scatter", [b for b in batches if b <= cuda_mma.MAX_BATCH]
     elif forced:
         check(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]), copies[0], (1,), FORCED[forced].kernel)
         fmt, batches = f"{fmt}@{forced}", [1]
@@ -401,8 +422,8 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
         total = nbytes + 2 * batch * (rows + cols)
         if not sweep:
             default = FORCED.get(forced, default)
-            if forced == "mma":
-                us = time_op(mma_op, arg_list)
+            if forced in ("mma", "scatter"):
+                us = time_op(mma_op if forced == "mma" else scatter_op, arg_list)
             else:
                 us = time_op(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]) if forced else op_for(p)(x, p), arg_list)
             same = same_bits_peer(fmt, peers, batch)
@@ -410,7 +431,7 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
                   "pct_copy_bw": round(100 * total / us / 1e3 / bandwidth, 1), "bytes_per_weight": round(nbytes / (rows * cols), 4),
                   "ratio_vs_dense": round(dense / us, 3), "ratio_vs_best_peer": round(best_peer / us, 3),
                   **({"same_bits_peer": same[0], "ratio_vs_same_bits_peer": round(same[1] / us, 3)} if same else {}),
-                  "config": str(default), "kernel": {"": kernel_name(copies[0], batch), "mma": "cuda_mma scaled"}.get(forced, "triton")},
+                  "config": str(default), "kernel": FORCED_KERNELS.get(forced, "triton") if forced else kernel_name(copies[0], batch)},
                  env, out, records)
             continue
         configs = [default] + [c for c in candidates(copies[0], batch) if c != default]
