@@ -41,7 +41,6 @@ from compress.formats.quantized import Outliers, QuantizedWeight
 from compress.formats.words import tensor_bytes
 from compress.kernels import (
     cuda_mma,
-    cuda_mma_bitmap,
     cuda_mma_scatter,
     cuda_mma_sparse,
     dispatch,
@@ -124,12 +123,14 @@ def kernel_name(packed, batch: int) -> str:
     if isinstance(packed, group_quant.GroupQuantWeight) and cuda_mma.form_supported(x, packed):
         return f"cuda_mma scaled {cuda_mma.plan(cuda_mma.view_of(packed, x.dtype), batch, x.device)}"
     if isinstance(packed, (sparse_quant.SparseQuantWeight, nm.NMWeight)) and cuda_mma_sparse.supported(x, packed):
-        return f"cuda_mma_sparse {cuda_mma.plan(cuda_mma_sparse.view_of(packed, x.dtype), batch, x.device)}"
+        view = cuda_mma_sparse.view_of(packed, x.dtype)
+        plan = cuda_mma_sparse.values_plan if isinstance(packed, nm.NMWeight) else cuda_mma.plan
+        return f"cuda_mma_sparse {plan(view, batch, x.device)}"
     grid = dispatch._sparse_on_grid(x, packed)
     if grid is not None:
         return f"{kernel_name(grid, batch)} (grid view)"
-    if isinstance(packed, bitmap.BitmapWeight) and cuda_mma_bitmap.supported(x, packed):
-        return f"cuda_mma_bitmap {cuda_mma_bitmap.plan(cuda_mma_bitmap.view_of(packed, x.dtype), batch, x.device)}"
+    if isinstance(packed, bitmap.BitmapWeight) and cuda_mma_scatter.supported(x, packed):
+        return "cuda_mma_scatter w{}c{}".format(*cuda_mma_scatter.plan(cuda_mma_scatter.view_of(packed, x.dtype), batch, x.device))
     if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
         grid = extras_view.cached(packed).dense
         bits = packed.bits if isinstance(packed, lut.LUTWeight) else None
@@ -299,8 +300,8 @@ def weight_copies(fmt: str, rows: int, cols: int, checked: bool, batches=()):
             dispatch.device_matmul(torch.zeros(1, cols, device="cuda", dtype=torch.bfloat16), copy)
         elif isinstance(copy, bitmap.BitmapWeight):
             triton_bitmap.view_of(copy)
-            if cuda_mma_bitmap.shape_ok(copy):
-                cuda_mma_bitmap.view_of(copy, torch.bfloat16)
+            if cuda_mma_scatter.shape_ok(copy):
+                cuda_mma_scatter.view_of(copy, torch.bfloat16)
     return copies, nbytes
 
 

@@ -194,13 +194,14 @@ def view_of(packed: bitmap.BitmapWeight, dtype: torch.dtype) -> ScatterMmaWeight
 
 
 def plan(view: ScatterMmaWeight, batch: int, device: torch.device) -> tuple[int, int]:
-    """(warps a block, chunk rounds kept in registers): a block a row tile; warps as the group-quant kernel's plan
-    counts them for one row tile a block, at most 8 (the tiles' shared memory); rounds to hold 95% of the k-tiles'
-    chunks (a denser k-tile's lanes load the rest when they write them)."""
+    """(warps a block, chunk rounds kept in registers): a block a row tile; 8 warps where the blocks number under 6 a
+    multiprocessor's 16 warps (batch <= 8; 8 at 9-16) as the group-quant plan counts them, else 4 (the faster of 4 and 8
+    on the H200 on 14336x4096 and 4096x14336 at batch 1, within 10% at 16: docs/kernels-gpu.md), fewer where a warp
+    would get under 2 units; rounds to hold 95% of the k-tiles' chunks (a denser k-tile's lanes load the rest when they
+    write them)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     units = view.shape[1] // UNIT
-    target = sms * (16 if batch <= 8 else 8) / view.tiles
-    warps = 1 << max(0, min(3, round(torch.tensor(max(target, 1.0)).log2().item())))
+    warps = 8 if sms * (16 if batch <= 8 else 8) / view.tiles >= 6 else 4
     while warps > 1 and units // warps < 2:
         warps //= 2
     return warps, min(ROUNDS[-1], view.rounds)

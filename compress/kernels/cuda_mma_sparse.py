@@ -228,6 +228,18 @@ def view_of(packed, dtype: torch.dtype = torch.bfloat16) -> SparseMmaWeight | Sp
     return views.cached(packed.codes, "mma_sparse", lambda: pack(packed))
 
 
+def values_plan(view: SparseMmaValues, batch: int, device: torch.device) -> cuda_mma.Launch:
+    """The 16-bit values kernel's launch: one row tile and 8 warps a block at batch 1-8 (its four loads a unit already
+    keep enough bytes in flight), the group-quant plan with at least 4 warps at 9-16: the fastest measured on the H200
+    at batch 1 and 16 on 14336x4096, 4096x14336 and 4096x4096 (docs/kernels-gpu.md)."""
+    units = view.shape[1] // UNIT
+    chosen = cuda_mma.plan(view, batch, device)
+    row_tiles, warps = (1, 8) if batch <= 8 else (2, max(4, chosen.warps))
+    while warps > 1 and units // warps < 2:
+        warps //= 2
+    return cuda_mma.Launch(row_tiles, warps)
+
+
 def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | None = None) -> torch.Tensor:
     """x [..., in] (bfloat16 / float16, CUDA, 1 to 16 rows) @ W.T -> [..., out] in x's dtype, fp32 accumulation.
     `packed`: a weight `supported` takes or its view; `row_tiles`, `warps`: as the dense kernel's plan unless given."""
@@ -238,7 +250,7 @@ def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | N
     rows, cols = view.shape
     x2 = cuda_mma.activations(x, cols)
     batch = x2.shape[0]
-    chosen = cuda_mma.plan(view, batch, x.device)
+    chosen = values_plan(view, batch, x.device) if values else cuda_mma.plan(view, batch, x.device)
     launch = cuda_mma.Launch(row_tiles or chosen.row_tiles, warps or chosen.warps)
     launch.check(view.tiles)
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)

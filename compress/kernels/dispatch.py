@@ -4,12 +4,13 @@ CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton ke
 batch 1 to 16 of bf16/fp16 activations: group_quant weights with 2-4-bit codes go to the tensor-core kernel of
 cuda_mma.py (its exact form for integer zero points and groups of whole 128-column units, its scaled form for groups
 of 16-64 and float zero points), 2:4 sparse int4 and 2:4 nm (16-bit values) ones to the sparse tensor-core kernel
-of cuda_mma_sparse.py. Bitmap
-weights go to the tensor-core bitmap kernel (cuda_mma_bitmap.py) at batch 1 to 16, else, like unstructured
-sparse_quant ones, to triton_bitmap.py; SpQR and LUT weights without a keep mask through their views (extras_view.py;
-3-bit codes read as 4-bit words, views.py): the grid part on the tensor-core kernel's scaled form (SpQR) or table form
-(LUT codes of 2-3 bits) at batch 1 to 16, else on the Triton kernels, the outliers by triton_outliers.py; ternary_dict
-weights to triton_ternary.py (at batch 1 to the CUDA kernel of cuda_ternary.py where it is the faster).
+of cuda_mma_sparse.py. Bitmap weights go to the shared-memory scatter kernel (cuda_mma_scatter.py) at batch 1 to 16,
+else to triton_bitmap.py; sparse + group-quant weights the sparse kernels read slowly (unstructured ones; N:M ones
+other than 2:4 int4) to the group-quant kernels through their grid view (`_sparse_on_grid`); SpQR and LUT weights
+without a keep mask through their views (extras_view.py; 3-bit codes read as 4-bit words, views.py): the grid part
+on the tensor-core kernel's scaled form (SpQR) or table form (LUT codes of 2-3 bits) at batch 1 to 16, else on the
+Triton kernels, the outliers by triton_outliers.py; ternary_dict weights to triton_ternary.py (at batch 1 to the CUDA
+kernel of cuda_ternary.py where it is the faster).
 COMPRESS_GPU_KERNEL=triton keeps every weight on the Triton kernels. All are imported on first use only, so `import
 compress` and every CPU path stay free of Triton; every other format or device, and every device when Triton is
 missing, takes the format's plain-torch reference_matmul. COMPRESS_GPU_KERNEL=torch forces the reference
@@ -94,9 +95,10 @@ def _extras_grid(packed):
 
 def _sparse_on_grid(x: torch.Tensor, packed) -> group_quant.GroupQuantWeight | None:
     """A sparse + group-quant weight the sparse kernels read slower than its dense grid (auto, integer zero points):
-    unstructured ones at every batch (the bitmap kernel decodes at 0.03-0.11x dense bf16, the grid's kernels at
-    1.5-2.8x), N:M ones other than 2:4 int4 at batch 1 to 16 on the tensor-core kernel; their cached grid view
-    (sparse_quant.as_group_quant), else None."""
+    unstructured ones at every batch (the Triton bitmap kernel runs at 0.03-0.11x dense bf16, the grid's kernels at
+    0.5-2.8x), N:M ones other than 2:4 int4 where the tensor-core kernel's exact form takes the grid; their cached grid
+    view (sparse_quant.as_group_quant), else None. Only kernels that compute scale x (code - zero) exactly read it (the
+    exact form, the Triton kernels): the scaled form's rounded bias would leave a pruned weight a rounding residue."""
     if not isinstance(packed, sparse_quant.SparseQuantWeight) or packed.zero_kind != "integer" or _choice() != "auto":
         return None
     if packed.bitmask is None:
@@ -105,7 +107,7 @@ def _sparse_on_grid(x: torch.Tensor, packed) -> group_quant.GroupQuantWeight | N
         if cuda_mma_sparse.supported(x, packed) or not _cuda_mma().call_ok(x, packed.shape[1]):
             return None
     grid = views.cached(packed.codes, "grid", lambda: sparse_quant.as_group_quant(packed))
-    if packed.bitmask is None and not (_cuda_mma().supported(x, grid) or _cuda_mma().form_supported(x, grid)):
+    if packed.bitmask is None and not _cuda_mma().supported(x, grid):
         return None
     return grid
 
@@ -142,17 +144,14 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
             return _triton_ternary().ternary_dict_matmul(x, packed, table)
         grid = _sparse_on_grid(x, packed)
         if grid is not None:
-            mma = _cuda_mma()
-            if mma.supported(x, grid):
-                return mma.matmul(x, grid)
-            if mma.form_supported(x, grid):
-                return mma.form_matmul(x, grid)
+            if _cuda_mma().supported(x, grid):
+                return _cuda_mma().matmul(x, grid)
             return _triton_kernels().packed_matmul(x, views.kernel_form(grid))
         if _bitmask_layout(packed):
-            from compress.kernels import cuda_mma_bitmap, triton_bitmap
+            from compress.kernels import cuda_mma_scatter, triton_bitmap
 
-            if _choice() == "auto" and cuda_mma_bitmap.supported(x, packed):
-                return cuda_mma_bitmap.matmul(x, packed)
+            if _choice() == "auto" and cuda_mma_scatter.supported(x, packed):
+                return cuda_mma_scatter.matmul(x, packed)
             return triton_bitmap.matmul(x, packed)
         if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
             from compress.kernels import extras_view, triton_outliers
