@@ -78,8 +78,30 @@ def test_cuda_equals_reference(rows, cols, sparsity, dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_large_batches_through_the_dispatcher(dtype):
+    # above 16 rows the activations are loaded a k-tile at a time, 64 rows a launch; the dispatcher sends every batch here
+    from compress.kernels import dispatch
+
+    packed = on_device(make_bitmap(70, 640, 0.7, seed=4), "cuda")
+    weight = bitmap.unpack(packed).to(dtype).double()
+    for batch in (17, 24, 33, 64, 65, 150):
+        x = torch.randn(batch, 640, device="cuda", dtype=dtype)
+        ref = x.double() @ weight.T
+        for warps in (None, 1, 4):
+            got = cuda_mma_scatter.matmul(x, packed, warps).double()
+            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, warps)
+        assert torch.equal(dispatch.device_matmul(x, packed), cuda_mma_scatter.matmul(x, packed))
+    with pytest.raises(ValueError, match="at most 4 above 16"):
+        cuda_mma_scatter.matmul(torch.randn(20, 640, device="cuda", dtype=dtype), packed, 8)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
 def test_cuda_graph_capture():
     packed = on_device(make_bitmap(256, 4096, 0.7, seed=1), "cuda")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = cuda_mma_scatter.matmul(x, packed)
+    assert torch.equal(graph_replay(lambda: cuda_mma_scatter.matmul(x, packed)), eager)
+    x = torch.randn(100, 4096, device="cuda", dtype=torch.bfloat16)  # two launches, both captured
     eager = cuda_mma_scatter.matmul(x, packed)
     assert torch.equal(graph_replay(lambda: cuda_mma_scatter.matmul(x, packed)), eager)

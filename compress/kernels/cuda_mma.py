@@ -217,14 +217,14 @@ def table_view_of(codes_view, bits: int, dtype: torch.dtype) -> MmaWeight:
     return views.cached(codes_view.codes, f"mma-table-{DTYPES[dtype]}", lambda: mma_lut_layout.pack_table(codes_view, bits, dtype))
 
 
-def activations(x: torch.Tensor, cols: int) -> torch.Tensor:
+def activations(x: torch.Tensor, cols: int, max_batch: int = MAX_BATCH) -> torch.Tensor:
     """x [..., cols] as the [batch, cols] rows the tensor-core kernels read (16-byte aligned rows), or a ValueError
-    saying what they take."""
+    saying what they take (1 to `max_batch` rows)."""
     if x.shape[-1] != cols:
         raise ValueError(f"input has {x.shape[-1]} features, the weight takes {cols}")
     x2 = x.reshape(-1, cols)
-    if not 1 <= x2.shape[0] <= MAX_BATCH or x.dtype not in DTYPES or x.device.type != "cuda":
-        raise ValueError(f"the tensor-core kernels take 1 to {MAX_BATCH} rows of CUDA bf16/fp16 activations, got {tuple(x.shape)} {x.dtype}")
+    if not 1 <= x2.shape[0] <= max_batch or x.dtype not in DTYPES or x.device.type != "cuda":
+        raise ValueError(f"the tensor-core kernels take 1 to {max_batch} rows of CUDA bf16/fp16 activations, got {tuple(x.shape)} {x.dtype}")
     if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte activation loads
         x2 = x2.contiguous().clone()
     return x2

@@ -1,7 +1,7 @@
-"""Tensor-core GEMM for bitmap (unstructured sparse) weights at batch 1 to 16 through shared memory: each warp writes
-a unit's kept values at their places in a zeroed 16 x 128 tile (mma_scatter_layout.py: a value and a one-byte place
-each, 8 to a lane's load), loads the mma A fragments from it with ldmatrix and multiplies them by the activations'
-B fragments (the group-quant kernel's activation loads, block layout and sum of the warps' partial sums:
+"""Tensor-core GEMM for bitmap (unstructured sparse) weights through shared memory, fast at batch 1 to 16: each warp
+writes a unit's kept values at their places in a zeroed 16 x 128 tile (mma_scatter_layout.py: a value and a one-byte
+place each, 8 to a lane's load), loads the mma A fragments from it with ldmatrix and multiplies them by the
+activations' B fragments (the group-quant kernel's activation loads, block layout and sum of the warps' partial sums:
 cuda_mma_source.py), then zeroes the tile again.
 
 A lane spends about 4 instructions a kept weight (a place byte, an address, a store; odd halves a shift) and 3 a
@@ -23,6 +23,7 @@ from compress.kernels import cuda_mma, nvrtc
 from compress.kernels.cuda_mma_source import SOURCE
 from compress.kernels.mma_scatter_layout import UNIT, ScatterMmaWeight, pack, shape_ok
 
+SLICE = 64  # activation rows a launch
 ROUNDS = (1, 2, 3, 4)  # chunks a lane keeps in registers a unit (4 lanes a k-tile); more are loaded when written
 
 SCATTER_SOURCE = SOURCE + r"""
@@ -85,9 +86,13 @@ __device__ __forceinline__ void write_chunk(unsigned base, const uint4& v, const
 // k-tiles, whose places run alike, fall in different banks
 constexpr int KTILE_BYTES = 528;
 
+// n-tiles whose activations a lane keeps in registers a unit (above, each k-tile's B words are loaded where used)
+template <int NB> __host__ __device__ constexpr int x_tiles() { return NB <= 2 ? NB : 1; }
+
 template <bool BF16, int NB, int R>
-__device__ __forceinline__ void unit_dot_scatter(float (&acc)[1][NB][4], const Chunks<R>& ch, const LaneChunks& lc, const uint4 (&xv)[NB][4],
-    unsigned tile, const uint4* __restrict__ values, const uint2* __restrict__ places, int lane) {
+__device__ __forceinline__ void unit_dot_scatter(float (&acc)[1][NB][4], const Chunks<R>& ch, const LaneChunks& lc,
+    const uint4 (&xv)[x_tiles<NB>()][4], const unsigned short* __restrict__ x_unit, int ldx, int B, unsigned tile,
+    const uint4* __restrict__ values, const uint2* __restrict__ places, int lane) {
   const unsigned mine = tile + (lane >> 2) * KTILE_BYTES;
 #pragma unroll
   for (int r = 0; r < R; r++)
@@ -101,8 +106,13 @@ __device__ __forceinline__ void unit_dot_scatter(float (&acc)[1][NB][4], const C
     ldmatrix_x4(a, tile + j * KTILE_BYTES + lane * 16);
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
-      const uint4 xq = xv[nb][j / 2];
-      mma<BF16>(acc[0][nb], a, j & 1 ? xq.z : xq.x, j & 1 ? xq.w : xq.y);
+      if constexpr (NB <= 2) {
+        const uint4 xq = xv[nb][j / 2];
+        mma<BF16>(acc[0][nb], a, j & 1 ? xq.z : xq.x, j & 1 ? xq.w : xq.y);
+      } else {  // batch row nb * 8 + g, columns t * 32 + 4 j .. + 3 (x_unit: the unit's columns of lane t)
+        const uint2 b = *(const uint2*)(x_unit + (size_t)min(nb * 8 + (lane >> 2), B - 1) * ldx + 4 * j);
+        mma<BF16>(acc[0][nb], a, b.x, b.y);
+      }
     }
   }
   __syncwarp();
@@ -135,28 +145,30 @@ __device__ __forceinline__ void scatter_mma(const unsigned short* __restrict__ x
     }
     return lane_chunks(broadcast_meta(metas, u - base), lane);
   };
-  Chunks<R> c0, c1;  // ping-pong: each unit's chunks and activations loaded one unit ahead
-  uint4 x0[NB][4], x1[NB][4];
+  Chunks<R> c0, c1;  // ping-pong: each unit's chunks (and at batch <= 16 its activations) loaded one unit ahead
+  constexpr int XT = x_tiles<NB>();
+  uint4 x0[XT][4], x1[XT][4];
   LaneChunks l0, l1;
+  const unsigned short* x_lane = x + (lane & 3) * 32;
   if (u0 < u1) {
     l0 = chunks_of(u0);
     load_chunks<R>(c0, l0, values, places);
-    load_x<NB>(x0, x, ldx, B, u0, lane);
+    if (NB <= 2) load_x<XT>(x0, x, ldx, B, u0, lane);
   }
   for (int u = u0; u < u1; u += 2) {
     if (u + 1 < u1) {
       l1 = chunks_of(u + 1);
       load_chunks<R>(c1, l1, values, places);
-      load_x<NB>(x1, x, ldx, B, u + 1, lane);
+      if (NB <= 2) load_x<XT>(x1, x, ldx, B, u + 1, lane);
     }
-    unit_dot_scatter<BF16, NB, R>(acc, c0, l0, x0, tile, values, places, lane);
+    unit_dot_scatter<BF16, NB, R>(acc, c0, l0, x0, x_lane + u * 128, ldx, B, tile, values, places, lane);
     if (u + 1 >= u1) break;
     if (u + 2 < u1) {
       l0 = chunks_of(u + 2);
       load_chunks<R>(c0, l0, values, places);
-      load_x<NB>(x0, x, ldx, B, u + 2, lane);
+      if (NB <= 2) load_x<XT>(x0, x, ldx, B, u + 2, lane);
     }
-    unit_dot_scatter<BF16, NB, R>(acc, c1, l1, x1, tile, values, places, lane);
+    unit_dot_scatter<BF16, NB, R>(acc, c1, l1, x1, x_lane + (u + 1) * 128, ldx, B, tile, values, places, lane);
   }
   store_sums<BF16, NB, 1, W>(acc, part, y, ldy, N, B, tile0);
 }
@@ -182,8 +194,9 @@ def _kernel(name: str, device: int):
 
 
 def supported(x: torch.Tensor, packed) -> bool:
-    """A call cuda_mma.call_ok takes with a bitmap weight `shape_ok` takes."""
-    return shape_ok(packed) and cuda_mma.call_ok(x, packed.shape[1])
+    """CUDA bf16/fp16 activations of any batch with a bitmap weight `shape_ok` takes, on a GPU where the kernels compile."""
+    return (shape_ok(packed) and x.device.type == "cuda" and x.dtype in cuda_mma.DTYPES and x.shape[-1] == packed.shape[1]
+            and x.numel() > 0 and cuda_mma.available())
 
 
 def view_of(packed: bitmap.BitmapWeight, dtype: torch.dtype) -> ScatterMmaWeight:
@@ -197,35 +210,43 @@ def plan(view: ScatterMmaWeight, batch: int, device: torch.device) -> tuple[int,
     """(warps a block, chunk rounds kept in registers): a block a row tile; 8 warps where the blocks number under 6 a
     multiprocessor's 16 warps (batch <= 8; 8 at 9-16) as the group-quant plan counts them, else 4 (the faster of 4 and 8
     on the H200 on 14336x4096 and 4096x14336 at batch 1, within 10% at 16: docs/kernels-gpu.md), fewer where a warp
-    would get under 2 units; rounds to hold 95% of the k-tiles' chunks (a denser k-tile's lanes load the rest when they
-    write them)."""
+    would get under 2 units; 4 above 16 rows (untimed there); rounds to hold 95% of the k-tiles' chunks (a denser
+    k-tile's lanes load the rest when they write them)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     units = view.shape[1] // UNIT
-    warps = 8 if sms * (16 if batch <= 8 else 8) / view.tiles >= 6 else 4
+    warps = 8 if batch <= 16 and sms * (16 if batch <= 8 else 8) / view.tiles >= 6 else 4
     while warps > 1 and units // warps < 2:
         warps //= 2
     return warps, min(ROUNDS[-1], view.rounds)
 
 
 def matmul(x: torch.Tensor, packed, warps: int | None = None, rounds: int | None = None) -> torch.Tensor:
-    """x [..., in] (bfloat16 / float16, CUDA, 1 to 16 rows) @ W.T -> [..., out] in x's dtype, fp32 accumulation.
-    `packed`: a bitmap weight (`supported`) or its ScatterMmaWeight for x's dtype; `warps`, `rounds`: `plan`'s unless
-    given."""
+    """x [..., in] (bfloat16 / float16, CUDA) @ W.T -> [..., out] in x's dtype, fp32 accumulation: a launch a
+    SLICE rows (each writes the weight's tiles again; the activations of up to 16 rows stay in registers a unit, more
+    are loaded a k-tile at a time). `packed`: a bitmap weight (`supported`) or its ScatterMmaWeight for x's dtype;
+    `warps`, `rounds`: `plan`'s unless given (at most 4 warps above 16 rows: the warps' sums share memory)."""
     view = packed if isinstance(packed, ScatterMmaWeight) else view_of(packed, x.dtype)
     rows, cols = view.shape
-    x2 = cuda_mma.activations(x, cols)
     if view.dtype != x.dtype:
         raise ValueError(f"a scatter form for {view.dtype} activations got {x.dtype}")
+    x2 = x.reshape(-1, cols)
+    y = torch.empty(x2.shape[0], rows, dtype=x.dtype, device=x.device)
+    for start in range(0, x2.shape[0], SLICE):
+        _launch(cuda_mma.activations(x2[start : start + SLICE], cols, SLICE), view, y[start : start + SLICE], warps, rounds)
+    return y.reshape(*x.shape[:-1], rows)
+
+
+def _launch(x2: torch.Tensor, view: ScatterMmaWeight, y: torch.Tensor, warps: int | None, rounds: int | None) -> None:
+    rows, cols = view.shape
     batch = x2.shape[0]
-    planned = plan(view, batch, x.device)
+    n_tiles = 1 << max(0, (batch - 1).bit_length() - 3)  # 8 rows an n-tile: 1, 2, 4 or 8
+    planned = plan(view, batch, x2.device)
     warps, rounds = warps or planned[0], rounds or planned[1]
-    if warps not in (1, 2, 4, 8) or rounds not in ROUNDS:
-        raise ValueError(f"warps must be 1, 2, 4 or 8 and rounds one of {ROUNDS}, got {warps}, {rounds}")
-    y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
-    kernel = _kernel(kernel_name(x.dtype, 1 if batch <= 8 else 2, warps, rounds), nvrtc.device_index(x.device))
+    if warps not in (1, 2, 4, 8) or rounds not in ROUNDS or (n_tiles > 2 and warps > 4):
+        raise ValueError(f"warps must be 1, 2, 4 or 8 (at most 4 above 16 rows) and rounds one of {ROUNDS}, got {warps}, {rounds}")
+    kernel = _kernel(kernel_name(x2.dtype, n_tiles, warps, rounds), nvrtc.device_index(x2.device))
     values = view.values if view.values.numel() else view.values.new_zeros(1, 8)  # a valid pointer, never read
     places = view.places if view.places.numel() else view.places.new_zeros(1, 8)
-    with nvrtc.on_device(x.device):
+    with nvrtc.on_device(x2.device):
         kernel(grid=(view.tiles, 1, 1), block=(32 * warps, 1, 1),
-               args=[x2, x2.stride(0), batch, view.meta, values, places, y, rows, rows, cols // UNIT])
-    return y.reshape(*x.shape[:-1], rows)
+               args=[x2, x2.stride(0), batch, view.meta, values, places, y, y.stride(0), rows, cols // UNIT])
