@@ -86,6 +86,8 @@ def main(argv=None) -> None:
     parser.add_argument("--decode", default="0", help="--bitmap: 0 one weight at a time, 1 two (each a launch named <launch>p<n>d<n>)")
     parser.add_argument("--scatter", default="", help="--bitmap: also the scatter kernel (cuda_mma_scatter.py) at these warps a block, "
                         "each with the plan's chunk rounds and one more (launches named r1w<warps>scatter<rounds>)")
+    parser.add_argument("--scatter-prefetch", default="0", help="--scatter: each launch also with its chunks prefetched into L2 this "
+                        "many units ahead (0: none; launches named r1w<warps>scatter<rounds>p<units>)")
     parser.add_argument("--json", help="write one JSON record per (shape, bits, batch) to this file")
     args = parser.parse_args(argv)
     env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv)}
@@ -140,12 +142,13 @@ def main(argv=None) -> None:
                     record["scatter_plan"] = f"r1w{planned[0]}scatter{planned[1]}"
                     for warps in map(int, args.scatter.split(",")):
                         for rounds in sorted({planned[1], min(planned[1] + 1, cuda_mma_scatter.ROUNDS[-1])}):
-                            got = cuda_mma_scatter.matmul(xs[b][0], packed, warps, rounds).double()
-                            err = ((got - ref).norm() / ref.norm()).item()
-                            if err >= 4e-3:
-                                raise SystemExit(f"{shape} {fmt} batch {b} scatter w{warps} c{rounds}: relative error {err:.1e}")
-                            run = lambda x, p, w=warps, r=rounds: cuda_mma_scatter.matmul(x, p, w, r)  # noqa: E731
-                            record[f"r1w{warps}scatter{rounds}"] = round(time_op(run, calls, reps=15), 2)
+                            for ahead in map(int, args.scatter_prefetch.split(",")):
+                                got = cuda_mma_scatter.matmul(xs[b][0], packed, warps, rounds, ahead).double()
+                                err = ((got - ref).norm() / ref.norm()).item()
+                                if err >= 4e-3:
+                                    raise SystemExit(f"{shape} {fmt} batch {b} scatter w{warps} c{rounds} p{ahead}: relative error {err:.1e}")
+                                run = lambda x, p, w=warps, r=rounds, a=ahead: cuda_mma_scatter.matmul(x, p, w, r, a)  # noqa: E731
+                                record[f"r1w{warps}scatter{rounds}" + (f"p{ahead}" if ahead else "")] = round(time_op(run, calls, reps=15), 2)
                 best_us, best = min((v, k) for k, v in record.items() if k[0] == "r" and k[1].isdigit())
                 plan_key = record["plan"]
                 record.update(best=best, best_us=best_us, plan_us=record.get(plan_key), ratio_best_vs_dense=round(dense_us[b] / best_us, 3),

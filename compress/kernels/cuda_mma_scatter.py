@@ -24,6 +24,7 @@ from compress.kernels.cuda_mma_source import SOURCE
 from compress.kernels.mma_scatter_layout import UNIT, ScatterMmaWeight, pack, shape_ok
 
 SLICE = 64  # activation rows a launch
+PREFETCH = 0  # units ahead whose chunks are prefetched into L2 (0: none, the measured form)
 ROUNDS = (1, 2, 3, 4)  # chunks a lane keeps in registers a unit (4 lanes a k-tile); more are loaded when written
 
 SCATTER_SOURCE = SOURCE + r"""
@@ -121,7 +122,19 @@ __device__ __forceinline__ void unit_dot_scatter(float (&acc)[1][NB][4], const C
   __syncwarp();
 }
 
-template <bool BF16, int NB, int W, int R>
+// unit u's first R chunks of this lane into L2 (PF: how many units ahead of the one being multiplied; 0: none)
+template <int R>
+__device__ __forceinline__ void prefetch_chunks(const LaneChunks& lc, const uint4* __restrict__ values, const uint2* __restrict__ places) {
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    if (lc.from + 4 * r < lc.to) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(values + lc.from + 4 * r));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(places + lc.from + 4 * r));
+    }
+  }
+}
+
+template <bool BF16, int NB, int W, int R, int PF>
 __device__ __forceinline__ void scatter_mma(const unsigned short* __restrict__ x, int ldx, int B, const int4* __restrict__ meta,
     const uint4* __restrict__ values, const uint2* __restrict__ places, unsigned short* __restrict__ y, int ldy, int N, int U) {
   __shared__ __align__(16) unsigned char tiles[W][8 * KTILE_BYTES];
@@ -145,6 +158,9 @@ __device__ __forceinline__ void scatter_mma(const unsigned short* __restrict__ x
     }
     return lane_chunks(broadcast_meta(metas, u - base), lane);
   };
+  auto prefetch_unit = [&](int u) {  // where its descriptor is in the lanes' window already (a warp-uniform test)
+    if (PF > 0 && u < u1 && u - base < 32) prefetch_chunks<R>(lane_chunks(broadcast_meta(metas, u - base), lane), values, places);
+  };
   Chunks<R> c0, c1;  // ping-pong: each unit's chunks (and at batch <= 16 its activations) loaded one unit ahead
   constexpr int XT = x_tiles<NB>();
   uint4 x0[XT][4], x1[XT][4];
@@ -159,6 +175,7 @@ __device__ __forceinline__ void scatter_mma(const unsigned short* __restrict__ x
     if (u + 1 < u1) {
       l1 = chunks_of(u + 1);
       load_chunks<R>(c1, l1, values, places);
+      prefetch_unit(u + PF);
       if (NB <= 2) load_x<XT>(x1, x, ldx, B, u + 1, lane);
     }
     unit_dot_scatter<BF16, NB, R>(acc, c0, l0, x0, x_lane + u * 128, ldx, B, tile, values, places, lane);
@@ -166,6 +183,7 @@ __device__ __forceinline__ void scatter_mma(const unsigned short* __restrict__ x
     if (u + 2 < u1) {
       l0 = chunks_of(u + 2);
       load_chunks<R>(c0, l0, values, places);
+      prefetch_unit(u + 1 + PF);
       if (NB <= 2) load_x<XT>(x0, x, ldx, B, u + 2, lane);
     }
     unit_dot_scatter<BF16, NB, R>(acc, c1, l1, x1, x_lane + (u + 1) * 128, ldx, B, tile, values, places, lane);
@@ -175,13 +193,13 @@ __device__ __forceinline__ void scatter_mma(const unsigned short* __restrict__ x
 """
 
 
-def kernel_name(dtype: torch.dtype, n_tiles: int, warps: int, rounds: int) -> str:
-    return f"scmma_{cuda_mma.DTYPES[dtype]}_n{n_tiles}_w{warps}_c{rounds}"
+def kernel_name(dtype: torch.dtype, n_tiles: int, warps: int, rounds: int, prefetch: int = 0) -> str:
+    return f"scmma_{cuda_mma.DTYPES[dtype]}_n{n_tiles}_w{warps}_c{rounds}_p{prefetch}"
 
 
 def entry_source(name: str) -> str:
-    _, dtype, n_tiles, warps, rounds = name.split("_")
-    template = f"{'true' if dtype == 'bf16' else 'false'}, {n_tiles[1:]}, {warps[1:]}, {rounds[1:]}"
+    _, dtype, n_tiles, warps, rounds, prefetch = name.split("_")
+    template = f"{'true' if dtype == 'bf16' else 'false'}, {n_tiles[1:]}, {warps[1:]}, {rounds[1:]}, {prefetch[1:]}"
     return SCATTER_SOURCE + (
         f'extern "C" __global__ void __launch_bounds__({32 * int(warps[1:])}) {name}(const unsigned short* x, int ldx, int B, '
         "const int4* meta, const uint4* values, const uint2* places, unsigned short* y, int ldy, int N, int U) {\n"
@@ -220,11 +238,12 @@ def plan(view: ScatterMmaWeight, batch: int, device: torch.device) -> tuple[int,
     return warps, min(ROUNDS[-1], view.rounds)
 
 
-def matmul(x: torch.Tensor, packed, warps: int | None = None, rounds: int | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, packed, warps: int | None = None, rounds: int | None = None, prefetch: int = PREFETCH) -> torch.Tensor:
     """x [..., in] (bfloat16 / float16, CUDA) @ W.T -> [..., out] in x's dtype, fp32 accumulation: a launch a
     SLICE rows (each writes the weight's tiles again; the activations of up to 16 rows stay in registers a unit, more
     are loaded a k-tile at a time). `packed`: a bitmap weight (`supported`) or its ScatterMmaWeight for x's dtype;
-    `warps`, `rounds`: `plan`'s unless given (at most 4 warps above 16 rows: the warps' sums share memory)."""
+    `warps`, `rounds`: `plan`'s unless given (at most 4 warps above 16 rows: the warps' sums share memory); `prefetch`:
+    0, or how many units ahead each lane asks L2 for its chunks (2-4)."""
     view = packed if isinstance(packed, ScatterMmaWeight) else view_of(packed, x.dtype)
     rows, cols = view.shape
     if view.dtype != x.dtype:
@@ -232,19 +251,20 @@ def matmul(x: torch.Tensor, packed, warps: int | None = None, rounds: int | None
     x2 = x.reshape(-1, cols)
     y = torch.empty(x2.shape[0], rows, dtype=x.dtype, device=x.device)
     for start in range(0, x2.shape[0], SLICE):
-        _launch(cuda_mma.activations(x2[start : start + SLICE], cols, SLICE), view, y[start : start + SLICE], warps, rounds)
+        _launch(cuda_mma.activations(x2[start : start + SLICE], cols, SLICE), view, y[start : start + SLICE], warps, rounds, prefetch)
     return y.reshape(*x.shape[:-1], rows)
 
 
-def _launch(x2: torch.Tensor, view: ScatterMmaWeight, y: torch.Tensor, warps: int | None, rounds: int | None) -> None:
+def _launch(x2: torch.Tensor, view: ScatterMmaWeight, y: torch.Tensor, warps: int | None, rounds: int | None, prefetch: int) -> None:
     rows, cols = view.shape
     batch = x2.shape[0]
     n_tiles = 1 << max(0, (batch - 1).bit_length() - 3)  # 8 rows an n-tile: 1, 2, 4 or 8
     planned = plan(view, batch, x2.device)
     warps, rounds = warps or planned[0], rounds or planned[1]
-    if warps not in (1, 2, 4, 8) or rounds not in ROUNDS or (n_tiles > 2 and warps > 4):
-        raise ValueError(f"warps must be 1, 2, 4 or 8 (at most 4 above 16 rows) and rounds one of {ROUNDS}, got {warps}, {rounds}")
-    kernel = _kernel(kernel_name(x2.dtype, n_tiles, warps, rounds), nvrtc.device_index(x2.device))
+    if warps not in (1, 2, 4, 8) or rounds not in ROUNDS or (n_tiles > 2 and warps > 4) or prefetch not in (0, 2, 3, 4):
+        raise ValueError(f"warps must be 1, 2, 4 or 8 (at most 4 above 16 rows), rounds one of {ROUNDS} and prefetch 0, 2, 3 or 4, "
+                         f"got {warps}, {rounds}, {prefetch}")
+    kernel = _kernel(kernel_name(x2.dtype, n_tiles, warps, rounds, prefetch), nvrtc.device_index(x2.device))
     values = view.values if view.values.numel() else view.values.new_zeros(1, 8)  # a valid pointer, never read
     places = view.places if view.places.numel() else view.places.new_zeros(1, 8)
     with nvrtc.on_device(x2.device):
