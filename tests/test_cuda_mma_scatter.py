@@ -71,10 +71,10 @@ def test_cuda_equals_reference(rows, cols, sparsity, dtype):
         x = torch.randn(batch, cols, device="cuda", dtype=dtype)
         assert cuda_mma_scatter.supported(x, packed)
         ref = x.double() @ weight.T
-        for warps, rounds in ((None, None), (1, 1), (4, 2), (8, 4), (2, 3)):
-            got = cuda_mma_scatter.matmul(x, packed, warps, rounds).double()
+        for warps, rounds, ahead in ((None, None, 0), (1, 1, 0), (4, 2, 2), (8, 4, 3), (2, 3, 4)):
+            got = cuda_mma_scatter.matmul(x, packed, warps, rounds, ahead).double()
             error = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item() if ref.norm() else got.abs().max().item()
-            assert error < 4e-3, (batch, warps, rounds, error)
+            assert error < 4e-3, (batch, warps, rounds, ahead, error)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
