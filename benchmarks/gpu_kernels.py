@@ -45,6 +45,7 @@ from compress.kernels import (
     cuda_mma_sparse,
     dispatch,
     extras_view,
+    nm_split,
     triton_bitmap,
     triton_outliers,
     views,
@@ -56,12 +57,13 @@ from compress.kernels import triton_kernels as tk
 FORMATS = ("int4_g128", "int3_g128", "int3_g128@widened", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128", "2:4+int4_g128@splitk",
            "spqr3_g16", "lut3", "bitmap70_bf16", "sparse50+int4_g128")
 VIEW_FORMATS = ("spqr3_g16", "lut3")  # through their kernel views (extras_view.py), timed as a module calls them: dispatch.device_matmul
-FORCED_KERNELS = {"mma": "cuda_mma scaled", "scatter": "cuda_mma_scatter"}
+FORCED_KERNELS = {"mma": "cuda_mma scaled", "scatter": "cuda_mma_scatter", "split": "cuda_mma_sparse + outliers"}
 FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: that kernel at batch 1 (not yet the default)
 # FORMAT@mma: the tensor-core kernel's scaled form at batch 1-16 (groups of 16-64, float zero points; SpQR's grid through
 # its view) or its table form (LUT) forced, e.g. int4_g32@mma, int4_g16f@mma, spqr3_g16@mma, lut3@mma (the dispatcher's
 # choice there too now; FORMAT@triton times the Triton path beside it)
 # FORMAT@scatter: a bitmap weight on the shared-memory scatter kernel (cuda_mma_scatter.py) at batch 1-16
+# FORMAT@split: a bitmap weight as a 2:4 part on the sparse tensor cores plus outliers (nm_split.py) at batch 1-16
 # FORMAT@widened: the 3-bit codes read as 4-bit words (views.widen, what dispatch gives a module); bytes: the widened form's
 SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"
 
@@ -410,6 +412,12 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
             cuda_mma_scatter.view_of(copy, torch.bfloat16)
         check(scatter_op, copies[0], (1, 4, 16), f"{fmt}@scatter", fp32=False)
         fmt, batches = f"{fmt}@scatter", [b for b in batches if b <= cuda_mma.MAX_BATCH]
+    elif forced == "split":  # bitmap weights as a 2:4 part on the sparse tensor cores plus outliers
+        for copy in copies:
+            cuda_mma_sparse.view_of(nm_split.cached(copy).dense, torch.bfloat16)
+        check(nm_split.matmul, copies[0], (1, 4, 16), f"{fmt}@split", fp32=False)
+        print(f"{fmt}@split: outliers {nm_split.overflow_share(copies[0]):.2%} of the weights", flush=True)
+        fmt, batches = f"{fmt}@split", [b for b in batches if b <= cuda_mma.MAX_BATCH]
     elif forced:
         check(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]), copies[0], (1,), FORCED[forced].kernel)
         fmt, batches = f"{fmt}@{forced}", [1]
@@ -423,8 +431,8 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
         total = nbytes + 2 * batch * (rows + cols)
         if not sweep:
             default = FORCED.get(forced, default)
-            if forced in ("mma", "scatter"):
-                us = time_op(mma_op if forced == "mma" else scatter_op, arg_list)
+            if forced in FORCED_KERNELS:
+                us = time_op({"mma": mma_op, "scatter": scatter_op, "split": nm_split.matmul}[forced], arg_list)
             else:
                 us = time_op(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]) if forced else op_for(p)(x, p), arg_list)
             same = same_bits_peer(fmt, peers, batch)

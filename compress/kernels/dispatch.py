@@ -148,7 +148,10 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
                 return _cuda_mma().matmul(x, grid)
             return _triton_kernels().packed_matmul(x, views.kernel_form(grid))
         if _bitmask_layout(packed):
-            from compress.kernels import cuda_mma_scatter, triton_bitmap
+            from compress.kernels import cuda_mma_scatter, nm_split, triton_bitmap
+
+            if _choice() == "auto" and nm_split.preferred(packed):
+                return nm_split.matmul(x, packed)
 
             if _choice() == "auto" and cuda_mma_scatter.supported(x, packed):
                 return cuda_mma_scatter.matmul(x, packed)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.formats import group_quant, lut, row_extras, spqr
+from compress.formats import group_quant, lut, nm, row_extras, spqr
 from compress.formats.words import codes_per_word, read_fields
 from compress.kernels import views
 
@@ -35,7 +35,7 @@ SPQR_BITS = (2, 3, 4, 8)  # the group-quant kernels' code widths
 
 @dataclass
 class ExtrasView:
-    dense: group_quant.GroupQuantWeight | views.LUTCodes  # the code grid in a form the kernels read
+    dense: group_quant.GroupQuantWeight | views.LUTCodes | nm.NMWeight  # the grid (a 2:4 part: nm_split.py) the kernels read
     perm: torch.Tensor | None  # int64 [in]: x[:, perm] is x in the stored column order
     rows: torch.Tensor | None  # int64 [outliers], the output row of each outlier
     row_ptr: torch.Tensor | None  # int32 [out + 1]: row r's outliers are entries row_ptr[r] .. row_ptr[r + 1] - 1
