@@ -77,7 +77,8 @@ def test_an_unreachable_tracking_server_is_one_line_in_seconds(tmp_path):
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "compress", "run", RECIPE, "--out", str(tmp_path / "out")], env=env,
                             capture_output=True, text=True, timeout=120)
-    assert time.monotonic() - started < 15
+    # seconds, not MLflow's minutes of retries: the imports alone take 5-8 s on an idle 2-core machine, up to 18 on a busy one
+    assert time.monotonic() - started < 30
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "does not answer" in result.stderr
     assert not (tmp_path / "out").exists()
 
