@@ -377,7 +377,13 @@ def scatter_op(x, packed):
 
 def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep: bool) -> None:
     """FORMAT@triton: the format with COMPRESS_GPU_KERNEL=triton (its Triton kernels where the tensor-core ones are the
-    default), side by side in the same run."""
+    default), side by side in the same run; FORMAT@wide: with the exact tensor-core form dispatched at 17-64 rows."""
+    if fmt.endswith("@wide"):  # the exact tensor-core form dispatched at 17-64 rows too (cuda_mma.DISPATCH_WIDE)
+        previous_wide, cuda_mma.DISPATCH_WIDE = cuda_mma.DISPATCH_WIDE, True
+        try:
+            return _run_format(fmt[: -len("@wide")], rows, cols, batches, peers, bandwidth, env, out, records, sweep, "@wide")
+        finally:
+            cuda_mma.DISPATCH_WIDE = previous_wide
     if fmt.endswith("@triton"):
         previous = os.environ.get(dispatch.ENV)
         os.environ[dispatch.ENV] = "triton"

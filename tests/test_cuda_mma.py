@@ -169,6 +169,29 @@ def test_cuda_equals_reference(rows, cols, bits, group, dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+@pytest.mark.parametrize(("rows", "cols", "bits", "group"), [(37, 1024, 4, 128), (129, 640, 3, 128), (64, 4096, 2, 256)])
+def test_cuda_exact_form_at_17_to_64_rows(rows, cols, bits, group, monkeypatch):
+    # 4 and 8 n-tiles, the activations loaded a k-tile at a time; the dispatcher takes these rows only with DISPATCH_WIDE
+    from compress.kernels import dispatch
+
+    packed = on_device(make_group_quant(rows, cols, bits, group, seed=rows), "cuda")
+    for batch in (17, 24, 32, 33, 50, 64):
+        x = torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16)
+        ref = group_quant.reference_matmul(x.float(), packed).double()
+        for launch in (None, cuda_mma.Launch(1, 8), cuda_mma.Launch(1, 4, 3, False), cuda_mma.Launch(1, 2, 2, True, slices=2)):
+            got = cuda_mma.matmul(x, packed, launch).double()
+            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, str(launch))
+    x = torch.randn(40, cols, device="cuda", dtype=torch.bfloat16)
+    assert not cuda_mma.supported(x, packed)
+    with pytest.raises(ValueError, match="above 16 rows"):
+        cuda_mma.matmul(x, packed, cuda_mma.Launch(2, 16))
+    monkeypatch.setattr(cuda_mma, "DISPATCH_WIDE", True)
+    assert cuda_mma.supported(x, packed) and torch.equal(dispatch.device_matmul(x, packed), cuda_mma.matmul(x, packed))
+    assert torch.equal(graph_replay(lambda: dispatch.device_matmul(x, packed)), cuda_mma.matmul(x, packed))
+    assert not cuda_mma.supported(torch.randn(65, cols, device="cuda", dtype=torch.bfloat16), packed)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
 @pytest.mark.parametrize(("rows", "cols", "bits", "group", "zero_kind"), SCALED + [(300, 4096, 4, 16, "float16")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_scaled_form_equals_its_decoded_weight(rows, cols, bits, group, zero_kind, dtype):

@@ -1,5 +1,7 @@
 """Tensor-core GEMM for group-quantized int2 / int4 weights at batch 1 to 16 (int3 through its 4-bit widened view),
-CUDA C++ compiled at first use through NVRTC (torch.cuda._compile_kernel).
+CUDA C++ compiled at first use through NVRTC (torch.cuda._compile_kernel). The exact form also takes 17-64 rows (4 or
+8 n-tiles, the activations loaded a k-tile at a time); the dispatcher sends those rows here only with DISPATCH_WIDE
+(off until measured against the Triton kernels there).
 
 The Triton split-K GEMV multiplies on the FMA pipe and spends ~3 instructions a weight decoding and multiplying in
 fp32; it is bound by instruction issue (docs/kernels-gpu.md). Here, as in Marlin-class kernels, a warp decodes
@@ -38,6 +40,8 @@ from compress.kernels.mma_layout import UNIT, MmaWeight, pack, pack_scaled, scal
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 MAX_BATCH = 16
+WIDE_BATCH = 64  # the exact form's register-ring launches take up to this many rows (above 16: 4 or 8 n-tiles)
+DISPATCH_WIDE = False  # whether `supported` takes 17 to WIDE_BATCH rows (not until measured against the Triton kernels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +145,13 @@ def call_ok(x: torch.Tensor, cols: int) -> bool:
 
 
 def supported(x: torch.Tensor, packed) -> bool:
-    """A call `call_ok` takes with a weight `shape_ok` takes."""
-    return shape_ok(packed) and call_ok(x, packed.shape[1])
+    """A call `call_ok` takes with a weight `shape_ok` takes (with DISPATCH_WIDE, up to WIDE_BATCH rows)."""
+    if not shape_ok(packed):
+        return False
+    rows = x.numel() // max(1, x.shape[-1])
+    if DISPATCH_WIDE and MAX_BATCH < rows <= WIDE_BATCH:
+        return x.device.type == "cuda" and x.dtype in DTYPES and x.shape[-1] == packed.shape[1] and available()
+    return call_ok(x, packed.shape[1])
 
 
 def form_supported(x: torch.Tensor, weight, bits: int | None = None) -> bool:
@@ -175,7 +184,13 @@ def plan(view: MmaWeight, batch: int, device: torch.device) -> Launch:
     (the fastest of the first grid measured on the H200); 2 buffers with the activations loaded ahead: deeper rings and
     activations loaded at use were slower on every measured shape and batch (docs/kernels-gpu.md)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_tiles, units = 2, view.shape[1] // UNIT
+    units = view.shape[1] // UNIT
+    if batch > MAX_BATCH:  # the exact form at 17-64 rows: 8 warps, one row tile at 8 n-tiles (the warps' sums in 32 KB)
+        warps = 8
+        while warps > 1 and units // warps < 2:
+            warps //= 2
+        return Launch(1 if batch > 32 else 2, warps, stages=2, x_ahead=True)
+    row_tiles = 2
     target = sms * (16 if batch <= 8 else 8) / (view.tiles // row_tiles)
     warps = 1 << max(0, min(4, round(math.log2(max(target, 1.0)))))
     while warps > 1 and units // warps < 2:
@@ -231,18 +246,23 @@ def activations(x: torch.Tensor, cols: int, max_batch: int = MAX_BATCH) -> torch
 
 
 def matmul(x: torch.Tensor, packed, launch: Launch | None = None) -> torch.Tensor:
-    """x [..., in] (bfloat16 / float16, CUDA, 1 to MAX_BATCH rows) @ W.T -> [..., out] in x's dtype, fp32 accumulation.
+    """x [..., in] (bfloat16 / float16, CUDA, 1 to MAX_BATCH rows; the exact form up to WIDE_BATCH) @ W.T -> [..., out]
+    in x's dtype, fp32 accumulation.
     `packed`: a group-quant weight (`supported`) or its MmaWeight; `launch`: plan's unless given."""
     view = packed if isinstance(packed, MmaWeight) else view_of(packed, x.dtype)
     rows, cols = view.shape
-    x2 = activations(x, cols)
-    if (view.lane_groups or view.table) and (view.dtype != x.dtype or launch and launch.async_copy):
+    exact = not (view.lane_groups or view.table)
+    x2 = activations(x, cols, WIDE_BATCH if exact else MAX_BATCH)
+    if not exact and (view.dtype != x.dtype or launch and launch.async_copy):
         raise ValueError(f"a scaled or table form for {view.dtype} activations takes those on the register ring, got {x.dtype}, {launch}")
     batch = x2.shape[0]
     launch = launch or plan(view, batch, x.device)
     launch.check(view.tiles, cols // UNIT)
+    n_tiles = 1 << max(0, (batch - 1).bit_length() - 3)  # 8 rows an n-tile: 1, 2, 4 or 8
+    if n_tiles > 2 and (launch.async_copy or launch.warps * launch.row_tiles * n_tiles * 512 > 48 * 1024):
+        raise ValueError(f"{launch} at {batch} rows: above 16 rows the register ring with warps x row tiles x n-tiles x 512 bytes "
+                         "of sums in 48 KB")
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
-    n_tiles = 1 if batch <= 8 else 2
     kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles, launch, view.lane_groups, view.table), nvrtc.device_index(x.device))
     shared = launch.shared_bytes(view.bits)
     # the exact form's statistics are per group (groups of 2^gshift units); the scaled form's per unit (GROUPS unused)

@@ -87,9 +87,6 @@ __device__ __forceinline__ void write_chunk(unsigned base, const uint4& v, const
 // k-tiles, whose places run alike, fall in different banks
 constexpr int KTILE_BYTES = 528;
 
-// n-tiles whose activations a lane keeps in registers a unit (above, each k-tile's B words are loaded where used)
-template <int NB> __host__ __device__ constexpr int x_tiles() { return NB <= 2 ? NB : 1; }
-
 template <bool BF16, int NB, int R>
 __device__ __forceinline__ void unit_dot_scatter(float (&acc)[1][NB][4], const Chunks<R>& ch, const LaneChunks& lc,
     const uint4 (&xv)[x_tiles<NB>()][4], const unsigned short* __restrict__ x_unit, int ldx, int B, unsigned tile,

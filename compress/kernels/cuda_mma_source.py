@@ -107,10 +107,10 @@ __device__ __forceinline__ void load_x(uint4 (&xv)[NB][4], const unsigned short*
 }
 
 // acc += one unit of the RT row tiles: per k-tile, the lane's 8 codes decoded to code - zero as 16-bit floats (exact)
-// into the A fragment, the mma against the activations' B fragment; each group's fp32 sums scaled once.
-template <int BITS, bool BF16, int NB, int RT>
-__device__ __forceinline__ void unit_dot(float (&acc)[RT][NB][4], const uint4 (&w)[RT][BITS / 2], const uint2 (&s)[RT],
-                                         const uint4 (&xv)[NB][4]) {
+// into the A fragment, the mma against the activations' B fragment (b_of(nb, j, b0, b1) gives n-tile nb's two words of
+// k-tile j); each group's fp32 sums scaled once.
+template <int BITS, bool BF16, int NB, int RT, class BOf>
+__device__ __forceinline__ void unit_dot_with(float (&acc)[RT][NB][4], const uint4 (&w)[RT][BITS / 2], const uint2 (&s)[RT], const BOf& b_of) {
   constexpr int T = 32 / BITS / 8;  // k-tiles a word (field pair i: bits i * BITS and + 16)
   constexpr unsigned MASK = ((1u << BITS) - 1u) * 0x10001u, MAGIC = BF16 ? 0x43004300u : 0x64006400u;
   constexpr unsigned NEG = BF16 ? 0xC300C300u : 0xE400E400u, ONE = BF16 ? 0x3F803F80u : 0x3C003C00u;
@@ -129,13 +129,40 @@ __device__ __forceinline__ void unit_dot(float (&acc)[RT][NB][4], const uint4 (&
       for (int q = 0; q < 4; q++) a[q] = fma2<BF16>(and_or<MASK, MAGIC>(word >> ((h * 4 + q) * BITS)), ONE, neg[q & 1]);
 #pragma unroll
       for (int nb = 0; nb < NB; nb++) {
-        const uint4 xq = xv[nb][j / 2];
-        mma<BF16>(part_sum[0][nb], a, j & 1 ? xq.z : xq.x, j & 1 ? xq.w : xq.y);
+        unsigned b0, b1;
+        b_of(nb, j, b0, b1);
+        mma<BF16>(part_sum[0][nb], a, b0, b1);
       }
     }
     add_scaled<NB>(acc[r], part_sum[0], s[r].x);
   }
 }
+
+// the activations of a unit in registers (load_x: up to 16 rows)
+template <int BITS, bool BF16, int NB, int RT>
+__device__ __forceinline__ void unit_dot(float (&acc)[RT][NB][4], const uint4 (&w)[RT][BITS / 2], const uint2 (&s)[RT],
+                                         const uint4 (&xv)[NB][4]) {
+  unit_dot_with<BITS, BF16, NB, RT>(acc, w, s, [&](int nb, int j, unsigned& b0, unsigned& b1) {
+    const uint4 xq = xv[nb][j / 2];
+    b0 = j & 1 ? xq.z : xq.x;
+    b1 = j & 1 ? xq.w : xq.y;
+  });
+}
+
+// 17-64 rows (4 or 8 n-tiles): each k-tile's B words loaded where used, batch row nb * 8 + g, columns t * 32 + 4 j ..
+// + 3 of the unit (x_unit: the unit's columns of the lane's quad position t)
+template <int BITS, bool BF16, int NB, int RT>
+__device__ __forceinline__ void unit_dot_wide(float (&acc)[RT][NB][4], const uint4 (&w)[RT][BITS / 2], const uint2 (&s)[RT],
+                                              const unsigned short* __restrict__ x_unit, int ldx, int B, int lane) {
+  unit_dot_with<BITS, BF16, NB, RT>(acc, w, s, [&](int nb, int j, unsigned& b0, unsigned& b1) {
+    const uint2 b = *(const uint2*)(x_unit + (size_t)min(nb * 8 + (lane >> 2), B - 1) * ldx + 4 * j);
+    b0 = b.x;
+    b1 = b.y;
+  });
+}
+
+// n-tiles whose activations a lane keeps in registers a unit (above 2, each k-tile's B words are loaded where used)
+template <int NB> __host__ __device__ constexpr int x_tiles() { return NB <= 2 ? NB : 1; }
 
 """ + FORMS_SOURCE + r"""
 // element e of a block's sums (lane l's accumulator i of n-tile nb, row tile r): its output row and batch column
@@ -213,7 +240,9 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
   zero(acc);
   // a ring of S register buffers: unit u's code loads are issued S - 1 units ahead of its decode (the ring unrolled,
   // so every buffer index is a constant: no register copies); its activations with them (XA) or just before use
-  uint4 w[S][RT][CH], xr[XA ? S : 1][NB][4];
+  static_assert(NB <= 2 || FORM == EXACT, "17-64 rows: the exact form only");
+  constexpr bool WIDE = NB > 2;
+  uint4 w[S][RT][CH], xr[XA && !WIDE ? S : 1][x_tiles<NB>()][4];
   typename StatOf<FORM>::T s[S][RT];
   uint4 table[FORM == TABLE ? RT : 1][2];  // the table form: rows g and g + 8 of each row tile, for the whole call
   if (FORM == TABLE)
@@ -225,7 +254,7 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
   for (int i = 0; i < S - 1; i++)
     if (u0 + i < u1) {
       load_codes<CH, RT, FORM>(w[i], s[i], codes, stats, tile0, u0 + i, U, GROUPS, gshift, lane);
-      if (XA) load_x<NB>(xr[XA ? i : 0], x, ldx, B, u0 + i, lane);
+      if (XA && !WIDE) load_x<x_tiles<NB>()>(xr[XA && !WIDE ? i : 0], x, ldx, B, u0 + i, lane);
     }
   for (int u = u0; u < u1; u += S) {
 #pragma unroll
@@ -234,10 +263,11 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
         const int ahead = u + i + S - 1;
         if (ahead < u1) {
           load_codes<CH, RT, FORM>(w[(i + S - 1) % S], s[(i + S - 1) % S], codes, stats, tile0, ahead, U, GROUPS, gshift, lane);
-          if (XA) load_x<NB>(xr[XA ? (i + S - 1) % S : 0], x, ldx, B, ahead, lane);
+          if (XA && !WIDE) load_x<x_tiles<NB>()>(xr[XA && !WIDE ? (i + S - 1) % S : 0], x, ldx, B, ahead, lane);
         }
-        if (!XA) load_x<NB>(xr[0], x, ldx, B, u + i, lane);
-        if constexpr (FORM == EXACT) unit_dot<BITS, BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
+        if (!XA && !WIDE) load_x<x_tiles<NB>()>(xr[0], x, ldx, B, u + i, lane);
+        if constexpr (WIDE) unit_dot_wide<BITS, BF16, NB, RT>(acc, w[i], s[i], x + (u + i) * 128 + (lane & 3) * 32, ldx, B, lane);
+        else if constexpr (FORM == EXACT) unit_dot<BITS, BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
         else if constexpr (FORM == TABLE) unit_dot_table<BF16, NB, RT>(acc, w[i], table, xr[XA ? i : 0]);
         else unit_dot_scaled<BITS, BF16, NB, RT, FORM>(acc, w[i], s[i], xr[XA ? i : 0]);
       }
