@@ -86,6 +86,7 @@ def main(argv=None) -> None:
     parser.add_argument("--decode", default="0", help="--bitmap: 0 one weight at a time, 1 two (each a launch named <launch>p<n>d<n>)")
     parser.add_argument("--scatter", default="", help="--bitmap: also the scatter kernel (cuda_mma_scatter.py) at these warps a block, "
                         "each with the plan's chunk rounds and one more (launches named r1w<warps>scatter<rounds>)")
+    parser.add_argument("--scatter-rounds", default="", help="--scatter: these chunk rounds in registers (default: the plan's and one more)")
     parser.add_argument("--scatter-prefetch", default="0", help="--scatter: each launch also with its chunks prefetched into L2 this "
                         "many units ahead (0: none; launches named r1w<warps>scatter<rounds>p<units>)")
     parser.add_argument("--json", help="write one JSON record per (shape, bits, batch) to this file")
@@ -144,7 +145,9 @@ def main(argv=None) -> None:
                     planned = cuda_mma_scatter.plan(scatter_view, b, device)
                     record["scatter_plan"] = f"r1w{planned[0]}scatter{planned[1]}"
                     for warps in map(int, args.scatter.split(",")):
-                        for rounds in sorted({planned[1], min(planned[1] + 1, cuda_mma_scatter.ROUNDS[-1])}):
+                        rounds_list = ({planned[1], min(planned[1] + 1, cuda_mma_scatter.ROUNDS[-1])} if not args.scatter_rounds
+                                       else set(map(int, args.scatter_rounds.split(","))))
+                        for rounds in sorted(rounds_list):
                             for ahead in map(int, args.scatter_prefetch.split(",")):
                                 got = cuda_mma_scatter.matmul(xs[b][0], packed, warps, rounds, ahead).double()
                                 err = ((got - ref).norm() / ref.norm()).item()
