@@ -13,7 +13,9 @@ registers. A block owns RT row tiles and W warps splitting the columns (`plan`).
 
 Measured on an H200 at 70% sparsity: 0.75-0.86x dense bf16 at batch 1, 6-23x the Triton bitmap kernel; bound by
 integer instructions (about 7 a weight slot, kept or not), not bytes (docs/kernels-gpu.md). PAIRS decodes an A
-register (two weights) at a time in fewer instructions; built after that run, not yet measured, not the default.
+register (two weights) at a time in fewer instructions: 3-11% faster at batch 1 on an H100, not the default.
+Superseded by the shared-memory scatter kernel (cuda_mma_scatter.py: faster on every shape and batch measured), which
+the dispatcher runs instead; this one stays for the probe's comparison (benchmarks/cuda_mma_probe.py --bitmap).
 """
 
 from __future__ import annotations
