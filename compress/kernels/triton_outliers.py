@@ -46,14 +46,17 @@ def _row_corrections(y_ptr, ldy, x_ptr, ldx, row_ptr, col_ptr, delta_ptr, N, ROW
     tl.store(out, (y + acc).to(y_ptr.dtype.element_ty), mask=touched)
 
 
-def add_corrections(y: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def add_corrections(y: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor,
+                    rows_per_program: int = ROWS, block: int = BLOCK, num_warps: int = 4) -> torch.Tensor:
     """y [batch, rows] += the corrections of x [batch, in] (row_ptr int32 [rows + 1], cols int32/int64 [outliers] into
-    x's columns, delta float32 [outliers]), in place; returns y."""
+    x's columns, delta float32 [outliers]), in place; returns y. `rows_per_program`, `block`, `num_warps`: the tiling
+    (powers of two; benchmarks/outlier_probe.py times them)."""
     if y.dim() != 2 or x.dim() != 2 or y.shape[0] != x.shape[0] or row_ptr.numel() != y.shape[1] + 1:
         raise ValueError(f"corrections of x {tuple(x.shape)} into y {tuple(y.shape)} with {row_ptr.numel() - 1} rows of outliers")
     if y.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("the corrections take row-major y and x")
     batch, rows = y.shape
     if batch and rows:
-        _row_corrections[(triton.cdiv(rows, ROWS), batch)](y, y.stride(0), x, x.stride(0), row_ptr, cols, delta, rows, ROWS=ROWS, BLOCK=BLOCK)
+        _row_corrections[(triton.cdiv(rows, rows_per_program), batch)](y, y.stride(0), x, x.stride(0), row_ptr, cols, delta, rows,
+                                                                        ROWS=rows_per_program, BLOCK=block, num_warps=num_warps)
     return y
