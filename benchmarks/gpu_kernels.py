@@ -62,7 +62,7 @@ FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: 
 # FORMAT@mma: the tensor-core kernel's scaled form at batch 1-16 (groups of 16-64, float zero points; SpQR's grid through
 # its view) or its table form (LUT) forced, e.g. int4_g32@mma, int4_g16f@mma, spqr3_g16@mma, lut3@mma (the dispatcher's
 # choice there too now; FORMAT@triton times the Triton path beside it)
-# FORMAT@scatter: a bitmap weight on the shared-memory scatter kernel (cuda_mma_scatter.py) at batch 1-16
+# FORMAT@scatter: a bitmap weight on the shared-memory scatter kernel (cuda_mma_scatter.py) at every batch
 # FORMAT@split: a bitmap weight as a 2:4 part on the sparse tensor cores plus outliers (nm_split.py) at batch 1-16
 # FORMAT@widened: the 3-bit codes read as 4-bit words (views.widen, what dispatch gives a module); bytes: the widened form's
 SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"
@@ -399,7 +399,7 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
     if (forced or suffix or fmt in VIEW_FORMATS or fmt.startswith("bitmap")) and sweep:
         return  # the sweep's grid holds the forced kernel already; the views' kernels are swept as their own formats
     copies, nbytes = weight_copies(fmt, rows, cols, not sweep, batches)
-    if isinstance(copies[0], bitmap.BitmapWeight) and not cuda_mma_scatter.shape_ok(copies[0]) and max(batches) > triton_bitmap.MAX_BATCH:
+    if isinstance(copies[0], bitmap.BitmapWeight) and forced != "scatter" and not cuda_mma_scatter.ALL_BATCHES and max(batches) > triton_bitmap.MAX_BATCH:
         print(f"{fmt}: batches above {triton_bitmap.MAX_BATCH} decode the weight (not in a CUDA graph): not timed", flush=True)
         batches = [b for b in batches if b <= triton_bitmap.MAX_BATCH]
     if forced == "widened":
@@ -416,8 +416,8 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
     elif forced == "scatter":  # bitmap weights on the shared-memory scatter kernel
         for copy in copies:
             cuda_mma_scatter.view_of(copy, torch.bfloat16)
-        check(scatter_op, copies[0], (1, 4, 16), f"{fmt}@scatter", fp32=False)
-        fmt, batches = f"{fmt}@scatter", [b for b in batches if b <= cuda_mma.MAX_BATCH]
+        check(scatter_op, copies[0], (1, 4, 16, 64), f"{fmt}@scatter", fp32=False)
+        fmt = f"{fmt}@scatter"  # every batch (64 rows a launch)
     elif forced == "split":  # bitmap weights as a 2:4 part on the sparse tensor cores plus outliers
         for copy in copies:
             cuda_mma_sparse.view_of(nm_split.cached(copy).dense, torch.bfloat16)

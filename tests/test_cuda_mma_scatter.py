@@ -79,9 +79,12 @@ def test_cuda_equals_reference(rows, cols, sparsity, dtype):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_large_batches_through_the_dispatcher(dtype):
-    # above 16 rows the activations are loaded a k-tile at a time, 64 rows a launch; the dispatcher sends every batch here
+def test_cuda_large_batches_through_the_dispatcher(dtype, monkeypatch):
+    # above 16 rows the activations are loaded a k-tile at a time, 64 rows a launch; with ALL_BATCHES the dispatcher
+    # sends every batch here
     from compress.kernels import dispatch
+
+    monkeypatch.setattr(cuda_mma_scatter, "ALL_BATCHES", True)
 
     packed = on_device(make_bitmap(70, 640, 0.7, seed=4), "cuda")
     weight = bitmap.unpack(packed).to(dtype).double()

@@ -24,6 +24,7 @@ from compress.kernels.cuda_mma_source import SOURCE
 from compress.kernels.mma_scatter_layout import UNIT, ScatterMmaWeight, pack, shape_ok
 
 SLICE = 64  # activation rows a launch
+ALL_BATCHES = False  # whether `supported` (the dispatcher) takes more than 16 rows: not until they run on a GPU
 PREFETCH = 0  # units ahead whose chunks are prefetched into L2 (0: none, the measured form)
 ROUNDS = (1, 2, 3, 4)  # chunks a lane keeps in registers a unit (4 lanes a k-tile); more are loaded when written
 
@@ -209,9 +210,11 @@ def _kernel(name: str, device: int):
 
 
 def supported(x: torch.Tensor, packed) -> bool:
-    """CUDA bf16/fp16 activations of any batch with a bitmap weight `shape_ok` takes, on a GPU where the kernels compile."""
+    """CUDA bf16/fp16 activations with a bitmap weight `shape_ok` takes, on a GPU where the kernels compile: 1 to 16 rows,
+    any number with ALL_BATCHES (`matmul` takes any number either way)."""
+    rows = x.numel() // max(1, x.shape[-1])
     return (shape_ok(packed) and x.device.type == "cuda" and x.dtype in cuda_mma.DTYPES and x.shape[-1] == packed.shape[1]
-            and x.numel() > 0 and cuda_mma.available())
+            and rows >= 1 and (ALL_BATCHES or rows <= cuda_mma.MAX_BATCH) and cuda_mma.available())
 
 
 def view_of(packed: bitmap.BitmapWeight, dtype: torch.dtype) -> ScatterMmaWeight:

@@ -4,8 +4,8 @@ CUDA tensors of group_quant, nm and N:M sparse_quant weights go to the Triton ke
 batch 1 to 16 of bf16/fp16 activations: group_quant weights with 2-4-bit codes go to the tensor-core kernel of
 cuda_mma.py (its exact form for integer zero points and groups of whole 128-column units, its scaled form for groups
 of 16-64 and float zero points), 2:4 sparse int4 and 2:4 nm (16-bit values) ones to the sparse tensor-core kernel of
-cuda_mma_sparse.py. Bitmap weights go to the shared-memory scatter kernel (cuda_mma_scatter.py) at every batch of
-bf16/fp16 activations (64 rows a launch; CUDA-graph safe), else to triton_bitmap.py; sparse + group-quant weights the
+cuda_mma_sparse.py. Bitmap weights go to the shared-memory scatter kernel (cuda_mma_scatter.py) at batch 1 to 16 of
+bf16/fp16 activations (all batches with its ALL_BATCHES), else to triton_bitmap.py; sparse + group-quant weights the
 sparse kernels read slowly (unstructured ones; N:M ones other than 2:4 int4) to the group-quant kernels through their
 grid view (`_sparse_on_grid`); SpQR and LUT weights without a keep mask through their views (extras_view.py; 3-bit
 codes read as 4-bit words, views.py): the grid part on the tensor-core kernel's scaled form (SpQR) or table form (LUT
