@@ -399,7 +399,8 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
     if (forced or suffix or fmt in VIEW_FORMATS or fmt.startswith("bitmap")) and sweep:
         return  # the sweep's grid holds the forced kernel already; the views' kernels are swept as their own formats
     copies, nbytes = weight_copies(fmt, rows, cols, not sweep, batches)
-    if isinstance(copies[0], bitmap.BitmapWeight) and forced != "scatter" and not cuda_mma_scatter.ALL_BATCHES and max(batches) > triton_bitmap.MAX_BATCH:
+    scatter_all = forced == "scatter" or cuda_mma_scatter.ALL_BATCHES
+    if isinstance(copies[0], bitmap.BitmapWeight) and not scatter_all and max(batches) > triton_bitmap.MAX_BATCH:
         print(f"{fmt}: batches above {triton_bitmap.MAX_BATCH} decode the weight (not in a CUDA graph): not timed", flush=True)
         batches = [b for b in batches if b <= triton_bitmap.MAX_BATCH]
     if forced == "widened":
