@@ -8,7 +8,8 @@ decode: a warp reads 1.125 bytes a weight against dense bf16's 2 (a byte rooflin
 
 Measured on an H200: the metadata layout it assumes is the instruction's (benchmarks/mma_sp_layout_probe.py), the
 kernel equals the format's reference (tests/test_cuda_mma_sparse.py), and it runs 3.1-3.5x dense bf16 at batch 1 and
-1.8-2.0x at 16 (docs/kernels-gpu.md). The dispatcher sends 2:4 int4 weights here at batch 1 to 16.
+1.8-2.0x at 16 with int4 codes, 1.74-1.98x and 1.43-1.45x with bf16 values (docs/kernels-gpu.md). The dispatcher sends
+both here at batch 1 to 16.
 """
 
 from __future__ import annotations
