@@ -39,6 +39,9 @@ from compress.kernels.cuda_mma_source import SOURCE
 from compress.kernels.mma_layout import UNIT, MmaWeight, pack, pack_scaled, scaled_shape_ok, shape_ok
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
+# the parameters every tensor-core kernel's entry point starts and ends its weight's with
+ACTIVATIONS = ["const unsigned short* x", "int ldx", "int B"]
+OUTPUT = ["unsigned short* y", "int ldy", "int N", "int U"]
 MAX_BATCH = 16
 WIDE_BATCH = 64  # the exact form's register-ring launches take up to this many rows (above 16: 4 or 8 n-tiles)
 DISPATCH_WIDE = False  # whether `supported` takes 17 to WIDE_BATCH rows (not until measured against the Triton kernels)
@@ -109,11 +112,9 @@ def entry_source(name: str) -> str:
     else:
         body = (f"gq_mma<{bits}, {bf16}, {n_tiles[1:]}, {launch.row_tiles}, {launch.warps}, {launch.stages}, "
                 f"{'true' if launch.x_ahead else 'false'}, {split}, {form}>")
-    extra, passed = (", float* work, unsigned* counters", ", work, counters") if launch.slices > 1 else ("", "")
-    return SOURCE + (
-        f'extern "C" __global__ void __launch_bounds__({32 * launch.warps}) {name}(const unsigned short* x, int ldx, int B, '
-        f"const uint4* codes, const uint2* stats, unsigned short* y, int ldy, int N, int U, int GROUPS, int gshift{extra}) {{\n"
-        f"  {body}(x, ldx, B, codes, stats, y, ldy, N, U, GROUPS, gshift{passed});\n}}\n")
+    split_params = ["float* work", "unsigned* counters"] if launch.slices > 1 else []
+    params = [*ACTIVATIONS, "const uint4* codes", "const uint2* stats", *OUTPUT, "int GROUPS", "int gshift", *split_params]
+    return SOURCE + nvrtc.entry_point(name, 32 * launch.warps, params, body)
 
 
 @functools.cache

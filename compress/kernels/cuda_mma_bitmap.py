@@ -180,10 +180,8 @@ def entry_source(name: str) -> str:
     _, dtype, n_tiles, row_tiles, warps, prefetch, pairs = name.split("_")
     template = (f"{'true' if dtype == 'bf16' else 'false'}, {n_tiles[1:]}, {row_tiles[1:]}, {warps[1:]}, {prefetch[1:]}, "
                 f"{'true' if pairs == 'd1' else 'false'}")
-    return BITMAP_SOURCE + (
-        f'extern "C" __global__ void __launch_bounds__({32 * int(warps[1:])}) {name}(const unsigned short* x, int ldx, int B, '
-        "const uint2* masks, const int4* starts, const unsigned short* values, int total, unsigned short* y, int ldy, int N, int U) {\n"
-        f"  bitmap_mma<{template}>(x, ldx, B, masks, starts, values, total, y, ldy, N, U);\n}}\n")
+    params = [*cuda_mma.ACTIVATIONS, "const uint2* masks", "const int4* starts", "const unsigned short* values", "int total", *cuda_mma.OUTPUT]
+    return BITMAP_SOURCE + nvrtc.entry_point(name, 32 * int(warps[1:]), params, f"bitmap_mma<{template}>")
 
 
 @functools.cache

@@ -203,10 +203,8 @@ def kernel_name(dtype: torch.dtype, n_tiles: int, warps: int, rounds: int, prefe
 def entry_source(name: str) -> str:
     _, dtype, n_tiles, warps, rounds, prefetch = name.split("_")
     template = f"{'true' if dtype == 'bf16' else 'false'}, {n_tiles[1:]}, {warps[1:]}, {rounds[1:]}, {prefetch[1:]}"
-    return SCATTER_SOURCE + (
-        f'extern "C" __global__ void __launch_bounds__({32 * int(warps[1:])}) {name}(const unsigned short* x, int ldx, int B, '
-        "const int4* meta, const uint4* values, const uint2* places, unsigned short* y, int ldy, int N, int U) {\n"
-        f"  scatter_mma<{template}>(x, ldx, B, meta, values, places, y, ldy, N, U);\n}}\n")
+    params = [*cuda_mma.ACTIVATIONS, "const int4* meta", "const uint4* values", "const uint2* places", *cuda_mma.OUTPUT]
+    return SCATTER_SOURCE + nvrtc.entry_point(name, 32 * int(warps[1:]), params, f"scatter_mma<{template}>")
 
 
 @functools.cache

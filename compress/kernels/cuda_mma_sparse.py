@@ -199,14 +199,12 @@ def kernel_name(dtype: torch.dtype, n_tiles: int, row_tiles: int, warps: int, va
 def entry_source(name: str) -> str:
     kind, dtype, n_tiles, row_tiles, warps = name.split("_")
     params = f"{'true' if dtype == 'bf16' else 'false'}, {n_tiles[1:]}, {row_tiles[1:]}, {warps[1:]}"
-    head = f'extern "C" __global__ void __launch_bounds__({32 * int(warps[1:])}) {name}(const unsigned short* x, int ldx, int B, '
     if kind == "nmmmasp":
-        return SPARSE_SOURCE + head + (
-            "const uint4* values, const uint4* positions, unsigned short* y, int ldy, int N, int U) {\n"
-            f"  nm_mma_sp<{params}>(x, ldx, B, values, positions, y, ldy, N, U);\n}}\n")
-    return SPARSE_SOURCE + head + (
-        "const uint4* codes, const uint4* positions, const uint2* stats, unsigned short* y, int ldy, int N, int U, int GROUPS, "
-        f"int gshift) {{\n  gq_mma_sp<{params}>(x, ldx, B, codes, positions, stats, y, ldy, N, U, GROUPS, gshift);\n}}\n")
+        weight, call = ["const uint4* values", "const uint4* positions"], f"nm_mma_sp<{params}>"
+    else:
+        weight, call = ["const uint4* codes", "const uint4* positions", "const uint2* stats"], f"gq_mma_sp<{params}>"
+    extra = [] if kind == "nmmmasp" else ["int GROUPS", "int gshift"]
+    return SPARSE_SOURCE + nvrtc.entry_point(name, 32 * int(warps[1:]), [*cuda_mma.ACTIVATIONS, *weight, *cuda_mma.OUTPUT, *extra], call)
 
 
 @functools.cache

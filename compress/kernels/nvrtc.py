@@ -16,6 +16,14 @@ def compile_kernel(source: str, name: str, device_index: int):
         return torch.cuda._compile_kernel(source, name)
 
 
+def entry_point(name: str, threads: int, params: list[str], call: str) -> str:
+    """The extern "C" kernel `name` (at most `threads` threads a block) taking `params` ("type name" each) and passing
+    them in order to `call` (a device function or template instance)."""
+    names = [param.split()[-1].lstrip("*") for param in params]
+    return (f'extern "C" __global__ void __launch_bounds__({threads}) {name}({", ".join(params)}) {{\n'
+            f'  {call}({", ".join(names)});\n}}\n')
+
+
 def device_index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
