@@ -13,7 +13,6 @@ access pattern alone reaches.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import copies_for, time_op, weight_copies
+from gpu_kernels import copies_for, print_and_keep, save_jsonl, time_op, weight_copies
 
 from compress.formats import group_quant
 from compress.kernels import cuda_gemv
@@ -74,10 +73,8 @@ def main(argv=None) -> None:
             record.update(best=best, best_us=best_us, ratio_best_vs_dense=round(dense_us / best_us, 3),
                           ratio_best_vs_triton=round(record["triton_us"] / best_us, 3),
                           ratio_triton_vs_dense=round(dense_us / record["triton_us"], 3), gbps_best=round(nbytes / best_us / 1e3), **env)
-            print(json.dumps(record), flush=True)
-            records.append(record)
-    if args.json:
-        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in records))
+            print_and_keep(record, records)
+    save_jsonl(args.json, records)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import copies_for, time_op, unpack, weight_copies
+from gpu_kernels import copies_for, print_and_keep, save_jsonl, time_op, unpack, weight_copies
 
 from compress.formats import bitmap, group_quant, nm, sparse_quant
 from compress.kernels import cuda_mma, cuda_mma_bitmap, cuda_mma_scatter, cuda_mma_sparse, triton_bitmap, views
@@ -163,10 +162,8 @@ def main(argv=None) -> None:
                 if record.get("humming_us"):
                     record.update(ratio_best_vs_humming=round(record["humming_us"] / best_us, 3),
                                   ratio_humming_vs_dense=round(dense_us[b] / record["humming_us"], 3))
-                print(json.dumps(record), flush=True)
-                records.append(record)
-    if args.json:
-        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in records))
+                print_and_keep(record, records)
+    save_jsonl(args.json, records)
 
 
 if __name__ == "__main__":

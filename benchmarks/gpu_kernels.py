@@ -144,6 +144,18 @@ def packed_bytes(packed) -> int:
     return tensor_bytes({k: v for k, v in vars(packed).items() if isinstance(v, torch.Tensor)})
 
 
+def print_and_keep(record: dict, records: list) -> None:
+    """A probe's record: printed as a JSON line now, kept for `save_jsonl`."""
+    print(json.dumps(record), flush=True)
+    records.append(record)
+
+
+def save_jsonl(path: str | None, records: list) -> None:
+    """The records as JSON lines at `path` (nothing without one)."""
+    if path:
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def copies_for(nbytes: int) -> int:
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 60 << 20)
     return max(4, min(64, -(-3 * l2 // max(nbytes, 1))))

@@ -11,7 +11,6 @@ The grid is timed over copies of its weight past the L2, the corrections over co
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import copies_for, make, time_op
+from gpu_kernels import copies_for, make, print_and_keep, save_jsonl, time_op
 
 from compress.kernels import cuda_mma, extras_view, triton_outliers
 
@@ -64,10 +63,8 @@ def main(argv=None) -> None:
                 if not torch.allclose(got, ref, rtol=1e-2, atol=1e-2):
                     raise SystemExit(f"{shape} batch {batch} {name}: corrections differ from the reference")
                 record[name] = round(time_op(run, [(ys[i % 4], xs[i % 4], sets[i]) for i in range(copies)], reps=15), 2)
-            print(json.dumps(record), flush=True)
-            records.append(record)
-    if args.json:
-        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in records))
+            print_and_keep(record, records)
+    save_jsonl(args.json, records)
 
 
 if __name__ == "__main__":
