@@ -52,6 +52,44 @@ def test_places_are_the_ldmatrix_tile():
                 assert slots[j, 8 * lane + e] == weight[row, t * 32 + 4 * j + 2 * qh + h]
 
 
+def _kernel_reads(view, tile: int, unit: int) -> torch.Tensor:
+    """float32 [16, 128]: the weights of one row tile and unit as the kernel hands them to the tensor core, replayed
+    lane by lane (lane_chunks' bounds from the descriptor's bytes, write_chunk's stores into the k-tiles at
+    KTILE_BYTES apart, ldmatrix_x4's rows at 16 bytes a lane) and placed by the A fragment's rows and the B
+    fragment's columns (mma k = 2 t + 8 qh + h is column t * 32 + 4 j + 2 qh + h)."""
+    ktile = 528 // 2  # KTILE_BYTES in 16-bit slots
+    first, count, low, high = (int(v) & 0xFFFFFFFF for v in view.meta[tile, unit])
+    bounds = [(low >> (8 * k)) & 0xFF for k in range(4)] + [(high >> (8 * k)) & 0xFF for k in range(4)]
+    smem = torch.zeros(8 * ktile, dtype=torch.int16)
+    for lane in range(32):
+        k = lane >> 2
+        start, stop = first + bounds[k] + (lane & 3), first + (count if k == 7 else bounds[k + 1])
+        for c in range(start, stop, 4):
+            for i in range(8):
+                smem[k * ktile + int(view.places[c, i])] = view.values[c, i]
+    out = torch.zeros(16, 128)
+    for j in range(8):
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            for m in range(4):  # A register m: matrix m of the x4 load, row g, elements 2t, 2t + 1
+                row_address = j * ktile + (8 * m + g) * 8  # lane 8 m + g gave this row's address
+                for h in range(2):
+                    value = smem[row_address + 2 * t + h : row_address + 2 * t + h + 1].view(view.dtype).float()
+                    row, qh = g + 8 * (m % 2), m // 2  # registers 0, 2: row g; 1, 3: g + 8; 2, 3: k + 8
+                    out[row, t * 32 + 4 * j + 2 * qh + h] = value
+    return out
+
+
+def test_the_kernels_lane_arithmetic_gives_the_weight():
+    packed = make_bitmap(40, 256, 0.7, seed=11)
+    view = mma_scatter_layout.pack(packed, torch.bfloat16)
+    weight = torch.zeros(view.tiles * 16, 256)
+    weight[:40] = bitmap.unpack(packed).bfloat16().float()
+    for tile in range(view.tiles):
+        for unit in range(2):
+            assert torch.equal(_kernel_reads(view, tile, unit), weight[tile * 16 : tile * 16 + 16, unit * 128 : unit * 128 + 128])
+
+
 def test_refusals():
     with pytest.raises(ValueError, match="not a layout"):
         mma_scatter_layout.pack(make_bitmap(4, 200, 0.5), torch.bfloat16)
