@@ -130,8 +130,7 @@ def main(argv=None) -> None:
                     if (kernel.view_of(packed).tiles % launch.row_tiles or cols // cuda_mma.UNIT < launch.warps * launch.slices
                             or ((args.sparse or args.bitmap is not None) and launch.form()[-3:] != "s2a")):
                         continue  # the sparse and bitmap kernels: 2 register buffers, activations ahead, not split
-                    n_tiles = 1 << max(0, (b - 1).bit_length() - 3)
-                    if n_tiles > 2 and (launch.async_copy or launch.warps * launch.row_tiles * n_tiles * 512 > 48 * 1024):
+                    if not cuda_mma.fits(launch, b):
                         continue  # above 16 rows: the register ring, the warps' sums in 48 KB
                     for suffix, kernel in kernels.items():
                         got = kernel.run(xs[b][0], packed, launch).double()

@@ -137,22 +137,18 @@ def available() -> bool:
     return True
 
 
-def call_ok(x: torch.Tensor, cols: int) -> bool:
-    """What every tensor-core kernel here takes: CUDA bf16/fp16 activations of `cols` features, 1 to MAX_BATCH rows, on a
-    GPU where the kernels compile (compute capability 8.0+)."""
+def call_ok(x: torch.Tensor, cols: int, max_batch: int | None = MAX_BATCH) -> bool:
+    """What every tensor-core kernel here takes: CUDA bf16/fp16 activations of `cols` features, 1 to `max_batch` rows
+    (None: any number), on a GPU where the kernels compile (compute capability 8.0+)."""
     if x.device.type != "cuda" or x.dtype not in DTYPES or x.shape[-1] != cols:
         return False
-    return 1 <= x.numel() // max(1, x.shape[-1]) <= MAX_BATCH and available()
+    rows = x.numel() // max(1, x.shape[-1])
+    return rows >= 1 and (max_batch is None or rows <= max_batch) and available()
 
 
 def supported(x: torch.Tensor, packed) -> bool:
     """A call `call_ok` takes with a weight `shape_ok` takes (with DISPATCH_WIDE, up to WIDE_BATCH rows)."""
-    if not shape_ok(packed):
-        return False
-    rows = x.numel() // max(1, x.shape[-1])
-    if DISPATCH_WIDE and MAX_BATCH < rows <= WIDE_BATCH:
-        return x.device.type == "cuda" and x.dtype in DTYPES and x.shape[-1] == packed.shape[1] and available()
-    return call_ok(x, packed.shape[1])
+    return shape_ok(packed) and call_ok(x, packed.shape[1], WIDE_BATCH if DISPATCH_WIDE else MAX_BATCH)
 
 
 def form_supported(x: torch.Tensor, weight, bits: int | None = None) -> bool:
@@ -179,6 +175,25 @@ def form_matmul(x: torch.Tensor, weight, bits: int | None = None) -> torch.Tenso
     return matmul(x, form_view_of(weight, bits, x.dtype))
 
 
+def n_tiles(batch: int) -> int:
+    """The mma n-tiles (8 activation rows each) a launch of `batch` rows compiles for: 1, 2, 4 or 8."""
+    return 1 << max(0, (batch - 1).bit_length() - 3)
+
+
+def fits(launch: Launch, batch: int) -> bool:
+    """Whether `launch` takes `batch` rows: above 16 only on the register ring, with the warps' sums (warps x row tiles
+    x n-tiles x 512 bytes) in 48 KB of shared memory."""
+    tiles = n_tiles(batch)
+    return tiles <= 2 or (not launch.async_copy and launch.warps * launch.row_tiles * tiles * 512 <= 48 * 1024)
+
+
+def fewer_warps(warps: int, units: int) -> int:
+    """`warps` halved until each gets at least 2 of the `units` 128-column units."""
+    while warps > 1 and units // warps < 2:
+        warps //= 2
+    return warps
+
+
 def plan(view: MmaWeight, batch: int, device: torch.device) -> Launch:
     """2 row tiles a block (each activation load serves both), and the power of two of warps a block nearest to about
     16 warps a multiprocessor at batch <= 8 and 8 at batch 9-16 (two n-tiles: more registers), at least 2 units a warp
@@ -187,16 +202,10 @@ def plan(view: MmaWeight, batch: int, device: torch.device) -> Launch:
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     units = view.shape[1] // UNIT
     if batch > MAX_BATCH:  # the exact form at 17-64 rows: 8 warps, one row tile at 8 n-tiles (the warps' sums in 32 KB)
-        warps = 8
-        while warps > 1 and units // warps < 2:
-            warps //= 2
-        return Launch(1 if batch > 32 else 2, warps, stages=2, x_ahead=True)
+        return Launch(1 if batch > 32 else 2, fewer_warps(8, units), stages=2, x_ahead=True)
     row_tiles = 2
     target = sms * (16 if batch <= 8 else 8) / (view.tiles // row_tiles)
-    warps = 1 << max(0, min(4, round(math.log2(max(target, 1.0)))))
-    while warps > 1 and units // warps < 2:
-        warps //= 2
-    return Launch(row_tiles, warps, stages=2, x_ahead=True)
+    return Launch(row_tiles, fewer_warps(1 << max(0, min(4, round(math.log2(max(target, 1.0))))), units), stages=2, x_ahead=True)
 
 
 def view_of(packed: group_quant.GroupQuantWeight, dtype: torch.dtype | None = None) -> MmaWeight:
@@ -259,12 +268,11 @@ def matmul(x: torch.Tensor, packed, launch: Launch | None = None) -> torch.Tenso
     batch = x2.shape[0]
     launch = launch or plan(view, batch, x.device)
     launch.check(view.tiles, cols // UNIT)
-    n_tiles = 1 << max(0, (batch - 1).bit_length() - 3)  # 8 rows an n-tile: 1, 2, 4 or 8
-    if n_tiles > 2 and (launch.async_copy or launch.warps * launch.row_tiles * n_tiles * 512 > 48 * 1024):
+    if not fits(launch, batch):
         raise ValueError(f"{launch} at {batch} rows: above 16 rows the register ring with warps x row tiles x n-tiles x 512 bytes "
                          "of sums in 48 KB")
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
-    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles, launch, view.lane_groups, view.table), nvrtc.device_index(x.device))
+    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles(batch), launch, view.lane_groups, view.table), nvrtc.device_index(x.device))
     shared = launch.shared_bytes(view.bits)
     # the exact form's statistics are per group (groups of 2^gshift units); the scaled form's per unit (GROUPS unused)
     args = [x2, x2.stride(0), batch, view.codes, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],

@@ -227,7 +227,7 @@ def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | N
     if prefetch not in (0, 1, 2):
         raise ValueError(f"prefetch must be 0 (none), 1 (L1) or 2 (L2), got {prefetch}")
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
-    kernel = _kernel(kernel_name(x.dtype, 1 if batch <= 8 else 2, launch.row_tiles, launch.warps, prefetch, pairs), nvrtc.device_index(x.device))
+    kernel = _kernel(kernel_name(x.dtype, cuda_mma.n_tiles(batch), launch.row_tiles, launch.warps, prefetch, pairs), nvrtc.device_index(x.device))
     with nvrtc.on_device(x.device):
         kernel(grid=(view.tiles // launch.row_tiles, 1, 1), block=(32 * launch.warps, 1, 1),
                args=[x2, x2.stride(0), batch, view.masks, view.starts, view.values, view.values.numel(), y, rows, rows, cols // UNIT])

@@ -110,13 +110,10 @@ __device__ __forceinline__ void unit_dot_scatter(float (&acc)[1][NB][4], const C
     ldmatrix_x4(a, tile + j * KTILE_BYTES + lane * 16);
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
-      if constexpr (NB <= 2) {
-        const uint4 xq = xv[nb][j / 2];
-        mma<BF16>(acc[0][nb], a, j & 1 ? xq.z : xq.x, j & 1 ? xq.w : xq.y);
-      } else {  // batch row nb * 8 + g, columns t * 32 + 4 j .. + 3 (x_unit: the unit's columns of lane t)
-        const uint2 b = *(const uint2*)(x_unit + (size_t)min(nb * 8 + (lane >> 2), B - 1) * ldx + 4 * j);
-        mma<BF16>(acc[0][nb], a, b.x, b.y);
-      }
+      unsigned b0, b1;
+      if constexpr (NB <= 2) b_in_registers<NB>(xv, nb, j, b0, b1);
+      else b_in_memory(x_unit, ldx, B, lane, nb, j, b0, b1);
+      mma<BF16>(acc[0][nb], a, b0, b1);
     }
   }
   __syncwarp();
@@ -215,9 +212,7 @@ def _kernel(name: str, device: int):
 def supported(x: torch.Tensor, packed) -> bool:
     """CUDA bf16/fp16 activations with a bitmap weight `shape_ok` takes, on a GPU where the kernels compile: 1 to 16 rows,
     any number with ALL_BATCHES (`matmul` takes any number either way)."""
-    rows = x.numel() // max(1, x.shape[-1])
-    return (shape_ok(packed) and x.device.type == "cuda" and x.dtype in cuda_mma.DTYPES and x.shape[-1] == packed.shape[1]
-            and rows >= 1 and (ALL_BATCHES or rows <= cuda_mma.MAX_BATCH) and cuda_mma.available())
+    return shape_ok(packed) and cuda_mma.call_ok(x, packed.shape[1], None if ALL_BATCHES else cuda_mma.MAX_BATCH)
 
 
 def view_of(packed: bitmap.BitmapWeight, dtype: torch.dtype) -> ScatterMmaWeight:
@@ -236,9 +231,7 @@ def plan(view: ScatterMmaWeight, batch: int, device: torch.device) -> tuple[int,
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     units = view.shape[1] // UNIT
     warps = 8 if batch <= 16 and sms * (16 if batch <= 8 else 8) / view.tiles >= 6 else 4
-    while warps > 1 and units // warps < 2:
-        warps //= 2
-    return warps, min(ROUNDS[-1], view.rounds)
+    return cuda_mma.fewer_warps(warps, units), min(ROUNDS[-1], view.rounds)
 
 
 def matmul(x: torch.Tensor, packed, warps: int | None = None, rounds: int | None = None, prefetch: int = PREFETCH) -> torch.Tensor:
@@ -261,7 +254,7 @@ def matmul(x: torch.Tensor, packed, warps: int | None = None, rounds: int | None
 def _launch(x2: torch.Tensor, view: ScatterMmaWeight, y: torch.Tensor, warps: int | None, rounds: int | None, prefetch: int) -> None:
     rows, cols = view.shape
     batch = x2.shape[0]
-    n_tiles = 1 << max(0, (batch - 1).bit_length() - 3)  # 8 rows an n-tile: 1, 2, 4 or 8
+    n_tiles = cuda_mma.n_tiles(batch)
     planned = plan(view, batch, x2.device)
     warps, rounds = warps or planned[0], rounds or planned[1]
     if warps not in (1, 2, 4, 8) or rounds not in ROUNDS or (n_tiles > 2 and warps > 4) or prefetch not in (0, 2, 3, 4):

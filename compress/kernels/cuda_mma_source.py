@@ -138,27 +138,34 @@ __device__ __forceinline__ void unit_dot_with(float (&acc)[RT][NB][4], const uin
   }
 }
 
-// the activations of a unit in registers (load_x: up to 16 rows)
+// n-tile nb's B words of k-tile j (columns t * 32 + 4 j .. + 3 of the unit): from the unit's activations in registers
+// (load_x: up to 16 rows), or, above, loaded where used (batch row nb * 8 + g; x_unit: the unit's columns of the
+// lane's quad position t)
+template <int NB>
+__device__ __forceinline__ void b_in_registers(const uint4 (&xv)[NB][4], int nb, int j, unsigned& b0, unsigned& b1) {
+  const uint4 xq = xv[nb][j / 2];
+  b0 = j & 1 ? xq.z : xq.x;
+  b1 = j & 1 ? xq.w : xq.y;
+}
+
+__device__ __forceinline__ void b_in_memory(const unsigned short* __restrict__ x_unit, int ldx, int B, int lane, int nb, int j,
+                                            unsigned& b0, unsigned& b1) {
+  const uint2 b = *(const uint2*)(x_unit + (size_t)min(nb * 8 + (lane >> 2), B - 1) * ldx + 4 * j);
+  b0 = b.x;
+  b1 = b.y;
+}
+
 template <int BITS, bool BF16, int NB, int RT>
 __device__ __forceinline__ void unit_dot(float (&acc)[RT][NB][4], const uint4 (&w)[RT][BITS / 2], const uint2 (&s)[RT],
                                          const uint4 (&xv)[NB][4]) {
-  unit_dot_with<BITS, BF16, NB, RT>(acc, w, s, [&](int nb, int j, unsigned& b0, unsigned& b1) {
-    const uint4 xq = xv[nb][j / 2];
-    b0 = j & 1 ? xq.z : xq.x;
-    b1 = j & 1 ? xq.w : xq.y;
-  });
+  unit_dot_with<BITS, BF16, NB, RT>(acc, w, s, [&](int nb, int j, unsigned& b0, unsigned& b1) { b_in_registers<NB>(xv, nb, j, b0, b1); });
 }
 
-// 17-64 rows (4 or 8 n-tiles): each k-tile's B words loaded where used, batch row nb * 8 + g, columns t * 32 + 4 j ..
-// + 3 of the unit (x_unit: the unit's columns of the lane's quad position t)
+// 17-64 rows (4 or 8 n-tiles)
 template <int BITS, bool BF16, int NB, int RT>
 __device__ __forceinline__ void unit_dot_wide(float (&acc)[RT][NB][4], const uint4 (&w)[RT][BITS / 2], const uint2 (&s)[RT],
                                               const unsigned short* __restrict__ x_unit, int ldx, int B, int lane) {
-  unit_dot_with<BITS, BF16, NB, RT>(acc, w, s, [&](int nb, int j, unsigned& b0, unsigned& b1) {
-    const uint2 b = *(const uint2*)(x_unit + (size_t)min(nb * 8 + (lane >> 2), B - 1) * ldx + 4 * j);
-    b0 = b.x;
-    b1 = b.y;
-  });
+  unit_dot_with<BITS, BF16, NB, RT>(acc, w, s, [&](int nb, int j, unsigned& b0, unsigned& b1) { b_in_memory(x_unit, ldx, B, lane, nb, j, b0, b1); });
 }
 
 // n-tiles whose activations a lane keeps in registers a unit (above 2, each k-tile's B words are loaded where used)

@@ -234,9 +234,7 @@ def values_plan(view: SparseMmaValues, batch: int, device: torch.device) -> cuda
     units = view.shape[1] // UNIT
     chosen = cuda_mma.plan(view, batch, device)
     row_tiles, warps = (1, 8) if batch <= 8 else (2, max(4, chosen.warps))
-    while warps > 1 and units // warps < 2:
-        warps //= 2
-    return cuda_mma.Launch(row_tiles, warps)
+    return cuda_mma.Launch(row_tiles, cuda_mma.fewer_warps(warps, units))
 
 
 def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | None = None) -> torch.Tensor:
@@ -253,7 +251,7 @@ def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | N
     launch = cuda_mma.Launch(row_tiles or chosen.row_tiles, warps or chosen.warps)
     launch.check(view.tiles)
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
-    kernel = _kernel(kernel_name(x.dtype, 1 if batch <= 8 else 2, launch.row_tiles, launch.warps, values), nvrtc.device_index(x.device))
+    kernel = _kernel(kernel_name(x.dtype, cuda_mma.n_tiles(batch), launch.row_tiles, launch.warps, values), nvrtc.device_index(x.device))
     if values:
         args = [x2, x2.stride(0), batch, view.values, view.positions, y, rows, rows, cols // UNIT]
     else:

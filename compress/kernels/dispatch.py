@@ -101,15 +101,14 @@ def _sparse_on_grid(x: torch.Tensor, packed) -> group_quant.GroupQuantWeight | N
     exact form, the Triton kernels): the scaled form's rounded bias would leave a pruned weight a rounding residue."""
     if not isinstance(packed, sparse_quant.SparseQuantWeight) or packed.zero_kind != "integer" or _choice() != "auto":
         return None
-    if packed.bitmask is None:
+    unstructured = packed.bitmask is not None
+    if not unstructured:
         from compress.kernels import cuda_mma_sparse
 
         if cuda_mma_sparse.supported(x, packed) or not _cuda_mma().call_ok(x, packed.shape[1]):
-            return None
+            return None  # the sparse tensor cores take it, or no tensor-core kernel takes this call
     grid = views.cached(packed.codes, "grid", lambda: sparse_quant.as_group_quant(packed))
-    if packed.bitmask is None and not _cuda_mma().supported(x, grid):
-        return None
-    return grid
+    return grid if unstructured or _cuda_mma().supported(x, grid) else None
 
 
 def kernel_for(x: torch.Tensor, packed) -> str:

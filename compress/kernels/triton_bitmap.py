@@ -11,8 +11,9 @@ their values (consecutive in memory within a row) and dots them with the block's
 
 Batches above MAX_BATCH (prefill) decode the weight to dense once and call F.linear: "dense on the decoded tile".
 Measured on an H200 at 70% sparsity: 0.11x dense bf16 at batch 1, 0.03x at 16; bitmap weights now take the
-tensor-core kernel at batch 1-16 (cuda_mma_bitmap.py), unstructured sparse_quant ones still come here. Tested against
-the reference under Triton's interpreter.
+shared-memory tensor-core kernel at batch 1-16 (cuda_mma_scatter.py) and come here above, unstructured sparse_quant
+ones with float zero points or when COMPRESS_GPU_KERNEL=triton (the rest run on their grid: dispatch.py). Tested
+against the reference under Triton's interpreter.
 """
 
 from __future__ import annotations
