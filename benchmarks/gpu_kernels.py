@@ -41,10 +41,12 @@ from compress.formats.quantized import Outliers, QuantizedWeight
 from compress.formats.words import tensor_bytes
 from compress.kernels import (
     cuda_mma,
+    cuda_mma_extras,
     cuda_mma_scatter,
     cuda_mma_sparse,
     dispatch,
     extras_view,
+    mma_extras_layout,
     nm_split,
     triton_bitmap,
     triton_outliers,
@@ -57,13 +59,16 @@ from compress.kernels import triton_kernels as tk
 FORMATS = ("int4_g128", "int3_g128", "int3_g128@widened", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128", "2:4+int4_g128@splitk",
            "spqr3_g16", "lut3", "bitmap70_bf16", "sparse50+int4_g128")
 VIEW_FORMATS = ("spqr3_g16", "lut3")  # through their kernel views (extras_view.py), timed as a module calls them: dispatch.device_matmul
-FORCED_KERNELS = {"mma": "cuda_mma scaled", "scatter": "cuda_mma_scatter", "split": "cuda_mma_sparse + outliers"}
+FORCED_KERNELS = {"mma": "cuda_mma scaled", "scatter": "cuda_mma_scatter", "split": "cuda_mma_sparse + outliers",
+                  "fused": "cuda_mma + permutation and outliers"}
 FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: that kernel at batch 1 (not yet the default)
 # FORMAT@mma: the tensor-core kernel's scaled form at batch 1-16 (groups of 16-64, float zero points; SpQR's grid through
 # its view) or its table form (LUT) forced, e.g. int4_g32@mma, int4_g16f@mma, spqr3_g16@mma, lut3@mma (the dispatcher's
 # choice there too now; FORMAT@triton times the Triton path beside it)
 # FORMAT@scatter: a bitmap weight on the shared-memory scatter kernel (cuda_mma_scatter.py) at every batch
 # FORMAT@split: a bitmap weight as a 2:4 part on the sparse tensor cores plus outliers (nm_split.py) at batch 1-16
+# FORMAT@fused: a SpQR / LUT weight in one launch, its permutation and outliers read by the tensor-core kernel
+# (cuda_mma_extras.py) at batch 1-8, against FORMAT@mma's three launches
 # FORMAT@widened: the 3-bit codes read as 4-bit words (views.widen, what dispatch gives a module); bytes: the widened form's
 SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"
 
@@ -387,6 +392,11 @@ def scatter_op(x, packed):
     return cuda_mma_scatter.matmul(x, packed)
 
 
+def fused_op(x: torch.Tensor, packed) -> torch.Tensor:
+    """A SpQR / LUT weight's grid form, permutation and outliers in one launch."""
+    return cuda_mma_extras.matmul(x, extras_view.cached(packed), packed.bits if isinstance(packed, lut.LUTWeight) else None)
+
+
 def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep: bool) -> None:
     """FORMAT@triton: the format with COMPRESS_GPU_KERNEL=triton (its Triton kernels where the tensor-core ones are the
     default), side by side in the same run; FORMAT@wide: with the exact tensor-core form dispatched at 17-64 rows."""
@@ -426,6 +436,12 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
             cuda_mma.form_view_of(grid, copy.bits if isinstance(copy, lut.LUTWeight) else None, torch.bfloat16)
         check(mma_op, copies[0], (1, 4, 16), f"{fmt}@mma", fp32=False)
         fmt, batches = f"{fmt}@mma", [b for b in batches if b <= cuda_mma.MAX_BATCH]
+    elif forced == "fused":  # SpQR / LUT in one launch: forms and extras built up front, outside the graph capture
+        for copy in copies:
+            view, bits = extras_view.cached(copy), copy.bits if isinstance(copy, lut.LUTWeight) else None
+            cuda_mma_extras.extras_of(view, cuda_mma.form_view_of(view.dense, bits, torch.bfloat16).tiles)
+        check(fused_op, copies[0], (1, 4, 8), f"{fmt}@fused", fp32=False)
+        fmt, batches = f"{fmt}@fused", [b for b in batches if b <= mma_extras_layout.MAX_OUTLIER_ROWS]
     elif forced == "scatter":  # bitmap weights on the shared-memory scatter kernel
         for copy in copies:
             cuda_mma_scatter.view_of(copy, torch.bfloat16)
@@ -451,7 +467,7 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
         if not sweep:
             default = FORCED.get(forced, default)
             if forced in FORCED_KERNELS:
-                us = time_op({"mma": mma_op, "scatter": scatter_op, "split": nm_split.matmul}[forced], arg_list)
+                us = time_op({"mma": mma_op, "scatter": scatter_op, "split": nm_split.matmul, "fused": fused_op}[forced], arg_list)
             else:
                 us = time_op(lambda x, p: tk.packed_matmul(x, p, FORCED[forced]) if forced else op_for(p)(x, p), arg_list)
             same = same_bits_peer(fmt, peers, batch)

@@ -91,29 +91,37 @@ class Launch:
         return self.warps * self.stages * self.row_tiles * (bits // 2 * 512 + 256) if self.async_copy else 0
 
 
-def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch, lane_groups: int = 0, table: bool = False) -> str:
+def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch, lane_groups: int = 0, table: bool = False,
+                extras: str = "") -> str:
     """The entry point's name; `lane_groups` 1 or 2: the scaled form's kernel (mma_layout.pack_scaled); `table`: the
-    table form's (mma_lut_layout.pack_table)."""
+    table form's (mma_lut_layout.pack_table); `extras` (cuda_mma_extras.tag): a permutation ("p") and outliers for up
+    to n activation rows ("o<n>") read by the kernel."""
     kind = "t" if table else f"s{lane_groups}" if lane_groups else ""
-    return f"gqmma{kind}_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch.form()}"
+    return f"gqmma{kind}{extras}_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch.form()}"
 
 
 def entry_source(name: str) -> str:
     """SOURCE plus one extern "C" entry point for kernel_name's fields (one template instance a compile); a split
-    launch's entry also takes the slices' fp32 sums and the row-tile groups' arrival counters."""
+    launch's entry also takes the slices' fp32 sums and the row-tile groups' arrival counters, one with extras their
+    pointers."""
     kind, dtype, bits, n_tiles, form = name.split("_")
     launch = Launch.parse(form + ("2" if form.endswith("k") else ""))
-    form = 3 if kind == "gqmmat" else int(kind[len("gqmmas"):] or 0)  # the kernel's FORM: EXACT 0, SCALED_1 / _2, TABLE 3
+    table, groups, perm, outlier_rows = re.fullmatch(r"gqmma(t?)(?:s(\d))?(p?)(?:o(\d))?", kind).groups()
+    form = 3 if table else int(groups or 0)  # the kernel's FORM: EXACT 0, SCALED_1 / _2, TABLE 3
     bf16, split = ("true" if dtype == "bf16" else "false"), "true" if launch.slices > 1 else "false"
-    if launch.async_copy and form:
-        raise ValueError(f"{name}: the scaled and table forms run the register ring only")
+    extras = bool(perm or outlier_rows)
+    if (launch.async_copy and (form or extras)) or (extras and launch.slices > 1):
+        raise ValueError(f"{name}: the scaled and table forms and extras run the register ring only, extras unsplit")
+    args = f"{bits}, {bf16}, {n_tiles[1:]}, {launch.row_tiles}, {launch.warps}, {launch.stages}"
     if launch.async_copy:
-        body = f"gq_mma_async<{bits}, {bf16}, {n_tiles[1:]}, {launch.row_tiles}, {launch.warps}, {launch.stages}, {split}>"
+        body = f"gq_mma_async<{args}, {split}>"
+    elif extras:
+        body = f"gq_mma_extras<{args}, {'true' if launch.x_ahead else 'false'}, {form}, {'true' if perm else 'false'}, {outlier_rows or 0}>"
     else:
-        body = (f"gq_mma<{bits}, {bf16}, {n_tiles[1:]}, {launch.row_tiles}, {launch.warps}, {launch.stages}, "
-                f"{'true' if launch.x_ahead else 'false'}, {split}, {form}>")
+        body = f"gq_mma<{args}, {'true' if launch.x_ahead else 'false'}, {split}, {form}>"
     split_params = ["float* work", "unsigned* counters"] if launch.slices > 1 else []
-    params = [*ACTIVATIONS, "const uint4* codes", "const uint2* stats", *OUTPUT, "int GROUPS", "int gshift", *split_params]
+    extras_params = ["const unsigned short* perm", "const unsigned* slices", "const int* tile_ptr"] if extras else []
+    params = [*ACTIVATIONS, "const uint4* codes", "const uint2* stats", *OUTPUT, "int GROUPS", "int gshift", *split_params, *extras_params]
     return SOURCE + nvrtc.entry_point(name, 32 * launch.warps, params, body)
 
 
@@ -255,10 +263,11 @@ def activations(x: torch.Tensor, cols: int, max_batch: int = MAX_BATCH) -> torch
     return x2
 
 
-def matmul(x: torch.Tensor, packed, launch: Launch | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, packed, launch: Launch | None = None, extras=None) -> torch.Tensor:
     """x [..., in] (bfloat16 / float16, CUDA, 1 to MAX_BATCH rows; the exact form up to WIDE_BATCH) @ W.T -> [..., out]
     in x's dtype, fp32 accumulation.
-    `packed`: a group-quant weight (`supported`) or its MmaWeight; `launch`: plan's unless given."""
+    `packed`: a group-quant weight (`supported`) or its MmaWeight; `launch`: plan's unless given; `extras`: a SpQR / LUT
+    weight's permutation and outliers for the kernel to apply (mma_extras_layout.MmaExtras; outliers up to 8 rows)."""
     view = packed if isinstance(packed, MmaWeight) else view_of(packed, x.dtype)
     rows, cols = view.shape
     exact = not (view.lane_groups or view.table)
@@ -272,13 +281,18 @@ def matmul(x: torch.Tensor, packed, launch: Launch | None = None) -> torch.Tenso
         raise ValueError(f"{launch} at {batch} rows: above 16 rows the register ring with warps x row tiles x n-tiles x 512 bytes "
                          "of sums in 48 KB")
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
-    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles(batch), launch, view.lane_groups, view.table), nvrtc.device_index(x.device))
+    tag = "" if extras is None else extras.tag(batch)
+    if tag and (launch.slices > 1 or launch.async_copy):
+        raise ValueError(f"extras take the register ring unsplit, not {launch}")
+    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles(batch), launch, view.lane_groups, view.table, tag), nvrtc.device_index(x.device))
     shared = launch.shared_bytes(view.bits)
     # the exact form's statistics are per group (groups of 2^gshift units); the scaled form's per unit (GROUPS unused)
     args = [x2, x2.stride(0), batch, view.codes, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],
             max(0, (view.group_size // UNIT).bit_length() - 1)]
     if launch.slices > 1:  # the slices' sums, and one arrival counter a block of row tiles (left zero by each launch)
         args += [torch.empty(launch.slices, batch, rows, dtype=torch.float32, device=x.device), counters(view.codes, view.tiles)]
+    if tag:  # unused pointers: any tensor (the kernel does not read them)
+        args += [extras.perm if extras.perm is not None else y] + ([extras.slices, extras.tile_ptr] if extras.outliers else [y, y])
     with nvrtc.on_device(x.device):
         if shared >= 48 * 1024 and kernel._max_shared_mem_bytes < shared:
             kernel.set_shared_memory_config(shared)

@@ -1,6 +1,7 @@
 """CUDA C++ of the tensor-core group-quant kernel (cuda_mma.py compiles one template instance a launch layout)."""
 
 from compress.kernels.cuda_mma_async_source import ASYNC_SOURCE
+from compress.kernels.cuda_mma_extras_source import EXTRAS_CALL_SOURCE, EXTRAS_SOURCE
 from compress.kernels.cuda_mma_forms_source import FORMS_SOURCE
 from compress.kernels.cuda_source import CONVERSIONS
 
@@ -171,7 +172,7 @@ __device__ __forceinline__ void unit_dot_wide(float (&acc)[RT][NB][4], const uin
 // n-tiles whose activations a lane keeps in registers a unit (above 2, each k-tile's B words are loaded where used)
 template <int NB> __host__ __device__ constexpr int x_tiles() { return NB <= 2 ? NB : 1; }
 
-""" + FORMS_SOURCE + r"""
+""" + FORMS_SOURCE + EXTRAS_SOURCE + r"""
 // element e of a block's sums (lane l's accumulator i of n-tile nb, row tile r): its output row and batch column
 template <int NB> __device__ __forceinline__ void sum_position(int e, int tile0, int& row, int& b) {
   const int i = e & 3, l = (e >> 2) & 31, nb = (e >> 7) % NB, r = (e >> 7) / NB;
@@ -234,10 +235,11 @@ template <int W, bool SPLIT> __device__ __forceinline__ void warp_units(int U, i
   u1 = a + (warp + 1) * n / W;
 }
 
-template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, bool SPLIT = false, int FORM = EXACT>
+// PERM: the activations gathered through ex.perm; OB > 0: ex's outliers added for up to OB activation rows
+template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, bool SPLIT = false, int FORM = EXACT, bool PERM = false, int OB = 0>
 __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
     const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift,
-    float* __restrict__ work = nullptr, unsigned* __restrict__ counters = nullptr) {
+    float* __restrict__ work = nullptr, unsigned* __restrict__ counters = nullptr, Extras ex = Extras{}) {
   constexpr int CH = BITS / 2;  // 16-byte chunks a lane a unit
   __shared__ float part[W][RT * NB * 128];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tile0 = blockIdx.x * RT;
@@ -248,7 +250,10 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
   // a ring of S register buffers: unit u's code loads are issued S - 1 units ahead of its decode (the ring unrolled,
   // so every buffer index is a constant: no register copies); its activations with them (XA) or just before use
   static_assert(NB <= 2 || FORM == EXACT, "17-64 rows: the exact form only");
+  static_assert((!PERM || NB <= 2) && (OB == 0 || (NB == 1 && OB <= 8 && !SPLIT)), "extras: up to 16 rows, outliers up to 8 unsplit");
   constexpr bool WIDE = NB > 2;
+  OutlierWalk<BF16, RT, OB ? OB : 1> walk;
+  if (OB) walk.start(ex, tile0, warp, W, u1 - u0, lane);
   uint4 w[S][RT][CH], xr[XA && !WIDE ? S : 1][x_tiles<NB>()][4];
   typename StatOf<FORM>::T s[S][RT];
   uint4 table[FORM == TABLE ? RT : 1][2];  // the table form: rows g and g + 8 of each row tile, for the whole call
@@ -261,7 +266,7 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
   for (int i = 0; i < S - 1; i++)
     if (u0 + i < u1) {
       load_codes<CH, RT, FORM>(w[i], s[i], codes, stats, tile0, u0 + i, U, GROUPS, gshift, lane);
-      if (XA && !WIDE) load_x<x_tiles<NB>()>(xr[XA && !WIDE ? i : 0], x, ldx, B, u0 + i, lane);
+      if (XA && !WIDE) load_x_as<x_tiles<NB>(), PERM>(xr[XA && !WIDE ? i : 0], x, ldx, B, u0 + i, lane, ex.perm);
     }
   for (int u = u0; u < u1; u += S) {
 #pragma unroll
@@ -270,16 +275,22 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
         const int ahead = u + i + S - 1;
         if (ahead < u1) {
           load_codes<CH, RT, FORM>(w[(i + S - 1) % S], s[(i + S - 1) % S], codes, stats, tile0, ahead, U, GROUPS, gshift, lane);
-          if (XA && !WIDE) load_x<x_tiles<NB>()>(xr[XA && !WIDE ? (i + S - 1) % S : 0], x, ldx, B, ahead, lane);
+          if (XA && !WIDE) load_x_as<x_tiles<NB>(), PERM>(xr[XA && !WIDE ? (i + S - 1) % S : 0], x, ldx, B, ahead, lane, ex.perm);
         }
-        if (!XA && !WIDE) load_x<x_tiles<NB>()>(xr[0], x, ldx, B, u + i, lane);
+        if (!XA && !WIDE) load_x_as<x_tiles<NB>(), PERM>(xr[0], x, ldx, B, u + i, lane, ex.perm);
+        if (OB) walk.issue(ex, x, ldx, B, lane);
         if constexpr (WIDE) unit_dot_wide<BITS, BF16, NB, RT>(acc, w[i], s[i], x + (u + i) * 128 + (lane & 3) * 32, ldx, B, lane);
         else if constexpr (FORM == EXACT) unit_dot<BITS, BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
         else if constexpr (FORM == TABLE) unit_dot_table<BF16, NB, RT>(acc, w[i], table, xr[XA ? i : 0]);
         else unit_dot_scaled<BITS, BF16, NB, RT, FORM>(acc, w[i], s[i], xr[XA ? i : 0]);
+        if (OB) walk.add();
       }
     }
   }
+  if (OB) {
+    walk.finish(ex, x, ldx, B, lane);
+    walk.deposit(acc, part[warp], lane);
+  }
   store_sums<BF16, NB, RT, W, SPLIT>(acc, part, y, ldy, N, B, tile0, work, counters);
 }
-""" + ASYNC_SOURCE
+""" + ASYNC_SOURCE + EXTRAS_CALL_SOURCE

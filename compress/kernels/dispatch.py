@@ -9,7 +9,8 @@ bf16/fp16 activations (all batches with its ALL_BATCHES), else to triton_bitmap.
 sparse kernels read slowly (unstructured ones; N:M ones other than 2:4 int4) to the group-quant kernels through their
 grid view (`_sparse_on_grid`); SpQR and LUT weights without a keep mask through their views (extras_view.py; 3-bit
 codes read as 4-bit words, views.py): the grid part on the tensor-core kernel's scaled form (SpQR) or table form (LUT
-codes of 2-3 bits) at batch 1 to 16, else on the Triton kernels, the outliers by triton_outliers.py; ternary_dict
+codes of 2-3 bits) at batch 1 to 16, else on the Triton kernels, the outliers by triton_outliers.py (with
+cuda_mma_extras.DISPATCH, the permutation, grid and outliers in one launch: cuda_mma_extras.py); ternary_dict
 weights to triton_ternary.py (at batch 1 to the CUDA kernel of cuda_ternary.py where it is the faster).
 COMPRESS_GPU_KERNEL=triton keeps every weight on the Triton kernels. All are imported on first use only, so `import
 compress` and every CPU path stay free of Triton; every other format or device, and every device when Triton is
@@ -156,9 +157,12 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
                 return cuda_mma_scatter.matmul(x, packed)
             return triton_bitmap.matmul(x, packed)
         if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
-            from compress.kernels import extras_view, triton_outliers
+            from compress.kernels import cuda_mma_extras, extras_view, triton_outliers
 
-            return extras_view.matmul(x, extras_view.cached(packed), _extras_grid(packed), triton_outliers.add_corrections)
+            view, bits = extras_view.cached(packed), packed.bits if isinstance(packed, lut.LUTWeight) else None
+            if _choice() == "auto" and cuda_mma_extras.preferred(x, view, bits):
+                return cuda_mma_extras.matmul(x, view, bits)
+            return extras_view.matmul(x, view, _extras_grid(packed), triton_outliers.add_corrections)
         if isinstance(packed, group_quant.GroupQuantWeight) and _choice() == "auto":
             if _cuda_mma().supported(x, packed):
                 return _cuda_mma().matmul(x, packed)

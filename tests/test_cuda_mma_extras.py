@@ -1,0 +1,191 @@
+"""SpQR and LUT layers in one tensor-core launch (compress.kernels.cuda_mma_extras): on CPU, the permutation and
+outlier layout (mma_extras_layout) read as the kernel reads it gives the format's reference, the warps' walk over a
+block's outlier slices (transcribed from the kernel) visits every slice once, and the kernel names and entry points;
+on a GPU, the one launch against the three it replaces and the reference, at batch 1-8 (16 without outliers), odd
+shapes, several launches, both dtypes, determinism, CUDA-graph capture and the dispatcher."""
+
+import pytest
+import torch
+from conftest import graph_replay, on_device
+from test_extras_view import make, make_lut
+
+from compress.formats import lut, spqr
+from compress.kernels import cuda_mma, cuda_mma_extras, dispatch, extras_view, mma_extras_layout, mma_layout, mma_lut_layout
+
+CUDA = torch.cuda.is_available() and cuda_mma.available()
+BF16 = torch.bfloat16
+
+
+def _weight(kind: str, rows: int, cols: int, outliers: bool = True, perm: bool = True, seed: int = 0):
+    if kind == "spqr":
+        return make(rows, cols, 3, 16, True, outliers, perm, seed=seed), None, spqr.reference_matmul
+    return make_lut(rows, cols, 3, outliers, perm, seed=seed + 20), 3, lut.reference_matmul
+
+
+def _decoded_form(view: extras_view.ExtrasView, bits, dtype) -> torch.Tensor:
+    """The grid's scaled / table form decoded on CPU with the kernel's index arithmetic."""
+    form = cuda_mma.form_view_of(view.dense, bits, dtype)
+    return (mma_lut_layout.dense if form.table else mma_layout.dense)(form), form.tiles
+
+
+@pytest.mark.parametrize("kind", ["spqr", "lut"])
+@pytest.mark.parametrize(("rows", "cols", "outliers", "perm"), [(37, 256, True, True), (16, 128, True, False), (50, 384, False, True),
+                                                               (33, 128, False, False)])
+def test_layout_read_as_the_kernel_reads_it_gives_the_reference(kind, rows, cols, outliers, perm):
+    """The form's decoded grid on the activations gathered through the layout's permutation, plus the slices' sums,
+    equals the format's reference within the grid's bf16 rounding and the corrections' float16 rounding."""
+    packed, bits, reference = _weight(kind, rows, cols, outliers, perm, seed=rows)
+    view = extras_view.build(packed)
+    weight, tiles = _decoded_form(view, bits, BF16)
+    extras = mma_extras_layout.build(view, tiles)
+    assert (extras.perm is not None) == perm and extras.outliers == outliers
+    for batch in (1, 5):
+        x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch)).to(BF16).float()
+        got = mma_extras_layout.stored_activations(x, extras) @ weight.T + mma_extras_layout.corrections(x, extras, rows)
+        ref = reference(x, packed)
+        scale = (x.abs() @ spqr.unpack(packed).abs().T if kind == "spqr" else x.abs() @ lut.unpack(packed).abs().T).norm()
+        assert ((got - ref).norm() / scale).item() < 4e-3, (batch, ((got - ref).norm() / ref.norm()).item())
+
+
+def test_slices_hold_each_tiles_outliers_in_row_order():
+    packed = make(70, 256, 3, 16, True, True, True, seed=5)
+    view = extras_view.build(packed)
+    extras = mma_extras_layout.build(view, mma_layout.padded_tiles(70))
+    counts = torch.zeros(mma_layout.padded_tiles(70) * 16, dtype=torch.int64)
+    counts[:70] = (view.row_ptr[1:] - view.row_ptr[:-1]).long()
+    depth = (extras.tile_ptr[1:] - extras.tile_ptr[:-1]).long()
+    assert torch.equal(depth, counts.view(-1, 16).amax(1)) and extras.tile_ptr[0] == 0
+    entries = (extras.slices.long() & 0xFFFFFFFF).view(-1, 16)
+    assert int((entries != 0).sum()) == view.delta.numel() - int((view.delta.half() == 0).sum())  # padding is 0, nothing else is
+    perm = view.perm.long()
+    for row in (0, 17, 69):
+        tile, r = divmod(row, 16)
+        mine = entries[extras.tile_ptr[tile]: extras.tile_ptr[tile + 1], r]
+        start, end = view.row_ptr[row], view.row_ptr[row + 1]
+        assert torch.equal(mine[: end - start] & 0xFFFF, perm[view.cols[start:end].long()])  # layer columns, in the format's order
+        assert torch.equal((mine[: end - start] >> 16).to(torch.int32).to(torch.int16), view.delta[start:end].half().view(torch.int16))
+        assert not mine[end - start:].any()
+
+
+def test_layouts_it_refuses():
+    packed = make(20, 128, 3, 16, True, True, False)
+    view = extras_view.build(packed)
+    huge = extras_view.ExtrasView(view.dense, view.perm, view.rows, view.row_ptr, view.cols, view.delta * 1e6)
+    assert mma_extras_layout.shape_ok(view) and not mma_extras_layout.shape_ok(huge)
+    with pytest.raises(ValueError, match="float16"):
+        mma_extras_layout.build(huge, mma_layout.padded_tiles(20))
+    with pytest.raises(ValueError, match="tiles"):
+        mma_extras_layout.build(view, 1)
+    extras = mma_extras_layout.build(view, mma_layout.padded_tiles(20))
+    assert extras.tag(1) == "o1" and extras.tag(3) == "o4" and extras.tag(8) == "o8"
+    with pytest.raises(ValueError, match="1 to 8"):
+        extras.tag(9)
+    assert mma_extras_layout.MmaExtras(torch.zeros(128, dtype=torch.int16), None, None).tag(16) == "p"
+    assert not cuda_mma_extras.supported(torch.randn(1, 128, dtype=BF16), view)  # CPU activations
+
+
+class _LaneWalk:
+    """One lane's OutlierWalk (cuda_mma_extras_source.py) transcribed: which slices it adds, and to which row tile."""
+
+    def __init__(self, tile_ptr: list[int], tile0: int, row_tiles: int, warp: int, warps: int, units: int, half: int, per_max: int = 2):
+        s0, self.bound = tile_ptr[tile0], [tile_ptr[tile0 + r + 1] for r in range(row_tiles)]
+        pairs = (self.bound[-1] - s0 + 1) >> 1
+        self.count = (pairs - warp + warps - 1) // warps if pairs > warp else 0
+        self.per = min(per_max, (self.count + units - 1) // units) if units > 0 else 0
+        self.first, self.stride, self.k, self.per_max, self.added = s0 + 2 * warp + half, 2 * warps, 0, per_max, []
+        self.fetch()
+
+    def fetch(self) -> None:
+        slices = [self.first + self.stride * (self.k + i) for i in range(self.per_max)]
+        self.next = [s if i < self.per and self.k + i < self.count and s < self.bound[-1] else None for i, s in enumerate(slices)]
+
+    def take(self) -> None:  # take, then add: the slices and the row tile each is added to
+        self.added += [(s, sum(s >= b for b in self.bound[:-1])) for s in self.next if s is not None]
+        self.k += self.per
+
+    def run(self, units: int) -> list[tuple[int, int]]:
+        for _ in range(units):  # a unit step: issue (take, fetch), the unit's mma, add
+            self.take()
+            self.fetch()
+        self.take()  # finish
+        self.per = self.per_max
+        while self.k < self.count:
+            self.fetch()
+            self.take()
+        return self.added
+
+
+def _walk(tile_ptr: list[int], tile0: int, row_tiles: int, units: list[int]) -> list[tuple[int, int]]:
+    """Every lane's added slices for a block whose warps have `units` units each."""
+    return [added for warp, count in enumerate(units) for half in (0, 1)
+            for added in _LaneWalk(tile_ptr, tile0, row_tiles, warp, len(units), count, half).run(count)]
+
+
+@pytest.mark.parametrize(("depths", "row_tiles"), [([3, 0], 2), ([0, 0], 2), ([7, 5], 2), ([1], 1), ([40], 1), ([13, 29], 2)])
+@pytest.mark.parametrize("units", [[2, 2, 2, 2], [1], [0, 3], [5, 4, 4, 4, 4, 4, 4, 4], [0] * 16, [1] * 16])
+def test_the_walk_adds_every_slice_of_the_block_once_to_its_tile(depths, row_tiles, units):
+    tile_ptr = [11]  # the block's slices start anywhere
+    for depth in depths:
+        tile_ptr.append(tile_ptr[-1] + depth)
+    seen = _walk(tile_ptr, 0, row_tiles, units)
+    assert sorted(s for s, _ in seen) == list(range(tile_ptr[0], tile_ptr[-1]))
+    assert all(tile_ptr[t] <= s < tile_ptr[t + 1] for s, t in seen)
+
+
+def test_kernel_names_and_entry_points():
+    launch = cuda_mma.Launch()
+    name = cuda_mma.kernel_name(BF16, 4, 1, launch, 2, False, "po1")
+    assert name == "gqmmas2po1_bf16_4_n1_r2w4s2a"
+
+    def entry(name: str) -> str:
+        return cuda_mma.entry_source(name)[len(cuda_mma.SOURCE):]
+
+    assert "gq_mma_extras<4, true, 1, 2, 4, 2, true, 2, true, 1>" in entry(name) and "const int* tile_ptr" in entry(name)
+    assert "gq_mma_extras<4, false, 2, 2, 4, 2, true, 3, true, 0>" in entry("gqmmatp_f16_4_n2_r2w4s2a")
+    assert "tile_ptr" not in entry(cuda_mma.kernel_name(BF16, 4, 1, launch, 2))
+    with pytest.raises(ValueError, match="register ring"):
+        cuda_mma.entry_source("gqmmas1o1_bf16_4_n1_r2w4s2ak")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+@pytest.mark.parametrize("kind", ["spqr", "lut"])
+@pytest.mark.parametrize(("rows", "cols", "outliers", "perm"), [(37, 256, True, True), (200, 1024, True, True), (300, 4096, True, False),
+                                                               (64, 512, False, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_one_launch_equals_the_three_and_the_reference(kind, rows, cols, outliers, perm, dtype):
+    packed, bits, reference = _weight(kind, rows, cols, outliers, perm, seed=cols)
+    packed = on_device(packed, "cuda")
+    view = extras_view.cached(packed)
+    weight, tiles = _decoded_form(view, bits, dtype)
+    extras = cuda_mma_extras.extras_of(view, tiles)
+    form = cuda_mma.form_view_of(view.dense, bits, dtype)
+    generator = torch.Generator(device="cuda").manual_seed(rows)
+    for batch in (1, 2, 5, 8) + (() if outliers else (16,)):
+        x = torch.randn(batch, cols, device="cuda", dtype=dtype, generator=generator)
+        ref = (mma_extras_layout.stored_activations(x.double(), extras) @ weight.double().T
+               + mma_extras_layout.corrections(x.float(), extras, rows).double())
+        scale = (x.double().abs() @ weight.double().abs().T).norm()
+        for launch in (None, cuda_mma.Launch(1, 1, 2, True), cuda_mma.Launch(2, 16, 2, True), cuda_mma.Launch(2, 2, 3, False)):
+            got = cuda_mma.matmul(x, form, launch, extras)
+            assert ((got.double() - ref).norm() / scale).item() < 2e-3, (batch, str(launch))
+            assert torch.equal(got, cuda_mma.matmul(x, form, launch, extras))  # deterministic
+        three = extras_view.matmul(x, view, lambda x2, grid: cuda_mma.form_matmul(x2, grid, bits))  # corrections in plain torch
+        assert ((cuda_mma_extras.matmul(x, view, bits).double() - three.double()).norm() / scale).item() < 4e-3
+        exact = reference(x.float(), packed).double()
+        assert ((cuda_mma_extras.matmul(x, view, bits).double() - exact).norm() / scale).item() < 4e-3
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+def test_cuda_dispatch_and_graph_capture(monkeypatch):
+    monkeypatch.setattr(cuda_mma_extras, "DISPATCH", True)
+    for kind in ("spqr", "lut"):
+        packed, bits, reference = _weight(kind, 200, 1024)
+        packed = on_device(packed, "cuda")
+        x = torch.randn(3, 1024, device="cuda", dtype=BF16)
+        assert cuda_mma_extras.preferred(x, extras_view.cached(packed), bits)
+        eager = dispatch.device_matmul(x, packed)
+        ref = reference(x.float(), packed).double()
+        assert ((eager.double() - ref).norm() / ref.norm()).item() < 1e-2, kind
+        assert torch.equal(graph_replay(lambda packed=packed, x=x: dispatch.device_matmul(x, packed)), eager)
+        wide = torch.randn(12, 1024, device="cuda", dtype=BF16)  # outliers above 8 rows: the three launches
+        assert not cuda_mma_extras.supported(wide, extras_view.cached(packed), bits)
