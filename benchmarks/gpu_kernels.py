@@ -68,7 +68,8 @@ FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: 
 # FORMAT@scatter: a bitmap weight on the shared-memory scatter kernel (cuda_mma_scatter.py) at every batch
 # FORMAT@split: a bitmap weight as a 2:4 part on the sparse tensor cores plus outliers (nm_split.py) at batch 1-16
 # FORMAT@fused: a SpQR / LUT weight in one launch, its permutation and outliers read by the tensor-core kernel
-# (cuda_mma_extras.py) at batch 1-8, against FORMAT@mma's three launches
+# (cuda_mma_extras.py) at batch 1-8, against FORMAT@mma's three launches; SpQR on its compact form (mma_spqr_layout.py),
+# spqr3_g16@fused@scaled on the scaled form of its view's grid
 # FORMAT@widened: the 3-bit codes read as 4-bit words (views.widen, what dispatch gives a module); bytes: the widened form's
 SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"
 
@@ -394,7 +395,7 @@ def scatter_op(x, packed):
 
 def fused_op(x: torch.Tensor, packed) -> torch.Tensor:
     """A SpQR / LUT weight's grid form, permutation and outliers in one launch."""
-    return cuda_mma_extras.matmul(x, extras_view.cached(packed), packed.bits if isinstance(packed, lut.LUTWeight) else None)
+    return cuda_mma_extras.matmul(x, packed)
 
 
 def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sweep: bool) -> None:
@@ -406,6 +407,12 @@ def run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, sw
             return _run_format(fmt[: -len("@wide")], rows, cols, batches, peers, bandwidth, env, out, records, sweep, "@wide")
         finally:
             cuda_mma.DISPATCH_WIDE = previous_wide
+    if fmt.endswith("@fused@scaled"):  # one launch on the scaled form of the view's grid instead of SpQR's compact form
+        previous_compact, cuda_mma_extras.COMPACT = cuda_mma_extras.COMPACT, False
+        try:
+            return _run_format(fmt[: -len("@scaled")], rows, cols, batches, peers, bandwidth, env, out, records, sweep, "@scaled")
+        finally:
+            cuda_mma_extras.COMPACT = previous_compact
     if fmt.endswith("@triton"):
         previous = os.environ.get(dispatch.ENV)
         os.environ[dispatch.ENV] = "triton"
@@ -438,8 +445,7 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
         fmt, batches = f"{fmt}@mma", [b for b in batches if b <= cuda_mma.MAX_BATCH]
     elif forced == "fused":  # SpQR / LUT in one launch: forms and extras built up front, outside the graph capture
         for copy in copies:
-            view, bits = extras_view.cached(copy), copy.bits if isinstance(copy, lut.LUTWeight) else None
-            cuda_mma_extras.extras_of(view, cuda_mma.form_view_of(view.dense, bits, torch.bfloat16).tiles)
+            cuda_mma_extras.extras_of(extras_view.cached(copy), cuda_mma_extras.form_of(copy, torch.bfloat16).tiles)
         check(fused_op, copies[0], (1, 4, 8), f"{fmt}@fused", fp32=False)
         fmt, batches = f"{fmt}@fused", [b for b in batches if b <= mma_extras_layout.MAX_OUTLIER_ROWS]
     elif forced == "scatter":  # bitmap weights on the shared-memory scatter kernel

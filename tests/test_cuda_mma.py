@@ -61,10 +61,10 @@ def test_scaled_form_refuses_what_it_cannot_read():
     assert not mma_layout.scaled_shape_ok(make_group_quant(4, 200, 4, 8))
     with pytest.raises(ValueError, match="no tensor-core form"):
         cuda_mma.view_of(make_group_quant(4, 256, 4, 32), torch.float32)
-    name = cuda_mma.kernel_name(torch.bfloat16, 4, 1, cuda_mma.Launch(async_copy=True, stages=3), lane_groups=2)
+    name = cuda_mma.kernel_name(torch.bfloat16, 4, 1, cuda_mma.Launch(async_copy=True, stages=3), "s2")
     with pytest.raises(ValueError, match="register ring only"):
         cuda_mma.entry_source(name)
-    assert "gq_mma<4, true, 1, 2, 4, 2, true, false, 1>" in cuda_mma.entry_source(cuda_mma.kernel_name(torch.bfloat16, 4, 1, cuda_mma.Launch(), 1))
+    assert "gq_mma<4, true, 1, 2, 4, 2, true, false, 1>" in cuda_mma.entry_source(cuda_mma.kernel_name(torch.bfloat16, 4, 1, cuda_mma.Launch(), "s1"))
 
 
 def _lut_codes(rows: int, cols: int, bits: int, seed: int = 0):

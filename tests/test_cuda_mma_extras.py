@@ -10,7 +10,7 @@ from conftest import graph_replay, on_device
 from test_extras_view import make, make_lut
 
 from compress.formats import lut, spqr
-from compress.kernels import cuda_mma, cuda_mma_extras, dispatch, extras_view, mma_extras_layout, mma_layout, mma_lut_layout
+from compress.kernels import cuda_mma, cuda_mma_extras, dispatch, extras_view, mma_extras_layout, mma_layout, mma_lut_layout, mma_spqr_layout
 
 CUDA = torch.cuda.is_available() and cuda_mma.available()
 BF16 = torch.bfloat16
@@ -22,22 +22,27 @@ def _weight(kind: str, rows: int, cols: int, outliers: bool = True, perm: bool =
     return make_lut(rows, cols, 3, outliers, perm, seed=seed + 20), 3, lut.reference_matmul
 
 
-def _decoded_form(view: extras_view.ExtrasView, bits, dtype) -> torch.Tensor:
-    """The grid's scaled / table form decoded on CPU with the kernel's index arithmetic."""
-    form = cuda_mma.form_view_of(view.dense, bits, dtype)
-    return (mma_lut_layout.dense if form.table else mma_layout.dense)(form), form.tiles
+def _decoded_form(packed, dtype):
+    """The grid's form one launch runs (compact SpQR, scaled, table) and its weight decoded with the kernel's
+    arithmetic."""
+    form = cuda_mma_extras.form_of(packed, dtype)
+    if form.form == "q":
+        return form, mma_spqr_layout.dense(form, dtype)
+    return form, (mma_lut_layout.dense if form.table else mma_layout.dense)(form)
 
 
 @pytest.mark.parametrize("kind", ["spqr", "lut"])
-@pytest.mark.parametrize(("rows", "cols", "outliers", "perm"), [(37, 256, True, True), (16, 128, True, False), (50, 384, False, True),
-                                                               (33, 128, False, False)])
+@pytest.mark.parametrize(("rows", "cols", "outliers", "perm"), [(37, 256, True, True), (16, 128, True, False), (48, 384, False, True),
+                                                               (33, 128, False, False), (64, 256, True, True)])
 def test_layout_read_as_the_kernel_reads_it_gives_the_reference(kind, rows, cols, outliers, perm):
-    """The form's decoded grid on the activations gathered through the layout's permutation, plus the slices' sums,
-    equals the format's reference within the grid's bf16 rounding and the corrections' float16 rounding."""
+    """The form's decoded grid (SpQR: compact at rows of whole 16-row grids, else scaled) on the activations gathered
+    through the layout's permutation, plus the slices' sums, equals the format's reference within the grid's bf16
+    rounding and the corrections' float16 rounding."""
     packed, bits, reference = _weight(kind, rows, cols, outliers, perm, seed=rows)
-    view = extras_view.build(packed)
-    weight, tiles = _decoded_form(view, bits, BF16)
-    extras = mma_extras_layout.build(view, tiles)
+    view = extras_view.cached(packed)
+    form, weight = _decoded_form(packed, BF16)
+    assert form.form == ("t" if kind == "lut" else "q" if rows % 16 == 0 else "s2")
+    extras = mma_extras_layout.build(view, form.tiles)
     assert (extras.perm is not None) == perm and extras.outliers == outliers
     for batch in (1, 5):
         x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch)).to(BF16).float()
@@ -81,7 +86,7 @@ def test_layouts_it_refuses():
     with pytest.raises(ValueError, match="1 to 8"):
         extras.tag(9)
     assert mma_extras_layout.MmaExtras(torch.zeros(128, dtype=torch.int16), None, None).tag(16) == "p"
-    assert not cuda_mma_extras.supported(torch.randn(1, 128, dtype=BF16), view)  # CPU activations
+    assert not cuda_mma_extras.supported(torch.randn(1, 128, dtype=BF16), packed)  # CPU activations
 
 
 class _LaneWalk:
@@ -134,7 +139,7 @@ def test_the_walk_adds_every_slice_of_the_block_once_to_its_tile(depths, row_til
 
 def test_kernel_names_and_entry_points():
     launch = cuda_mma.Launch()
-    name = cuda_mma.kernel_name(BF16, 4, 1, launch, 2, False, "po1")
+    name = cuda_mma.kernel_name(BF16, 4, 1, launch, "s2", "po1")
     assert name == "gqmmas2po1_bf16_4_n1_r2w4s2a"
 
     def entry(name: str) -> str:
@@ -142,23 +147,23 @@ def test_kernel_names_and_entry_points():
 
     assert "gq_mma_extras<4, true, 1, 2, 4, 2, true, 2, true, 1>" in entry(name) and "const int* tile_ptr" in entry(name)
     assert "gq_mma_extras<4, false, 2, 2, 4, 2, true, 3, true, 0>" in entry("gqmmatp_f16_4_n2_r2w4s2a")
-    assert "tile_ptr" not in entry(cuda_mma.kernel_name(BF16, 4, 1, launch, 2))
+    assert "tile_ptr" not in entry(cuda_mma.kernel_name(BF16, 4, 1, launch, "s2"))
     with pytest.raises(ValueError, match="register ring"):
         cuda_mma.entry_source("gqmmas1o1_bf16_4_n1_r2w4s2ak")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
 @pytest.mark.parametrize("kind", ["spqr", "lut"])
-@pytest.mark.parametrize(("rows", "cols", "outliers", "perm"), [(37, 256, True, True), (200, 1024, True, True), (300, 4096, True, False),
+@pytest.mark.parametrize(("rows", "cols", "outliers", "perm"), [(37, 256, True, True), (208, 1024, True, True), (304, 4096, True, False),
                                                                (64, 512, False, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_one_launch_equals_the_three_and_the_reference(kind, rows, cols, outliers, perm, dtype):
+    """SpQR at 37 rows on the scaled form, at whole 16-row grids on the compact one; LUT on the table form."""
     packed, bits, reference = _weight(kind, rows, cols, outliers, perm, seed=cols)
     packed = on_device(packed, "cuda")
     view = extras_view.cached(packed)
-    weight, tiles = _decoded_form(view, bits, dtype)
-    extras = cuda_mma_extras.extras_of(view, tiles)
-    form = cuda_mma.form_view_of(view.dense, bits, dtype)
+    form, weight = _decoded_form(packed, dtype)
+    extras = cuda_mma_extras.extras_of(view, form.tiles)
     generator = torch.Generator(device="cuda").manual_seed(rows)
     for batch in (1, 2, 5, 8) + (() if outliers else (16,)):
         x = torch.randn(batch, cols, device="cuda", dtype=dtype, generator=generator)
@@ -169,23 +174,23 @@ def test_cuda_one_launch_equals_the_three_and_the_reference(kind, rows, cols, ou
             got = cuda_mma.matmul(x, form, launch, extras)
             assert ((got.double() - ref).norm() / scale).item() < 2e-3, (batch, str(launch))
             assert torch.equal(got, cuda_mma.matmul(x, form, launch, extras))  # deterministic
+        one = cuda_mma_extras.matmul(x, packed).double()
         three = extras_view.matmul(x, view, lambda x2, grid: cuda_mma.form_matmul(x2, grid, bits))  # corrections in plain torch
-        assert ((cuda_mma_extras.matmul(x, view, bits).double() - three.double()).norm() / scale).item() < 4e-3
-        exact = reference(x.float(), packed).double()
-        assert ((cuda_mma_extras.matmul(x, view, bits).double() - exact).norm() / scale).item() < 4e-3
+        assert ((one - three.double()).norm() / scale).item() < 4e-3
+        assert ((one - reference(x.float(), packed).double()).norm() / scale).item() < 4e-3
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
 def test_cuda_dispatch_and_graph_capture(monkeypatch):
     monkeypatch.setattr(cuda_mma_extras, "DISPATCH", True)
     for kind in ("spqr", "lut"):
-        packed, bits, reference = _weight(kind, 200, 1024)
+        packed, bits, reference = _weight(kind, 208, 1024)
         packed = on_device(packed, "cuda")
         x = torch.randn(3, 1024, device="cuda", dtype=BF16)
-        assert cuda_mma_extras.preferred(x, extras_view.cached(packed), bits)
+        assert cuda_mma_extras.preferred(x, packed)
         eager = dispatch.device_matmul(x, packed)
         ref = reference(x.float(), packed).double()
         assert ((eager.double() - ref).norm() / ref.norm()).item() < 1e-2, kind
         assert torch.equal(graph_replay(lambda packed=packed, x=x: dispatch.device_matmul(x, packed)), eager)
         wide = torch.randn(12, 1024, device="cuda", dtype=BF16)  # outliers above 8 rows: the three launches
-        assert not cuda_mma_extras.supported(wide, extras_view.cached(packed), bits)
+        assert not cuda_mma_extras.supported(wide, packed)

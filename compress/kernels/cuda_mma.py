@@ -91,13 +91,11 @@ class Launch:
         return self.warps * self.stages * self.row_tiles * (bits // 2 * 512 + 256) if self.async_copy else 0
 
 
-def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch, lane_groups: int = 0, table: bool = False,
-                extras: str = "") -> str:
-    """The entry point's name; `lane_groups` 1 or 2: the scaled form's kernel (mma_layout.pack_scaled); `table`: the
-    table form's (mma_lut_layout.pack_table); `extras` (cuda_mma_extras.tag): a permutation ("p") and outliers for up
-    to n activation rows ("o<n>") read by the kernel."""
-    kind = "t" if table else f"s{lane_groups}" if lane_groups else ""
-    return f"gqmma{kind}{extras}_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch.form()}"
+def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch, form: str = "", extras: str = "") -> str:
+    """The entry point's name; `form` (MmaWeight.form): "" exact, "s1" / "s2" the scaled form (mma_layout.pack_scaled),
+    "t" the table form (mma_lut_layout.py), "q" the compact SpQR form (mma_spqr_layout.py); `extras`
+    (mma_extras_layout.MmaExtras.tag): a permutation ("p") and outliers for up to n activation rows ("o<n>")."""
+    return f"gqmma{form}{extras}_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch.form()}"
 
 
 def entry_source(name: str) -> str:
@@ -106,8 +104,8 @@ def entry_source(name: str) -> str:
     pointers."""
     kind, dtype, bits, n_tiles, form = name.split("_")
     launch = Launch.parse(form + ("2" if form.endswith("k") else ""))
-    table, groups, perm, outlier_rows = re.fullmatch(r"gqmma(t?)(?:s(\d))?(p?)(?:o(\d))?", kind).groups()
-    form = 3 if table else int(groups or 0)  # the kernel's FORM: EXACT 0, SCALED_1 / _2, TABLE 3
+    letter, groups, perm, outlier_rows = re.fullmatch(r"gqmma([tq]?)(?:s(\d))?(p?)(?:o(\d))?", kind).groups()
+    form = {"t": 3, "q": 4}.get(letter, int(groups or 0))  # the kernel's FORM: EXACT 0, SCALED_1 / _2, TABLE 3, QUANTIZED 4
     bf16, split = ("true" if dtype == "bf16" else "false"), "true" if launch.slices > 1 else "false"
     extras = bool(perm or outlier_rows)
     if (launch.async_copy and (form or extras)) or (extras and launch.slices > 1):
@@ -270,9 +268,9 @@ def matmul(x: torch.Tensor, packed, launch: Launch | None = None, extras=None) -
     weight's permutation and outliers for the kernel to apply (mma_extras_layout.MmaExtras; outliers up to 8 rows)."""
     view = packed if isinstance(packed, MmaWeight) else view_of(packed, x.dtype)
     rows, cols = view.shape
-    exact = not (view.lane_groups or view.table)
+    exact = not view.form
     x2 = activations(x, cols, WIDE_BATCH if exact else MAX_BATCH)
-    if not exact and (view.dtype != x.dtype or launch and launch.async_copy):
+    if not exact and (view.dtype not in (None, x.dtype) or launch and launch.async_copy):
         raise ValueError(f"a scaled or table form for {view.dtype} activations takes those on the register ring, got {x.dtype}, {launch}")
     batch = x2.shape[0]
     launch = launch or plan(view, batch, x.device)
@@ -284,7 +282,7 @@ def matmul(x: torch.Tensor, packed, launch: Launch | None = None, extras=None) -
     tag = "" if extras is None else extras.tag(batch)
     if tag and (launch.slices > 1 or launch.async_copy):
         raise ValueError(f"extras take the register ring unsplit, not {launch}")
-    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles(batch), launch, view.lane_groups, view.table, tag), nvrtc.device_index(x.device))
+    kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles(batch), launch, view.form, tag), nvrtc.device_index(x.device))
     shared = launch.shared_bytes(view.bits)
     # the exact form's statistics are per group (groups of 2^gshift units); the scaled form's per unit (GROUPS unused)
     args = [x2, x2.stride(0), batch, view.codes, view.stats, y, rows, rows, cols // UNIT, view.stats.shape[1],

@@ -1,7 +1,11 @@
-"""SpQR and SqueezeLLM (LUT) layers in one tensor-core launch: the grid's scaled or table form (cuda_mma.py) with the
-weight's column permutation and outliers read by the same kernel (mma_extras_layout.py), where extras_view.matmul
-takes three (the permutation gather, the grid kernel, the outlier kernel). The outliers' sums join the block's fp32
-sums before the one rounding to the output dtype, and each lane's run in a fixed order: the result is deterministic.
+"""SpQR and SqueezeLLM (LUT) layers in one tensor-core launch: the grid's form (cuda_mma.py) with the weight's column
+permutation and outliers read by the same kernel (mma_extras_layout.py), where extras_view.matmul takes three (the
+permutation gather, the grid kernel, the outlier kernel). The outliers' sums join the block's fp32 sums before the one
+rounding to the output dtype, and each lane's run in a fixed order: the result is deterministic.
+
+The grid's form: SpQR weights in SpQR's own layout (3-bit codes, groups of 16, quantized statistics) the compact form
+(mma_spqr_layout.py: about 0.47 bytes a weight, statistics decoded in the kernel) with `COMPACT`, else the scaled form
+of the view's grid; LUT weights the table form.
 
 Outliers are walked for 1 to 8 activation rows (a lane holds one sum a row); above, and where the layout does not
 fit (more than 2^16 columns, corrections past float16), the three launches stay. Off the dispatcher (`DISPATCH`) until
@@ -13,21 +17,42 @@ import dataclasses
 
 import torch
 
-from compress.kernels import cuda_mma, extras_view, mma_extras_layout, views
+from compress.formats import lut
+from compress.kernels import cuda_mma, extras_view, mma_extras_layout, mma_spqr_layout, views
 
 DISPATCH = False  # whether dispatch.py sends SpQR / LUT layers here (not until measured against the three launches)
+COMPACT = True  # SpQR weights mma_spqr_layout takes run its compact form (else the scaled form of their view's grid)
 
 
-def supported(x: torch.Tensor, view: extras_view.ExtrasView, bits: int | None = None) -> bool:
-    """Whether one launch takes this call: the grid's form takes it (cuda_mma.form_supported; `bits`: a LUT weight's
-    code bits), the extras fit the kernel's layout, and outliers come with at most MAX_OUTLIER_ROWS activation rows."""
-    if not (cuda_mma.form_supported(x, view.dense, bits) and mma_extras_layout.shape_ok(view)):
+def _bits(packed) -> int | None:
+    return packed.bits if isinstance(packed, lut.LUTWeight) else None
+
+
+def compact(packed) -> bool:
+    return COMPACT and mma_spqr_layout.shape_ok(packed)
+
+
+def supported(x: torch.Tensor, packed) -> bool:
+    """Whether one launch takes this call: a SpQR / LUT weight with a view (extras_view.supported) whose grid a form
+    takes, extras that fit the kernel's layout, and outliers with at most MAX_OUTLIER_ROWS activation rows."""
+    if not extras_view.supported(packed):
+        return False
+    view = extras_view.cached(packed)
+    grid_ok = cuda_mma.call_ok(x, packed.shape[1]) if compact(packed) else cuda_mma.form_supported(x, view.dense, _bits(packed))
+    if not (grid_ok and mma_extras_layout.shape_ok(view)):
         return False
     return view.delta is None or x.numel() // x.shape[-1] <= mma_extras_layout.MAX_OUTLIER_ROWS
 
 
-def preferred(x: torch.Tensor, view: extras_view.ExtrasView, bits: int | None = None) -> bool:
-    return DISPATCH and supported(x, view, bits)
+def preferred(x: torch.Tensor, packed) -> bool:
+    return DISPATCH and supported(x, packed)
+
+
+def form_of(packed, dtype: torch.dtype):
+    """The cached grid form one launch runs for `dtype` activations (mma_layout.MmaWeight)."""
+    if compact(packed):
+        return views.cached(packed.codes, "mma-quantized", lambda: mma_spqr_layout.pack(packed))
+    return cuda_mma.form_view_of(extras_view.cached(packed).dense, _bits(packed), dtype)
 
 
 def extras_of(view: extras_view.ExtrasView, tiles: int) -> mma_extras_layout.MmaExtras:
@@ -35,11 +60,11 @@ def extras_of(view: extras_view.ExtrasView, tiles: int) -> mma_extras_layout.Mma
     return views.cached(view.dense.codes, "mma-extras", lambda: mma_extras_layout.build(view, tiles))
 
 
-def matmul(x: torch.Tensor, view: extras_view.ExtrasView, bits: int | None = None) -> torch.Tensor:
-    """x [..., in] (the layer's column order) @ W.T for a SpQR / LUT weight's view in one launch (`supported`)."""
-    form = cuda_mma.form_view_of(view.dense, bits, x.dtype)
+def matmul(x: torch.Tensor, packed) -> torch.Tensor:
+    """x [..., in] (the layer's column order) @ W.T for a SpQR / LUT weight in one launch (`supported`)."""
+    form = form_of(packed, x.dtype)
     batch = x.numel() // x.shape[-1]
     launch = cuda_mma.plan(form, batch, x.device)
     if launch.warps > 8 and batch > 4:  # 16 warps leave a lane 128 registers: the extras' spill (compiled for sm_90)
         launch = dataclasses.replace(launch, warps=8)
-    return cuda_mma.matmul(x, form, launch, extras_of(view, form.tiles))
+    return cuda_mma.matmul(x, form, launch, extras_of(extras_view.cached(packed), form.tiles))

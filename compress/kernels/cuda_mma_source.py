@@ -73,27 +73,6 @@ __device__ __forceinline__ void add_scaled(float (&acc)[NB][4], const float (&su
   }
 }
 
-// The kernel's weight forms (FORM): EXACT, SCALED_1 and SCALED_2 (the scaled one, groups a lane's columns span), TABLE
-// (mma_lut_layout.py). A lane's statistics of a unit: the exact form's uint2 of its lane group, shared by the group's
-// units; the scaled form's words of the lane's groups (scale and bias pairs of one group, uint2, or of two, uint4); the
-// table form has none a unit (its tables are loaded once)
-constexpr int EXACT = 0, SCALED_1 = 1, SCALED_2 = 2, TABLE = 3;
-template <int FORM> struct StatOf { using T = uint2; };
-template <> struct StatOf<SCALED_2> { using T = uint4; };
-
-// One unit (128 columns) of the block's RT row tiles: their code chunks and statistics
-template <int CH, int RT, int FORM = EXACT>
-__device__ __forceinline__ void load_codes(uint4 (&w)[RT][CH], typename StatOf<FORM>::T (&s)[RT], const uint4* __restrict__ codes,
-    const uint2* __restrict__ stats, int tile0, int u, int U, int GROUPS, int gshift, int lane) {
-#pragma unroll
-  for (int r = 0; r < RT; r++) {
-#pragma unroll
-    for (int c = 0; c < CH; c++) w[r][c] = load_stream(codes + ((size_t)((size_t)(tile0 + r) * U + u) * CH + c) * 32 + lane);
-    if (FORM == EXACT) s[r] = *(const typename StatOf<FORM>::T*)(stats + ((size_t)(tile0 + r) * GROUPS + (u >> gshift)) * 8 + (lane >> 2));
-    else if (FORM != TABLE) s[r] = ((const typename StatOf<FORM>::T*)stats)[((size_t)(tile0 + r) * U + u) * 32 + lane];
-  }
-}
-
 // A unit's activations for the lane's batch row in each n-tile (nb * 8 + g; past the batch the last row: an mma's
 // result columns are independent and those are not stored). Lane quad position t reads columns t * 32 .. + 31.
 template <int NB>
@@ -240,7 +219,7 @@ template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, bool SPLIT
 __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
     const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift,
     float* __restrict__ work = nullptr, unsigned* __restrict__ counters = nullptr, Extras ex = Extras{}) {
-  constexpr int CH = BITS / 2;  // 16-byte chunks a lane a unit
+  constexpr int CH = chunks<BITS, FORM>();  // 16-byte chunks a lane a unit
   __shared__ float part[W][RT * NB * 128];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tile0 = blockIdx.x * RT;
   int u0, u1;
@@ -282,6 +261,7 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
         if constexpr (WIDE) unit_dot_wide<BITS, BF16, NB, RT>(acc, w[i], s[i], x + (u + i) * 128 + (lane & 3) * 32, ldx, B, lane);
         else if constexpr (FORM == EXACT) unit_dot<BITS, BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
         else if constexpr (FORM == TABLE) unit_dot_table<BF16, NB, RT>(acc, w[i], table, xr[XA ? i : 0]);
+        else if constexpr (FORM == QUANTIZED) unit_dot_quantized<BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
         else unit_dot_scaled<BITS, BF16, NB, RT, FORM>(acc, w[i], s[i], xr[XA ? i : 0]);
         if (OB) walk.add();
       }

@@ -159,10 +159,9 @@ def device_matmul(x: torch.Tensor, packed, table: torch.Tensor | None = None) ->
         if isinstance(packed, (spqr.SpQRWeight, lut.LUTWeight)):
             from compress.kernels import cuda_mma_extras, extras_view, triton_outliers
 
-            view, bits = extras_view.cached(packed), packed.bits if isinstance(packed, lut.LUTWeight) else None
-            if _choice() == "auto" and cuda_mma_extras.preferred(x, view, bits):
-                return cuda_mma_extras.matmul(x, view, bits)
-            return extras_view.matmul(x, view, _extras_grid(packed), triton_outliers.add_corrections)
+            if _choice() == "auto" and cuda_mma_extras.preferred(x, packed):
+                return cuda_mma_extras.matmul(x, packed)
+            return extras_view.matmul(x, extras_view.cached(packed), _extras_grid(packed), triton_outliers.add_corrections)
         if isinstance(packed, group_quant.GroupQuantWeight) and _choice() == "auto":
             if _cuda_mma().supported(x, packed):
                 return _cuda_mma().matmul(x, packed)

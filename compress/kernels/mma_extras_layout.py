@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.formats.words import to_int32
 from compress.kernels import extras_view
 
 MAX_COLS = 1 << 16  # activation columns the 16-bit indices reach
@@ -74,17 +75,13 @@ def build(view: extras_view.ExtrasView, tiles: int) -> MmaExtras:
     correction = view.delta.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
     entries = torch.zeros(int(tile_ptr[-1]) * 16, dtype=torch.int64, device=device)
     entries[slot] = column | (correction << 16)
-    return MmaExtras(perm, _int32(entries), tile_ptr.to(torch.int32))
+    return MmaExtras(perm, to_int32(entries), tile_ptr.to(torch.int32))
 
 
 def _int16(values: torch.Tensor) -> torch.Tensor:
     """int64 values below 2^16 as int16 with the same low 16 bits."""
     return torch.where(values >= 1 << 15, values - (1 << 16), values).to(torch.int16)
 
-
-def _int32(values: torch.Tensor) -> torch.Tensor:
-    """int64 values below 2^32 as int32 with the same low 32 bits."""
-    return torch.where(values >= 1 << 31, values - (1 << 32), values).to(torch.int32)
 
 
 def stored_activations(x: torch.Tensor, extras: MmaExtras) -> torch.Tensor:

@@ -45,10 +45,16 @@ class MmaWeight:
     lane_groups: int = 0  # the scaled form: groups a lane's 32 columns span (1 or 2), stats as in the module docstring
     dtype: torch.dtype | None = None  # the scaled and table forms: the activations' dtype their statistics are in
     table: bool = False  # the table form (mma_lut_layout.py): stats are each row's table, codes index it
+    quantized: bool = False  # the compact SpQR form (mma_spqr_layout.py): 3-bit codes, statistics decoded in the kernel
 
     @property
     def tiles(self) -> int:
         return self.codes.shape[0]
+
+    @property
+    def form(self) -> str:
+        """The kernel's form (cuda_mma.kernel_name): "" exact, "s1" / "s2" scaled, "t" table, "q" compact SpQR."""
+        return "t" if self.table else "q" if self.quantized else f"s{self.lane_groups}" if self.lane_groups else ""
 
 
 def shape_ok(packed) -> bool:
