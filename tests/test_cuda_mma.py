@@ -90,6 +90,12 @@ def test_table_layout_decodes_to_the_rounded_table(rows, cols, bits, dtype):
     assert torch.equal(mma_lut_layout.dense(view), table.to(dtype).float().gather(1, codes))
     with pytest.raises(ValueError, match="table kernel"):
         mma_lut_layout.pack_table(_lut_codes(4, 128, 4)[0], 4, dtype)  # 16 entries: past what one byte permute reaches
+    # compact: 3 bits a code, six words a lane a unit; the moved bits fill the nibbles' top bits, which the kernel masks
+    compact = mma_lut_layout.pack_table(codes_view, bits, dtype, compact=True)
+    assert compact.form == "tc" and compact.codes.shape == (view.tiles, cols // 128, 192)
+    assert torch.equal(mma_lut_layout.dense(compact), table.to(dtype).float().gather(1, codes))
+    if bits == 3 and rows > 1:
+        assert (compact.codes & 0x8888888).any()  # were they left unmasked, a selector would replicate a sign
 
 
 def test_layout_of_3_bit_codes_through_the_widened_view():
@@ -223,11 +229,12 @@ def _equals_decoded_weight(view: mma_layout.MmaWeight, weight: torch.Tensor, dty
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
 @pytest.mark.parametrize(("rows", "cols", "bits"), [(37, 256, 3), (9, 128, 2), (300, 4096, 3)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_table_form_equals_its_decoded_weight(rows, cols, bits, dtype):
+@pytest.mark.parametrize("compact", [False, True])
+def test_cuda_table_form_equals_its_decoded_weight(rows, cols, bits, dtype, compact):
     from compress.kernels import mma_lut_layout
 
     codes_view = on_device(_lut_codes(rows, cols, bits, seed=cols)[0], "cuda")
-    view = cuda_mma.table_view_of(codes_view, bits, dtype)
+    view = mma_lut_layout.pack_table(codes_view, bits, dtype, compact) if compact else cuda_mma.table_view_of(codes_view, bits, dtype)
     _equals_decoded_weight(view, mma_lut_layout.dense(view), dtype)
 
 

@@ -41,7 +41,7 @@ def test_layout_read_as_the_kernel_reads_it_gives_the_reference(kind, rows, cols
     packed, bits, reference = _weight(kind, rows, cols, outliers, perm, seed=rows)
     view = extras_view.cached(packed)
     form, weight = _decoded_form(packed, BF16)
-    assert form.form == ("t" if kind == "lut" else "q" if rows % 16 == 0 else "s2")
+    assert form.form == ("tc" if kind == "lut" else "q" if rows % 16 == 0 else "s2")
     extras = mma_extras_layout.build(view, form.tiles)
     assert (extras.perm is not None) == perm and extras.outliers == outliers
     for batch in (1, 5):
@@ -158,7 +158,7 @@ def test_kernel_names_and_entry_points():
                                                                (64, 512, False, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_one_launch_equals_the_three_and_the_reference(kind, rows, cols, outliers, perm, dtype):
-    """SpQR at 37 rows on the scaled form, at whole 16-row grids on the compact one; LUT on the table form."""
+    """SpQR at 37 rows on the scaled form, at whole 16-row grids on the compact one; LUT on the compact table form."""
     packed, bits, reference = _weight(kind, rows, cols, outliers, perm, seed=cols)
     packed = on_device(packed, "cuda")
     view = extras_view.cached(packed)

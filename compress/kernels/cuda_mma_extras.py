@@ -3,9 +3,10 @@ permutation and outliers read by the same kernel (mma_extras_layout.py), where e
 permutation gather, the grid kernel, the outlier kernel). The outliers' sums join the block's fp32 sums before the one
 rounding to the output dtype, and each lane's run in a fixed order: the result is deterministic.
 
-The grid's form: SpQR weights in SpQR's own layout (3-bit codes, groups of 16, quantized statistics) the compact form
-(mma_spqr_layout.py: about 0.47 bytes a weight, statistics decoded in the kernel) with `COMPACT`, else the scaled form
-of the view's grid; LUT weights the table form.
+The grid's form, with `COMPACT`: SpQR weights in SpQR's own layout (3-bit codes, groups of 16, quantized statistics)
+the compact form (mma_spqr_layout.py: about 0.47 bytes a weight, statistics decoded in the kernel), LUT weights the
+table form with 3-bit codes (0.375 bytes a weight against 0.5); else the scaled form of the view's grid (SpQR) and the
+table form (LUT).
 
 Outliers are walked for 1 to 8 activation rows (a lane holds one sum a row); above, and where the layout does not
 fit (more than 2^16 columns, corrections past float16), the three launches stay. Off the dispatcher (`DISPATCH`) until
@@ -18,10 +19,10 @@ import dataclasses
 import torch
 
 from compress.formats import lut
-from compress.kernels import cuda_mma, extras_view, mma_extras_layout, mma_spqr_layout, views
+from compress.kernels import cuda_mma, extras_view, mma_extras_layout, mma_lut_layout, mma_spqr_layout, views
 
 DISPATCH = False  # whether dispatch.py sends SpQR / LUT layers here (not until measured against the three launches)
-COMPACT = True  # SpQR weights mma_spqr_layout takes run its compact form (else the scaled form of their view's grid)
+COMPACT = True  # 3-bit codes read as 3 bits: SpQR's compact form where mma_spqr_layout takes it, LUT's compact table form
 
 
 def _bits(packed) -> int | None:
@@ -52,7 +53,11 @@ def form_of(packed, dtype: torch.dtype):
     """The cached grid form one launch runs for `dtype` activations (mma_layout.MmaWeight)."""
     if compact(packed):
         return views.cached(packed.codes, "mma-quantized", lambda: mma_spqr_layout.pack(packed))
-    return cuda_mma.form_view_of(extras_view.cached(packed).dense, _bits(packed), dtype)
+    grid = extras_view.cached(packed).dense
+    if COMPACT and isinstance(packed, lut.LUTWeight) and mma_lut_layout.shape_ok(grid, packed.bits) and dtype in cuda_mma.DTYPES:
+        return views.cached(grid.codes, f"mma-table-compact-{cuda_mma.DTYPES[dtype]}",
+                            lambda: mma_lut_layout.pack_table(grid, packed.bits, dtype, compact=True))
+    return cuda_mma.form_view_of(grid, _bits(packed), dtype)
 
 
 def extras_of(view: extras_view.ExtrasView, tiles: int) -> mma_extras_layout.MmaExtras:

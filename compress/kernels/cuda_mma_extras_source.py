@@ -11,10 +11,22 @@ struct Extras {
 };
 
 // load_x through the permutation: the lane's 32 stored columns of unit u (t * 32 ..) from their activation columns,
-// packed two a word in the same order as load_x's 16-byte loads
+// packed two a word in the same order as load_x's 16-byte loads. At batch 1 the 8 lanes of a quad position need the
+// same 32: each gathers 4 and 16 shuffles hand every lane all 16 words (a quarter of the loads and their addresses).
 template <int NB>
 __device__ __forceinline__ void load_x_perm(uint4 (&xv)[NB][4], const unsigned short* __restrict__ x, int ldx, int B, int u, int lane,
                                             const unsigned short* __restrict__ perm) {
+  if (NB == 1 && B == 1) {
+    const uint2 pair = *(const uint2*)(perm + u * 128 + (lane & 3) * 32 + 4 * (lane >> 2));  // words 2g, 2g + 1 of the quad's 16
+    const unsigned mine[2] = {(unsigned)x[pair.x & 0xffffu] | ((unsigned)x[pair.x >> 16] << 16),
+                              (unsigned)x[pair.y & 0xffffu] | ((unsigned)x[pair.y >> 16] << 16)};
+    unsigned v[16];
+#pragma unroll
+    for (int k = 0; k < 16; k++) v[k] = __shfl_sync(0xffffffffu, mine[k & 1], (k >> 1) * 4 + (lane & 3));
+#pragma unroll
+    for (int m = 0; m < 4; m++) xv[0][m] = make_uint4(v[4 * m], v[4 * m + 1], v[4 * m + 2], v[4 * m + 3]);
+    return;
+  }
   const uint4* pp = (const uint4*)(perm + u * 128 + (lane & 3) * 32);
   uint4 idx[4];
 #pragma unroll

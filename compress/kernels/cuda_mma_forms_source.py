@@ -1,14 +1,16 @@
 """CUDA C++ of the tensor-core kernel's other weight forms: the scaled one (groups of 16-64, float zero points;
-mma_layout.pack_scaled) and the table one (LUT codes; mma_lut_layout.py). cuda_mma_source.py puts it after the
-helpers it uses."""
+mma_layout.pack_scaled), the table one (LUT codes; mma_lut_layout.py) and the compact ones (3-bit codes read as 3
+bits: SpQR's with its statistics decoded in the kernel, mma_spqr_layout.py; the table one's). cuda_mma_source.py puts
+it after the helpers it uses."""
 
 FORMS_SOURCE = r"""
 // The kernel's weight forms (FORM): EXACT, SCALED_1 and SCALED_2 (the scaled one, groups a lane's columns span), TABLE
-// (mma_lut_layout.py), QUANTIZED (mma_spqr_layout.py). A lane's statistics of a unit: the exact form's uint2 of its lane
-// group, shared by the group's units; the scaled form's words of the lane's groups (scale and bias pairs of one group,
-// uint2, or of two, uint4); the table form has none a unit (its tables are loaded once); the quantized form's
-// second-level words of the lane's two groups (uint4; the statistic codes come with the codes)
-constexpr int EXACT = 0, SCALED_1 = 1, SCALED_2 = 2, TABLE = 3, QUANTIZED = 4;
+// (mma_lut_layout.py; TABLE_COMPACT: its 3-bit codes as 6 words a unit), QUANTIZED (mma_spqr_layout.py). A lane's
+// statistics of a unit: the exact form's uint2 of its lane group, shared by the group's units; the scaled form's words
+// of the lane's groups (scale and bias pairs of one group, uint2, or of two, uint4); the table forms have none a unit
+// (their tables are loaded once); the quantized form's second-level words of the lane's two groups (uint4; the
+// statistic codes come with the codes)
+constexpr int EXACT = 0, SCALED_1 = 1, SCALED_2 = 2, TABLE = 3, QUANTIZED = 4, TABLE_COMPACT = 5;
 template <int FORM> struct StatOf { using T = uint2; };
 template <> struct StatOf<SCALED_2> { using T = uint4; };
 template <> struct StatOf<QUANTIZED> { using T = uint4; };
@@ -24,8 +26,9 @@ __device__ __forceinline__ unsigned load_stream(const unsigned* p) {
   return v;
 }
 
-// code chunks a lane a unit: the quantized form's two (its 6 code words and its statistic codes, as 4 + 4 words)
-template <int BITS, int FORM> __host__ __device__ constexpr int chunks() { return FORM == QUANTIZED ? 2 : BITS / 2; }
+// code chunks a lane a unit: the quantized and compact table forms' two (6 code words and the quantized form's
+// statistic codes, as 4 + 4 words)
+template <int BITS, int FORM> __host__ __device__ constexpr int chunks() { return FORM == QUANTIZED || FORM == TABLE_COMPACT ? 2 : BITS / 2; }
 
 // One unit (128 columns) of the block's RT row tiles: their code chunks and statistics
 template <int CH, int RT, int FORM = EXACT>
@@ -33,12 +36,12 @@ __device__ __forceinline__ void load_codes(uint4 (&w)[RT][CH], typename StatOf<F
     const uint2* __restrict__ stats, int tile0, int u, int U, int GROUPS, int gshift, int lane) {
 #pragma unroll
   for (int r = 0; r < RT; r++) {
-    if constexpr (FORM == QUANTIZED) {  // a (tile, unit) block: the lanes' 16, 8 and 4 bytes (56 uint4)
-      const uint4* block = codes + (size_t)((size_t)(tile0 + r) * U + u) * 56;
+    if constexpr (FORM == QUANTIZED || FORM == TABLE_COMPACT) {  // a (tile, unit) block: the lanes' 16, 8 (and 4) bytes
+      const uint4* block = codes + (size_t)((size_t)(tile0 + r) * U + u) * (FORM == QUANTIZED ? 56 : 48);
       const uint2 more = load_stream((const uint2*)(block + 32) + lane);
       w[r][0] = load_stream(block + lane);
-      w[r][CH - 1] = make_uint4(more.x, more.y, load_stream((const unsigned*)(block + 48) + lane), 0u);
-      s[r] = ((const typename StatOf<FORM>::T*)stats)[((size_t)(tile0 + r) * U + u) * 4 + (lane & 3)];
+      w[r][CH - 1] = make_uint4(more.x, more.y, FORM == QUANTIZED ? load_stream((const unsigned*)(block + 48) + lane) : 0u, 0u);
+      if (FORM == QUANTIZED) s[r] = ((const typename StatOf<FORM>::T*)stats)[((size_t)(tile0 + r) * U + u) * 4 + (lane & 3)];
     } else {
 #pragma unroll
       for (int c = 0; c < CH; c++) w[r][c] = load_stream(codes + ((size_t)((size_t)(tile0 + r) * U + u) * CH + c) * 32 + lane);
@@ -177,6 +180,21 @@ __device__ __forceinline__ void unit_dot_quantized(float (&acc)[RT][NB][4], cons
     stats[r] = quantized_statistics<BF16>(w[r][1].z, s[r]);
   }
   unit_dot_scaled<4, BF16, NB, RT, SCALED_2, 3>(acc, words, stats, xv);
+}
+
+// The compact table form: the 8 k-tile words rebuilt from 6 and every nibble masked to its 3 code bits (a selector
+// nibble's bit 3 would make prmt replicate a sign), then the table form's decode
+template <bool BF16, int NB, int RT>
+__device__ __forceinline__ void unit_dot_table_compact(float (&acc)[RT][NB][4], const uint4 (&w)[RT][2], const uint4 (&table)[RT][2],
+                                                       const uint4 (&xv)[NB][4]) {
+  constexpr unsigned M = 0x77777777u;
+  uint4 words[RT][2];
+#pragma unroll
+  for (int r = 0; r < RT; r++) {
+    words[r][0] = make_uint4(w[r][0].x & M, w[r][0].y & M, w[r][0].z & M, fourth_word(w[r][0].x, w[r][0].y, w[r][0].z) & M);
+    words[r][1] = make_uint4(w[r][0].w & M, w[r][1].x & M, w[r][1].y & M, fourth_word(w[r][0].w, w[r][1].x, w[r][1].y) & M);
+  }
+  unit_dot_table<BF16, NB, RT>(acc, words, table, xv);
 }
 
 """

@@ -235,8 +235,9 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
   if (OB) walk.start(ex, tile0, warp, W, u1 - u0, lane);
   uint4 w[S][RT][CH], xr[XA && !WIDE ? S : 1][x_tiles<NB>()][4];
   typename StatOf<FORM>::T s[S][RT];
-  uint4 table[FORM == TABLE ? RT : 1][2];  // the table form: rows g and g + 8 of each row tile, for the whole call
-  if (FORM == TABLE)
+  constexpr bool TABLES = FORM == TABLE || FORM == TABLE_COMPACT;
+  uint4 table[TABLES ? RT : 1][2];  // the table form: rows g and g + 8 of each row tile, for the whole call
+  if (TABLES)
 #pragma unroll
     for (int r = 0; r < RT; r++)
 #pragma unroll
@@ -262,6 +263,7 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
         else if constexpr (FORM == EXACT) unit_dot<BITS, BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
         else if constexpr (FORM == TABLE) unit_dot_table<BF16, NB, RT>(acc, w[i], table, xr[XA ? i : 0]);
         else if constexpr (FORM == QUANTIZED) unit_dot_quantized<BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
+        else if constexpr (FORM == TABLE_COMPACT) unit_dot_table_compact<BF16, NB, RT>(acc, w[i], table, xr[XA ? i : 0]);
         else unit_dot_scaled<BITS, BF16, NB, RT, FORM>(acc, w[i], s[i], xr[XA ? i : 0]);
         if (OB) walk.add();
       }

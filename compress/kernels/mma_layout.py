@@ -46,6 +46,7 @@ class MmaWeight:
     dtype: torch.dtype | None = None  # the scaled and table forms: the activations' dtype their statistics are in
     table: bool = False  # the table form (mma_lut_layout.py): stats are each row's table, codes index it
     quantized: bool = False  # the compact SpQR form (mma_spqr_layout.py): 3-bit codes, statistics decoded in the kernel
+    compact: bool = False  # the table form with 3-bit codes (mma_layout.move_fourth): 6 words a lane a unit
 
     @property
     def tiles(self) -> int:
@@ -53,8 +54,11 @@ class MmaWeight:
 
     @property
     def form(self) -> str:
-        """The kernel's form (cuda_mma.kernel_name): "" exact, "s1" / "s2" scaled, "t" table, "q" compact SpQR."""
-        return "t" if self.table else "q" if self.quantized else f"s{self.lane_groups}" if self.lane_groups else ""
+        """The kernel's form (cuda_mma.kernel_name): "" exact, "s1" / "s2" scaled, "t" / "tc" table (compact), "q" compact
+        SpQR."""
+        if self.table:
+            return "tc" if self.compact else "t"
+        return "q" if self.quantized else f"s{self.lane_groups}" if self.lane_groups else ""
 
 
 def shape_ok(packed) -> bool:
@@ -179,3 +183,37 @@ def scaled_statistics(packed: group_quant.GroupQuantWeight, dtype: torch.dtype, 
     # [k, tile, rh, g, u, t, lg] -> [tile, u, g, t, lg, k, rh]: rows g, g + 8 of one statistic in one word
     arranged = padded.view(2, tiles, 2, 8, units, 4, lane_groups).permute(1, 4, 3, 5, 6, 0, 2).contiguous()
     return arranged.view(torch.int32).view(tiles, units, 32, 2 * lane_groups)
+
+
+def move_fourth(words: torch.Tensor) -> torch.Tensor:
+    """int64 [..., 8] k-tile words of 3-bit nibble codes (bit 3 of every nibble 0) -> [..., 6]: in each run of four,
+    the fourth's codes moved into the spare top bits of the first three (bit b of its nibble n to bit 3 of nibble n of
+    word b): 3 bits a code. The kernels get the fourth back with three shifts and two bit selects (`restore_fourth`)."""
+    runs = words.view(*words.shape[:-1], 2, 4)
+    first, fourth = runs[..., :3], runs[..., 3:]
+    masks = torch.tensor([0x11111111, 0x22222222, 0x44444444], device=words.device)
+    moved = first | (((fourth & masks) << torch.tensor([3, 2, 1], device=words.device)) & 0x88888888)
+    return moved.reshape(*words.shape[:-1], 6)
+
+
+def restore_fourth(words: torch.Tensor) -> torch.Tensor:
+    """int64 [..., 6] -> [..., 8] as the kernels rebuild them: the fourth word's bits of mask 2 from word 1 >> 2, of
+    mask 4 from word 2 >> 1, the rest from word 0 >> 3 (its bit 3 of each nibble holding another bit: the kernels
+    read 3 bits a nibble)."""
+    runs = words.view(*words.shape[:-1], 2, 3)
+    inner = ((runs[..., 1] >> 2) & 0x22222222) | ((runs[..., 0] >> 3) & 0xDDDDDDDD)
+    fourth = ((runs[..., 2] >> 1) & 0x44444444) | (inner & 0xBBBBBBBB)
+    return torch.cat([runs, fourth.unsqueeze(-1)], -1).reshape(*words.shape[:-1], 8)
+
+
+def six_word_block(six: torch.Tensor) -> torch.Tensor:
+    """int64 [tiles, units, 32, 6] lanes' six words of a unit -> [tiles, units, 192], the order the kernels load them:
+    the 32 lanes' first four (16 bytes a lane), then their last two (8 bytes a lane)."""
+    tiles, units = six.shape[:2]
+    return torch.cat([six[..., :4].reshape(tiles, units, 128), six[..., 4:].reshape(tiles, units, 64)], dim=-1)
+
+
+def six_words(codes: torch.Tensor, tiles: int, units: int) -> torch.Tensor:
+    """`six_word_block`'s inverse from a form's code blocks (int32 [tiles, units, at least 192]), as int64."""
+    lanes = codes.long().view(tiles, units, -1) & 0xFFFFFFFF
+    return torch.cat([lanes[..., :128].reshape(tiles, units, 32, 4), lanes[..., 128:192].reshape(tiles, units, 32, 2)], -1)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from compress.formats.words import pack_fields, read_fields
-from compress.kernels.mma_layout import UNIT, MmaWeight, half_value, padded_tiles
+from compress.formats.words import pack_fields, read_fields, to_int32
+from compress.kernels.mma_layout import UNIT, MmaWeight, half_value, move_fourth, padded_tiles, restore_fourth, six_word_block, six_words
 from compress.kernels.views import LUTCodes
 
 ENTRIES = 8  # table entries a row the byte permutes reach (codes of 3 bits or fewer)
@@ -30,8 +30,10 @@ def shape_ok(view: LUTCodes, bits: int) -> bool:
     return isinstance(view, LUTCodes) and bits <= 3 and view.shape[1] % UNIT == 0
 
 
-def pack_table(view: LUTCodes, bits: int, dtype: torch.dtype) -> MmaWeight:
-    """The table form of a LUT weight's codes view (its 4-bit code words and fp32 tables) for `dtype` activations."""
+def pack_table(view: LUTCodes, bits: int, dtype: torch.dtype, compact: bool = False) -> MmaWeight:
+    """The table form of a LUT weight's codes view (its 4-bit code words and fp32 tables) for `dtype` activations;
+    `compact`: its codes read as 3 bits (each run of four k-tile words as six, mma_layout.move_fourth; codes [tiles,
+    units, 192], mma_layout.six_word_block), 0.375 bytes a weight against 0.5."""
     if not shape_ok(view, bits):
         raise ValueError(f"not a layout the table kernel reads: {bits}-bit codes, {view.shape}")
     rows, cols = view.shape
@@ -45,7 +47,10 @@ def pack_table(view: LUTCodes, bits: int, dtype: torch.dtype) -> MmaWeight:
     table[:rows] = view.table[:, :ENTRIES].to(dtype)
     byte_planes = table.view(torch.uint8).view(tiles * 16, ENTRIES, 2).permute(0, 2, 1)  # [row, low / high byte, entry]
     tables = byte_planes.contiguous().view(torch.int32).view(tiles, 2, 8, 4).permute(0, 2, 1, 3).contiguous()
-    return MmaWeight(view.shape, 4, cols, words, tables, dtype=dtype, table=True)
+    if compact:  # [tiles, units, 2 loads, 32, 4] -> each lane's 8 words (k-tile j = word j) -> 6
+        words = six_word_block(move_fourth(words.long().permute(0, 1, 3, 2, 4).reshape(tiles, units, 32, 8) & 0xFFFFFFFF))
+        words = to_int32(words).contiguous()
+    return MmaWeight(view.shape, 4, cols, words, tables, dtype=dtype, table=True, compact=compact)
 
 
 def dense(view: MmaWeight) -> torch.Tensor:
@@ -54,11 +59,15 @@ def dense(view: MmaWeight) -> torch.Tensor:
     units, dev = cols // UNIT, view.codes.device
     tile, u, lane, j, q, e = torch.meshgrid(*(torch.arange(n, device=dev) for n in (view.tiles, units, 32, 8, 4, 2)), indexing="ij")
     g, t, rh = lane // 4, lane % 4, q % 2
-    word = view.codes.long()[tile, u, j // 4, lane, j % 4] & 0xFFFFFFFF
-    code = (word >> (4 * (rh * 4 + 2 * (q // 2) + e))) & 7  # the prmt selector's low 3 bits
+    if view.compact:  # the kernel's words: the fourth of each run rebuilt, every nibble masked to its 3 code bits
+        word = restore_fourth(six_words(view.codes, view.tiles, units))[tile, u, lane, j] & 0x77777777
+    else:
+        word = view.codes.long()[tile, u, j // 4, lane, j % 4] & 0xFFFFFFFF
+    select = (word >> (4 * (rh * 4 + 2 * (q // 2) + e))) & 0xF  # the prmt selector's nibble
+    code, replicate = select & 7, select >= 8  # bit 3: prmt fills the byte with the picked byte's sign bit
     planes = view.stats.long()[tile, g, rh] & 0xFFFFFFFF  # [..., 4 words]
-    low = (planes[..., 0] | (planes[..., 1] << 32)) >> (8 * code) & 0xFF
-    high = (planes[..., 2] | (planes[..., 3] << 32)) >> (8 * code) & 0xFF
+    low, high = (((planes[..., k] | (planes[..., k + 1] << 32)) >> (8 * code) & 0xFF) for k in (0, 2))
+    low, high = (torch.where(replicate, (byte >> 7) * 0xFF, byte) for byte in (low, high))
     value = half_value(low | (high << 8), torch.zeros_like(code), view.dtype)
     out = torch.zeros(view.tiles * 16, cols, dtype=torch.float32, device=dev)
     out[(tile * 16 + g + 8 * rh).flatten(), (u * UNIT + t * 32 + j * 4 + 2 * (q // 2) + e).flatten()] = value.flatten()

@@ -25,7 +25,17 @@ import torch
 from compress.formats import group_quant, spqr
 from compress.formats.words import read_fields, to_int32
 from compress.kernels import views
-from compress.kernels.mma_layout import UNIT, MmaWeight, code_words, half_value, padded_tiles
+from compress.kernels.mma_layout import (
+    UNIT,
+    MmaWeight,
+    code_words,
+    half_value,
+    move_fourth,
+    padded_tiles,
+    restore_fourth,
+    six_word_block,
+    six_words,
+)
 
 GROUP = 16  # columns a group and rows a second-level group the form takes
 WORDS = 224  # int32 words a (tile, unit): 32 lanes x (4 + 2 + 1)
@@ -52,13 +62,9 @@ def pack(packed: spqr.SpQRWeight) -> MmaWeight:
     tiles, units = padded_tiles(rows), cols // UNIT
     grid = group_quant.GroupQuantWeight(packed.shape, 3, GROUP, packed.codes, torch.zeros(rows, cols // GROUP), torch.zeros(rows, 1), "float16")
     words = code_words(views.widen(grid)).long().view(tiles, units, 2, 32, 4).permute(0, 1, 3, 2, 4).reshape(tiles, units, 32, 2, 4)
-    words = words & 0xFFFFFFFF
-    first, fourth = words[..., :3], words[..., 3:]  # [tiles, units, 32, run, 3 | 1]
-    masks = torch.tensor([0x11111111, 0x22222222, 0x44444444], device=words.device)
-    moved = first | (((fourth & masks) << torch.tensor([3, 2, 1], device=words.device)) & 0x88888888)
-    lane_words = moved.reshape(tiles, units, 32, 6)
+    six = move_fourth((words & 0xFFFFFFFF).reshape(tiles, units, 32, 8))
     stat_codes = _statistic_codes(packed, tiles, units)
-    block = torch.cat([lane_words[..., :4].reshape(tiles, units, 128), lane_words[..., 4:].reshape(tiles, units, 64), stat_codes], dim=-1)
+    block = torch.cat([six_word_block(six), stat_codes], dim=-1)
     return MmaWeight(packed.shape, 3, GROUP, to_int32(block).contiguous(), _second_level(packed, tiles, units), quantized=True)
 
 
@@ -121,13 +127,7 @@ def dense(view: MmaWeight, dtype: torch.dtype) -> torch.Tensor:
     rows, cols = view.shape
     tiles, units = view.tiles, cols // UNIT
     dev = view.codes.device
-    lanes = view.codes.long().view(tiles, units, -1) & 0xFFFFFFFF
-    six = torch.cat([lanes[..., :128].reshape(tiles, units, 32, 4), lanes[..., 128:192].reshape(tiles, units, 32, 2)], -1)
-    runs = six.view(tiles, units, 32, 2, 3)
-    # the kernel's bit selects: bits of mask 2 from word 1 >> 2, of mask 4 from word 2 >> 1, the rest from word 0 >> 3
-    inner = ((runs[..., 1] >> 2) & 0x22222222) | ((runs[..., 0] >> 3) & ~0x22222222 & 0xFFFFFFFF)
-    fourth = ((runs[..., 2] >> 1) & 0x44444444) | (inner & ~0x44444444 & 0xFFFFFFFF)
-    words = torch.cat([runs, fourth.unsqueeze(-1)], -1).view(tiles, units, 32, 8)  # k-tile j = word j
+    words = restore_fourth(six_words(view.codes, tiles, units))  # k-tile j = word j
     tile, u, lane, j, q, e = torch.meshgrid(*(torch.arange(n, device=dev) for n in (tiles, units, 32, 8, 4, 2)), indexing="ij")
     g, t = lane // 4, lane % 4
     code = (words[tile, u, lane, j] >> (4 * (q + 4 * e))) & 7
