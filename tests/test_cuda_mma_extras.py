@@ -137,6 +137,24 @@ def test_the_walk_adds_every_slice_of_the_block_once_to_its_tile(depths, row_til
     assert all(tile_ptr[t] <= s < tile_ptr[t + 1] for s, t in seen)
 
 
+def test_the_batch_1_gather_gives_every_lane_its_32_activations():
+    """load_x_perm at batch 1 transcribed: lane (g, t) gathers the activations of stored columns t * 32 + 4g .. + 3 of
+    the unit (two words), shuffle k takes word k & 1 of lane (k >> 1) * 4 + t; every lane ends with its 32 stored
+    columns' activations in load_x's order (word k: columns 2k, 2k + 1)."""
+    cols = 384
+    perm, x = torch.randperm(cols, generator=torch.Generator().manual_seed(1)), torch.randn(cols)
+    for u in range(cols // 128):
+        mine = {}
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            index = perm[u * 128 + t * 32 + 4 * g: u * 128 + t * 32 + 4 * g + 4]
+            mine[lane] = [x[index[:2]], x[index[2:]]]
+        for lane in range(32):
+            t = lane % 4
+            words = [mine[(k >> 1) * 4 + t][k & 1] for k in range(16)]
+            assert torch.equal(torch.cat(words), x[perm[u * 128 + t * 32: u * 128 + t * 32 + 32]])
+
+
 def test_kernel_names_and_entry_points():
     launch = cuda_mma.Launch()
     name = cuda_mma.kernel_name(BF16, 4, 1, launch, "s2", "po1")
