@@ -15,6 +15,8 @@ CUDA = torch.cuda.is_available() and cuda_mma.available()
 LAUNCHES = [cuda_mma.Launch(r, w, s, a) for r, w, s, a in ((1, 1, 2, True), (1, 2, 1, False), (1, 8, 4, False), (2, 4, 2, True),
                                                           (2, 16, 3, False), (2, 8, 2, False), (2, 1, 3, True))]
 LAUNCHES += [cuda_mma.Launch(r, w, s, True, async_copy=True) for r, w, s in ((1, 1, 2), (2, 4, 4), (2, 16, 3), (1, 8, 3))]
+# the codes prefetched into L2 1-8 units ahead (past a warp's last unit: none)
+LAUNCHES += [cuda_mma.Launch(2, 4, 2, True, prefetch=4), cuda_mma.Launch(1, 2, 3, False, prefetch=1), cuda_mma.Launch(2, 16, 2, True, prefetch=8)]
 # the columns split over 2-5 blocks (as many as a weight's units allow): both pipelines, slices of uneven unit counts
 SPLITS = [cuda_mma.Launch.parse(name) for name in ("r2w2s2ak2", "r1w4s2ak3", "r2w1s2ak5", "r2w2s3ack2")]
 
@@ -135,6 +137,12 @@ def test_launch_names_and_checks():
     with pytest.raises(ValueError, match="at most one a 128-column unit"):
         cuda_mma.Launch(slices=3).check(tiles=4, units=2)
     cuda_mma.Launch(warps=8).check(tiles=4, units=2)  # more warps than units: some idle, allowed
+    prefetched = cuda_mma.Launch(prefetch=4)
+    assert str(prefetched) == "r2w4s2af4" and cuda_mma.Launch.parse("r2w4s2af4k3") == cuda_mma.Launch(slices=3, prefetch=4)
+    assert "gq_mma<4, true, 1, 2, 4, 2, true, false, 0, false, 0, 4>" in cuda_mma.entry_source(cuda_mma.kernel_name(torch.bfloat16, 4, 1, prefetched))
+    for bad in (cuda_mma.Launch(prefetch=9), cuda_mma.Launch(2, 4, 2, True, True, prefetch=2)):
+        with pytest.raises(ValueError, match="prefetch"):
+            bad.check(tiles=4)
 
 
 def test_split_launches_are_one_kernel_whatever_the_slice_count():
@@ -219,7 +227,7 @@ def _equals_decoded_weight(view: mma_layout.MmaWeight, weight: torch.Tensor, dty
         # against the sums of magnitudes: a few rows' sums can cancel to near zero, where one rounding of the output
         # is a large part of it (a wrong decode is off by sqrt(in) / in of this, above 6% at 256 columns)
         scale = (x.double().abs() @ weight.abs().T).norm()
-        for launch in [cuda_mma.Launch(), cuda_mma.Launch(1, 2, 3, False), cuda_mma.Launch(2, 8, 2, True)] + SPLITS[:3]:
+        for launch in [cuda_mma.Launch(), cuda_mma.Launch(1, 2, 3, False), cuda_mma.Launch(2, 8, 2, True), cuda_mma.Launch(prefetch=3)] + SPLITS[:3]:
             if launch.slices > view.shape[1] // mma_layout.UNIT:
                 continue
             got = cuda_mma.matmul(x, view, launch).double()

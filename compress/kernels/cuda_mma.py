@@ -25,7 +25,6 @@ The re-packed form (mma_layout.py) is built once per weight on its device and ca
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import re
@@ -35,6 +34,7 @@ import torch
 
 from compress.formats import group_quant
 from compress.kernels import nvrtc
+from compress.kernels.cuda_mma_launch import Launch
 from compress.kernels.cuda_mma_source import SOURCE
 from compress.kernels.mma_layout import UNIT, MmaWeight, pack, pack_scaled, scaled_shape_ok, shape_ok
 
@@ -45,50 +45,6 @@ OUTPUT = ["unsigned short* y", "int ldy", "int N", "int U"]
 MAX_BATCH = 16
 WIDE_BATCH = 64  # the exact form's register-ring launches take up to this many rows (above 16: 4 or 8 n-tiles)
 DISPATCH_WIDE = False  # whether `supported` takes 17 to WIDE_BATCH rows (not until measured against the Triton kernels)
-
-
-@dataclasses.dataclass(frozen=True)
-class Launch:
-    """How a call is laid out: row tiles a block, warps a block (splitting the columns), stages of each warp's code
-    pipeline (each unit's codes loaded stages - 1 units ahead), whether the activations come with the codes (else just
-    before use), and whether the pipeline is a ring of registers or, `async_copy`, of shared memory filled by cp.async
-    (activations then one unit ahead in registers)."""
-
-    row_tiles: int = 2
-    warps: int = 4
-    stages: int = 2
-    x_ahead: bool = True
-    async_copy: bool = False
-    slices: int = 1  # blocks a row-tile group's columns are split over (their fp32 sums added by the last to finish)
-
-    def __str__(self) -> str:
-        return self.form() + (str(self.slices) if self.slices > 1 else "")
-
-    def form(self) -> str:
-        """What the compiled kernel depends on (the slice count is the grid's y size, not compiled in)."""
-        flags = ("a" if self.x_ahead else "u") + ("c" if self.async_copy else "") + ("k" if self.slices > 1 else "")
-        return f"r{self.row_tiles}w{self.warps}s{self.stages}{flags}"
-
-    @classmethod
-    def parse(cls, name: str) -> Launch:
-        """The launch `str` names, e.g. r2w4s2a, r2w4s4ac, r2w2s2ak2."""
-        match = re.fullmatch(r"r(\d+)w(\d+)s(\d+)([au])(c?)(?:k(\d+))?", name)
-        if not match:
-            raise ValueError(f"not a launch name: {name!r} (r<row tiles>w<warps>s<stages><a|u>[c][k<slices>])")
-        row_tiles, warps, stages, ahead, async_copy, slices = match.groups()
-        return cls(int(row_tiles), int(warps), int(stages), ahead == "a", async_copy == "c", int(slices or 1))
-
-    def check(self, tiles: int, units: int | None = None) -> None:
-        if tiles % self.row_tiles or self.warps not in (1, 2, 4, 8, 16) or not 1 <= self.stages <= 4:
-            raise ValueError(f"{self}: row tiles must divide the weight's {tiles} tiles, 1-16 warps (a power of two), 1-4 stages")
-        if self.async_copy and (self.stages < 2 or not self.x_ahead):
-            raise ValueError(f"{self}: the cp.async pipeline takes 2-4 stages with the activations ahead")
-        if not 1 <= self.slices <= 16 or (units is not None and self.slices > max(1, units)):
-            raise ValueError(f"{self}: 1-16 slices, at most one a 128-column unit ({units} units)")
-
-    def shared_bytes(self, bits: int) -> int:
-        """Dynamic shared memory: the cp.async rings (a stage: the row tiles' code chunks and statistics a lane)."""
-        return self.warps * self.stages * self.row_tiles * (bits // 2 * 512 + 256) if self.async_copy else 0
 
 
 def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch, form: str = "", extras: str = "") -> str:
@@ -111,12 +67,13 @@ def entry_source(name: str) -> str:
     if (launch.async_copy and (form or extras)) or (extras and launch.slices > 1):
         raise ValueError(f"{name}: the scaled and table forms and extras run the register ring only, extras unsplit")
     args = f"{bits}, {bf16}, {n_tiles[1:]}, {launch.row_tiles}, {launch.warps}, {launch.stages}"
+    prefetch = f", {launch.prefetch}" if launch.prefetch else ""  # PF, the template's last argument (0 by default)
     if launch.async_copy:
         body = f"gq_mma_async<{args}, {split}>"
     elif extras:
-        body = f"gq_mma_extras<{args}, {'true' if launch.x_ahead else 'false'}, {form}, {'true' if perm else 'false'}, {outlier_rows or 0}>"
+        body = f"gq_mma_extras<{args}, {'true' if launch.x_ahead else 'false'}, {form}, {'true' if perm else 'false'}, {outlier_rows or 0}{prefetch}>"
     else:
-        body = f"gq_mma<{args}, {'true' if launch.x_ahead else 'false'}, {split}, {form}>"
+        body = f"gq_mma<{args}, {'true' if launch.x_ahead else 'false'}, {split}, {form}{', false, 0' if prefetch else ''}{prefetch}>"
     split_params = ["float* work", "unsigned* counters"] if launch.slices > 1 else []
     extras_params = ["const unsigned short* perm", "const unsigned* slices", "const int* tile_ptr"] if extras else []
     params = [*ACTIVATIONS, "const uint4* codes", "const uint2* stats", *OUTPUT, "int GROUPS", "int gshift", *split_params, *extras_params]

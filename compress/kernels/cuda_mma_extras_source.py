@@ -166,11 +166,11 @@ struct OutlierWalk {
 
 EXTRAS_CALL_SOURCE = r"""
 // gq_mma with a weight's extras (cuda_mma.entry_source: their pointers follow gshift)
-template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, int FORM, bool PERM, int OB>
+template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, int FORM, bool PERM, int OB, int PF = 0>
 __device__ __forceinline__ void gq_mma_extras(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
     const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift,
     const unsigned short* perm, const unsigned* slices, const int* tile_ptr) {
-  gq_mma<BITS, BF16, NB, RT, W, S, XA, false, FORM, PERM, OB>(x, ldx, B, codes, stats, y, ldy, N, U, GROUPS, gshift, nullptr, nullptr,
-                                                             Extras{perm, slices, tile_ptr});
+  gq_mma<BITS, BF16, NB, RT, W, S, XA, false, FORM, PERM, OB, PF>(x, ldx, B, codes, stats, y, ldy, N, U, GROUPS, gshift, nullptr, nullptr,
+                                                                 Extras{perm, slices, tile_ptr});
 }
 """

@@ -214,8 +214,10 @@ template <int W, bool SPLIT> __device__ __forceinline__ void warp_units(int U, i
   u1 = a + (warp + 1) * n / W;
 }
 
-// PERM: the activations gathered through ex.perm; OB > 0: ex's outliers added for up to OB activation rows
-template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, bool SPLIT = false, int FORM = EXACT, bool PERM = false, int OB = 0>
+// PERM: the activations gathered through ex.perm; OB > 0: ex's outliers added for up to OB activation rows; PF > 0: each
+// unit's codes prefetched into L2 PF units ahead (lane 0, one bulk prefetch a row tile)
+template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, bool SPLIT = false, int FORM = EXACT, bool PERM = false, int OB = 0,
+          int PF = 0>
 __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
     const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift,
     float* __restrict__ work = nullptr, unsigned* __restrict__ counters = nullptr, Extras ex = Extras{}) {
@@ -233,6 +235,8 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
   constexpr bool WIDE = NB > 2;
   OutlierWalk<BF16, RT, OB ? OB : 1> walk;
   if (OB) walk.start(ex, tile0, warp, W, u1 - u0, lane);
+  if (PF > 0 && lane == 0)
+    for (int k = 1; k < PF; k++) prefetch_codes<BITS, FORM, RT>(codes, tile0, u0 + k, u1, U);
   uint4 w[S][RT][CH], xr[XA && !WIDE ? S : 1][x_tiles<NB>()][4];
   typename StatOf<FORM>::T s[S][RT];
   constexpr bool TABLES = FORM == TABLE || FORM == TABLE_COMPACT;
@@ -257,6 +261,7 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
           load_codes<CH, RT, FORM>(w[(i + S - 1) % S], s[(i + S - 1) % S], codes, stats, tile0, ahead, U, GROUPS, gshift, lane);
           if (XA && !WIDE) load_x_as<x_tiles<NB>(), PERM>(xr[XA && !WIDE ? (i + S - 1) % S : 0], x, ldx, B, ahead, lane, ex.perm);
         }
+        if (PF > 0 && lane == 0) prefetch_codes<BITS, FORM, RT>(codes, tile0, u + i + PF, u1, U);
         if (!XA && !WIDE) load_x_as<x_tiles<NB>(), PERM>(xr[0], x, ldx, B, u + i, lane, ex.perm);
         if (OB) walk.issue(ex, x, ldx, B, lane);
         if constexpr (WIDE) unit_dot_wide<BITS, BF16, NB, RT>(acc, w[i], s[i], x + (u + i) * 128 + (lane & 3) * 32, ldx, B, lane);
