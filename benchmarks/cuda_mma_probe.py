@@ -46,7 +46,7 @@ class Kernel:
 
 DENSE = Kernel(lambda p: cuda_mma.view_of(p, torch.bfloat16), group_quant.reference_matmul, cuda_mma.matmul)
 SPARSE = Kernel(cuda_mma_sparse.view_of, sparse_quant.reference_matmul,
-                lambda x, p, launch: cuda_mma_sparse.matmul(x, p, launch.row_tiles, launch.warps))
+                lambda x, p, launch: cuda_mma_sparse.matmul(x, p, launch.row_tiles, launch.warps, launch.prefetch))
 SPARSE_VALUES = dataclasses.replace(SPARSE, view_of=lambda p: cuda_mma_sparse.view_of(p, torch.bfloat16), reference=nm.reference_matmul)
 
 

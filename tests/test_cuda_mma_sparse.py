@@ -89,9 +89,9 @@ def test_cuda_equals_reference(rows, cols, group, dtype):
         x = torch.randn(batch, cols, device="cuda", dtype=dtype)
         assert cuda_mma_sparse.supported(x, packed)
         ref = sparse_quant.reference_matmul(x.float(), packed).double()
-        for row_tiles, warps in ((1, 1), (2, 4), (2, 16), (1, 8)):
-            got = cuda_mma_sparse.matmul(x, packed, row_tiles, warps).double()
-            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, row_tiles, warps)
+        for row_tiles, warps, prefetch in ((1, 1, 0), (2, 4, 0), (2, 16, 0), (1, 8, 0), (2, 4, 3), (1, 8, 8)):
+            got = cuda_mma_sparse.matmul(x, packed, row_tiles, warps, prefetch).double()
+            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, row_tiles, warps, prefetch)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
@@ -114,9 +114,9 @@ def test_cuda_values_equal_reference(rows, cols, dtype):
         x = torch.randn(batch, cols, device="cuda", dtype=dtype)
         assert cuda_mma_sparse.supported(x, packed)
         ref = (x.double() @ nm.unpack(packed).to(dtype).double().T)
-        for row_tiles, warps in ((1, 1), (2, 4), (2, 16), (1, 8)):
-            got = cuda_mma_sparse.matmul(x, packed, row_tiles, warps).double()
-            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, row_tiles, warps)
+        for row_tiles, warps, prefetch in ((1, 1, 0), (2, 4, 0), (2, 16, 0), (1, 8, 0), (1, 8, 2), (2, 4, 5)):
+            got = cuda_mma_sparse.matmul(x, packed, row_tiles, warps, prefetch).double()
+            assert ((got - ref).norm() / ref.norm()).item() < 4e-3, (batch, row_tiles, warps, prefetch)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
@@ -150,6 +150,13 @@ def test_cuda_sparse_weights_on_their_grid_through_the_dispatcher(rows, cols, bi
         assert ((got - ref).norm() / ref.norm()).item() < 4e-3, batch
     x = torch.randn(1, cols, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(graph_replay(lambda: dispatch.device_matmul(x, packed)), dispatch.device_matmul(x, packed))
+
+
+def test_prefetching_kernels_are_named_and_instantiated():
+    name = cuda_mma_sparse.kernel_name(torch.bfloat16, 1, 2, 4, values=True, prefetch=3)
+    assert name == "nmmmasp_bf16_n1_r2_w4_f3" and "nm_mma_sp<true, 1, 2, 4, 3>(" in cuda_mma_sparse.entry_source(name)
+    plain = cuda_mma_sparse.kernel_name(torch.float16, 2, 1, 8)
+    assert plain == "gqmmasp_f16_n2_r1_w8" and "gq_mma_sp<false, 2, 1, 8>(" in cuda_mma_sparse.entry_source(plain)
 
 
 def test_activation_exchange_gives_each_lane_its_b_fragment():

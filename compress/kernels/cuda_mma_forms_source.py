@@ -31,17 +31,19 @@ template <int BITS, int FORM> __host__ __device__ constexpr int block_uint4s() {
   return FORM == QUANTIZED ? 56 : FORM == TABLE_COMPACT ? 48 : 32 * (BITS / 2);
 }
 
-// unit u's code blocks of the RT row tiles from tile0 into L2 (sm_90's bulk prefetch: one instruction a block; none
-// before sm_90 or past the warp's units)
+// BYTES (a multiple of 16) from p into L2: sm_90's bulk prefetch, one instruction (nothing before sm_90)
+template <unsigned BYTES> __device__ __forceinline__ void prefetch_l2(const void* p) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "n"(BYTES) : "memory");
+#endif
+}
+
+// unit u's code blocks of the RT row tiles from tile0 into L2 (none past the warp's units)
 template <int BITS, int FORM, int RT>
 __device__ __forceinline__ void prefetch_codes(const uint4* __restrict__ codes, int tile0, int u, int u1, int U) {
-#if __CUDA_ARCH__ >= 900
   if (u >= u1) return;
 #pragma unroll
-  for (int r = 0; r < RT; r++)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(codes + ((size_t)(tile0 + r) * U + u) * block_uint4s<BITS, FORM>()),
-                 "n"(16 * block_uint4s<BITS, FORM>()) : "memory");
-#endif
+  for (int r = 0; r < RT; r++) prefetch_l2<16 * block_uint4s<BITS, FORM>()>(codes + ((size_t)(tile0 + r) * U + u) * block_uint4s<BITS, FORM>());
 }
 
 // code chunks a lane a unit: the quantized and compact table forms' two (6 code words and the quantized form's

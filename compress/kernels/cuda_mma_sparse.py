@@ -147,7 +147,20 @@ __device__ __forceinline__ void unit_dot_values(float (&acc)[RT][NB][4], const u
   }
 }
 
-template <bool BF16, int NB, int RT, int W>
+// unit u's values (or codes) and positions of the RT row tiles into L2, PF units ahead of use (PF 0: none; lane 0)
+template <int PF, int RT, int WEIGHT_BYTES>
+__device__ __forceinline__ void prefetch_unit_sp(const uint4* __restrict__ weight, const uint4* __restrict__ positions, int tile0, int u,
+                                                 int u1, int U, int lane) {
+  if (PF == 0 || lane != 0 || u >= u1) return;
+#pragma unroll
+  for (int r = 0; r < RT; r++) {
+    const size_t tu = (size_t)(tile0 + r) * U + u;
+    prefetch_l2<WEIGHT_BYTES>(weight + tu * (WEIGHT_BYTES / 16));
+    prefetch_l2<256>(positions + tu * 16);
+  }
+}
+
+template <bool BF16, int NB, int RT, int W, int PF = 0>
 __device__ __forceinline__ void nm_mma_sp(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ values,
     const uint4* __restrict__ positions, unsigned short* __restrict__ y, int ldy, int N, int U) {
   __shared__ float part[W][RT * NB * 128];
@@ -157,7 +170,10 @@ __device__ __forceinline__ void nm_mma_sp(const unsigned short* __restrict__ x, 
   zero(acc);
   uint4 v0[RT][4], m0[RT], x0[NB][4], v1[RT][4], m1[RT], x1[NB][4];  // ping-pong: each unit loaded one unit ahead
   if (u0 < u1) load_unit_values<NB, RT>(v0, m0, x0, values, positions, x, ldx, B, tile0, u0, U, lane);
+  for (int k = 2; k <= PF; k++) prefetch_unit_sp<PF, RT, 2048>(values, positions, tile0, u0 + k, u1, U, lane);
   for (int u = u0; u < u1; u += 2) {
+    prefetch_unit_sp<PF, RT, 2048>(values, positions, tile0, u + 1 + PF, u1, U, lane);
+    prefetch_unit_sp<PF, RT, 2048>(values, positions, tile0, u + 2 + PF, u1, U, lane);
     if (u + 1 < u1) load_unit_values<NB, RT>(v1, m1, x1, values, positions, x, ldx, B, tile0, u + 1, U, lane);
     unit_dot_values<BF16, NB, RT>(acc, v0, m0, x0, lane);
     if (u + 1 >= u1) break;
@@ -167,7 +183,7 @@ __device__ __forceinline__ void nm_mma_sp(const unsigned short* __restrict__ x, 
   store_sums<BF16, NB, RT, W>(acc, part, y, ldy, N, B, tile0);
 }
 
-template <bool BF16, int NB, int RT, int W>
+template <bool BF16, int NB, int RT, int W, int PF = 0>
 __device__ __forceinline__ void gq_mma_sp(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
     const uint4* __restrict__ positions, const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U,
     int GROUPS, int gshift) {
@@ -179,7 +195,10 @@ __device__ __forceinline__ void gq_mma_sp(const unsigned short* __restrict__ x, 
   uint4 w0[RT], m0[RT], x0[NB][4], w1[RT], m1[RT], x1[NB][4];  // ping-pong: each unit loaded one unit ahead
   uint2 s0[RT], s1[RT];
   if (u0 < u1) load_unit_sp<NB, RT>(w0, m0, s0, x0, codes, positions, stats, x, ldx, B, tile0, u0, U, GROUPS, gshift, lane);
+  for (int k = 2; k <= PF; k++) prefetch_unit_sp<PF, RT, 512>(codes, positions, tile0, u0 + k, u1, U, lane);
   for (int u = u0; u < u1; u += 2) {
+    prefetch_unit_sp<PF, RT, 512>(codes, positions, tile0, u + 1 + PF, u1, U, lane);
+    prefetch_unit_sp<PF, RT, 512>(codes, positions, tile0, u + 2 + PF, u1, U, lane);
     if (u + 1 < u1) load_unit_sp<NB, RT>(w1, m1, s1, x1, codes, positions, stats, x, ldx, B, tile0, u + 1, U, GROUPS, gshift, lane);
     unit_dot_sp<BF16, NB, RT>(acc, w0, m0, s0, x0, lane);
     if (u + 1 >= u1) break;
@@ -191,14 +210,15 @@ __device__ __forceinline__ void gq_mma_sp(const unsigned short* __restrict__ x, 
 """
 
 
-def kernel_name(dtype: torch.dtype, n_tiles: int, row_tiles: int, warps: int, values: bool = False) -> str:
-    """The kernel of one launch layout: `values` the 16-bit values one (2:4 nm weights), else the int4 codes one."""
-    return f"{'nmmmasp' if values else 'gqmmasp'}_{cuda_mma.DTYPES[dtype]}_n{n_tiles}_r{row_tiles}_w{warps}"
+def kernel_name(dtype: torch.dtype, n_tiles: int, row_tiles: int, warps: int, values: bool = False, prefetch: int = 0) -> str:
+    """The kernel of one launch layout: `values` the 16-bit values one (2:4 nm weights), else the int4 codes one;
+    `prefetch`: units ahead whose weight bytes are prefetched into L2 (0: none)."""
+    return f"{'nmmmasp' if values else 'gqmmasp'}_{cuda_mma.DTYPES[dtype]}_n{n_tiles}_r{row_tiles}_w{warps}" + (f"_f{prefetch}" if prefetch else "")
 
 
 def entry_source(name: str) -> str:
-    kind, dtype, n_tiles, row_tiles, warps = name.split("_")
-    params = f"{'true' if dtype == 'bf16' else 'false'}, {n_tiles[1:]}, {row_tiles[1:]}, {warps[1:]}"
+    kind, dtype, n_tiles, row_tiles, warps, *prefetch = name.split("_")
+    params = f"{'true' if dtype == 'bf16' else 'false'}, {n_tiles[1:]}, {row_tiles[1:]}, {warps[1:]}" + "".join(f", {p[1:]}" for p in prefetch)
     if kind == "nmmmasp":
         weight, call = ["const uint4* values", "const uint4* positions"], f"nm_mma_sp<{params}>"
     else:
@@ -237,9 +257,10 @@ def values_plan(view: SparseMmaValues, batch: int, device: torch.device) -> cuda
     return cuda_mma.Launch(row_tiles, cuda_mma.fewer_warps(warps, units))
 
 
-def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | None = None, prefetch: int = 0) -> torch.Tensor:
     """x [..., in] (bfloat16 / float16, CUDA, 1 to 16 rows) @ W.T -> [..., out] in x's dtype, fp32 accumulation.
-    `packed`: a weight `supported` takes or its view; `row_tiles`, `warps`: as the dense kernel's plan unless given."""
+    `packed`: a weight `supported` takes or its view; `row_tiles`, `warps`: as the dense kernel's plan unless given;
+    `prefetch`: units ahead whose weight bytes go into L2 first (0-8; 0, the measured form, unless given)."""
     view = packed if isinstance(packed, (SparseMmaWeight, SparseMmaValues)) else view_of(packed, x.dtype)
     values = isinstance(view, SparseMmaValues)
     if values and view.dtype != x.dtype:
@@ -248,10 +269,11 @@ def matmul(x: torch.Tensor, packed, row_tiles: int | None = None, warps: int | N
     x2 = cuda_mma.activations(x, cols)
     batch = x2.shape[0]
     chosen = values_plan(view, batch, x.device) if values else cuda_mma.plan(view, batch, x.device)
-    launch = cuda_mma.Launch(row_tiles or chosen.row_tiles, warps or chosen.warps)
+    launch = cuda_mma.Launch(row_tiles or chosen.row_tiles, warps or chosen.warps, prefetch=prefetch)
     launch.check(view.tiles)
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
-    kernel = _kernel(kernel_name(x.dtype, cuda_mma.n_tiles(batch), launch.row_tiles, launch.warps, values), nvrtc.device_index(x.device))
+    name = kernel_name(x.dtype, cuda_mma.n_tiles(batch), launch.row_tiles, launch.warps, values, launch.prefetch)
+    kernel = _kernel(name, nvrtc.device_index(x.device))
     if values:
         args = [x2, x2.stride(0), batch, view.values, view.positions, y, rows, rows, cols // UNIT]
     else:
