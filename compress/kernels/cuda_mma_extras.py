@@ -40,7 +40,8 @@ def supported(x: torch.Tensor, packed) -> bool:
         return False
     view = extras_view.cached(packed)
     grid_ok = cuda_mma.call_ok(x, packed.shape[1]) if compact(packed) else cuda_mma.form_supported(x, view.dense, _bits(packed))
-    if not (grid_ok and mma_extras_layout.shape_ok(view)):
+    # the extras' check reads the corrections (a device sync): once a weight, before any graph capture
+    if not (grid_ok and views.cached(view.dense.codes, "mma-extras-ok", lambda: mma_extras_layout.shape_ok(view))):
         return False
     return view.delta is None or x.numel() // x.shape[-1] <= mma_extras_layout.MAX_OUTLIER_ROWS
 
