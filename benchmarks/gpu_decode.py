@@ -294,7 +294,12 @@ def main(argv=None) -> None:
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu runs the same steps eagerly, a smoke test")
     parser.add_argument("--json", help="write the records (a JSON list) here")
+    parser.add_argument("--plan-prefetch", type=int, default=None, help="the tensor-core plan's L2 prefetch (cuda_mma.PLAN_PREFETCH)")
     args = parser.parse_args(argv)
+    if args.plan_prefetch is not None:
+        from compress.kernels import cuda_mma
+
+        cuda_mma.PLAN_PREFETCH = args.plan_prefetch
     args.forms = [f for f in args.forms.split(",") if f]
     args.batches = [int(b) for b in args.batches.split(",")]
     import transformers
@@ -302,7 +307,7 @@ def main(argv=None) -> None:
 
     env = {"gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(), "torch": torch.__version__,
            "triton": triton.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "command": " ".join(["python3", *sys.argv])}
+           "python": platform.python_version(), "command": " ".join(["python3", *sys.argv]), "plan_prefetch": args.plan_prefetch or 0}
     print(json.dumps(env), flush=True)
     rows: list[dict] = []
 

@@ -510,11 +510,17 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep-batches", default="1,16")
     parser.add_argument("--json", help="write one JSON record per (format, shape, batch) to this file")
     parser.add_argument("--no-extra-peers", action="store_true", help="skip humming-kernels and bitsandbytes")
+    parser.add_argument("--plan-prefetch", type=int, default=None, help="the tensor-core plan's L2 prefetch (cuda_mma.PLAN_PREFETCH)")
+    parser.add_argument("--one-launch", action="store_true", help="SpQR / LUT layers in one launch (cuda_mma_extras.DISPATCH)")
     args = parser.parse_args(argv)
+    if args.plan_prefetch is not None:
+        cuda_mma.PLAN_PREFETCH = args.plan_prefetch
+    cuda_mma_extras.DISPATCH = args.one_launch or cuda_mma_extras.DISPATCH
     import triton
     props = torch.cuda.get_device_properties(0)
     env = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "command": " ".join(["python", *sys.argv])}
+           "python": platform.python_version(), "command": " ".join(["python", *sys.argv]),
+           "plan_prefetch": cuda_mma.PLAN_PREFETCH, "one_launch": cuda_mma_extras.DISPATCH}
     bandwidth = copy_bandwidth()
     env["copy_gbps"] = round(bandwidth)
     print(json.dumps(env), flush=True)

@@ -45,6 +45,7 @@ OUTPUT = ["unsigned short* y", "int ldy", "int N", "int U"]
 MAX_BATCH = 16
 WIDE_BATCH = 64  # the exact form's register-ring launches take up to this many rows (above 16: 4 or 8 n-tiles)
 DISPATCH_WIDE = False  # whether `supported` takes 17 to WIDE_BATCH rows (not until measured against the Triton kernels)
+PLAN_PREFETCH = 0  # units ahead `plan` has the codes prefetched into L2 at batch 1-16 (Launch.prefetch; 0 until measured)
 
 
 def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch, form: str = "", extras: str = "") -> str:
@@ -168,7 +169,8 @@ def plan(view: MmaWeight, batch: int, device: torch.device) -> Launch:
         return Launch(1 if batch > 32 else 2, fewer_warps(8, units), stages=2, x_ahead=True)
     row_tiles = 2
     target = sms * (16 if batch <= 8 else 8) / (view.tiles // row_tiles)
-    return Launch(row_tiles, fewer_warps(1 << max(0, min(4, round(math.log2(max(target, 1.0))))), units), stages=2, x_ahead=True)
+    warps = fewer_warps(1 << max(0, min(4, round(math.log2(max(target, 1.0))))), units)
+    return Launch(row_tiles, warps, stages=2, x_ahead=True, prefetch=PLAN_PREFETCH)
 
 
 def view_of(packed: group_quant.GroupQuantWeight, dtype: torch.dtype | None = None) -> MmaWeight:
