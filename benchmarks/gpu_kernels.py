@@ -68,7 +68,7 @@ FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: 
 # FORMAT@scatter: a bitmap weight on the shared-memory scatter kernel (cuda_mma_scatter.py) at every batch
 # FORMAT@split: a bitmap weight as a 2:4 part on the sparse tensor cores plus outliers (nm_split.py) at batch 1-16
 # FORMAT@fused: a SpQR / LUT weight in one launch, its permutation and outliers read by the tensor-core kernel
-# (cuda_mma_extras.py) at batch 1-8, against FORMAT@mma's three launches; SpQR on its compact form (mma_spqr_layout.py),
+# (cuda_mma_extras.py) at batch 1-16, against FORMAT@mma's three launches; SpQR on its compact form (mma_spqr_layout.py),
 # spqr3_g16@fused@scaled on the scaled form of its view's grid
 # FORMAT@widened: the 3-bit codes read as 4-bit words (views.widen, what dispatch gives a module); bytes: the widened form's
 SWEEP_SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,11008x4096"

@@ -1,7 +1,7 @@
 """SpQR and LUT layers in one tensor-core launch (compress.kernels.cuda_mma_extras): on CPU, the permutation and
 outlier layout (mma_extras_layout) read as the kernel reads it gives the format's reference, the warps' walk over a
 block's outlier slices (transcribed from the kernel) visits every slice once, and the kernel names and entry points;
-on a GPU, the one launch against the three it replaces and the reference, at batch 1-8 (16 without outliers), odd
+on a GPU, the one launch against the three it replaces and the reference, at batch 1-16, odd
 shapes, several launches, both dtypes, determinism, CUDA-graph capture and the dispatcher."""
 
 import pytest
@@ -82,9 +82,9 @@ def test_layouts_it_refuses():
     with pytest.raises(ValueError, match="tiles"):
         mma_extras_layout.build(view, 1)
     extras = mma_extras_layout.build(view, mma_layout.padded_tiles(20))
-    assert extras.tag(1) == "o1" and extras.tag(3) == "o4" and extras.tag(8) == "o8"
-    with pytest.raises(ValueError, match="1 to 8"):
-        extras.tag(9)
+    assert [extras.tag(b) for b in (1, 3, 8, 9, 16)] == ["o1", "o4", "o8", "o16", "o16"]
+    with pytest.raises(ValueError, match="1 to 16"):
+        extras.tag(17)
     assert mma_extras_layout.MmaExtras(torch.zeros(128, dtype=torch.int16), None, None).tag(16) == "p"
     assert not cuda_mma_extras.supported(torch.randn(1, 128, dtype=BF16), packed)  # CPU activations
 
@@ -92,11 +92,12 @@ def test_layouts_it_refuses():
 class _LaneWalk:
     """One lane's OutlierWalk (cuda_mma_extras_source.py) transcribed: which slices it adds, and to which row tile."""
 
-    def __init__(self, tile_ptr: list[int], tile0: int, row_tiles: int, warp: int, warps: int, units: int, half: int, per_max: int = 2):
+    def __init__(self, tile_ptr: list[int], tile0: int, row_tiles: int, warp: int, warps: int, units: int, half: int, beside: bool,
+                 per_max: int = 2):
         s0, self.bound = tile_ptr[tile0], [tile_ptr[tile0 + r + 1] for r in range(row_tiles)]
         pairs = (self.bound[-1] - s0 + 1) >> 1
         self.count = (pairs - warp + warps - 1) // warps if pairs > warp else 0
-        self.per = min(per_max, (self.count + units - 1) // units) if units > 0 else 0
+        self.per = min(per_max, (self.count + units - 1) // units) if beside and units > 0 else 0
         self.first, self.stride, self.k, self.per_max, self.added = s0 + 2 * warp + half, 2 * warps, 0, per_max, []
         self.fetch()
 
@@ -108,8 +109,8 @@ class _LaneWalk:
         self.added += [(s, sum(s >= b for b in self.bound[:-1])) for s in self.next if s is not None]
         self.k += self.per
 
-    def run(self, units: int) -> list[tuple[int, int]]:
-        for _ in range(units):  # a unit step: issue (take, fetch), the unit's mma, add
+    def run(self, units: int, beside: bool) -> list[tuple[int, int]]:
+        for _ in range(units if beside else 0):  # a unit step: issue (take, fetch), the unit's mma, add (after them: none)
             self.take()
             self.fetch()
         self.take()  # finish
@@ -120,19 +121,21 @@ class _LaneWalk:
         return self.added
 
 
-def _walk(tile_ptr: list[int], tile0: int, row_tiles: int, units: list[int]) -> list[tuple[int, int]]:
-    """Every lane's added slices for a block whose warps have `units` units each."""
+def _walk(tile_ptr: list[int], tile0: int, row_tiles: int, units: list[int], beside: bool) -> list[tuple[int, int]]:
+    """Every lane's added slices for a block whose warps have `units` units each (`beside`: walked beside the units, as
+    up to 8 activation rows are, else after them)."""
     return [added for warp, count in enumerate(units) for half in (0, 1)
-            for added in _LaneWalk(tile_ptr, tile0, row_tiles, warp, len(units), count, half).run(count)]
+            for added in _LaneWalk(tile_ptr, tile0, row_tiles, warp, len(units), count, half, beside).run(count, beside)]
 
 
 @pytest.mark.parametrize(("depths", "row_tiles"), [([3, 0], 2), ([0, 0], 2), ([7, 5], 2), ([1], 1), ([40], 1), ([13, 29], 2)])
 @pytest.mark.parametrize("units", [[2, 2, 2, 2], [1], [0, 3], [5, 4, 4, 4, 4, 4, 4, 4], [0] * 16, [1] * 16])
-def test_the_walk_adds_every_slice_of_the_block_once_to_its_tile(depths, row_tiles, units):
+@pytest.mark.parametrize("beside", [True, False])
+def test_the_walk_adds_every_slice_of_the_block_once_to_its_tile(depths, row_tiles, units, beside):
     tile_ptr = [11]  # the block's slices start anywhere
     for depth in depths:
         tile_ptr.append(tile_ptr[-1] + depth)
-    seen = _walk(tile_ptr, 0, row_tiles, units)
+    seen = _walk(tile_ptr, 0, row_tiles, units, beside)
     assert sorted(s for s, _ in seen) == list(range(tile_ptr[0], tile_ptr[-1]))
     assert all(tile_ptr[t] <= s < tile_ptr[t + 1] for s, t in seen)
 
@@ -183,7 +186,7 @@ def test_cuda_one_launch_equals_the_three_and_the_reference(kind, rows, cols, ou
     form, weight = _decoded_form(packed, dtype)
     extras = cuda_mma_extras.extras_of(view, form.tiles)
     generator = torch.Generator(device="cuda").manual_seed(rows)
-    for batch in (1, 2, 5, 8) + (() if outliers else (16,)):
+    for batch in (1, 2, 5, 8, 12, 16):
         x = torch.randn(batch, cols, device="cuda", dtype=dtype, generator=generator)
         ref = (mma_extras_layout.stored_activations(x.double(), extras) @ weight.double().T
                + mma_extras_layout.corrections(x.float(), extras, rows).double())
@@ -210,5 +213,5 @@ def test_cuda_dispatch_and_graph_capture(monkeypatch):
         ref = reference(x.float(), packed).double()
         assert ((eager.double() - ref).norm() / ref.norm()).item() < 1e-2, kind
         assert torch.equal(graph_replay(lambda packed=packed, x=x: dispatch.device_matmul(x, packed)), eager)
-        wide = torch.randn(12, 1024, device="cuda", dtype=BF16)  # outliers above 8 rows: the three launches
+        wide = torch.randn(20, 1024, device="cuda", dtype=BF16)  # above 16 rows: the three launches (Triton)
         assert not cuda_mma_extras.supported(wide, packed)

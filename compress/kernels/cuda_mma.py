@@ -61,7 +61,7 @@ def entry_source(name: str) -> str:
     pointers."""
     kind, dtype, bits, n_tiles, form = name.split("_")
     launch = Launch.parse(form + ("2" if form.endswith("k") else ""))
-    letters, groups, perm, outlier_rows = re.fullmatch(r"gqmma(tc|t|q)?(?:s(\d))?(p?)(?:o(\d))?", kind).groups()
+    letters, groups, perm, outlier_rows = re.fullmatch(r"gqmma(tc|t|q)?(?:s(\d))?(p?)(?:o(\d+))?", kind).groups()
     form = {"t": 3, "q": 4, "tc": 5}.get(letters, int(groups or 0))  # FORM: EXACT 0, SCALED_1 / _2, TABLE 3, QUANTIZED 4, TABLE_COMPACT 5
     bf16, split = ("true" if dtype == "bf16" else "false"), "true" if launch.slices > 1 else "false"
     extras = bool(perm or outlier_rows)
@@ -224,7 +224,7 @@ def matmul(x: torch.Tensor, packed, launch: Launch | None = None, extras=None) -
     """x [..., in] (bfloat16 / float16, CUDA, 1 to MAX_BATCH rows; the exact form up to WIDE_BATCH) @ W.T -> [..., out]
     in x's dtype, fp32 accumulation.
     `packed`: a group-quant weight (`supported`) or its MmaWeight; `launch`: plan's unless given; `extras`: a SpQR / LUT
-    weight's permutation and outliers for the kernel to apply (mma_extras_layout.MmaExtras; outliers up to 8 rows)."""
+    weight's permutation and outliers for the kernel to apply (mma_extras_layout.MmaExtras; outliers up to 16 rows)."""
     view = packed if isinstance(packed, MmaWeight) else view_of(packed, x.dtype)
     rows, cols = view.shape
     exact = not view.form

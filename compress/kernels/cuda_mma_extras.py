@@ -8,9 +8,9 @@ the compact form (mma_spqr_layout.py: about 0.47 bytes a weight, statistics deco
 table form with 3-bit codes (0.375 bytes a weight against 0.5); else the scaled form of the view's grid (SpQR) and the
 table form (LUT).
 
-Outliers are walked for 1 to 8 activation rows (a lane holds one sum a row); above, and where the layout does not
-fit (more than 2^16 columns, corrections past float16), the three launches stay. Off the dispatcher (`DISPATCH`) until
-measured against them on a GPU."""
+Outliers are walked for 1 to 16 activation rows (a lane holds one sum a row: beside the units up to 8, after them
+above); where the layout does not fit (more than 2^16 columns, corrections past float16), the three launches stay.
+Off the dispatcher (`DISPATCH`) until measured against them on a GPU."""
 
 from __future__ import annotations
 

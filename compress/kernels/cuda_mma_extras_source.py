@@ -57,9 +57,11 @@ __device__ __forceinline__ void load_x_as(uint4 (&xv)[NB][4], const unsigned sho
 // The block's outliers, walked by each warp beside its units: the block's slices taken two at a time (a half warp
 // each, lane & 15 the row of its tile), warp w the pairs w, w + W, ...; each unit step issues the activation loads of
 // the PER entries loaded the step before, loads the next entries (both in flight during the unit's mma) and, after
-// the mma, adds correction x activation for OB activation rows. Every lane's sums run in a fixed order.
+// the mma, adds correction x activation for OB activation rows. Above 8 rows (two n-tiles: the units' registers
+// are busy) the whole walk runs after the units instead. Every lane's sums run in a fixed order.
 template <bool BF16, int RT, int OB, int PER = 2>
 struct OutlierWalk {
+  static constexpr bool BESIDE = OB <= 8;  // walked beside the units (else after them)
   float sum[RT][OB];
   float xo[PER][OB];
   unsigned next[PER], cur[PER];
@@ -71,7 +73,7 @@ struct OutlierWalk {
     for (int r = 0; r < RT; r++) bound[r] = ex.tile_ptr[tile0 + r + 1];
     const int pairs = (bound[RT - 1] - s0 + 1) >> 1;
     count = pairs > warp ? (pairs - warp + W - 1) / W : 0;
-    per = units > 0 ? min(PER, (count + units - 1) / units) : 0;
+    per = BESIDE && units > 0 ? min(PER, (count + units - 1) / units) : 0;
     first = s0 + 2 * warp + (lane >> 4);
     stride = 2 * W;
     k = 0;
@@ -107,11 +109,17 @@ struct OutlierWalk {
 
   // a unit step's first half: the fetched entries' activations, the next entries' loads
   __device__ __forceinline__ void issue(const Extras& ex, const unsigned short* __restrict__ x, int ldx, int B, int lane) {
+    if (!BESIDE) return;
     take(x, ldx, B);
     fetch(ex, lane);
   }
 
   __device__ __forceinline__ void add() {
+    if (!BESIDE) return;
+    add_taken();
+  }
+
+  __device__ __forceinline__ void add_taken() {
 #pragma unroll
     for (int i = 0; i < PER; i++) {
       const int s = first + stride * (base + i);
@@ -130,17 +138,18 @@ struct OutlierWalk {
   // after the units: the entries fetched last, then the pairs left (all of them where the warp had no units)
   __device__ __forceinline__ void finish(const Extras& ex, const unsigned short* __restrict__ x, int ldx, int B, int lane) {
     take(x, ldx, B);
-    add();
+    add_taken();
     per = PER;
     while (k < count) {
       fetch(ex, lane);
       take(x, ldx, B);
-      add();
+      add_taken();
     }
   }
 
   // the lane's sums into the warp's accumulators (mma layout: lane (g, t) holds rows g, g + 8 and activation rows
-  // 2t, 2t + 1), through the warp's own part of the block's shared sums (rows x OB floats a row tile)
+  // nb * 8 + 2t, + 1 of n-tile nb), through the warp's own part of the block's shared sums (rows x OB floats a row
+  // tile: at most RT x NB x 128, its size)
   template <int NB> __device__ __forceinline__ void deposit(float (&acc)[RT][NB][4], float* part, int lane) {
 #pragma unroll
     for (int r = 0; r < RT; r++)
@@ -155,10 +164,12 @@ struct OutlierWalk {
 #pragma unroll
     for (int r = 0; r < RT; r++)
 #pragma unroll
-      for (int i = 0; i < 4; i++) {
-        const int row = (lane >> 2) + 8 * (i >> 1), b = 2 * (lane & 3) + (i & 1);
-        if (b < OB) acc[r][0][i] += part[(r * 16 + row) * OB + b];
-      }
+      for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          const int row = (lane >> 2) + 8 * (i >> 1), b = nb * 8 + 2 * (lane & 3) + (i & 1);
+          if (b < OB) acc[r][nb][i] += part[(r * 16 + row) * OB + b];
+        }
     __syncwarp();
   }
 };

@@ -231,7 +231,7 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
   // a ring of S register buffers: unit u's code loads are issued S - 1 units ahead of its decode (the ring unrolled,
   // so every buffer index is a constant: no register copies); its activations with them (XA) or just before use
   static_assert(NB <= 2 || FORM == EXACT, "17-64 rows: the exact form only");
-  static_assert((!PERM || NB <= 2) && (OB == 0 || (NB == 1 && OB <= 8 && !SPLIT)), "extras: up to 16 rows, outliers up to 8 unsplit");
+  static_assert((!PERM || NB <= 2) && (OB == 0 || (OB <= 8 * NB && NB <= 2 && !SPLIT)), "extras: up to 16 rows, unsplit");
   constexpr bool WIDE = NB > 2;
   OutlierWalk<BF16, RT, OB ? OB : 1> walk;
   if (OB) walk.start(ex, tile0, warp, W, u1 - u0, lane);

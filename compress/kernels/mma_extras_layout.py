@@ -26,7 +26,7 @@ from compress.kernels import extras_view
 
 MAX_COLS = 1 << 16  # activation columns the 16-bit indices reach
 FLOAT16_MAX = 65504.0
-MAX_OUTLIER_ROWS = 8  # activation rows the kernel's outlier walk sums (a lane's registers: one a row and row tile)
+MAX_OUTLIER_ROWS = 16  # activation rows the kernel's outlier walk sums (a lane: one register a row and row tile)
 
 
 @dataclass
