@@ -140,6 +140,35 @@ def test_the_walk_adds_every_slice_of_the_block_once_to_its_tile(depths, row_til
     assert all(tile_ptr[t] <= s < tile_ptr[t + 1] for s, t in seen)
 
 
+@pytest.mark.parametrize(("row_tiles", "n_tiles", "rows"), [(1, 1, 1), (2, 1, 8), (2, 2, 16), (1, 2, 12)])
+def test_the_deposit_puts_each_rows_sums_where_the_block_stores_them(row_tiles, n_tiles, rows):
+    """OutlierWalk.deposit transcribed: the two half warps' sums of a row added, lanes 0-15 write row (lane) of each
+    tile through the warp's shared sums, each lane adds the ones its accumulators hold; the block's store
+    (sum_position: lane l's accumulator i of n-tile nb, row tile r is row (l >> 2) + 8 (i >> 1), activation row
+    nb * 8 + 2 (l & 3) + (i & 1)) then finds every (row, activation row)'s sum in place."""
+    ob = 1 << (rows - 1).bit_length()
+    g = torch.Generator().manual_seed(rows)
+    halves = torch.randn(2, row_tiles, 16, ob, generator=g)  # [half, tile, row, activation row]: each lane's sums
+    part = torch.full((row_tiles * n_tiles * 128,), float("nan"))
+    for lane in range(16):  # after the xor-16 shuffle, lanes 0-15 hold both halves' sum of row `lane`
+        for r in range(row_tiles):
+            for b in range(ob):
+                part[(r * 16 + lane) * ob + b] = halves[0, r, lane, b] + halves[1, r, lane, b]
+    acc = torch.zeros(32, row_tiles, n_tiles, 4)
+    for lane in range(32):
+        for r in range(row_tiles):
+            for nb in range(n_tiles):
+                for i in range(4):
+                    row, b = (lane >> 2) + 8 * (i >> 1), nb * 8 + 2 * (lane & 3) + (i & 1)
+                    if b < ob:
+                        acc[lane, r, nb, i] += part[(r * 16 + row) * ob + b]
+    for e in range(row_tiles * n_tiles * 128):  # the block's store: sum_position
+        i, lane, nb, r = e & 3, (e >> 2) & 31, (e >> 7) % n_tiles, (e >> 7) // n_tiles
+        row, b = r * 16 + (lane >> 2) + 8 * (i >> 1), nb * 8 + 2 * (lane & 3) + (i & 1)
+        expected = halves[0, r, row % 16, b] + halves[1, r, row % 16, b] if b < ob else 0.0
+        assert acc[lane, r, nb, i] == expected, (e, row, b)
+
+
 def test_the_batch_1_gather_gives_every_lane_its_32_activations():
     """load_x_perm at batch 1 transcribed: lane (g, t) gathers the activations of stored columns t * 32 + 4g .. + 3 of
     the unit (two words), shuffle k takes word k & 1 of lane (k >> 1) * 4 + t; every lane ends with its 32 stored
