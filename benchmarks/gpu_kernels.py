@@ -47,6 +47,7 @@ from compress.kernels import (
     dispatch,
     extras_view,
     mma_extras_layout,
+    mma_lut_layout,
     nm_split,
     triton_bitmap,
     triton_outliers,
@@ -58,7 +59,7 @@ from compress.kernels import triton_kernels as tk
 
 FORMATS = ("int4_g128", "int3_g128", "int3_g128@widened", "int2_g128", "int8_g128", "nm_2:4_bf16", "2:4+int4_g128", "2:4+int4_g128@splitk",
            "spqr3_g16", "lut3", "bitmap70_bf16", "sparse50+int4_g128")
-VIEW_FORMATS = ("spqr3_g16", "lut3")  # through their kernel views (extras_view.py), timed as a module calls them: dispatch.device_matmul
+VIEW_FORMATS = ("spqr3_g16", "lut3", "lut4")  # through their kernel views (extras_view.py), timed as a module calls them: dispatch.device_matmul
 FORCED_KERNELS = {"mma": "cuda_mma scaled", "scatter": "cuda_mma_scatter", "split": "cuda_mma_sparse + outliers",
                   "fused": "cuda_mma + permutation and outliers"}
 FORCED = {"splitk": tc.Config(1, 4, 2048, 1, 2, 1, "splitk")}  # FORMAT@KERNEL: that kernel at batch 1 (not yet the default)
@@ -87,9 +88,10 @@ def make(fmt: str, rows: int, cols: int, device: str):
     if fmt == "spqr3_g16":  # 3-bit g16, 3-bit statistics, 1% outliers, a permutation (gpu_decode.spqr_target's grids)
         _, quantized, _ = gpu_decode.spqr_target(torch.randn(rows, cols, generator=g) * 0.02)
         packed = spqr.from_quantized(quantized)
-    elif fmt == "lut3":  # 3-bit codes into per-row tables, 1% outliers, a permutation
-        quantized = QuantizedWeight((rows, cols), 3, cols, torch.randint(0, 8, (rows, cols), generator=g), None, None,
-                                    lut=(torch.randn(rows, 8, generator=g) * 0.02).half(),
+    elif fmt in ("lut3", "lut4"):  # 3- or 4-bit codes into per-row tables, 1% outliers, a permutation
+        lut_bits = int(fmt[3])
+        quantized = QuantizedWeight((rows, cols), lut_bits, cols, torch.randint(0, 2**lut_bits, (rows, cols), generator=g), None, None,
+                                    lut=(torch.randn(rows, 2**lut_bits, generator=g) * 0.02).half(),
                                     perm=torch.randperm(cols, generator=g))
         quantized.outliers = Outliers.from_mask(torch.randn(rows, cols, generator=g) * 0.1, torch.rand(rows, cols, generator=g) < 0.01)
         packed = lut.from_quantized(quantized)
@@ -280,9 +282,10 @@ def peer_times(rows: int, cols: int, batches: list, env: dict, out, records: lis
 
 
 def same_bits_peer(fmt: str, peers: dict, batch: int) -> tuple[str, float] | None:
-    """The fastest peer storing the format's weight bits (int4: tinygemm, humming, NF4; int3/2/8: humming;
-    2:4 bf16: cuSPARSELt): (name, us), or None."""
-    bits = int(re.search(r"int(\d)", fmt).group(1)) if "int" in fmt else None
+    """The fastest peer storing the format's weight bits (int4: tinygemm, humming, NF4; int3/2/8: humming; SpQR and
+    LUT codes of b bits: the b-bit peers; 2:4 bf16: cuSPARSELt): (name, us), or None."""
+    found = re.search(r"(?:int|lut|spqr)(\d)", fmt)
+    bits = int(found.group(1)) if found else None
     names = ["cusparselt_2:4"] if fmt == "nm_2:4_bf16" else [n for n in peers if bits is not None and gpu_peers.bits_of(n) == bits]
     timed = [(n, peers[n][batch]) for n in names if batch in peers.get(n, {})]
     return min(timed, key=lambda t: t[1]) if timed else None
@@ -512,15 +515,17 @@ def main(argv=None) -> None:
     parser.add_argument("--no-extra-peers", action="store_true", help="skip humming-kernels and bitsandbytes")
     parser.add_argument("--plan-prefetch", type=int, default=None, help="the tensor-core plan's L2 prefetch (cuda_mma.PLAN_PREFETCH)")
     parser.add_argument("--one-launch", action="store_true", help="SpQR / LUT layers in one launch (cuda_mma_extras.DISPATCH)")
+    parser.add_argument("--wide-tables", action="store_true", help="4-bit LUT codes on the wide table form (mma_lut_layout.WIDE_TABLES)")
     args = parser.parse_args(argv)
     if args.plan_prefetch is not None:
         cuda_mma.PLAN_PREFETCH = args.plan_prefetch
     cuda_mma_extras.DISPATCH = args.one_launch or cuda_mma_extras.DISPATCH
+    mma_lut_layout.WIDE_TABLES = args.wide_tables or mma_lut_layout.WIDE_TABLES
     import triton
     props = torch.cuda.get_device_properties(0)
     env = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "command": " ".join(["python", *sys.argv]),
-           "plan_prefetch": cuda_mma.PLAN_PREFETCH, "one_launch": cuda_mma_extras.DISPATCH}
+           "plan_prefetch": cuda_mma.PLAN_PREFETCH, "one_launch": cuda_mma_extras.DISPATCH, "wide_tables": mma_lut_layout.WIDE_TABLES}
     bandwidth = copy_bandwidth()
     env["copy_gbps"] = round(bandwidth)
     print(json.dumps(env), flush=True)

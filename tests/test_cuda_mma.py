@@ -91,13 +91,54 @@ def test_table_layout_decodes_to_the_rounded_table(rows, cols, bits, dtype):
     assert view.table and view.codes.shape == (view.tiles, cols // 128, 2, 32, 4) and view.stats.shape == (view.tiles, 8, 2, 4)
     assert torch.equal(mma_lut_layout.dense(view), table.to(dtype).float().gather(1, codes))
     with pytest.raises(ValueError, match="table kernel"):
-        mma_lut_layout.pack_table(_lut_codes(4, 128, 4)[0], 4, dtype)  # 16 entries: past what one byte permute reaches
+        mma_lut_layout.pack_table(_lut_codes(4, 128, 4)[0], 4, dtype)  # 16 entries: the wide form, off by default
     # compact: 3 bits a code, six words a lane a unit; the moved bits fill the nibbles' top bits, which the kernel masks
     compact = mma_lut_layout.pack_table(codes_view, bits, dtype, compact=True)
     assert compact.form == "tc" and compact.codes.shape == (view.tiles, cols // 128, 192)
     assert torch.equal(mma_lut_layout.dense(compact), table.to(dtype).float().gather(1, codes))
     if bits == 3 and rows > 1:
         assert (compact.codes & 0x8888888).any()  # were they left unmasked, a selector would replicate a sign
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(37, 256), (16, 128), (1, 384)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wide_table_layout_decodes_to_the_rounded_table(rows, cols, dtype, monkeypatch):
+    """4-bit codes (16 entries): the wide table form decoded as its two permutes and byte select read it."""
+    from compress.kernels import mma_lut_layout
+
+    monkeypatch.setattr(mma_lut_layout, "WIDE_TABLES", True)
+    codes_view, codes, table = _lut_codes(rows, cols, 4, seed=rows)
+    view = mma_lut_layout.pack_table(codes_view, 4, dtype)
+    assert view.form == "tw" and view.stats.shape == (view.tiles, 8, 2, 8)
+    assert torch.equal(mma_lut_layout.dense(view), table.to(dtype).float().gather(1, codes))
+    with pytest.raises(ValueError, match="compact"):
+        mma_lut_layout.pack_table(codes_view, 4, dtype, compact=True)
+
+
+def _prmt(a: int, b: int, select: int) -> int:
+    """PTX prmt.b32's default mode: byte i of the result is byte (nibble i & 7) of b:a, or its sign bit replicated
+    when the nibble's bit 3 is set."""
+    source, out = (b << 32) | a, 0
+    for i in range(4):
+        nibble = (select >> (4 * i)) & 0xF
+        byte = (source >> (8 * (nibble & 7))) & 0xFF
+        out |= ((0xFF if byte & 0x80 else 0) if nibble & 8 else byte) << (8 * i)
+    return out
+
+
+def test_wide_table_mask_selector_marks_each_codes_top_bit():
+    """unit_dot_table_wide's mask transcribed: (word & 0x88888888) + 0x11111111 - ((word >> 3) & 0x11111111) makes a
+    nibble 8 (top bit set) or 1, and prmt(0x80, 0, that) gives 0xFF or 0 in the code's byte, for every code in every
+    nibble of either row half."""
+    g = torch.Generator().manual_seed(0)
+    for word in [0, 0xFFFFFFFF, 0x89ABCDEF, 0x76543210] + torch.randint(0, 2**32, (50,), generator=g).tolist():
+        top = (word >> 3) & 0x11111111
+        mask_select = (word & 0x88888888) + 0x11111111 - top
+        for half in (0, 1):
+            mask = _prmt(0x80, 0, mask_select >> (16 * half))
+            for i in range(4):
+                code = (word >> (16 * half + 4 * i)) & 0xF
+                assert (mask >> (8 * i)) & 0xFF == (0xFF if code >= 8 else 0), (hex(word), half, i)
 
 
 def test_layout_of_3_bit_codes_through_the_widened_view():
@@ -243,6 +284,18 @@ def test_cuda_table_form_equals_its_decoded_weight(rows, cols, bits, dtype, comp
 
     codes_view = on_device(_lut_codes(rows, cols, bits, seed=cols)[0], "cuda")
     view = mma_lut_layout.pack_table(codes_view, bits, dtype, compact) if compact else cuda_mma.table_view_of(codes_view, bits, dtype)
+    _equals_decoded_weight(view, mma_lut_layout.dense(view), dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
+@pytest.mark.parametrize(("rows", "cols"), [(37, 256), (300, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_wide_table_form_equals_its_decoded_weight(rows, cols, dtype, monkeypatch):
+    from compress.kernels import mma_lut_layout
+
+    monkeypatch.setattr(mma_lut_layout, "WIDE_TABLES", True)
+    codes_view = on_device(_lut_codes(rows, cols, 4, seed=cols)[0], "cuda")
+    view = mma_lut_layout.pack_table(codes_view, 4, dtype)
     _equals_decoded_weight(view, mma_lut_layout.dense(view), dtype)
 
 

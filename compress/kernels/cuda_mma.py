@@ -50,7 +50,7 @@ PLAN_PREFETCH = 0  # units ahead `plan` has the codes prefetched into L2 at batc
 
 def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch, form: str = "", extras: str = "") -> str:
     """The entry point's name; `form` (MmaWeight.form): "" exact, "s1" / "s2" the scaled form (mma_layout.pack_scaled),
-    "t" / "tc" the table form (mma_lut_layout.py; compact), "q" the compact SpQR form (mma_spqr_layout.py); `extras`
+    "t" / "tc" / "tw" the table form (mma_lut_layout.py; compact, wide), "q" the compact SpQR form (mma_spqr_layout.py); `extras`
     (mma_extras_layout.MmaExtras.tag): a permutation ("p") and outliers for up to n activation rows ("o<n>")."""
     return f"gqmma{form}{extras}_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch.form()}"
 
@@ -61,8 +61,8 @@ def entry_source(name: str) -> str:
     pointers."""
     kind, dtype, bits, n_tiles, form = name.split("_")
     launch = Launch.parse(form + ("2" if form.endswith("k") else ""))
-    letters, groups, perm, outlier_rows = re.fullmatch(r"gqmma(tc|t|q)?(?:s(\d))?(p?)(?:o(\d+))?", kind).groups()
-    form = {"t": 3, "q": 4, "tc": 5}.get(letters, int(groups or 0))  # FORM: EXACT 0, SCALED_1 / _2, TABLE 3, QUANTIZED 4, TABLE_COMPACT 5
+    letters, groups, perm, outlier_rows = re.fullmatch(r"gqmma(tc|tw|t|q)?(?:s(\d))?(p?)(?:o(\d+))?", kind).groups()
+    form = {"t": 3, "q": 4, "tc": 5, "tw": 6}.get(letters, int(groups or 0))  # FORM: EXACT 0, SCALED_1 / _2, TABLE 3, QUANTIZED 4, ...
     bf16, split = ("true" if dtype == "bf16" else "false"), "true" if launch.slices > 1 else "false"
     extras = bool(perm or outlier_rows)
     if (launch.async_copy and (form or extras)) or (extras and launch.slices > 1):

@@ -55,7 +55,7 @@ def form_of(packed, dtype: torch.dtype):
     if compact(packed):
         return views.cached(packed.codes, "mma-quantized", lambda: mma_spqr_layout.pack(packed))
     grid = extras_view.cached(packed).dense
-    if COMPACT and isinstance(packed, lut.LUTWeight) and mma_lut_layout.shape_ok(grid, packed.bits) and dtype in cuda_mma.DTYPES:
+    if COMPACT and isinstance(packed, lut.LUTWeight) and packed.bits <= 3 and mma_lut_layout.shape_ok(grid, packed.bits) and dtype in cuda_mma.DTYPES:
         return views.cached(grid.codes, f"mma-table-compact-{cuda_mma.DTYPES[dtype]}",
                             lambda: mma_lut_layout.pack_table(grid, packed.bits, dtype, compact=True))
     return cuda_mma.form_view_of(grid, _bits(packed), dtype)

@@ -5,12 +5,13 @@ it after the helpers it uses."""
 
 FORMS_SOURCE = r"""
 // The kernel's weight forms (FORM): EXACT, SCALED_1 and SCALED_2 (the scaled one, groups a lane's columns span), TABLE
-// (mma_lut_layout.py; TABLE_COMPACT: its 3-bit codes as 6 words a unit), QUANTIZED (mma_spqr_layout.py). A lane's
+// (mma_lut_layout.py; TABLE_COMPACT: its 3-bit codes as 6 words a unit; TABLE_WIDE: 4-bit codes, 16 entries a row),
+// QUANTIZED (mma_spqr_layout.py). A lane's
 // statistics of a unit: the exact form's uint2 of its lane group, shared by the group's units; the scaled form's words
 // of the lane's groups (scale and bias pairs of one group, uint2, or of two, uint4); the table forms have none a unit
 // (their tables are loaded once); the quantized form's second-level words of the lane's two groups (uint4; the
 // statistic codes come with the codes)
-constexpr int EXACT = 0, SCALED_1 = 1, SCALED_2 = 2, TABLE = 3, QUANTIZED = 4, TABLE_COMPACT = 5;
+constexpr int EXACT = 0, SCALED_1 = 1, SCALED_2 = 2, TABLE = 3, QUANTIZED = 4, TABLE_COMPACT = 5, TABLE_WIDE = 6;
 template <int FORM> struct StatOf { using T = uint2; };
 template <> struct StatOf<SCALED_2> { using T = uint4; };
 template <> struct StatOf<QUANTIZED> { using T = uint4; };
@@ -215,6 +216,46 @@ __device__ __forceinline__ void unit_dot_table_compact(float (&acc)[RT][NB][4], 
     words[r][1] = make_uint4(w[r][0].w & M, w[r][1].x & M, w[r][1].y & M, fourth_word(w[r][0].w, w[r][1].x, w[r][1].y) & M);
   }
   unit_dot_table<BF16, NB, RT>(acc, words, table, xv);
+}
+
+// (a & m) | (b & ~m) for a mask in a register
+__device__ __forceinline__ unsigned select_by(unsigned m, unsigned a, unsigned b) {
+  unsigned d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xe4;" : "=r"(d) : "r"(a), "r"(b), "r"(m));
+  return d;
+}
+
+// The wide table form (4-bit codes, 16 entries): per k-tile word, the selectors with each nibble's top bit cleared, and
+// a mask selector whose nibble is 8 where the code's top bit is set (byte 0 of 0x80 with its sign replicated: 0xFF), 1
+// where not (byte 1: 0); per row, two permutes pick each byte from entries 0-7 and from 8-15, the mask keeps one.
+// table[r][2h], [2h + 1]: row g + 8h's low-byte words (entries 0-3, 4-7, 8-11, 12-15), then its high-byte words.
+template <bool BF16, int NB, int RT>
+__device__ __forceinline__ void unit_dot_table_wide(float (&acc)[RT][NB][4], const uint4 (&w)[RT][2], const uint4 (&table)[RT][4],
+                                                    const uint4 (&xv)[NB][4]) {
+#pragma unroll
+  for (int r = 0; r < RT; r++) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const unsigned word = word_of(w[r][j / 4], j % 4);
+      const unsigned low3 = word & 0x77777777u, top = (word >> 3) & 0x11111111u;
+      const unsigned mask_select = (word & 0x88888888u) + 0x11111111u - top;
+      unsigned a[4];
+#pragma unroll
+      for (int h = 0; h < 2; h++) {  // rows g (A registers 0, 2) and g + 8 (1, 3)
+        const unsigned select = low3 >> (16 * h), mask = prmt(0x80u, 0u, mask_select >> (16 * h));
+        const uint4 lo = table[r][2 * h], hi = table[r][2 * h + 1];
+        const unsigned low = select_by(mask, prmt(lo.z, lo.w, select), prmt(lo.x, lo.y, select));
+        const unsigned high = select_by(mask, prmt(hi.z, hi.w, select), prmt(hi.x, hi.y, select));
+        a[h] = __byte_perm(low, high, 0x5140);
+        a[h + 2] = __byte_perm(low, high, 0x7362);
+      }
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++) {
+        const uint4 xq = xv[nb][j / 2];
+        mma<BF16>(acc[r][nb], a, j & 1 ? xq.z : xq.x, j & 1 ? xq.w : xq.y);
+      }
+    }
+  }
 }
 
 """

@@ -239,13 +239,14 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
     for (int k = 1; k < PF; k++) prefetch_codes<BITS, FORM, RT>(codes, tile0, u0 + k, u1, U);
   uint4 w[S][RT][CH], xr[XA && !WIDE ? S : 1][x_tiles<NB>()][4];
   typename StatOf<FORM>::T s[S][RT];
-  constexpr bool TABLES = FORM == TABLE || FORM == TABLE_COMPACT;
-  uint4 table[TABLES ? RT : 1][2];  // the table form: rows g and g + 8 of each row tile, for the whole call
+  constexpr bool TABLES = FORM == TABLE || FORM == TABLE_COMPACT || FORM == TABLE_WIDE;
+  constexpr int TW = FORM == TABLE_WIDE ? 4 : 2;  // uint4 of a lane's two rows' tables
+  uint4 table[TABLES ? RT : 1][TW];  // the table forms: rows g and g + 8 of each row tile, for the whole call
   if (TABLES)
 #pragma unroll
     for (int r = 0; r < RT; r++)
 #pragma unroll
-      for (int h = 0; h < 2; h++) table[r][h] = ((const uint4*)stats)[((size_t)(tile0 + r) * 8 + (lane >> 2)) * 2 + h];
+      for (int h = 0; h < TW; h++) table[r][h] = ((const uint4*)stats)[((size_t)(tile0 + r) * 8 + (lane >> 2)) * TW + h];
 #pragma unroll
   for (int i = 0; i < S - 1; i++)
     if (u0 + i < u1) {
@@ -269,6 +270,7 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
         else if constexpr (FORM == TABLE) unit_dot_table<BF16, NB, RT>(acc, w[i], table, xr[XA ? i : 0]);
         else if constexpr (FORM == QUANTIZED) unit_dot_quantized<BF16, NB, RT>(acc, w[i], s[i], xr[XA ? i : 0]);
         else if constexpr (FORM == TABLE_COMPACT) unit_dot_table_compact<BF16, NB, RT>(acc, w[i], table, xr[XA ? i : 0]);
+        else if constexpr (FORM == TABLE_WIDE) unit_dot_table_wide<BF16, NB, RT>(acc, w[i], table, xr[XA ? i : 0]);
         else unit_dot_scaled<BITS, BF16, NB, RT, FORM>(acc, w[i], s[i], xr[XA ? i : 0]);
         if (OB) walk.add();
       }

@@ -47,6 +47,7 @@ class MmaWeight:
     table: bool = False  # the table form (mma_lut_layout.py): stats are each row's table, codes index it
     quantized: bool = False  # the compact SpQR form (mma_spqr_layout.py): 3-bit codes, statistics decoded in the kernel
     compact: bool = False  # the table form with 3-bit codes (mma_layout.move_fourth): 6 words a lane a unit
+    wide_table: bool = False  # the table form of 4-bit codes: 16 entries a row
 
     @property
     def tiles(self) -> int:
@@ -54,10 +55,10 @@ class MmaWeight:
 
     @property
     def form(self) -> str:
-        """The kernel's form (cuda_mma.kernel_name): "" exact, "s1" / "s2" scaled, "t" / "tc" table (compact), "q" compact
-        SpQR."""
+        """The kernel's form (cuda_mma.kernel_name): "" exact, "s1" / "s2" scaled, "t" / "tc" / "tw" table (compact, wide),
+        "q" compact SpQR."""
         if self.table:
-            return "tc" if self.compact else "t"
+            return "tc" if self.compact else "tw" if self.wide_table else "t"
         return "q" if self.quantized else f"s{self.lane_groups}" if self.lane_groups else ""
 
 

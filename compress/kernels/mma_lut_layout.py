@@ -1,5 +1,8 @@
 """The table form of the tensor-core kernel (cuda_mma.py): a SqueezeLLM (LUT) weight's 2- or 3-bit codes, each row's
 table of 8 16-bit values held in registers, looked up with byte permutes (`prmt`) straight into the mma's A fragment.
+4-bit codes (16 entries, the wide form, under WIDE_TABLES): a row's table is 8 words (low bytes of entries 0-3, 4-7,
+8-11, 12-15, then their high bytes); two permutes on each code's low 3 bits pick from entries 0-7 and 8-15 and a byte
+select on its top bit keeps one (a permute with sign replication makes the select's mask).
 
 A row's table in the activations' dtype is 16 bytes: its entries' low bytes (two words) and high bytes (two words).
 One `prmt` of the two low-byte words with a selector of four 3-bit codes (one per nibble) gives the four entries'
@@ -22,20 +25,27 @@ from compress.formats.words import pack_fields, read_fields, to_int32
 from compress.kernels.mma_layout import UNIT, MmaWeight, half_value, move_fourth, padded_tiles, restore_fourth, six_word_block, six_words
 from compress.kernels.views import LUTCodes
 
-ENTRIES = 8  # table entries a row the byte permutes reach (codes of 3 bits or fewer)
+ENTRIES = 8  # table entries a row one byte permute reaches (codes of 3 bits or fewer)
+WIDE_ENTRIES = 16  # 4-bit codes: two permutes, a byte select on each code's top bit (the wide table form)
+WIDE_TABLES = False  # whether `shape_ok` takes 4-bit codes (the wide form: built, not yet run on a GPU)
+
+
+def entries(bits: int) -> int:
+    return WIDE_ENTRIES if bits == 4 else ENTRIES
 
 
 def shape_ok(view: LUTCodes, bits: int) -> bool:
-    """A LUT weight's codes view (views.lut_codes) the table form takes: codes of 3 bits or fewer, whole units a row."""
-    return isinstance(view, LUTCodes) and bits <= 3 and view.shape[1] % UNIT == 0
+    """A LUT weight's codes view (views.lut_codes) the table form takes: codes of 3 bits or fewer (4 with WIDE_TABLES),
+    whole units a row."""
+    return isinstance(view, LUTCodes) and (bits <= 3 or (bits == 4 and WIDE_TABLES)) and view.shape[1] % UNIT == 0
 
 
 def pack_table(view: LUTCodes, bits: int, dtype: torch.dtype, compact: bool = False) -> MmaWeight:
     """The table form of a LUT weight's codes view (its 4-bit code words and fp32 tables) for `dtype` activations;
     `compact`: its codes read as 3 bits (each run of four k-tile words as six, mma_layout.move_fourth; codes [tiles,
     units, 192], mma_layout.six_word_block), 0.375 bytes a weight against 0.5."""
-    if not shape_ok(view, bits):
-        raise ValueError(f"not a layout the table kernel reads: {bits}-bit codes, {view.shape}")
+    if not shape_ok(view, bits) or (compact and bits > 3):
+        raise ValueError(f"not a layout the table kernel reads: {bits}-bit codes{' (compact: 3 bits at most)' if compact else ''}, {view.shape}")
     rows, cols = view.shape
     tiles, units = padded_tiles(rows), cols // UNIT
     codes = torch.zeros(tiles * 16, cols, dtype=torch.uint8, device=view.codes.device)
@@ -43,14 +53,15 @@ def pack_table(view: LUTCodes, bits: int, dtype: torch.dtype, compact: bool = Fa
     # row = tile*16 + rh*8 + g; column = u*128 + t*32 + (c*4 + v)*4 + e -> [tile, u, c, lane = g*4 + t, word v, nibble rh*4 + e]
     fields = codes.view(tiles, 2, 8, units, 4, 2, 4, 4).permute(0, 3, 5, 2, 4, 6, 1, 7).reshape(-1, 8)
     words = pack_fields(fields, 4).view(tiles, units, 2, 32, 4).contiguous()
-    table = torch.zeros(tiles * 16, ENTRIES, dtype=dtype, device=view.table.device)
-    table[:rows] = view.table[:, :ENTRIES].to(dtype)
-    byte_planes = table.view(torch.uint8).view(tiles * 16, ENTRIES, 2).permute(0, 2, 1)  # [row, low / high byte, entry]
-    tables = byte_planes.contiguous().view(torch.int32).view(tiles, 2, 8, 4).permute(0, 2, 1, 3).contiguous()
+    count = entries(bits)
+    table = torch.zeros(tiles * 16, count, dtype=dtype, device=view.table.device)
+    table[:rows] = view.table[:, :count].to(dtype)
+    byte_planes = table.view(torch.uint8).view(tiles * 16, count, 2).permute(0, 2, 1)  # [row, low / high byte, entry]
+    tables = byte_planes.contiguous().view(torch.int32).view(tiles, 2, 8, count // 2).permute(0, 2, 1, 3).contiguous()
     if compact:  # [tiles, units, 2 loads, 32, 4] -> each lane's 8 words (k-tile j = word j) -> 6
         words = six_word_block(move_fourth(words.long().permute(0, 1, 3, 2, 4).reshape(tiles, units, 32, 8) & 0xFFFFFFFF))
         words = to_int32(words).contiguous()
-    return MmaWeight(view.shape, 4, cols, words, tables, dtype=dtype, table=True, compact=compact)
+    return MmaWeight(view.shape, 4, cols, words, tables, dtype=dtype, table=True, compact=compact, wide_table=bits == 4)
 
 
 def dense(view: MmaWeight) -> torch.Tensor:
@@ -64,10 +75,17 @@ def dense(view: MmaWeight) -> torch.Tensor:
     else:
         word = view.codes.long()[tile, u, j // 4, lane, j % 4] & 0xFFFFFFFF
     select = (word >> (4 * (rh * 4 + 2 * (q // 2) + e))) & 0xF  # the prmt selector's nibble
-    code, replicate = select & 7, select >= 8  # bit 3: prmt fills the byte with the picked byte's sign bit
-    planes = view.stats.long()[tile, g, rh] & 0xFFFFFFFF  # [..., 4 words]
-    low, high = (((planes[..., k] | (planes[..., k + 1] << 32)) >> (8 * code) & 0xFF) for k in (0, 2))
-    low, high = (torch.where(replicate, (byte >> 7) * 0xFF, byte) for byte in (low, high))
+    planes = view.stats.long()[tile, g, rh] & 0xFFFFFFFF  # [..., 4 or 8 words]
+    if view.wide_table:  # two permutes on the code's low 3 bits (entries 0-7, 8-15), a byte select on its top bit
+        code, top = select & 7, select >= 8
+        # words: low bytes of entries 0-3, 4-7, 8-11, 12-15, then the high bytes'
+        entries_0_7, entries_8_15 = ([((planes[..., k] | (planes[..., k + 1] << 32)) >> (8 * code) & 0xFF) for k in (first, first + 4)]
+                                     for first in (0, 2))
+        low, high = (torch.where(top, entries_8_15[b], entries_0_7[b]) for b in (0, 1))
+    else:
+        code, replicate = select & 7, select >= 8  # bit 3: prmt fills the byte with the picked byte's sign bit
+        low, high = (((planes[..., k] | (planes[..., k + 1] << 32)) >> (8 * code) & 0xFF) for k in (0, 2))
+        low, high = (torch.where(replicate, (byte >> 7) * 0xFF, byte) for byte in (low, high))
     value = half_value(low | (high << 8), torch.zeros_like(code), view.dtype)
     out = torch.zeros(view.tiles * 16, cols, dtype=torch.float32, device=dev)
     out[(tile * 16 + g + 8 * rh).flatten(), (u * UNIT + t * 32 + j * 4 + 2 * (q // 2) + e).flatten()] = value.flatten()
