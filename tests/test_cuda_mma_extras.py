@@ -10,16 +10,27 @@ from conftest import graph_replay, on_device
 from test_extras_view import make, make_lut
 
 from compress.formats import lut, spqr
-from compress.kernels import cuda_mma, cuda_mma_extras, dispatch, extras_view, mma_extras_layout, mma_layout, mma_lut_layout, mma_spqr_layout
+from compress.kernels import (
+    cuda_mma,
+    cuda_mma_extras,
+    dispatch,
+    extras_view,
+    mma_extras_layout,
+    mma_layout,
+    mma_lut_layout,
+    mma_spqr_layout,
+)
 
 CUDA = torch.cuda.is_available() and cuda_mma.available()
 BF16 = torch.bfloat16
 
 
 def _weight(kind: str, rows: int, cols: int, outliers: bool = True, perm: bool = True, seed: int = 0):
+    """kind: "spqr" (3-bit, groups of 16, quantized statistics), "lut" (3-bit codes) or "lut4" (4-bit: the wide table)."""
     if kind == "spqr":
         return make(rows, cols, 3, 16, True, outliers, perm, seed=seed), None, spqr.reference_matmul
-    return make_lut(rows, cols, 3, outliers, perm, seed=seed + 20), 3, lut.reference_matmul
+    bits = 4 if kind == "lut4" else 3
+    return make_lut(rows, cols, bits, outliers, perm, seed=seed + 20), bits, lut.reference_matmul
 
 
 def _decoded_form(packed, dtype):
@@ -31,17 +42,18 @@ def _decoded_form(packed, dtype):
     return form, (mma_lut_layout.dense if form.table else mma_layout.dense)(form)
 
 
-@pytest.mark.parametrize("kind", ["spqr", "lut"])
+@pytest.mark.parametrize("kind", ["spqr", "lut", "lut4"])
 @pytest.mark.parametrize(("rows", "cols", "outliers", "perm"), [(37, 256, True, True), (16, 128, True, False), (48, 384, False, True),
                                                                (33, 128, False, False), (64, 256, True, True)])
-def test_layout_read_as_the_kernel_reads_it_gives_the_reference(kind, rows, cols, outliers, perm):
+def test_layout_read_as_the_kernel_reads_it_gives_the_reference(kind, rows, cols, outliers, perm, monkeypatch):
     """The form's decoded grid (SpQR: compact at rows of whole 16-row grids, else scaled) on the activations gathered
     through the layout's permutation, plus the slices' sums, equals the format's reference within the grid's bf16
     rounding and the corrections' float16 rounding."""
+    monkeypatch.setattr(mma_lut_layout, "WIDE_TABLES", True)
     packed, bits, reference = _weight(kind, rows, cols, outliers, perm, seed=rows)
     view = extras_view.cached(packed)
     form, weight = _decoded_form(packed, BF16)
-    assert form.form == ("tc" if kind == "lut" else "q" if rows % 16 == 0 else "s2")
+    assert form.form == {"lut": "tc", "lut4": "tw"}.get(kind, "q" if rows % 16 == 0 else "s2")
     extras = mma_extras_layout.build(view, form.tiles)
     assert (extras.perm is not None) == perm and extras.outliers == outliers
     for batch in (1, 5):
@@ -203,12 +215,14 @@ def test_kernel_names_and_entry_points():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
-@pytest.mark.parametrize("kind", ["spqr", "lut"])
+@pytest.mark.parametrize("kind", ["spqr", "lut", "lut4"])
 @pytest.mark.parametrize(("rows", "cols", "outliers", "perm"), [(37, 256, True, True), (208, 1024, True, True), (304, 4096, True, False),
                                                                (64, 512, False, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_one_launch_equals_the_three_and_the_reference(kind, rows, cols, outliers, perm, dtype):
-    """SpQR at 37 rows on the scaled form, at whole 16-row grids on the compact one; LUT on the compact table form."""
+def test_cuda_one_launch_equals_the_three_and_the_reference(kind, rows, cols, outliers, perm, dtype, monkeypatch):
+    """SpQR at 37 rows on the scaled form, at whole 16-row grids on the compact one; 3-bit LUT on the compact table form,
+    4-bit on the wide one."""
+    monkeypatch.setattr(mma_lut_layout, "WIDE_TABLES", True)
     packed, bits, reference = _weight(kind, rows, cols, outliers, perm, seed=cols)
     packed = on_device(packed, "cuda")
     view = extras_view.cached(packed)
