@@ -141,17 +141,17 @@ __device__ __forceinline__ void unit_dot_table(float (&acc)[RT][NB][4], const ui
   }
 }
 
-// (a & M) | (b & ~M) in one instruction
-template <unsigned M> __device__ __forceinline__ unsigned select_bits(unsigned a, unsigned b) {
+// (a & m) | (b & ~m) in one instruction (a constant mask becomes its immediate)
+__device__ __forceinline__ unsigned select_by(unsigned m, unsigned a, unsigned b) {
   unsigned d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xe4;" : "=r"(d) : "r"(a), "r"(b), "n"(M));
+  asm("lop3.b32 %0, %1, %2, %3, 0xe4;" : "=r"(d) : "r"(a), "r"(b), "r"(m));
   return d;
 }
 
 // The quantized form: the fourth k-tile word of a run from the spare top bits of the first three's nibbles (bit b of
 // nibble n is bit 3 of word b's nibble n; bit 3 is left holding another bit, which the decode masks off)
 __device__ __forceinline__ unsigned fourth_word(unsigned w0, unsigned w1, unsigned w2) {
-  return select_bits<0x44444444u>(w2 >> 1, select_bits<0x22222222u>(w1 >> 2, w0 >> 3));
+  return select_by(0x44444444u, w2 >> 1, select_by(0x22222222u, w1 >> 2, w0 >> 3));
 }
 
 // a 4-bit code as an exact float (2^23 + code, less 2^23)
@@ -216,13 +216,6 @@ __device__ __forceinline__ void unit_dot_table_compact(float (&acc)[RT][NB][4], 
     words[r][1] = make_uint4(w[r][0].w & M, w[r][1].x & M, w[r][1].y & M, fourth_word(w[r][0].w, w[r][1].x, w[r][1].y) & M);
   }
   unit_dot_table<BF16, NB, RT>(acc, words, table, xv);
-}
-
-// (a & m) | (b & ~m) for a mask in a register
-__device__ __forceinline__ unsigned select_by(unsigned m, unsigned a, unsigned b) {
-  unsigned d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xe4;" : "=r"(d) : "r"(a), "r"(b), "r"(m));
-  return d;
 }
 
 // The wide table form (4-bit codes, 16 entries): per k-tile word, the selectors with each nibble's top bit cleared, and
