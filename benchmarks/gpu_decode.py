@@ -20,7 +20,8 @@ RTN int4 g128, spqr_target's grids), as benchmarks/end_to_end.py does on CPU.
 
     python3 benchmarks/gpu_decode.py --models 1b,7b --batches 1,16 --new-tokens 128 --json out.json
     python3 benchmarks/gpu_decode.py --models 1b,7b:8            # 7B widths, 8 of the 32 decoder layers
-    python3 benchmarks/gpu_decode.py --models 7b:8 --forms spqr3_g16,spqr3_g16@fused   # SpQR in one launch a layer
+    python3 benchmarks/gpu_decode.py --models 7b:8 --forms spqr3_g16@three,spqr3_g16   # SpQR in three launches a layer / as dispatched
+    (FORM@three: three launches at every batch; FORM@fused: one launch at every batch up to 16 rows; FORM: the dispatcher's choice)
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from end_to_end import compress_target, first_difference, targets_of
 
-from compress.kernels import cuda_mma_extras
+from compress.kernels import cuda_mma_extras, mma_extras_layout
 
 MODELS = {
     "1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16),
@@ -254,13 +255,16 @@ def run_model(spec: str, args, env: dict, rows: list, save) -> None:
             for t in targets:
                 model.get_submodule(t).weight.copy_(originals[t])
             linears = swap(model, modules)
-            one_launch, cuda_mma_extras.DISPATCH = cuda_mma_extras.DISPATCH, form.endswith("@fused")
+            one_launch = cuda_mma_extras.DISPATCH, cuda_mma_extras.DISPATCH_MAX_ROWS
+            if form.endswith(("@fused", "@three")):
+                cuda_mma_extras.DISPATCH = form.endswith("@fused")
+                cuda_mma_extras.DISPATCH_MAX_ROWS = mma_extras_layout.MAX_OUTLIER_ROWS
             try:
                 packed = decode(model, prompt, args.new_tokens, args.repeats, not args.eager)
                 agreement = compare_logits(teacher_forced(model, sequence), reference_logits)
             finally:
                 swap(model, linears)
-                cuda_mma_extras.DISPATCH = one_launch
+                cuda_mma_extras.DISPATCH, cuda_mma_extras.DISPATCH_MAX_ROWS = one_launch
             del reference_logits
             dense_row = next(r for r in rows if r["model"] == name and r["form"] == "dense_bf16" and r["batch"] == batch)
             diffs = [first_difference(a, b) for a, b in zip(packed["tokens"], equivalent["tokens"])]

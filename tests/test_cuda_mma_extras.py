@@ -246,11 +246,14 @@ def test_cuda_one_launch_equals_the_three_and_the_reference(kind, rows, cols, ou
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
 def test_cuda_dispatch_and_graph_capture(monkeypatch):
-    monkeypatch.setattr(cuda_mma_extras, "DISPATCH", True)
+    assert cuda_mma_extras.DISPATCH and cuda_mma_extras.DISPATCH_MAX_ROWS == 1  # measured to win at batch 1 only
     for kind in ("spqr", "lut"):
         packed, bits, reference = _weight(kind, 208, 1024)
         packed = on_device(packed, "cuda")
         x = torch.randn(3, 1024, device="cuda", dtype=BF16)
+        monkeypatch.setattr(cuda_mma_extras, "DISPATCH_MAX_ROWS", 1)
+        assert cuda_mma_extras.preferred(x[:1], packed) and not cuda_mma_extras.preferred(x, packed)
+        monkeypatch.setattr(cuda_mma_extras, "DISPATCH_MAX_ROWS", 16)
         assert cuda_mma_extras.preferred(x, packed)
         eager = dispatch.device_matmul(x, packed)
         ref = reference(x.float(), packed).double()

@@ -10,7 +10,9 @@ table form (LUT).
 
 Outliers are walked for 1 to 16 activation rows (a lane holds one sum a row: beside the units up to 8, after them
 above); where the layout does not fit (more than 2^16 columns, corrections past float16), the three launches stay.
-Off the dispatcher (`DISPATCH`) until measured against them on a GPU."""
+On the dispatcher for up to `DISPATCH_MAX_ROWS` activation rows: on an H100 one launch took a 3-bit SpQR layer from
+1.18-1.34x dense to 1.40-2.03x at batch 1 and a 3-bit LUT layer from 1.13-1.79x to 2.03-2.36x, but lost at batch 16
+(its gather of permuted activations, 0.19-0.65x against 0.56-0.67x): docs/kernels-gpu.md."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import torch
 from compress.formats import lut
 from compress.kernels import cuda_mma, extras_view, mma_extras_layout, mma_lut_layout, mma_spqr_layout, views
 
-DISPATCH = False  # whether dispatch.py sends SpQR / LUT layers here (not until measured against the three launches)
+DISPATCH = True  # whether dispatch.py sends SpQR / LUT layers here
+DISPATCH_MAX_ROWS = 1  # activation rows up to which it does: measured to win at 1, to lose at 16
 COMPACT = True  # 3-bit codes read as 3 bits: SpQR's compact form where mma_spqr_layout takes it, LUT's compact table form
 
 
@@ -47,7 +50,7 @@ def supported(x: torch.Tensor, packed) -> bool:
 
 
 def preferred(x: torch.Tensor, packed) -> bool:
-    return DISPATCH and supported(x, packed)
+    return DISPATCH and x.numel() // x.shape[-1] <= DISPATCH_MAX_ROWS and supported(x, packed)
 
 
 def form_of(packed, dtype: torch.dtype):
