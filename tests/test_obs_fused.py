@@ -25,7 +25,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def problem():
     g = torch.Generator().manual_seed(0)
-    rows, cols = 37, 296  # a partial row tile, a last block of 40 columns (a partial group of 40)
+    rows, cols = 37, 168  # a partial row tile, a last block of 40 columns (a partial group of 40)
     weight = torch.randn(rows, cols, generator=g)
     x = torch.randn(512, cols, generator=g)
     x[:, 5] = 0  # an input that never fires: a dead column
@@ -92,7 +92,7 @@ def test_spqr_fused_equals_column_loop(monkeypatch, update, with_keep):
     """SpQR's rule in the kernel: the same codes, statistics (both levels) and outliers as the torch loop
     but for criteria within float rounding of the threshold (leave-one-out sums in another order)."""
     g = torch.Generator().manual_seed(1)
-    rows, cols = 48, 296  # three second-level row groups; a last block of 40 columns ends in a group of 8
+    rows, cols = 48, 168  # three second-level row groups; a last block of 40 columns ends in a group of 8
     weight = torch.randn(rows, cols, generator=g)
     weight[3, 7] = 9.0  # an outlier the threshold must catch
     x = torch.randn(384, cols, generator=g)
