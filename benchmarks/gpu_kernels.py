@@ -447,8 +447,9 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
         check(mma_op, copies[0], (1, 4, 16), f"{fmt}@mma", fp32=False)
         fmt, batches = f"{fmt}@mma", [b for b in batches if b <= cuda_mma.MAX_BATCH]
     elif forced == "fused":  # SpQR / LUT in one launch: forms and extras built up front, outside the graph capture
-        for copy in copies:
-            cuda_mma_extras.extras_of(extras_view.cached(copy), cuda_mma_extras.form_of(copy, torch.bfloat16).tiles)
+        for copy in copies:  # both ways of the permutation: gathered in the kernel and before it
+            for gathered in (False, True):
+                cuda_mma_extras.extras_of(extras_view.cached(copy), cuda_mma_extras.form_of(copy, torch.bfloat16).tiles, gathered)
         check(fused_op, copies[0], (1, 4, 8), f"{fmt}@fused", fp32=False)
         fmt, batches = f"{fmt}@fused", [b for b in batches if b <= mma_extras_layout.MAX_OUTLIER_ROWS]
     elif forced == "scatter":  # bitmap weights on the shared-memory scatter kernel
@@ -515,17 +516,22 @@ def main(argv=None) -> None:
     parser.add_argument("--no-extra-peers", action="store_true", help="skip humming-kernels and bitsandbytes")
     parser.add_argument("--plan-prefetch", type=int, default=None, help="the tensor-core plan's L2 prefetch (cuda_mma.PLAN_PREFETCH)")
     parser.add_argument("--one-launch", action="store_true", help="SpQR / LUT layers in one launch (cuda_mma_extras.DISPATCH)")
+    parser.add_argument("--gather-in-kernel-max-rows", type=int, default=None,
+                        help="rows up to which one launch gathers the activations in the kernel (cuda_mma_extras.GATHER_IN_KERNEL_MAX_ROWS)")
     parser.add_argument("--wide-tables", action="store_true", help="4-bit LUT codes on the wide table form (mma_lut_layout.WIDE_TABLES)")
     args = parser.parse_args(argv)
     if args.plan_prefetch is not None:
         cuda_mma.PLAN_PREFETCH = args.plan_prefetch
     cuda_mma_extras.DISPATCH = args.one_launch or cuda_mma_extras.DISPATCH
     mma_lut_layout.WIDE_TABLES = args.wide_tables or mma_lut_layout.WIDE_TABLES
+    if args.gather_in_kernel_max_rows is not None:
+        cuda_mma_extras.GATHER_IN_KERNEL_MAX_ROWS = args.gather_in_kernel_max_rows
     import triton
     props = torch.cuda.get_device_properties(0)
     env = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "command": " ".join(["python", *sys.argv]),
-           "plan_prefetch": cuda_mma.PLAN_PREFETCH, "one_launch": cuda_mma_extras.DISPATCH, "wide_tables": mma_lut_layout.WIDE_TABLES}
+           "plan_prefetch": cuda_mma.PLAN_PREFETCH, "one_launch": cuda_mma_extras.DISPATCH, "wide_tables": mma_lut_layout.WIDE_TABLES,
+           "gather_in_kernel_max_rows": cuda_mma_extras.GATHER_IN_KERNEL_MAX_ROWS}
     bandwidth = copy_bandwidth()
     env["copy_gbps"] = round(bandwidth)
     print(json.dumps(env), flush=True)

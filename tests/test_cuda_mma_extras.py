@@ -62,6 +62,11 @@ def test_layout_read_as_the_kernel_reads_it_gives_the_reference(kind, rows, cols
         ref = reference(x, packed)
         scale = (x.abs() @ spqr.unpack(packed).abs().T if kind == "spqr" else x.abs() @ lut.unpack(packed).abs().T).norm()
         assert ((got - ref).norm() / scale).item() < 4e-3, (batch, ((got - ref).norm() / ref.norm()).item())
+        # gathered before the launch: no permutation in the layout, the outliers on stored columns; the same sums
+        gathered = mma_extras_layout.build(view, form.tiles, gathered=True)
+        assert gathered.perm is None and torch.equal(gathered.tile_ptr, extras.tile_ptr) if outliers else gathered.slices is None
+        stored = mma_extras_layout.stored_activations(x, extras)
+        assert torch.equal(mma_extras_layout.corrections(stored, gathered, rows), mma_extras_layout.corrections(x, extras, rows))
 
 
 def test_slices_hold_each_tiles_outliers_in_row_order():
@@ -241,6 +246,8 @@ def test_cuda_one_launch_equals_the_three_and_the_reference(kind, rows, cols, ou
         one = cuda_mma_extras.matmul(x, packed).double()
         three = extras_view.matmul(x, view, lambda x2, grid: cuda_mma.form_matmul(x2, grid, bits))  # corrections in plain torch
         assert ((one - three.double()).norm() / scale).item() < 4e-3
+        for in_kernel in (True, False):  # the permutation in the kernel, or a gather launch before it: the same sums
+            assert torch.equal(cuda_mma_extras.matmul(x, packed, gather_in_kernel=in_kernel).double(), one)
         assert ((one - reference(x.float(), packed).double()).norm() / scale).item() < 4e-3
 
 

@@ -25,6 +25,8 @@ from compress.kernels import cuda_mma, extras_view, mma_extras_layout, mma_lut_l
 
 DISPATCH = True  # whether dispatch.py sends SpQR / LUT layers here
 DISPATCH_MAX_ROWS = 1  # activation rows up to which it does: measured to win at 1, to lose at 16
+# activation rows up to which the kernel gathers them through the permutation (above: one gather launch before it)
+GATHER_IN_KERNEL_MAX_ROWS = 16
 COMPACT = True  # 3-bit codes read as 3 bits: SpQR's compact form where mma_spqr_layout takes it, LUT's compact table form
 
 
@@ -64,16 +66,24 @@ def form_of(packed, dtype: torch.dtype):
     return cuda_mma.form_view_of(grid, _bits(packed), dtype)
 
 
-def extras_of(view: extras_view.ExtrasView, tiles: int) -> mma_extras_layout.MmaExtras:
-    """The view's cached extras for a grid of `tiles` row tiles (kept while the view's grid lives)."""
-    return views.cached(view.dense.codes, "mma-extras", lambda: mma_extras_layout.build(view, tiles))
+def extras_of(view: extras_view.ExtrasView, tiles: int, gathered: bool = False) -> mma_extras_layout.MmaExtras:
+    """The view's cached extras for a grid of `tiles` row tiles (kept while the view's grid lives); `gathered`: for
+    activations gathered into stored column order before the launch (mma_extras_layout.build)."""
+    key = "mma-extras-gathered" if gathered and view.perm is not None else "mma-extras"
+    return views.cached(view.dense.codes, key, lambda: mma_extras_layout.build(view, tiles, gathered))
 
 
-def matmul(x: torch.Tensor, packed) -> torch.Tensor:
-    """x [..., in] (the layer's column order) @ W.T for a SpQR / LUT weight in one launch (`supported`)."""
+def matmul(x: torch.Tensor, packed, gather_in_kernel: bool | None = None) -> torch.Tensor:
+    """x [..., in] (the layer's column order) @ W.T for a SpQR / LUT weight in one launch (`supported`); with a
+    permutation and `gather_in_kernel` False (default: above GATHER_IN_KERNEL_MAX_ROWS rows) two: the activations
+    gathered into stored column order, then the kernel with the outliers."""
     form = form_of(packed, x.dtype)
     batch = x.numel() // x.shape[-1]
+    view = extras_view.cached(packed)
+    gathered = view.perm is not None and not (batch <= GATHER_IN_KERNEL_MAX_ROWS if gather_in_kernel is None else gather_in_kernel)
+    if gathered:
+        x = x.index_select(x.dim() - 1, view.perm)
     launch = cuda_mma.plan(form, batch, x.device)
     if launch.warps > 8 and batch > 4:  # 16 warps leave a lane 128 registers: the extras' spill (compiled for sm_90)
         launch = dataclasses.replace(launch, warps=8)
-    return cuda_mma.matmul(x, form, launch, extras_of(extras_view.cached(packed), form.tiles))
+    return cuda_mma.matmul(x, form, launch, extras_of(view, form.tiles, gathered))

@@ -54,14 +54,15 @@ def shape_ok(view: extras_view.ExtrasView) -> bool:
     return view.delta is None or bool((view.delta.abs() <= FLOAT16_MAX).all())
 
 
-def build(view: extras_view.ExtrasView, tiles: int) -> MmaExtras:
+def build(view: extras_view.ExtrasView, tiles: int, gathered: bool = False) -> MmaExtras:
     """The kernel's form of a view's permutation and outliers for a grid of `tiles` 16-row tiles (mma_layout's padded
-    count, at least the rows')."""
+    count, at least the rows'). `gathered`: for activations already in stored column order (x[:, view.perm], gathered
+    before the launch): no permutation, the outliers' columns stored ones."""
     rows, cols = view.dense.shape
     if not shape_ok(view) or tiles * 16 < rows:
         raise ValueError(f"no in-kernel extras for a {rows}x{cols} weight in {tiles} tiles (at most {MAX_COLS} columns, "
                          "float16-finite corrections)")
-    perm = None if view.perm is None else _int16(view.perm.to(torch.int64))
+    perm = None if view.perm is None or gathered else _int16(view.perm.to(torch.int64))
     if view.delta is None:
         return MmaExtras(perm, None, None)
     device = view.delta.device
@@ -71,7 +72,7 @@ def build(view: extras_view.ExtrasView, tiles: int) -> MmaExtras:
     tile_ptr = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), depth.cumsum(0)])
     rank = torch.arange(view.delta.numel(), device=device) - view.row_ptr.to(torch.int64)[view.rows]
     slot = (tile_ptr[view.rows // 16] + rank) * 16 + view.rows % 16
-    column = view.cols.to(torch.int64) if view.perm is None else view.perm.to(torch.int64)[view.cols.to(torch.int64)]
+    column = view.cols.to(torch.int64) if view.perm is None or gathered else view.perm.to(torch.int64)[view.cols.to(torch.int64)]
     correction = view.delta.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
     entries = torch.zeros(int(tile_ptr[-1]) * 16, dtype=torch.int64, device=device)
     entries[slot] = column | (correction << 16)
