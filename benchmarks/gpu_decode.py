@@ -21,7 +21,7 @@ RTN int4 g128, spqr_target's grids), as benchmarks/end_to_end.py does on CPU.
     python3 benchmarks/gpu_decode.py --models 1b,7b --batches 1,16 --new-tokens 128 --json out.json
     python3 benchmarks/gpu_decode.py --models 1b,7b:8            # 7B widths, 8 of the 32 decoder layers
     python3 benchmarks/gpu_decode.py --models 7b:8 --forms spqr3_g16@three,spqr3_g16   # SpQR in three launches a layer / as dispatched
-    (FORM@three: three launches at every batch; FORM@fused: one launch at every batch up to 16 rows; FORM: the dispatcher's choice)
+    (FORM@three: three launches at every batch; FORM@fused and FORM: the one-launch kernel up to 16 rows, as dispatched)
 """
 
 from __future__ import annotations

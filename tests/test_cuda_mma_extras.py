@@ -253,18 +253,17 @@ def test_cuda_one_launch_equals_the_three_and_the_reference(kind, rows, cols, ou
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compute capability 8.0+) and NVRTC")
 def test_cuda_dispatch_and_graph_capture(monkeypatch):
-    assert cuda_mma_extras.DISPATCH and cuda_mma_extras.DISPATCH_MAX_ROWS == 1  # measured to win at batch 1 only
+    assert cuda_mma_extras.DISPATCH and cuda_mma_extras.DISPATCH_MAX_ROWS == 16 and cuda_mma_extras.GATHER_IN_KERNEL_MAX_ROWS == 1
     for kind in ("spqr", "lut"):
         packed, bits, reference = _weight(kind, 208, 1024)
         packed = on_device(packed, "cuda")
         x = torch.randn(3, 1024, device="cuda", dtype=BF16)
-        monkeypatch.setattr(cuda_mma_extras, "DISPATCH_MAX_ROWS", 1)
-        assert cuda_mma_extras.preferred(x[:1], packed) and not cuda_mma_extras.preferred(x, packed)
-        monkeypatch.setattr(cuda_mma_extras, "DISPATCH_MAX_ROWS", 16)
-        assert cuda_mma_extras.preferred(x, packed)
-        eager = dispatch.device_matmul(x, packed)
-        ref = reference(x.float(), packed).double()
-        assert ((eager.double() - ref).norm() / ref.norm()).item() < 1e-2, kind
-        assert torch.equal(graph_replay(lambda packed=packed, x=x: dispatch.device_matmul(x, packed)), eager)
+        assert cuda_mma_extras.preferred(x[:1], packed) and cuda_mma_extras.preferred(x, packed)
+        # 1 row: the gather in the kernel; 3 rows: a gather launch before it (both under a CUDA graph)
+        for rows in (1, 3):
+            eager = dispatch.device_matmul(x[:rows], packed)
+            ref = reference(x[:rows].float(), packed).double()
+            assert ((eager.double() - ref).norm() / ref.norm()).item() < 1e-2, kind
+            assert torch.equal(graph_replay(lambda packed=packed, x=x[:rows]: dispatch.device_matmul(x, packed)), eager)
         wide = torch.randn(20, 1024, device="cuda", dtype=BF16)  # above 16 rows: the three launches (Triton)
         assert not cuda_mma_extras.supported(wide, packed)

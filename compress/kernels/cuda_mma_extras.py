@@ -10,9 +10,12 @@ table form (LUT).
 
 Outliers are walked for 1 to 16 activation rows (a lane holds one sum a row: beside the units up to 8, after them
 above); where the layout does not fit (more than 2^16 columns, corrections past float16), the three launches stay.
-On the dispatcher for up to `DISPATCH_MAX_ROWS` activation rows: on an H100 one launch took a 3-bit SpQR layer from
-1.18-1.34x dense to 1.40-2.03x at batch 1 and a 3-bit LUT layer from 1.13-1.79x to 2.03-2.36x, but lost at batch 16
-(its gather of permuted activations, 0.19-0.65x against 0.56-0.67x): docs/kernels-gpu.md."""
+On the dispatcher for 1 to 16 activation rows. At 1 the kernel gathers the activations through the permutation
+itself; on an H100 one launch took a 3-bit SpQR layer from 1.18-1.34x dense (three launches) to 1.40-2.03x and a 3-bit
+LUT layer from 1.13-1.79x to 2.03-2.36x. Above 1 row that gather (one 2-byte load a lane per activation) lost badly
+(0.19x dense at batch 16 on 4096x14336), so there the activations are gathered by one launch before the kernel: at
+batch 16 0.82-0.88x dense for SpQR and 0.90-1.15x for LUT against 0.63-0.67x / 0.67-0.77x in three launches
+(docs/kernels-gpu.md; 2-15 rows not timed)."""
 
 from __future__ import annotations
 
@@ -24,9 +27,9 @@ from compress.formats import lut
 from compress.kernels import cuda_mma, extras_view, mma_extras_layout, mma_lut_layout, mma_spqr_layout, views
 
 DISPATCH = True  # whether dispatch.py sends SpQR / LUT layers here
-DISPATCH_MAX_ROWS = 1  # activation rows up to which it does: measured to win at 1, to lose at 16
+DISPATCH_MAX_ROWS = 16  # activation rows up to which it does (measured at 1 and 16)
 # activation rows up to which the kernel gathers them through the permutation (above: one gather launch before it)
-GATHER_IN_KERNEL_MAX_ROWS = 16
+GATHER_IN_KERNEL_MAX_ROWS = 1
 COMPACT = True  # 3-bit codes read as 3 bits: SpQR's compact form where mma_spqr_layout takes it, LUT's compact table form
 
 
@@ -80,10 +83,12 @@ def matmul(x: torch.Tensor, packed, gather_in_kernel: bool | None = None) -> tor
     form = form_of(packed, x.dtype)
     batch = x.numel() // x.shape[-1]
     view = extras_view.cached(packed)
-    gathered = view.perm is not None and not (batch <= GATHER_IN_KERNEL_MAX_ROWS if gather_in_kernel is None else gather_in_kernel)
-    if gathered:
-        x = x.index_select(x.dim() - 1, view.perm)
+    # both layouts built at the first call, whatever its rows: building reads the outlier counts (a device sync), which
+    # a CUDA graph captured later at other rows could not
+    in_kernel, gathered = extras_of(view, form.tiles), extras_of(view, form.tiles, gathered=True)
+    if view.perm is not None and not (batch <= GATHER_IN_KERNEL_MAX_ROWS if gather_in_kernel is None else gather_in_kernel):
+        x, in_kernel = x.index_select(x.dim() - 1, view.perm), gathered
     launch = cuda_mma.plan(form, batch, x.device)
     if launch.warps > 8 and batch > 4:  # 16 warps leave a lane 128 registers: the extras' spill (compiled for sm_90)
         launch = dataclasses.replace(launch, warps=8)
-    return cuda_mma.matmul(x, form, launch, extras_of(view, form.tiles, gathered))
+    return cuda_mma.matmul(x, form, launch, in_kernel)
