@@ -299,7 +299,10 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu runs the same steps eagerly, a smoke test")
     parser.add_argument("--json", help="write the records (a JSON list) here")
     parser.add_argument("--plan-prefetch", type=int, default=None, help="the tensor-core plan's L2 prefetch (cuda_mma.PLAN_PREFETCH)")
+    parser.add_argument("--transposed-walk", action="store_true",
+                        help="SpQR / LUT outliers at 9-16 rows walked on a transposed copy of the activations (cuda_mma_extras.TRANSPOSED_WALK)")
     args = parser.parse_args(argv)
+    cuda_mma_extras.TRANSPOSED_WALK = args.transposed_walk or cuda_mma_extras.TRANSPOSED_WALK
     if args.plan_prefetch is not None:
         from compress.kernels import cuda_mma
 
@@ -311,7 +314,8 @@ def main(argv=None) -> None:
 
     env = {"gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(), "torch": torch.__version__,
            "triton": triton.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "command": " ".join(["python3", *sys.argv]), "plan_prefetch": args.plan_prefetch or 0}
+           "python": platform.python_version(), "command": " ".join(["python3", *sys.argv]), "plan_prefetch": args.plan_prefetch or 0,
+           "transposed_walk": cuda_mma_extras.TRANSPOSED_WALK}
     print(json.dumps(env), flush=True)
     rows: list[dict] = []
 

@@ -518,12 +518,15 @@ def main(argv=None) -> None:
     parser.add_argument("--one-launch", action="store_true", help="SpQR / LUT layers in one launch (cuda_mma_extras.DISPATCH)")
     parser.add_argument("--gather-in-kernel-max-rows", type=int, default=None,
                         help="rows up to which one launch gathers the activations in the kernel (cuda_mma_extras.GATHER_IN_KERNEL_MAX_ROWS)")
+    parser.add_argument("--transposed-walk", action="store_true",
+                        help="SpQR / LUT outliers at 9-16 rows walked on a transposed copy of the activations (cuda_mma_extras.TRANSPOSED_WALK)")
     parser.add_argument("--wide-tables", action="store_true", help="4-bit LUT codes on the wide table form (mma_lut_layout.WIDE_TABLES)")
     args = parser.parse_args(argv)
     if args.plan_prefetch is not None:
         cuda_mma.PLAN_PREFETCH = args.plan_prefetch
     cuda_mma_extras.DISPATCH = args.one_launch or cuda_mma_extras.DISPATCH
     mma_lut_layout.WIDE_TABLES = args.wide_tables or mma_lut_layout.WIDE_TABLES
+    cuda_mma_extras.TRANSPOSED_WALK = args.transposed_walk or cuda_mma_extras.TRANSPOSED_WALK
     if args.gather_in_kernel_max_rows is not None:
         cuda_mma_extras.GATHER_IN_KERNEL_MAX_ROWS = args.gather_in_kernel_max_rows
     import triton
@@ -531,7 +534,7 @@ def main(argv=None) -> None:
     env = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "command": " ".join(["python", *sys.argv]),
            "plan_prefetch": cuda_mma.PLAN_PREFETCH, "one_launch": cuda_mma_extras.DISPATCH, "wide_tables": mma_lut_layout.WIDE_TABLES,
-           "gather_in_kernel_max_rows": cuda_mma_extras.GATHER_IN_KERNEL_MAX_ROWS}
+           "gather_in_kernel_max_rows": cuda_mma_extras.GATHER_IN_KERNEL_MAX_ROWS, "transposed_walk": cuda_mma_extras.TRANSPOSED_WALK}
     bandwidth = copy_bandwidth()
     env["copy_gbps"] = round(bandwidth)
     print(json.dumps(env), flush=True)

@@ -3,8 +3,9 @@ times (a CUDA graph over copies past the L2), beside dense bf16 in the same run:
 
 - at each launch in --launches (is the plan's choice, made for int4, right for the compact forms?);
 - with --parts, at the plan's launch: the layer with the activations gathered in the kernel and gathered by a launch
-  before it, then the kernel without its permutation, without its outliers and without both (those three give wrong
-  results on purpose: they time what each part costs).
+  before it (above 8 rows also with the outliers' walk reading a transposed copy, `TRANSPOSED_WALK`), then the kernel
+  without its permutation, without its outliers and without both (those three give wrong results on purpose: they time
+  what each part costs).
 
     python3 benchmarks/one_launch_probe.py --shapes 14336x4096,4096x14336 --batches 1 --launches r2w4s2a,r2w8s2a
     python3 benchmarks/one_launch_probe.py --parts --shapes 4096x14336,14336x4096 --batches 1,4,16 [--json out.jsonl]
@@ -52,6 +53,15 @@ def probe(fmt: str, rows: int, cols: int, batch: int, launches: list[str], parts
             cuda_mma_extras.matmul(xs[0], copy, gather_in_kernel=False)
         for name, in_kernel in (("gather_in_kernel", True), ("gather_first", False)):
             record[name] = round(time_op(lambda x, c, k=in_kernel: cuda_mma_extras.matmul(x, c, gather_in_kernel=k), list(zip(xs, copies))), 2)
+        if batch > 8:  # the walk after the units reading a transposed copy of the activations
+            previous, cuda_mma_extras.TRANSPOSED_WALK = cuda_mma_extras.TRANSPOSED_WALK, True
+            try:
+                got = cuda_mma_extras.matmul(xs[0], copies[0], gather_in_kernel=False).float()
+                record["transposed_walk_error"] = ((got - reference).norm() / reference.norm()).item()
+                record["gather_first_transposed"] = round(time_op(lambda x, c: cuda_mma_extras.matmul(x, c, gather_in_kernel=False),
+                                                                  list(zip(xs, copies))), 2)
+            finally:
+                cuda_mma_extras.TRANSPOSED_WALK = previous
         for name, strip in PARTS.items():
             stripped = [strip(e) for e in extras]
             record[name] = round(time_op(lambda x, f, e: cuda_mma.matmul(x, f, plan, e), list(zip(xs, forms, stripped))), 2)

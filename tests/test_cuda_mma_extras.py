@@ -204,6 +204,16 @@ def test_the_batch_1_gather_gives_every_lane_its_32_activations():
             assert torch.equal(torch.cat(words), x[perm[u * 128 + t * 32: u * 128 + t * 32 + 32]])
 
 
+def test_transposed_activations_hold_a_columns_rows_in_one_run():
+    x = torch.randn(11, 96, dtype=BF16)
+    xt = mma_extras_layout.transposed(x)
+    assert xt.shape == (96, 16) and xt.is_contiguous() and xt.dtype == BF16
+    assert torch.equal(xt[:, :11], x.T) and not xt[:, 11:].any()  # rows past the batch zero: the walk reads all 16
+    for wrong in (torch.randn(8, 96), torch.randn(17, 96), torch.randn(2, 12, 96)):  # the walk reads it at 9-16 rows only
+        with pytest.raises(ValueError, match="9-16 rows"):
+            mma_extras_layout.transposed(wrong)
+
+
 def test_kernel_names_and_entry_points():
     launch = cuda_mma.Launch()
     name = cuda_mma.kernel_name(BF16, 4, 1, launch, "s2", "po1")
@@ -215,6 +225,9 @@ def test_kernel_names_and_entry_points():
     assert "gq_mma_extras<4, true, 1, 2, 4, 2, true, 2, true, 1>" in entry(name) and "const int* tile_ptr" in entry(name)
     assert "gq_mma_extras<4, false, 2, 2, 4, 2, true, 3, true, 0>" in entry("gqmmatp_f16_4_n2_r2w4s2a")
     assert "tile_ptr" not in entry(cuda_mma.kernel_name(BF16, 4, 1, launch, "s2"))
+    transposed = entry("gqmmaqo16x_bf16_3_n2_r2w8s2a")  # the walk's activations from a transposed copy (XT after PF)
+    assert "gq_mma_extras<3, true, 2, 2, 8, 2, true, 4, false, 16, 0, true>" in transposed and "const unsigned short* xt" in transposed
+    assert "const unsigned short* xt" not in entry("gqmmaqo16_bf16_3_n2_r2w8s2a")
     with pytest.raises(ValueError, match="register ring"):
         cuda_mma.entry_source("gqmmas1o1_bf16_4_n1_r2w4s2ak")
 
@@ -248,6 +261,10 @@ def test_cuda_one_launch_equals_the_three_and_the_reference(kind, rows, cols, ou
         assert ((one - three.double()).norm() / scale).item() < 4e-3
         for in_kernel in (True, False):  # the permutation in the kernel, or a gather launch before it: the same sums
             assert torch.equal(cuda_mma_extras.matmul(x, packed, gather_in_kernel=in_kernel).double(), one)
+        if batch > 8 and outliers:  # the walk's activations from a transposed copy: the same values in the same order
+            monkeypatch.setattr(cuda_mma_extras, "TRANSPOSED_WALK", True)
+            assert torch.equal(cuda_mma_extras.matmul(x, packed, gather_in_kernel=False).double(), one)
+            monkeypatch.setattr(cuda_mma_extras, "TRANSPOSED_WALK", False)
         assert ((one - reference(x.float(), packed).double()).norm() / scale).item() < 4e-3
 
 

@@ -51,7 +51,8 @@ PLAN_PREFETCH = 0  # units ahead `plan` has the codes prefetched into L2 at batc
 def kernel_name(dtype: torch.dtype, bits: int, n_tiles: int, launch: Launch, form: str = "", extras: str = "") -> str:
     """The entry point's name; `form` (MmaWeight.form): "" exact, "s1" / "s2" the scaled form (mma_layout.pack_scaled),
     "t" / "tc" / "tw" the table form (mma_lut_layout.py; compact, wide), "q" the compact SpQR form (mma_spqr_layout.py); `extras`
-    (mma_extras_layout.MmaExtras.tag): a permutation ("p") and outliers for up to n activation rows ("o<n>")."""
+    (mma_extras_layout.MmaExtras.tag): a permutation ("p") and outliers for up to n activation rows ("o<n>"; "o<n>x": their
+    activations read from a transposed copy)."""
     return f"gqmma{form}{extras}_{DTYPES[dtype]}_{bits}_n{n_tiles}_{launch.form()}"
 
 
@@ -61,7 +62,7 @@ def entry_source(name: str) -> str:
     pointers."""
     kind, dtype, bits, n_tiles, form = name.split("_")
     launch = Launch.parse(form + ("2" if form.endswith("k") else ""))
-    letters, groups, perm, outlier_rows = re.fullmatch(r"gqmma(tc|tw|t|q)?(?:s(\d))?(p?)(?:o(\d+))?", kind).groups()
+    letters, groups, perm, outlier_rows, transposed = re.fullmatch(r"gqmma(tc|tw|t|q)?(?:s(\d))?(p?)(?:o(\d+)(x?))?", kind).groups()
     form = {"t": 3, "q": 4, "tc": 5, "tw": 6}.get(letters, int(groups or 0))  # FORM: EXACT 0, SCALED_1 / _2, TABLE 3, QUANTIZED 4, ...
     bf16, split = ("true" if dtype == "bf16" else "false"), "true" if launch.slices > 1 else "false"
     extras = bool(perm or outlier_rows)
@@ -72,11 +73,13 @@ def entry_source(name: str) -> str:
     if launch.async_copy:
         body = f"gq_mma_async<{args}, {split}>"
     elif extras:
-        body = f"gq_mma_extras<{args}, {'true' if launch.x_ahead else 'false'}, {form}, {'true' if perm else 'false'}, {outlier_rows or 0}{prefetch}>"
+        xt = f", {launch.prefetch}, true" if transposed else prefetch  # XT follows PF
+        body = f"gq_mma_extras<{args}, {'true' if launch.x_ahead else 'false'}, {form}, {'true' if perm else 'false'}, {outlier_rows or 0}{xt}>"
     else:
         body = f"gq_mma<{args}, {'true' if launch.x_ahead else 'false'}, {split}, {form}{', false, 0' if prefetch else ''}{prefetch}>"
     split_params = ["float* work", "unsigned* counters"] if launch.slices > 1 else []
-    extras_params = ["const unsigned short* perm", "const unsigned* slices", "const int* tile_ptr"] if extras else []
+    extras_params = (["const unsigned short* perm", "const unsigned* slices", "const int* tile_ptr"] if extras else []) + (
+        ["const unsigned short* xt"] if transposed else [])
     params = [*ACTIVATIONS, "const uint4* codes", "const uint2* stats", *OUTPUT, "int GROUPS", "int gshift", *split_params, *extras_params]
     return SOURCE + nvrtc.entry_point(name, 32 * launch.warps, params, body)
 
@@ -220,11 +223,12 @@ def activations(x: torch.Tensor, cols: int, max_batch: int = MAX_BATCH) -> torch
     return x2
 
 
-def matmul(x: torch.Tensor, packed, launch: Launch | None = None, extras=None) -> torch.Tensor:
+def matmul(x: torch.Tensor, packed, launch: Launch | None = None, extras=None, transposed: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] (bfloat16 / float16, CUDA, 1 to MAX_BATCH rows; the exact form up to WIDE_BATCH) @ W.T -> [..., out]
     in x's dtype, fp32 accumulation.
     `packed`: a group-quant weight (`supported`) or its MmaWeight; `launch`: plan's unless given; `extras`: a SpQR / LUT
-    weight's permutation and outliers for the kernel to apply (mma_extras_layout.MmaExtras; outliers up to 16 rows)."""
+    weight's permutation and outliers for the kernel to apply (mma_extras_layout.MmaExtras; outliers up to 16 rows);
+    `transposed`: x transposed, [in, 16] (mma_extras_layout.transposed), where the outliers' walk reads 9-16 rows."""
     view = packed if isinstance(packed, MmaWeight) else view_of(packed, x.dtype)
     rows, cols = view.shape
     exact = not view.form
@@ -239,6 +243,11 @@ def matmul(x: torch.Tensor, packed, launch: Launch | None = None, extras=None) -
                          "of sums in 48 KB")
     y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
     tag = "" if extras is None else extras.tag(batch)
+    if transposed is not None:
+        if not (extras is not None and extras.outliers and extras.perm is None and batch > 8 and transposed.shape == (cols, 16)
+                and transposed.dtype == x.dtype and transposed.is_contiguous()):
+            raise ValueError(f"transposed activations [{cols}, 16] serve outliers at 9-16 rows, unpermuted, not {tuple(transposed.shape)}")
+        tag += "x"
     if tag and (launch.slices > 1 or launch.async_copy):
         raise ValueError(f"extras take the register ring unsplit, not {launch}")
     kernel = _kernel(kernel_name(x.dtype, view.bits, n_tiles(batch), launch, view.form, tag), nvrtc.device_index(x.device))
@@ -250,6 +259,7 @@ def matmul(x: torch.Tensor, packed, launch: Launch | None = None, extras=None) -
         args += [torch.empty(launch.slices, batch, rows, dtype=torch.float32, device=x.device), counters(view.codes, view.tiles)]
     if tag:  # unused pointers: any tensor (the kernel does not read them)
         args += [extras.perm if extras.perm is not None else y] + ([extras.slices, extras.tile_ptr] if extras.outliers else [y, y])
+        args += [transposed] if transposed is not None else []
     with nvrtc.on_device(x.device):
         if shared >= 48 * 1024 and kernel._max_shared_mem_bytes < shared:
             kernel.set_shared_memory_config(shared)

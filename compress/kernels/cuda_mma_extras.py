@@ -30,6 +30,9 @@ DISPATCH = True  # whether dispatch.py sends SpQR / LUT layers here
 DISPATCH_MAX_ROWS = 16  # activation rows up to which it does (measured at 1 and 16)
 # activation rows up to which the kernel gathers them through the permutation (above: one gather launch before it)
 GATHER_IN_KERNEL_MAX_ROWS = 1
+# at 9-16 rows (outliers walked after the units) the walk reads a transposed copy of the activations: built, not yet
+# measured on a GPU
+TRANSPOSED_WALK = False
 COMPACT = True  # 3-bit codes read as 3 bits: SpQR's compact form where mma_spqr_layout takes it, LUT's compact table form
 
 
@@ -85,10 +88,13 @@ def matmul(x: torch.Tensor, packed, gather_in_kernel: bool | None = None) -> tor
     view = extras_view.cached(packed)
     # both layouts built at the first call, whatever its rows: building reads the outlier counts (a device sync), which
     # a CUDA graph captured later at other rows could not
-    in_kernel, gathered = extras_of(view, form.tiles), extras_of(view, form.tiles, gathered=True)
+    extras, gathered = extras_of(view, form.tiles), extras_of(view, form.tiles, gathered=True)
     if view.perm is not None and not (batch <= GATHER_IN_KERNEL_MAX_ROWS if gather_in_kernel is None else gather_in_kernel):
-        x, in_kernel = x.index_select(x.dim() - 1, view.perm), gathered
+        x, extras = x.index_select(x.dim() - 1, view.perm), gathered
     launch = cuda_mma.plan(form, batch, x.device)
     if launch.warps > 8 and batch > 4:  # 16 warps leave a lane 128 registers: the extras' spill (compiled for sm_90)
         launch = dataclasses.replace(launch, warps=8)
-    return cuda_mma.matmul(x, form, launch, in_kernel)
+    transposed = None
+    if TRANSPOSED_WALK and batch > 8 and extras.outliers and extras.perm is None:
+        transposed = mma_extras_layout.transposed(x.reshape(batch, x.shape[-1]))
+    return cuda_mma.matmul(x, form, launch, extras, transposed)

@@ -8,6 +8,7 @@ struct Extras {
   const unsigned short* perm;  // [in]: stored column j's activation is column perm[j]
   const unsigned* slices;  // 16 entries a slice: activation column | float16 correction << 16 (0: padding)
   const int* tile_ptr;  // [tiles + 1]: row tile t's slices are tile_ptr[t] .. tile_ptr[t + 1] - 1
+  const unsigned short* xt = nullptr;  // XT: the activations transposed, [in][OB] (a column's rows in one 32-byte run)
 };
 
 // load_x through the permutation: the lane's 32 stored columns of unit u (t * 32 ..) from their activation columns,
@@ -59,7 +60,7 @@ __device__ __forceinline__ void load_x_as(uint4 (&xv)[NB][4], const unsigned sho
 // the PER entries loaded the step before, loads the next entries (both in flight during the unit's mma) and, after
 // the mma, adds correction x activation for OB activation rows. Above 8 rows (two n-tiles: the units' registers
 // are busy) the whole walk runs after the units instead. Every lane's sums run in a fixed order.
-template <bool BF16, int RT, int OB, int PER = 2>
+template <bool BF16, int RT, int OB, bool XT = false, int PER = 2>
 struct OutlierWalk {
   static constexpr bool BESIDE = OB <= 8;  // walked beside the units (else after them)
   float sum[RT][OB];
@@ -93,16 +94,30 @@ struct OutlierWalk {
     }
   }
 
-  // the fetched entries (of pairs k .. k + per - 1) and their activations
-  __device__ __forceinline__ void take(const unsigned short* __restrict__ x, int ldx, int B) {
+  // the fetched entries (of pairs k .. k + per - 1) and their activations: from x (a load an activation row), or with
+  // XT after the units from ex.xt (a column's OB rows in OB / 8 16-byte loads: an L1 line a lane where x costs OB)
+  __device__ __forceinline__ void take(const Extras& ex, const unsigned short* __restrict__ x, int ldx, int B) {
     base = k;
 #pragma unroll
     for (int i = 0; i < PER; i++) {
       cur[i] = next[i];
-      const unsigned short* xc = x + (cur[i] & 0xffffu);
+      if constexpr (XT && !BESIDE) {
+        const uint4* xc = (const uint4*)(ex.xt + (size_t)(cur[i] & 0xffffu) * OB);
 #pragma unroll
-      for (int b = 0; b < OB; b++)
-        xo[i][b] = b < B && cur[i] >> 16 ? (BF16 ? to_float_bf16(xc[(size_t)b * ldx]) : to_float_f16(xc[(size_t)b * ldx])) : 0.f;
+        for (int q = 0; q < OB / 8; q++) {
+          const uint4 v = cur[i] >> 16 ? __ldg(xc + q) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+          for (int j = 0; j < 8; j++) {
+            const unsigned short h = (unsigned short)(word_of(v, j >> 1) >> (16 * (j & 1)));
+            xo[i][q * 8 + j] = BF16 ? to_float_bf16(h) : to_float_f16(h);
+          }
+        }
+      } else {
+        const unsigned short* xc = x + (cur[i] & 0xffffu);
+#pragma unroll
+        for (int b = 0; b < OB; b++)
+          xo[i][b] = b < B && cur[i] >> 16 ? (BF16 ? to_float_bf16(xc[(size_t)b * ldx]) : to_float_f16(xc[(size_t)b * ldx])) : 0.f;
+      }
     }
     k += per;
   }
@@ -110,7 +125,7 @@ struct OutlierWalk {
   // a unit step's first half: the fetched entries' activations, the next entries' loads
   __device__ __forceinline__ void issue(const Extras& ex, const unsigned short* __restrict__ x, int ldx, int B, int lane) {
     if (!BESIDE) return;
-    take(x, ldx, B);
+    take(ex, x, ldx, B);
     fetch(ex, lane);
   }
 
@@ -137,12 +152,12 @@ struct OutlierWalk {
 
   // after the units: the entries fetched last, then the pairs left (all of them where the warp had no units)
   __device__ __forceinline__ void finish(const Extras& ex, const unsigned short* __restrict__ x, int ldx, int B, int lane) {
-    take(x, ldx, B);
+    take(ex, x, ldx, B);
     add_taken();
     per = PER;
     while (k < count) {
       fetch(ex, lane);
-      take(x, ldx, B);
+      take(ex, x, ldx, B);
       add_taken();
     }
   }
@@ -176,12 +191,12 @@ struct OutlierWalk {
 """
 
 EXTRAS_CALL_SOURCE = r"""
-// gq_mma with a weight's extras (cuda_mma.entry_source: their pointers follow gshift)
-template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, int FORM, bool PERM, int OB, int PF = 0>
+// gq_mma with a weight's extras (cuda_mma.entry_source: their pointers follow gshift; with XT the transposed activations)
+template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, int FORM, bool PERM, int OB, int PF = 0, bool XT = false>
 __device__ __forceinline__ void gq_mma_extras(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
     const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift,
-    const unsigned short* perm, const unsigned* slices, const int* tile_ptr) {
-  gq_mma<BITS, BF16, NB, RT, W, S, XA, false, FORM, PERM, OB, PF>(x, ldx, B, codes, stats, y, ldy, N, U, GROUPS, gshift, nullptr, nullptr,
-                                                                 Extras{perm, slices, tile_ptr});
+    const unsigned short* perm, const unsigned* slices, const int* tile_ptr, const unsigned short* xt = nullptr) {
+  gq_mma<BITS, BF16, NB, RT, W, S, XA, false, FORM, PERM, OB, PF, XT>(x, ldx, B, codes, stats, y, ldy, N, U, GROUPS, gshift, nullptr, nullptr,
+                                                                     Extras{perm, slices, tile_ptr, xt});
 }
 """

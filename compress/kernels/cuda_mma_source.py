@@ -214,10 +214,11 @@ template <int W, bool SPLIT> __device__ __forceinline__ void warp_units(int U, i
   u1 = a + (warp + 1) * n / W;
 }
 
-// PERM: the activations gathered through ex.perm; OB > 0: ex's outliers added for up to OB activation rows; PF > 0: each
-// unit's codes prefetched into L2 PF units ahead (lane 0, one bulk prefetch a row tile)
+// PERM: the activations gathered through ex.perm; OB > 0: ex's outliers added for up to OB activation rows (XT: their
+// activations read from ex.xt above 8 rows); PF > 0: each unit's codes prefetched into L2 PF units ahead (lane 0, one
+// bulk prefetch a row tile)
 template <int BITS, bool BF16, int NB, int RT, int W, int S, bool XA, bool SPLIT = false, int FORM = EXACT, bool PERM = false, int OB = 0,
-          int PF = 0>
+          int PF = 0, bool XT = false>
 __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int ldx, int B, const uint4* __restrict__ codes,
     const uint2* __restrict__ stats, unsigned short* __restrict__ y, int ldy, int N, int U, int GROUPS, int gshift,
     float* __restrict__ work = nullptr, unsigned* __restrict__ counters = nullptr, Extras ex = Extras{}) {
@@ -233,7 +234,7 @@ __device__ __forceinline__ void gq_mma(const unsigned short* __restrict__ x, int
   static_assert(NB <= 2 || FORM == EXACT, "17-64 rows: the exact form only");
   static_assert((!PERM || NB <= 2) && (OB == 0 || (OB <= 8 * NB && NB <= 2 && !SPLIT)), "extras: up to 16 rows, unsplit");
   constexpr bool WIDE = NB > 2;
-  OutlierWalk<BF16, RT, OB ? OB : 1> walk;
+  OutlierWalk<BF16, RT, OB ? OB : 1, XT> walk;
   if (OB) walk.start(ex, tile0, warp, W, u1 - u0, lane);
   if (PF > 0 && lane == 0)
     for (int k = 1; k < PF; k++) prefetch_codes<BITS, FORM, RT>(codes, tile0, u0 + k, u1, U);

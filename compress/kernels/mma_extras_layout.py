@@ -85,6 +85,14 @@ def _int16(values: torch.Tensor) -> torch.Tensor:
 
 
 
+def transposed(x: torch.Tensor) -> torch.Tensor:
+    """x [batch <= 16, in] as the outlier walk reads it at 9-16 rows (cuda_mma.matmul's `transposed`): [in, 16], a
+    column's activation rows in one 32-byte run, rows past `batch` zero."""
+    if x.dim() != 2 or not 8 < x.shape[0] <= MAX_OUTLIER_ROWS:
+        raise ValueError(f"transposed activations are for 9-{MAX_OUTLIER_ROWS} rows [batch, in], not {tuple(x.shape)}")
+    return torch.nn.functional.pad(x, (0, 0, 0, MAX_OUTLIER_ROWS - x.shape[0])).t().contiguous()
+
+
 def stored_activations(x: torch.Tensor, extras: MmaExtras) -> torch.Tensor:
     """x [batch, in] in stored column order, read through the permutation as the kernel reads it."""
     return x if extras.perm is None else x[:, extras.perm.to(torch.int64) & 0xFFFF]
