@@ -209,6 +209,8 @@ def test_transposed_activations_hold_a_columns_rows_in_one_run():
     xt = mma_extras_layout.transposed(x)
     assert xt.shape == (96, 16) and xt.is_contiguous() and xt.dtype == BF16
     assert torch.equal(xt[:, :11], x.T) and not xt[:, 11:].any()  # rows past the batch zero: the walk reads all 16
+    full = torch.randn(16, 96, dtype=BF16)
+    assert torch.equal(mma_extras_layout.transposed(full), full.T) and mma_extras_layout.transposed(full).is_contiguous()
     for wrong in (torch.randn(8, 96), torch.randn(17, 96), torch.randn(2, 12, 96)):  # the walk reads it at 9-16 rows only
         with pytest.raises(ValueError, match="9-16 rows"):
             mma_extras_layout.transposed(wrong)
