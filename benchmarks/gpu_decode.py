@@ -255,7 +255,7 @@ def run_model(spec: str, args, env: dict, rows: list, save) -> None:
             for t in targets:
                 model.get_submodule(t).weight.copy_(originals[t])
             linears = swap(model, modules)
-            one_launch = cuda_mma_extras.DISPATCH, cuda_mma_extras.DISPATCH_MAX_ROWS
+            dispatched = cuda_mma_extras.DISPATCH, cuda_mma_extras.DISPATCH_MAX_ROWS
             if form.endswith(("@fused", "@three")):
                 cuda_mma_extras.DISPATCH = form.endswith("@fused")
                 cuda_mma_extras.DISPATCH_MAX_ROWS = mma_extras_layout.MAX_OUTLIER_ROWS
@@ -264,7 +264,7 @@ def run_model(spec: str, args, env: dict, rows: list, save) -> None:
                 agreement = compare_logits(teacher_forced(model, sequence), reference_logits)
             finally:
                 swap(model, linears)
-                cuda_mma_extras.DISPATCH, cuda_mma_extras.DISPATCH_MAX_ROWS = one_launch
+                cuda_mma_extras.DISPATCH, cuda_mma_extras.DISPATCH_MAX_ROWS = dispatched
             del reference_logits
             dense_row = next(r for r in rows if r["model"] == name and r["form"] == "dense_bf16" and r["batch"] == batch)
             diffs = [first_difference(a, b) for a, b in zip(packed["tokens"], equivalent["tokens"])]

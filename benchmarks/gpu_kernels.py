@@ -447,9 +447,8 @@ def _run_format(fmt, rows, cols, batches, peers, bandwidth, env, out, records, s
         check(mma_op, copies[0], (1, 4, 16), f"{fmt}@mma", fp32=False)
         fmt, batches = f"{fmt}@mma", [b for b in batches if b <= cuda_mma.MAX_BATCH]
     elif forced == "fused":  # SpQR / LUT in one launch: forms and extras built up front, outside the graph capture
-        for copy in copies:  # both ways of the permutation: gathered in the kernel and before it
-            for gathered in (False, True):
-                cuda_mma_extras.extras_of(extras_view.cached(copy), cuda_mma_extras.form_of(copy, torch.bfloat16).tiles, gathered)
+        for copy in copies:
+            cuda_mma_extras.prepared(copy, torch.bfloat16)
         check(fused_op, copies[0], (1, 4, 8), f"{fmt}@fused", fp32=False)
         fmt, batches = f"{fmt}@fused", [b for b in batches if b <= mma_extras_layout.MAX_OUTLIER_ROWS]
     elif forced == "scatter":  # bitmap weights on the shared-memory scatter kernel

@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import copies_for, make, packed_bytes, print_and_keep, save_jsonl, time_op
+from gpu_kernels import copies_for, print_and_keep, save_jsonl, time_op, weight_copies
 
-from compress.kernels import cuda_mma, cuda_mma_extras, extras_view
+from compress.kernels import cuda_mma, cuda_mma_extras
 from compress.kernels.cuda_mma_launch import Launch
 
 PARTS = {"no_permutation": lambda e: dataclasses.replace(e, perm=None),
@@ -33,24 +33,14 @@ PARTS = {"no_permutation": lambda e: dataclasses.replace(e, perm=None),
          "grid_only": lambda e: dataclasses.replace(e, perm=None, slices=None, tile_ptr=None)}
 
 
-def copies_of(packed) -> list:
-    return [packed] + [type(packed)(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(packed).items()})
-                       for _ in range(copies_for(packed_bytes(packed)) - 1)]
-
-
 def probe(fmt: str, rows: int, cols: int, batch: int, launches: list[str], parts: bool, dense_us: float) -> dict:
-    copies = copies_of(make(fmt, rows, cols, "cuda"))
-    forms = [cuda_mma_extras.form_of(c, torch.bfloat16) for c in copies]
-    extras = [cuda_mma_extras.extras_of(extras_view.cached(c), f.tiles) for c, f in zip(copies, forms)]
+    copies, _ = weight_copies(fmt, rows, cols, False)
+    forms, extras, _ = zip(*(cuda_mma_extras.prepared(c, torch.bfloat16) for c in copies))  # both extras, before any capture
     xs = [torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16) for _ in copies]
-    plan = cuda_mma.plan(forms[0], batch, xs[0].device)
-    if plan.warps > 8 and batch > 4:  # as cuda_mma_extras.matmul
-        plan = dataclasses.replace(plan, warps=8)
+    plan = cuda_mma_extras.launch_for(forms[0], batch, xs[0].device)
     record = {"format": fmt, "shape": [rows, cols], "batch": batch, "form": forms[0].form, "plan": str(plan), "dense_us": dense_us}
     reference = cuda_mma_extras.matmul(xs[0], copies[0]).float()
     if parts:
-        for copy in copies:  # the gathered extras built before the capture
-            cuda_mma_extras.matmul(xs[0], copy, gather_in_kernel=False)
         for name, in_kernel in (("gather_in_kernel", True), ("gather_first", False)):
             record[name] = round(time_op(lambda x, c, k=in_kernel: cuda_mma_extras.matmul(x, c, gather_in_kernel=k), list(zip(xs, copies))), 2)
         if batch > 8:  # the walk after the units reading a transposed copy of the activations

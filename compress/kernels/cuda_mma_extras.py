@@ -79,21 +79,32 @@ def extras_of(view: extras_view.ExtrasView, tiles: int, gathered: bool = False) 
     return views.cached(view.dense.codes, key, lambda: mma_extras_layout.build(view, tiles, gathered))
 
 
+def prepared(packed, dtype: torch.dtype):
+    """The weight's cached grid form for `dtype` activations and both extras layouts (the kernel's gather, and the one
+    for activations gathered before it): built at the first call, whatever its rows, since building reads the outlier
+    counts (a device sync) that a CUDA graph captured later at other rows could not."""
+    form = form_of(packed, dtype)
+    view = extras_view.cached(packed)
+    return form, extras_of(view, form.tiles), extras_of(view, form.tiles, gathered=True)
+
+
+def launch_for(form, batch: int, device: torch.device) -> cuda_mma.Launch:
+    """cuda_mma.plan's launch, at most 8 warps above 4 rows: 16 warps leave a lane 128 registers, where the extras
+    spill (compiled for sm_90)."""
+    launch = cuda_mma.plan(form, batch, device)
+    return dataclasses.replace(launch, warps=8) if launch.warps > 8 and batch > 4 else launch
+
+
 def matmul(x: torch.Tensor, packed, gather_in_kernel: bool | None = None) -> torch.Tensor:
     """x [..., in] (the layer's column order) @ W.T for a SpQR / LUT weight in one launch (`supported`); with a
     permutation and `gather_in_kernel` False (default: above GATHER_IN_KERNEL_MAX_ROWS rows) two: the activations
     gathered into stored column order, then the kernel with the outliers."""
-    form = form_of(packed, x.dtype)
+    form, extras, gathered = prepared(packed, x.dtype)
     batch = x.numel() // x.shape[-1]
-    view = extras_view.cached(packed)
-    # both layouts built at the first call, whatever its rows: building reads the outlier counts (a device sync), which
-    # a CUDA graph captured later at other rows could not
-    extras, gathered = extras_of(view, form.tiles), extras_of(view, form.tiles, gathered=True)
-    if view.perm is not None and not (batch <= GATHER_IN_KERNEL_MAX_ROWS if gather_in_kernel is None else gather_in_kernel):
-        x, extras = x.index_select(x.dim() - 1, view.perm), gathered
-    launch = cuda_mma.plan(form, batch, x.device)
-    if launch.warps > 8 and batch > 4:  # 16 warps leave a lane 128 registers: the extras' spill (compiled for sm_90)
-        launch = dataclasses.replace(launch, warps=8)
+    perm = extras_view.cached(packed).perm
+    if perm is not None and not (batch <= GATHER_IN_KERNEL_MAX_ROWS if gather_in_kernel is None else gather_in_kernel):
+        x, extras = x.index_select(x.dim() - 1, perm), gathered
+    launch = launch_for(form, batch, x.device)
     transposed = None
     if TRANSPOSED_WALK and batch > 8 and extras.outliers and extras.perm is None:
         transposed = mma_extras_layout.transposed(x.reshape(batch, x.shape[-1]))
